@@ -1,0 +1,271 @@
+# cython: language_level=3
+"""Dense-layer kernels: BLAS GEMM with a fused bias + activation epilogue.
+
+Design
+------
+This module owns the BLAS-bound work of one dense layer, in float32 and
+float64 (the ``floating`` fused type):
+
+* ``dense_forward_ptr``  : out = act(x @ w + b), one GEMM then one pass over
+  ``out`` adding the bias and applying the activation in place.
+* ``dense_backward_ptr`` : given g = dL/d(out) and the layer's *output* a,
+  turns g into dL/d(pre-activation) in place (derivative written in terms of
+  the output, as scikit-learn does), then db = column sums of g,
+  dw = x.T @ g, and (if dx is not NULL) dx = g @ w.T.
+
+Arrays are row-major (C order).  BLAS is column-major, so ``gemm_rm`` computes
+C = op(A) op(B) as C.T = op(B).T op(A).T by swapping the operands; no copy
+or transpose is ever made.  The ``cdef ... nogil`` kernels take raw pointers
+and never validate: callers (engine.pyx, or the ``def`` wrappers below) own
+shapes and dtypes.  The ``def`` wrappers exist for tests and for Python users,
+and mirror ``fastbp.reference`` name for name.
+
+No threads are started here: GEMM threading is OpenBLAS's own (limited with
+threadpoolctl by the caller); the elementwise epilogues are serial, which
+measured faster than OpenMP on small layers (see shared/PERF_NOTES.md).
+"""
+import numpy as np
+
+from libc.math cimport exp, expf, expm1, expm1f, log1p, log1pf, tanh, tanhf
+from libc.stdint cimport int64_t
+from libc.string cimport memset
+from scipy.linalg.cython_blas cimport dgemm, sgemm
+
+# Softplus follows torch.nn.Softplus(beta=1, threshold=20): linear above 20.
+cdef double SOFTPLUS_THRESHOLD = 20.0
+# torch.nn.LeakyReLU's default negative slope, torch.nn.ELU's default alpha.
+cdef double LEAKY_SLOPE = 0.01
+cdef double ELU_ALPHA = 1.0
+
+
+cdef inline floating _exp(floating x) noexcept nogil:
+    if floating is float:
+        return expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline floating _expm1(floating x) noexcept nogil:
+    if floating is float:
+        return expm1f(x)
+    else:
+        return expm1(x)
+
+
+cdef inline floating _log1p(floating x) noexcept nogil:
+    if floating is float:
+        return log1pf(x)
+    else:
+        return log1p(x)
+
+
+cdef inline floating _tanh(floating x) noexcept nogil:
+    if floating is float:
+        return tanhf(x)
+    else:
+        return tanh(x)
+
+
+cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
+                  floating alpha, const floating* a, int lda,
+                  const floating* b, int ldb,
+                  floating beta, floating* c, int ldc) noexcept nogil:
+    """Row-major C[m, n] = alpha * op(A) @ op(B) + beta * C.
+
+    lda, ldb, ldc are row-major leading dimensions (row lengths as stored).
+    """
+    cdef char ta = b'T' if trans_a else b'N'
+    cdef char tb = b'T' if trans_b else b'N'
+    if m <= 0 or n <= 0:
+        return
+    # Column-major view: C.T[n, m] = op(B).T @ op(A).T -> swap the operands.
+    if floating is float:
+        sgemm(&tb, &ta, &n, &m, &k, &alpha, <float*>b, &ldb, <float*>a, &lda,
+              &beta, c, &ldc)
+    else:
+        dgemm(&tb, &ta, &n, &m, &k, &alpha, <double*>b, &ldb, <double*>a, &lda,
+              &beta, c, &ldc)
+
+
+cdef void bias_activation(floating* z, const floating* b, int64_t m, int64_t n,
+                          int act) noexcept nogil:
+    """z[i, j] = act(z[i, j] + b[j]) in place.  One loop per activation so
+    the compiler sees a branch-free inner loop."""
+    cdef int64_t i, j
+    cdef floating v, e
+    cdef floating* row
+    if act == IDENTITY:
+        for i in range(m):
+            row = z + i * n
+            for j in range(n):
+                row[j] = row[j] + b[j]
+    elif act == RELU:
+        for i in range(m):
+            row = z + i * n
+            for j in range(n):
+                v = row[j] + b[j]
+                row[j] = v if v > 0 else 0
+    elif act == SIGMOID:
+        for i in range(m):
+            row = z + i * n
+            for j in range(n):
+                v = row[j] + b[j]
+                # Stable on both sides: never exp of a large positive number.
+                if v >= 0:
+                    row[j] = 1 / (1 + _exp(-v))
+                else:
+                    e = _exp(v)
+                    row[j] = e / (1 + e)
+    elif act == TANH:
+        for i in range(m):
+            row = z + i * n
+            for j in range(n):
+                row[j] = _tanh(row[j] + b[j])
+    elif act == LEAKY_RELU:
+        for i in range(m):
+            row = z + i * n
+            for j in range(n):
+                v = row[j] + b[j]
+                row[j] = v if v > 0 else <floating>LEAKY_SLOPE * v
+    elif act == ELU:
+        for i in range(m):
+            row = z + i * n
+            for j in range(n):
+                v = row[j] + b[j]
+                row[j] = v if v > 0 else <floating>ELU_ALPHA * _expm1(v)
+    elif act == SOFTPLUS:
+        for i in range(m):
+            row = z + i * n
+            for j in range(n):
+                v = row[j] + b[j]
+                row[j] = v if v > SOFTPLUS_THRESHOLD else _log1p(_exp(v))
+
+
+cdef void activation_backward(floating* g, const floating* a, int64_t m, int64_t n,
+                              int act) noexcept nogil:
+    """g *= act'(x) in place, with the derivative written in terms of the
+    activation's output a = act(x) (so the forward pass keeps only outputs)."""
+    cdef int64_t i, size = m * n
+    cdef floating v
+    if act == IDENTITY:
+        return
+    elif act == RELU:
+        for i in range(size):
+            g[i] = g[i] if a[i] > 0 else 0
+    elif act == SIGMOID:
+        for i in range(size):
+            g[i] = g[i] * (a[i] * (1 - a[i]))
+    elif act == TANH:
+        for i in range(size):
+            g[i] = g[i] * (1 - a[i] * a[i])
+    elif act == LEAKY_RELU:
+        for i in range(size):
+            g[i] = g[i] if a[i] > 0 else <floating>LEAKY_SLOPE * g[i]
+    elif act == ELU:
+        # a = alpha (e^x - 1) for x <= 0, so d a / d x = alpha e^x = a + alpha.
+        for i in range(size):
+            g[i] = g[i] if a[i] > 0 else g[i] * (a[i] + <floating>ELU_ALPHA)
+    elif act == SOFTPLUS:
+        # a = log(1 + e^x)  =>  sigmoid(x) = 1 - e^{-a}.
+        for i in range(size):
+            v = a[i]
+            g[i] = g[i] if v > SOFTPLUS_THRESHOLD else g[i] * (-_expm1(-v))
+
+
+cdef void dense_forward_ptr(const floating* x, const floating* w, const floating* b,
+                            floating* out, int64_t m, int64_t n_in, int64_t n_out,
+                            int act) noexcept nogil:
+    gemm_rm(False, False, <int>m, <int>n_out, <int>n_in, <floating>1.0,
+            x, <int>n_in, w, <int>n_out, <floating>0.0, out, <int>n_out)
+    bias_activation(out, b, m, n_out, act)
+
+
+cdef void dense_backward_ptr(const floating* x, const floating* w, const floating* a,
+                             floating* g, floating* dw, floating* db, floating* dx,
+                             int64_t m, int64_t n_in, int64_t n_out,
+                             int act) noexcept nogil:
+    cdef int64_t i, j
+    cdef const floating* row
+    activation_backward(g, a, m, n_out, act)
+    # db = sum over rows of g; row-wise accumulation keeps the loop contiguous.
+    memset(db, 0, n_out * sizeof(floating))
+    for i in range(m):
+        row = g + i * n_out
+        for j in range(n_out):
+            db[j] += row[j]
+    # dw[n_in, n_out] = x.T @ g
+    gemm_rm(True, False, <int>n_in, <int>n_out, <int>m, <floating>1.0,
+            x, <int>n_in, g, <int>n_out, <floating>0.0, dw, <int>n_out)
+    if dx != NULL:
+        # dx[m, n_in] = g @ w.T
+        gemm_rm(False, True, <int>m, <int>n_in, <int>n_out, <floating>1.0,
+                g, <int>n_out, w, <int>n_out, <floating>0.0, dx, <int>n_in)
+
+
+# ---------------------------------------------------------------------------
+# Python-callable twins of the kernels (tests, fastbp.reference comparisons).
+# Inputs may be read-only (const memoryviews); outputs are new arrays.
+
+def gemm(const floating[:, ::1] a, const floating[:, ::1] b,
+         bint trans_a=False, bint trans_b=False):
+    """Row-major ``op(a) @ op(b)`` through BLAS (test hook for ``gemm_rm``)."""
+    cdef int m = a.shape[1] if trans_a else a.shape[0]
+    cdef int k = a.shape[0] if trans_a else a.shape[1]
+    cdef int kb = b.shape[1] if trans_b else b.shape[0]
+    cdef int n = b.shape[0] if trans_b else b.shape[1]
+    if k != kb:
+        raise ValueError(f"gemm: inner dimensions differ ({k} and {kb})")
+    dtype = np.float32 if floating is float else np.float64
+    out = np.empty((m, n), dtype=dtype)
+    cdef floating[:, ::1] c = out
+    if m == 0 or n == 0:
+        return out
+    with nogil:
+        gemm_rm(trans_a, trans_b, m, n, k, <floating>1.0, &a[0, 0], <int>a.shape[1],
+                &b[0, 0], <int>b.shape[1], <floating>0.0, &c[0, 0], n)
+    return out
+
+
+def dense_forward(const floating[:, ::1] x, const floating[:, ::1] w,
+                  const floating[::1] b, int activation):
+    """out = act(x @ w + b).  x: (m, n_in), w: (n_in, n_out), b: (n_out,)."""
+    cdef int64_t m = x.shape[0], n_in = x.shape[1], n_out = w.shape[1]
+    if w.shape[0] != n_in or b.shape[0] != n_out:
+        raise ValueError("dense_forward: shapes of x, w, b do not agree")
+    dtype = np.float32 if floating is float else np.float64
+    out = np.empty((m, n_out), dtype=dtype)
+    cdef floating[:, ::1] o = out
+    if m == 0:
+        return out
+    with nogil:
+        dense_forward_ptr(&x[0, 0], &w[0, 0], &b[0], &o[0, 0], m, n_in, n_out, activation)
+    return out
+
+
+def dense_backward(const floating[:, ::1] x, const floating[:, ::1] w,
+                   const floating[:, ::1] a, const floating[:, ::1] g, int activation):
+    """Backward pass of one dense layer.
+
+    Parameters: x (m, n_in) input, w (n_in, n_out), a (m, n_out) the layer's
+    output act(x @ w + b), g (m, n_out) = dL/da.  Returns (dw, db, dx) with
+    shapes (n_in, n_out), (n_out,), (m, n_in).  ``g`` is not modified.
+    """
+    cdef int64_t m = x.shape[0], n_in = x.shape[1], n_out = w.shape[1]
+    if (w.shape[0] != n_in or a.shape[0] != m or a.shape[1] != n_out
+            or g.shape[0] != m or g.shape[1] != n_out):
+        raise ValueError("dense_backward: shapes of x, w, a, g do not agree")
+    dtype = np.float32 if floating is float else np.float64
+    gd = np.array(g, dtype=dtype, order="C", copy=True)
+    dw = np.empty((n_in, n_out), dtype=dtype)
+    db = np.empty(n_out, dtype=dtype)
+    dx = np.empty((m, n_in), dtype=dtype)
+    cdef floating[:, ::1] gv = gd, dwv = dw, dxv = dx
+    cdef floating[::1] dbv = db
+    if m == 0:
+        dw[...] = 0
+        db[...] = 0
+        return dw, db, dx
+    with nogil:
+        dense_backward_ptr(&x[0, 0], &w[0, 0], &a[0, 0], &gv[0, 0], &dwv[0, 0],
+                           &dbv[0], &dxv[0, 0], m, n_in, n_out, activation)
+    return dw, db, dx

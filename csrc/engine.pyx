@@ -1,0 +1,226 @@
+# cython: language_level=3
+"""Network-level loops: predict, loss-and-gradient, and training steps.
+
+Design
+------
+A model is described to this module by a *program*: an int64 table with one
+row per layer (columns below), plus flat arrays that Python allocated once:
+
+* ``params`` / ``grad``  : every weight and bias of the model, in one vector
+  each; a layer's W (n_in, n_out) and b (n_out,) live at offsets in it.
+* ``acts``   : the output of every layer for up to B rows (B = the batch
+  size the workspace was made for).  ``program[l, ACT_OFF]`` is the sum of
+  the widths of the layers before l, so for a batch of m rows layer l's
+  (m, n_out) output starts at ``m * program[l, ACT_OFF]``: the layers pack
+  tightly for any m <= B.
+* ``deltas`` : two ping-pong buffers of B * max_width for dL/d(activation).
+* ``xb``/``yb``: the gathered mini-batch, when rows are shuffled.
+
+``train_batches`` runs many mini-batch steps in one call without the GIL:
+gather rows by index, forward through every layer (dense.pyx), loss and its
+gradient, backward through every layer, then the optimizer update over the
+flat parameter vector.  The loss and the optimizer are Numba ``cfunc``s
+(fastbp/_numba), called through their C addresses, so one Python call drives
+any number of steps whatever the depth, and nothing is allocated per step.
+
+Status codes returned by ``train_batches`` (mirrored in fastbp/_engine.py):
+0 ok, 1 the loss of a batch was not finite (nothing updated for that batch),
+2 an update produced a non-finite parameter (the caller restores a snapshot).
+"""
+from libc.math cimport isfinite
+from libc.stdint cimport int64_t
+from libc.string cimport memcpy, memset
+
+from fastbp._ext.dense cimport floating, dense_forward_ptr, dense_backward_ptr
+
+# program columns
+cdef enum:
+    KIND = 0
+    N_IN = 1
+    N_OUT = 2
+    ACT = 3
+    W_OFF = 4
+    B_OFF = 5
+    ACT_OFF = 6
+    TRAINABLE = 7
+    N_COLS = 8
+
+cdef enum:
+    KIND_DENSE = 0
+
+cdef enum:
+    STATUS_OK = 0
+    STATUS_LOSS_NONFINITE = 1
+    STATUS_PARAMS_NONFINITE = 2
+
+PROGRAM_COLUMNS = ("kind", "n_in", "n_out", "act", "w_off", "b_off", "act_off", "trainable")
+
+# loss(z, y, g, m, k) -> mean loss; writes g = dL/dz.  (fastbp/_numba/losses.py)
+ctypedef double (*loss_f32)(float*, float*, float*, int64_t, int64_t) noexcept nogil
+ctypedef double (*loss_f64)(double*, double*, double*, int64_t, int64_t) noexcept nogil
+# step(p, g, state, n, stride, hyper, t) -> 1 if every updated p is finite.
+# (fastbp/_numba/optim.py)
+ctypedef int (*step_f32)(float*, float*, float*, int64_t, int64_t, double*, int64_t) noexcept nogil
+ctypedef int (*step_f64)(double*, double*, double*, int64_t, int64_t, double*, int64_t) noexcept nogil
+
+
+cdef inline double call_loss(size_t addr, floating* z, floating* y, floating* g,
+                             int64_t m, int64_t k) noexcept nogil:
+    if floating is float:
+        return (<loss_f32>addr)(z, y, g, m, k)
+    else:
+        return (<loss_f64>addr)(z, y, g, m, k)
+
+
+cdef inline int call_step(size_t addr, floating* p, floating* g, floating* state,
+                          int64_t n, int64_t stride, double* hyper,
+                          int64_t t) noexcept nogil:
+    if floating is float:
+        return (<step_f32>addr)(p, g, state, n, stride, hyper, t)
+    else:
+        return (<step_f64>addr)(p, g, state, n, stride, hyper, t)
+
+
+cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
+                      floating* params, floating* acts, floating* last_out,
+                      int64_t m) noexcept nogil:
+    """Forward through every layer; the last one writes to ``last_out`` if it
+    is not NULL (predict), else to its slot in ``acts``."""
+    cdef int64_t l, n_layers = prog.shape[0]
+    cdef const floating* x = x0
+    cdef floating* out
+    for l in range(n_layers):
+        out = acts + prog[l, ACT_OFF] * m
+        if l == n_layers - 1 and last_out != NULL:
+            out = last_out
+        dense_forward_ptr(x, params + prog[l, W_OFF], params + prog[l, B_OFF], out,
+                          m, prog[l, N_IN], prog[l, N_OUT], <int>prog[l, ACT])
+        x = out
+
+
+cdef void backward_all(const int64_t[:, ::1] prog, const floating* x0,
+                       floating* params, floating* grad, floating* acts,
+                       floating* deltas, int64_t half, int64_t m) noexcept nogil:
+    """Backward through every layer.  On entry deltas[0:half] holds
+    dL/d(output of the last layer); on exit ``grad`` holds every dW, db."""
+    cdef int64_t l, n_in, n_out, n_layers = prog.shape[0]
+    cdef floating* g = deltas
+    cdef floating* other = deltas + half
+    cdef floating* dx
+    cdef floating* tmp
+    cdef const floating* x
+    for l in range(n_layers - 1, -1, -1):
+        n_in = prog[l, N_IN]
+        n_out = prog[l, N_OUT]
+        x = x0 if l == 0 else acts + prog[l - 1, ACT_OFF] * m
+        dx = other if l > 0 else NULL
+        dense_backward_ptr(x, params + prog[l, W_OFF], acts + prog[l, ACT_OFF] * m, g,
+                           grad + prog[l, W_OFF], grad + prog[l, B_OFF], dx,
+                           m, n_in, n_out, <int>prog[l, ACT])
+        if not prog[l, TRAINABLE]:
+            # A frozen layer still passes the gradient down; its own is zero.
+            memset(grad + prog[l, W_OFF], 0, n_in * n_out * sizeof(floating))
+            memset(grad + prog[l, B_OFF], 0, n_out * sizeof(floating))
+        tmp = g
+        g = other
+        other = tmp
+
+
+cdef inline floating* _ptr(floating[::1] a) noexcept nogil:
+    return &a[0] if a.shape[0] > 0 else NULL
+
+
+def forward(const floating[:, ::1] X, const int64_t[:, ::1] program,
+            floating[::1] params, floating[::1] acts, floating[:, ::1] out,
+            int64_t chunk):
+    """Predict: out = network(X), ``chunk`` rows at a time (acts holds chunk rows)."""
+    cdef int64_t n = X.shape[0], start, m
+    with nogil:
+        start = 0
+        while start < n:
+            m = chunk if n - start > chunk else n - start
+            forward_all(program, &X[start, 0], &params[0], &acts[0], &out[start, 0], m)
+            start += m
+
+
+def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y,
+              const int64_t[:, ::1] program, floating[::1] params,
+              floating[::1] grad, floating[::1] acts, floating[::1] deltas,
+              size_t loss_addr):
+    """Full-batch mean loss over all rows of X, and its gradient into ``grad``."""
+    cdef int64_t n = X.shape[0], k = Y.shape[1], half = deltas.shape[0] // 2
+    cdef int64_t last = program.shape[0] - 1
+    cdef double loss
+    with nogil:
+        forward_all(program, &X[0, 0], &params[0], &acts[0], NULL, n)
+        loss = call_loss(loss_addr, &acts[0] + program[last, ACT_OFF] * n,
+                         <floating*>&Y[0, 0], &deltas[0], n, k)
+        backward_all(program, &X[0, 0], &params[0], &grad[0], &acts[0], &deltas[0],
+                     half, n)
+    return loss
+
+
+def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y,
+                  const int64_t[::1] order, bint gather,
+                  int64_t batch_size, int64_t first_batch, int64_t n_batches,
+                  const int64_t[:, ::1] program,
+                  floating[::1] params, floating[::1] grad,
+                  floating[::1] acts, floating[::1] deltas,
+                  floating[::1] xb, floating[::1] yb,
+                  size_t loss_addr, size_t step_addr,
+                  floating[::1] opt_state, const double[::1] hyper,
+                  const int64_t[:, ::1] segments, int64_t step0,
+                  double[::1] batch_loss):
+    """Run mini-batches first_batch .. first_batch + n_batches - 1 of an epoch.
+
+    Batch b holds rows order[b*B : (b+1)*B] (the last one may be short).  With
+    ``gather`` false the rows are taken in place from X (no copy).  The
+    optimizer's step counter for batch i of this call is step0 + i + 1.
+    ``batch_loss[b]`` receives each batch's mean loss.  Returns
+    (batches_done, status): on a non-OK status, batches_done counts the
+    batches whose update was applied before the failing one.
+    """
+    cdef int64_t n = X.shape[0], d = X.shape[1], k = Y.shape[1]
+    cdef int64_t half = deltas.shape[0] // 2, n_params = params.shape[0]
+    cdef int64_t last = program.shape[0] - 1
+    cdef int64_t b, i, r, s, m, j, done = 0
+    cdef int status = STATUS_OK, ok
+    cdef double loss
+    cdef const floating* x0
+    cdef floating* y0
+    cdef floating* state = _ptr(opt_state)
+    cdef floating* out_last
+    with nogil:
+        for i in range(n_batches):
+            b = first_batch + i
+            s = b * batch_size
+            m = batch_size if n - s > batch_size else n - s
+            if gather:
+                for r in range(m):
+                    memcpy(&xb[r * d], &X[order[s + r], 0], d * sizeof(floating))
+                    memcpy(&yb[r * k], &Y[order[s + r], 0], k * sizeof(floating))
+                x0 = &xb[0]
+                y0 = &yb[0]
+            else:
+                x0 = &X[s, 0]
+                y0 = <floating*>&Y[s, 0]
+            forward_all(program, x0, &params[0], &acts[0], NULL, m)
+            out_last = &acts[0] + program[last, ACT_OFF] * m
+            loss = call_loss(loss_addr, out_last, y0, &deltas[0], m, k)
+            batch_loss[b] = loss
+            if not isfinite(loss):
+                status = STATUS_LOSS_NONFINITE
+                break
+            backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0], half, m)
+            ok = 1
+            for j in range(segments.shape[0]):
+                ok &= call_step(step_addr, &params[0] + segments[j, 0],
+                                &grad[0] + segments[j, 0],
+                                state + segments[j, 0] if state != NULL else NULL,
+                                segments[j, 1], n_params, <double*>&hyper[0],
+                                step0 + i + 1)
+            if not ok:
+                status = STATUS_PARAMS_NONFINITE
+                break
+            done += 1
+    return done, status

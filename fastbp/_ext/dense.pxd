@@ -1,0 +1,37 @@
+# Declarations of the dense-layer kernels (implemented in dense.pyx), shared
+# with engine.pyx through cimport.  Activation codes must match
+# fastbp/activations.py (ACTIVATION_CODES).
+from libc.stdint cimport int64_t
+
+ctypedef fused floating:
+    float
+    double
+
+cdef enum Activation:
+    IDENTITY = 0
+    SIGMOID = 1
+    TANH = 2
+    RELU = 3
+    LEAKY_RELU = 4
+    ELU = 5
+    SOFTPLUS = 6
+
+cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
+                  floating alpha, const floating* a, int lda,
+                  const floating* b, int ldb,
+                  floating beta, floating* c, int ldc) noexcept nogil
+
+cdef void bias_activation(floating* z, const floating* b, int64_t m, int64_t n,
+                          int act) noexcept nogil
+
+cdef void activation_backward(floating* g, const floating* a, int64_t m, int64_t n,
+                              int act) noexcept nogil
+
+cdef void dense_forward_ptr(const floating* x, const floating* w, const floating* b,
+                            floating* out, int64_t m, int64_t n_in, int64_t n_out,
+                            int act) noexcept nogil
+
+cdef void dense_backward_ptr(const floating* x, const floating* w, const floating* a,
+                             floating* g, floating* dw, floating* db, floating* dx,
+                             int64_t m, int64_t n_in, int64_t n_out,
+                             int act) noexcept nogil

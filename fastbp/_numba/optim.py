@@ -1,0 +1,208 @@
+"""Optimizer update kernels (Numba): one fused pass over the flat parameters.
+
+Every kernel follows the single-tensor form of the matching ``torch.optim``
+algorithm operation for operation (``lerp`` for first moments, the same
+order of sqrt, division and eps), with the hyperparameters cast to the
+parameters' dtype as torch does, so float64 runs agree with torch to
+rounding and float32 runs to float32 rounding.  Each returns True when every
+updated parameter is finite; the engine stops on False.
+
+``step_cfunc(name, dtype)`` is the C address of a cached cfunc
+``int(T* p, T* g, T* state, int64 n, int64 stride, double* hyper, int64 t)``:
+``state`` holds the optimizer's per-parameter vectors as slots
+``state[j * stride : j * stride + n]`` and ``hyper`` the packed
+hyperparameters (see each optimizer's ``_hyper`` in fastbp/optim.py).  The
+same ``<name>_step`` kernels are called directly from Python by
+``Optimizer.step``.
+"""
+import numpy as np
+from numba import carray, cfunc, njit, types
+
+from .._config import NJIT
+
+
+@njit(**NJIT)
+def _lerp(start, end, weight):
+    # torch.lerp: two formulas so the result is exact at both ends.
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1 - weight)
+
+
+@njit(**NJIT)
+def sgd_step(p, g, buf, t, lr, momentum, dampening, nesterov, weight_decay):
+    T = p.dtype.type
+    lr, momentum, damp, wd = T(lr), T(momentum), T(1 - dampening), T(weight_decay)
+    finite = True
+    for i in range(p.shape[0]):
+        d = g[i]
+        if wd != 0:
+            d = d + wd * p[i]
+        if momentum != 0:
+            if t == 1:
+                b = d
+            else:
+                b = buf[i] * momentum + damp * d
+            buf[i] = b
+            d = d + momentum * b if nesterov else b
+        q = p[i] - lr * d
+        p[i] = q
+        finite &= np.isfinite(q)
+    return finite
+
+
+@njit(**NJIT)
+def adam_step(p, g, m, v, vmax, t, lr, beta1, beta2, eps, weight_decay, amsgrad,
+              decoupled):
+    T = p.dtype.type
+    bc2_sqrt = T((1 - beta2 ** t) ** 0.5)
+    step_size = T(lr / (1 - beta1 ** t))
+    decay = T(1 - lr * weight_decay)
+    w1, b2, w2, eps, wd = T(1 - beta1), T(beta2), T(1 - beta2), T(eps), T(weight_decay)
+    finite = True
+    for i in range(p.shape[0]):
+        q = p[i]
+        d = g[i]
+        if wd != 0:
+            if decoupled:
+                q = q * decay
+            else:
+                d = d + wd * q
+        mi = _lerp(m[i], d, w1)
+        vi = v[i] * b2 + w2 * d * d
+        m[i] = mi
+        v[i] = vi
+        if amsgrad:
+            vi = max(vmax[i], vi)
+            vmax[i] = vi
+        denom = np.sqrt(vi) / bc2_sqrt + eps
+        q = q - (step_size * mi) / denom  # torch addcdiv: (value * t1) / t2
+        p[i] = q
+        finite &= np.isfinite(q)
+    return finite
+
+
+@njit(**NJIT)
+def rmsprop_step(p, g, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay,
+                 momentum, centered):
+    T = p.dtype.type
+    lr, a, w, eps, wd, mom = T(lr), T(alpha), T(1 - alpha), T(eps), T(weight_decay), T(momentum)
+    finite = True
+    for i in range(p.shape[0]):
+        d = g[i]
+        if wd != 0:
+            d = d + wd * p[i]
+        sq = square_avg[i] * a + w * d * d
+        square_avg[i] = sq
+        if centered:
+            ga = _lerp(grad_avg[i], d, w)
+            grad_avg[i] = ga
+            avg = np.sqrt(sq - ga * ga) + eps
+        else:
+            avg = np.sqrt(sq) + eps
+        if mom > 0:
+            b = buf[i] * mom + d / avg
+            buf[i] = b
+            q = p[i] - lr * b
+        else:
+            q = p[i] - (lr * d) / avg
+        p[i] = q
+        finite &= np.isfinite(q)
+    return finite
+
+
+@njit(**NJIT)
+def rprop_step(p, g, prev, step_size, etaminus, etaplus, step_min, step_max):
+    T = p.dtype.type
+    em, ep, smin, smax = T(etaminus), T(etaplus), T(step_min), T(step_max)
+    finite = True
+    for i in range(p.shape[0]):
+        d = g[i]
+        s = d * prev[i]
+        if s > 0:
+            factor = ep
+        elif s < 0:
+            factor = em
+        else:
+            factor = T(1)
+        st = min(max(step_size[i] * factor, smin), smax)
+        step_size[i] = st
+        if factor == em:
+            d = T(0)  # after a sign change torch skips the step and forgets the gradient
+        sgn = T(1) if d > 0 else (T(-1) if d < 0 else T(0))
+        q = p[i] - sgn * st
+        p[i] = q
+        prev[i] = d
+        finite &= np.isfinite(q)
+    return finite
+
+
+@njit(**NJIT)
+def adagrad_step(p, g, state_sum, t, lr, lr_decay, weight_decay, eps):
+    T = p.dtype.type
+    clr = T(lr / (1 + (t - 1) * lr_decay))
+    wd, eps = T(weight_decay), T(eps)
+    finite = True
+    for i in range(p.shape[0]):
+        d = g[i]
+        if wd != 0:
+            d = d + wd * p[i]
+        s = state_sum[i] + d * d
+        state_sum[i] = s
+        q = p[i] - (clr * d) / (np.sqrt(s) + eps)
+        p[i] = q
+        finite &= np.isfinite(q)
+    return finite
+
+
+# C entry points: unpack slots and hyperparameters, then call the kernel.
+def _sgd_c(p, g, state, n, stride, hyper, t):
+    s = carray(state, (1, stride))
+    h = carray(hyper, (5,))
+    return sgd_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], t,
+                    h[0], h[1], h[2], h[3] != 0, h[4])
+
+
+def _adam_c(p, g, state, n, stride, hyper, t):
+    s = carray(state, (3, stride))
+    h = carray(hyper, (7,))
+    return adam_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], s[2, :n], t,
+                     h[0], h[1], h[2], h[3], h[4], h[5] != 0, h[6] != 0)
+
+
+def _rmsprop_c(p, g, state, n, stride, hyper, t):
+    s = carray(state, (3, stride))
+    h = carray(hyper, (6,))
+    return rmsprop_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], s[2, :n],
+                        h[0], h[1], h[2], h[3], h[4], h[5] != 0)
+
+
+def _rprop_c(p, g, state, n, stride, hyper, t):
+    s = carray(state, (2, stride))
+    h = carray(hyper, (4,))
+    return rprop_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n],
+                      h[0], h[1], h[2], h[3])
+
+
+def _adagrad_c(p, g, state, n, stride, hyper, t):
+    s = carray(state, (1, stride))
+    h = carray(hyper, (4,))
+    return adagrad_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], t,
+                        h[0], h[1], h[2], h[3])
+
+
+_C_WRAPPERS = {"sgd": _sgd_c, "adam": _adam_c, "rmsprop": _rmsprop_c,
+               "rprop": _rprop_c, "adagrad": _adagrad_c}
+_CFUNCS = {}
+
+
+def step_cfunc(name, dtype):
+    """C address of the cached update cfunc for optimizer kernel ``name``."""
+    key = (name, np.dtype(dtype).name)
+    if key not in _CFUNCS:
+        t = types.float32 if key[1] == "float32" else types.float64
+        p = types.CPointer(t)
+        sig = types.int32(p, p, p, types.int64, types.int64,
+                          types.CPointer(types.float64), types.int64)
+        _CFUNCS[key] = cfunc(sig, **NJIT)(_C_WRAPPERS[name])
+    return _CFUNCS[key].address

@@ -1,0 +1,93 @@
+"""Layers.  A layer describes itself; the model owns its parameters.
+
+After ``Sequential.build``, a layer's ``W`` and ``b`` are views into the
+model's flat parameter vector (and ``dW``/``db`` into its flat gradient), so
+writing ``layer.W[...] = ...`` changes the model and the optimizer sees it.
+"""
+import numpy as np
+
+from . import activations, initializers
+from ._validation import check_positive_int
+
+#: layer kinds understood by the engine (column ``kind`` of the program)
+KIND_DENSE = 0
+
+
+class Dense:
+    """Fully connected layer: ``out = activation(x @ W + b)``.
+
+    Parameters
+    ----------
+    units : int
+        Number of outputs n_out.
+    activation : str or None, default None
+        One of ``fastbp.activations.ACTIVATION_CODES`` (or alias
+        ``logistic``); None is the identity.
+    kernel_init : str, default "glorot_uniform"
+        Initializer of W (see ``fastbp.initializers``); b starts at zero.
+    trainable : bool, default True
+        A frozen layer (False) keeps its parameters: its gradient is zero and
+        the optimizer leaves its parameters and state untouched.
+
+    Attributes
+    ----------
+    W : ndarray of shape (n_in, n_out)
+    b : ndarray of shape (n_out,)
+    """
+
+    kind = KIND_DENSE
+
+    def __init__(self, units, activation=None, kernel_init="glorot_uniform", trainable=True):
+        self.units = check_positive_int(units, "units")
+        self.activation = activations.resolve(activation)
+        self.kernel_init = initializers.resolve(kernel_init)
+        self.trainable = bool(trainable)
+        self.n_in = None
+        self.W = self.b = self.dW = self.db = None
+
+    def n_params(self, n_in):
+        return n_in * self.units + self.units
+
+    def _bind(self, n_in, params, grad, offset):
+        """Make W, b (and dW, db) views at ``offset``; return the next offset."""
+        self.n_in = n_in
+        n_w = n_in * self.units
+        self.W = params[offset:offset + n_w].reshape(n_in, self.units)
+        self.b = params[offset + n_w:offset + n_w + self.units]
+        self.dW = grad[offset:offset + n_w].reshape(n_in, self.units)
+        self.db = grad[offset + n_w:offset + n_w + self.units]
+        return offset + n_w + self.units
+
+    def _initialize(self, rng):
+        init = initializers.INITIALIZERS[self.kernel_init]
+        self.W[...] = init(rng, self.n_in, self.units)
+        self.b[...] = 0
+
+    def get_config(self):
+        return {"type": "Dense", "units": self.units, "activation": self.activation,
+                "kernel_init": self.kernel_init, "trainable": self.trainable}
+
+    def __repr__(self):
+        return (f"Dense({self.units}, activation={self.activation!r}"
+                + ("" if self.trainable else ", trainable=False") + ")")
+
+
+LAYERS = {"Dense": Dense}
+
+
+def from_config(config):
+    config = dict(config)
+    kind = config.pop("type")
+    if kind not in LAYERS:
+        raise ValueError(f"unknown layer type {kind!r}")
+    return LAYERS[kind](**config)
+
+
+def program_row(layer, w_off, act_off):
+    """One row of the engine's program table (see csrc/engine.pyx)."""
+    return [layer.kind, layer.n_in, layer.units, activations.code(layer.activation),
+            w_off, w_off + layer.n_in * layer.units, act_off, int(layer.trainable)]
+
+
+def empty_program():
+    return np.zeros((0, 8), dtype=np.int64)

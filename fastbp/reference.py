@@ -1,0 +1,223 @@
+"""The same math as the compiled kernels, in plain NumPy.
+
+This module is the specification: every compiled kernel has a function of
+the same name and signature here, and the tests hold the two against each
+other in float32 and float64.  It is written to be read: each layer's
+forward stands beside its backward.  It is also the baseline the benchmarks
+compare with.
+
+Shapes: X (m, n_in), W (n_in, n_out), b (n_out,), outputs and their
+gradients (m, n_out).  Activations are given by their integer code
+(``fastbp.activations.ACTIVATION_CODES``) or name.
+"""
+import numpy as np
+
+from . import activations as _act
+
+IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, ELU, SOFTPLUS = range(7)
+LEAKY_SLOPE, ELU_ALPHA, SOFTPLUS_THRESHOLD = 0.01, 1.0, 20.0
+
+
+# --- activations: forward, and derivative in terms of the output a = f(x) ---
+
+def activation(x, act):
+    act = _act.code(act)
+    if act == IDENTITY:
+        return x
+    if act == SIGMOID:
+        return 0.5 * (1 + np.tanh(0.5 * x))  # = 1 / (1 + e^-x), without overflow
+    if act == TANH:
+        return np.tanh(x)
+    if act == RELU:
+        return np.maximum(x, 0)
+    if act == LEAKY_RELU:
+        return np.where(x > 0, x, x.dtype.type(LEAKY_SLOPE) * x)
+    if act == ELU:
+        return np.where(x > 0, x, ELU_ALPHA * np.expm1(np.minimum(x, 0)))
+    if act == SOFTPLUS:
+        return np.where(x > SOFTPLUS_THRESHOLD, x, np.log1p(np.exp(np.minimum(x, SOFTPLUS_THRESHOLD))))
+    raise ValueError(act)
+
+
+def activation_derivative(a, act):
+    act = _act.code(act)
+    if act == IDENTITY:
+        return np.ones_like(a)
+    if act == SIGMOID:
+        return a * (1 - a)
+    if act == TANH:
+        return 1 - a * a
+    if act == RELU:
+        return (a > 0).astype(a.dtype)
+    if act == LEAKY_RELU:
+        return np.where(a > 0, 1, LEAKY_SLOPE).astype(a.dtype)
+    if act == ELU:
+        return np.where(a > 0, 1, a + ELU_ALPHA).astype(a.dtype)
+    if act == SOFTPLUS:
+        return np.where(a > SOFTPLUS_THRESHOLD, 1, -np.expm1(-a)).astype(a.dtype)
+    raise ValueError(act)
+
+
+# --- one dense layer ---------------------------------------------------------
+
+def gemm(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b)."""
+    return (a.T if trans_a else a) @ (b.T if trans_b else b)
+
+
+def dense_forward(x, w, b, act):
+    """out = f(x @ w + b)."""
+    return activation(x @ w + b, act).astype(x.dtype, copy=False)
+
+
+def dense_backward(x, w, a, g, act):
+    """Given g = dL/d(out) and the output a: returns (dW, db, dX)."""
+    d = g * activation_derivative(a, act)   # dL / d(x @ w + b)
+    return x.T @ d, d.sum(axis=0), d @ w.T
+
+
+# --- losses (torch.nn definitions, mean reduction); write G = dL/dZ -----------
+
+def mse_loss_grad(Z, Y, G):
+    G[...] = 2 * (Z - Y) / Z.size
+    return float(np.mean((Z.astype(np.float64) - Y) ** 2))
+
+
+def binary_cross_entropy_loss_grad(Z, Y, G):
+    sigmoid = 0.5 * (1 + np.tanh(0.5 * Z))
+    G[...] = (sigmoid - Y) / Z.size
+    z = Z.astype(np.float64)
+    return float(np.mean(np.maximum(z, 0) - z * Y + np.log1p(np.exp(-np.abs(z)))))
+
+
+def cross_entropy_loss_grad(Z, Y, G):
+    shifted = Z - Z.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    softmax = e / e.sum(axis=1, keepdims=True)
+    G[...] = (softmax * Y.sum(axis=1, keepdims=True) - Y) / Z.shape[0]
+    log_softmax = shifted.astype(np.float64) - np.log(e.sum(axis=1, keepdims=True, dtype=np.float64))
+    return float(-np.sum(Y * log_softmax) / Z.shape[0])
+
+
+LOSS_KERNELS = {"mse": mse_loss_grad, "binary_cross_entropy": binary_cross_entropy_loss_grad,
+                "cross_entropy": cross_entropy_loss_grad}
+
+
+# --- optimizers (torch.optim equations; update p and state in place) -----------
+
+def _lerp(start, end, weight):
+    return start + weight * (end - start) if weight < 0.5 else end - (end - start) * (1 - weight)
+
+
+def sgd_step(p, g, buf, t, lr, momentum, dampening, nesterov, weight_decay):
+    T = p.dtype.type
+    d = g + T(weight_decay) * p if weight_decay else g.copy()
+    if momentum:
+        buf[...] = d if t == 1 else buf * T(momentum) + T(1 - dampening) * d
+        d = d + T(momentum) * buf if nesterov else buf.copy()
+    p -= T(lr) * d
+    return bool(np.isfinite(p).all())
+
+
+def adam_step(p, g, m, v, vmax, t, lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled):
+    T = p.dtype.type
+    d = g
+    if weight_decay:
+        if decoupled:
+            p *= T(1 - lr * weight_decay)
+        else:
+            d = g + T(weight_decay) * p
+    m[...] = _lerp(m, d, T(1 - beta1))
+    v[...] = v * T(beta2) + T(1 - beta2) * d * d
+    if amsgrad:
+        np.maximum(vmax, v, out=vmax)
+    vhat = vmax if amsgrad else v
+    denom = np.sqrt(vhat) / T((1 - beta2 ** t) ** 0.5) + T(eps)
+    p -= (T(lr / (1 - beta1 ** t)) * m) / denom
+    return bool(np.isfinite(p).all())
+
+
+def rmsprop_step(p, g, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay, momentum, centered):
+    T = p.dtype.type
+    d = g + T(weight_decay) * p if weight_decay else g
+    square_avg[...] = square_avg * T(alpha) + T(1 - alpha) * d * d
+    if centered:
+        grad_avg[...] = _lerp(grad_avg, d, T(1 - alpha))
+        avg = np.sqrt(square_avg - grad_avg * grad_avg) + T(eps)
+    else:
+        avg = np.sqrt(square_avg) + T(eps)
+    if momentum > 0:
+        buf[...] = buf * T(momentum) + d / avg
+        p -= T(lr) * buf
+    else:
+        p -= (T(lr) * d) / avg
+    return bool(np.isfinite(p).all())
+
+
+def rprop_step(p, g, prev, step_size, etaminus, etaplus, step_min, step_max):
+    T = p.dtype.type
+    s = g * prev
+    factor = np.where(s > 0, T(etaplus), np.where(s < 0, T(etaminus), T(1)))
+    step_size[...] = np.clip(step_size * factor, T(step_min), T(step_max))
+    d = np.where(factor == T(etaminus), T(0), g)
+    p -= np.sign(d) * step_size
+    prev[...] = d
+    return bool(np.isfinite(p).all())
+
+
+def adagrad_step(p, g, state_sum, t, lr, lr_decay, weight_decay, eps):
+    T = p.dtype.type
+    d = g + T(weight_decay) * p if weight_decay else g
+    state_sum += d * d
+    p -= (T(lr / (1 + (t - 1) * lr_decay)) * d) / (np.sqrt(state_sum) + T(eps))
+    return bool(np.isfinite(p).all())
+
+
+# --- a whole network, driven by the engine's program table ----------------------
+# program columns: kind, n_in, n_out, act, w_off, b_off, act_off, trainable
+
+def _layer_params(program, params):
+    for kind, n_in, n_out, act, w_off, b_off, _, _ in program:
+        yield params[w_off:w_off + n_in * n_out].reshape(n_in, n_out), params[b_off:b_off + n_out], act
+
+
+def forward_all(program, X, params):
+    """Outputs of every layer: [X, A_1, ..., A_L]."""
+    outs = [X]
+    for W, b, act in _layer_params(program, params):
+        outs.append(dense_forward(outs[-1], W, b, act))
+    return outs
+
+
+def forward(X, program, params):
+    return forward_all(program, X, params)[-1]
+
+
+def loss_grad(X, Y, program, params, loss):
+    """Mean loss over (X, Y) and the flat gradient (same layout as params)."""
+    outs = forward_all(program, X, params)
+    G = np.empty_like(outs[-1])
+    value = LOSS_KERNELS[loss](outs[-1], Y, G)
+    grad = np.zeros_like(params)
+    layers = list(_layer_params(program, params))
+    for l in range(len(layers) - 1, -1, -1):
+        W, b, act = layers[l]
+        dW, db, G = dense_backward(outs[l], W, outs[l + 1], G, act)
+        kind, n_in, n_out, _, w_off, b_off, _, trainable = program[l]
+        if trainable:
+            grad[w_off:w_off + n_in * n_out] = dW.ravel()
+            grad[b_off:b_off + n_out] = db
+    return value, grad
+
+
+def train_batches(X, Y, order, batch_size, program, params, loss, optimizer_step):
+    """One epoch of mini-batch training.  ``optimizer_step(params, grad)``
+    updates params in place (e.g. ``fastbp.optim.Adam().step``).
+    Returns the per-batch losses."""
+    losses = []
+    for start in range(0, X.shape[0], batch_size):
+        rows = order[start:start + batch_size]
+        value, grad = loss_grad(X[rows], Y[rows], program, params, loss)
+        optimizer_step(params, grad)
+        losses.append(value)
+    return np.array(losses)
