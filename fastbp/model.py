@@ -374,7 +374,8 @@ class _EpochRunner:
         self.opt = opt
         self.state = state.reshape(-1)
         self.n_batches = math.ceil(X.shape[0] / batch)
-        self.order = np.arange(X.shape[0], dtype=np.int64)
+        self.identity = np.arange(X.shape[0], dtype=np.int64)
+        self.order = self.identity.copy()
         self.batch_loss = np.zeros(self.n_batches)
         self.sizes = np.full(self.n_batches, batch, dtype=np.float64)
         self.sizes[-1] = X.shape[0] - batch * (self.n_batches - 1)
@@ -402,6 +403,9 @@ class _EpochRunner:
     def epoch(self):
         """Run one epoch; returns (status, batches done, mean training loss)."""
         if self.shuffle:
+            # Each epoch's order depends only on the RNG, not on earlier
+            # epochs' orders, so fit(2 epochs) twice == fit(4 epochs).
+            self.order[...] = self.identity
             self.net._shuffle_rng.shuffle(self.order)
         self.snap_params[...] = self.net._params
         self.snap_state[...] = self.state
