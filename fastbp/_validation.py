@@ -50,7 +50,8 @@ def check_X(X, dtype, n_features=None, name="X"):
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{name} has {arr.shape[1]} features, but the model expects {n_features}")
     _check_finite(arr, name)
-    out = np.ascontiguousarray(arr, dtype=dtype)
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=dtype)
     _check_finite(out, name)  # e.g. float64 values that overflow float32
     return out
 
