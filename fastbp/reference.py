@@ -58,6 +58,16 @@ def activation_derivative(a, act):
     raise ValueError(act)
 
 
+def bias_activation(z, b, act):
+    """f(z + b): the epilogue that follows the GEMM in the forward pass."""
+    return activation(z + b, act).astype(z.dtype, copy=False)
+
+
+def activation_backward(g, a, act):
+    """dL/d(pre-activation) from g = dL/d(output) and the output a."""
+    return g * activation_derivative(a, act)
+
+
 # --- one dense layer ---------------------------------------------------------
 
 def gemm(a, b, trans_a=False, trans_b=False):
@@ -67,12 +77,12 @@ def gemm(a, b, trans_a=False, trans_b=False):
 
 def dense_forward(x, w, b, act):
     """out = f(x @ w + b)."""
-    return activation(x @ w + b, act).astype(x.dtype, copy=False)
+    return bias_activation(x @ w, b, act)
 
 
 def dense_backward(x, w, a, g, act):
     """Given g = dL/d(out) and the output a: returns (dW, db, dX)."""
-    d = g * activation_derivative(a, act)   # dL / d(x @ w + b)
+    d = activation_backward(g, a, act)   # dL / d(x @ w + b)
     return x.T @ d, d.sum(axis=0), d @ w.T
 
 

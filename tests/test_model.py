@@ -305,3 +305,32 @@ def test_summary_and_repr():
     text = net.summary()
     assert "total parameters: %d" % net.n_params in text and "Dense(8" in text
     assert "Sequential(" in repr(net)
+
+
+def test_two_models_train_concurrently_in_two_threads(rng):
+    """The engine releases the GIL; two threads training two models must
+    neither crash nor disturb each other's results."""
+    import threading
+
+    X, y = _classification(rng, n=400)
+    expected = []
+    for seed in (1, 2):
+        net = _net(seed=seed)
+        net.fit(X, y, loss="cross_entropy", epochs=5, batch_size=8, verbose=0)
+        expected.append(net.params.copy())
+    nets = [_net(seed=1), _net(seed=2)]
+    errors = []
+
+    def train(net):
+        try:
+            net.fit(X, y, loss="cross_entropy", epochs=5, batch_size=8, verbose=0)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=train, args=(net,)) for net in nets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for net, want in zip(nets, expected):
+        np.testing.assert_array_equal(net.params, want)

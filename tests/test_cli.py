@@ -1,0 +1,22 @@
+"""The README's main job: ``fastbp demo`` trains on the bundled digits data."""
+import subprocess
+import sys
+
+
+def test_demo_trains_and_reports_accuracy_and_speed(tmp_path):
+    # Run from an empty folder so the installed package is what gets imported.
+    proc = subprocess.run([sys.executable, "-m", "fastbp", "demo", "--epochs", "15"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    epoch_lines = [l for l in out.splitlines() if l.startswith("epoch ")]
+    assert len(epoch_lines) == 15 and epoch_lines[-1].startswith("epoch 15/15")
+    accuracy = float(out.split("test accuracy: ")[1].split()[0])
+    assert accuracy > 0.9
+    assert "samples/s" in out.split("training speed:")[1]
+
+
+def test_unknown_command_fails_with_usage(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastbp", "train-everything"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "usage" in proc.stderr
