@@ -170,7 +170,7 @@ def rprop_step(p, g, prev, step_size, etaminus, etaplus, step_min, step_max):
     factor = np.where(s > 0, T(etaplus), np.where(s < 0, T(etaminus), T(1)))
     step_size[...] = np.clip(step_size * factor, T(step_min), T(step_max))
     d = np.where(factor == T(etaminus), T(0), g)
-    p -= np.sign(d) * step_size
+    p -= np.where(np.isnan(d), T(0), np.sign(d)) * step_size   # torch.sign(nan) is 0
     prev[...] = d
     return bool(np.isfinite(p).all())
 

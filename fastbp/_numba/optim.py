@@ -22,11 +22,12 @@ from .._config import NJIT
 
 
 @njit(**NJIT)
-def _lerp(start, end, weight):
-    # torch.lerp: two formulas so the result is exact at both ends.
+def _lerp(start, end, weight, one_minus_weight):
+    # torch.lerp: two formulas so the result is exact at both ends.  Both
+    # weights come in the parameters' dtype, so float32 stays float32.
     if weight < 0.5:
         return start + weight * (end - start)
-    return end - (end - start) * (1 - weight)
+    return end - (end - start) * one_minus_weight
 
 
 @njit(**NJIT)
@@ -59,6 +60,7 @@ def adam_step(p, g, m, v, vmax, t, lr, beta1, beta2, eps, weight_decay, amsgrad,
     step_size = T(lr / (1 - beta1 ** t))
     decay = T(1 - lr * weight_decay)
     w1, b2, w2, eps, wd = T(1 - beta1), T(beta2), T(1 - beta2), T(eps), T(weight_decay)
+    w1c = T(1) - w1
     finite = True
     for i in range(p.shape[0]):
         q = p[i]
@@ -68,12 +70,14 @@ def adam_step(p, g, m, v, vmax, t, lr, beta1, beta2, eps, weight_decay, amsgrad,
                 q = q * decay
             else:
                 d = d + wd * q
-        mi = _lerp(m[i], d, w1)
+        mi = _lerp(m[i], d, w1, w1c)
         vi = v[i] * b2 + w2 * d * d
         m[i] = mi
         v[i] = vi
         if amsgrad:
-            vi = max(vmax[i], vi)
+            # torch.maximum: a NaN on either side wins (Python's max drops it).
+            vm = vmax[i]
+            vi = vi if (vi > vm or vi != vi) else vm
             vmax[i] = vi
         denom = np.sqrt(vi) / bc2_sqrt + eps
         q = q - (step_size * mi) / denom  # torch addcdiv: (value * t1) / t2
@@ -87,6 +91,7 @@ def rmsprop_step(p, g, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay,
                  momentum, centered):
     T = p.dtype.type
     lr, a, w, eps, wd, mom = T(lr), T(alpha), T(1 - alpha), T(eps), T(weight_decay), T(momentum)
+    wc = T(1) - w
     finite = True
     for i in range(p.shape[0]):
         d = g[i]
@@ -95,7 +100,7 @@ def rmsprop_step(p, g, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay,
         sq = square_avg[i] * a + w * d * d
         square_avg[i] = sq
         if centered:
-            ga = _lerp(grad_avg[i], d, w)
+            ga = _lerp(grad_avg[i], d, w, wc)
             grad_avg[i] = ga
             avg = np.sqrt(sq - ga * ga) + eps
         else:

@@ -1,0 +1,544 @@
+"""Optimizers (fastbp.optim, compiled kernels in fastbp._numba.optim) against
+the NumPy reference kernels (fastbp.reference), the C entry points used by the
+training engine, state handling and argument checks.
+
+The reference side of every comparison is driven independently of the
+optimizer object: its arguments are written out here from the documented
+torch.optim defaults, and its state is initialised here (zeros; Rprop's step
+sizes at lr; Adagrad's sum at initial_accumulator_value).
+"""
+import ctypes
+
+import numpy as np
+import pytest
+
+import fastbp
+from fastbp import optim, reference
+from fastbp._numba.optim import step_cfunc
+
+DTYPES = ["float32", "float64"]
+#: compiled vs reference tolerance, relative to the compared array's scale
+#: (as tests/helpers.assert_close): an entry that is a small difference of
+#: O(1) terms (a momentum buffer near zero) is held to the absolute standard of
+#: those terms, since the reference itself is only that accurate there.
+RTOL = {"float32": 1e-5, "float64": 1e-10}
+
+# (id, class name, kwargs, number of state slots the optimizer needs)
+CONFIGS = [
+    ("sgd", "SGD", dict(lr=0.1), 0),
+    ("sgd-wd", "SGD", dict(lr=0.1, weight_decay=0.05), 0),
+    ("sgd-momentum", "SGD", dict(lr=0.05, momentum=0.9), 1),
+    ("sgd-momentum-dampening-wd", "SGD", dict(lr=0.05, momentum=0.8, dampening=0.3,
+                                              weight_decay=0.02), 1),
+    ("sgd-nesterov-wd", "SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), 1),
+    ("adam", "Adam", dict(lr=0.01), 2),
+    ("adam-betas-wd", "Adam", dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1), 2),
+    ("adam-amsgrad-wd", "Adam", dict(lr=0.01, weight_decay=0.01, amsgrad=True), 3),
+    ("adamw", "AdamW", dict(lr=0.01), 2),
+    ("adamw-amsgrad", "AdamW", dict(lr=0.02, betas=(0.7, 0.95), weight_decay=0.2, amsgrad=True), 3),
+    ("rmsprop", "RMSprop", dict(lr=0.01), 1),
+    ("rmsprop-centered", "RMSprop", dict(lr=0.01, alpha=0.9, centered=True), 2),
+    ("rmsprop-momentum-wd", "RMSprop", dict(lr=0.01, momentum=0.9, weight_decay=0.05), 3),
+    ("rmsprop-centered-momentum-wd", "RMSprop", dict(lr=0.005, alpha=0.95, eps=1e-6, centered=True,
+                                                     momentum=0.5, weight_decay=0.01), 3),
+    ("rprop", "Rprop", dict(lr=0.01), 2),
+    ("rprop-etas-clipped", "Rprop", dict(lr=0.05, etas=(0.3, 1.5), step_sizes=(0.02, 0.1)), 2),
+    ("adagrad", "Adagrad", dict(lr=0.1), 1),
+    ("adagrad-decay-wd-init", "Adagrad", dict(lr=0.1, lr_decay=0.05, weight_decay=0.01,
+                                              initial_accumulator_value=0.5), 1),
+    ("adagrad-eps", "Adagrad", dict(lr=0.05, initial_accumulator_value=0.1, eps=1e-3), 1),
+]
+IDS = [c[0] for c in CONFIGS]
+BY_ID = {c[0]: c for c in CONFIGS}
+MAX_SLOTS = 3
+
+
+def _make(config):
+    _, cls, kwargs, _ = config
+    return getattr(optim, cls)(**kwargs)
+
+
+def _initial_state(config, n, dtype):
+    """Reference state: MAX_SLOTS vectors, initialised as torch.optim does."""
+    _, cls, kw, _ = config
+    state = np.zeros((MAX_SLOTS, n), dtype=dtype)
+    if cls == "Rprop":
+        state[1] = kw.get("lr", 1e-2)  # step sizes start at lr
+    if cls == "Adagrad":
+        state[0] = kw.get("initial_accumulator_value", 0.0)
+    return state
+
+
+def _reference_step(config, p, g, S, t):
+    """One update by fastbp.reference, arguments spelled out with torch's defaults."""
+    _, cls, kw, _ = config
+    if cls == "SGD":
+        return reference.sgd_step(p, g, S[0], t, kw.get("lr", 1e-3), kw.get("momentum", 0.0),
+                                  kw.get("dampening", 0.0), kw.get("nesterov", False),
+                                  kw.get("weight_decay", 0.0))
+    if cls in ("Adam", "AdamW"):
+        b1, b2 = kw.get("betas", (0.9, 0.999))
+        wd = kw.get("weight_decay", 0.01 if cls == "AdamW" else 0.0)
+        return reference.adam_step(p, g, S[0], S[1], S[2], t, kw.get("lr", 1e-3), b1, b2,
+                                   kw.get("eps", 1e-8), wd, kw.get("amsgrad", False),
+                                   cls == "AdamW")
+    if cls == "RMSprop":
+        return reference.rmsprop_step(p, g, S[0], S[1], S[2], kw.get("lr", 1e-2),
+                                      kw.get("alpha", 0.99), kw.get("eps", 1e-8),
+                                      kw.get("weight_decay", 0.0), kw.get("momentum", 0.0),
+                                      kw.get("centered", False))
+    if cls == "Rprop":
+        em, ep = kw.get("etas", (0.5, 1.2))
+        smin, smax = kw.get("step_sizes", (1e-6, 50))
+        return reference.rprop_step(p, g, S[0], S[1], em, ep, smin, smax)
+    if cls == "Adagrad":
+        return reference.adagrad_step(p, g, S[0], t, kw.get("lr", 1e-2), kw.get("lr_decay", 0.0),
+                                      kw.get("weight_decay", 0.0), kw.get("eps", 1e-10))
+    raise AssertionError(cls)
+
+
+def _grad(rng, n, dtype, zeros=0.15):
+    g = rng.normal(size=n)
+    g[rng.random(n) < zeros] = 0.0  # exact zeros: Rprop's sign(0) branch, sparse updates
+    return g.astype(dtype)
+
+
+def _close(actual, expected, dtype, what):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, what
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{what}: NaNs differ"
+    ok = ~np.isnan(expected)
+    scale = max(np.abs(expected[ok]).max(initial=0.0), 1.0)
+    err = np.abs(actual[ok] - expected[ok]).max(initial=0.0) / scale
+    assert err <= RTOL[np.dtype(dtype).name], (
+        f"{what} ({dtype}): max error {err:.3g} relative to scale {scale:.3g}")
+
+
+# --- (a) compiled kernel (Optimizer.step) vs the NumPy reference ------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_step_matches_reference(config, dtype):
+    n_slots = config[3]
+    rng = np.random.default_rng(2024)
+    n = 37
+    p = rng.normal(size=n).astype(dtype)
+    p0, p_ref = p.copy(), p.copy()
+    S = _initial_state(config, n, dtype)
+    opt = _make(config)
+    for t in range(1, 11):
+        g = _grad(rng, n, dtype)
+        g_copy = g.copy()
+        ok = opt.step(p, g)
+        ok_ref = _reference_step(config, p_ref, g, S, t)
+        assert ok is True and ok_ref is True
+        np.testing.assert_array_equal(g, g_copy, err_msg="step modified the gradient")
+        assert opt.t == t
+        assert opt.state.shape == (n_slots, n) and opt.state.dtype == np.dtype(dtype)
+        assert p.dtype == np.dtype(dtype)
+        _close(p, p_ref, dtype, f"params after step {t}")
+        for j in range(n_slots):
+            _close(opt.state[j], S[j], dtype, f"state slot {j} after step {t}")
+        # the reference never touches the slots the optimizer does not allocate
+        assert not np.any(S[n_slots:]), "reference used a state slot the optimizer lacks"
+    assert np.abs(p - p0).max() > 1e-3, "parameters did not move"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_step_reports_nonfinite(config, dtype):
+    rng = np.random.default_rng(7)
+    n = 9
+    p = rng.normal(size=n).astype(dtype)
+    p_ref = p.copy()
+    S = _initial_state(config, n, dtype)
+    opt = _make(config)
+    g = _grad(rng, n, dtype, zeros=0)
+    assert opt.step(p, g) is True
+    assert _reference_step(config, p_ref, g, S, 1) is True
+    # an infinite parameter stays non-finite under every optimizer
+    p[4] = p_ref[4] = np.inf
+    g = _grad(rng, n, dtype, zeros=0)
+    assert opt.step(p, g) is False
+    assert _reference_step(config, p_ref, g, S, 2) is False
+    assert not np.isfinite(p[4]) and not np.isfinite(p_ref[4])
+    mask = np.arange(n) != 4
+    _close(p[mask], p_ref[mask], dtype, "finite params next to an infinite one")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_nan_gradient_matches_reference(config, dtype):
+    """A NaN gradient entry: compiled kernel and reference agree on the
+    returned flag, the parameters (NaN where NaN) and the state."""
+    rng = np.random.default_rng(8)
+    n = 9
+    p = rng.normal(size=n).astype(dtype)
+    p_ref = p.copy()
+    S = _initial_state(config, n, dtype)
+    opt = _make(config)
+    for t in (1, 2):
+        g = _grad(rng, n, dtype, zeros=0)
+        if t == 2:
+            g[4] = np.nan
+        ok = opt.step(p, g)
+        ok_ref = _reference_step(config, p_ref, g, S, t)
+        assert ok == ok_ref, f"step {t}: kernel returned {ok}, reference {ok_ref}"
+        _close(p, p_ref, dtype, f"params after step {t}")
+        for j in range(config[3]):
+            _close(opt.state[j], S[j], dtype, f"state slot {j} after step {t}")
+
+
+def test_rprop_ignores_nan_gradient_like_torch():
+    """torch.sign(nan) is 0, so torch's Rprop leaves a parameter with a NaN
+    gradient in place (step size kept, NaN stored as previous gradient)."""
+    opt = optim.Rprop(lr=0.01)
+    p = np.array([1.0, 2.0])
+    assert opt.step(p, np.array([0.5, 0.5])) is True
+    assert opt.step(p, np.array([np.nan, 0.5])) is True
+    np.testing.assert_array_equal(p, [0.99, 2.0 - 0.01 - 0.012])
+    np.testing.assert_array_equal(opt.state[1], [0.01, 0.012])
+    assert np.isnan(opt.state[0, 0]) and opt.state[0, 1] == 0.5
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_float32_step_rounds_like_reference(config):
+    """float32 kernels do float32 arithmetic ("hyperparameters cast to the
+    parameters' dtype as torch does", fastbp/_numba/optim.py), operation for
+    operation as the reference: the same IEEE operations give the same bits.
+    (No float64 counterpart: Numba's integer power beta ** t may differ from
+    Python's pow in the last bit, which float32 rounding absorbs.)"""
+    rng = np.random.default_rng(31)
+    n = 64
+    p = rng.normal(size=n).astype(np.float32)
+    p_ref = p.copy()
+    S = _initial_state(config, n, "float32")
+    opt = _make(config)
+    for t in range(1, 4):
+        g = _grad(rng, n, "float32")
+        opt.step(p, g)
+        _reference_step(config, p_ref, g, S, t)
+        np.testing.assert_array_equal(p, p_ref, err_msg=f"params after step {t}")
+        for j in range(config[3]):
+            np.testing.assert_array_equal(opt.state[j], S[j], err_msg=f"slot {j} after step {t}")
+
+
+def test_step_float32_hyperparameters_cast_like_torch():
+    # lr = 0.1 is not a float32 number: the update must use float32(0.1) * g
+    # in float32 arithmetic, exactly as torch does on a float32 tensor.
+    p = np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32)
+    g = np.array([0.3, 0.7, -1.1, 1e-3], dtype=np.float32)
+    expected = p - np.float32(0.1) * g
+    opt = optim.SGD(lr=0.1)
+    opt.step(p, g)
+    np.testing.assert_array_equal(p, expected)
+
+
+# --- (b) the C entry point the engine calls --------------------------------------
+
+CFUNC_CONFIGS = ["adam-amsgrad-wd", "adamw", "sgd-nesterov-wd", "rmsprop-centered-momentum-wd",
+                 "rprop-etas-clipped", "adagrad-decay-wd-init"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", CFUNC_CONFIGS)
+def test_cfunc_matches_njit(name, dtype):
+    """Call the cfunc by address through ctypes, on two segments of the vector
+    with state stride n (as the engine does around frozen layers), and compare
+    with Optimizer.step (the njit kernel) over the whole vector."""
+    config = BY_ID[name]
+    rng = np.random.default_rng(99)
+    n, split = 29, 11
+    p = rng.normal(size=n).astype(dtype)
+    p_c = p.copy()
+    opt = _make(config)
+    opt_c = _make(config)
+    state = opt_c._bind(n, dtype)  # (n_slots, n), C-contiguous: slot j at j * n
+    hyper = np.ascontiguousarray(opt_c._hyper(), dtype=np.float64)
+    assert hyper.ndim == 1
+    fn = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                          ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)(
+        step_cfunc(opt_c.kernel, dtype))
+    size = np.dtype(dtype).itemsize
+    for t in range(1, 9):
+        g = _grad(rng, n, dtype)
+        assert opt.step(p, g) is True
+        for start, stop in ((0, split), (split, n)):
+            rc = fn(p_c.ctypes.data + start * size, g.ctypes.data + start * size,
+                    state.ctypes.data + start * size if state.size else None,
+                    stop - start, n, hyper.ctypes.data, t)
+            assert rc == 1
+        _close(p_c, p, dtype, f"params after step {t}")
+        _close(state, opt.state, dtype, f"state after step {t}")
+    # non-finite result -> 0, per segment
+    g = _grad(rng, n, dtype)
+    p_c[split + 2] = np.inf
+    rcs = [fn(p_c.ctypes.data + start * size, g.ctypes.data + start * size,
+              state.ctypes.data + start * size if state.size else None,
+              stop - start, n, hyper.ctypes.data, 9)
+           for start, stop in ((0, split), (split, n))]
+    assert rcs == [1, 0]
+
+
+# --- (c) state carries over between calls; reset() restarts -----------------------
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_second_step_continues_state(config):
+    """step() twice on one object = two reference steps with persistent state;
+    a fresh object taking the second gradient (its first step) differs
+    wherever the optimizer has state."""
+    rng = np.random.default_rng(5)
+    n = 15
+    p = rng.normal(size=n)
+    p_ref = p.copy()
+    g1, g2 = _grad(rng, n, "float64", zeros=0), _grad(rng, n, "float64", zeros=0)
+    opt = _make(config)
+    opt.step(p, g1)
+    p1 = p.copy()
+    opt.step(p, g2)
+    assert opt.t == 2
+    S = _initial_state(config, n, "float64")
+    _reference_step(config, p_ref, g1, S, 1)
+    _reference_step(config, p_ref, g2, S, 2)
+    _close(p, p_ref, "float64", "params after two steps")
+    fresh = _make(config)
+    q = p1.copy()
+    fresh.step(q, g2)
+    assert fresh.t == 1
+    if config[3] > 0:
+        assert np.abs(p - q).max() > 1e-8, "second step ignored the optimizer's state"
+    else:  # plain SGD is stateless: both are p1 - lr (g2 + wd p1)
+        np.testing.assert_array_equal(p, q)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_reset_restarts(config):
+    rng = np.random.default_rng(11)
+    n = 12
+    opt = _make(config)
+    p = rng.normal(size=n)
+    for _ in range(3):
+        opt.step(p, _grad(rng, n, "float64"))
+    opt.reset()
+    assert opt.state is None and opt.t == 0
+    # after reset it behaves exactly as a new object, and may bind another size
+    for m in (n, n + 5):
+        opt.reset()
+        fresh = _make(config)
+        a = rng.normal(size=m)
+        b = a.copy()
+        for _ in range(3):
+            g = _grad(rng, m, "float64")
+            opt.step(a, g)
+            fresh.step(b, g)
+        assert opt.t == 3
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(opt.state, fresh.state)
+
+
+@pytest.mark.parametrize("name", ["adam-amsgrad-wd", "rmsprop-centered-momentum-wd",
+                                  "sgd-momentum-dampening-wd", "adagrad-decay-wd-init"])
+def test_fit_continues_optimizer_state(name):
+    """Two fit calls with one optimizer object equal one fit of two epochs."""
+    config = BY_ID[name]
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(24, 4))
+    y = rng.integers(0, 3, 24)
+
+    def net():
+        return fastbp.Sequential([fastbp.Dense(6, activation="tanh"), fastbp.Dense(3)],
+                                 dtype="float64", seed=0)
+
+    kw = dict(loss="cross_entropy", batch_size=8, shuffle=False, verbose=0)
+    a, b, c = net(), net(), net()
+    opt_a, opt_b = _make(config), _make(config)
+    a.fit(X, y, optimizer=opt_a, epochs=1, **kw)
+    a.fit(X, y, optimizer=opt_a, epochs=1, **kw)
+    b.fit(X, y, optimizer=opt_b, epochs=2, **kw)
+    c.fit(X, y, optimizer=_make(config), epochs=1, **kw)
+    c.fit(X, y, optimizer=_make(config), epochs=1, **kw)
+    assert opt_a.t == opt_b.t == 6
+    np.testing.assert_allclose(a.params, b.params, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(opt_a.state, opt_b.state, rtol=1e-12, atol=1e-14)
+    # a fresh optimizer for the second fit restarts the state: a different result
+    assert np.abs(c.params - b.params).max() > 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["adam-amsgrad-wd", "adamw", "rmsprop-centered-momentum-wd",
+                                  "sgd-nesterov-wd", "rprop", "adagrad-decay-wd-init"])
+def test_fit_step_equals_reference_with_frozen_layer(name, dtype):
+    """Full-batch fit (engine + cfunc over the trainable segments) equals
+    loss_and_grad + the reference kernel applied to the trainable entries only;
+    the frozen layer's parameters and state are left alone."""
+    config = BY_ID[name]
+    rng = np.random.default_rng(17)
+    X = rng.normal(size=(20, 4))
+    y = rng.integers(0, 3, 20)
+    net = fastbp.Sequential([fastbp.Dense(5, activation="tanh"),
+                             fastbp.Dense(4, activation="tanh", trainable=False),
+                             fastbp.Dense(3)], dtype=dtype, seed=1)
+    net.build(4)
+    for layer in net.layers:
+        layer.b[...] = rng.normal(scale=0.1, size=layer.b.shape)
+    frozen = np.zeros(net.n_params, dtype=bool)
+    frozen[_offsets(net, 1)] = True
+    assert frozen.sum() == 5 * 4 + 4
+    trainable = ~frozen
+    p_ref = net.params.copy()
+    start = net.params.copy()
+    S = _initial_state(config, net.n_params, dtype)
+    opt = _make(config)
+    for epoch in range(1, 5):
+        twin = fastbp.Sequential([fastbp.Dense(5, activation="tanh"),
+                                  fastbp.Dense(4, activation="tanh", trainable=False),
+                                  fastbp.Dense(3)], dtype=dtype, seed=1)
+        twin.build(4)
+        twin.set_params(p_ref)
+        _, grad = twin.loss_and_grad(X, y, loss="cross_entropy")
+        assert not np.any(grad[frozen])
+        sub_p, sub_S = p_ref[trainable].copy(), S[:, trainable].copy()
+        _reference_step(config, sub_p, grad[trainable].copy(), sub_S, epoch)
+        p_ref[trainable], S[:, trainable] = sub_p, sub_S
+        net.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=None,
+                shuffle=False, verbose=0)
+        assert opt.t == epoch
+        _close(net.params, p_ref, dtype, f"params after epoch {epoch}")
+        for j in range(config[3]):
+            _close(opt.state[j], S[j], dtype, f"state slot {j} after epoch {epoch}")
+    np.testing.assert_array_equal(net.params[frozen], start[frozen])
+    assert np.abs(net.params[trainable] - start[trainable]).max() > 1e-3
+    initial = _initial_state(config, net.n_params, dtype)
+    np.testing.assert_array_equal(opt.state[:, frozen], initial[:config[3], frozen])
+
+
+def _offsets(net, i):
+    """Indices of layer i's W and b in the flat parameter vector."""
+    base = net.params.ctypes.data
+    size = net.params.itemsize
+    w0 = (net.layers[i].W.ctypes.data - base) // size
+    b0 = (net.layers[i].b.ctypes.data - base) // size
+    return np.r_[w0:w0 + net.layers[i].W.size, b0:b0 + net.layers[i].b.size]
+
+
+# --- (d) invalid hyperparameters ---------------------------------------------------
+
+INVALID = [
+    ("SGD", dict(lr=-0.1)),
+    ("SGD", dict(momentum=-0.5)),
+    ("SGD", dict(weight_decay=-1e-3)),
+    ("SGD", dict(nesterov=True)),  # no momentum
+    ("SGD", dict(momentum=0.9, dampening=0.1, nesterov=True)),
+    ("Adam", dict(lr=-1e-3)),
+    ("Adam", dict(eps=-1e-8)),
+    ("Adam", dict(betas=(1.0, 0.999))),
+    ("Adam", dict(betas=(0.9, 1.0))),
+    ("Adam", dict(betas=(-0.1, 0.999))),
+    ("Adam", dict(betas=(0.9,))),
+    ("Adam", dict(weight_decay=-0.01)),
+    ("AdamW", dict(weight_decay=-0.01)),
+    ("AdamW", dict(betas=(0.9, 1.5))),
+    ("RMSprop", dict(lr=-0.01)),
+    ("RMSprop", dict(alpha=-0.5)),
+    ("RMSprop", dict(eps=-1.0)),
+    ("RMSprop", dict(momentum=-0.9)),
+    ("RMSprop", dict(weight_decay=-0.1)),
+    ("Rprop", dict(lr=-0.01)),
+    ("Rprop", dict(etas=(1.2, 0.5))),
+    ("Rprop", dict(etas=(0.5, 1.0))),
+    ("Rprop", dict(etas=(0.0, 1.2))),
+    ("Rprop", dict(step_sizes=(1.0, 0.1))),
+    ("Rprop", dict(step_sizes=(-1e-6, 50))),
+    ("Adagrad", dict(lr=-0.01)),
+    ("Adagrad", dict(lr_decay=-0.1)),
+    ("Adagrad", dict(weight_decay=-0.1)),
+    ("Adagrad", dict(initial_accumulator_value=-0.1)),
+    ("Adagrad", dict(eps=-1e-10)),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs", INVALID,
+                         ids=[f"{c}-{'-'.join(k)}-{i}" for i, (c, k) in enumerate(INVALID)])
+def test_invalid_hyperparameters_raise(cls, kwargs):
+    with pytest.raises(ValueError):
+        getattr(optim, cls)(**kwargs)
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    ("SGD", dict(lr=0.0, momentum=0.0, dampening=0.5)),
+    ("Adam", dict(lr=0.0, betas=(0.0, 0.0), eps=0.0)),
+    ("AdamW", dict(weight_decay=0.0)),
+    ("RMSprop", dict(alpha=0.0, eps=0.0)),
+    ("Rprop", dict(lr=0.0, step_sizes=(0.0, 0.0))),
+    ("Adagrad", dict(lr=0.0, eps=0.0)),
+])
+def test_boundary_hyperparameters_accepted(cls, kwargs):
+    opt = getattr(optim, cls)(**kwargs)
+    for k, v in kwargs.items():
+        assert getattr(opt, k) == v
+
+
+def test_step_rejects_bad_arrays():
+    opt = optim.Adam()
+    p = np.zeros(5)
+    with pytest.raises(ValueError):
+        opt.step(p, np.zeros(4))
+    with pytest.raises(ValueError):
+        opt.step(p, np.zeros(5, dtype=np.float32))
+    with pytest.raises(ValueError):
+        opt.step(np.zeros(5, dtype=np.int64), np.zeros(5, dtype=np.int64))
+    with pytest.raises(ValueError):
+        opt.step(np.zeros((2, 3)), np.zeros((2, 3)))
+    with pytest.raises(ValueError):
+        opt.step(np.zeros(10)[::2], np.zeros(5))
+    ro = np.zeros(5)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError):
+        opt.step(ro, np.zeros(5))
+    assert opt.t == 0 and opt.state is None
+
+
+# --- (e) an optimizer is bound to its first parameter vector -------------------------
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_used_optimizer_rejects_other_size_or_dtype(config):
+    rng = np.random.default_rng(0)
+    opt = _make(config)
+    p = rng.normal(size=10)
+    opt.step(p, _grad(rng, 10, "float64"))
+    state = opt.state.copy()
+    with pytest.raises(ValueError):
+        opt.step(rng.normal(size=11), _grad(rng, 11, "float64"))
+    with pytest.raises(ValueError):
+        opt.step(rng.normal(size=9), _grad(rng, 9, "float64"))
+    with pytest.raises(ValueError):
+        opt.step(p.astype(np.float32), _grad(rng, 10, "float32"))
+    # the failed calls changed nothing
+    assert opt.t == 1
+    np.testing.assert_array_equal(opt.state, state)
+    opt.reset()
+    assert opt.step(rng.normal(size=11), _grad(rng, 11, "float64")) is True
+    assert opt.state.shape[1] == 11
+
+
+def test_used_optimizer_rejects_other_model():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(16, 3)), rng.normal(size=16)
+    opt = optim.Adam(lr=0.01)
+    small = fastbp.Sequential([fastbp.Dense(4, activation="tanh"), fastbp.Dense(1)],
+                              dtype="float64", seed=0)
+    small.fit(X, y, optimizer=opt, epochs=1, verbose=0)
+    big = fastbp.Sequential([fastbp.Dense(5, activation="tanh"), fastbp.Dense(1)],
+                            dtype="float64", seed=0)
+    with pytest.raises(ValueError):
+        big.fit(X, y, optimizer=opt, epochs=1, verbose=0)
+    same32 = fastbp.Sequential([fastbp.Dense(4, activation="tanh"), fastbp.Dense(1)],
+                               dtype="float32", seed=0)
+    with pytest.raises(ValueError):
+        same32.fit(X, y, optimizer=opt, epochs=1, verbose=0)
+    opt.reset()
+    big.fit(X, y, optimizer=opt, epochs=1, verbose=0)
+    assert opt.state.shape[1] == big.n_params
