@@ -98,3 +98,15 @@ def check_positive_int(value, name, allow_none=False):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def resolve_name(value, what, names, aliases):
+    """Canonical registry name for ``value`` (case-insensitive, aliases
+    allowed); ValueError listing the known names otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r}")
+    name = aliases.get(value.lower(), value.lower())
+    if name not in names:
+        known = ", ".join(sorted(names) + sorted(aliases))
+        raise ValueError(f"unknown {what} {value!r}; known: {known}")
+    return name

@@ -21,6 +21,8 @@ Softplus beta 1 and threshold 20).
 """
 import numbers
 
+from ._validation import resolve_name
+
 ACTIVATION_CODES = {
     "identity": 0,
     "sigmoid": 1,
@@ -38,13 +40,7 @@ def resolve(activation):
     """Canonical activation name for ``activation`` (a name, alias or None)."""
     if activation is None:
         return "identity"
-    if not isinstance(activation, str):
-        raise ValueError(f"activation must be a string or None, got {activation!r}")
-    name = ALIASES.get(activation.lower(), activation.lower())
-    if name not in ACTIVATION_CODES:
-        known = ", ".join(sorted(ACTIVATION_CODES) + sorted(ALIASES))
-        raise ValueError(f"unknown activation {activation!r}; known: {known}")
-    return name
+    return resolve_name(activation, "activation", ACTIVATION_CODES, ALIASES)
 
 
 def code(activation):

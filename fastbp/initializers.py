@@ -19,6 +19,8 @@ zeros            0
 """
 import numpy as np
 
+from ._validation import resolve_name
+
 
 def glorot_uniform(rng, fan_in, fan_out):
     a = np.sqrt(6.0 / (fan_in + fan_out))
@@ -58,10 +60,4 @@ ALIASES = {"xavier_uniform": "glorot_uniform", "xavier_normal": "glorot_normal",
 
 def resolve(name):
     """Canonical initializer name."""
-    if not isinstance(name, str):
-        raise ValueError(f"kernel_init must be a string, got {name!r}")
-    key = ALIASES.get(name.lower(), name.lower())
-    if key not in INITIALIZERS:
-        known = ", ".join(sorted(INITIALIZERS) + sorted(ALIASES))
-        raise ValueError(f"unknown initializer {name!r}; known: {known}")
-    return key
+    return resolve_name(name, "initializer", INITIALIZERS, ALIASES)

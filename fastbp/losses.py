@@ -16,6 +16,7 @@ turned into one-hot rows before training).
     -sum_j y_j log softmax(z)_j, averaged over rows; dL/dz = (softmax(z) sum_j y_j - y)/m.
     Targets are integer labels (n,) or rows of class probabilities (n, k).
 """
+from ._validation import resolve_name
 
 LOSSES = ("mse", "binary_cross_entropy", "cross_entropy")
 ALIASES = {
@@ -32,10 +33,4 @@ CLASSIFICATION = ("binary_cross_entropy", "cross_entropy")
 
 def resolve(loss):
     """Canonical loss name for ``loss``."""
-    if not isinstance(loss, str):
-        raise ValueError(f"loss must be a string, got {loss!r}")
-    name = ALIASES.get(loss.lower(), loss.lower())
-    if name not in LOSSES:
-        known = ", ".join(LOSSES + tuple(sorted(ALIASES)))
-        raise ValueError(f"unknown loss {loss!r}; known: {known}")
-    return name
+    return resolve_name(loss, "loss", LOSSES, ALIASES)

@@ -10,9 +10,10 @@ signature ``double(T* z, T* y, T* g, int64 m, int64 k)`` that wraps the same
 kernel; the training engine (csrc/engine.pyx) calls it once per mini-batch.
 """
 import numpy as np
-from numba import carray, cfunc, njit, types
+from numba import carray, njit, types
 
 from .._config import NJIT
+from . import c_entry_point
 
 
 @njit(**NJIT)
@@ -91,15 +92,13 @@ KERNELS = {
     "cross_entropy": cross_entropy_loss_grad,
 }
 _C_WRAPPERS = {"mse": _mse_c, "binary_cross_entropy": _bce_c, "cross_entropy": _ce_c}
-_CFUNCS = {}
+
+
+def _signature(t):
+    p = types.CPointer(t)
+    return types.float64(p, p, p, types.int64, types.int64)
 
 
 def loss_cfunc(name, dtype):
     """C address of the cached cfunc for loss ``name`` in ``dtype``."""
-    key = (name, np.dtype(dtype).name)
-    if key not in _CFUNCS:
-        t = types.float32 if key[1] == "float32" else types.float64
-        p = types.CPointer(t)
-        sig = types.float64(p, p, p, types.int64, types.int64)
-        _CFUNCS[key] = cfunc(sig, **NJIT)(_C_WRAPPERS[name])
-    return _CFUNCS[key].address
+    return c_entry_point(_C_WRAPPERS[name], dtype, _signature)

@@ -16,9 +16,10 @@ same ``<name>_step`` kernels are called directly from Python by
 ``Optimizer.step``.
 """
 import numpy as np
-from numba import carray, cfunc, njit, types
+from numba import carray, njit, types
 
 from .._config import NJIT
+from . import c_entry_point
 
 
 @njit(**NJIT)
@@ -198,16 +199,14 @@ def _adagrad_c(p, g, state, n, stride, hyper, t):
 
 _C_WRAPPERS = {"sgd": _sgd_c, "adam": _adam_c, "rmsprop": _rmsprop_c,
                "rprop": _rprop_c, "adagrad": _adagrad_c}
-_CFUNCS = {}
+
+
+def _signature(t):
+    p = types.CPointer(t)
+    return types.int32(p, p, p, types.int64, types.int64, types.CPointer(types.float64),
+                       types.int64)
 
 
 def step_cfunc(name, dtype):
     """C address of the cached update cfunc for optimizer kernel ``name``."""
-    key = (name, np.dtype(dtype).name)
-    if key not in _CFUNCS:
-        t = types.float32 if key[1] == "float32" else types.float64
-        p = types.CPointer(t)
-        sig = types.int32(p, p, p, types.int64, types.int64,
-                          types.CPointer(types.float64), types.int64)
-        _CFUNCS[key] = cfunc(sig, **NJIT)(_C_WRAPPERS[name])
-    return _CFUNCS[key].address
+    return c_entry_point(_C_WRAPPERS[name], dtype, _signature)
