@@ -1,5 +1,6 @@
-"""Command line: ``fastbp demo`` (also ``python -m fastbp demo``)."""
+"""Command line: ``fastbp demo`` and ``fastbp bench`` (also ``python -m fastbp ...``)."""
 import argparse
+import sys
 
 
 def main(argv=None):
@@ -11,6 +12,13 @@ def main(argv=None):
     demo.add_argument("--hidden", type=int, default=64)
     demo.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     demo.add_argument("--seed", type=int, default=0)
+    sub.add_parser("bench", help="training speed against the NumPy reference, scikit-learn "
+                   "and PyTorch (see fastbp bench --help)", add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run

@@ -1,0 +1,319 @@
+"""``fastbp bench``: training speed of fastbp against its peers, same run.
+
+Each workload trains one epoch (float32 by default, ReLU hidden layers,
+softmax cross-entropy, Adam lr 1e-3, shuffled mini-batches) on seeded random
+data.  Implementations are timed in interleaved rounds and reported by their
+median, so a slow spell of this shared machine hits all of them alike:
+
+* ``fastbp``      compiled engine (this package)
+* ``reference``   ``fastbp.reference``, plain NumPy
+* ``sklearn``     scikit-learn's MLPClassifier (solver adam, alpha 0), when installed
+* ``torch``       torch.nn + torch.optim.Adam, when installed
+
+All run with the same BLAS/intra-op thread count (``--threads``).  GFLOP/s
+counts the GEMM work of a training step (forward, dW, and dX below the first
+layer: 2 flops per multiply-add), and is also given as a percentage of numpy's
+float32 matmul speed measured in the same run on the largest layer's shape.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+#: name -> (layer sizes, batch size, samples)
+WORKLOADS = {
+    "S": ((20, 64, 64, 2), 32, 20_000),
+    "M": ((784, 256, 128, 10), 64, 20_000),
+    "L": ((1024, 2048, 2048, 10), 256, 4_096),
+}
+IMPLEMENTATIONS = ("fastbp", "reference", "sklearn", "torch")
+
+
+def make_data(sizes, n, dtype="float32", seed=0):
+    """Seeded random inputs (n, sizes[0]) and integer labels in [0, sizes[-1])."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, sizes[0])).astype(dtype)
+    y = rng.integers(0, sizes[-1], n)
+    return X, y
+
+
+def train_flops(sizes, n):
+    """GEMM flops of one epoch over n samples."""
+    macs = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
+    return 2 * n * (2 * sum(macs) + sum(macs[1:]))
+
+
+def make_fastbp(sizes, dtype="float32", seed=0):
+    import fastbp
+
+    layers = [fastbp.Dense(s, activation="relu") for s in sizes[1:-1]]
+    return fastbp.Sequential(layers + [fastbp.Dense(sizes[-1])], dtype=dtype, seed=seed)
+
+
+# Each runner factory returns (train_one_epoch, predict): callables with no
+# arguments, already warmed up (compiled, allocated) on a few batches.
+
+def _fastbp(sizes, batch, X, y, dtype):
+    import fastbp
+
+    net = make_fastbp(sizes, dtype)
+    opt = fastbp.optim.Adam(lr=1e-3)
+    net.fit(X[:4 * batch], y[:4 * batch], loss="cross_entropy", optimizer=opt, epochs=1,
+            batch_size=batch, verbose=0)
+    net.predict(X[:batch])
+
+    def train():
+        net.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=batch, verbose=0)
+    return train, lambda: net.predict(X)
+
+
+def _reference(sizes, batch, X, y, dtype):
+    from . import reference
+
+    net = make_fastbp(sizes, dtype).build(sizes[0])
+    params, program = net.params.copy(), net._program
+    Y = np.eye(sizes[-1], dtype=dtype)[y]
+    m, v, t = np.zeros_like(params), np.zeros_like(params), [0]
+    rng = np.random.default_rng(1)
+
+    def adam(p, g):
+        t[0] += 1
+        reference.adam_step(p, g, m, v, None, t[0], 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False)
+
+    def train():
+        reference.train_batches(X, Y, rng.permutation(len(X)), batch, program, params,
+                                "cross_entropy", adam)
+    return train, lambda: reference.forward(X, program, params)
+
+
+def _sklearn(sizes, batch, X, y, dtype):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    clf = MLPClassifier(hidden_layer_sizes=sizes[1:-1], activation="relu", solver="adam",
+                        alpha=0.0, batch_size=batch, learning_rate_init=1e-3, max_iter=1,
+                        shuffle=True, random_state=0, tol=0, n_iter_no_change=10 ** 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.partial_fit(X[:4 * batch], y[:4 * batch], classes=np.arange(sizes[-1]))
+
+    def train():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.partial_fit(X, y)
+    return train, lambda: clf.predict_proba(X)
+
+
+def _torch(sizes, batch, X, y, dtype):
+    import torch
+
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(sizes[:-2], sizes[1:-1]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-2], sizes[-1]))
+    model = model.to(getattr(torch, dtype))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+
+    def train():
+        perm = torch.randperm(len(Xt))
+        for s in range(0, len(Xt), batch):
+            idx = perm[s:s + batch]
+            opt.zero_grad()
+            loss_fn(model(Xt[idx]), yt[idx]).backward()
+            opt.step()
+
+    def predict():
+        with torch.no_grad():
+            return model(Xt)
+    for s in range(0, 4 * batch, batch):  # warm-up
+        opt.zero_grad()
+        loss_fn(model(Xt[s:s + batch]), yt[s:s + batch]).backward()
+        opt.step()
+    return train, predict
+
+
+RUNNERS = {"fastbp": _fastbp, "reference": _reference, "sklearn": _sklearn, "torch": _torch}
+
+
+def available(name):
+    if name in ("fastbp", "reference"):
+        return True
+    module = {"sklearn": "sklearn", "torch": "torch"}[name]
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def matmul_gflops(n, k, m, dtype="float32", repeats=7):
+    """numpy's matmul speed for (n, k) @ (k, m): the ceiling a GEMM-bound
+    training step can approach."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(n, k)).astype(dtype)
+    b = rng.normal(size=(k, m)).astype(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n * k * m / np.median(times) / 1e9
+
+
+class _Threads:
+    """Set BLAS (numpy/scipy/OpenBLAS) and torch intra-op threads, then restore."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        from threadpoolctl import threadpool_limits
+
+        self._limits = threadpool_limits(self.n)
+        self._torch = None
+        if "torch" in sys.modules:
+            import torch
+
+            self._torch = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        self._limits.restore_original_limits()
+        if self._torch is not None:
+            import torch
+
+            torch.set_num_threads(self._torch)
+        return False
+
+
+def _median_time(fn, times):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+
+
+def run_workload(name, impls, threads, rounds=5, dtype="float32", predict=True):
+    """Time one workload; returns a list of result records (dicts)."""
+    sizes, batch, n = WORKLOADS[name]
+    X, y = make_data(sizes, n, dtype)
+    with _Threads(threads):
+        widest = max(zip(sizes[:-1], sizes[1:]), key=lambda p: p[0] * p[1])
+        peak = matmul_gflops(batch, widest[0], widest[1], dtype)
+        runners = {impl: RUNNERS[impl](sizes, batch, X, y, dtype) for impl in impls}
+        train_t = {impl: [] for impl in impls}
+        pred_t = {impl: [] for impl in impls}
+        for _ in range(rounds):  # interleaved: every implementation once per round
+            for impl in impls:
+                _median_time(runners[impl][0], train_t[impl])
+            if predict:
+                for impl in impls:
+                    _median_time(runners[impl][1], pred_t[impl])
+    flops = train_flops(sizes, n)
+    records = []
+    for impl in impls:
+        t = float(np.median(train_t[impl]))
+        rec = {"workload": name, "layers": "-".join(map(str, sizes)), "batch": batch, "n": n,
+               "dtype": dtype, "threads": threads, "implementation": impl,
+               "train_seconds": t, "samples_per_s": n / t, "gflops": flops / t / 1e9,
+               "matmul_peak_gflops": peak, "percent_of_peak": 100 * flops / t / 1e9 / peak,
+               "rounds": rounds}
+        if predict:
+            rec["predict_samples_per_s"] = n / float(np.median(pred_t[impl]))
+        records.append(rec)
+    base = {r["implementation"]: r for r in records}.get("fastbp")
+    for rec in records:
+        if base is not None:
+            rec["fastbp_speedup"] = rec["train_seconds"] / base["train_seconds"]
+            if predict:
+                rec["fastbp_predict_speedup"] = (base["predict_samples_per_s"]
+                                                 / rec["predict_samples_per_s"])
+    return records
+
+
+def format_table(records):
+    head = (f"{'workload':<9}{'impl':<11}{'thr':>4}{'samples/s':>13}{'GFLOP/s':>9}"
+            f"{'% peak':>8}{'fastbp x':>10}{'predict/s':>13}{'pred x':>8}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        lines.append(
+            f"{r['workload'] + ' ' + r['dtype'][-2:]:<9}{r['implementation']:<11}{r['threads']:>4}"
+            f"{r['samples_per_s']:>13,.0f}{r['gflops']:>9.1f}{r['percent_of_peak']:>7.0f}%"
+            f"{r.get('fastbp_speedup', float('nan')):>9.2f}x"
+            f"{r.get('predict_samples_per_s', float('nan')):>13,.0f}"
+            f"{r.get('fastbp_predict_speedup', float('nan')):>7.2f}x")
+    peaks = sorted({(r["workload"], r["threads"], round(r["matmul_peak_gflops"], 1)) for r in records})
+    lines.append("numpy float32 matmul on the widest layer (same run): "
+                 + ", ".join(f"{w}@{t} threads {p} GFLOP/s" for w, t, p in peaks))
+    lines.append("'fastbp x' = that implementation's epoch time / fastbp's (medians); "
+                 "'pred x' likewise for predict.")
+    return "\n".join(lines)
+
+
+def plot(records, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'fastbp[plot]'") from None
+    groups = sorted({(r["workload"], r["threads"]) for r in records})
+    impls = [i for i in IMPLEMENTATIONS if any(r["implementation"] == i for r in records)]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 4))
+    width = 0.8 / len(impls)
+    for j, impl in enumerate(impls):
+        xs, ys = [], []
+        for i, g in enumerate(groups):
+            for r in records:
+                if (r["workload"], r["threads"]) == g and r["implementation"] == impl:
+                    xs.append(i + j * width)
+                    ys.append(r["samples_per_s"])
+        ax.bar(xs, ys, width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{w} ({t} thr)" for w, t in groups])
+    ax.set_yscale("log")
+    ax.set_ylabel("training samples / s (one epoch, median)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fastbp bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--impl", nargs="+", default=None, choices=IMPLEMENTATIONS,
+                        help="implementations to run (default: all that are installed)")
+    parser.add_argument("--threads", nargs="+", type=int, default=[os.cpu_count() or 1],
+                        help="thread counts to run at (default: all cores)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-predict", action="store_true", help="skip predict timings")
+    parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
+    args = parser.parse_args(argv)
+    impls = [i for i in (args.impl or IMPLEMENTATIONS) if available(i)]
+    records = []
+    for threads in args.threads:
+        for name in args.workload:
+            records += run_workload(name, impls, threads, args.rounds, args.dtype,
+                                    predict=not args.no_predict)
+            if not args.json:
+                print(f"done: {name} at {threads} threads", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print(format_table(records))
+    if args.plot:
+        print(f"plot written to {plot(records, args.plot)}")
+    return 0

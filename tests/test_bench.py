@@ -1,0 +1,60 @@
+"""``fastbp bench``: the records it reports are consistent and complete.
+(Speed itself is measured by benchmarks, never asserted in a test.)"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastbp import bench
+
+
+def test_train_flops_counts_forward_dw_and_dx_below_the_first_layer():
+    # 3-4-2: MACs 12 and 8; forward 2*(20), dW 2*(20), dX only for layer 2: 2*8
+    assert bench.train_flops((3, 4, 2), 1) == 2 * (2 * 20 + 8)
+    assert bench.train_flops((3, 4, 2), 10) == 10 * bench.train_flops((3, 4, 2), 1)
+
+
+def test_run_workload_records(monkeypatch):
+    monkeypatch.setitem(bench.WORKLOADS, "tiny", ((5, 8, 3), 16, 256))
+    records = bench.run_workload("tiny", ["fastbp", "reference"], threads=1, rounds=2)
+    assert [r["implementation"] for r in records] == ["fastbp", "reference"]
+    for r in records:
+        assert r["samples_per_s"] == pytest.approx(256 / r["train_seconds"])
+        assert r["gflops"] == pytest.approx(bench.train_flops((5, 8, 3), 256) / r["train_seconds"] / 1e9)
+        assert r["percent_of_peak"] == pytest.approx(100 * r["gflops"] / r["matmul_peak_gflops"])
+        assert r["predict_samples_per_s"] > 0
+    fast, ref = records
+    assert fast["fastbp_speedup"] == 1.0
+    assert ref["fastbp_speedup"] == pytest.approx(ref["train_seconds"] / fast["train_seconds"])
+    table = bench.format_table(records)
+    assert "tiny" in table and "reference" in table
+
+
+def test_the_reference_runner_trains(monkeypatch):
+    """The baseline must do real work: its loss falls over a few epochs."""
+    sizes, batch = (5, 8, 3), 16
+    X, y = bench.make_data(sizes, 256)
+    X[:, 0] += 3 * y  # learnable signal
+    train, predict = bench._reference(sizes, batch, X, y, "float32")
+    import fastbp._numba.losses as L
+
+    def loss():
+        Z = predict()
+        return L.cross_entropy_loss_grad(Z, np.eye(3, dtype="float32")[y], np.empty_like(Z))
+    before = loss()
+    for _ in range(30):
+        train()
+    assert loss() < 0.8 * before
+
+
+def test_cli_json(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastbp", "bench", "--workload", "S", "--impl", "fastbp",
+         "--threads", "1", "--rounds", "1", "--no-predict", "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)
+    assert len(records) == 1 and records[0]["workload"] == "S"
+    assert records[0]["layers"] == "20-64-64-2" and records[0]["threads"] == 1
