@@ -1,0 +1,38 @@
+"""One dense layer, forward and backward: the compiled kernels
+(``fastbp._ext.dense``, BLAS GEMM + fused epilogue) against their NumPy twins
+(``fastbp.reference``), same names and signatures, ReLU activation."""
+import numpy as np
+
+from fastbp import reference
+from fastbp._ext import dense
+
+from .common import BACKENDS
+
+RELU = 3
+#: (batch rows m, n_in, n_out): S's hidden layer, M's first layer, L's first layer
+SHAPES = ["32x64x64", "64x784x256", "256x1024x2048"]
+KERNELS = {"fastbp": dense, "reference": reference}
+
+
+class DenseLayer:
+    params = (BACKENDS, ["float32", "float64"], SHAPES)
+    param_names = ["backend", "dtype", "shape"]
+
+    def setup(self, backend, dtype, shape):
+        m, n_in, n_out = (int(s) for s in shape.split("x"))
+        rng = np.random.default_rng(0)
+        self.x = rng.standard_normal((m, n_in)).astype(dtype)
+        self.w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(dtype)
+        self.b = (0.1 * rng.standard_normal(n_out)).astype(dtype)
+        self.g = rng.standard_normal((m, n_out)).astype(dtype)
+        self.kernels = KERNELS[backend]
+        # The layer's output (the backward pass takes it, not the pre-activation);
+        # this call is also the warm-up.
+        self.a = self.kernels.dense_forward(self.x, self.w, self.b, RELU)
+        self.kernels.dense_backward(self.x, self.w, self.a, self.g, RELU)
+
+    def time_forward(self, backend, dtype, shape):
+        self.kernels.dense_forward(self.x, self.w, self.b, RELU)
+
+    def time_backward(self, backend, dtype, shape):
+        self.kernels.dense_backward(self.x, self.w, self.a, self.g, RELU)
