@@ -10,7 +10,11 @@ median, so a slow spell of this shared machine hits all of them alike:
 * ``sklearn``     scikit-learn's MLPClassifier (solver adam, alpha 0), when installed
 * ``torch``       torch.nn + torch.optim.Adam, when installed
 
-All run with the same BLAS/intra-op thread count (``--threads``).  GFLOP/s
+All run with the same BLAS/intra-op thread count (``--threads``), and each
+timed run starts after a short pause (``--pause``): thread pools of the
+library that ran before keep spinning for a while and would otherwise steal a
+core from the next one (measured: an L epoch ran at 2,800 instead of 4,500
+samples/s right after a numpy matmul).  GFLOP/s
 counts the GEMM work of a training step (forward, dW, and dX below the first
 layer: 2 flops per multiply-add), and is also given as a percentage of numpy's
 float32 matmul speed measured in the same run on the largest layer's shape.
@@ -195,13 +199,16 @@ class _Threads:
         return False
 
 
-def _median_time(fn, times):
+def _median_time(fn, times, pause):
+    # Another library's BLAS/OpenMP threads spin for a while after their last
+    # call and would steal a core from whoever runs next: let them settle.
+    time.sleep(pause)
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
 
 
-def run_workload(name, impls, threads, rounds=5, dtype="float32", predict=True):
+def run_workload(name, impls, threads, rounds=5, dtype="float32", predict=True, pause=0.25):
     """Time one workload; returns a list of result records (dicts)."""
     sizes, batch, n = WORKLOADS[name]
     X, y = make_data(sizes, n, dtype)
@@ -213,10 +220,10 @@ def run_workload(name, impls, threads, rounds=5, dtype="float32", predict=True):
         pred_t = {impl: [] for impl in impls}
         for _ in range(rounds):  # interleaved: every implementation once per round
             for impl in impls:
-                _median_time(runners[impl][0], train_t[impl])
+                _median_time(runners[impl][0], train_t[impl], pause)
             if predict:
                 for impl in impls:
-                    _median_time(runners[impl][1], pred_t[impl])
+                    _median_time(runners[impl][1], pred_t[impl], pause)
     flops = train_flops(sizes, n)
     records = []
     for impl in impls:
@@ -299,6 +306,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-predict", action="store_true", help="skip predict timings")
+    parser.add_argument("--pause", type=float, default=0.25,
+                        help="seconds of idle before each timed run, so that thread pools of "
+                             "the previous implementation stop spinning (default 0.25)")
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -307,7 +317,7 @@ def main(argv=None):
     for threads in args.threads:
         for name in args.workload:
             records += run_workload(name, impls, threads, args.rounds, args.dtype,
-                                    predict=not args.no_predict)
+                                    predict=not args.no_predict, pause=args.pause)
             if not args.json:
                 print(f"done: {name} at {threads} threads", file=sys.stderr, flush=True)
     if args.json:

@@ -12,12 +12,13 @@ which runs whole runs of mini-batches (gather, forward, loss, backward,
 update) without returning to Python.  Python only shuffles the index order
 once per epoch, times the calls, and records the history.
 """
+import contextlib
 import math
 import time
 import warnings
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from . import losses as _losses
 from . import optim as _optim
@@ -305,7 +306,7 @@ class Sequential:
 
         run = _EpochRunner(self, X, Y, batch, shuffle, loss, opt, state)
         first_epoch = len(self.history) + 1
-        with threadpool_limits(n_threads, user_api="blas") if n_threads else _nullcontext():
+        with _blas_threads(n_threads):
             for e in range(first_epoch, first_epoch + epochs):
                 start = time.perf_counter()
                 status, done, train_loss = run.epoch()
@@ -432,9 +433,15 @@ class _EpochRunner:
         return STATUS_OK, b, mean
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+_CONTROLLER = []
 
-    def __exit__(self, *exc):
-        return False
+
+def _blas_threads(n_threads):
+    """Context limiting BLAS to n_threads (None: leave it alone).  The
+    controller that finds the BLAS libraries is built once: a limit then
+    costs about 0.03 ms instead of 1.5 ms."""
+    if n_threads is None:
+        return contextlib.nullcontext()
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=n_threads, user_api="blas")

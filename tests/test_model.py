@@ -334,3 +334,29 @@ def test_two_models_train_concurrently_in_two_threads(rng):
     assert not errors
     for net, want in zip(nets, expected):
         np.testing.assert_array_equal(net.params, want)
+
+
+def test_n_threads_limits_blas_during_fit_and_restores_it(rng, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from fastbp import model
+
+    seen = []
+    real = model._engine.train_batches
+
+    def spy(*args):
+        seen.append({i["filepath"]: i["num_threads"] for i in threadpool_info()
+                     if i["user_api"] == "blas"})
+        return real(*args)
+    monkeypatch.setattr(model, "_engine", _Proxy(model._engine, spy))
+    before = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    X, y = _classification(rng, n=64)
+    a, b = _net(seed=4), _net(seed=4)
+    a.fit(X, y, loss="cross_entropy", epochs=2, verbose=0, n_threads=1)
+    assert seen and all(set(s.values()) == {1} for s in seen)
+    after = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    assert after == before
+    b.fit(X, y, loss="cross_entropy", epochs=2, verbose=0)
+    np.testing.assert_array_equal(a.params, b.params)  # tiny layers: same arithmetic
+    with pytest.raises(ValueError, match="n_threads"):
+        a.fit(X, y, loss="cross_entropy", verbose=0, n_threads=0)

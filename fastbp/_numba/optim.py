@@ -163,24 +163,32 @@ def adagrad_step(p, g, state_sum, t, lr, lr_decay, weight_decay, eps):
 
 # C entry points: unpack slots and hyperparameters, then call the kernel.
 def _sgd_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (1, stride))
     h = carray(hyper, (5,))
-    return sgd_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], t,
+    has_buf = h[1] != 0  # a momentum buffer only with momentum (state may be NULL)
+    s = carray(state, (1 if has_buf else 0, stride))
+    buf = s[0, :n] if has_buf else carray(p, (0,))
+    return sgd_step(carray(p, (n,)), carray(g, (n,)), buf, t,
                     h[0], h[1], h[2], h[3] != 0, h[4])
 
 
 def _adam_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (3, stride))
     h = carray(hyper, (7,))
-    return adam_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], s[2, :n], t,
-                     h[0], h[1], h[2], h[3], h[4], h[5] != 0, h[6] != 0)
+    amsgrad = h[5] != 0
+    s = carray(state, (3 if amsgrad else 2, stride))  # the max of v only with amsgrad
+    vmax = s[2, :n] if amsgrad else s[0, :0]
+    return adam_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], vmax, t,
+                     h[0], h[1], h[2], h[3], h[4], amsgrad, h[6] != 0)
 
 
 def _rmsprop_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (3, stride))
     h = carray(hyper, (6,))
-    return rmsprop_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], s[2, :n],
-                        h[0], h[1], h[2], h[3], h[4], h[5] != 0)
+    momentum, centered = h[4] > 0, h[5] != 0
+    # slots (see RMSprop._n_slots): 0 square average, 1 gradient average, 2 buffer
+    s = carray(state, (3 if momentum else (2 if centered else 1), stride))
+    grad_avg = s[1, :n] if (centered or momentum) else s[0, :0]
+    buf = s[2, :n] if momentum else s[0, :0]
+    return rmsprop_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], grad_avg, buf,
+                        h[0], h[1], h[2], h[3], h[4], centered)
 
 
 def _rprop_c(p, g, state, n, stride, hyper, t):
