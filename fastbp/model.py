@@ -14,6 +14,8 @@ once per epoch, times the calls, and records the history.
 """
 import contextlib
 import math
+import signal
+import threading
 import time
 import warnings
 
@@ -105,6 +107,8 @@ class Sequential:
         self.dtype = check_dtype(dtype)
         self.seed = seed
         self.history = History()
+        self.optimizer = None
+        self._position = None  # an unfinished epoch (see fit's checkpoint)
         self.n_features = None
         self._params = self._grad = None
         self._workspaces = {}
@@ -255,7 +259,8 @@ class Sequential:
 
     # -- training ----------------------------------------------------------
     def fit(self, X, y, loss="mse", optimizer=None, epochs=1, batch_size=32, shuffle=True,
-            validation_data=None, verbose=1, n_threads=None, on_divergence="raise"):
+            validation_data=None, verbose=1, n_threads=None, on_divergence="raise",
+            checkpoint=None, checkpoint_every=None):
         """Train by mini-batch backpropagation.
 
         Parameters
@@ -264,9 +269,15 @@ class Sequential:
         y : array-like of shape (n,) or (n, n_outputs)
             Class labels (cross_entropy) or targets.
         loss : {"mse", "binary_cross_entropy", "cross_entropy"}, default "mse"
-        optimizer : Optimizer, name, or None (Adam(lr=1e-3))
+        optimizer : Optimizer, name, or None
+            None continues with the model's optimizer (``self.optimizer``,
+            from an earlier fit or a loaded checkpoint), else Adam(lr=1e-3).
             Its state is kept: fitting again with the same object continues.
         epochs : int
+            Epochs to train.  An epoch left unfinished by an interrupted run
+            (Ctrl-C, or a checkpoint saved mid-epoch) is finished first and
+            counts as one: to complete a run of E epochs after loading a
+            checkpoint, pass ``epochs=E - len(net.history)``.
         batch_size : int or None, default 32
             None is full-batch gradient descent; 1 is per-example SGD.
         shuffle : bool, default True
@@ -282,16 +293,33 @@ class Sequential:
             What happens when a loss or weight becomes non-finite: training
             stops, the weights of the last finite step are kept, and a
             ``DivergenceError`` is raised (or a RuntimeWarning issued).
+        checkpoint : str or path, optional
+            File that ``save`` writes (atomically) after every epoch, every
+            ``checkpoint_every`` batches, and when Ctrl-C stops the fit.  It
+            holds weights, optimizer state, RNG state and the position in
+            the epoch: ``fastbp.load(checkpoint).fit(X, y, ...)`` with the
+            same data continues bitwise identically to an uninterrupted run.
+        checkpoint_every : int, optional
+            Also checkpoint every this many mini-batches within an epoch.
 
         Returns
         -------
         History
             ``self.history``, extended by this fit's epochs.
+
+        Notes
+        -----
+        Ctrl-C (SIGINT) is deferred to the next step boundary: the fit stops
+        with the model consistent, records where it stopped, saves the
+        checkpoint if one is set, and raises KeyboardInterrupt.
         """
         loss = _losses.resolve(loss)
         epochs = check_positive_int(epochs, "epochs")
         if on_divergence not in ("raise", "warn"):
             raise ValueError(f"on_divergence must be 'raise' or 'warn', got {on_divergence!r}")
+        checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every", allow_none=True)
+        if checkpoint_every and checkpoint is None:
+            raise ValueError("checkpoint_every needs a checkpoint path")
         X, Y = self._prepare(X, y, loss)
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
@@ -299,28 +327,68 @@ class Sequential:
             Xv, Yv = self._prepare(*validation_data, loss, name_x="X_val", name_y="y_val")
         n = X.shape[0]
         batch = n if batch_size is None else min(check_positive_int(batch_size, "batch_size"), n)
-        opt = _optim.get(optimizer)
-        state = opt._bind(self.n_params, self.dtype)
         n_threads = check_positive_int(n_threads, "n_threads", allow_none=True)
+        pending = self._position
+        if pending is not None and (pending["n_samples"], pending["batch_size"],
+                                    pending["shuffle"]) != (n, batch, bool(shuffle)):
+            raise ValueError(
+                f"the model holds an unfinished epoch of {pending['n_samples']} samples in "
+                f"batches of {pending['batch_size']} (shuffle={pending['shuffle']}); resume it "
+                "with the same data and settings, or call discard_partial_epoch()")
+        if optimizer is None and self.optimizer is not None:
+            opt = self.optimizer
+        else:
+            opt = _optim.get(optimizer)
+        state = opt._bind(self.n_params, self.dtype)
+        self.optimizer = opt
         self._last_loss = loss
 
         run = _EpochRunner(self, X, Y, batch, shuffle, loss, opt, state)
         first_epoch = len(self.history) + 1
-        with _blas_threads(n_threads):
-            for e in range(first_epoch, first_epoch + epochs):
+        last_epoch = first_epoch + epochs - 1
+        with _blas_threads(n_threads), _DeferredInterrupt() as interrupt:
+            for e in range(first_epoch, last_epoch + 1):
                 start = time.perf_counter()
-                status, done, train_loss = run.epoch()
+                self._position = None
+                b = run.start_epoch(pending)
+                pending = None
+                while b < run.n_batches:
+                    stop = run.n_batches
+                    if checkpoint_every:
+                        stop = min(stop, (b // checkpoint_every + 1) * checkpoint_every)
+                    status, b = run.run(b, stop, interrupt)
+                    if status != STATUS_OK:
+                        self._diverged(status, e, b + 1, on_divergence)
+                        return self.history
+                    if b < run.n_batches and (interrupt.requested or b == stop):
+                        self._position = run.position(e, b)
+                        if checkpoint is not None:
+                            self.save(checkpoint)
+                        if interrupt.requested:
+                            return self._interrupted(e, b)
+                        self._position = None
                 seconds = time.perf_counter() - start
-                if status != STATUS_OK:
-                    self._diverged(status, e, done + 1, run, on_divergence)
-                    break
-                metrics = {"loss": train_loss, "time": seconds, "samples_per_s": n / seconds}
+                metrics = {"loss": run.epoch_loss(), "time": seconds,
+                           "samples_per_s": n / seconds}
                 if validation_data is not None:
                     metrics.update(self._validation_metrics(Xv, Yv, loss))
                 self.history.append(e, **metrics)
+                if checkpoint is not None:
+                    self.save(checkpoint)
                 if verbose:
-                    self._print_epoch(e, first_epoch + epochs - 1, metrics)
+                    self._print_epoch(e, last_epoch, metrics)
+                if interrupt.requested and e < last_epoch:
+                    return self._interrupted(e + 1, 0)
         return self.history
+
+    def _interrupted(self, epoch, batch):
+        self.history.stop_reason = (f"interrupted by Ctrl-C before batch {batch + 1} of "
+                                    f"epoch {epoch}; fit again to continue")
+        raise KeyboardInterrupt(self.history.stop_reason)
+
+    def discard_partial_epoch(self):
+        """Forget an unfinished epoch, so the next fit starts a new one."""
+        self._position = None
 
     def _validation_metrics(self, Xv, Yv, loss):
         Z = self.predict(Xv)
@@ -331,7 +399,7 @@ class Sequential:
             out["val_accuracy"] = float(np.mean((Z > 0) == (Yv > 0.5)))
         return out
 
-    def _diverged(self, status, epoch, batch, run, on_divergence):
+    def _diverged(self, status, epoch, batch, on_divergence):
         what = "the loss" if status == STATUS_LOSS_NONFINITE else "an updated weight"
         message = (f"training diverged at epoch {epoch}, batch {batch}: {what} became NaN or "
                    "infinite; training stopped and the weights of the last finite step were kept "
@@ -352,6 +420,16 @@ class Sequential:
         parts.append(f"{metrics['samples_per_s']:,.0f} samples/s")
         print(" - ".join(parts), flush=True)
 
+    # -- files -------------------------------------------------------------------
+    def save(self, path):
+        """Write the model to ``path`` (atomically; no pickle): architecture,
+        dtype, weights, optimizer and its state, RNG state, history, and the
+        position in an unfinished epoch.  Read it back with ``fastbp.load``.
+        The format is described in ``fastbp.io``."""
+        from .io import save_model
+
+        save_model(self, path)
+
     # -- conveniences ----------------------------------------------------------
     def summary(self):
         """A table of layers, shapes and parameter counts, as a string."""
@@ -371,7 +449,7 @@ class _EpochRunner:
     allocated once per fit, none of it per step."""
 
     def __init__(self, net, X, Y, batch, shuffle, loss, opt, state):
-        self.net, self.X, self.Y, self.batch, self.shuffle = net, X, Y, batch, shuffle
+        self.net, self.X, self.Y, self.batch, self.shuffle = net, X, Y, batch, bool(shuffle)
         self.opt = opt
         self.state = state.reshape(-1)
         self.n_batches = math.ceil(X.shape[0] / batch)
@@ -385,13 +463,46 @@ class _EpochRunner:
         self.loss_addr = loss_cfunc(loss, net.dtype)
         self.step_addr = step_cfunc(opt.kernel, net.dtype)
         self.hyper = opt._hyper()
-        # Snapshot at the start of each epoch: lets a divergence be rolled
-        # back to the last finite step by replaying the epoch up to it.
+        # Snapshot at the start of each epoch (or resume point): lets a
+        # divergence be rolled back to the last finite step by replaying.
         self.snap_params = np.empty_like(net._params)
         self.snap_state = np.empty_like(self.state)
         self.chunk = 1
 
-    def _run(self, first, count):
+    def start_epoch(self, resume=None):
+        """Shuffle for a new epoch, or rebuild the order of an unfinished one
+        from its saved RNG state; returns the first batch to run."""
+        rng = self.net._shuffle_rng
+        if resume is not None:
+            rng.bit_generator.state = resume["rng_state"]
+        self.rng_state = rng.bit_generator.state  # before this epoch's shuffle
+        if self.shuffle:
+            # Each epoch's order depends only on the RNG, not on earlier
+            # epochs' orders, so fit(2 epochs) twice == fit(4 epochs).
+            self.order[...] = self.identity
+            rng.shuffle(self.order)
+        self.first = 0 if resume is None else resume["batch"]
+        self.loss_before = 0.0 if resume is None else resume["loss_sum"]
+        self.snap_params[...] = self.net._params
+        self.snap_state[...] = self.state
+        self.snap_t = self.opt.t
+        return self.first
+
+    def position(self, epoch, batch):
+        """Where an unfinished epoch stands (saved in checkpoints)."""
+        return {"epoch": epoch, "batch": batch, "rng_state": self.rng_state,
+                "loss_sum": self._loss_sum(batch), "n_samples": self.X.shape[0],
+                "batch_size": self.batch, "shuffle": self.shuffle}
+
+    def _loss_sum(self, upto):
+        done = slice(self.first, upto)
+        return self.loss_before + float(np.dot(self.batch_loss[done], self.sizes[done]))
+
+    def epoch_loss(self):
+        """Mean training loss over the epoch's samples."""
+        return self._loss_sum(self.n_batches) / self.X.shape[0]
+
+    def _call(self, first, count):
         ws, net = self.ws, self.net
         done, status = _engine.train_batches(
             self.X, self.Y, self.order, self.shuffle, self.batch, first, count,
@@ -401,36 +512,53 @@ class _EpochRunner:
         self.opt.t += done
         return done, status
 
-    def epoch(self):
-        """Run one epoch; returns (status, batches done, mean training loss)."""
-        if self.shuffle:
-            # Each epoch's order depends only on the RNG, not on earlier
-            # epochs' orders, so fit(2 epochs) twice == fit(4 epochs).
-            self.order[...] = self.identity
-            self.net._shuffle_rng.shuffle(self.order)
-        self.snap_params[...] = self.net._params
-        self.snap_state[...] = self.state
-        snap_t = self.opt.t
-        b = 0
-        while b < self.n_batches:
-            count = min(self.chunk, self.n_batches - b)
+    def run(self, b, stop, interrupt):
+        """Run batches b .. stop-1 in calls of about _CALL_SECONDS, stopping
+        early at a call boundary if Ctrl-C was pressed.  Returns (status, b)
+        with b the next batch to run (on divergence: the failing batch, with
+        the model rolled back to the step before it)."""
+        while b < stop and not interrupt.requested:
+            count = min(self.chunk, stop - b)
             start = time.perf_counter()
-            done, status = self._run(b, count)
+            done, status = self._call(b, count)
             elapsed = time.perf_counter() - start
             if status != STATUS_OK:
                 if status == STATUS_PARAMS_NONFINITE:
-                    # Roll back to the epoch's start and replay the finite steps.
+                    # Roll back to the snapshot and replay the finite steps.
                     self.net._params[...] = self.snap_params
                     self.state[...] = self.snap_state
-                    self.opt.t = snap_t
-                    self._run(0, b + done)
-                return status, b + done, float("nan")
+                    self.opt.t = self.snap_t
+                    self._call(self.first, b + done - self.first)
+                return status, b + done
             b += done
             # Grow the run of batches per call towards _CALL_SECONDS.
             per_batch = elapsed / max(done, 1)
             self.chunk = max(1, min(self.n_batches, int(_CALL_SECONDS / max(per_batch, 1e-7))))
-        mean = float(np.dot(self.batch_loss, self.sizes) / self.X.shape[0])
-        return STATUS_OK, b, mean
+        return STATUS_OK, b
+
+
+class _DeferredInterrupt:
+    """Hold Ctrl-C (SIGINT) until the next call boundary, so that the model,
+    the optimizer's step count and the history always agree.  Only the main
+    thread receives signals; in other threads this does nothing.  A second
+    Ctrl-C interrupts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 _CONTROLLER = []
