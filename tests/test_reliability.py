@@ -1,0 +1,451 @@
+"""Reliability: training in worker processes and threads, memory over many
+calls, unusual input arrays, extreme logits, and determinism across
+processes.
+
+Every comparison is against a sequential, in-process run computed in the
+test itself.  Training is deterministic given the seed and the BLAS thread
+count, so results are compared bitwise (``assert_array_equal``), not with a
+tolerance: any difference means state leaked between concurrent runs, a
+buffer was shared, or a kernel read something it should not have.
+"""
+import gc
+import hashlib
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+
+import numpy as np
+import pytest
+from joblib import Parallel, delayed
+
+import fastbp
+from fastbp import reference
+
+# -- workers that child processes import by name ------------------------------
+# pytest imports this file as ``tests.test_reliability``, a name that a spawned
+# or loky worker cannot always import (the repository root is on sys.path only
+# under ``python -m pytest``).  tests/ itself is on sys.path (pytest's
+# ``pythonpath`` setting, which spawned children inherit), so the workers are
+# published under the top-level name ``test_reliability``: pickle then refers
+# to them by a name every child can import.
+_IMPORT_NAME = "test_reliability"
+sys.modules.setdefault(_IMPORT_NAME, sys.modules[__name__])
+
+
+def _importable(func):
+    func.__module__ = _IMPORT_NAME
+    return func
+
+
+SEEDS = (11, 12, 13, 14)
+TIMEOUT = 120  # seconds; a hang fails the test instead of blocking the run
+
+
+def _data(n=256, d=10, k=3, dtype="float64"):
+    rng = np.random.default_rng(2024)
+    X = rng.normal(size=(n, d)).astype(dtype)
+    y = rng.integers(0, k, n)
+    return X, y
+
+
+@_importable
+def train_params(seed, dtype="float64"):
+    """Train one seeded model on fixed data; its final parameters."""
+    X, y = _data(dtype=dtype)
+    net = fastbp.Sequential([fastbp.Dense(16, activation="relu"), fastbp.Dense(3)],
+                            dtype=dtype, seed=seed)
+    net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.Adam(lr=1e-2), epochs=5,
+            batch_size=16, verbose=0)
+    return net.params.copy()
+
+
+def _sequential(seeds=SEEDS):
+    return [train_params(s) for s in seeds]
+
+
+def _assert_all_equal(got, expected):
+    assert len(got) == len(expected)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        np.testing.assert_array_equal(g, e, err_msg=f"model {i} (seed {SEEDS[i]})")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """Sequential in-process results; computing them also means the compiled
+    engine, the Numba cfuncs and OpenBLAS have all run in the parent before
+    any worker starts (fork copies that state)."""
+    return _sequential()
+
+
+# -- 1. joblib -------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["loky", "threading"])
+def test_joblib_workers_match_sequential(expected, backend):
+    # loky caps BLAS in its workers at cpu_count // n_jobs threads (1 here,
+    # the parent has 2).  The results still agree bitwise: GEMMs of these
+    # sizes (<= 16 x 16 x 16) stay below OpenBLAS's multithreading threshold,
+    # so they run on one thread either way.  A mismatch here with larger
+    # layers would first need the thread counts aligned (fit's n_threads).
+    # The parent trains once more right here, so the kernels certainly ran.
+    np.testing.assert_array_equal(train_params(SEEDS[0]), expected[0])
+    got = Parallel(n_jobs=2, backend=backend, timeout=TIMEOUT)(
+        delayed(train_params)(s) for s in SEEDS)
+    _assert_all_equal(got, expected)
+
+
+# -- 2. multiprocessing ------------------------------------------------------
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_multiprocessing_pool_matches_sequential(expected, method):
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"start method {method} unavailable")
+    np.testing.assert_array_equal(train_params(SEEDS[0]), expected[0])
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(2) as pool:  # __exit__ terminates the workers, even on timeout
+        got = pool.map_async(train_params, SEEDS).get(timeout=TIMEOUT)
+    _assert_all_equal(got, expected)
+
+
+# -- 3. four Python threads at once ---------------------------------------------
+_THREAD_MODELS = [
+    # (dtype, hidden widths, activation, n_outputs, seed)
+    ("float32", (16,), "relu", 3, 21),
+    ("float64", (32, 16), "tanh", 4, 22),
+    ("float32", (8, 8, 8), "sigmoid", 2, 23),
+    ("float64", (24,), "elu", 5, 24),
+]
+
+
+def _thread_job(spec):
+    dtype, widths, act, k, seed = spec
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(300, 7)).astype(dtype)
+    y = rng.integers(0, k, 300)
+    layers = [fastbp.Dense(w, activation=act) for w in widths] + [fastbp.Dense(k)]
+    net = fastbp.Sequential(layers, dtype=dtype, seed=seed)
+    return net, X, y
+
+
+def _thread_fit(net, X, y):
+    net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.Adam(lr=1e-2), epochs=8,
+            batch_size=8, verbose=0)
+
+
+def test_four_threads_mixed_dtypes_match_sequential():
+    expected = []
+    for spec in _THREAD_MODELS:
+        net, X, y = _thread_job(spec)
+        _thread_fit(net, X, y)
+        expected.append((net.params.copy(), net.predict(X)))
+
+    jobs = [_thread_job(spec) for spec in _THREAD_MODELS]
+    results = [None] * len(jobs)
+    errors = []
+    start = threading.Barrier(len(jobs))
+
+    def work(i):
+        try:
+            net, X, y = jobs[i]
+            start.wait(timeout=TIMEOUT)
+            _thread_fit(net, X, y)
+            results[i] = (net.params.copy(), net.predict(X))
+        except BaseException as exc:  # reported by the main thread
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=TIMEOUT)
+    assert not any(t.is_alive() for t in threads), "a training thread hung"
+    assert not errors, errors
+    for (spec, (params, pred), (want_params, want_pred)) in zip(_THREAD_MODELS, results, expected):
+        assert params.dtype == spec[0]
+        np.testing.assert_array_equal(params, want_params, err_msg=str(spec))
+        np.testing.assert_array_equal(pred, want_pred, err_msg=str(spec))
+
+
+# -- 4. memory over many calls ----------------------------------------------------
+# Bound on RSS growth over 200 calls after warm-up.  The data below are chosen
+# so that every call allocates sizeable temporaries: X is float32 and the model
+# float64, so each call converts X (n*d*8 = 1 MiB); labels are one-hot encoded
+# per fit (n*k*8 = 96 KiB); each fit allocates its shuffle order and identity
+# index (2*n*8 = 64 KiB), snapshots of params and optimizer state (~50 KiB) and
+# predict allocates its output (96 KiB).  Leaking any one of these per call
+# grows RSS by >= 200 * 50 KiB ~ 10 MiB, above the bound.  What may grow
+# legitimately is small: the History gains 200 epoch records (~0.2 MiB), and
+# malloc may keep a few freed pages (fragmentation, page granularity).
+MEMORY_BOUND = 4 * 2**20
+_N_MEM, _D_MEM, _K_MEM = 4096, 32, 3
+
+
+def _rss():
+    """Current resident set size in bytes (not the peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_setup():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(_N_MEM, _D_MEM)).astype(np.float32)
+    y = rng.integers(0, _K_MEM, _N_MEM)
+    net = fastbp.Sequential([fastbp.Dense(64, activation="relu"), fastbp.Dense(_K_MEM)],
+                            dtype="float64", seed=3)
+    return net, X, y
+
+
+def _growth(call, n_calls):
+    gc.collect()
+    before = _rss()
+    for _ in range(n_calls):
+        call()
+    gc.collect()
+    return _rss() - before
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_rss_does_not_grow_over_200_single_epoch_fits():
+    net, X, y = _memory_setup()
+    opt = fastbp.optim.Adam(lr=1e-3)
+
+    def one_epoch():
+        net.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=256, verbose=0)
+
+    _growth(one_epoch, 20)  # warm-up: workspaces, cfuncs, allocator steady state
+    growth = _growth(one_epoch, 200)
+    assert len(net.history) == 220
+    assert np.isfinite(net.params).all()
+    assert growth < MEMORY_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB over 200 fits"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+@pytest.mark.parametrize("method", ["predict", "evaluate", "loss_and_grad"])
+def test_rss_does_not_grow_over_200_inference_calls(method):
+    net, X, y = _memory_setup()
+    net.fit(X, y, loss="cross_entropy", epochs=1, batch_size=256, verbose=0)
+    calls = {
+        "predict": lambda: net.predict(X),
+        "evaluate": lambda: net.evaluate(X, y, loss="cross_entropy"),
+        "loss_and_grad": lambda: net.loss_and_grad(X, y, loss="cross_entropy"),
+    }
+    _growth(calls[method], 20)
+    growth = _growth(calls[method], 200)
+    assert growth < MEMORY_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB over 200 {method} calls"
+
+
+# -- 5. unusual input arrays -----------------------------------------------------------
+def _fit_result(X, y, loss="cross_entropy", dtype="float64", seed=0, k=3):
+    net = fastbp.Sequential([fastbp.Dense(12, activation="tanh"), fastbp.Dense(k)],
+                            dtype=dtype, seed=seed)
+    net.fit(X, y, loss=loss, optimizer=fastbp.optim.Adam(lr=1e-2), epochs=3, batch_size=16,
+            verbose=0)
+    return net, (net.params.copy(), net.predict(X), net.evaluate(X, y, loss=loss),
+                 *net.loss_and_grad(X, y, loss=loss))
+
+
+def _assert_same_results(a, b):
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_memmap_inputs_match_in_memory(tmp_path):
+    X, y = _data(n=200)
+    fx, fy = tmp_path / "X.dat", tmp_path / "y.dat"
+    mx = np.memmap(fx, dtype=X.dtype, mode="w+", shape=X.shape)
+    mx[...] = X
+    my = np.memmap(fy, dtype=y.dtype, mode="w+", shape=y.shape)
+    my[...] = y
+    mx.flush()
+    my.flush()
+    del mx, my
+    Xm = np.memmap(fx, dtype=X.dtype, mode="r", shape=X.shape)
+    ym = np.memmap(fy, dtype=y.dtype, mode="r", shape=y.shape)
+    assert not Xm.flags.writeable and not ym.flags.writeable
+    _, got = _fit_result(Xm, ym)
+    _, want = _fit_result(X, y)
+    _assert_same_results(got, want)
+    np.testing.assert_array_equal(Xm, X)
+    np.testing.assert_array_equal(ym, y)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_read_only_inputs_match_writable(dtype):
+    X, y = _data(n=200, dtype=dtype)
+    Xr, yr = X.copy(), y.copy()
+    Xr.setflags(write=False)
+    yr.setflags(write=False)
+    _, got = _fit_result(Xr, yr, dtype=dtype)
+    _, want = _fit_result(X, y, dtype=dtype)
+    _assert_same_results(got, want)
+    # mse with 2-D float targets of the model's dtype: y reaches the engine as is
+    Y = np.random.default_rng(1).normal(size=(200, 3)).astype(dtype)
+    Yr = Y.copy()
+    Yr.setflags(write=False)
+    _, got = _fit_result(Xr, Yr, loss="mse", dtype=dtype)
+    _, want = _fit_result(X, Y, loss="mse", dtype=dtype)
+    _assert_same_results(got, want)
+
+
+@pytest.mark.parametrize("layout", ["fortran", "strided", "negative_stride"])
+def test_non_c_contiguous_inputs_match_contiguous_copy(layout):
+    rng = np.random.default_rng(9)
+    big = rng.normal(size=(400, 30))
+    Ybig = rng.normal(size=(400, 9))
+    if layout == "fortran":
+        X, Y = np.asfortranarray(big[:200, :10]), np.asfortranarray(Ybig[:200, :3])
+    elif layout == "strided":
+        X, Y = big[::2, ::3], Ybig[::2, ::3]
+    else:
+        X, Y = big[::-2, ::-3], Ybig[::-2, ::3]
+    assert not X.flags.c_contiguous and not Y.flags.c_contiguous
+    assert X.shape == (200, 10) and Y.shape == (200, 3)
+    Xc, Yc = np.ascontiguousarray(X), np.ascontiguousarray(Y)
+    labels = np.argmax(Yc, axis=1)
+    labels_strided = np.repeat(labels, 2)[::2]  # a non-contiguous 1-D label view
+    for loss, yv, yc in [("mse", Y, Yc), ("cross_entropy", labels_strided, labels)]:
+        _, got = _fit_result(X, yv, loss=loss)
+        _, want = _fit_result(Xc, yc, loss=loss)
+        _assert_same_results(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "cross_entropy"])
+def test_user_arrays_are_not_modified(dtype, loss):
+    """Inputs already of the model's dtype and C order reach the compiled
+    code without a copy: none of fit, predict, evaluate, loss_and_grad (nor
+    validation data) may write to them."""
+    rng = np.random.default_rng(17)
+    X = rng.normal(size=(120, 6)).astype(dtype)
+    Xv = rng.normal(size=(40, 6)).astype(dtype)
+    if loss == "cross_entropy":
+        y = rng.random(size=(120, 3)).astype(dtype)
+        y /= y.sum(axis=1, keepdims=True)  # 2-D class probabilities: passed through
+        yv = rng.integers(0, 3, 40)
+    elif loss == "binary_cross_entropy":
+        y = rng.integers(0, 2, size=(120, 3)).astype(dtype)
+        yv = rng.random(size=(40, 3)).astype(dtype)
+    else:
+        y = rng.normal(size=(120, 3)).astype(dtype)
+        yv = rng.normal(size=(40, 3)).astype(dtype)
+    arrays = [X, y, Xv, yv]
+    copies = [a.copy() for a in arrays]
+    net = fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.Dense(3)],
+                            dtype=dtype, seed=0)
+    net.fit(X, y, loss=loss, epochs=2, batch_size=16, verbose=0, validation_data=(Xv, yv))
+    net.fit(X, y, loss=loss, epochs=1, batch_size=None, shuffle=False, verbose=0)
+    net.predict(X)
+    net.evaluate(X, y, loss=loss)
+    net.loss_and_grad(X, y, loss=loss)
+    net.loss_and_grad(Xv, yv, loss=loss)
+    for a, c in zip(arrays, copies):
+        np.testing.assert_array_equal(a, c)
+        assert a.dtype == c.dtype
+
+
+# -- 6. extreme logits through the model API ------------------------------------------
+def _lse(Z):
+    zmax = Z.max(axis=1, keepdims=True)
+    return (zmax + np.log(np.exp(Z - zmax).sum(axis=1, keepdims=True)))[:, 0]
+
+
+@pytest.mark.parametrize("dtype,target", [("float32", 100.0), ("float64", 1000.0)])
+@pytest.mark.parametrize("loss", ["cross_entropy", "binary_cross_entropy"])
+def test_extreme_logits_give_finite_loss_and_gradient(dtype, target, loss):
+    rng = np.random.default_rng(31)
+    n, d, k = 64, 5, 4
+    X = rng.normal(size=(n, d)).astype(dtype)
+    net = fastbp.Sequential([fastbp.Dense(16, activation="tanh"), fastbp.Dense(k)],
+                            dtype=dtype, seed=1).build(d)
+    last = net.layers[-1]
+    scale = target / np.abs(net.predict(X)).max()
+    last.W[...] *= scale
+    last.b[...] *= scale
+    Z = net.predict(X).astype(np.float64)
+    assert Z.max() > 0.5 * target and Z.min() < -0.5 * target
+    assert np.abs(Z).max() == pytest.approx(target, rel=1e-3)
+
+    if loss == "cross_entropy":
+        # Half the rows labelled with their smallest logit (loss ~ 2 * target,
+        # softmax saturated the wrong way), half with their largest (loss ~ 0).
+        y = np.where(np.arange(n) % 2 == 0, Z.argmin(axis=1), Z.argmax(axis=1))
+        Y = np.eye(k, dtype=dtype)[y]
+        want = np.mean(_lse(Z) - Z[np.arange(n), y])
+    else:
+        # targets exactly 0 and 1, with saturated logits of both signs
+        y = Y = rng.integers(0, 2, size=(n, k)).astype(dtype)
+        Yd = Y.astype(np.float64)
+        want = np.mean(np.maximum(Z, 0) - Z * Yd + np.log1p(np.exp(-np.abs(Z))))
+    params_before = net.params.copy()
+
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        value, grad = net.loss_and_grad(X, y, loss=loss)
+        evaluated = net.evaluate(X, y, loss=loss)
+
+    assert np.isfinite(value) and np.isfinite(grad).all()
+    assert np.abs(grad).max() > 0
+    assert value == pytest.approx(want, rel=1e-5)
+    assert evaluated == pytest.approx(want, rel=1e-5)
+    np.testing.assert_array_equal(net.params, params_before)
+    # the gradient itself, against the NumPy reference in float64
+    with np.errstate(all="ignore"):
+        _, grad_ref = reference.loss_grad(X.astype(np.float64), Y.astype(np.float64),
+                                          net._program, params_before.astype(np.float64), loss)
+    err = np.abs(grad - grad_ref).max() / max(np.abs(grad_ref).max(), 1.0)
+    assert err <= (1e-5 if dtype == "float32" else 1e-10), err
+
+    # and one epoch of training from there stays finite, with no warning
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        net.fit(X, y, loss=loss, optimizer=fastbp.optim.SGD(lr=1e-3), epochs=1, batch_size=16,
+                verbose=0)
+    assert np.isfinite(net.params).all() and np.isfinite(net.history["loss"][-1])
+
+
+# -- 7. determinism across processes ---------------------------------------------------------
+_HASH_SCRIPT = textwrap.dedent("""
+    import hashlib
+    import numpy as np
+    import fastbp
+
+    rng = np.random.default_rng(77)
+    X = rng.normal(size=(500, 12))
+    y = rng.integers(0, 4, 500)
+    digests = []
+    for dtype in ("float32", "float64"):
+        net = fastbp.Sequential([fastbp.Dense(32, activation="relu"),
+                                 fastbp.Dense(16, activation="tanh"), fastbp.Dense(4)],
+                                dtype=dtype, seed=123)
+        net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.Adam(lr=1e-2), epochs=4,
+                batch_size=32, verbose=0)
+        digests.append(hashlib.sha256(net.params.tobytes()).hexdigest())
+""")
+
+
+def test_training_is_bitwise_identical_across_processes(tmp_path):
+    script = _HASH_SCRIPT + "print(fastbp.__file__)\nprint(*digests)\n"
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=TIMEOUT)
+            assert p.returncode == 0, err
+            outs.append(out.split("\n"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    ns = {}
+    exec(_HASH_SCRIPT, ns)
+    in_process = " ".join(ns["digests"])
+    for lines in outs:
+        # the child imported the same installed package as this process
+        assert os.path.realpath(lines[0]) == os.path.realpath(fastbp.__file__)
+        assert lines[1] == in_process
