@@ -12,8 +12,10 @@ from .gradcheck import gradcheck
 from .history import History
 from .layers import Dense
 from .model import DivergenceError, Sequential
+from .io import ModelFormatError, load
 
 __version__ = "0.1.0"
 
 __all__ = ["Sequential", "Dense", "optim", "gradcheck", "History", "DivergenceError",
+           "load", "ModelFormatError",
            "activations", "initializers", "losses", "reference", "__version__"]

@@ -77,10 +77,13 @@ LAYERS = {"Dense": Dense}
 
 def from_config(config):
     config = dict(config)
-    kind = config.pop("type")
+    kind = config.pop("type", None)
     if kind not in LAYERS:
         raise ValueError(f"unknown layer type {kind!r}")
-    return LAYERS[kind](**config)
+    try:
+        return LAYERS[kind](**config)
+    except TypeError as exc:
+        raise ValueError(f"invalid {kind} configuration: {exc}") from None
 
 
 def program_row(layer, w_off, act_off):

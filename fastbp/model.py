@@ -73,7 +73,7 @@ class Sequential:
     layers : list of Dense
     dtype : {"float32", "float64"}, default "float32"
         Dtype of parameters, workspaces and outputs; inputs are converted.
-    seed : int or None
+    seed : int >= 0, list of such ints, or None
         Seeds initialization and shuffling: the same seed (and thread count)
         gives bitwise identical training.
 
@@ -105,7 +105,7 @@ class Sequential:
                 raise ValueError(f"unsupported layer {layer!r}")
         self.layers = layers
         self.dtype = check_dtype(dtype)
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self.history = History()
         self.optimizer = None
         self._position = None  # an unfinished epoch (see fit's checkpoint)
@@ -369,7 +369,7 @@ class Sequential:
                         self._position = None
                 seconds = time.perf_counter() - start
                 metrics = {"loss": run.epoch_loss(), "time": seconds,
-                           "samples_per_s": n / seconds}
+                           "samples_per_s": n / max(seconds, 1e-9)}
                 if validation_data is not None:
                     metrics.update(self._validation_metrics(Xv, Yv, loss))
                 self.history.append(e, **metrics)
@@ -442,6 +442,17 @@ class Sequential:
 
     def __repr__(self):
         return f"Sequential({self.layers!r}, dtype={self.dtype.name!r})"
+
+
+def _check_seed(seed):
+    """None, an int >= 0, or a list of them (numpy's SeedSequence entropy)."""
+    def is_count(s):
+        return isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0
+    if seed is None or is_count(seed):
+        return None if seed is None else int(seed)
+    if isinstance(seed, (list, tuple)) and seed and all(is_count(s) for s in seed):
+        return [int(s) for s in seed]
+    raise ValueError(f"seed must be None, a non-negative integer or a list of them, got {seed!r}")
 
 
 class _EpochRunner:

@@ -26,6 +26,17 @@ def _check(cond, message):
         raise ValueError(message)
 
 
+def _real(value, name):
+    """A hyperparameter as a finite float (ValueError otherwise)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"invalid {name}: {value!r} is not a real number") from None
+    if isinstance(value, bool) or out != out or out in (float("inf"), float("-inf")):
+        raise ValueError(f"invalid {name}: {value!r}")
+    return out
+
+
 class Optimizer:
     """Base class: state handling shared by every optimizer.
 
@@ -135,8 +146,11 @@ class SGD(Optimizer):
 
     def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
         super().__init__()
+        lr, momentum = _real(lr, "learning rate"), _real(momentum, "momentum")
+        dampening, weight_decay = _real(dampening, "dampening"), _real(weight_decay, "weight_decay")
         _check(lr >= 0, f"invalid learning rate: {lr}")
         _check(momentum >= 0, f"invalid momentum: {momentum}")
+        _check(0 <= dampening <= 1, f"invalid dampening: {dampening}")
         _check(weight_decay >= 0, f"invalid weight_decay: {weight_decay}")
         _check(not nesterov or (momentum > 0 and dampening == 0),
                "nesterov momentum requires a momentum and zero dampening")
@@ -182,9 +196,12 @@ class Adam(Optimizer):
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
         super().__init__()
+        lr, eps, weight_decay = _real(lr, "learning rate"), _real(eps, "epsilon"), _real(weight_decay, "weight_decay")
+        _check(isinstance(betas, (tuple, list)) and len(betas) == 2, f"invalid betas: {betas}")
+        betas = tuple(_real(b, "betas") for b in betas)
         _check(lr >= 0, f"invalid learning rate: {lr}")
         _check(eps >= 0, f"invalid epsilon: {eps}")
-        _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"invalid betas: {betas}")
+        _check(all(0 <= b < 1 for b in betas), f"invalid betas: {betas}")
         _check(weight_decay >= 0, f"invalid weight_decay: {weight_decay}")
         self.lr, self.betas, self.eps = lr, tuple(float(b) for b in betas), eps
         self.weight_decay, self.amsgrad = weight_decay, bool(amsgrad)
@@ -244,6 +261,8 @@ class RMSprop(Optimizer):
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False):
         super().__init__()
+        lr, alpha, eps = _real(lr, "learning rate"), _real(alpha, "alpha"), _real(eps, "epsilon")
+        weight_decay, momentum = _real(weight_decay, "weight_decay"), _real(momentum, "momentum")
         _check(lr >= 0, f"invalid learning rate: {lr}")
         _check(0 <= alpha, f"invalid alpha: {alpha}")
         _check(eps >= 0, f"invalid epsilon: {eps}")
@@ -292,10 +311,15 @@ class Rprop(Optimizer):
 
     def __init__(self, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50)):
         super().__init__()
-        _check(lr >= 0, f"invalid learning rate: {lr}")
-        _check(len(etas) == 2 and 0 < etas[0] < 1 < etas[1], f"invalid etas: {etas}")
-        _check(len(step_sizes) == 2 and 0 <= step_sizes[0] <= step_sizes[1],
+        lr = _real(lr, "learning rate")
+        _check(isinstance(etas, (tuple, list)) and len(etas) == 2, f"invalid etas: {etas}")
+        _check(isinstance(step_sizes, (tuple, list)) and len(step_sizes) == 2,
                f"invalid step_sizes: {step_sizes}")
+        etas = tuple(_real(e, "etas") for e in etas)
+        step_sizes = tuple(_real(s, "step_sizes") for s in step_sizes)
+        _check(lr >= 0, f"invalid learning rate: {lr}")
+        _check(0 < etas[0] < 1 < etas[1], f"invalid etas: {etas}")
+        _check(0 <= step_sizes[0] <= step_sizes[1], f"invalid step_sizes: {step_sizes}")
         self.lr = lr
         self.etas = tuple(float(e) for e in etas)
         self.step_sizes = tuple(float(s) for s in step_sizes)
@@ -335,6 +359,9 @@ class Adagrad(Optimizer):
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                  eps=1e-10):
         super().__init__()
+        lr, lr_decay, eps = _real(lr, "learning rate"), _real(lr_decay, "lr_decay"), _real(eps, "epsilon")
+        weight_decay = _real(weight_decay, "weight_decay")
+        initial_accumulator_value = _real(initial_accumulator_value, "initial_accumulator_value")
         _check(lr >= 0, f"invalid learning rate: {lr}")
         _check(lr_decay >= 0, f"invalid lr_decay: {lr_decay}")
         _check(weight_decay >= 0, f"invalid weight_decay: {weight_decay}")

@@ -108,3 +108,21 @@ def test_aliases():
     assert fastbp.Dense(2, activation="logistic").activation == "sigmoid"
     assert fastbp.Dense(2, activation=None).activation == "identity"
     assert fastbp.losses.resolve("BCE") == "binary_cross_entropy"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: fastbp.optim.SGD(lr="fast"), "not a real number"),
+    (lambda: fastbp.optim.SGD(lr=0.1, dampening=-1), "dampening"),
+    (lambda: fastbp.optim.Adam(lr=float("nan")), "learning rate"),
+    (lambda: fastbp.optim.Adam(betas=0.9), "betas"),
+    (lambda: fastbp.optim.RMSprop(alpha=None), "alpha"),
+    (lambda: fastbp.optim.Rprop(etas=(0.5,)), "etas"),
+    (lambda: fastbp.optim.Adagrad(lr=10 ** 400), "learning rate"),
+    (lambda: fastbp.Sequential([fastbp.Dense(2)], seed=-1), "seed"),
+    (lambda: fastbp.Sequential([fastbp.Dense(2)], seed="abc"), "seed"),
+    (lambda: fastbp.layers.from_config({"units": 3}), "unknown layer type"),
+    (lambda: fastbp.layers.from_config({"type": "Dense", "units": 3, "size": 2}), "invalid Dense"),
+])
+def test_bad_hyperparameters_and_configs(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -1,0 +1,690 @@
+"""Model files: a documented binary format with no pickle, written atomically.
+
+``Sequential.save(path)`` (or ``save_model(net, path)``) writes a model and
+``fastbp.load(path)`` (``load_model``) reads it back.  Loading parses data
+only: nothing in the file is executed, no pickle is involved, and every
+field is validated before anything is allocated from it.  A file that is not
+a valid model file raises :class:`ModelFormatError` (a ``ValueError``), never
+another exception, a crash or a hang.  Errors opening the file (missing
+file, permission denied) are raised as the usual ``OSError``.
+
+File format (version 1)
+-----------------------
+A file is four parts, back to back, with no padding:
+
+1. **Magic**: the 8 bytes ``b"FASTBP\\x00\\x01"``.
+2. **Header length** ``H``: an unsigned 64-bit little-endian integer, the
+   length in bytes of the header.  Readers refuse ``H`` above
+   ``MAX_HEADER_BYTES`` (16 MiB) or beyond the end of the file.
+3. **Header**: ``H`` bytes of UTF-8 JSON, one object with exactly these
+   keys (writers emit ASCII only; numbers may be the non-standard tokens
+   ``NaN``, ``Infinity`` and ``-Infinity`` that Python's ``json`` writes,
+   which only ever occur in history values; object keys are unique):
+
+   ``format`` : str
+       Always ``"fastbp-model"``.
+   ``version`` : int
+       Always ``1``.  Readers refuse any other version.
+   ``dtype`` : {"float32", "float64"}
+       The model's dtype.
+   ``n_features`` : int >= 1 or null
+       Inputs of the built model; null for a model that was never built
+       (then ``arrays`` is empty and ``shuffle_rng_state`` and ``position``
+       are null).
+   ``seed`` : null, int >= 0, or a non-empty list of ints >= 0
+       The ``seed`` given to ``Sequential``.
+   ``layers`` : list of objects, at least one
+       Each layer's ``get_config()``: ``{"type": "Dense", "units": int >= 1,
+       "activation": str, "kernel_init": str, "trainable": bool}``.
+   ``optimizer`` : null or object
+       ``{"class": str, "config": object, "t": int >= 0}``: the class name
+       (one of ``fastbp.optim.OPTIMIZERS``), its ``get_config()``
+       (constructor keyword arguments; tuples as lists) and its step count.
+   ``history`` : object
+       ``History.to_dict()``: ``{"epoch": [int, ...], "history": {name:
+       [number, ...], ...}, "stop_reason": str or null}``.
+   ``shuffle_rng_state`` : object or null
+       ``bit_generator.state`` of the shuffling generator:
+       ``{"bit_generator": "PCG64", "state": {"state": int, "inc": int},
+       "has_uint32": 0 or 1, "uinteger": int}`` (state and inc in
+       [0, 2**128), uinteger in [0, 2**32)).
+   ``position`` : object or null
+       Where an unfinished epoch stands (a checkpoint saved mid-epoch):
+       ``{"epoch": int >= 1, "batch": int >= 0, "rng_state": (as above),
+       "loss_sum": number, "n_samples": int >= 1, "batch_size": int >= 1,
+       "shuffle": bool}`` with ``batch_size <= n_samples`` and ``batch`` less
+       than the number of batches ``ceil(n_samples / batch_size)``.
+   ``last_loss`` : str or null
+       Canonical name of the loss of the last fit (see ``fastbp.losses``).
+   ``arrays`` : list of objects
+       The arrays that follow the header, in file order, each
+       ``{"name": str, "dtype": "<f4" or "<f8", "shape": [int, ...]}``.
+       For a built model: ``params`` of shape ``[n_params]``, then
+       ``optimizer_state`` of shape ``[n_slots, n_params]`` when there is an
+       optimizer whose state has been allocated.  ``n_params`` is what the
+       layers imply for ``n_features``; ``n_slots`` is the optimizer's
+       ``_n_slots()``; the dtype is that of ``dtype`` (``<f4`` for float32,
+       ``<f8`` for float64).
+4. **Data**: each array's elements, little-endian, C order, in the order of
+   ``arrays``.  The data must end exactly at the end of the file.
+
+Validation on load
+------------------
+The header length is bounded before it is read; the JSON must parse (its
+nesting depth, number of arrays and objects (at most 100,000), integer
+literals (at most 4300 digits) and duplicate keys are checked, which bounds
+the memory parsing can take) into the schema above, with
+the type of every field checked; layer and optimizer configurations must be
+accepted by their constructors; array sizes are computed with Python
+integers and checked against the architecture and against the file's length
+before anything is allocated, so a hostile header cannot request a huge
+allocation; the data are read with bounded reads (no memory map); and the
+parameters must be finite.  A loaded model has the same parameters and
+optimizer state (bitwise), step count, history, shuffling RNG state, position
+and last loss: training it further gives the same result as training the
+original.
+
+Atomic writes
+-------------
+``save_model`` writes to a temporary file in the target's folder (named
+``.<name>.<random>.tmp``), flushes and fsyncs it, then ``os.replace``s it
+over the target and fsyncs the folder (best effort).  A process killed at
+any moment leaves either the previous file or the new one at the target; a
+leftover temporary file may remain.  An existing target's permission bits
+are kept; a new file gets ``0o666`` less the umask.
+"""
+import json
+import os
+import stat
+import struct
+import tempfile
+
+import numpy as np
+
+from . import layers as _layers
+from . import losses as _losses
+from . import optim as _optim
+from .history import History
+from .model import Sequential
+
+__all__ = ["save_model", "load_model", "load", "ModelFormatError", "MAGIC", "VERSION",
+           "MAX_HEADER_BYTES"]
+
+MAGIC = b"FASTBP\x00\x01"
+FORMAT = "fastbp-model"
+VERSION = 1
+#: largest header a reader accepts (and a writer writes)
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: longest integer literal accepted in a header (Python's default limit)
+_MAX_INT_DIGITS = 4300
+#: most JSON arrays and objects in a header (a real one has a few per layer
+#: and per metric): bounds the memory that parsing a hostile header can take
+_MAX_CONTAINERS = 100_000
+#: bound on counts and sizes that end up in C integers
+_INT64_BOUND = 2 ** 63
+_PREFIX = struct.Struct("<8sQ")
+_ARRAY_DTYPES = {"float32": "<f4", "float64": "<f8"}
+_HEADER_KEYS = ("format", "version", "dtype", "n_features", "seed", "layers", "optimizer",
+                "history", "shuffle_rng_state", "position", "last_loss", "arrays")
+_POSITION_KEYS = ("epoch", "batch", "rng_state", "loss_sum", "n_samples", "batch_size",
+                  "shuffle")
+
+
+class ModelFormatError(ValueError):
+    """A file is not a valid fastbp model file (bad magic, truncated,
+    malformed or inconsistent header, wrong array sizes, non-finite
+    parameters, unsupported version...)."""
+
+
+# -- small checks -------------------------------------------------------------
+def _fail(message):
+    raise ModelFormatError(message)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _int_in(x, lo, hi, where):
+    """x must be an int (not a bool) with lo <= x < hi (hi None: no bound)."""
+    if not _is_int(x):
+        _fail(f"{where} must be an integer, got {_describe(x)}")
+    if x < lo or (hi is not None and x >= hi):
+        bound = f">= {lo}" if hi is None else f"in [{_short(lo)}, {_short(hi)})"
+        _fail(f"{where} must be {bound}, got {_short(x)}")
+    return x
+
+
+def _describe(x):
+    return f"{type(x).__name__} {_short(x)}"
+
+
+def _short(x):
+    if _is_int(x) and x.bit_length() > 200:
+        return f"<integer of {x.bit_length()} bits>"
+    try:
+        text = repr(x)
+    except (ValueError, RecursionError):  # huge integers inside, deep nesting
+        return f"<{type(x).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _object(obj, keys, where):
+    """obj must be a dict with exactly ``keys``."""
+    if not isinstance(obj, dict):
+        _fail(f"{where} must be a JSON object, got {_describe(obj)}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        _fail(f"{where} lacks {', '.join(map(repr, missing))}")
+    extra = [k for k in obj if k not in keys]
+    if extra:
+        _fail(f"{where} has unknown key(s) {_short(extra)}")
+    return obj
+
+
+def _list(obj, where, max_len=None):
+    if not isinstance(obj, list):
+        _fail(f"{where} must be a JSON array, got {_describe(obj)}")
+    if max_len is not None and len(obj) > max_len:
+        _fail(f"{where} has {len(obj)} entries, at most {max_len} allowed")
+    return obj
+
+
+# -- JSON ---------------------------------------------------------------------
+def _unique_keys(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {_short(key)}")
+        out[key] = value
+    return out
+
+
+def _parse_int(text):
+    # Bounded before conversion: int() of a huge literal is quadratic.
+    if len(text) > _MAX_INT_DIGITS:
+        raise ValueError(f"integer literal of {len(text)} digits")
+    return int(text)
+
+
+def _parse_header(raw):
+    # Counted on the bytes (brackets inside strings too): cheap, and a bound.
+    if raw.count(b"[") + raw.count(b"{") > _MAX_CONTAINERS:
+        _fail(f"header has more than {_MAX_CONTAINERS} JSON arrays and objects")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        _fail(f"header is not UTF-8: {exc}")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_int=_parse_int)
+    except RecursionError:
+        _fail("header JSON is nested too deeply")
+    except ValueError as exc:  # JSONDecodeError, duplicate keys, huge integers
+        _fail(f"header is not valid JSON: {exc}")
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} {_short(value)} in a model file")
+
+
+# -- header validation --------------------------------------------------------
+def _check_rng_state(obj, where):
+    obj = _object(obj, ("bit_generator", "state", "has_uint32", "uinteger"), where)
+    if obj["bit_generator"] != "PCG64":
+        _fail(f"{where}.bit_generator must be 'PCG64', got {_describe(obj['bit_generator'])}")
+    inner = _object(obj["state"], ("state", "inc"), f"{where}.state")
+    _int_in(inner["state"], 0, 2 ** 128, f"{where}.state.state")
+    _int_in(inner["inc"], 0, 2 ** 128, f"{where}.state.inc")
+    _int_in(obj["has_uint32"], 0, 2, f"{where}.has_uint32")
+    _int_in(obj["uinteger"], 0, 2 ** 32, f"{where}.uinteger")
+    state = {"bit_generator": "PCG64", "state": {"state": inner["state"], "inc": inner["inc"]},
+             "has_uint32": obj["has_uint32"], "uinteger": obj["uinteger"]}
+    try:
+        np.random.PCG64(0).state = state  # numpy's own checks, on a scratch generator
+    except (ValueError, TypeError, OverflowError) as exc:
+        _fail(f"{where} is not a valid PCG64 state: {exc}")
+    return state
+
+
+def _check_seed(seed):
+    if seed is None:
+        return None
+    if _is_int(seed):
+        return _int_in(seed, 0, None, "seed")
+    if isinstance(seed, list):
+        _list(seed, "seed", max_len=1024)
+        if not seed:
+            _fail("seed must not be an empty list")
+        return [_int_in(s, 0, None, f"seed[{i}]") for i, s in enumerate(seed)]
+    _fail(f"seed must be null, a non-negative integer or a list of them, got {_describe(seed)}")
+
+
+def _check_layer(config, i):
+    where = f"layers[{i}]"
+    if not isinstance(config, dict):
+        _fail(f"{where} must be a JSON object, got {_describe(config)}")
+    kind = config.get("type")
+    if not isinstance(kind, str) or kind not in _layers.LAYERS:
+        _fail(f"{where}.type must be one of {sorted(_layers.LAYERS)}, got {_short(kind)}")
+    if kind == "Dense":
+        _object(config, ("type", "units", "activation", "kernel_init", "trainable"), where)
+        _int_in(config["units"], 1, _INT64_BOUND, f"{where}.units")
+        if config["activation"] is not None and not isinstance(config["activation"], str):
+            _fail(f"{where}.activation must be a string, got {_describe(config['activation'])}")
+        if not isinstance(config["kernel_init"], str):
+            _fail(f"{where}.kernel_init must be a string, got {_describe(config['kernel_init'])}")
+        if not isinstance(config["trainable"], bool):
+            _fail(f"{where}.trainable must be true or false, got {_describe(config['trainable'])}")
+    for key, value in config.items():
+        if not (value is None or isinstance(value, (str, bool, int, float))):
+            _fail(f"{where}.{key} must be a JSON scalar, got {_describe(value)}")
+    try:
+        return _layers.from_config(config)
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        _fail(f"{where} is not a valid layer configuration: {exc}")
+
+
+def _check_optimizer(obj):
+    obj = _object(obj, ("class", "config", "t"), "optimizer")
+    name = obj["class"]
+    if not isinstance(name, str):
+        _fail(f"optimizer.class must be a string, got {_describe(name)}")
+    cls = _optim.OPTIMIZERS.get(name.lower())
+    if cls is None or cls.__name__ != name:
+        known = ", ".join(c.__name__ for c in _optim.OPTIMIZERS.values())
+        _fail(f"unknown optimizer class {_short(name)}; known: {known}")
+    config = obj["config"]
+    if not isinstance(config, dict):
+        _fail(f"optimizer.config must be a JSON object, got {_describe(config)}")
+    for key, value in config.items():
+        ok = isinstance(value, (bool, int, float)) or (
+            isinstance(value, list) and len(value) <= 16 and all(_is_number(v) for v in value))
+        if not ok:
+            _fail(f"optimizer.config.{key} must be a number, a boolean or a short list of "
+                  f"numbers, got {_describe(value)}")
+    try:
+        opt = cls(**config)
+        opt._hyper()  # every hyperparameter must convert to a float
+    except (ValueError, TypeError, OverflowError) as exc:
+        _fail(f"optimizer.config is not valid for {name}: {exc}")
+    opt.t = _int_in(obj["t"], 0, _INT64_BOUND, "optimizer.t")
+    return opt
+
+
+def _check_history(obj):
+    obj = _object(obj, ("epoch", "history", "stop_reason"), "history")
+    hist = History()
+    for i, e in enumerate(_list(obj["epoch"], "history.epoch")):
+        hist.epoch.append(_int_in(e, -_INT64_BOUND, _INT64_BOUND, f"history.epoch[{i}]"))
+    metrics = obj["history"]
+    if not isinstance(metrics, dict):
+        _fail(f"history.history must be a JSON object, got {_describe(metrics)}")
+    for key, values in metrics.items():
+        _list(values, f"history.history[{_short(key)}]")
+        for i, v in enumerate(values):
+            if not _is_number(v):
+                _fail(f"history.history[{_short(key)}][{i}] must be a number, got {_describe(v)}")
+        hist.history[key] = list(values)
+    reason = obj["stop_reason"]
+    if reason is not None and not isinstance(reason, str):
+        _fail(f"history.stop_reason must be a string or null, got {_describe(reason)}")
+    hist.stop_reason = reason
+    return hist
+
+
+def _check_position(obj):
+    obj = _object(obj, _POSITION_KEYS, "position")
+    n = _int_in(obj["n_samples"], 1, _INT64_BOUND, "position.n_samples")
+    batch_size = _int_in(obj["batch_size"], 1, n + 1, "position.batch_size")
+    n_batches = -(-n // batch_size)
+    loss_sum = obj["loss_sum"]
+    if not _is_number(loss_sum) or (_is_int(loss_sum) and abs(loss_sum) >= _INT64_BOUND):
+        _fail(f"position.loss_sum must be a number, got {_describe(loss_sum)}")
+    if not isinstance(obj["shuffle"], bool):
+        _fail(f"position.shuffle must be true or false, got {_describe(obj['shuffle'])}")
+    return {"epoch": _int_in(obj["epoch"], 1, _INT64_BOUND, "position.epoch"),
+            "batch": _int_in(obj["batch"], 0, n_batches, "position.batch"),
+            "rng_state": _check_rng_state(obj["rng_state"], "position.rng_state"),
+            "loss_sum": float(loss_sum), "n_samples": n, "batch_size": batch_size,
+            "shuffle": obj["shuffle"]}
+
+
+def _check_header(header):
+    """Validate a parsed header; return what load needs (no array data)."""
+    if not isinstance(header, dict):
+        _fail(f"header must be a JSON object, got {type(header).__name__}")
+    if header.get("format") != FORMAT:
+        _fail(f"header.format must be {FORMAT!r}, got {_short(header.get('format'))}")
+    version = header.get("version")
+    if not _is_int(version):
+        _fail(f"header.version must be an integer, got {_describe(version)}")
+    if version != VERSION:
+        _fail(f"unsupported model file version {_short(version)} (this fastbp reads "
+              f"version {VERSION}; a newer fastbp may read it)")
+    _object(header, _HEADER_KEYS, "header")
+
+    dtype = header["dtype"]
+    if not isinstance(dtype, str) or dtype not in _ARRAY_DTYPES:
+        _fail(f"dtype must be 'float32' or 'float64', got {_describe(dtype)}")
+    n_features = header["n_features"]
+    if n_features is not None:
+        _int_in(n_features, 1, _INT64_BOUND, "n_features")
+    seed = _check_seed(header["seed"])
+    layer_configs = _list(header["layers"], "layers")
+    if not layer_configs:
+        _fail("layers is empty: a model has at least one layer")
+    layers = [_check_layer(c, i) for i, c in enumerate(layer_configs)]
+    opt = None if header["optimizer"] is None else _check_optimizer(header["optimizer"])
+    history = _check_history(header["history"])
+    last_loss = header["last_loss"]
+    if last_loss is not None and last_loss not in _losses.LOSSES:
+        _fail(f"last_loss must be null or one of {_losses.LOSSES}, got {_describe(last_loss)}")
+
+    # Arrays: names, dtypes and shapes, all fixed by the rest of the header.
+    expected = []
+    rng_state = position = None
+    if n_features is not None:
+        n_params, n_in = 0, n_features
+        for layer in layers:
+            n_params += layer.n_params(n_in)
+            n_in = layer.units
+        expected.append(("params", (n_params,)))
+        rng_state = _check_rng_state(header["shuffle_rng_state"], "shuffle_rng_state")
+        if header["position"] is not None:
+            position = _check_position(header["position"])
+    else:
+        for key in ("shuffle_rng_state", "position"):
+            if header[key] is not None:
+                _fail(f"{key} must be null for a model that was never built (n_features null)")
+    entries = _list(header["arrays"], "arrays", max_len=len(expected) + 1)
+    if n_features is not None and opt is not None and len(entries) == 2:
+        expected.append(("optimizer_state", (opt._n_slots(), n_params)))
+    names = [e.get("name") if isinstance(e, dict) else None for e in entries]
+    if names != [name for name, _ in expected]:
+        _fail(f"arrays must be {[name for name, _ in expected]} for this header, got "
+              f"{_short(names)}")
+    arrays = []
+    for i, (entry, (name, shape)) in enumerate(zip(entries, expected)):
+        where = f"arrays[{i}] ({name})"
+        _object(entry, ("name", "dtype", "shape"), where)
+        if entry["dtype"] != _ARRAY_DTYPES[dtype]:
+            _fail(f"{where}.dtype must be {_ARRAY_DTYPES[dtype]!r} for a {dtype} model, "
+                  f"got {_describe(entry['dtype'])}")
+        got = _list(entry["shape"], f"{where}.shape", max_len=len(shape))
+        if len(got) != len(shape):
+            _fail(f"{where}.shape must have {len(shape)} dimension(s), got {len(got)}")
+        for j, d in enumerate(got):
+            if not _is_int(d) or d < 0:
+                _fail(f"{where}.shape[{j}] must be a non-negative integer, got {_describe(d)}")
+        if tuple(got) != shape:
+            _fail(f"{where}.shape is {_short(got)}, but the header implies "
+                  f"{_short(list(shape))}")
+        arrays.append((name, np.dtype(entry["dtype"]), shape))
+
+    return {"dtype": dtype, "n_features": n_features, "seed": seed, "layers": layers,
+            "optimizer": opt, "history": history, "rng_state": rng_state,
+            "position": position, "last_loss": last_loss, "arrays": arrays}
+
+
+# -- reading ------------------------------------------------------------------
+def _read_exact(f, n, what):
+    data = f.read(n)
+    if len(data) != n:
+        _fail(f"file ends inside the {what} ({len(data)} of {n} bytes)")
+    return data
+
+
+def _read_array(f, dtype, shape, what):
+    arr = np.empty(shape, dtype=dtype)
+    view = memoryview(arr.reshape(-1)).cast("B")
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            _fail(f"file ends inside {what} ({got} of {len(view)} bytes)")
+        got += n
+    return arr
+
+
+def _load(f, size):
+    if size < _PREFIX.size:
+        if _read_exact(f, min(size, len(MAGIC)), "magic") != MAGIC[:min(size, len(MAGIC))]:
+            _fail("not a fastbp model file (bad magic bytes)")
+        _fail(f"file too short ({size} bytes) to be a fastbp model file")
+    magic, header_len = _PREFIX.unpack(_read_exact(f, _PREFIX.size, "file prefix"))
+    if magic != MAGIC:
+        _fail("not a fastbp model file (bad magic bytes)")
+    if header_len > MAX_HEADER_BYTES:
+        _fail(f"header length {header_len} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    if header_len > size - _PREFIX.size:
+        _fail(f"header length {header_len} runs past the end of the file ({size} bytes)")
+    spec = _check_header(_parse_header(_read_exact(f, header_len, "header")))
+
+    remaining = size - _PREFIX.size - header_len
+    total = 0
+    for name, dtype, shape in spec["arrays"]:
+        nbytes = dtype.itemsize
+        for d in shape:  # Python ints: no overflow, and bounded at every step
+            nbytes *= d
+            if nbytes > remaining:
+                _fail(f"array {name} of shape {_short(list(shape))} needs more bytes than the file "
+                      f"holds after the header ({remaining})")
+        total += nbytes
+    if total != remaining:
+        _fail(f"the arrays take {total} bytes but {remaining} bytes follow the header "
+              + ("(truncated file?)" if total > remaining else "(trailing bytes)"))
+    data = {name: _read_array(f, dtype, shape, f"array {name}")
+            for name, dtype, shape in spec["arrays"]}
+    native = np.dtype(spec["dtype"])
+    data = {k: np.ascontiguousarray(v, dtype=native) for k, v in data.items()}
+    return _build(spec, data)
+
+
+def _build(spec, data):
+    net = Sequential(spec["layers"], dtype=spec["dtype"], seed=spec["seed"])
+    opt = spec["optimizer"]
+    if spec["n_features"] is not None:
+        params = data["params"]
+        if not np.isfinite(params).all():
+            _fail("params contain NaN or infinity")
+        try:
+            net.build(spec["n_features"])
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. a seed numpy refuses
+            _fail(f"cannot build the model: {exc}")
+        net._params[...] = params
+        net._shuffle_rng.bit_generator.state = spec["rng_state"]
+        net._position = spec["position"]
+        if "optimizer_state" in data:
+            opt.state = data["optimizer_state"]
+    net.history = spec["history"]
+    net.optimizer = opt
+    net._last_loss = spec["last_loss"]
+    return net
+
+
+def load_model(path):
+    """Read a model written by ``save_model`` / ``Sequential.save``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    Sequential
+        The model with its parameters, optimizer (state and step count),
+        history, RNG state and position in an unfinished epoch: training it
+        further continues the saved run exactly.
+
+    Raises
+    ------
+    ModelFormatError
+        The file is not a valid model file (see the module docstring).
+    OSError
+        The file cannot be opened.
+    """
+    path = os.fspath(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device could block or never end
+            _fail("not a regular file")
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                _fail("not a regular file")
+            return _load(f, st.st_size)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"{os.fsdecode(path)}: {exc}") from None
+
+
+load = load_model
+
+
+# -- writing ------------------------------------------------------------------
+def _seed_for_json(seed):
+    if seed is None:
+        return None
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return int(seed)
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        return [int(s) for s in seed]
+    raise ValueError(f"cannot save a model whose seed is {type(seed).__name__} {_short(seed)} "
+                     "(use None, an int or a list of ints)")
+
+
+def _encode(net):
+    """Header bytes and the arrays to write after them."""
+    if not isinstance(net, Sequential):
+        raise TypeError(f"save_model needs a fastbp Sequential, got {type(net).__name__}")
+    dtype = net.dtype.name
+    arrays = []
+    if net.built:
+        params = net.params
+        if not np.isfinite(params).all():
+            raise ValueError("cannot save a model whose params contain NaN or infinity")
+        arrays.append(("params", params))
+    opt = net.optimizer
+    opt_header = None
+    if opt is not None:
+        cls = _optim.OPTIMIZERS.get(type(opt).__name__.lower())
+        if type(opt) is not cls:
+            raise ValueError(f"cannot save optimizer {type(opt).__name__}: model files hold the "
+                             f"optimizers of fastbp.optim.OPTIMIZERS only")
+        opt_header = {"class": type(opt).__name__, "config": opt.get_config(), "t": int(opt.t)}
+        if opt.state is not None:
+            expect = (opt._n_slots(), net.n_params if net.built else None)
+            if not net.built or opt.state.shape != expect or opt.state.dtype != net.dtype:
+                raise ValueError(
+                    f"cannot save: the optimizer holds {opt.state.dtype} state of shape "
+                    f"{opt.state.shape}, not {dtype} of shape {expect} for this model")
+            arrays.append(("optimizer_state", opt.state))
+    position = None
+    if net._position is not None:
+        position = dict(net._position)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype,
+        "n_features": net.n_features if net.built else None,
+        "seed": _seed_for_json(net.seed),
+        "layers": [layer.get_config() for layer in net.layers],
+        "optimizer": opt_header,
+        "history": net.history.to_dict(),
+        "shuffle_rng_state": net._shuffle_rng.bit_generator.state if net.built else None,
+        "position": position,
+        "last_loss": net._last_loss,
+        "arrays": [{"name": name, "dtype": _ARRAY_DTYPES[dtype], "shape": list(a.shape)}
+                   for name, a in arrays],
+    }
+    raw = json.dumps(header, separators=(",", ":"), default=_json_default).encode("utf-8")
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ValueError(f"cannot save: the header would take {len(raw)} bytes, more than "
+                         f"the {MAX_HEADER_BYTES} a reader accepts (a very long history?)")
+    # Never write a file that load would refuse: check the header as load does.
+    try:
+        _check_header(_parse_header(raw))
+    except ModelFormatError as exc:
+        raise ValueError(f"cannot save this model: {exc}") from None
+    le = np.dtype(_ARRAY_DTYPES[dtype])
+    return raw, [np.ascontiguousarray(a, dtype=le) for _, a in arrays]
+
+
+def _new_file_mode():
+    """0o666 less the process umask (read without changing it where possible)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_model(net, path):
+    """Write ``net`` to ``path`` atomically (see the module docstring).
+
+    Parameters
+    ----------
+    net : Sequential
+    path : str or os.PathLike
+        Replaced atomically: readers see the old file or the new one.
+
+    Raises
+    ------
+    ValueError
+        The model cannot be stored (non-finite parameters, an optimizer that
+        is not one of ``fastbp.optim``'s, a seed that is not an int...).
+    OSError
+        Writing failed; the target is then unchanged.
+    """
+    raw, arrays = _encode(net)
+    path = os.fsdecode(os.fspath(path))
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = _new_file_mode()
+    tmp = tempfile.NamedTemporaryFile(mode="wb", dir=directory, delete=False,
+                                      prefix="." + os.path.basename(path)[:100] + ".",
+                                      suffix=".tmp")
+    try:
+        with tmp:
+            if hasattr(os, "fchmod"):
+                os.fchmod(tmp.fileno(), mode)
+            tmp.write(_PREFIX.pack(MAGIC, len(raw)))
+            tmp.write(raw)
+            for a in arrays:
+                tmp.write(memoryview(a.reshape(-1)).cast("B"))
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp.name)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)

@@ -1,0 +1,163 @@
+"""Checkpoints, resume and Ctrl-C: an interrupted run, resumed, ends with a
+model bitwise identical to the uninterrupted run (same thread count)."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastbp
+
+
+def _data(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 10))
+    y = (X[:, :3].sum(axis=1) > 0).astype(int) + (X[:, 3] > 1)
+    return X, y
+
+
+def _net(seed=3):
+    return fastbp.Sequential([fastbp.Dense(32, activation="tanh"), fastbp.Dense(32, activation="relu"),
+                              fastbp.Dense(3)], dtype="float64", seed=seed)
+
+
+FIT = dict(loss="cross_entropy", batch_size=10, verbose=0)
+
+
+def _reference(epochs, X, y):
+    net = _net()
+    net.fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=epochs, **FIT)
+    return net
+
+
+def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path):
+    X, y = _data()
+    ref = _reference(3, X, y)
+    path = tmp_path / "run.fbp"
+    saves = []
+    real_save = fastbp.Sequential.save
+
+    def crash_on_the_sixth_save(self, p):
+        saves.append(self._position and dict(self._position))
+        if len(saves) == 6:
+            raise RuntimeError("simulated crash")
+        real_save(self, p)
+
+    net = _net()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fastbp.Sequential, "save", crash_on_the_sixth_save)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            net.fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=3, checkpoint=path,
+                    checkpoint_every=70, **FIT)
+    # 300 batches per epoch: saves after batches 70, 140, 210, 280, end of epoch 1, 70 of epoch 2
+    assert saves[4] is None and saves[3]["batch"] == 280
+    resumed = fastbp.load(path)  # the 5th save: end of epoch 1
+    assert len(resumed.history) == 1 and resumed._position is None
+    resumed.fit(X, y, epochs=2, **FIT)
+    np.testing.assert_array_equal(resumed.params, ref.params)
+
+    # and from a checkpoint written in the middle of an epoch
+    with pytest.MonkeyPatch.context() as mp:
+        count = []
+
+        def stop_after_two(self, p):
+            real_save(self, p)
+            count.append(1)
+            if len(count) == 2:
+                raise RuntimeError("simulated crash")
+        mp.setattr(fastbp.Sequential, "save", stop_after_two)
+        with pytest.raises(RuntimeError):
+            _net().fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=3, checkpoint=path,
+                       checkpoint_every=70, **FIT)
+    mid = fastbp.load(path)
+    assert mid._position["epoch"] == 1 and mid._position["batch"] == 140
+    mid.fit(X, y, epochs=3 - len(mid.history), **FIT)
+    np.testing.assert_array_equal(mid.params, ref.params)
+    assert mid.optimizer.t == ref.optimizer.t == 900
+    assert mid.history["loss"] == pytest.approx(ref.history["loss"], rel=1e-12)
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_fit_continues_bitwise():
+    X, y = _data()
+    epochs = 200  # about 1.5 s: the interrupt lands well inside the fit
+    ref = _reference(epochs, X, y)
+    net = _net()
+    timer = threading.Timer(0.25, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            net.fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=epochs, **FIT)
+    finally:
+        timer.cancel()
+    assert "interrupted" in net.history.stop_reason
+    done = len(net.history)
+    assert done < epochs
+    assert np.isfinite(net.params).all()
+    assert net.optimizer.t == done * 300 + (net._position["batch"] if net._position else 0)
+    net.fit(X, y, epochs=epochs - done, **FIT)
+    np.testing.assert_array_equal(net.params, ref.params)
+    assert len(net.history) == epochs
+
+
+def test_resume_with_other_data_is_refused(tmp_path):
+    X, y = _data()
+    net = _net()
+    net._position = {"epoch": 1, "batch": 5, "rng_state": None, "loss_sum": 0.0,
+                     "n_samples": 999, "batch_size": 10, "shuffle": True}
+    with pytest.raises(ValueError, match="unfinished epoch"):
+        net.fit(X, y, **FIT)
+    net.discard_partial_epoch()
+    net.fit(X, y, **FIT)
+
+
+def test_checkpoint_every_needs_a_path():
+    X, y = _data(100)
+    with pytest.raises(ValueError, match="checkpoint_every needs a checkpoint path"):
+        _net().fit(X, y, checkpoint_every=3, **FIT)
+
+
+CHILD = textwrap.dedent("""
+    import sys, numpy as np, fastbp
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint import _data, _net, FIT
+    import time
+    save = fastbp.Sequential.save
+
+    def slow_save(self, path):  # keeps the run long enough to be killed inside it
+        save(self, path)
+        time.sleep(0.01)
+    fastbp.Sequential.save = slow_save
+    X, y = _data()
+    net = _net()
+    print("started", flush=True)
+    net.fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=100, checkpoint={path!r},
+            checkpoint_every=50, **FIT)
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_then_resume_from_the_checkpoint(tmp_path):
+    """A real crash: the training process is killed; the checkpoint it left
+    loads, and finishing the run gives the uninterrupted run's weights."""
+    X, y = _data()
+    path = str(tmp_path / "ckpt.fbp")
+    code = CHILD.format(tests=os.path.dirname(__file__), path=path)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"started"
+    deadline = time.time() + 60
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.15)  # the child's 700 saves take > 7 s: the kill lands inside the run
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    net = fastbp.load(path)
+    assert len(net.history) < 100
+    net.fit(X, y, epochs=100 - len(net.history), **FIT)
+    ref = _reference(100, X, y)
+    np.testing.assert_array_equal(net.params, ref.params)
