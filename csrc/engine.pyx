@@ -14,7 +14,12 @@ row per layer (columns below), plus flat arrays that Python allocated once:
   (m, n_out) output starts at ``m * program[l, ACT_OFF]``: the layers pack
   tightly for any m <= B.
 * ``deltas`` : two ping-pong buffers of B * max_width for dL/d(activation).
-* ``xb``/``yb``: the gathered mini-batch, when rows are shuffled.
+* ``xb``/``yb``/``wb``: the gathered mini-batch (inputs, targets, sample
+  weights), when rows are shuffled.
+* ``reg`` (n_layers, 2) float64: each layer's (l2, l1) weight penalty,
+  added as ``s * (l2/2 ||W||^2 + l1 |W|_1)`` to the loss and
+  ``s * (l2 W + l1 sign W)`` to dW, where s = 1 / (sum of the batch's sample
+  weights) if ``reg_per_weight`` (scikit-learn's alpha) else 1.
 
 ``train_batches`` runs many mini-batch steps in one call without the GIL:
 gather rows by index, forward through every layer (dense.pyx), loss and its
@@ -55,21 +60,60 @@ cdef enum:
 
 PROGRAM_COLUMNS = ("kind", "n_in", "n_out", "act", "w_off", "b_off", "act_off", "trainable")
 
-# loss(z, y, g, m, k) -> mean loss; writes g = dL/dz.  (fastbp/_numba/losses.py)
-ctypedef double (*loss_f32)(float*, float*, float*, int64_t, int64_t) noexcept nogil
-ctypedef double (*loss_f64)(double*, double*, double*, int64_t, int64_t) noexcept nogil
+# loss(z, y, w, g, m, k) -> weighted mean loss; writes g = dL/dz.
+# (fastbp/_numba/losses.py)
+ctypedef double (*loss_f32)(float*, float*, float*, float*, int64_t, int64_t) noexcept nogil
+ctypedef double (*loss_f64)(double*, double*, double*, double*, int64_t, int64_t) noexcept nogil
 # step(p, g, state, n, stride, hyper, t) -> 1 if every updated p is finite.
 # (fastbp/_numba/optim.py)
 ctypedef int (*step_f32)(float*, float*, float*, int64_t, int64_t, double*, int64_t) noexcept nogil
 ctypedef int (*step_f64)(double*, double*, double*, int64_t, int64_t, double*, int64_t) noexcept nogil
 
 
-cdef inline double call_loss(size_t addr, floating* z, floating* y, floating* g,
-                             int64_t m, int64_t k) noexcept nogil:
+cdef inline double call_loss(size_t addr, floating* z, floating* y, floating* w,
+                             floating* g, int64_t m, int64_t k) noexcept nogil:
     if floating is float:
-        return (<loss_f32>addr)(z, y, g, m, k)
+        return (<loss_f32>addr)(z, y, w, g, m, k)
     else:
-        return (<loss_f64>addr)(z, y, g, m, k)
+        return (<loss_f64>addr)(z, y, w, g, m, k)
+
+
+cdef double penalize(const int64_t[:, ::1] prog, const double[:, ::1] reg, bint per_weight,
+                     const floating* w, int64_t m, floating* params,
+                     floating* grad) noexcept nogil:
+    """Add the weight penalties of every trainable layer to ``grad``; return
+    their value (0 when no layer has one)."""
+    cdef int64_t l, i, size
+    cdef double s = 1.0, total = 0.0, l2, l1, sq, ab, wsum
+    cdef bint scaled = False
+    cdef floating* W
+    cdef floating* dW
+    cdef floating c2, c1, v
+    for l in range(prog.shape[0]):
+        l2 = reg[l, 0]
+        l1 = reg[l, 1]
+        if (l2 == 0 and l1 == 0) or not prog[l, TRAINABLE]:
+            continue
+        if per_weight and not scaled:
+            wsum = 0.0
+            for i in range(m):
+                wsum += w[i]
+            s = 1.0 / wsum
+            scaled = True
+        size = prog[l, N_IN] * prog[l, N_OUT]
+        W = params + prog[l, W_OFF]
+        dW = grad + prog[l, W_OFF]
+        c2 = <floating>(s * l2)
+        c1 = <floating>(s * l1)
+        sq = 0.0
+        ab = 0.0
+        for i in range(size):
+            v = W[i]
+            sq += v * v
+            ab += v if v >= 0 else -v
+            dW[i] += c2 * v + (c1 if v > 0 else (-c1 if v < 0 else 0))
+        total += s * (0.5 * l2 * sq + l1 * ab)
+    return total
 
 
 cdef inline int call_step(size_t addr, floating* p, floating* g, floating* state,
@@ -143,33 +187,36 @@ def forward(const floating[:, ::1] X, const int64_t[:, ::1] program,
             start += m
 
 
-def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y,
+def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating[::1] W,
               const int64_t[:, ::1] program, floating[::1] params,
               floating[::1] grad, floating[::1] acts, floating[::1] deltas,
-              size_t loss_addr):
-    """Full-batch mean loss over all rows of X, and its gradient into ``grad``."""
+              size_t loss_addr, const double[:, ::1] reg, bint reg_per_weight):
+    """Full-batch weighted mean loss over all rows of X (plus the weight
+    penalties), and its gradient into ``grad``."""
     cdef int64_t n = X.shape[0], k = Y.shape[1], half = deltas.shape[0] // 2
     cdef int64_t last = program.shape[0] - 1
     cdef double loss
     with nogil:
         forward_all(program, &X[0, 0], &params[0], &acts[0], NULL, n)
         loss = call_loss(loss_addr, &acts[0] + program[last, ACT_OFF] * n,
-                         <floating*>&Y[0, 0], &deltas[0], n, k)
+                         <floating*>&Y[0, 0], <floating*>&W[0], &deltas[0], n, k)
         backward_all(program, &X[0, 0], &params[0], &grad[0], &acts[0], &deltas[0],
                      half, n)
+        loss += penalize(program, reg, reg_per_weight, &W[0], n, &params[0], &grad[0])
     return loss
 
 
-def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y,
+def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floating[::1] W,
                   const int64_t[::1] order, bint gather,
                   int64_t batch_size, int64_t first_batch, int64_t n_batches,
                   const int64_t[:, ::1] program,
                   floating[::1] params, floating[::1] grad,
                   floating[::1] acts, floating[::1] deltas,
-                  floating[::1] xb, floating[::1] yb,
+                  floating[::1] xb, floating[::1] yb, floating[::1] wb,
                   size_t loss_addr, size_t step_addr,
                   floating[::1] opt_state, const double[::1] hyper,
                   const int64_t[:, ::1] segments, int64_t step0,
+                  const double[:, ::1] reg, bint reg_per_weight,
                   double[::1] batch_loss):
     """Run mini-batches first_batch .. first_batch + n_batches - 1 of an epoch.
 
@@ -188,6 +235,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y,
     cdef double loss
     cdef const floating* x0
     cdef floating* y0
+    cdef floating* w0
     cdef floating* state = _ptr(opt_state)
     cdef floating* out_last
     with nogil:
@@ -199,19 +247,24 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y,
                 for r in range(m):
                     memcpy(&xb[r * d], &X[order[s + r], 0], d * sizeof(floating))
                     memcpy(&yb[r * k], &Y[order[s + r], 0], k * sizeof(floating))
+                    wb[r] = W[order[s + r]]
                 x0 = &xb[0]
                 y0 = &yb[0]
+                w0 = &wb[0]
             else:
                 x0 = &X[s, 0]
                 y0 = <floating*>&Y[s, 0]
+                w0 = <floating*>&W[s]
             forward_all(program, x0, &params[0], &acts[0], NULL, m)
             out_last = &acts[0] + program[last, ACT_OFF] * m
-            loss = call_loss(loss_addr, out_last, y0, &deltas[0], m, k)
-            batch_loss[b] = loss
+            loss = call_loss(loss_addr, out_last, y0, w0, &deltas[0], m, k)
             if not isfinite(loss):
+                batch_loss[b] = loss
                 status = STATUS_LOSS_NONFINITE
                 break
             backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0], half, m)
+            loss += penalize(program, reg, reg_per_weight, w0, m, &params[0], &grad[0])
+            batch_loss[b] = loss
             ok = 1
             for j in range(segments.shape[0]):
                 ok &= call_step(step_addr, &params[0] + segments[j, 0],

@@ -13,9 +13,10 @@ from .history import History
 from .layers import Dense
 from .model import DivergenceError, Sequential
 from .io import ModelFormatError, load
+from .sklearn import MLPClassifier, MLPRegressor
 
 __version__ = "0.1.0"
 
 __all__ = ["Sequential", "Dense", "optim", "gradcheck", "History", "DivergenceError",
-           "load", "ModelFormatError",
+           "load", "ModelFormatError", "MLPClassifier", "MLPRegressor",
            "activations", "initializers", "losses", "reference", "__version__"]

@@ -103,6 +103,21 @@ def check_targets(y, loss, n_samples, n_outputs, dtype, name="y"):
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+def check_sample_weight(sample_weight, n_samples, dtype):
+    """Sample weights as a C-contiguous (n,) array of ``dtype`` (ones if None)."""
+    if sample_weight is None:
+        return np.ones(n_samples, dtype=dtype)
+    w = _as_numeric(sample_weight, "sample_weight")
+    if w.shape != (n_samples,):
+        raise ValueError(f"sample_weight must have shape ({n_samples},), got {w.shape}")
+    _check_finite(w.astype(np.float64), "sample_weight")
+    if (w < 0).any():
+        raise ValueError("sample_weight must be non-negative")
+    if not w.sum() > 0:
+        raise ValueError("sample_weight must not be all zero")
+    return np.ascontiguousarray(w, dtype=dtype)
+
+
 def check_positive_int(value, name, allow_none=False):
     if value is None and allow_none:
         return None

@@ -4,7 +4,7 @@ import numpy as np
 from . import losses as _losses
 
 
-def gradcheck(net, X, y, loss="mse", eps=1e-5, indices=None):
+def gradcheck(net, X, y, loss="mse", eps=1e-5, indices=None, sample_weight=None):
     """Largest relative error between the compiled gradient and central
     finite differences, computed in float64.
 
@@ -22,6 +22,7 @@ def gradcheck(net, X, y, loss="mse", eps=1e-5, indices=None):
         1e-5 is near the optimum (machine epsilon)^(1/3) for float64.
     indices : array-like of int or None
         Parameters to check (default: all).
+    sample_weight : array-like of shape (n,), optional
 
     Returns
     -------
@@ -47,16 +48,21 @@ def gradcheck(net, X, y, loss="mse", eps=1e-5, indices=None):
                        for l in net.layers], dtype="float64")
     twin.build(net.n_features)
     twin.set_params(net.params.astype(np.float64))
-    _, analytic = twin.loss_and_grad(X, y, loss=loss)
+    twin._reg[...] = net._reg
+    twin._reg_per_weight = net._reg_per_weight
+
+    def value(p):
+        return twin.loss_and_grad(X, y, loss=loss, sample_weight=sample_weight)[0]
+    _, analytic = twin.loss_and_grad(X, y, loss=loss, sample_weight=sample_weight)
     params = twin.params
     idx = np.arange(params.size) if indices is None else np.asarray(indices, dtype=np.int64)
     numeric = np.empty(idx.size)
     for j, i in enumerate(idx):
         saved = params[i]
         params[i] = saved + eps
-        up = twin.evaluate(X, y, loss=loss)
+        up = value(params)
         params[i] = saved - eps
-        down = twin.evaluate(X, y, loss=loss)
+        down = value(params)
         params[i] = saved
         numeric[j] = (up - down) / (2 * eps)
     a = analytic[idx]

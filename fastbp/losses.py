@@ -31,6 +31,13 @@ ALIASES = {
 CLASSIFICATION = ("binary_cross_entropy", "cross_entropy")
 
 
+#: scikit-learn's MLP losses, used by fastbp.MLPClassifier / MLPRegressor
+#: (see fastbp/_numba/losses.py); accepted by name but not advertised.
+SKLEARN = ("sk_squared_error", "sk_log_loss", "sk_binary_log_loss", "sk_poisson")
+
+
 def resolve(loss):
     """Canonical loss name for ``loss``."""
+    if loss in SKLEARN:
+        return loss
     return resolve_name(loss, "loss", LOSSES, ALIASES)

@@ -28,7 +28,8 @@ from ._ext import engine as _engine
 from ._numba.losses import KERNELS as _LOSS_KERNELS
 from ._numba.losses import loss_cfunc
 from ._numba.optim import step_cfunc
-from ._validation import check_dtype, check_positive_int, check_targets, check_X
+from ._validation import (check_dtype, check_positive_int, check_sample_weight, check_targets,
+                          check_X)
 from .history import History
 from .layers import Dense, program_row
 
@@ -63,6 +64,7 @@ class _Workspace:
         self.deltas = np.empty(2 * rows * max(widths + [n_in]), dtype=dtype)
         self.xb = np.empty(rows * n_in, dtype=dtype)
         self.yb = np.empty(rows * n_out, dtype=dtype)
+        self.wb = np.empty(rows, dtype=dtype)
 
 
 class Sequential:
@@ -147,6 +149,10 @@ class Sequential:
             rows.append(program_row(layer, start, act_off))
             act_off += layer.units
         self._program = np.array(rows, dtype=np.int64)
+        # Per-layer (l2, l1) weight penalties; scaled by 1 / (sum of the
+        # batch's sample weights) when _reg_per_weight (scikit-learn's alpha).
+        self._reg = np.zeros((len(self.layers), 2))
+        self._reg_per_weight = False
         self.n_features = n_features
         self._workspaces = {}
         # Independent streams for initialization and shuffling, from one seed.
@@ -191,12 +197,12 @@ class Sequential:
             self._workspaces["main"] = ws
         return ws
 
-    def _prepare(self, X, y, loss, name_x="X", name_y="y"):
+    def _prepare(self, X, y, loss, name_x="X", name_y="y", sample_weight=None):
         X = check_X(X, self.dtype, self.n_features if self.built else None, name=name_x)
         if not self.built:
             self.build(X.shape[1])
         Y = check_targets(y, loss, X.shape[0], self.n_outputs, self.dtype, name=name_y)
-        return X, Y
+        return X, Y, check_sample_weight(sample_weight, X.shape[0], self.dtype)
 
     # -- computation -------------------------------------------------------
     def predict(self, X):
@@ -233,16 +239,21 @@ class Sequential:
             return 0.5 * (1 + np.tanh(0.5 * z))
         raise ValueError(f"predict_proba needs a classification loss, not {loss!r}")
 
-    def evaluate(self, X, y, loss="mse"):
-        """Mean loss on (X, y) (torch.nn definitions, see ``fastbp.losses``)."""
+    def evaluate(self, X, y, loss="mse", sample_weight=None):
+        """Mean loss on (X, y) (torch.nn definitions, see ``fastbp.losses``);
+        a weighted mean with ``sample_weight`` (n,).  Weight penalties are
+        not included (``loss_and_grad`` includes them)."""
         loss = _losses.resolve(loss)
         self._require_built()
-        X, Y = self._prepare(X, y, loss)
+        X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
         Z = self.predict(X)
-        return float(_LOSS_KERNELS[loss](Z, Y, np.empty_like(Z)))
+        return float(_LOSS_KERNELS[loss](Z, Y, w, np.empty_like(Z)))
 
-    def loss_and_grad(self, X, y, loss="mse"):
+    def loss_and_grad(self, X, y, loss="mse", sample_weight=None):
         """Mean loss over all of (X, y) and its gradient.
+
+        With ``sample_weight`` (n,) the loss is the weighted mean
+        sum_i w_i l_i / sum_i w_i.  Weight penalties, if any, are included.
 
         Returns
         -------
@@ -251,16 +262,17 @@ class Sequential:
             Same layout as ``params`` (a new array).
         """
         loss = _losses.resolve(loss)
-        X, Y = self._prepare(X, y, loss)
+        X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
         ws = self._workspace(X.shape[0])
-        value = _engine.loss_grad(X, Y, self._program, self._params, self._grad, ws.acts,
-                                  ws.deltas, loss_cfunc(loss, self.dtype))
+        value = _engine.loss_grad(X, Y, w, self._program, self._params, self._grad, ws.acts,
+                                  ws.deltas, loss_cfunc(loss, self.dtype), self._reg,
+                                  self._reg_per_weight)
         return float(value), self._grad.copy()
 
     # -- training ----------------------------------------------------------
     def fit(self, X, y, loss="mse", optimizer=None, epochs=1, batch_size=32, shuffle=True,
             validation_data=None, verbose=1, n_threads=None, on_divergence="raise",
-            checkpoint=None, checkpoint_every=None):
+            checkpoint=None, checkpoint_every=None, sample_weight=None):
         """Train by mini-batch backpropagation.
 
         Parameters
@@ -301,6 +313,9 @@ class Sequential:
             same data continues bitwise identically to an uninterrupted run.
         checkpoint_every : int, optional
             Also checkpoint every this many mini-batches within an epoch.
+        sample_weight : array-like of shape (n,), optional
+            Non-negative weights: each batch's loss is the weighted mean
+            sum_i w_i l_i / sum_i w_i (default: all ones, the plain mean).
 
         Returns
         -------
@@ -320,11 +335,11 @@ class Sequential:
         checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every", allow_none=True)
         if checkpoint_every and checkpoint is None:
             raise ValueError("checkpoint_every needs a checkpoint path")
-        X, Y = self._prepare(X, y, loss)
+        X, Y, W = self._prepare(X, y, loss, sample_weight=sample_weight)
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
-            Xv, Yv = self._prepare(*validation_data, loss, name_x="X_val", name_y="y_val")
+            Xv, Yv, _ = self._prepare(*validation_data, loss, name_x="X_val", name_y="y_val")
         n = X.shape[0]
         batch = n if batch_size is None else min(check_positive_int(batch_size, "batch_size"), n)
         n_threads = check_positive_int(n_threads, "n_threads", allow_none=True)
@@ -343,7 +358,7 @@ class Sequential:
         self.optimizer = opt
         self._last_loss = loss
 
-        run = _EpochRunner(self, X, Y, batch, shuffle, loss, opt, state)
+        run = _EpochRunner(self, X, Y, W, batch, shuffle, loss, opt, state)
         first_epoch = len(self.history) + 1
         last_epoch = first_epoch + epochs - 1
         with _blas_threads(n_threads), _DeferredInterrupt() as interrupt:
@@ -392,7 +407,8 @@ class Sequential:
 
     def _validation_metrics(self, Xv, Yv, loss):
         Z = self.predict(Xv)
-        out = {"val_loss": float(_LOSS_KERNELS[loss](Z, Yv, np.empty_like(Z)))}
+        w = np.ones(Z.shape[0], dtype=Z.dtype)
+        out = {"val_loss": float(_LOSS_KERNELS[loss](Z, Yv, w, np.empty_like(Z)))}
         if loss == "cross_entropy":
             out["val_accuracy"] = float(np.mean(Z.argmax(1) == Yv.argmax(1)))
         elif loss == "binary_cross_entropy":
@@ -459,19 +475,28 @@ class _EpochRunner:
     """Drives the engine through epochs: everything allocated here is
     allocated once per fit, none of it per step."""
 
-    def __init__(self, net, X, Y, batch, shuffle, loss, opt, state):
-        self.net, self.X, self.Y, self.batch, self.shuffle = net, X, Y, batch, bool(shuffle)
+    def __init__(self, net, X, Y, W, batch, shuffle, loss, opt, state):
+        self.net, self.X, self.Y, self.W = net, X, Y, W
+        self.batch, self.shuffle = batch, bool(shuffle)
         self.opt = opt
         self.state = state.reshape(-1)
         self.n_batches = math.ceil(X.shape[0] / batch)
         self.identity = np.arange(X.shape[0], dtype=np.int64)
         self.order = self.identity.copy()
         self.batch_loss = np.zeros(self.n_batches)
+        # Weight of each batch in the epoch's mean loss: its sample count, or
+        # its sum of sample weights (recomputed per epoch when shuffled).
         self.sizes = np.full(self.n_batches, batch, dtype=np.float64)
         self.sizes[-1] = X.shape[0] - batch * (self.n_batches - 1)
+        self.uniform = bool(np.all(W == 1))
+        self.total = float(X.shape[0]) if self.uniform else float(W.sum(dtype=np.float64))
+        # scikit-learn weighs each batch's loss by its sample count even with
+        # sample weights (fastbp.sklearn sets this).
+        self.count_by_samples = False
         self.ws = net._workspace(batch)
         self.segments = net._segments()
         self.loss_addr = loss_cfunc(loss, net.dtype)
+        self.gather = self.shuffle
         self.step_addr = step_cfunc(opt.kernel, net.dtype)
         self.hyper = opt._hyper()
         # Snapshot at the start of each epoch (or resume point): lets a
@@ -480,18 +505,25 @@ class _EpochRunner:
         self.snap_state = np.empty_like(self.state)
         self.chunk = 1
 
-    def start_epoch(self, resume=None):
-        """Shuffle for a new epoch, or rebuild the order of an unfinished one
-        from its saved RNG state; returns the first batch to run."""
+    def start_epoch(self, resume=None, order=None):
+        """Shuffle for a new epoch (or use ``order``), or rebuild the order of
+        an unfinished one from its saved RNG state; returns the first batch."""
         rng = self.net._shuffle_rng
         if resume is not None:
             rng.bit_generator.state = resume["rng_state"]
         self.rng_state = rng.bit_generator.state  # before this epoch's shuffle
-        if self.shuffle:
+        self.gather = self.shuffle or order is not None
+        if order is not None:
+            self.order[...] = order
+        elif self.shuffle:
             # Each epoch's order depends only on the RNG, not on earlier
             # epochs' orders, so fit(2 epochs) twice == fit(4 epochs).
             self.order[...] = self.identity
             rng.shuffle(self.order)
+        if not self.uniform and not self.count_by_samples:
+            w = self.W[self.order] if (self.shuffle or order is not None) else self.W
+            self.sizes[...] = np.add.reduceat(w.astype(np.float64),
+                                              np.arange(0, len(w), self.batch))
         self.first = 0 if resume is None else resume["batch"]
         self.loss_before = 0.0 if resume is None else resume["loss_sum"]
         self.snap_params[...] = self.net._params
@@ -510,16 +542,17 @@ class _EpochRunner:
         return self.loss_before + float(np.dot(self.batch_loss[done], self.sizes[done]))
 
     def epoch_loss(self):
-        """Mean training loss over the epoch's samples."""
-        return self._loss_sum(self.n_batches) / self.X.shape[0]
+        """Mean training loss over the epoch's samples (weighted)."""
+        total = float(self.X.shape[0]) if self.count_by_samples else self.total
+        return self._loss_sum(self.n_batches) / total
 
     def _call(self, first, count):
         ws, net = self.ws, self.net
         done, status = _engine.train_batches(
-            self.X, self.Y, self.order, self.shuffle, self.batch, first, count,
-            net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb,
+            self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
+            net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
             self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
-            self.opt.t, self.batch_loss)
+            self.opt.t, net._reg, net._reg_per_weight, self.batch_loss)
         self.opt.t += done
         return done, status
 

@@ -86,31 +86,82 @@ def dense_backward(x, w, a, g, act):
     return x.T @ d, d.sum(axis=0), d @ w.T
 
 
-# --- losses (torch.nn definitions, mean reduction); write G = dL/dZ -----------
+# --- losses; write G = dL/dZ, return the weighted mean loss -------------------
+# w: sample weights (m,).  fastbp's losses: torch.nn definitions with mean
+# reduction, a weighted mean when weights are given.
 
-def mse_loss_grad(Z, Y, G):
-    G[...] = 2 * (Z - Y) / Z.size
-    return float(np.mean((Z.astype(np.float64) - Y) ** 2))
+def mse_loss_grad(Z, Y, w, G):
+    wc = w[:, None]
+    G[...] = 2 * wc * (Z - Y) / (w.sum(dtype=np.float64) * Z.shape[1])
+    return float(np.sum(wc * (Z.astype(np.float64) - Y) ** 2) / (w.sum(dtype=np.float64) * Z.shape[1]))
 
 
-def binary_cross_entropy_loss_grad(Z, Y, G):
+def binary_cross_entropy_loss_grad(Z, Y, w, G):
+    wc = w[:, None]
     sigmoid = 0.5 * (1 + np.tanh(0.5 * Z))
-    G[...] = (sigmoid - Y) / Z.size
+    G[...] = wc * (sigmoid - Y) / (w.sum(dtype=np.float64) * Z.shape[1])
     z = Z.astype(np.float64)
-    return float(np.mean(np.maximum(z, 0) - z * Y + np.log1p(np.exp(-np.abs(z)))))
+    per = np.maximum(z, 0) - z * Y + np.log1p(np.exp(-np.abs(z)))
+    return float(np.sum(wc * per) / (w.sum(dtype=np.float64) * Z.shape[1]))
 
 
-def cross_entropy_loss_grad(Z, Y, G):
-    shifted = Z - Z.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    softmax = e / e.sum(axis=1, keepdims=True)
-    G[...] = (softmax * Y.sum(axis=1, keepdims=True) - Y) / Z.shape[0]
-    log_softmax = shifted.astype(np.float64) - np.log(e.sum(axis=1, keepdims=True, dtype=np.float64))
-    return float(-np.sum(Y * log_softmax) / Z.shape[0])
+def _softmax(Z):
+    e = np.exp(Z - Z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cross_entropy_loss_grad(Z, Y, w, G):
+    wc = w[:, None]
+    G[...] = wc * (_softmax(Z) * Y.sum(axis=1, keepdims=True) - Y) / w.sum(dtype=np.float64)
+    shifted = Z.astype(np.float64) - Z.max(axis=1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-np.sum(wc * Y * log_softmax) / w.sum(dtype=np.float64))
+
+
+# scikit-learn's MLP losses (sklearn/neural_network/_base.py) on the last
+# layer's pre-activation Z; G is sklearn's delta w (act(Z) - Y) / sum(w).
+
+def _sk(Z, Y, w, G, prob):
+    G[...] = w[:, None] * (prob - Y) / w.sum(dtype=np.float64)
+
+
+def sk_squared_error_loss_grad(Z, Y, w, G):
+    _sk(Z, Y, w, G, Z)
+    return float(0.5 * np.average((Y.astype(np.float64) - Z) ** 2, weights=w, axis=0).mean())
+
+
+def sk_log_loss_loss_grad(Z, Y, w, G):
+    p = _softmax(Z)
+    _sk(Z, Y, w, G, p)
+    eps = np.finfo(Z.dtype).eps
+    logp = np.log(np.clip(p, eps, 1 - eps).astype(np.float64))
+    return float(-np.average(np.where(Y != 0, Y * logp, 0.0), weights=w, axis=0).sum())
+
+
+def sk_binary_log_loss_loss_grad(Z, Y, w, G):
+    p = 0.5 * (1 + np.tanh(0.5 * Z))
+    _sk(Z, Y, w, G, p)
+    eps = np.finfo(Z.dtype).eps
+    pc = np.clip(p, eps, 1 - eps).astype(np.float64)
+    per = np.where(Y != 0, Y * np.log(pc), 0.0) + np.where(Y != 1, (1 - Y) * np.log(1 - pc), 0.0)
+    return float(-np.average(per, weights=w, axis=0).sum())
+
+
+def sk_poisson_loss_grad(Z, Y, w, G):
+    p = np.exp(Z)
+    _sk(Z, Y, w, G, p)
+    y = Y.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ylogy = np.where(y != 0, y * np.log(y / p), 0.0)
+    return float(np.average(ylogy - y + p, weights=w, axis=0).sum())
 
 
 LOSS_KERNELS = {"mse": mse_loss_grad, "binary_cross_entropy": binary_cross_entropy_loss_grad,
-                "cross_entropy": cross_entropy_loss_grad}
+                "cross_entropy": cross_entropy_loss_grad,
+                "sk_squared_error": sk_squared_error_loss_grad,
+                "sk_log_loss": sk_log_loss_loss_grad,
+                "sk_binary_log_loss": sk_binary_log_loss_loss_grad,
+                "sk_poisson": sk_poisson_loss_grad}
 
 
 # --- optimizers (torch.optim equations; update p and state in place) -----------
@@ -183,6 +234,25 @@ def adagrad_step(p, g, state_sum, t, lr, lr_decay, weight_decay, eps):
     return bool(np.isfinite(p).all())
 
 
+# scikit-learn's optimizers (sklearn/neural_network/_stochastic_optimizers.py)
+
+def sk_sgd_step(p, g, velocity, lr, momentum, nesterov):
+    T = p.dtype.type
+    velocity[...] = T(momentum) * velocity - T(lr) * g
+    update = T(momentum) * velocity - T(lr) * g if nesterov else velocity
+    p += update
+    return bool(np.isfinite(p).all())
+
+
+def sk_adam_step(p, g, m, v, t, lr, beta1, beta2, eps):
+    T = p.dtype.type
+    m[...] = T(beta1) * m + T(1 - beta1) * g
+    v[...] = T(beta2) * v + T(1 - beta2) * (g * g)
+    rate = lr * np.sqrt(np.float64(1 - beta2 ** t)) / (1 - beta1 ** t)  # a float64 scalar
+    p += (-rate * m) / (np.sqrt(v) + T(eps))
+    return bool(np.isfinite(p).all())
+
+
 # --- a whole network, driven by the engine's program table ----------------------
 # program columns: kind, n_in, n_out, act, w_off, b_off, act_off, trainable
 
@@ -203,11 +273,28 @@ def forward(X, program, params):
     return forward_all(program, X, params)[-1]
 
 
-def loss_grad(X, Y, program, params, loss):
-    """Mean loss over (X, Y) and the flat gradient (same layout as params)."""
+def penalize(program, reg, per_weight, w, params, grad):
+    """Add each trainable layer's s (l2 W + l1 sign W) to grad; return the
+    penalty s sum (l2/2 ||W||^2 + l1 |W|_1), s = 1/sum(w) if per_weight else 1."""
+    s = 1.0 / w.sum(dtype=np.float64) if per_weight else 1.0
+    total = 0.0
+    for (W, _, _), row, (l2, l1) in zip(_layer_params(program, params), program, reg):
+        if (l2 or l1) and row[7]:
+            dW = grad[row[4]:row[4] + W.size].reshape(W.shape)
+            dW += W.dtype.type(s * l2) * W + W.dtype.type(s * l1) * np.sign(W)
+            W64 = W.astype(np.float64)
+            total += s * (0.5 * l2 * np.sum(W64 * W64) + l1 * np.sum(np.abs(W64)))
+    return total
+
+
+def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=False):
+    """Weighted mean loss over (X, Y) (w defaults to ones) plus the weight
+    penalties ``reg`` (n_layers, 2), and the flat gradient (same layout as
+    params)."""
     outs = forward_all(program, X, params)
     G = np.empty_like(outs[-1])
-    value = LOSS_KERNELS[loss](outs[-1], Y, G)
+    w = np.ones(X.shape[0], dtype=X.dtype) if w is None else w
+    value = LOSS_KERNELS[loss](outs[-1], Y, w, G)
     grad = np.zeros_like(params)
     layers = list(_layer_params(program, params))
     for l in range(len(layers) - 1, -1, -1):
@@ -217,6 +304,8 @@ def loss_grad(X, Y, program, params, loss):
         if trainable:
             grad[w_off:w_off + n_in * n_out] = dW.ravel()
             grad[b_off:b_off + n_out] = db
+    if reg is not None:
+        value += penalize(program, reg, reg_per_weight, w, params, grad)
     return value, grad
 
 

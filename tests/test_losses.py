@@ -10,65 +10,115 @@ from fastbp._numba import losses
 from helpers import DTYPES, assert_close
 
 LOSSES = list(losses.KERNELS)
+#: losses whose G is the exact gradient of their value (sk_squared_error's
+#: delta is sklearn's, which is the gradient only for a single output)
+EXACT = [l for l in LOSSES if l != "sk_squared_error"]
 
 
 def _targets(rng, loss, m, k, dtype):
-    if loss == "cross_entropy":
+    if loss in ("cross_entropy", "sk_log_loss"):
         return np.eye(k, dtype=dtype)[rng.integers(0, k, m)]
-    if loss == "binary_cross_entropy":
+    if loss in ("binary_cross_entropy", "sk_binary_log_loss"):
         return rng.integers(0, 2, size=(m, k)).astype(dtype)
+    if loss == "sk_poisson":
+        return rng.poisson(2.0, size=(m, k)).astype(dtype)
     return rng.normal(size=(m, k)).astype(dtype)
+
+
+def _weights(rng, m, dtype, uniform):
+    return np.ones(m, dtype) if uniform else rng.uniform(0.2, 3.0, m).astype(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_loss_and_gradient_match_reference(rng, dtype, loss):
-    Z = (3 * rng.normal(size=(9, 4))).astype(dtype)
+@pytest.mark.parametrize("uniform", [True, False], ids=["unweighted", "weighted"])
+def test_loss_and_gradient_match_reference(rng, dtype, loss, uniform):
+    Z = (1.5 * rng.normal(size=(9, 4))).astype(dtype)
     Y = _targets(rng, loss, 9, 4, dtype)
+    w = _weights(rng, 9, dtype, uniform)
     G, G_ref = np.empty_like(Z), np.empty_like(Z)
-    value = losses.KERNELS[loss](Z, Y, G)
-    value_ref = reference.LOSS_KERNELS[loss](Z, Y, G_ref)
+    value = losses.KERNELS[loss](Z, Y, w, G)
+    value_ref = reference.LOSS_KERNELS[loss](Z, Y, w, G_ref)
     assert_close(value, value_ref, dtype)
     assert_close(G, G_ref, dtype, scale=np.abs(G_ref).max())
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", EXACT + ["sk_squared_error"])
 def test_gradient_matches_finite_differences(rng, loss):
-    Z = rng.normal(size=(5, 3))
-    Y = _targets(rng, loss, 5, 3, "float64")
+    k = 1 if loss == "sk_squared_error" else 3
+    Z = rng.normal(size=(5, k))
+    Y = _targets(rng, loss, 5, k, "float64")
+    w = rng.uniform(0.5, 2.0, 5)
     G = np.empty_like(Z)
-    losses.KERNELS[loss](Z, Y, G)
+    losses.KERNELS[loss](Z, Y, w, G)
     eps = 1e-6
     numeric = np.empty_like(Z)
     for idx in np.ndindex(Z.shape):
         up, down = Z.copy(), Z.copy()
         up[idx] += eps
         down[idx] -= eps
-        numeric[idx] = (losses.KERNELS[loss](up, Y, np.empty_like(Z))
-                        - losses.KERNELS[loss](down, Y, np.empty_like(Z))) / (2 * eps)
+        numeric[idx] = (losses.KERNELS[loss](up, Y, w, np.empty_like(Z))
+                        - losses.KERNELS[loss](down, Y, w, np.empty_like(Z))) / (2 * eps)
     np.testing.assert_allclose(G, numeric, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_integer_weights_equal_repeated_rows(rng, loss):
+    Z = rng.normal(size=(6, 3))
+    Y = _targets(rng, loss, 6, 3, "float64")
+    reps = np.array([1, 3, 2, 1, 4, 2])
+    G_w, G_r = np.empty_like(Z), np.empty((reps.sum(), 3))
+    value_w = losses.KERNELS[loss](Z, Y, reps.astype(float), G_w)
+    value_r = losses.KERNELS[loss](np.repeat(Z, reps, 0), np.repeat(Y, reps, 0),
+                                   np.ones(reps.sum()), G_r)
+    assert value_w == pytest.approx(value_r, rel=1e-12)
+    summed = np.add.reduceat(G_r, np.concatenate([[0], np.cumsum(reps)[:-1]]))
+    np.testing.assert_allclose(G_w, summed, rtol=1e-12, atol=1e-15)
 
 
 def test_cross_entropy_with_probability_targets(rng):
     Z = rng.normal(size=(6, 3))
     Y = rng.dirichlet(np.ones(3), size=6)
+    w = np.ones(6)
     G, G_ref = np.empty_like(Z), np.empty_like(Z)
-    assert_close(losses.cross_entropy_loss_grad(Z, Y, G),
-                 reference.cross_entropy_loss_grad(Z, Y, G_ref), "float64")
+    assert_close(losses.cross_entropy_loss_grad(Z, Y, w, G),
+                 reference.cross_entropy_loss_grad(Z, Y, w, G_ref), "float64")
     assert_close(G, G_ref, "float64")
 
 
+def test_sklearn_losses_match_sklearn_definitions(rng):
+    """The sk_ kernels give sklearn.neural_network._base's loss values."""
+    from scipy.special import expit, softmax
+    from sklearn.neural_network import _base
+
+    Z = rng.normal(size=(8, 3))
+    w = rng.uniform(0.5, 2, 8)
+    cases = {"sk_squared_error": ("squared_error", Z),
+             "sk_log_loss": ("log_loss", softmax(Z, axis=1)),
+             "sk_binary_log_loss": ("binary_log_loss", expit(Z)),
+             "sk_poisson": ("poisson", np.exp(Z))}
+    for name, (sk_name, out) in cases.items():
+        Y = _targets(rng, name, 8, 3, "float64")
+        for sw in (None, w):
+            ours = losses.KERNELS[name](Z, Y, np.ones(8) if sw is None else sw, np.empty_like(Z))
+            assert ours == pytest.approx(_base.LOSS_FUNCTIONS[sk_name](Y, out, sw), rel=1e-12)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loss", ["binary_cross_entropy", "cross_entropy"])
+@pytest.mark.parametrize("loss", ["binary_cross_entropy", "cross_entropy", "sk_log_loss",
+                                  "sk_binary_log_loss"])
 def test_extreme_logits_give_finite_loss_and_gradient(dtype, loss):
     big = 1000.0 if dtype == "float64" else 100.0
     Z = np.array([[big, -big], [-big, big]], dtype=dtype)
     Y = np.array([[0, 1], [0, 1]], dtype=dtype)  # one badly wrong, one right
     G = np.empty_like(Z)
     with np.errstate(all="raise"):
-        value = losses.KERNELS[loss](Z, Y, G)
+        value = losses.KERNELS[loss](Z, Y, np.ones(2, dtype), G)
     assert np.isfinite(value) and np.isfinite(G).all()
-    assert value > big / 4  # the wrong row costs about `big`, not inf or 0
+    # the wrong row costs about `big`, or -log(eps) where sklearn clips p;
+    # the loss is the mean over the two rows
+    floor = -np.log(np.finfo(dtype).eps) if loss.startswith("sk_") else big
+    assert value > 0.45 * floor
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -76,12 +126,14 @@ def test_extreme_logits_give_finite_loss_and_gradient(dtype, loss):
 def test_cfunc_entry_point_matches_kernel(rng, dtype, loss):
     Z = rng.normal(size=(4, 3)).astype(dtype)
     Y = _targets(rng, loss, 4, 3, dtype)
+    w = rng.uniform(0.5, 2, 4).astype(dtype)
     G1, G2 = np.empty_like(Z), np.empty_like(Z)
     ctype = ctypes.c_float if dtype == "float32" else ctypes.c_double
     P = ctypes.POINTER(ctype)
-    fn = ctypes.CFUNCTYPE(ctypes.c_double, P, P, P, ctypes.c_int64, ctypes.c_int64)(
+    fn = ctypes.CFUNCTYPE(ctypes.c_double, P, P, P, P, ctypes.c_int64, ctypes.c_int64)(
         losses.loss_cfunc(loss, dtype))
-    v1 = fn(Z.ctypes.data_as(P), Y.ctypes.data_as(P), G1.ctypes.data_as(P), 4, 3)
-    v2 = losses.KERNELS[loss](Z, Y, G2)
+    v1 = fn(Z.ctypes.data_as(P), Y.ctypes.data_as(P), w.ctypes.data_as(P),
+            G1.ctypes.data_as(P), 4, 3)
+    v2 = losses.KERNELS[loss](Z, Y, w, G2)
     assert v1 == v2
     np.testing.assert_array_equal(G1, G2)

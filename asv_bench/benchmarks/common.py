@@ -128,7 +128,7 @@ class ReferenceTrainer:
 
     def loss(self, X, y, Y):
         Z = reference.forward(X, self.program, self.params)
-        return reference.cross_entropy_loss_grad(Z, Y, np.empty_like(Z))
+        return reference.cross_entropy_loss_grad(Z, Y, np.ones(len(Z), Z.dtype), np.empty_like(Z))
 
 
 TRAINERS = {"fastbp": FastbpTrainer, "reference": ReferenceTrainer}

@@ -1,13 +1,16 @@
 """Loss kernels (Numba): mean loss of a batch and its gradient wrt the outputs.
 
-Each ``<name>_loss_grad(Z, Y, G)`` takes the network outputs Z (m, k), the
-targets Y (m, k) and writes G = dL/dZ (m, k); it returns the mean loss as a
-float64 (accumulated in float64 for both dtypes).  Definitions follow
-torch.nn with ``reduction="mean"``; ``fastbp.reference`` has the same names.
+Each ``<name>_loss_grad(Z, Y, w, G)`` takes the network outputs Z (m, k),
+the targets Y (m, k) and the sample weights w (m,), writes G = dL/dZ (m, k)
+and returns the weighted mean loss as a float64 (accumulated in float64 for
+both dtypes).  The fastbp losses follow torch.nn with ``reduction="mean"``
+(with weights: sum_i w_i l_i / sum_i w_i, which is the plain mean when every
+w_i is 1); the ``sk_`` losses are scikit-learn's MLP losses.
+``fastbp.reference`` has the same names.
 
 ``loss_cfunc(name, dtype)`` returns the C address of a cached ``cfunc`` with
-signature ``double(T* z, T* y, T* g, int64 m, int64 k)`` that wraps the same
-kernel; the training engine (csrc/engine.pyx) calls it once per mini-batch.
+signature ``double(T* z, T* y, T* w, T* g, int64 m, int64 k)`` that wraps the
+same kernel; the training engine (csrc/engine.pyx) calls it once per batch.
 """
 import numpy as np
 from numba import carray, njit, types
@@ -17,22 +20,30 @@ from . import c_entry_point
 
 
 @njit(**NJIT)
-def mse_loss_grad(Z, Y, G):
+def _weight_sum(w):
+    total = 0.0
+    for i in range(w.shape[0]):
+        total += w[i]
+    return total
+
+
+@njit(**NJIT)
+def mse_loss_grad(Z, Y, w, G):
     m, k = Z.shape
-    scale = 1.0 / (m * k)
+    scale = 1.0 / (_weight_sum(w) * k)
     total = 0.0
     for i in range(m):
         for j in range(k):
             d = Z[i, j] - Y[i, j]
-            total += d * d
-            G[i, j] = 2 * scale * d
+            total += w[i] * d * d
+            G[i, j] = 2 * scale * (w[i] * d)
     return total * scale
 
 
 @njit(**NJIT)
-def binary_cross_entropy_loss_grad(Z, Y, G):
+def binary_cross_entropy_loss_grad(Z, Y, w, G):
     m, k = Z.shape
-    scale = 1.0 / (m * k)
+    scale = 1.0 / (_weight_sum(w) * k)
     total = 0.0
     for i in range(m):
         for j in range(k):
@@ -40,63 +51,180 @@ def binary_cross_entropy_loss_grad(Z, Y, G):
             y = Y[i, j]
             # log(1 + e^{-|z|}) never overflows; max(z, 0) - z y is exact.
             e = np.exp(-abs(z))
-            total += max(z, 0) - z * y + np.log1p(e)
+            total += w[i] * (max(z, 0) - z * y + np.log1p(e))
             s = 1 / (1 + e) if z >= 0 else e / (1 + e)
-            G[i, j] = scale * (s - y)
+            G[i, j] = scale * (w[i] * (s - y))
     return total * scale
 
 
 @njit(**NJIT)
-def cross_entropy_loss_grad(Z, Y, G):
+def _softmax_row(Z, G, i):
+    """G[i] = exp(Z[i] - max Z[i]); returns (max, sum of G[i])."""
+    k = Z.shape[1]
+    zmax = Z[i, 0]
+    for j in range(1, k):
+        zmax = max(zmax, Z[i, j])
+    s = 0.0
+    for j in range(k):
+        e = np.exp(Z[i, j] - zmax)
+        G[i, j] = e
+        s += e
+    return zmax, s
+
+
+@njit(**NJIT)
+def cross_entropy_loss_grad(Z, Y, w, G):
     m, k = Z.shape
-    scale = 1.0 / m
+    scale = 1.0 / _weight_sum(w)
     total = 0.0
     for i in range(m):
-        zmax = Z[i, 0]
-        for j in range(1, k):
-            zmax = max(zmax, Z[i, j])
-        s = 0.0
-        for j in range(k):
-            e = np.exp(Z[i, j] - zmax)
-            G[i, j] = e
-            s += e
+        zmax, s = _softmax_row(Z, G, i)
         lse = zmax + np.log(s)
         ysum = 0.0
+        row = 0.0
         for j in range(k):
             y = Y[i, j]
             ysum += y
-            total += y * (lse - Z[i, j])
+            row += y * (lse - Z[i, j])
+        total += w[i] * row
         # d/dz of -sum_j y_j log softmax(z)_j = softmax(z) * sum(y) - y
         for j in range(k):
-            G[i, j] = scale * (G[i, j] / s * ysum - Y[i, j])
+            G[i, j] = scale * (w[i] * (G[i, j] / s * ysum - Y[i, j]))
+    return total * scale
+
+
+# scikit-learn's losses (sklearn/neural_network/_base.py), in terms of the
+# last layer's pre-activation Z, with its output activation applied inside.
+# The gradient is sklearn's delta, w (act(Z) - Y) / sum(w), which is the exact
+# gradient of the loss for log losses and single-output squared error.
+
+@njit(**NJIT)
+def sk_squared_error_loss_grad(Z, Y, w, G):
+    """0.5 * mean over outputs of the weighted mean of (Z - Y)^2; identity output."""
+    m, k = Z.shape
+    scale = 1.0 / _weight_sum(w)
+    total = 0.0
+    for i in range(m):
+        for j in range(k):
+            d = Z[i, j] - Y[i, j]
+            total += w[i] * d * d
+            G[i, j] = scale * (w[i] * d)
+    return 0.5 * total * scale / k
+
+
+@njit(**NJIT)
+def sk_log_loss_loss_grad(Z, Y, w, G):
+    """-sum_j weighted mean of y log p, p = softmax(Z) clipped to [eps, 1-eps]."""
+    m, k = Z.shape
+    scale = 1.0 / _weight_sum(w)
+    eps = np.finfo(Z.dtype).eps
+    total = 0.0
+    for i in range(m):
+        zmax, s = _softmax_row(Z, G, i)
+        row = 0.0
+        for j in range(k):
+            p = G[i, j] / s
+            G[i, j] = scale * (w[i] * (p - Y[i, j]))
+            if Y[i, j] != 0:
+                row += Y[i, j] * np.log(min(max(p, eps), 1 - eps))
+        total -= w[i] * row
+    return total * scale
+
+
+@njit(**NJIT)
+def sk_binary_log_loss_loss_grad(Z, Y, w, G):
+    """-sum over outputs of the weighted mean of y log p + (1-y) log(1-p),
+    p = logistic(Z) clipped to [eps, 1-eps]."""
+    m, k = Z.shape
+    scale = 1.0 / _weight_sum(w)
+    eps = np.finfo(Z.dtype).eps
+    total = 0.0
+    for i in range(m):
+        row = 0.0
+        for j in range(k):
+            z = Z[i, j]
+            e = np.exp(-abs(z))
+            p = 1 / (1 + e) if z >= 0 else e / (1 + e)
+            y = Y[i, j]
+            G[i, j] = scale * (w[i] * (p - y))
+            pc = min(max(p, eps), 1 - eps)
+            if y != 0:
+                row += y * np.log(pc)
+            if y != 1:
+                row += (1 - y) * np.log(1 - pc)
+        total -= w[i] * row
+    return total * scale
+
+
+@njit(**NJIT)
+def sk_poisson_loss_grad(Z, Y, w, G):
+    """sum over outputs of the weighted mean of y log(y / p) - y + p, p = exp(Z)."""
+    m, k = Z.shape
+    scale = 1.0 / _weight_sum(w)
+    total = 0.0
+    for i in range(m):
+        row = 0.0
+        for j in range(k):
+            p = np.exp(Z[i, j])
+            y = Y[i, j]
+            G[i, j] = scale * (w[i] * (p - y))
+            row += (y * np.log(y / p) if y != 0 else 0.0) - y + p
+        total += w[i] * row
     return total * scale
 
 
 # C entry points: thin wrappers that view raw pointers as arrays.
-def _mse_c(z, y, g, m, k):
-    return mse_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(g, (m, k)))
+def _mse_c(z, y, w, g, m, k):
+    return mse_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(w, (m,)), carray(g, (m, k)))
 
 
-def _bce_c(z, y, g, m, k):
-    return binary_cross_entropy_loss_grad(carray(z, (m, k)), carray(y, (m, k)),
+def _bce_c(z, y, w, g, m, k):
+    return binary_cross_entropy_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(w, (m,)),
                                           carray(g, (m, k)))
 
 
-def _ce_c(z, y, g, m, k):
-    return cross_entropy_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(g, (m, k)))
+def _ce_c(z, y, w, g, m, k):
+    return cross_entropy_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(w, (m,)),
+                                   carray(g, (m, k)))
+
+
+def _sk_se_c(z, y, w, g, m, k):
+    return sk_squared_error_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(w, (m,)),
+                                      carray(g, (m, k)))
+
+
+def _sk_log_c(z, y, w, g, m, k):
+    return sk_log_loss_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(w, (m,)),
+                                 carray(g, (m, k)))
+
+
+def _sk_blog_c(z, y, w, g, m, k):
+    return sk_binary_log_loss_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(w, (m,)),
+                                        carray(g, (m, k)))
+
+
+def _sk_poisson_c(z, y, w, g, m, k):
+    return sk_poisson_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(w, (m,)),
+                                carray(g, (m, k)))
 
 
 KERNELS = {
     "mse": mse_loss_grad,
     "binary_cross_entropy": binary_cross_entropy_loss_grad,
     "cross_entropy": cross_entropy_loss_grad,
+    "sk_squared_error": sk_squared_error_loss_grad,
+    "sk_log_loss": sk_log_loss_loss_grad,
+    "sk_binary_log_loss": sk_binary_log_loss_loss_grad,
+    "sk_poisson": sk_poisson_loss_grad,
 }
-_C_WRAPPERS = {"mse": _mse_c, "binary_cross_entropy": _bce_c, "cross_entropy": _ce_c}
+_C_WRAPPERS = {"mse": _mse_c, "binary_cross_entropy": _bce_c, "cross_entropy": _ce_c,
+               "sk_squared_error": _sk_se_c, "sk_log_loss": _sk_log_c,
+               "sk_binary_log_loss": _sk_blog_c, "sk_poisson": _sk_poisson_c}
 
 
 def _signature(t):
     p = types.CPointer(t)
-    return types.float64(p, p, p, types.int64, types.int64)
+    return types.float64(p, p, p, p, types.int64, types.int64)
 
 
 def loss_cfunc(name, dtype):

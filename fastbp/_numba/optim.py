@@ -161,6 +161,43 @@ def adagrad_step(p, g, state_sum, t, lr, lr_decay, weight_decay, eps):
     return finite
 
 
+# scikit-learn's optimizers (sklearn/neural_network/_stochastic_optimizers.py):
+# used by fastbp.MLPClassifier / MLPRegressor to reproduce sklearn's numbers.
+
+@njit(**NJIT)
+def sk_sgd_step(p, g, velocity, lr, momentum, nesterov):
+    T = p.dtype.type
+    lr, mom = T(lr), T(momentum)
+    finite = True
+    for i in range(p.shape[0]):
+        vel = mom * velocity[i] - lr * g[i]
+        velocity[i] = vel
+        q = p[i] + (mom * vel - lr * g[i] if nesterov else vel)
+        p[i] = q
+        finite &= np.isfinite(q)
+    return finite
+
+
+@njit(**NJIT)
+def sk_adam_step(p, g, m, v, t, lr, beta1, beta2, eps):
+    T = p.dtype.type
+    # sklearn's rate is a NumPy float64 scalar, so (NEP 50) the update is
+    # computed in float64 even for float32 parameters: keep it float64 here.
+    neg_rate = -(lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t))
+    b1, w1, b2, w2, eps = T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(eps)
+    finite = True
+    for i in range(p.shape[0]):
+        d = g[i]
+        mi = b1 * m[i] + w1 * d
+        vi = b2 * v[i] + w2 * (d * d)
+        m[i] = mi
+        v[i] = vi
+        q = p[i] + (neg_rate * mi) / (np.sqrt(vi) + eps)
+        p[i] = q
+        finite &= np.isfinite(q)
+    return finite
+
+
 # C entry points: unpack slots and hyperparameters, then call the kernel.
 def _sgd_c(p, g, state, n, stride, hyper, t):
     h = carray(hyper, (5,))
@@ -205,8 +242,22 @@ def _adagrad_c(p, g, state, n, stride, hyper, t):
                         h[0], h[1], h[2], h[3])
 
 
+def _sk_sgd_c(p, g, state, n, stride, hyper, t):
+    s = carray(state, (1, stride))
+    h = carray(hyper, (3,))
+    return sk_sgd_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], h[0], h[1], h[2] != 0)
+
+
+def _sk_adam_c(p, g, state, n, stride, hyper, t):
+    s = carray(state, (2, stride))
+    h = carray(hyper, (4,))
+    return sk_adam_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], t,
+                        h[0], h[1], h[2], h[3])
+
+
 _C_WRAPPERS = {"sgd": _sgd_c, "adam": _adam_c, "rmsprop": _rmsprop_c,
-               "rprop": _rprop_c, "adagrad": _adagrad_c}
+               "rprop": _rprop_c, "adagrad": _adagrad_c,
+               "sk_sgd": _sk_sgd_c, "sk_adam": _sk_adam_c}
 
 
 def _signature(t):
