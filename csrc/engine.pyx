@@ -28,12 +28,20 @@ flat parameter vector.  The loss and the optimizer are Numba ``cfunc``s
 (fastbp/_numba), called through their C addresses, so one Python call drives
 any number of steps whatever the depth, and nothing is allocated per step.
 
+A ``Dropout`` row (kind 1) has no parameters: in training its output is
+x * mask with mask = 1/(1 - rate) or 0 (inverted dropout), and the mask is
+kept right after the output in ``acts`` for the backward pass; in predict it
+passes x through.  ``rates[l]`` is the drop rate of row l.  Masks come from
+a counter-based splitmix64 stream whose one uint64 counter (``rng[0]``)
+lives on the model: reproducible from the seed, saved in checkpoints, and
+computed identically by ``fastbp.reference.dropout_mask``.
+
 Status codes returned by ``train_batches`` (mirrored in fastbp/_engine.py):
 0 ok, 1 the loss of a batch was not finite (nothing updated for that batch),
 2 an update produced a non-finite parameter (the caller restores a snapshot).
 """
 from libc.math cimport isfinite
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from fastbp._ext.dense cimport floating, dense_forward_ptr, dense_backward_ptr
@@ -52,6 +60,7 @@ cdef enum:
 
 cdef enum:
     KIND_DENSE = 0
+    KIND_DROPOUT = 1
 
 cdef enum:
     STATUS_OK = 0
@@ -125,37 +134,90 @@ cdef inline int call_step(size_t addr, floating* p, floating* g, floating* state
         return (<step_f64>addr)(p, g, state, n, stride, hyper, t)
 
 
+cdef inline floating* _ptr(floating[::1] a) noexcept nogil:
+    return &a[0] if a.shape[0] > 0 else NULL
+
+
+cdef inline uint64_t splitmix64(uint64_t* counter) noexcept nogil:
+    cdef uint64_t z
+    counter[0] += <uint64_t>0x9E3779B97F4A7C15
+    z = counter[0]
+    z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
+cdef void dropout_forward(const floating* x, floating* out, floating* mask, int64_t size,
+                          double rate, uint64_t* counter) noexcept nogil:
+    """out = x * mask; an element is kept when the top 24 bits of its draw
+    are below (1 - rate) 2^24."""
+    cdef int64_t i
+    cdef uint64_t keep = <uint64_t>((1.0 - rate) * 16777216.0)
+    cdef floating scale = <floating>(1.0 / (1.0 - rate))
+    for i in range(size):
+        mask[i] = scale if (splitmix64(counter) >> 40) < keep else 0
+        out[i] = x[i] * mask[i]
+
+
 cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
                       floating* params, floating* acts, floating* last_out,
-                      int64_t m) noexcept nogil:
+                      int64_t m, const double* rates, uint64_t* counter) noexcept nogil:
     """Forward through every layer; the last one writes to ``last_out`` if it
-    is not NULL (predict), else to its slot in ``acts``."""
-    cdef int64_t l, n_layers = prog.shape[0]
+    is not NULL (predict), else to its slot in ``acts``.  ``counter`` NULL
+    means predict: dropout layers pass their input through."""
+    cdef int64_t l, i, n_layers = prog.shape[0], width
     cdef const floating* x = x0
     cdef floating* out
+    cdef floating* mask
     for l in range(n_layers):
         out = acts + prog[l, ACT_OFF] * m
         if l == n_layers - 1 and last_out != NULL:
             out = last_out
-        dense_forward_ptr(x, params + prog[l, W_OFF], params + prog[l, B_OFF], out,
-                          m, prog[l, N_IN], prog[l, N_OUT], <int>prog[l, ACT])
+        if prog[l, KIND] == KIND_DROPOUT:
+            width = prog[l, N_OUT]
+            mask = acts + prog[l, ACT_OFF] * m + m * width
+            if counter != NULL:
+                dropout_forward(x, out, mask, m * width, rates[l], counter)
+            elif last_out == NULL:
+                # loss_grad without dropout: identity, with a mask of ones so
+                # that backward_all passes gradients straight through
+                memcpy(out, x, m * width * sizeof(floating))
+                for i in range(m * width):
+                    mask[i] = 1
+            else:
+                continue  # predict: pass x on unchanged (never the last layer)
+        else:
+            dense_forward_ptr(x, params + prog[l, W_OFF], params + prog[l, B_OFF], out,
+                              m, prog[l, N_IN], prog[l, N_OUT], <int>prog[l, ACT])
         x = out
 
 
 cdef void backward_all(const int64_t[:, ::1] prog, const floating* x0,
                        floating* params, floating* grad, floating* acts,
                        floating* deltas, int64_t half, int64_t m) noexcept nogil:
-    """Backward through every layer.  On entry deltas[0:half] holds
-    dL/d(output of the last layer); on exit ``grad`` holds every dW, db."""
-    cdef int64_t l, n_in, n_out, n_layers = prog.shape[0]
+    """Backward through every layer (of a training forward pass).  On entry
+    deltas[0:half] holds dL/d(output of the last layer); on exit ``grad``
+    holds every dW, db."""
+    cdef int64_t l, i, n_in, n_out, n_layers = prog.shape[0]
     cdef floating* g = deltas
     cdef floating* other = deltas + half
     cdef floating* dx
     cdef floating* tmp
     cdef const floating* x
+    cdef const floating* mask
     for l in range(n_layers - 1, -1, -1):
         n_in = prog[l, N_IN]
         n_out = prog[l, N_OUT]
+        if prog[l, KIND] == KIND_DROPOUT:
+            if l == 0:
+                break  # dropout on the inputs: nothing below needs a gradient
+            mask = acts + prog[l, ACT_OFF] * m + m * n_out
+            for i in range(m * n_out):
+                other[i] = g[i] * mask[i]
+            tmp = g
+            g = other
+            other = tmp
+            continue
         x = x0 if l == 0 else acts + prog[l - 1, ACT_OFF] * m
         dx = other if l > 0 else NULL
         dense_backward_ptr(x, params + prog[l, W_OFF], acts + prog[l, ACT_OFF] * m, g,
@@ -170,20 +232,18 @@ cdef void backward_all(const int64_t[:, ::1] prog, const floating* x0,
         other = tmp
 
 
-cdef inline floating* _ptr(floating[::1] a) noexcept nogil:
-    return &a[0] if a.shape[0] > 0 else NULL
-
-
 def forward(const floating[:, ::1] X, const int64_t[:, ::1] program,
             floating[::1] params, floating[::1] acts, floating[:, ::1] out,
             int64_t chunk):
-    """Predict: out = network(X), ``chunk`` rows at a time (acts holds chunk rows)."""
+    """Predict: out = network(X), ``chunk`` rows at a time (acts holds chunk
+    rows); dropout is off."""
     cdef int64_t n = X.shape[0], start, m
     with nogil:
         start = 0
         while start < n:
             m = chunk if n - start > chunk else n - start
-            forward_all(program, &X[start, 0], &params[0], &acts[0], &out[start, 0], m)
+            forward_all(program, &X[start, 0], _ptr(params), &acts[0], &out[start, 0], m,
+                        NULL, NULL)
             start += m
 
 
@@ -197,12 +257,12 @@ def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating
     cdef int64_t last = program.shape[0] - 1
     cdef double loss
     with nogil:
-        forward_all(program, &X[0, 0], &params[0], &acts[0], NULL, n)
+        forward_all(program, &X[0, 0], _ptr(params), &acts[0], NULL, n, NULL, NULL)
         loss = call_loss(loss_addr, &acts[0] + program[last, ACT_OFF] * n,
                          <floating*>&Y[0, 0], <floating*>&W[0], &deltas[0], n, k)
-        backward_all(program, &X[0, 0], &params[0], &grad[0], &acts[0], &deltas[0],
+        backward_all(program, &X[0, 0], _ptr(params), _ptr(grad), &acts[0], &deltas[0],
                      half, n)
-        loss += penalize(program, reg, reg_per_weight, &W[0], n, &params[0], &grad[0])
+        loss += penalize(program, reg, reg_per_weight, &W[0], n, _ptr(params), _ptr(grad))
     return loss
 
 
@@ -217,6 +277,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                   floating[::1] opt_state, const double[::1] hyper,
                   const int64_t[:, ::1] segments, int64_t step0,
                   const double[:, ::1] reg, bint reg_per_weight,
+                  const double[::1] rates, uint64_t[::1] rng,
                   double[::1] batch_loss):
     """Run mini-batches first_batch .. first_batch + n_batches - 1 of an epoch.
 
@@ -255,7 +316,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 x0 = &X[s, 0]
                 y0 = <floating*>&Y[s, 0]
                 w0 = <floating*>&W[s]
-            forward_all(program, x0, &params[0], &acts[0], NULL, m)
+            forward_all(program, x0, &params[0], &acts[0], NULL, m, &rates[0], &rng[0])
             out_last = &acts[0] + program[last, ACT_OFF] * m
             loss = call_loss(loss_addr, out_last, y0, w0, &deltas[0], m, k)
             if not isfinite(loss):

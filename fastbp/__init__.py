@@ -10,13 +10,13 @@ See ``Sequential`` for the model API, ``fastbp.optim`` for optimizers and
 from . import activations, initializers, losses, optim, reference
 from .gradcheck import gradcheck
 from .history import History
-from .layers import Dense
+from .layers import Dense, Dropout
 from .model import DivergenceError, Sequential
 from .io import ModelFormatError, load
 from .sklearn import MLPClassifier, MLPRegressor
 
 __version__ = "0.1.0"
 
-__all__ = ["Sequential", "Dense", "optim", "gradcheck", "History", "DivergenceError",
+__all__ = ["Sequential", "Dense", "Dropout", "optim", "gradcheck", "History", "DivergenceError",
            "load", "ModelFormatError", "MLPClassifier", "MLPRegressor",
            "activations", "initializers", "losses", "reference", "__version__"]

@@ -48,6 +48,9 @@ A file is four parts, back to back, with no padding:
        ``{"bit_generator": "PCG64", "state": {"state": int, "inc": int},
        "has_uint32": 0 or 1, "uinteger": int}`` (state and inc in
        [0, 2**128), uinteger in [0, 2**32)).
+   ``dropout_state`` : int in [0, 2**64) or null
+       The counter of the engine's dropout mask stream (null exactly when
+       ``n_features`` is null).
    ``position`` : object or null
        Where an unfinished epoch stands (a checkpoint saved mid-epoch):
        ``{"epoch": int >= 1, "batch": int >= 0, "rng_state": (as above),
@@ -125,7 +128,8 @@ _INT64_BOUND = 2 ** 63
 _PREFIX = struct.Struct("<8sQ")
 _ARRAY_DTYPES = {"float32": "<f4", "float64": "<f8"}
 _HEADER_KEYS = ("format", "version", "dtype", "n_features", "seed", "layers", "optimizer",
-                "history", "shuffle_rng_state", "position", "last_loss", "arrays")
+                "history", "shuffle_rng_state", "dropout_state", "position", "last_loss",
+                "arrays")
 _POSITION_KEYS = ("epoch", "batch", "rng_state", "loss_sum", "n_samples", "batch_size",
                   "shuffle")
 
@@ -274,6 +278,11 @@ def _check_layer(config, i):
     kind = config.get("type")
     if not isinstance(kind, str) or kind not in _layers.LAYERS:
         _fail(f"{where}.type must be one of {sorted(_layers.LAYERS)}, got {_short(kind)}")
+    if kind == "Dropout":
+        _object(config, ("type", "rate"), where)
+        rate = config["rate"]
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            _fail(f"{where}.rate must be a number in [0, 1), got {_describe(rate)}")
     if kind == "Dense":
         _object(config, ("type", "units", "activation", "kernel_init", "trainable"), where)
         _int_in(config["units"], 1, _INT64_BOUND, f"{where}.units")
@@ -395,13 +404,15 @@ def _check_header(header):
         n_params, n_in = 0, n_features
         for layer in layers:
             n_params += layer.n_params(n_in)
-            n_in = layer.units
+            n_in = n_in if isinstance(layer, _layers.Dropout) else layer.units
         expected.append(("params", (n_params,)))
         rng_state = _check_rng_state(header["shuffle_rng_state"], "shuffle_rng_state")
+        dropout_state = _int_in(header["dropout_state"], 0, 2 ** 64, "dropout_state")
         if header["position"] is not None:
             position = _check_position(header["position"])
     else:
-        for key in ("shuffle_rng_state", "position"):
+        dropout_state = None
+        for key in ("shuffle_rng_state", "dropout_state", "position"):
             if header[key] is not None:
                 _fail(f"{key} must be null for a model that was never built (n_features null)")
     entries = _list(header["arrays"], "arrays", max_len=len(expected) + 1)
@@ -431,6 +442,7 @@ def _check_header(header):
 
     return {"dtype": dtype, "n_features": n_features, "seed": seed, "layers": layers,
             "optimizer": opt, "history": history, "rng_state": rng_state,
+            "dropout_state": dropout_state,
             "position": position, "last_loss": last_loss, "arrays": arrays}
 
 
@@ -501,6 +513,7 @@ def _build(spec, data):
             _fail(f"cannot build the model: {exc}")
         net._params[...] = params
         net._shuffle_rng.bit_generator.state = spec["rng_state"]
+        net._dropout_rng[0] = spec["dropout_state"]
         net._position = spec["position"]
         if "optimizer_state" in data:
             opt.state = data["optimizer_state"]
@@ -598,6 +611,7 @@ def _encode(net):
         "optimizer": opt_header,
         "history": net.history.to_dict(),
         "shuffle_rng_state": net._shuffle_rng.bit_generator.state if net.built else None,
+        "dropout_state": int(net._dropout_rng[0]) if net.built else None,
         "position": position,
         "last_loss": net._last_loss,
         "arrays": [{"name": name, "dtype": _ARRAY_DTYPES[dtype], "shape": list(a.shape)}

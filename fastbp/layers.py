@@ -11,6 +11,7 @@ from ._validation import check_positive_int
 
 #: layer kinds understood by the engine (column ``kind`` of the program)
 KIND_DENSE = 0
+KIND_DROPOUT = 1
 
 
 class Dense:
@@ -72,7 +73,52 @@ class Dense:
                 + ("" if self.trainable else ", trainable=False") + ")")
 
 
-LAYERS = {"Dense": Dense}
+class Dropout:
+    """Inverted dropout: in training each input is zeroed with probability
+    ``rate`` and the others are scaled by 1 / (1 - rate); in predict (and
+    ``loss_and_grad``) the layer passes its input through unchanged.
+
+    The masks are drawn in the compiled engine from a counter-based stream
+    seeded by the model's ``seed``, so training with dropout is reproducible
+    and resumes exactly from a checkpoint.
+
+    Parameters
+    ----------
+    rate : float in [0, 1)
+        Fraction of the inputs dropped.
+    """
+
+    kind = KIND_DROPOUT
+    trainable = False
+
+    def __init__(self, rate):
+        try:
+            rate = float(rate)
+        except (TypeError, ValueError):
+            raise ValueError(f"dropout rate must be a number in [0, 1), got {rate!r}") from None
+        if not 0 <= rate < 1:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        self.rate = rate
+        self.units = self.n_in = None
+
+    def n_params(self, n_in):
+        return 0
+
+    def _bind(self, n_in, params, grad, offset):
+        self.n_in = self.units = n_in
+        return offset
+
+    def _initialize(self, rng):
+        pass
+
+    def get_config(self):
+        return {"type": "Dropout", "rate": self.rate}
+
+    def __repr__(self):
+        return f"Dropout({self.rate})"
+
+
+LAYERS = {"Dense": Dense, "Dropout": Dropout}
 
 
 def from_config(config):
@@ -88,8 +134,16 @@ def from_config(config):
 
 def program_row(layer, w_off, act_off):
     """One row of the engine's program table (see csrc/engine.pyx)."""
+    if layer.kind == KIND_DROPOUT:
+        return [KIND_DROPOUT, layer.n_in, layer.units, 0, w_off, w_off, act_off, 0]
     return [layer.kind, layer.n_in, layer.units, activations.code(layer.activation),
             w_off, w_off + layer.n_in * layer.units, act_off, int(layer.trainable)]
+
+
+def workspace_width(layer):
+    """Columns of the activation workspace a layer uses per row: its output,
+    and for dropout also its mask."""
+    return 2 * layer.units if layer.kind == KIND_DROPOUT else layer.units
 
 
 def empty_program():

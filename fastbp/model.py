@@ -31,7 +31,7 @@ from ._numba.optim import step_cfunc
 from ._validation import (check_dtype, check_positive_int, check_sample_weight, check_targets,
                           check_X)
 from .history import History
-from .layers import Dense, program_row
+from .layers import Dense, Dropout, program_row, workspace_width
 
 #: target duration of one call into the engine during fit; between calls
 #: Python handles Ctrl-C and nothing else, so this only bounds its latency.
@@ -103,8 +103,10 @@ class Sequential:
         if not layers:
             raise ValueError("Sequential needs at least one layer")
         for layer in layers:
-            if not isinstance(layer, Dense):
+            if not isinstance(layer, (Dense, Dropout)):
                 raise ValueError(f"unsupported layer {layer!r}")
+        if isinstance(layers[-1], Dropout):
+            raise ValueError("the last layer cannot be Dropout: it has to produce the outputs")
         self.layers = layers
         self.dtype = check_dtype(dtype)
         self.seed = _check_seed(seed)
@@ -138,17 +140,21 @@ class Sequential:
     def build(self, n_features):
         """Allocate and initialize the parameters for ``n_features`` inputs."""
         n_features = check_positive_int(n_features, "n_features")
-        sizes = [n_features] + [layer.units for layer in self.layers]
-        total = sum(layer.n_params(n_in) for layer, n_in in zip(self.layers, sizes))
+        total, n_in = 0, n_features
+        for layer in self.layers:
+            total += layer.n_params(n_in)
+            n_in = n_in if isinstance(layer, Dropout) else layer.units
         self._params = np.zeros(total, dtype=self.dtype)
         self._grad = np.zeros(total, dtype=self.dtype)
-        offset, rows, act_off = 0, [], 0
-        for layer, n_in in zip(self.layers, sizes):
+        offset, rows, act_off, n_in = 0, [], 0, n_features
+        for layer in self.layers:
             start = offset
             offset = layer._bind(n_in, self._params, self._grad, start)
             rows.append(program_row(layer, start, act_off))
-            act_off += layer.units
+            act_off += workspace_width(layer)
+            n_in = layer.units
         self._program = np.array(rows, dtype=np.int64)
+        self._rates = np.array([getattr(layer, "rate", 0.0) for layer in self.layers])
         # Per-layer (l2, l1) weight penalties; scaled by 1 / (sum of the
         # batch's sample weights) when _reg_per_weight (scikit-learn's alpha).
         self._reg = np.zeros((len(self.layers), 2))
@@ -156,11 +162,13 @@ class Sequential:
         self.n_features = n_features
         self._workspaces = {}
         # Independent streams for initialization and shuffling, from one seed.
-        init_seq, shuffle_seq = np.random.SeedSequence(self.seed).spawn(2)
+        init_seq, shuffle_seq, dropout_seq = np.random.SeedSequence(self.seed).spawn(3)
         rng = np.random.default_rng(init_seq)
         for layer in self.layers:
             layer._initialize(rng)
         self._shuffle_rng = np.random.default_rng(shuffle_seq)
+        # The counter of the engine's dropout mask stream (csrc/engine.pyx).
+        self._dropout_rng = dropout_seq.generate_state(1, np.uint64)
         return self
 
     def set_params(self, params):
@@ -192,7 +200,7 @@ class Sequential:
     def _workspace(self, rows):
         ws = self._workspaces.get("main")
         if ws is None or ws.rows < rows:
-            widths = [layer.units for layer in self.layers]
+            widths = [workspace_width(layer) for layer in self.layers]
             ws = _Workspace(rows, widths, self.n_features, self.n_outputs, self.dtype)
             self._workspaces["main"] = ws
         return ws
@@ -220,7 +228,8 @@ class Sequential:
         """
         self._require_built()
         X = check_X(X, self.dtype, self.n_features)
-        chunk = max(1, min(X.shape[0], _PREDICT_ELEMENTS // sum(l.units for l in self.layers)))
+        width = sum(workspace_width(l) for l in self.layers)
+        chunk = max(1, min(X.shape[0], _PREDICT_ELEMENTS // width))
         ws = self._workspace(chunk)
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
         _engine.forward(X, self._program, self._params, ws.acts, out, chunk)
@@ -529,6 +538,7 @@ class _EpochRunner:
         self.snap_params[...] = self.net._params
         self.snap_state[...] = self.state
         self.snap_t = self.opt.t
+        self.snap_dropout = self.net._dropout_rng.copy()
         return self.first
 
     def position(self, epoch, batch):
@@ -552,7 +562,8 @@ class _EpochRunner:
             self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
             net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
             self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
-            self.opt.t, net._reg, net._reg_per_weight, self.batch_loss)
+            self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng,
+            self.batch_loss)
         self.opt.t += done
         return done, status
 
@@ -572,6 +583,7 @@ class _EpochRunner:
                     self.net._params[...] = self.snap_params
                     self.state[...] = self.snap_state
                     self.opt.t = self.snap_t
+                    self.net._dropout_rng[...] = self.snap_dropout
                     self._call(self.first, b + done - self.first)
                 return status, b + done
             b += done

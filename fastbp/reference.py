@@ -253,24 +253,67 @@ def sk_adam_step(p, g, m, v, t, lr, beta1, beta2, eps):
     return bool(np.isfinite(p).all())
 
 
+# --- dropout: masks from a counter-based splitmix64 stream ---------------------
+
+_GOLDEN, _MIX1, _MIX2 = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9),
+                         np.uint64(0x94D049BB133111EB))
+
+
+def splitmix64(counter, n):
+    """The next n draws of the stream after ``counter``; returns (draws, counter)."""
+    z = np.uint64(counter) + _GOLDEN * np.arange(1, n + 1, dtype=np.uint64)
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    after = (int(counter) + 0x9E3779B97F4A7C15 * n) % 2 ** 64  # wraps like the uint64 in C
+    return z ^ (z >> np.uint64(31)), np.uint64(after)
+
+
+def dropout_mask(counter, shape, rate, dtype):
+    """Inverted-dropout mask: 1/(1 - rate) where the top 24 bits of a draw are
+    below (1 - rate) 2^24, else 0.  Returns (mask, counter)."""
+    draws, counter = splitmix64(counter, int(np.prod(shape)))
+    keep = np.uint64(int((1.0 - rate) * 16777216.0))
+    scale = np.dtype(dtype).type(1.0 / (1.0 - rate))
+    mask = np.where((draws >> np.uint64(40)) < keep, scale, 0).astype(dtype).reshape(shape)
+    return mask, counter
+
+
 # --- a whole network, driven by the engine's program table ----------------------
 # program columns: kind, n_in, n_out, act, w_off, b_off, act_off, trainable
+# (kind 0 dense, 1 dropout)
+
+def _dense(row, params):
+    kind, n_in, n_out, act, w_off, b_off, _, _ = row
+    return params[w_off:w_off + n_in * n_out].reshape(n_in, n_out), params[b_off:b_off + n_out], act
+
 
 def _layer_params(program, params):
-    for kind, n_in, n_out, act, w_off, b_off, _, _ in program:
-        yield params[w_off:w_off + n_in * n_out].reshape(n_in, n_out), params[b_off:b_off + n_out], act
+    """(W, b, act) of every dense row."""
+    for row in program:
+        if row[0] == 0:
+            yield _dense(row, params)
 
 
-def forward_all(program, X, params):
-    """Outputs of every layer: [X, A_1, ..., A_L]."""
-    outs = [X]
-    for W, b, act in _layer_params(program, params):
-        outs.append(dense_forward(outs[-1], W, b, act))
-    return outs
+def forward_all(program, X, params, rates=None, counter=None):
+    """Outputs of every layer: [X, A_1, ..., A_L], and the dropout masks by
+    layer.  With ``counter`` (a 1-element uint64 array, advanced in place)
+    dropout is on, as in training; without, dropout layers pass through."""
+    outs, masks = [X], {}
+    for l, row in enumerate(program):
+        if row[0] == 1:
+            if counter is None:
+                outs.append(outs[-1])
+            else:
+                masks[l], counter[0] = dropout_mask(counter[0], outs[-1].shape, rates[l], X.dtype)
+                outs.append(outs[-1] * masks[l])
+        else:
+            W, b, act = _dense(row, params)
+            outs.append(dense_forward(outs[-1], W, b, act))
+    return outs, masks
 
 
 def forward(X, program, params):
-    return forward_all(program, X, params)[-1]
+    return forward_all(program, X, params)[0][-1]
 
 
 def penalize(program, reg, per_weight, w, params, grad):
@@ -278,8 +321,9 @@ def penalize(program, reg, per_weight, w, params, grad):
     penalty s sum (l2/2 ||W||^2 + l1 |W|_1), s = 1/sum(w) if per_weight else 1."""
     s = 1.0 / w.sum(dtype=np.float64) if per_weight else 1.0
     total = 0.0
-    for (W, _, _), row, (l2, l1) in zip(_layer_params(program, params), program, reg):
-        if (l2 or l1) and row[7]:
+    for row, (l2, l1) in zip(program, reg):
+        if (l2 or l1) and row[7] and row[0] == 0:
+            W = _dense(row, params)[0]
             dW = grad[row[4]:row[4] + W.size].reshape(W.shape)
             dW += W.dtype.type(s * l2) * W + W.dtype.type(s * l1) * np.sign(W)
             W64 = W.astype(np.float64)
@@ -287,20 +331,24 @@ def penalize(program, reg, per_weight, w, params, grad):
     return total
 
 
-def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=False):
+def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=False,
+              rates=None, counter=None):
     """Weighted mean loss over (X, Y) (w defaults to ones) plus the weight
     penalties ``reg`` (n_layers, 2), and the flat gradient (same layout as
-    params)."""
-    outs = forward_all(program, X, params)
+    params).  With ``rates`` and ``counter`` dropout is on (training)."""
+    outs, masks = forward_all(program, X, params, rates, counter)
     G = np.empty_like(outs[-1])
     w = np.ones(X.shape[0], dtype=X.dtype) if w is None else w
     value = LOSS_KERNELS[loss](outs[-1], Y, w, G)
     grad = np.zeros_like(params)
-    layers = list(_layer_params(program, params))
-    for l in range(len(layers) - 1, -1, -1):
-        W, b, act = layers[l]
+    for l in range(len(program) - 1, -1, -1):
+        row = program[l]
+        if row[0] == 1:
+            G = G * masks[l] if l in masks else G
+            continue
+        W, b, act = _dense(row, params)
         dW, db, G = dense_backward(outs[l], W, outs[l + 1], G, act)
-        kind, n_in, n_out, _, w_off, b_off, _, trainable = program[l]
+        kind, n_in, n_out, _, w_off, b_off, _, trainable = row
         if trainable:
             grad[w_off:w_off + n_in * n_out] = dW.ravel()
             grad[b_off:b_off + n_out] = db
@@ -309,14 +357,16 @@ def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=Fals
     return value, grad
 
 
-def train_batches(X, Y, order, batch_size, program, params, loss, optimizer_step):
+def train_batches(X, Y, order, batch_size, program, params, loss, optimizer_step,
+                  rates=None, counter=None):
     """One epoch of mini-batch training.  ``optimizer_step(params, grad)``
-    updates params in place (e.g. ``fastbp.optim.Adam().step``).
-    Returns the per-batch losses."""
+    updates params in place (e.g. ``fastbp.optim.Adam().step``).  With
+    ``rates`` and ``counter`` dropout is on.  Returns the per-batch losses."""
     losses = []
     for start in range(0, X.shape[0], batch_size):
         rows = order[start:start + batch_size]
-        value, grad = loss_grad(X[rows], Y[rows], program, params, loss)
+        value, grad = loss_grad(X[rows], Y[rows], program, params, loss,
+                                rates=rates, counter=counter)
         optimizer_step(params, grad)
         losses.append(value)
     return np.array(losses)

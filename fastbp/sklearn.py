@@ -30,9 +30,9 @@ Beyond scikit-learn
 ``fit(X, y, sample_weight=None, X_val=None, y_val=None)`` takes an explicit
 validation set (used for early stopping instead of a split) and records
 ``validation_loss_curve_`` whenever there is validation data;
-``class_weight`` ("balanced" or a dict, classifier), the activations
-``leaky_relu``, ``elu``, ``softplus``, and ``dtype`` and ``n_threads``
-parameters.  Their defaults keep scikit-learn's behaviour.
+``class_weight`` ("balanced" or a dict, classifier), ``dropout`` (a rate
+for the hidden layers), the activations ``leaky_relu``, ``elu``,
+``softplus``, and ``dtype`` and ``n_threads`` parameters.  Their defaults keep scikit-learn's behaviour.
 
 A diverging fit stops at the first non-finite loss with the last finite
 weights kept, and raises scikit-learn's "Solver produced non-finite parameter
@@ -59,7 +59,7 @@ from sklearn.utils.optimize import _check_optimize_result
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ._numba.losses import KERNELS as _LOSS_KERNELS
-from .layers import Dense
+from .layers import Dense, Dropout
 from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner
 from .optim import Optimizer
 
@@ -160,33 +160,50 @@ class _BaseMLP(BaseEstimator):
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left"), Options(Real, {np.inf})],
         "max_fun": [Interval(Integral, 1, None, closed="left")],
         "dtype": [None, StrOptions({"float32", "float64"})],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
         "n_threads": [None, Interval(Integral, 1, None, closed="left")],
     }
 
     # -- the network ---------------------------------------------------------
     def _network(self, n_features, dtype):
-        """The fastbp model with the current coefs_/intercepts_ copied in."""
+        """The fastbp model with the current coefs_/intercepts_ copied in
+        (and a Dropout after each hidden layer when ``dropout`` > 0)."""
         net = getattr(self, "_net", None)
+        rate = float(getattr(self, "dropout", 0.0))
         if net is None or net.dtype != dtype or net.n_features != n_features or \
-                [l.W.shape for l in net.layers] != [c.shape for c in self.coefs_] or \
-                net.layers[0].activation != _ACTIVATIONS[self.activation]:
+                [l.W.shape for l in self._dense(net)] != [c.shape for c in self.coefs_] or \
+                net.layers[0].activation != _ACTIVATIONS[self.activation] or \
+                (len(net.layers) != len(self.coefs_)) != (rate > 0) or \
+                any(getattr(l, "rate", rate) != rate for l in net.layers):
             act = _ACTIVATIONS[self.activation]
-            units = [c.shape[1] for c in self.coefs_]
-            layers = [Dense(u, activation=act) for u in units[:-1]] + [Dense(units[-1])]
+            layers = []
+            for coef in self.coefs_[:-1]:
+                layers.append(Dense(coef.shape[1], activation=act))
+                if rate > 0:
+                    layers.append(Dropout(rate))
+            layers.append(Dense(self.coefs_[-1].shape[1]))
             net = Sequential(layers, dtype=dtype, seed=0).build(n_features)
             self._net = net
-        for layer, coef, intercept in zip(net.layers, self.coefs_, self.intercepts_):
+        for layer, coef, intercept in zip(self._dense(net), self.coefs_, self.intercepts_):
             layer.W[...] = coef
             layer.b[...] = intercept
+        if getattr(self, "_dropout_counter", None) is not None:
+            net._dropout_rng[0] = self._dropout_counter
+        dense_rows = [isinstance(l, Dense) for l in net.layers]
         net._reg[:] = 0
-        net._reg[:, 0] = self.alpha
+        net._reg[dense_rows, 0] = self.alpha
         net._reg_per_weight = True
         return net
 
+    @staticmethod
+    def _dense(net):
+        return [layer for layer in net.layers if isinstance(layer, Dense)]
+
     def _store(self, net):
         """Copy the network's parameters back into coefs_ and intercepts_."""
-        self.coefs_ = [layer.W.copy() for layer in net.layers]
-        self.intercepts_ = [layer.b.copy() for layer in net.layers]
+        self.coefs_ = [layer.W.copy() for layer in self._dense(net)]
+        self.intercepts_ = [layer.b.copy() for layer in self._dense(net)]
+        self._dropout_counter = int(net._dropout_rng[0])
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -204,6 +221,8 @@ class _BaseMLP(BaseEstimator):
         hidden = list(hidden)
         if np.any(np.array(hidden) <= 0):
             raise ValueError(f"hidden_layer_sizes must be > 0, got {hidden}.")
+        if self.dropout > 0 and self.solver == "lbfgs":
+            raise ValueError("dropout needs a stochastic solver ('sgd' or 'adam'), not 'lbfgs'")
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         y_labels = y
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
@@ -262,6 +281,10 @@ class _BaseMLP(BaseEstimator):
             self.intercepts_.append(intercept.astype(dtype, copy=False))
         self._best_coefs = [c.copy() for c in self.coefs_]
         self._best_intercepts = [i.copy() for i in self.intercepts_]
+        # Dropout's mask stream is seeded from random_state after sklearn's own
+        # draws (and only with dropout, so sklearn's numbers are unchanged).
+        self._dropout_counter = (int(self._random_state.randint(2 ** 62)) if self.dropout > 0
+                                 else None)
         if self.solver in ("sgd", "adam"):
             self.loss_curve_ = []
             self._no_improvement_count = 0
@@ -498,6 +521,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     class_weight : "balanced", dict or None
         Multiplies each sample's weight by its class's weight (as
         ``compute_sample_weight``).
+    dropout : float in [0, 1), default 0
+        Inverted dropout after every hidden layer during training (off in
+        predict); needs solver "sgd" or "adam".  Its masks are seeded from
+        ``random_state``.
     activation : also "leaky_relu", "elu", "softplus"
     dtype : {"float32", "float64"} or None
         Training dtype (None: float32 if X is float32, else float64).
@@ -520,7 +547,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 class_weight=None, dtype=None, n_threads=None):
+                 class_weight=None, dropout=0.0, dtype=None, n_threads=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -545,6 +572,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
         self.class_weight = class_weight
+        self.dropout = dropout
         self.dtype = dtype
         self.n_threads = n_threads
 
@@ -666,9 +694,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     ``sklearn.neural_network.MLPRegressor`` (scikit-learn 1.9, including
     ``loss`` in {"squared_error", "poisson"}), with the same defaults and,
     given the same ``random_state``, the same numbers.  Extra parameters:
-    ``activation`` also "leaky_relu", "elu", "softplus"; ``dtype`` and
-    ``n_threads`` as in :class:`MLPClassifier`; ``fit(..., X_val, y_val)``
-    likewise.
+    ``activation`` also "leaky_relu", "elu", "softplus"; ``dropout``,
+    ``dtype`` and ``n_threads`` as in :class:`MLPClassifier`;
+    ``fit(..., X_val, y_val)`` likewise.
     """
 
     _parameter_constraints: dict = {
@@ -682,7 +710,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 dtype=None, n_threads=None):
+                 dropout=0.0, dtype=None, n_threads=None):
         self.loss = loss
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -707,6 +735,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
+        self.dropout = dropout
         self.dtype = dtype
         self.n_threads = n_threads
 

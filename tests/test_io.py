@@ -202,7 +202,7 @@ def test_file_is_exactly_the_documented_layout(tmp_path):
     (header_len,) = struct.unpack("<Q", data[8:16])
     header = json.loads(data[16:16 + header_len].decode("utf-8"))
     assert list(header) == ["format", "version", "dtype", "n_features", "seed", "layers",
-                            "optimizer", "history", "shuffle_rng_state", "position",
+                            "optimizer", "history", "shuffle_rng_state", "dropout_state", "position",
                             "last_loss", "arrays"]
     assert header["format"] == "fastbp-model" and header["version"] == 1
     assert header["dtype"] == "float32" and header["n_features"] == 5 and header["seed"] == 7

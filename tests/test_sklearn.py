@@ -310,17 +310,17 @@ def test_exported_from_package():
 
 
 @pytest.mark.parametrize("fb_cls, sk_cls, extras", [
-    (MLPClassifier, SkC, {"class_weight", "dtype", "n_threads"}),
-    (MLPRegressor, SkR, {"dtype", "n_threads"}),
+    (MLPClassifier, SkC, {"class_weight": None, "dropout": 0.0, "dtype": None, "n_threads": None}),
+    (MLPRegressor, SkR, {"dropout": 0.0, "dtype": None, "n_threads": None}),
 ], ids=["classifier", "regressor"])
 def test_get_params_defaults_match_sklearn(fb_cls, sk_cls, extras):
     fb_params = fb_cls().get_params()
     sk_params = sk_cls().get_params()
-    assert set(fb_params) == set(sk_params) | extras
+    assert set(fb_params) == set(sk_params) | set(extras)
     for name, default in sk_params.items():
         assert fb_params[name] == default, f"default of {name}: {fb_params[name]!r} != {default!r}"
-    for name in extras:
-        assert fb_params[name] is None, f"extra parameter {name} must default to None"
+    for name, default in extras.items():  # defaults that keep sklearn's behaviour
+        assert fb_params[name] == default, f"extra parameter {name} must default to {default!r}"
 
 
 @pytest.mark.parametrize("fb_cls, sk_cls", [(MLPClassifier, SkC), (MLPRegressor, SkR)],
@@ -1004,3 +1004,44 @@ def test_n_threads_1_matches_default(solver):
         for p, q in zip(a.coefs_ + a.intercepts_, other.coefs_ + other.intercepts_):
             assert_rel(p, q, 1e-9, "n_threads parameters")
     assert_rel(a.predict_proba(X), b.predict_proba(X), 1e-9, "n_threads predict_proba")
+
+
+# ------------------------------------------------------------------ dropout extra
+@ignore_convergence
+def test_dropout_trains_reproducibly_and_is_off_in_predict():
+    X, y = make_classification(n=200, seed=31)
+    params = dict(hidden_layer_sizes=(20, 10), max_iter=30, random_state=0, learning_rate_init=0.01)
+    a = MLPClassifier(dropout=0.3, **params).fit(X, y)
+    b = MLPClassifier(dropout=0.3, **params).fit(X, y)
+    plain = MLPClassifier(**params).fit(X, y)
+    for ca, cb in zip(a.coefs_, b.coefs_):
+        np.testing.assert_array_equal(ca, cb)  # reproducible with random_state
+    assert not np.allclose(a.coefs_[0], plain.coefs_[0])  # dropout changed training
+    assert a.loss_curve_[-1] < 0.8 * a.loss_curve_[0]
+    np.testing.assert_array_equal(a.predict_proba(X), a.predict_proba(X))  # deterministic
+    other = MLPClassifier(dropout=0.3, **{**params, "random_state": 1}).fit(X, y)
+    assert not np.allclose(other.coefs_[0], a.coefs_[0])
+
+
+@ignore_convergence
+def test_dropout_continues_across_partial_fit_and_pickle():
+    X, y = make_classification(n=120, seed=32)
+    params = dict(hidden_layer_sizes=(8,), random_state=0, dropout=0.25)
+    a = MLPClassifier(**params)
+    b = MLPClassifier(**params)
+    for _ in range(2):
+        a.partial_fit(X, y, classes=np.unique(y))
+        b.partial_fit(X, y, classes=np.unique(y))
+    b = pickle.loads(pickle.dumps(b))
+    a.partial_fit(X, y)
+    b.partial_fit(X, y)
+    for ca, cb in zip(a.coefs_, b.coefs_):
+        np.testing.assert_array_equal(ca, cb)
+
+
+def test_dropout_rejects_lbfgs_and_bad_rates():
+    X, y = make_classification(n=40, seed=33)
+    with pytest.raises(ValueError, match="stochastic solver"):
+        MLPClassifier(solver="lbfgs", dropout=0.2).fit(X, y)
+    with pytest.raises(ValueError):
+        MLPRegressor(dropout=1.0).fit(X, y.astype(float))
