@@ -40,7 +40,7 @@ Status codes returned by ``train_batches`` (mirrored in fastbp/_engine.py):
 0 ok, 1 the loss of a batch was not finite (nothing updated for that batch),
 2 an update produced a non-finite parameter (the caller restores a snapshot).
 """
-from libc.math cimport isfinite
+from libc.math cimport isfinite, sqrt
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -232,6 +232,43 @@ cdef void backward_all(const int64_t[:, ::1] prog, const floating* x0,
         other = tmp
 
 
+cdef void clip_and_measure(const int64_t[:, ::1] prog, floating* grad, double clip_value,
+                           double clip_norm, double* norms) noexcept nogil:
+    """Clip the trainable gradients: each element to [-clip_value, clip_value]
+    (if > 0), then the whole vector to global L2 norm clip_norm (if > 0) as
+    torch.nn.utils.clip_grad_norm_ does (scale by clip_norm / (norm + 1e-6)
+    when that is below 1).  Adds each layer's gradient norm (after value
+    clipping, before norm clipping) to norms[l] if norms is not NULL."""
+    cdef int64_t l, i, start, size
+    cdef double total = 0.0, layer, coef
+    cdef floating v, hi = <floating>clip_value
+    for l in range(prog.shape[0]):
+        if prog[l, KIND] != KIND_DENSE or not prog[l, TRAINABLE]:
+            continue
+        start = prog[l, W_OFF]
+        size = prog[l, N_IN] * prog[l, N_OUT] + prog[l, N_OUT]  # W then b, contiguous
+        layer = 0.0
+        for i in range(start, start + size):
+            v = grad[i]
+            if clip_value > 0:
+                v = hi if v > hi else (-hi if v < -hi else v)
+                grad[i] = v
+            layer += v * v
+        total += layer
+        if norms != NULL:
+            norms[l] += sqrt(layer)
+    if clip_norm > 0:
+        coef = clip_norm / (sqrt(total) + 1e-6)
+        if coef < 1.0:
+            for l in range(prog.shape[0]):
+                if prog[l, KIND] != KIND_DENSE or not prog[l, TRAINABLE]:
+                    continue
+                start = prog[l, W_OFF]
+                size = prog[l, N_IN] * prog[l, N_OUT] + prog[l, N_OUT]
+                for i in range(start, start + size):
+                    grad[i] = <floating>(grad[i] * coef)
+
+
 def forward(const floating[:, ::1] X, const int64_t[:, ::1] program,
             floating[::1] params, floating[::1] acts, floating[:, ::1] out,
             int64_t chunk):
@@ -278,13 +315,17 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                   const int64_t[:, ::1] segments, int64_t step0,
                   const double[:, ::1] reg, bint reg_per_weight,
                   const double[::1] rates, uint64_t[::1] rng,
+                  double clip_value, double clip_norm, double[::1] grad_norms,
                   double[::1] batch_loss):
     """Run mini-batches first_batch .. first_batch + n_batches - 1 of an epoch.
 
     Batch b holds rows order[b*B : (b+1)*B] (the last one may be short).  With
     ``gather`` false the rows are taken in place from X (no copy).  The
     optimizer's step counter for batch i of this call is step0 + i + 1.
-    ``batch_loss[b]`` receives each batch's mean loss.  Returns
+    ``batch_loss[b]`` receives each batch's mean loss.  Gradients are
+    clipped by ``clip_and_measure`` when clip_value or clip_norm is > 0; if
+    ``grad_norms`` has one entry per layer, each batch's per-layer gradient
+    norms are added to it.  Returns
     (batches_done, status): on a non-OK status, batches_done counts the
     batches whose update was applied before the failing one.
     """
@@ -299,6 +340,8 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
     cdef floating* w0
     cdef floating* state = _ptr(opt_state)
     cdef floating* out_last
+    cdef double* norms = &grad_norms[0] if grad_norms.shape[0] == program.shape[0] else NULL
+    cdef bint clip = clip_value > 0 or clip_norm > 0 or norms != NULL
     with nogil:
         for i in range(n_batches):
             b = first_batch + i
@@ -326,6 +369,8 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
             backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0], half, m)
             loss += penalize(program, reg, reg_per_weight, w0, m, &params[0], &grad[0])
             batch_loss[b] = loss
+            if clip:
+                clip_and_measure(program, &grad[0], clip_value, clip_norm, norms)
             ok = 1
             for j in range(segments.shape[0]):
                 ok &= call_step(step_addr, &params[0] + segments[j, 0],

@@ -7,7 +7,7 @@
 See ``Sequential`` for the model API, ``fastbp.optim`` for optimizers and
 ``fastbp.reference`` for the NumPy implementation of the same math.
 """
-from . import activations, initializers, losses, optim, reference
+from . import activations, initializers, losses, optim, reference, regularizers
 from .gradcheck import gradcheck
 from .history import History
 from .layers import Dense, Dropout
@@ -19,4 +19,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Sequential", "Dense", "Dropout", "optim", "gradcheck", "History", "DivergenceError",
            "load", "ModelFormatError", "MLPClassifier", "MLPRegressor",
-           "activations", "initializers", "losses", "reference", "__version__"]
+           "activations", "initializers", "losses", "reference", "regularizers", "__version__"]

@@ -6,7 +6,7 @@ writing ``layer.W[...] = ...`` changes the model and the optimizer sees it.
 """
 import numpy as np
 
-from . import activations, initializers
+from . import activations, initializers, regularizers
 from ._validation import check_positive_int
 
 #: layer kinds understood by the engine (column ``kind`` of the program)
@@ -29,6 +29,8 @@ class Dense:
     trainable : bool, default True
         A frozen layer (False) keeps its parameters: its gradient is zero and
         the optimizer leaves its parameters and state untouched.
+    kernel_regularizer : L1L2, dict or None
+        Penalty on W added to the loss (see ``fastbp.regularizers``).
 
     Attributes
     ----------
@@ -38,11 +40,13 @@ class Dense:
 
     kind = KIND_DENSE
 
-    def __init__(self, units, activation=None, kernel_init="glorot_uniform", trainable=True):
+    def __init__(self, units, activation=None, kernel_init="glorot_uniform", trainable=True,
+                 kernel_regularizer=None):
         self.units = check_positive_int(units, "units")
         self.activation = activations.resolve(activation)
         self.kernel_init = initializers.resolve(kernel_init)
         self.trainable = bool(trainable)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
         self.n_in = None
         self.W = self.b = self.dW = self.db = None
 
@@ -65,8 +69,10 @@ class Dense:
         self.b[...] = 0
 
     def get_config(self):
+        reg = self.kernel_regularizer
         return {"type": "Dense", "units": self.units, "activation": self.activation,
-                "kernel_init": self.kernel_init, "trainable": self.trainable}
+                "kernel_init": self.kernel_init, "trainable": self.trainable,
+                "kernel_regularizer": None if reg is None else reg.get_config()}
 
     def __repr__(self):
         return (f"Dense({self.units}, activation={self.activation!r}"

@@ -157,7 +157,9 @@ class Sequential:
         self._rates = np.array([getattr(layer, "rate", 0.0) for layer in self.layers])
         # Per-layer (l2, l1) weight penalties; scaled by 1 / (sum of the
         # batch's sample weights) when _reg_per_weight (scikit-learn's alpha).
-        self._reg = np.zeros((len(self.layers), 2))
+        self._reg = np.array([getattr(layer, "kernel_regularizer", None).engine_coefficients()
+                              if getattr(layer, "kernel_regularizer", None) else (0.0, 0.0)
+                              for layer in self.layers], dtype=np.float64).reshape(-1, 2)
         self._reg_per_weight = False
         self.n_features = n_features
         self._workspaces = {}
@@ -281,7 +283,8 @@ class Sequential:
     # -- training ----------------------------------------------------------
     def fit(self, X, y, loss="mse", optimizer=None, epochs=1, batch_size=32, shuffle=True,
             validation_data=None, verbose=1, n_threads=None, on_divergence="raise",
-            checkpoint=None, checkpoint_every=None, sample_weight=None):
+            checkpoint=None, checkpoint_every=None, sample_weight=None, clip_norm=None,
+            clip_value=None, grad_norms=False):
         """Train by mini-batch backpropagation.
 
         Parameters
@@ -325,6 +328,16 @@ class Sequential:
         sample_weight : array-like of shape (n,), optional
             Non-negative weights: each batch's loss is the weighted mean
             sum_i w_i l_i / sum_i w_i (default: all ones, the plain mean).
+        clip_value : float, optional
+            Clip every gradient element to [-clip_value, clip_value].
+        clip_norm : float, optional
+            Then scale the whole gradient (trainable layers) down to global
+            L2 norm clip_norm when it is larger, as
+            ``torch.nn.utils.clip_grad_norm_`` (factor clip_norm / (norm + 1e-6)).
+        grad_norms : bool, default False
+            Record in ``history["grad_norm"]`` each epoch's mean gradient
+            norm of every dense layer (before norm clipping), to see
+            gradients vanish or explode.
 
         Returns
         -------
@@ -352,6 +365,12 @@ class Sequential:
         n = X.shape[0]
         batch = n if batch_size is None else min(check_positive_int(batch_size, "batch_size"), n)
         n_threads = check_positive_int(n_threads, "n_threads", allow_none=True)
+        clip = []
+        for name, value in (("clip_value", clip_value), ("clip_norm", clip_norm)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value > 0 or not np.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+            clip.append(0.0 if value is None else float(value))
         pending = self._position
         if pending is not None and (pending["n_samples"], pending["batch_size"],
                                     pending["shuffle"]) != (n, batch, bool(shuffle)):
@@ -368,6 +387,9 @@ class Sequential:
         self._last_loss = loss
 
         run = _EpochRunner(self, X, Y, W, batch, shuffle, loss, opt, state)
+        run.clip_value, run.clip_norm = clip
+        if grad_norms:
+            run.grad_norms = np.zeros(len(self.layers))
         first_epoch = len(self.history) + 1
         last_epoch = first_epoch + epochs - 1
         with _blas_threads(n_threads), _DeferredInterrupt() as interrupt:
@@ -394,6 +416,10 @@ class Sequential:
                 seconds = time.perf_counter() - start
                 metrics = {"loss": run.epoch_loss(), "time": seconds,
                            "samples_per_s": n / max(seconds, 1e-9)}
+                if grad_norms:
+                    dense = [i for i, l in enumerate(self.layers) if isinstance(l, Dense)]
+                    metrics["grad_norm"] = [float(run.grad_norms[i]) / (run.n_batches - run.first)
+                                            for i in dense]
                 if validation_data is not None:
                     metrics.update(self._validation_metrics(Xv, Yv, loss))
                 self.history.append(e, **metrics)
@@ -502,6 +528,8 @@ class _EpochRunner:
         # scikit-learn weighs each batch's loss by its sample count even with
         # sample weights (fastbp.sklearn sets this).
         self.count_by_samples = False
+        self.clip_value = self.clip_norm = 0.0
+        self.grad_norms = np.zeros(0)  # per-layer sums of batch gradient norms, if recorded
         self.ws = net._workspace(batch)
         self.segments = net._segments()
         self.loss_addr = loss_cfunc(loss, net.dtype)
@@ -534,6 +562,7 @@ class _EpochRunner:
             self.sizes[...] = np.add.reduceat(w.astype(np.float64),
                                               np.arange(0, len(w), self.batch))
         self.first = 0 if resume is None else resume["batch"]
+        self.grad_norms[...] = 0
         self.loss_before = 0.0 if resume is None else resume["loss_sum"]
         self.snap_params[...] = self.net._params
         self.snap_state[...] = self.state
@@ -563,7 +592,7 @@ class _EpochRunner:
             net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
             self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
             self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng,
-            self.batch_loss)
+            self.clip_value, self.clip_norm, self.grad_norms, self.batch_loss)
         self.opt.t += done
         return done, status
 

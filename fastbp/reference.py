@@ -331,6 +331,27 @@ def penalize(program, reg, per_weight, w, params, grad):
     return total
 
 
+def clip_and_measure(program, grad, clip_value=0.0, clip_norm=0.0):
+    """Clip trainable gradients in place: elements to [-clip_value, clip_value]
+    (if > 0), then the global norm to clip_norm (if > 0) like
+    torch.nn.utils.clip_grad_norm_.  Returns each row's gradient norm after
+    value clipping (0 for rows without trainable parameters)."""
+    spans = [(r[4], r[4] + r[1] * r[2] + r[2]) for r in program if r[0] == 0 and r[7]]
+    norms = np.zeros(len(program))
+    for l, r in enumerate(program):
+        if r[0] == 0 and r[7]:
+            g = grad[r[4]:r[4] + r[1] * r[2] + r[2]]
+            if clip_value > 0:
+                np.clip(g, -g.dtype.type(clip_value), g.dtype.type(clip_value), out=g)
+            norms[l] = np.sqrt(np.sum(g.astype(np.float64) ** 2))
+    if clip_norm > 0:
+        coef = clip_norm / (np.sqrt(np.sum(norms ** 2)) + 1e-6)
+        if coef < 1:
+            for a, b in spans:
+                grad[a:b] = grad[a:b] * coef
+    return norms
+
+
 def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=False,
               rates=None, counter=None):
     """Weighted mean loss over (X, Y) (w defaults to ones) plus the weight
@@ -358,15 +379,21 @@ def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=Fals
 
 
 def train_batches(X, Y, order, batch_size, program, params, loss, optimizer_step,
-                  rates=None, counter=None):
+                  rates=None, counter=None, reg=None, clip_value=0.0, clip_norm=0.0,
+                  measure=False):
     """One epoch of mini-batch training.  ``optimizer_step(params, grad)``
     updates params in place (e.g. ``fastbp.optim.Adam().step``).  With
-    ``rates`` and ``counter`` dropout is on.  Returns the per-batch losses."""
-    losses = []
+    ``rates`` and ``counter`` dropout is on; ``reg`` adds weight penalties;
+    gradients are clipped as ``clip_and_measure``.  Returns the per-batch
+    losses and (with ``measure``) the sum over batches of the per-row
+    gradient norms."""
+    losses, norms = [], np.zeros(len(program))
     for start in range(0, X.shape[0], batch_size):
         rows = order[start:start + batch_size]
-        value, grad = loss_grad(X[rows], Y[rows], program, params, loss,
+        value, grad = loss_grad(X[rows], Y[rows], program, params, loss, reg=reg,
                                 rates=rates, counter=counter)
+        if clip_value > 0 or clip_norm > 0 or measure:
+            norms += clip_and_measure(program, grad, clip_value, clip_norm)
         optimizer_step(params, grad)
         losses.append(value)
-    return np.array(losses)
+    return np.array(losses), norms
