@@ -112,6 +112,7 @@ class Sequential:
         self.seed = _check_seed(seed)
         self.history = History()
         self.optimizer = None
+        self.stop_training = False  # set by a callback to end fit after the epoch
         self._position = None  # an unfinished epoch (see fit's checkpoint)
         self.n_features = None
         self._params = self._grad = None
@@ -284,7 +285,7 @@ class Sequential:
     def fit(self, X, y, loss="mse", optimizer=None, epochs=1, batch_size=32, shuffle=True,
             validation_data=None, verbose=1, n_threads=None, on_divergence="raise",
             checkpoint=None, checkpoint_every=None, sample_weight=None, clip_norm=None,
-            clip_value=None, grad_norms=False):
+            clip_value=None, grad_norms=False, callbacks=None):
         """Train by mini-batch backpropagation.
 
         Parameters
@@ -338,6 +339,14 @@ class Sequential:
             Record in ``history["grad_norm"]`` each epoch's mean gradient
             norm of every dense layer (before norm clipping), to see
             gradients vanish or explode.
+        callbacks : list, optional
+            Objects with any of the methods ``on_train_begin(net)``,
+            ``on_epoch_begin(net, epoch)``, ``on_epoch_end(net, epoch, logs)``
+            (logs: this epoch's metrics, as recorded in the history) and
+            ``on_train_end(net)``.  Between epochs a callback may change the
+            optimizer's hyperparameters (e.g. ``net.optimizer.lr``: learning
+            rate schedules) or set ``net.stop_training = True`` to end the
+            fit after this epoch.  See ``fastbp.callbacks``.
 
         Returns
         -------
@@ -386,14 +395,19 @@ class Sequential:
         self.optimizer = opt
         self._last_loss = loss
 
+        callbacks = list(callbacks or [])
         run = _EpochRunner(self, X, Y, W, batch, shuffle, loss, opt, state)
         run.clip_value, run.clip_norm = clip
         if grad_norms:
             run.grad_norms = np.zeros(len(self.layers))
         first_epoch = len(self.history) + 1
         last_epoch = first_epoch + epochs - 1
+        self.stop_training = False
+        _call(callbacks, "on_train_begin", self)
         with _blas_threads(n_threads), _DeferredInterrupt() as interrupt:
             for e in range(first_epoch, last_epoch + 1):
+                _call(callbacks, "on_epoch_begin", self, e)
+                run.hyper[...] = opt._hyper()  # a callback may have changed them
                 start = time.perf_counter()
                 self._position = None
                 b = run.start_epoch(pending)
@@ -427,8 +441,12 @@ class Sequential:
                     self.save(checkpoint)
                 if verbose:
                     self._print_epoch(e, last_epoch, metrics)
+                _call(callbacks, "on_epoch_end", self, e, metrics)
                 if interrupt.requested and e < last_epoch:
                     return self._interrupted(e + 1, 0)
+                if self.stop_training:
+                    break
+        _call(callbacks, "on_train_end", self)
         return self.history
 
     def _interrupted(self, epoch, batch):
@@ -493,6 +511,13 @@ class Sequential:
 
     def __repr__(self):
         return f"Sequential({self.layers!r}, dtype={self.dtype.name!r})"
+
+
+def _call(callbacks, hook, *args):
+    for callback in callbacks:
+        method = getattr(callback, hook, None)
+        if method is not None:
+            method(*args)
 
 
 def _check_seed(seed):
