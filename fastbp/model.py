@@ -391,6 +391,14 @@ class Sequential:
             opt = self.optimizer
         else:
             opt = _optim.get(optimizer)
+        if getattr(opt, "full_batch_solver", False):
+            # A solver that needs the whole data at once (Levenberg-Marquardt):
+            # it runs its own iterations, one per epoch, and records the history.
+            self.optimizer = opt
+            self._last_loss = loss
+            return opt._fit(self, X, Y, W, loss=loss, epochs=epochs, verbose=verbose,
+                            validation=(Xv, Yv) if validation_data is not None else None,
+                            callbacks=list(callbacks or []))
         state = opt._bind(self.n_params, self.dtype)
         self.optimizer = opt
         self._last_loss = loss
