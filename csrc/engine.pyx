@@ -16,10 +16,12 @@ row per layer (columns below), plus flat arrays that Python allocated once:
 * ``deltas`` : two ping-pong buffers of B * max_width for dL/d(activation).
 * ``xb``/``yb``/``wb``: the gathered mini-batch (inputs, targets, sample
   weights), when rows are shuffled.
-* ``reg`` (n_layers, 2) float64: each layer's (l2, l1) weight penalty,
+* ``reg`` (n_layers, 3) float64: each layer's (l2, l1) weight penalty,
   added as ``s * (l2/2 ||W||^2 + l1 |W|_1)`` to the loss and
   ``s * (l2 W + l1 sign W)`` to dW, where s = 1 / (sum of the batch's sample
-  weights) if ``reg_per_weight`` (scikit-learn's alpha) else 1.
+  weights) if ``reg_per_weight`` (scikit-learn's alpha) else 1; and its L1
+  activity penalty c: ``c/m * sum |a|`` over the layer's output a (m rows),
+  whose gradient c/m sign(a) joins dL/da in the backward pass.
 
 ``train_batches`` runs many mini-batch steps in one call without the GIL:
 gather rows by index, forward through every layer (dense.pyx), loss and its
@@ -192,13 +194,18 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
         x = out
 
 
-cdef void backward_all(const int64_t[:, ::1] prog, const floating* x0,
-                       floating* params, floating* grad, floating* acts,
-                       floating* deltas, int64_t half, int64_t m) noexcept nogil:
+cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
+                         floating* params, floating* grad, floating* acts,
+                         floating* deltas, int64_t half, int64_t m,
+                         const double[:, ::1] reg) noexcept nogil:
     """Backward through every layer (of a training forward pass).  On entry
     deltas[0:half] holds dL/d(output of the last layer); on exit ``grad``
-    holds every dW, db."""
+    holds every dW, db.  Returns the layers' activity penalties, whose
+    gradients it adds on the way."""
     cdef int64_t l, i, n_in, n_out, n_layers = prog.shape[0]
+    cdef double activity = 0.0, c, total
+    cdef const floating* a
+    cdef floating step
     cdef floating* g = deltas
     cdef floating* other = deltas + half
     cdef floating* dx
@@ -220,6 +227,15 @@ cdef void backward_all(const int64_t[:, ::1] prog, const floating* x0,
             continue
         x = x0 if l == 0 else acts + prog[l - 1, ACT_OFF] * m
         dx = other if l > 0 else NULL
+        c = reg[l, 2]
+        if c > 0:
+            a = acts + prog[l, ACT_OFF] * m
+            step = <floating>(c / m)
+            total = 0.0
+            for i in range(m * n_out):
+                total += a[i] if a[i] >= 0 else -a[i]
+                g[i] += step if a[i] > 0 else (-step if a[i] < 0 else 0)
+            activity += c / m * total
         dense_backward_ptr(x, params + prog[l, W_OFF], acts + prog[l, ACT_OFF] * m, g,
                            grad + prog[l, W_OFF], grad + prog[l, B_OFF], dx,
                            m, n_in, n_out, <int>prog[l, ACT])
@@ -230,6 +246,7 @@ cdef void backward_all(const int64_t[:, ::1] prog, const floating* x0,
         tmp = g
         g = other
         other = tmp
+    return activity
 
 
 cdef void clip_and_measure(const int64_t[:, ::1] prog, floating* grad, double clip_value,
@@ -297,8 +314,8 @@ def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating
         forward_all(program, &X[0, 0], _ptr(params), &acts[0], NULL, n, NULL, NULL)
         loss = call_loss(loss_addr, &acts[0] + program[last, ACT_OFF] * n,
                          <floating*>&Y[0, 0], <floating*>&W[0], &deltas[0], n, k)
-        backward_all(program, &X[0, 0], _ptr(params), _ptr(grad), &acts[0], &deltas[0],
-                     half, n)
+        loss += backward_all(program, &X[0, 0], _ptr(params), _ptr(grad), &acts[0],
+                             &deltas[0], half, n, reg)
         loss += penalize(program, reg, reg_per_weight, &W[0], n, _ptr(params), _ptr(grad))
     return loss
 
@@ -366,7 +383,8 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 batch_loss[b] = loss
                 status = STATUS_LOSS_NONFINITE
                 break
-            backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0], half, m)
+            loss += backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0], half,
+                                 m, reg)
             loss += penalize(program, reg, reg_per_weight, w0, m, &params[0], &grad[0])
             batch_loss[b] = loss
             if clip:

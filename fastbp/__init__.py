@@ -5,13 +5,16 @@
 ...                         dtype="float32", seed=0)
 
 See ``Sequential`` for the model API, ``fastbp.optim`` for optimizers and
-``fastbp.reference`` for the NumPy implementation of the same math.
+``fastbp.reference`` for the NumPy implementation of the same math,
+``fastbp.callbacks`` for fit callbacks (early stopping, checkpoints,
+learning-rate schedules) and ``fastbp.plot_history`` to plot a history.
 """
-from . import activations, initializers, losses, optim, reference, regularizers
+from . import activations, callbacks, initializers, losses, optim, reference, regularizers
 from .gradcheck import gradcheck
 from .history import History
 from .layers import Dense, Dropout
 from .model import DivergenceError, Sequential
+from .plotting import plot_history
 from .io import ModelFormatError, load
 from .sklearn import MLPClassifier, MLPRegressor
 
@@ -19,4 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = ["Sequential", "Dense", "Dropout", "optim", "gradcheck", "History", "DivergenceError",
            "load", "ModelFormatError", "MLPClassifier", "MLPRegressor",
-           "activations", "initializers", "losses", "reference", "regularizers", "__version__"]
+           "activations", "callbacks", "initializers", "losses", "plot_history", "reference",
+           "regularizers", "__version__"]

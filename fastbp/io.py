@@ -285,14 +285,16 @@ def _check_layer(config, i):
             _fail(f"{where}.rate must be a number in [0, 1), got {_describe(rate)}")
     if kind == "Dense":
         _object(config, ("type", "units", "activation", "kernel_init", "trainable",
-                         "kernel_regularizer"), where)
-        reg = config["kernel_regularizer"]
-        if reg is not None:
-            reg = _object(reg, ("l1", "l2"), f"{where}.kernel_regularizer")
+                         "kernel_regularizer", "activity_regularizer"), where)
+        for field in ("kernel_regularizer", "activity_regularizer"):
+            reg = config[field]
+            if reg is None:
+                continue
+            reg = _object(reg, ("l1", "l2"), f"{where}.{field}")
             for key in ("l1", "l2"):
                 v = reg[key]
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-                    _fail(f"{where}.kernel_regularizer.{key} must be a number >= 0, got {_describe(v)}")
+                    _fail(f"{where}.{field}.{key} must be a number >= 0, got {_describe(v)}")
         _int_in(config["units"], 1, _INT64_BOUND, f"{where}.units")
         if config["activation"] is not None and not isinstance(config["activation"], str):
             _fail(f"{where}.activation must be a string, got {_describe(config['activation'])}")
@@ -301,7 +303,7 @@ def _check_layer(config, i):
         if not isinstance(config["trainable"], bool):
             _fail(f"{where}.trainable must be true or false, got {_describe(config['trainable'])}")
     for key, value in config.items():
-        if key == "kernel_regularizer":
+        if key in ("kernel_regularizer", "activity_regularizer"):
             continue  # checked above
         if not (value is None or isinstance(value, (str, bool, int, float))):
             _fail(f"{where}.{key} must be a JSON scalar, got {_describe(value)}")

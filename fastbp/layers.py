@@ -31,6 +31,10 @@ class Dense:
         the optimizer leaves its parameters and state untouched.
     kernel_regularizer : L1L2, dict or None
         Penalty on W added to the loss (see ``fastbp.regularizers``).
+    activity_regularizer : L1L2, dict or None
+        L1 penalty on the layer's output (e.g. for sparse autoencoders):
+        ``l1 * sum|a| / batch_size`` is added to the loss (Keras's activity
+        regularizer); only its ``l1`` may be non-zero.
 
     Attributes
     ----------
@@ -41,12 +45,15 @@ class Dense:
     kind = KIND_DENSE
 
     def __init__(self, units, activation=None, kernel_init="glorot_uniform", trainable=True,
-                 kernel_regularizer=None):
+                 kernel_regularizer=None, activity_regularizer=None):
         self.units = check_positive_int(units, "units")
         self.activation = activations.resolve(activation)
         self.kernel_init = initializers.resolve(kernel_init)
         self.trainable = bool(trainable)
         self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.activity_regularizer = regularizers.get(activity_regularizer)
+        if self.activity_regularizer is not None and self.activity_regularizer.l2 != 0:
+            raise ValueError("activity_regularizer supports an L1 penalty only (l2 must be 0)")
         self.n_in = None
         self.W = self.b = self.dW = self.db = None
 
@@ -72,7 +79,9 @@ class Dense:
         reg = self.kernel_regularizer
         return {"type": "Dense", "units": self.units, "activation": self.activation,
                 "kernel_init": self.kernel_init, "trainable": self.trainable,
-                "kernel_regularizer": None if reg is None else reg.get_config()}
+                "kernel_regularizer": None if reg is None else reg.get_config(),
+                "activity_regularizer": (None if self.activity_regularizer is None
+                                         else self.activity_regularizer.get_config())}
 
     def __repr__(self):
         return (f"Dense({self.units}, activation={self.activation!r}"

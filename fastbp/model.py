@@ -158,9 +158,9 @@ class Sequential:
         self._rates = np.array([getattr(layer, "rate", 0.0) for layer in self.layers])
         # Per-layer (l2, l1) weight penalties; scaled by 1 / (sum of the
         # batch's sample weights) when _reg_per_weight (scikit-learn's alpha).
-        self._reg = np.array([getattr(layer, "kernel_regularizer", None).engine_coefficients()
-                              if getattr(layer, "kernel_regularizer", None) else (0.0, 0.0)
-                              for layer in self.layers], dtype=np.float64).reshape(-1, 2)
+        # Per-layer (l2, l1, activity l1): see csrc/engine.pyx.
+        self._reg = np.array([_penalties(layer) for layer in self.layers],
+                             dtype=np.float64).reshape(-1, 3)
         self._reg_per_weight = False
         self.n_features = n_features
         self._workspaces = {}
@@ -182,6 +182,58 @@ class Sequential:
         if not np.isfinite(params).all():
             raise ValueError("params contain NaN or infinity")
         self._params[...] = params
+
+    def get_weights(self):
+        """Copies of every dense layer's (W, b), in order."""
+        self._require_built()
+        return [(layer.W.copy(), layer.b.copy()) for layer in self.layers
+                if isinstance(layer, Dense)]
+
+    def set_weights(self, weights):
+        """Set every dense layer's (W, b) from a list like ``get_weights``'s."""
+        self._require_built()
+        dense = [layer for layer in self.layers if isinstance(layer, Dense)]
+        weights = list(weights)
+        if len(weights) != len(dense):
+            raise ValueError(f"expected weights for {len(dense)} dense layers, got {len(weights)}")
+        checked = []
+        for i, (layer, pair) in enumerate(zip(dense, weights)):
+            W, b = (np.asarray(a) for a in pair)
+            if W.shape != layer.W.shape or b.shape != layer.b.shape:
+                raise ValueError(f"dense layer {i}: expected W {layer.W.shape} and b "
+                                 f"{layer.b.shape}, got {W.shape} and {b.shape}")
+            if not (np.isfinite(W).all() and np.isfinite(b).all()):
+                raise ValueError(f"dense layer {i}: weights contain NaN or infinity")
+            checked.append((W, b))
+        for layer, (W, b) in zip(dense, checked):
+            layer.W[...] = W
+            layer.b[...] = b
+
+    def copy_weights_from(self, other, layers=None):
+        """Transfer learning: copy dense layers' weights from another model.
+
+        Parameters
+        ----------
+        other : Sequential
+            A built model.
+        layers : list of int, optional
+            Indices (among dense layers) to copy; default: as many leading
+            dense layers as both models have with matching shapes.  Combine
+            with ``trainable=False`` to freeze what was copied.
+        """
+        mine, theirs = self.get_weights(), other.get_weights()
+        if layers is None:
+            layers = []
+            for i, ((W, _), (W2, _)) in enumerate(zip(mine, theirs)):
+                if W.shape != W2.shape:
+                    break
+                layers.append(i)
+        for i in layers:
+            if not (0 <= i < min(len(mine), len(theirs))) or mine[i][0].shape != theirs[i][0].shape:
+                raise ValueError(f"dense layer {i} does not match between the two models")
+            mine[i] = theirs[i]
+        self.set_weights(mine)
+        return layers
 
     def _require_built(self):
         if self._params is None:
@@ -519,6 +571,14 @@ class Sequential:
 
     def __repr__(self):
         return f"Sequential({self.layers!r}, dtype={self.dtype.name!r})"
+
+
+def _penalties(layer):
+    """(l2, l1, activity l1) of a layer as the engine applies them."""
+    kernel = getattr(layer, "kernel_regularizer", None)
+    activity = getattr(layer, "activity_regularizer", None)
+    l2, l1 = kernel.engine_coefficients() if kernel is not None else (0.0, 0.0)
+    return l2, l1, activity.l1 if activity is not None else 0.0
 
 
 def _call(callbacks, hook, *args):

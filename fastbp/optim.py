@@ -18,7 +18,8 @@ import numpy as np
 
 from ._numba import optim as _kernels
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Rprop", "Adagrad"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Rprop", "Adagrad",
+           "LevenbergMarquardt"]
 
 
 def _check(cond, message):
@@ -396,3 +397,7 @@ def get(optimizer):
     if isinstance(optimizer, str) and optimizer.lower() in OPTIMIZERS:
         return OPTIMIZERS[optimizer.lower()]()
     raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+
+
+# At the end: fastbp.lm subclasses Optimizer (defined above).
+from .lm import LevenbergMarquardt  # noqa: E402

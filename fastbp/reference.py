@@ -321,7 +321,7 @@ def penalize(program, reg, per_weight, w, params, grad):
     penalty s sum (l2/2 ||W||^2 + l1 |W|_1), s = 1/sum(w) if per_weight else 1."""
     s = 1.0 / w.sum(dtype=np.float64) if per_weight else 1.0
     total = 0.0
-    for row, (l2, l1) in zip(program, reg):
+    for row, (l2, l1, _) in zip(program, reg):
         if (l2 or l1) and row[7] and row[0] == 0:
             W = _dense(row, params)[0]
             dW = grad[row[4]:row[4] + W.size].reshape(W.shape)
@@ -368,6 +368,10 @@ def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=Fals
             G = G * masks[l] if l in masks else G
             continue
         W, b, act = _dense(row, params)
+        if reg is not None and reg[l][2] > 0:  # L1 activity penalty on this layer's output
+            a = outs[l + 1]
+            value += reg[l][2] / a.shape[0] * float(np.abs(a.astype(np.float64)).sum())
+            G = G + a.dtype.type(reg[l][2] / a.shape[0]) * np.sign(a)
         dW, db, G = dense_backward(outs[l], W, outs[l + 1], G, act)
         kind, n_in, n_out, _, w_off, b_off, _, trainable = row
         if trainable:

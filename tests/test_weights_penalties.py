@@ -19,7 +19,7 @@ def _net(dtype="float64", seed=0):
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy", "sk_log_loss", "sk_squared_error"])
 def test_weighted_penalized_loss_and_grad_match_reference(rng, dtype, per_weight, loss):
     net = _net(dtype)
-    net._reg[:] = [[0.3, 0.0], [0.1, 0.05], [0.0, 0.2]]
+    net._reg[:, :2] = [[0.3, 0.0], [0.1, 0.05], [0.0, 0.2]]
     net._reg_per_weight = per_weight
     X = rng.normal(size=(30, 4)).astype(dtype)
     Y = np.eye(3, dtype=dtype)[rng.integers(0, 3, 30)]
@@ -34,7 +34,7 @@ def test_weighted_penalized_loss_and_grad_match_reference(rng, dtype, per_weight
 @pytest.mark.parametrize("per_weight", [False, True])
 def test_penalized_gradient_matches_finite_differences(rng, per_weight):
     net = _net()
-    net._reg[:] = [[0.3, 0.1], [0.2, 0.0], [0.0, 0.4]]
+    net._reg[:, :2] = [[0.3, 0.1], [0.2, 0.0], [0.0, 0.4]]
     net._reg_per_weight = per_weight
     X = rng.normal(size=(20, 4))
     y = rng.integers(0, 3, 20)

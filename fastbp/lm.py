@@ -1,0 +1,368 @@
+"""Levenberg-Marquardt: a full-batch second-order solver for the mse loss.
+
+``LevenbergMarquardt`` is used like an optimizer,
+``net.fit(X, y, loss="mse", optimizer=LevenbergMarquardt(), epochs=30)``,
+but it does not update the parameters from mini-batch gradients: ``fit``
+hands it the whole training set (it has ``full_batch_solver = True``) and
+every epoch is one Levenberg-Marquardt iteration over all of it.
+
+The Jacobian is computed here in NumPy, in float64, from the same layer math
+as ``fastbp.reference`` (the compiled engine computes summed gradients only,
+not the per-row ones LM needs).
+"""
+import time
+
+import numpy as np
+
+# fastbp.optim imports this module at its end, once Optimizer is defined, and
+# ``import fastbp`` imports fastbp.optim first, so this import always finds a
+# (possibly still initializing) fastbp.optim that has Optimizer.  Subclassing
+# Optimizer is what lets ``Sequential.fit(optimizer=LevenbergMarquardt())``
+# accept it (``fastbp.optim.get`` takes Optimizer instances).
+from .optim import Optimizer, _check, _real
+from .reference import activation_derivative, forward_all
+
+__all__ = ["LevenbergMarquardt"]
+
+#: bytes of one block of Jacobian rows (block_rows=None picks the rows to fit)
+_BLOCK_BYTES = 4 << 20
+#: elements of layer outputs held at once when evaluating the error
+_EVAL_ELEMENTS = 1 << 21
+#: lower bound of mu after a decrease, as trainlm's
+_MU_FLOOR = 1e-20
+
+
+class LevenbergMarquardt(Optimizer):
+    r"""Levenberg-Marquardt for the mse loss (the schedule of MATLAB's trainlm).
+
+    With the residuals :math:`e = Z - Y` of all :math:`n k` outputs of the
+    training set (n rows, k outputs), sample weights :math:`w_i` and the
+    trainable parameters :math:`\theta` (P of them), LM minimises the sum of
+    squared errors
+
+    .. math::
+
+        E(\theta) = \sum_{i=1}^{n} w_i \sum_{j=1}^{k} e_{ij}(\theta)^2,
+        \qquad \mathrm{mse} = E / (k \sum_i w_i).
+
+    Let :math:`J` be the Jacobian of the residuals, the :math:`n k \times P`
+    matrix :math:`J_{(ij),p} = \sqrt{w_i}\, \partial e_{ij} / \partial\theta_p`
+    (and :math:`\tilde e_{ij} = \sqrt{w_i}\, e_{ij}`).  Each iteration (epoch)
+    forms
+
+    .. math::
+
+        A = J^\top J \ (P \times P), \qquad g = J^\top \tilde e \ (P),
+
+    then, starting from the current damping :math:`\mu`, repeats:
+
+    .. math::
+
+        (A + \mu I)\, \Delta = -g \quad \text{(Cholesky solve)};
+
+    if :math:`E(\theta + \Delta) < E(\theta)` the step is accepted,
+    :math:`\theta \leftarrow \theta + \Delta`,
+    :math:`\mu \leftarrow \max(\mu \cdot \mathrm{mu\_dec}, 10^{-20})`, and the
+    iteration ends; otherwise (also when :math:`A + \mu I` is not numerically
+    positive definite or :math:`E(\theta + \Delta)` is not finite)
+    :math:`\mu \leftarrow \mu \cdot \mathrm{mu\_inc}` and the solve is
+    repeated, for as long as :math:`\mu \le \mathrm{mu\_max}`.  When
+    :math:`\mu` exceeds mu_max no step decreased the error: training stops
+    (``history.stop_reason`` says so) with the parameters unchanged.  The
+    default constants and the schedule are those of MATLAB's ``trainlm``
+    (Deep Learning Toolbox; Hagan & Menhaj, "Training feedforward networks
+    with the Marquardt algorithm", IEEE Trans. Neural Networks 5(6), 1994):
+    small :math:`\mu` is a Gauss-Newton step, large :math:`\mu` a short
+    gradient-descent step :math:`-g / \mu`.
+
+    :math:`A` and :math:`g` are accumulated over blocks of rows, so memory is
+    :math:`O(P^2)` plus one block of :math:`J`, not :math:`O(n k P)`.  Row
+    :math:`(i, j)` of :math:`J` is the gradient of :math:`e_{ij}` alone: a
+    unit delta on output unit j backpropagated through the network without
+    summing over rows; a dense layer's block is the outer product of its
+    input row and that delta (its bias block is the delta).  Every iteration
+    costs one such pass, a Cholesky factorisation (:math:`P^3/3` flops) and
+    one forward pass per trial step: LM suits small networks (up to a few
+    thousand parameters).
+
+    Computation is in float64 whatever the model's dtype; a trial step is
+    rounded to the model's dtype before its error is evaluated, so an
+    accepted step decreases the error of the parameters actually stored.
+    The recorded ``loss`` is that float64 mse (``net.evaluate`` of a float32
+    model may differ in the last digits).
+
+    Parameters
+    ----------
+    mu : float > 0, default 1e-3
+        Initial damping.
+    mu_dec : float in (0, 1), default 0.1
+        Factor of mu after an accepted step.
+    mu_inc : float > 1, default 10
+        Factor of mu after a rejected step.
+    mu_max : float > 0, default 1e10
+        Training stops when mu exceeds it.
+    block_rows : int or None, default None
+        Rows of the training set per block of the Jacobian; None chooses
+        them so that a block of J takes about 4 MiB.
+
+    Attributes
+    ----------
+    mu : float
+        The current damping.  It is kept between fits, so fitting again
+        with the same object continues the schedule (once mu has exceeded
+        mu_max, further fits stop at once; ``reset()`` starts over).
+        Callbacks may change it between epochs.
+    t : int
+        Accepted steps so far.
+
+    Notes
+    -----
+    Only ``loss="mse"`` is supported, without weight or activity penalties
+    (``kernel_regularizer``, ``activity_regularizer``) and without Dropout
+    layers (ValueError).  Sample weights are supported.  Frozen layers
+    (``trainable=False``) are excluded from the solve: their columns of J
+    are dropped and their parameters do not change.  ``fit``'s mini-batch
+    options (batch_size, shuffle, clipping, grad_norms, checkpoint, ...)
+    do not apply to this solver.
+
+    A model whose optimizer is a LevenbergMarquardt cannot be saved:
+    ``net.save`` raises ValueError (model files hold the optimizers of
+    ``fastbp.optim.OPTIMIZERS`` only, and ``fastbp.load`` does not know this
+    class); set ``net.optimizer = None`` first to save the trained model.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbp
+    >>> from fastbp.optim import LevenbergMarquardt
+    >>> X = np.linspace(-3, 3, 200)[:, None]
+    >>> net = fastbp.Sequential([fastbp.Dense(10, activation="tanh"), fastbp.Dense(1)],
+    ...                         dtype="float64", seed=0)
+    >>> hist = net.fit(X, np.sin(X), optimizer=LevenbergMarquardt(), epochs=30, verbose=0)
+    >>> bool(hist["loss"][-1] < 1e-4)
+    True
+    """
+
+    kernel = None
+    full_batch_solver = True
+
+    def __init__(self, mu=1e-3, mu_dec=0.1, mu_inc=10.0, mu_max=1e10, block_rows=None):
+        super().__init__()
+        mu, mu_dec = _real(mu, "mu"), _real(mu_dec, "mu_dec")
+        mu_inc, mu_max = _real(mu_inc, "mu_inc"), _real(mu_max, "mu_max")
+        _check(mu > 0, f"invalid mu: {mu} (must be > 0)")
+        _check(0 < mu_dec < 1, f"invalid mu_dec: {mu_dec} (must be in (0, 1))")
+        _check(mu_inc > 1, f"invalid mu_inc: {mu_inc} (must be > 1)")
+        _check(mu_max > 0, f"invalid mu_max: {mu_max} (must be > 0)")
+        if block_rows is not None:
+            _check(not isinstance(block_rows, bool) and isinstance(block_rows, (int, np.integer))
+                   and block_rows >= 1, f"invalid block_rows: {block_rows!r} "
+                   "(a positive integer or None)")
+            block_rows = int(block_rows)
+        self.mu_initial = mu
+        self.mu, self.mu_dec, self.mu_inc, self.mu_max = mu, mu_dec, mu_inc, mu_max
+        self.block_rows = block_rows
+
+    # -- the Optimizer interface that does not apply ------------------------
+    def _args(self):
+        raise TypeError("LevenbergMarquardt is a full-batch solver without a compiled kernel")
+
+    def _n_slots(self):
+        return 0
+
+    def _bind(self, n_params, dtype):
+        raise TypeError("LevenbergMarquardt is a full-batch solver: train with Sequential.fit")
+
+    def step(self, params, grad):
+        """Not available: LM needs the Jacobian, not a gradient (TypeError)."""
+        raise TypeError("LevenbergMarquardt cannot step from a gradient: train with "
+                        "Sequential.fit(X, y, loss='mse', optimizer=LevenbergMarquardt())")
+
+    def reset(self):
+        """Start over: mu back to its initial value, step count 0."""
+        self.mu = self.mu_initial
+        self.t = 0
+
+    def get_config(self):
+        """Constructor arguments as a dict (mu is the initial damping)."""
+        return {"mu": self.mu_initial, "mu_dec": self.mu_dec, "mu_inc": self.mu_inc,
+                "mu_max": self.mu_max, "block_rows": self.block_rows}
+
+    # -- training ------------------------------------------------------------
+    def _fit(self, net, X, Y, W, loss="mse", epochs=1, verbose=0, validation=None,
+             callbacks=()):
+        """Run ``epochs`` LM iterations on ``net`` (called by ``Sequential.fit``)."""
+        if loss != "mse":
+            raise ValueError(f"LevenbergMarquardt minimises the mse loss only, not {loss!r}")
+        if getattr(net, "_position", None) is not None:
+            raise ValueError("the model holds an unfinished mini-batch epoch; call "
+                             "discard_partial_epoch() before fitting with LevenbergMarquardt")
+        reg = getattr(net, "_reg", None)
+        if reg is not None and np.any(np.asarray(reg) != 0):
+            raise ValueError("LevenbergMarquardt does not support weight or activity penalties "
+                             "(kernel_regularizer / activity_regularizer)")
+        program = np.asarray(net._program)
+        cols, index = trainable_columns(program)
+        n, k = Y.shape
+        sqrt_w = np.sqrt(np.asarray(W, dtype=np.float64))
+        denominator = float(np.sum(W, dtype=np.float64)) * k
+        X64 = np.asarray(X, dtype=np.float64)
+        Y64 = np.asarray(Y, dtype=np.float64)
+        rows = self.block_rows or max(1, _BLOCK_BYTES // (8 * k * max(index.size, 1)))
+        dtype = net.params.dtype
+
+        first = len(net.history) + 1
+        last = first + epochs - 1
+        net.stop_training = False
+        _call(callbacks, "on_train_begin", net)
+        for e in range(first, last + 1):
+            _call(callbacks, "on_epoch_begin", net, e)
+            start = time.perf_counter()
+            theta = net.params.astype(np.float64)
+            A, g, error = normal_equations(program, theta, X64, Y64, sqrt_w, cols, index.size,
+                                           rows)
+            accepted = False
+            while self.mu <= self.mu_max:
+                step = _damped_step(A, g, self.mu)
+                if step is not None:
+                    trial = theta.copy()
+                    trial[index] += step
+                    trial = trial.astype(dtype)
+                    if np.isfinite(trial).all():
+                        with np.errstate(over="ignore", invalid="ignore"):
+                            trial_error = sum_squared_error(program, trial.astype(np.float64),
+                                                            X64, Y64, sqrt_w)
+                        if trial_error < error:  # False for NaN
+                            net.params[...] = trial
+                            error = trial_error
+                            self.mu = max(self.mu * self.mu_dec, _MU_FLOOR)
+                            self.t += 1
+                            accepted = True
+                            break
+                self.mu *= self.mu_inc
+            seconds = time.perf_counter() - start
+            metrics = {"loss": error / denominator, "time": seconds,
+                       "samples_per_s": n / max(seconds, 1e-9)}
+            if validation is not None:
+                metrics["val_loss"] = net.evaluate(validation[0], validation[1], loss=loss)
+            net.history.append(e, **metrics)
+            if verbose:
+                net._print_epoch(e, last, metrics)
+            _call(callbacks, "on_epoch_end", net, e, metrics)
+            if not accepted:
+                net.history.stop_reason = (
+                    f"Levenberg-Marquardt stopped at epoch {e}: no step decreased the error "
+                    f"before mu exceeded mu_max={self.mu_max:g} (a minimum, or a flat "
+                    "region); call reset() on the optimizer to start over")
+                net.stop_training = True
+            if net.stop_training:
+                break
+        _call(callbacks, "on_train_end", net)
+        return net.history
+
+
+def _call(callbacks, hook, *args):
+    for callback in callbacks:
+        method = getattr(callback, hook, None)
+        if method is not None:
+            method(*args)
+
+
+def _damped_step(A, g, mu):
+    """Solution of (A + mu I) step = -g by Cholesky, or None when A + mu I is
+    not numerically positive definite (or the solve is not finite)."""
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+    M = A.copy()
+    M[np.diag_indices_from(M)] += mu
+    try:
+        factor = cho_factor(M, lower=True, overwrite_a=True, check_finite=False)
+    except LinAlgError:
+        return None
+    step = cho_solve(factor, -g, check_finite=False)
+    return step if np.isfinite(step).all() else None
+
+
+# -- the Jacobian ------------------------------------------------------------------
+
+def trainable_columns(program):
+    """Columns of J for each layer of ``program``.
+
+    Returns ``cols`` (per row of the program: the column of J where that
+    layer's W starts, its b following; -1 for a frozen layer) and ``index``
+    (the positions in ``params`` of J's columns, in order).  ValueError for
+    Dropout layers or a network without trainable parameters.
+    """
+    cols, index, c = [], [], 0
+    for row in program:
+        kind, n_in, n_out, _, w_off, b_off, _, trainable = (int(v) for v in row)
+        if kind != 0:
+            raise ValueError("LevenbergMarquardt does not support Dropout layers")
+        if trainable:
+            cols.append(c)
+            index.append(np.arange(w_off, b_off + n_out))
+            c += n_in * n_out + n_out
+        else:
+            cols.append(-1)
+    if not index:
+        raise ValueError("the model has no trainable parameters")
+    return cols, np.concatenate(index).astype(np.int64)
+
+
+def jacobian(program, params, X, Y, cols, n_cols, sqrt_w=None):
+    """Jacobian of the residuals of one block of rows, and the residuals.
+
+    Returns ``J`` (m k, n_cols), row i k + j holding d e_ij / d theta for the
+    columns of ``trainable_columns``, and ``e`` (m k,) = (Z - Y) raveled,
+    both scaled by ``sqrt_w`` (m,) per row when given.  float64 inputs.
+    """
+    outs, _ = forward_all(program, X, params)
+    m, k = Y.shape
+    L = len(program)
+    J = np.zeros((m, k, n_cols))
+    # D[i, j, :] = d Z_ij / d (pre-activation of the current layer), row i.
+    D = np.zeros((m, k, k))
+    D[:, np.arange(k), np.arange(k)] = activation_derivative(outs[L], int(program[L - 1][3]))
+    if sqrt_w is not None:
+        D *= sqrt_w[:, None, None]
+    lowest = min(l for l in range(L) if cols[l] >= 0)
+    for l in range(L - 1, lowest - 1, -1):
+        _, n_in, n_out, _, w_off, b_off, _, _ = (int(v) for v in program[l])
+        if cols[l] >= 0:
+            c, n_w = cols[l], n_in * n_out
+            J[:, :, c:c + n_w] = np.einsum("ia,ijb->ijab", outs[l], D).reshape(m, k, n_w)
+            J[:, :, c + n_w:c + n_w + n_out] = D
+        if l > lowest:
+            Wl = params[w_off:w_off + n_in * n_out].reshape(n_in, n_out)
+            D = (D @ Wl.T) * activation_derivative(outs[l], int(program[l - 1][3]))[:, None, :]
+    e = outs[L] - Y
+    if sqrt_w is not None:
+        e = e * sqrt_w[:, None]
+    return J.reshape(m * k, n_cols), e.ravel()
+
+
+def normal_equations(program, params, X, Y, sqrt_w, cols, n_cols, block_rows):
+    """J^T J, J^T e and the weighted sum of squared errors, accumulated over
+    blocks of ``block_rows`` rows (float64)."""
+    A = np.zeros((n_cols, n_cols))
+    g = np.zeros(n_cols)
+    error = 0.0
+    for s in range(0, X.shape[0], block_rows):
+        sl = slice(s, s + block_rows)
+        J, e = jacobian(program, params, X[sl], Y[sl], cols, n_cols, sqrt_w[sl])
+        A += J.T @ J
+        g += J.T @ e
+        error += float(e @ e)
+    return A, g, error
+
+
+def sum_squared_error(program, params, X, Y, sqrt_w):
+    """sum_i w_i sum_j (Z_ij - Y_ij)^2 in float64, by blocks of rows."""
+    width = X.shape[1] + int(np.sum(program[:, 2]))
+    rows = max(1, _EVAL_ELEMENTS // width)
+    total = 0.0
+    for s in range(0, X.shape[0], rows):
+        sl = slice(s, s + rows)
+        outs, _ = forward_all(program, X[sl], params)
+        r = (outs[-1] - Y[sl]) * sqrt_w[sl, None]
+        total += float(np.sum(r * r))
+    return total

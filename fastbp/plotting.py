@@ -1,0 +1,131 @@
+"""Plots of training histories (needs matplotlib: ``pip install "fastbp[plot]"``)."""
+import os
+import warnings
+
+from .history import History
+
+__all__ = ["plot_history"]
+
+# metrics a default plot shows, when recorded
+_DEFAULT_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy")
+
+
+def _panel(name):
+    """Which panel a metric is drawn in: losses together, accuracies together,
+    gradient norms together, anything else on its own."""
+    if name == "grad_norm" or name.startswith("grad_norm"):
+        return "gradient norm"
+    if "acc" in name:
+        return "accuracy"
+    if "loss" in name:
+        return "loss"
+    return name
+
+
+def plot_history(history, path=None, metrics=None):
+    """Plot per-epoch metrics of a training history with matplotlib.
+
+    Draws one panel of losses (``loss`` and, when recorded, ``val_loss``)
+    against the epoch number and, when an accuracy is recorded
+    (``val_accuracy``), a second panel below it for accuracies.  Explicitly
+    requested metrics are grouped the same way: names containing "loss" in
+    the loss panel, names containing "acc" in the accuracy panel,
+    ``grad_norm`` in a panel of its own (one line per Dense layer, log
+    scale), and any other metric (``time``, ``samples_per_s``) in a panel of
+    its own.  The figure is drawn with matplotlib's Agg canvas, without
+    pyplot (no global backend change, no figure left open in pyplot).
+
+    Parameters
+    ----------
+    history : History or Sequential
+        A ``fastbp.History`` or a model (its ``history`` is used).
+    path : str or path-like, optional
+        File to write the figure to.  The format follows the extension; PNG
+        when there is none (``"history.png"``).
+    metrics : list of str, optional
+        Metrics to draw.  Default: ``loss``, ``val_loss``, ``accuracy`` and
+        ``val_accuracy``, those of them that are recorded.  A requested metric
+        that is not recorded raises ValueError.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ImportError
+        When matplotlib is not installed.
+    ValueError
+        When the history has no epochs or lacks a requested metric.
+
+    Notes
+    -----
+    A metric recorded in fewer epochs than the history holds (``val_loss``
+    when only a later fit had validation data) is drawn against the last
+    epochs, with a warning: the history does not say which epochs it belongs
+    to.
+
+    Examples
+    --------
+    >>> fig = plot_history(net, "history.png")  # doctest: +SKIP
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise ImportError('plot_history needs matplotlib: pip install "fastbp[plot]"') from None
+
+    if not isinstance(history, History):
+        inner = getattr(history, "history", None)
+        if not isinstance(inner, History):
+            raise ValueError("plot_history takes a fastbp History or a model with a history, "
+                             f"got {type(history).__name__}")
+        history = inner
+    if len(history) == 0:
+        raise ValueError("nothing to plot: the history has no epochs (fit the model first)")
+    recorded = history.history
+    if metrics is None:
+        metrics = [m for m in _DEFAULT_METRICS if m in recorded]
+    else:
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        metrics = list(metrics)
+        missing = [m for m in metrics if m not in recorded]
+        if missing:
+            raise ValueError(f"metrics {missing} are not in the history; recorded: "
+                             f"{', '.join(recorded) or 'none'}")
+    if not metrics:
+        raise ValueError("no metric to plot")
+
+    panels = {}
+    for m in metrics:
+        panels.setdefault(_panel(m), []).append(m)
+
+    epochs = list(history.epoch)
+    fig = Figure(figsize=(6.4, 2.2 + 2.4 * len(panels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (title, names) in zip(axes, panels.items()):
+        for name in names:
+            values = recorded[name]
+            xs = epochs
+            if len(values) != len(epochs):
+                warnings.warn(f"{name} is recorded for {len(values)} of {len(epochs)} epochs; "
+                              "drawn against the last ones", RuntimeWarning, stacklevel=2)
+                xs = epochs[len(epochs) - len(values):]
+            if values and isinstance(values[0], (list, tuple)):  # grad_norm: one per layer
+                for k in range(len(values[0])):
+                    ax.plot(xs, [v[k] if k < len(v) else float("nan") for v in values],
+                            marker="." if len(xs) <= 50 else None, label=f"{name} {k}")
+                ax.set_yscale("log")
+            else:
+                ax.plot(xs, values, marker="." if len(xs) <= 50 else None, label=name)
+        ax.set_ylabel(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=100)
+    return fig
