@@ -30,6 +30,10 @@ flat parameter vector.  The loss and the optimizer are Numba ``cfunc``s
 (fastbp/_numba), called through their C addresses, so one Python call drives
 any number of steps whatever the depth, and nothing is allocated per step.
 
+A dense row with ``rates[l] > 0`` uses DropConnect in training: each batch
+draws a mask M on W (same stream and rule as dropout), computes with
+W_eff = W * M (M = 1/(1 - rate) or 0), kept with M at ``aux[aux_off:]``
+(2 n_in n_out values), and scales dW by M on the way back.
 A ``Dropout`` row (kind 1) has no parameters: in training its output is
 x * mask with mask = 1/(1 - rate) or 0 (inverted dropout), and the mask is
 kept right after the output in ``acts`` for the backward pass; in predict it
@@ -58,7 +62,8 @@ cdef enum:
     B_OFF = 5
     ACT_OFF = 6
     TRAINABLE = 7
-    N_COLS = 8
+    AUX_OFF = 8
+    N_COLS = 9
 
 cdef enum:
     KIND_DENSE = 0
@@ -69,7 +74,8 @@ cdef enum:
     STATUS_LOSS_NONFINITE = 1
     STATUS_PARAMS_NONFINITE = 2
 
-PROGRAM_COLUMNS = ("kind", "n_in", "n_out", "act", "w_off", "b_off", "act_off", "trainable")
+PROGRAM_COLUMNS = ("kind", "n_in", "n_out", "act", "w_off", "b_off", "act_off", "trainable",
+                   "aux_off")
 
 # loss(z, y, w, g, m, k) -> weighted mean loss; writes g = dL/dz.
 # (fastbp/_numba/losses.py)
@@ -163,7 +169,8 @@ cdef void dropout_forward(const floating* x, floating* out, floating* mask, int6
 
 cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
                       floating* params, floating* acts, floating* last_out,
-                      int64_t m, const double* rates, uint64_t* counter) noexcept nogil:
+                      int64_t m, const double* rates, uint64_t* counter,
+                      floating* aux) noexcept nogil:
     """Forward through every layer; the last one writes to ``last_out`` if it
     is not NULL (predict), else to its slot in ``acts``.  ``counter`` NULL
     means predict: dropout layers pass their input through."""
@@ -171,6 +178,7 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
     cdef const floating* x = x0
     cdef floating* out
     cdef floating* mask
+    cdef floating* weff
     for l in range(n_layers):
         out = acts + prog[l, ACT_OFF] * m
         if l == n_layers - 1 and last_out != NULL:
@@ -188,6 +196,13 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
                     mask[i] = 1
             else:
                 continue  # predict: pass x on unchanged (never the last layer)
+        elif counter != NULL and rates[l] > 0:  # DropConnect
+            width = prog[l, N_IN] * prog[l, N_OUT]
+            weff = aux + prog[l, AUX_OFF]
+            dropout_forward(params + prog[l, W_OFF], weff, weff + width, width, rates[l],
+                            counter)
+            dense_forward_ptr(x, weff, params + prog[l, B_OFF], out,
+                              m, prog[l, N_IN], prog[l, N_OUT], <int>prog[l, ACT])
         else:
             dense_forward_ptr(x, params + prog[l, W_OFF], params + prog[l, B_OFF], out,
                               m, prog[l, N_IN], prog[l, N_OUT], <int>prog[l, ACT])
@@ -197,7 +212,8 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
 cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
                          floating* params, floating* grad, floating* acts,
                          floating* deltas, int64_t half, int64_t m,
-                         const double[:, ::1] reg) noexcept nogil:
+                         const double[:, ::1] reg, const double* rates,
+                         floating* aux) noexcept nogil:
     """Backward through every layer (of a training forward pass).  On entry
     deltas[0:half] holds dL/d(output of the last layer); on exit ``grad``
     holds every dW, db.  Returns the layers' activity penalties, whose
@@ -205,6 +221,7 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
     cdef int64_t l, i, n_in, n_out, n_layers = prog.shape[0]
     cdef double activity = 0.0, c, total
     cdef const floating* a
+    cdef floating* weff
     cdef floating step
     cdef floating* g = deltas
     cdef floating* other = deltas + half
@@ -236,9 +253,17 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
                 total += a[i] if a[i] >= 0 else -a[i]
                 g[i] += step if a[i] > 0 else (-step if a[i] < 0 else 0)
             activity += c / m * total
-        dense_backward_ptr(x, params + prog[l, W_OFF], acts + prog[l, ACT_OFF] * m, g,
-                           grad + prog[l, W_OFF], grad + prog[l, B_OFF], dx,
-                           m, n_in, n_out, <int>prog[l, ACT])
+        if rates != NULL and rates[l] > 0:  # DropConnect: the batch used W_eff = W * M
+            weff = aux + prog[l, AUX_OFF]
+            dense_backward_ptr(x, weff, acts + prog[l, ACT_OFF] * m, g,
+                               grad + prog[l, W_OFF], grad + prog[l, B_OFF], dx,
+                               m, n_in, n_out, <int>prog[l, ACT])
+            for i in range(n_in * n_out):
+                grad[prog[l, W_OFF] + i] *= weff[n_in * n_out + i]
+        else:
+            dense_backward_ptr(x, params + prog[l, W_OFF], acts + prog[l, ACT_OFF] * m, g,
+                               grad + prog[l, W_OFF], grad + prog[l, B_OFF], dx,
+                               m, n_in, n_out, <int>prog[l, ACT])
         if not prog[l, TRAINABLE]:
             # A frozen layer still passes the gradient down; its own is zero.
             memset(grad + prog[l, W_OFF], 0, n_in * n_out * sizeof(floating))
@@ -297,7 +322,7 @@ def forward(const floating[:, ::1] X, const int64_t[:, ::1] program,
         while start < n:
             m = chunk if n - start > chunk else n - start
             forward_all(program, &X[start, 0], _ptr(params), &acts[0], &out[start, 0], m,
-                        NULL, NULL)
+                        NULL, NULL, NULL)
             start += m
 
 
@@ -311,11 +336,11 @@ def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating
     cdef int64_t last = program.shape[0] - 1
     cdef double loss
     with nogil:
-        forward_all(program, &X[0, 0], _ptr(params), &acts[0], NULL, n, NULL, NULL)
+        forward_all(program, &X[0, 0], _ptr(params), &acts[0], NULL, n, NULL, NULL, NULL)
         loss = call_loss(loss_addr, &acts[0] + program[last, ACT_OFF] * n,
                          <floating*>&Y[0, 0], <floating*>&W[0], &deltas[0], n, k)
         loss += backward_all(program, &X[0, 0], _ptr(params), _ptr(grad), &acts[0],
-                             &deltas[0], half, n, reg)
+                             &deltas[0], half, n, reg, NULL, NULL)
         loss += penalize(program, reg, reg_per_weight, &W[0], n, _ptr(params), _ptr(grad))
     return loss
 
@@ -331,7 +356,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                   floating[::1] opt_state, const double[::1] hyper,
                   const int64_t[:, ::1] segments, int64_t step0,
                   const double[:, ::1] reg, bint reg_per_weight,
-                  const double[::1] rates, uint64_t[::1] rng,
+                  const double[::1] rates, uint64_t[::1] rng, floating[::1] aux,
                   double clip_value, double clip_norm, double[::1] grad_norms,
                   double[::1] batch_loss):
     """Run mini-batches first_batch .. first_batch + n_batches - 1 of an epoch.
@@ -376,7 +401,8 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 x0 = &X[s, 0]
                 y0 = <floating*>&Y[s, 0]
                 w0 = <floating*>&W[s]
-            forward_all(program, x0, &params[0], &acts[0], NULL, m, &rates[0], &rng[0])
+            forward_all(program, x0, &params[0], &acts[0], NULL, m, &rates[0], &rng[0],
+                        _ptr(aux))
             out_last = &acts[0] + program[last, ACT_OFF] * m
             loss = call_loss(loss_addr, out_last, y0, w0, &deltas[0], m, k)
             if not isfinite(loss):
@@ -384,7 +410,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 status = STATUS_LOSS_NONFINITE
                 break
             loss += backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0], half,
-                                 m, reg)
+                                 m, reg, &rates[0], _ptr(aux))
             loss += penalize(program, reg, reg_per_weight, w0, m, &params[0], &grad[0])
             batch_loss[b] = loss
             if clip:

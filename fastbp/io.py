@@ -285,7 +285,7 @@ def _check_layer(config, i):
             _fail(f"{where}.rate must be a number in [0, 1), got {_describe(rate)}")
     if kind == "Dense":
         _object(config, ("type", "units", "activation", "kernel_init", "trainable",
-                         "kernel_regularizer", "activity_regularizer"), where)
+                         "kernel_regularizer", "activity_regularizer", "dropconnect"), where)
         for field in ("kernel_regularizer", "activity_regularizer"):
             reg = config[field]
             if reg is None:

@@ -31,6 +31,11 @@ class Dense:
         the optimizer leaves its parameters and state untouched.
     kernel_regularizer : L1L2, dict or None
         Penalty on W added to the loss (see ``fastbp.regularizers``).
+    dropconnect : float in [0, 1), default 0
+        DropConnect: in training each mini-batch zeroes a random fraction
+        ``dropconnect`` of W's entries and scales the rest by
+        1 / (1 - dropconnect) (the inverted form, as for Dropout); predict
+        uses W itself.  Masks come from the model's seeded stream.
     activity_regularizer : L1L2, dict or None
         L1 penalty on the layer's output (e.g. for sparse autoencoders):
         ``l1 * sum|a| / batch_size`` is added to the loss (Keras's activity
@@ -45,13 +50,19 @@ class Dense:
     kind = KIND_DENSE
 
     def __init__(self, units, activation=None, kernel_init="glorot_uniform", trainable=True,
-                 kernel_regularizer=None, activity_regularizer=None):
+                 kernel_regularizer=None, activity_regularizer=None, dropconnect=0.0):
         self.units = check_positive_int(units, "units")
         self.activation = activations.resolve(activation)
         self.kernel_init = initializers.resolve(kernel_init)
         self.trainable = bool(trainable)
         self.kernel_regularizer = regularizers.get(kernel_regularizer)
         self.activity_regularizer = regularizers.get(activity_regularizer)
+        try:
+            self.dropconnect = float(dropconnect)
+        except (TypeError, ValueError):
+            raise ValueError(f"dropconnect must be a number in [0, 1), got {dropconnect!r}") from None
+        if not 0 <= self.dropconnect < 1:
+            raise ValueError(f"dropconnect must be in [0, 1), got {dropconnect!r}")
         if self.activity_regularizer is not None and self.activity_regularizer.l2 != 0:
             raise ValueError("activity_regularizer supports an L1 penalty only (l2 must be 0)")
         self.n_in = None
@@ -81,7 +92,8 @@ class Dense:
                 "kernel_init": self.kernel_init, "trainable": self.trainable,
                 "kernel_regularizer": None if reg is None else reg.get_config(),
                 "activity_regularizer": (None if self.activity_regularizer is None
-                                         else self.activity_regularizer.get_config())}
+                                         else self.activity_regularizer.get_config()),
+                "dropconnect": self.dropconnect}
 
     def __repr__(self):
         return (f"Dense({self.units}, activation={self.activation!r}"
@@ -147,12 +159,17 @@ def from_config(config):
         raise ValueError(f"invalid {kind} configuration: {exc}") from None
 
 
-def program_row(layer, w_off, act_off):
+def program_row(layer, w_off, act_off, aux_off):
     """One row of the engine's program table (see csrc/engine.pyx)."""
     if layer.kind == KIND_DROPOUT:
-        return [KIND_DROPOUT, layer.n_in, layer.units, 0, w_off, w_off, act_off, 0]
+        return [KIND_DROPOUT, layer.n_in, layer.units, 0, w_off, w_off, act_off, 0, 0]
     return [layer.kind, layer.n_in, layer.units, activations.code(layer.activation),
-            w_off, w_off + layer.n_in * layer.units, act_off, int(layer.trainable)]
+            w_off, w_off + layer.n_in * layer.units, act_off, int(layer.trainable), aux_off]
+
+
+def aux_size(layer):
+    """Scratch values a layer needs per step: W_eff and its mask for DropConnect."""
+    return 2 * layer.n_in * layer.units if getattr(layer, "dropconnect", 0) > 0 else 0
 
 
 def workspace_width(layer):

@@ -31,7 +31,7 @@ from ._numba.optim import step_cfunc
 from ._validation import (check_dtype, check_positive_int, check_sample_weight, check_targets,
                           check_X)
 from .history import History
-from .layers import Dense, Dropout, program_row, workspace_width
+from .layers import Dense, Dropout, aux_size, program_row, workspace_width
 
 #: target duration of one call into the engine during fit; between calls
 #: Python handles Ctrl-C and nothing else, so this only bounds its latency.
@@ -147,15 +147,19 @@ class Sequential:
             n_in = n_in if isinstance(layer, Dropout) else layer.units
         self._params = np.zeros(total, dtype=self.dtype)
         self._grad = np.zeros(total, dtype=self.dtype)
-        offset, rows, act_off, n_in = 0, [], 0, n_features
+        offset, rows, act_off, aux_off, n_in = 0, [], 0, 0, n_features
         for layer in self.layers:
             start = offset
             offset = layer._bind(n_in, self._params, self._grad, start)
-            rows.append(program_row(layer, start, act_off))
+            rows.append(program_row(layer, start, act_off, aux_off))
             act_off += workspace_width(layer)
+            aux_off += aux_size(layer)
             n_in = layer.units
         self._program = np.array(rows, dtype=np.int64)
-        self._rates = np.array([getattr(layer, "rate", 0.0) for layer in self.layers])
+        # Dropout rate of dropout rows, DropConnect rate of dense rows.
+        self._rates = np.array([getattr(layer, "rate", getattr(layer, "dropconnect", 0.0))
+                                for layer in self.layers])
+        self._aux = np.zeros(aux_off, dtype=self.dtype)
         # Per-layer (l2, l1) weight penalties; scaled by 1 / (sum of the
         # batch's sample weights) when _reg_per_weight (scikit-learn's alpha).
         # Per-layer (l2, l1, activity l1): see csrc/engine.pyx.
@@ -684,7 +688,7 @@ class _EpochRunner:
             self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
             net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
             self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
-            self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng,
+            self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng, net._aux,
             self.clip_value, self.clip_norm, self.grad_norms, self.batch_loss)
         self.opt.t += done
         return done, status

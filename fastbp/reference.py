@@ -279,11 +279,11 @@ def dropout_mask(counter, shape, rate, dtype):
 
 
 # --- a whole network, driven by the engine's program table ----------------------
-# program columns: kind, n_in, n_out, act, w_off, b_off, act_off, trainable
+# program columns: kind, n_in, n_out, act, w_off, b_off, act_off, trainable, aux_off
 # (kind 0 dense, 1 dropout)
 
 def _dense(row, params):
-    kind, n_in, n_out, act, w_off, b_off, _, _ = row
+    kind, n_in, n_out, act, w_off, b_off = row[:6]
     return params[w_off:w_off + n_in * n_out].reshape(n_in, n_out), params[b_off:b_off + n_out], act
 
 
@@ -295,9 +295,10 @@ def _layer_params(program, params):
 
 
 def forward_all(program, X, params, rates=None, counter=None):
-    """Outputs of every layer: [X, A_1, ..., A_L], and the dropout masks by
-    layer.  With ``counter`` (a 1-element uint64 array, advanced in place)
-    dropout is on, as in training; without, dropout layers pass through."""
+    """Outputs of every layer: [X, A_1, ..., A_L], and the masks by layer
+    (dropout: on the activations; DropConnect: on W).  With ``counter`` (a
+    1-element uint64 array, advanced in place) both are on, as in training;
+    without, dropout passes through and dense layers use W."""
     outs, masks = [X], {}
     for l, row in enumerate(program):
         if row[0] == 1:
@@ -308,6 +309,9 @@ def forward_all(program, X, params, rates=None, counter=None):
                 outs.append(outs[-1] * masks[l])
         else:
             W, b, act = _dense(row, params)
+            if counter is not None and rates[l] > 0:  # DropConnect: W_eff = W * M
+                masks[l], counter[0] = dropout_mask(counter[0], W.shape, rates[l], W.dtype)
+                W = W * masks[l]
             outs.append(dense_forward(outs[-1], W, b, act))
     return outs, masks
 
@@ -368,12 +372,16 @@ def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=Fals
             G = G * masks[l] if l in masks else G
             continue
         W, b, act = _dense(row, params)
+        if l in masks:  # DropConnect: this batch used W * M
+            W = W * masks[l]
         if reg is not None and reg[l][2] > 0:  # L1 activity penalty on this layer's output
             a = outs[l + 1]
             value += reg[l][2] / a.shape[0] * float(np.abs(a.astype(np.float64)).sum())
             G = G + a.dtype.type(reg[l][2] / a.shape[0]) * np.sign(a)
         dW, db, G = dense_backward(outs[l], W, outs[l + 1], G, act)
-        kind, n_in, n_out, _, w_off, b_off, _, trainable = row
+        if l in masks:
+            dW = dW * masks[l]
+        kind, n_in, n_out, _, w_off, b_off, _, trainable = row[:8]
         if trainable:
             grad[w_off:w_off + n_in * n_out] = dW.ravel()
             grad[b_off:b_off + n_out] = db

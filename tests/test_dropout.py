@@ -101,3 +101,40 @@ def test_bad_dropout():
             fastbp.Dropout(rate)
     with pytest.raises(ValueError, match="last layer cannot be Dropout"):
         fastbp.Sequential([fastbp.Dense(3), fastbp.Dropout(0.5)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropconnect_training_matches_reference(rng, dtype):
+    """DropConnect masks W per mini-batch (same stream as dropout)."""
+    X, y = _data(rng, dtype=dtype)
+    net = fastbp.Sequential([fastbp.Dense(10, activation="tanh", dropconnect=0.4),
+                             fastbp.Dropout(0.2),
+                             fastbp.Dense(3, dropconnect=0.25)], dtype=dtype, seed=3).build(5)
+    params = net.params.copy()
+    counter = net._dropout_rng.copy()
+    Y = np.eye(3, dtype=dtype)[y]
+    reference.train_batches(X, Y, np.arange(64), 16, net._program, params, "cross_entropy",
+                            lambda p, g: reference.sgd_step(p, g, None, 1, 0.2, 0, 0, False, 0),
+                            rates=net._rates, counter=counter)
+    net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=0.2), epochs=1,
+            batch_size=16, shuffle=False, verbose=0)
+    assert net._dropout_rng[0] == counter[0]
+    assert_close(net.params, params, dtype)
+
+
+def test_dropconnect_is_off_in_predict_and_reproducible(rng):
+    X, y = _data(rng, n=120)
+    make = lambda seed, dc: fastbp.Sequential([fastbp.Dense(12, activation="relu", dropconnect=dc),
+                                               fastbp.Dense(3)], dtype="float64", seed=seed)
+    a, b, c = make(1, 0.5), make(1, 0.5), make(1, 0.0)
+    plain = make(1, 0.0).build(5)
+    a.build(5)
+    plain.set_params(a.params)
+    np.testing.assert_array_equal(a.predict(X), plain.predict(X))
+    for net in (a, b, c):
+        net.fit(X, y, loss="cross_entropy", epochs=2, batch_size=8, verbose=0)
+    np.testing.assert_array_equal(a.params, b.params)
+    assert not np.array_equal(a.params, c.params)
+    for bad in (-0.1, 1.0, "x"):
+        with pytest.raises(ValueError, match="dropconnect"):
+            fastbp.Dense(3, dropconnect=bad)

@@ -208,7 +208,8 @@ def test_file_is_exactly_the_documented_layout(tmp_path):
     assert header["dtype"] == "float32" and header["n_features"] == 5 and header["seed"] == 7
     assert header["layers"][1] == {"type": "Dense", "units": 7, "activation": "relu",
                                    "kernel_init": "he_normal", "trainable": True,
-                                   "kernel_regularizer": None, "activity_regularizer": None}
+                                   "kernel_regularizer": None, "activity_regularizer": None,
+                                   "dropconnect": 0.0}
     assert header["optimizer"] == {"class": "Adam", "config": net.optimizer.get_config(),
                                    "t": net.optimizer.t}
     assert header["history"] == net.history.to_dict()
