@@ -34,6 +34,12 @@ A dense row with ``rates[l] > 0`` uses DropConnect in training: each batch
 draws a mask M on W (same stream and rule as dropout), computes with
 W_eff = W * M (M = 1/(1 - rate) or 0), kept with M at ``aux[aux_off:]``
 (2 n_in n_out values), and scales dW by M on the way back.
+A ``BatchNorm`` row (kind 2) follows torch.nn.BatchNorm1d: gamma at
+``w_off`` and beta at ``b_off`` in ``params``; running mean, running
+variance and eps at ``buffers[buf_off:]`` (width, width, 1); ``rates[l]`` is
+its momentum.  In training it normalizes with the batch mean and biased
+variance, keeps x_hat after its output in ``acts`` and 1/std in ``aux``, and
+updates the running statistics (unbiased variance); otherwise it uses them.
 A ``Dropout`` row (kind 1) has no parameters: in training its output is
 x * mask with mask = 1/(1 - rate) or 0 (inverted dropout), and the mask is
 kept right after the output in ``acts`` for the backward pass; in predict it
@@ -63,11 +69,13 @@ cdef enum:
     ACT_OFF = 6
     TRAINABLE = 7
     AUX_OFF = 8
-    N_COLS = 9
+    BUF_OFF = 9
+    N_COLS = 10
 
 cdef enum:
     KIND_DENSE = 0
     KIND_DROPOUT = 1
+    KIND_BATCHNORM = 2
 
 cdef enum:
     STATUS_OK = 0
@@ -75,7 +83,7 @@ cdef enum:
     STATUS_PARAMS_NONFINITE = 2
 
 PROGRAM_COLUMNS = ("kind", "n_in", "n_out", "act", "w_off", "b_off", "act_off", "trainable",
-                   "aux_off")
+                   "aux_off", "buf_off")
 
 # loss(z, y, w, g, m, k) -> weighted mean loss; writes g = dL/dz.
 # (fastbp/_numba/losses.py)
@@ -167,10 +175,67 @@ cdef void dropout_forward(const floating* x, floating* out, floating* mask, int6
         out[i] = x[i] * mask[i]
 
 
+cdef void batchnorm_forward(const floating* x, floating* out, floating* xhat,
+                            floating* inv_std, const floating* gamma, const floating* beta,
+                            floating* buf, int64_t m, int64_t w, double momentum,
+                            bint training) noexcept nogil:
+    cdef int64_t i, j
+    cdef double mean, var, d, eps = buf[2 * w]
+    cdef floating mu, inv
+    for j in range(w):
+        if training:
+            mean = 0.0
+            for i in range(m):
+                mean += x[i * w + j]
+            mean /= m
+            var = 0.0
+            for i in range(m):
+                d = x[i * w + j] - mean
+                var += d * d
+            var /= m
+            buf[j] = <floating>((1 - momentum) * buf[j] + momentum * mean)
+            buf[w + j] = <floating>((1 - momentum) * buf[w + j] + momentum * var * m / (m - 1))
+        else:
+            mean = buf[j]
+            var = buf[w + j]
+        mu = <floating>mean
+        inv = <floating>(1.0 / sqrt(var + eps))
+        inv_std[j] = inv
+        for i in range(m):
+            xhat[i * w + j] = (x[i * w + j] - mu) * inv
+            out[i * w + j] = gamma[j] * xhat[i * w + j] + beta[j]
+
+
+cdef void batchnorm_backward(floating* g, const floating* xhat, const floating* inv_std,
+                             const floating* gamma, floating* dgamma, floating* dbeta,
+                             floating* dx, int64_t m, int64_t w, bint training) noexcept nogil:
+    """dgamma = sum g x_hat, dbeta = sum g; dx = gamma inv/m (m g - dbeta -
+    x_hat dgamma) with batch statistics, gamma inv g with running ones."""
+    cdef int64_t i, j
+    cdef double sg, sgx
+    cdef floating c
+    for j in range(w):
+        sg = 0.0
+        sgx = 0.0
+        for i in range(m):
+            sg += g[i * w + j]
+            sgx += g[i * w + j] * xhat[i * w + j]
+        dgamma[j] = <floating>sgx
+        dbeta[j] = <floating>sg
+        if dx == NULL:
+            continue
+        c = gamma[j] * inv_std[j]
+        for i in range(m):
+            if training:
+                dx[i * w + j] = <floating>(c / m * (m * g[i * w + j] - sg - xhat[i * w + j] * sgx))
+            else:
+                dx[i * w + j] = c * g[i * w + j]
+
+
 cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
                       floating* params, floating* acts, floating* last_out,
                       int64_t m, const double* rates, uint64_t* counter,
-                      floating* aux) noexcept nogil:
+                      floating* aux, floating* buffers) noexcept nogil:
     """Forward through every layer; the last one writes to ``last_out`` if it
     is not NULL (predict), else to its slot in ``acts``.  ``counter`` NULL
     means predict: dropout layers pass their input through."""
@@ -196,6 +261,12 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
                     mask[i] = 1
             else:
                 continue  # predict: pass x on unchanged (never the last layer)
+        elif prog[l, KIND] == KIND_BATCHNORM:
+            width = prog[l, N_OUT]
+            batchnorm_forward(x, out, acts + prog[l, ACT_OFF] * m + m * width,
+                              aux + prog[l, AUX_OFF], params + prog[l, W_OFF],
+                              params + prog[l, B_OFF], buffers + prog[l, BUF_OFF], m, width,
+                              rates[l] if rates != NULL else 0.0, counter != NULL)
         elif counter != NULL and rates[l] > 0:  # DropConnect
             width = prog[l, N_IN] * prog[l, N_OUT]
             weff = aux + prog[l, AUX_OFF]
@@ -213,7 +284,7 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
                          floating* params, floating* grad, floating* acts,
                          floating* deltas, int64_t half, int64_t m,
                          const double[:, ::1] reg, const double* rates,
-                         floating* aux) noexcept nogil:
+                         floating* aux, bint training) noexcept nogil:
     """Backward through every layer (of a training forward pass).  On entry
     deltas[0:half] holds dL/d(output of the last layer); on exit ``grad``
     holds every dW, db.  Returns the layers' activity penalties, whose
@@ -238,6 +309,17 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
             mask = acts + prog[l, ACT_OFF] * m + m * n_out
             for i in range(m * n_out):
                 other[i] = g[i] * mask[i]
+            tmp = g
+            g = other
+            other = tmp
+            continue
+        if prog[l, KIND] == KIND_BATCHNORM:
+            batchnorm_backward(g, acts + prog[l, ACT_OFF] * m + m * n_out, aux + prog[l, AUX_OFF],
+                               params + prog[l, W_OFF], grad + prog[l, W_OFF],
+                               grad + prog[l, B_OFF], other if l > 0 else NULL, m, n_out,
+                               training)
+            if not prog[l, TRAINABLE]:
+                memset(grad + prog[l, W_OFF], 0, 2 * n_out * sizeof(floating))
             tmp = g
             g = other
             other = tmp
@@ -274,6 +356,12 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
     return activity
 
 
+cdef inline int64_t _n_row_params(const int64_t[:, ::1] prog, int64_t l) noexcept nogil:
+    if prog[l, KIND] == KIND_BATCHNORM:
+        return 2 * prog[l, N_OUT]
+    return prog[l, N_IN] * prog[l, N_OUT] + prog[l, N_OUT]
+
+
 cdef void clip_and_measure(const int64_t[:, ::1] prog, floating* grad, double clip_value,
                            double clip_norm, double* norms) noexcept nogil:
     """Clip the trainable gradients: each element to [-clip_value, clip_value]
@@ -285,10 +373,10 @@ cdef void clip_and_measure(const int64_t[:, ::1] prog, floating* grad, double cl
     cdef double total = 0.0, layer, coef
     cdef floating v, hi = <floating>clip_value
     for l in range(prog.shape[0]):
-        if prog[l, KIND] != KIND_DENSE or not prog[l, TRAINABLE]:
+        if prog[l, KIND] == KIND_DROPOUT or not prog[l, TRAINABLE]:
             continue
         start = prog[l, W_OFF]
-        size = prog[l, N_IN] * prog[l, N_OUT] + prog[l, N_OUT]  # W then b, contiguous
+        size = _n_row_params(prog, l)  # W then b (gamma then beta), contiguous
         layer = 0.0
         for i in range(start, start + size):
             v = grad[i]
@@ -303,17 +391,17 @@ cdef void clip_and_measure(const int64_t[:, ::1] prog, floating* grad, double cl
         coef = clip_norm / (sqrt(total) + 1e-6)
         if coef < 1.0:
             for l in range(prog.shape[0]):
-                if prog[l, KIND] != KIND_DENSE or not prog[l, TRAINABLE]:
+                if prog[l, KIND] == KIND_DROPOUT or not prog[l, TRAINABLE]:
                     continue
                 start = prog[l, W_OFF]
-                size = prog[l, N_IN] * prog[l, N_OUT] + prog[l, N_OUT]
+                size = _n_row_params(prog, l)
                 for i in range(start, start + size):
                     grad[i] = <floating>(grad[i] * coef)
 
 
 def forward(const floating[:, ::1] X, const int64_t[:, ::1] program,
             floating[::1] params, floating[::1] acts, floating[:, ::1] out,
-            int64_t chunk):
+            int64_t chunk, floating[::1] aux, floating[::1] buffers):
     """Predict: out = network(X), ``chunk`` rows at a time (acts holds chunk
     rows); dropout is off."""
     cdef int64_t n = X.shape[0], start, m
@@ -322,25 +410,27 @@ def forward(const floating[:, ::1] X, const int64_t[:, ::1] program,
         while start < n:
             m = chunk if n - start > chunk else n - start
             forward_all(program, &X[start, 0], _ptr(params), &acts[0], &out[start, 0], m,
-                        NULL, NULL, NULL)
+                        NULL, NULL, _ptr(aux), _ptr(buffers))
             start += m
 
 
 def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating[::1] W,
               const int64_t[:, ::1] program, floating[::1] params,
               floating[::1] grad, floating[::1] acts, floating[::1] deltas,
-              size_t loss_addr, const double[:, ::1] reg, bint reg_per_weight):
+              size_t loss_addr, const double[:, ::1] reg, bint reg_per_weight,
+              floating[::1] aux, floating[::1] buffers):
     """Full-batch weighted mean loss over all rows of X (plus the weight
     penalties), and its gradient into ``grad``."""
     cdef int64_t n = X.shape[0], k = Y.shape[1], half = deltas.shape[0] // 2
     cdef int64_t last = program.shape[0] - 1
     cdef double loss
     with nogil:
-        forward_all(program, &X[0, 0], _ptr(params), &acts[0], NULL, n, NULL, NULL, NULL)
+        forward_all(program, &X[0, 0], _ptr(params), &acts[0], NULL, n, NULL, NULL, _ptr(aux),
+                    _ptr(buffers))
         loss = call_loss(loss_addr, &acts[0] + program[last, ACT_OFF] * n,
                          <floating*>&Y[0, 0], <floating*>&W[0], &deltas[0], n, k)
         loss += backward_all(program, &X[0, 0], _ptr(params), _ptr(grad), &acts[0],
-                             &deltas[0], half, n, reg, NULL, NULL)
+                             &deltas[0], half, n, reg, NULL, _ptr(aux), False)
         loss += penalize(program, reg, reg_per_weight, &W[0], n, _ptr(params), _ptr(grad))
     return loss
 
@@ -357,6 +447,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                   const int64_t[:, ::1] segments, int64_t step0,
                   const double[:, ::1] reg, bint reg_per_weight,
                   const double[::1] rates, uint64_t[::1] rng, floating[::1] aux,
+                  floating[::1] buffers,
                   double clip_value, double clip_norm, double[::1] grad_norms,
                   double[::1] batch_loss):
     """Run mini-batches first_batch .. first_batch + n_batches - 1 of an epoch.
@@ -402,7 +493,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 y0 = <floating*>&Y[s, 0]
                 w0 = <floating*>&W[s]
             forward_all(program, x0, &params[0], &acts[0], NULL, m, &rates[0], &rng[0],
-                        _ptr(aux))
+                        _ptr(aux), _ptr(buffers))
             out_last = &acts[0] + program[last, ACT_OFF] * m
             loss = call_loss(loss_addr, out_last, y0, w0, &deltas[0], m, k)
             if not isfinite(loss):
@@ -410,7 +501,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 status = STATUS_LOSS_NONFINITE
                 break
             loss += backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0], half,
-                                 m, reg, &rates[0], _ptr(aux))
+                                 m, reg, &rates[0], _ptr(aux), True)
             loss += penalize(program, reg, reg_per_weight, w0, m, &params[0], &grad[0])
             batch_loss[b] = loss
             if clip:

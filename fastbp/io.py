@@ -63,6 +63,9 @@ A file is four parts, back to back, with no padding:
        The arrays that follow the header, in file order, each
        ``{"name": str, "dtype": "<f4" or "<f8", "shape": [int, ...]}``.
        For a built model: ``params`` of shape ``[n_params]``, then
+       ``buffers`` of shape ``[n_buffers]`` when the model has BatchNorm
+       layers (each: running mean, running variance, eps; n_buffers is the
+       sum of 2 * width + 1 over them), then
        ``optimizer_state`` of shape ``[n_slots, n_params]`` when there is an
        optimizer whose state has been allocated.  ``n_params`` is what the
        layers imply for ``n_features``; ``n_slots`` is the optimizer's
@@ -283,6 +286,8 @@ def _check_layer(config, i):
         rate = config["rate"]
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
             _fail(f"{where}.rate must be a number in [0, 1), got {_describe(rate)}")
+    if kind == "BatchNorm":
+        _object(config, ("type", "momentum", "eps", "trainable"), where)
     if kind == "Dense":
         _object(config, ("type", "units", "activation", "kernel_init", "trainable",
                          "kernel_regularizer", "activity_regularizer", "dropconnect"), where)
@@ -413,11 +418,15 @@ def _check_header(header):
     expected = []
     rng_state = position = None
     if n_features is not None:
-        n_params, n_in = 0, n_features
+        n_params, n_buffers, n_in = 0, 0, n_features
         for layer in layers:
             n_params += layer.n_params(n_in)
-            n_in = n_in if isinstance(layer, _layers.Dropout) else layer.units
+            if isinstance(layer, _layers.BatchNorm):
+                n_buffers += 2 * n_in + 1
+            n_in = n_in if isinstance(layer, (_layers.Dropout, _layers.BatchNorm)) else layer.units
         expected.append(("params", (n_params,)))
+        if n_buffers:
+            expected.append(("buffers", (n_buffers,)))
         rng_state = _check_rng_state(header["shuffle_rng_state"], "shuffle_rng_state")
         dropout_state = _int_in(header["dropout_state"], 0, 2 ** 64, "dropout_state")
         if header["position"] is not None:
@@ -428,7 +437,7 @@ def _check_header(header):
             if header[key] is not None:
                 _fail(f"{key} must be null for a model that was never built (n_features null)")
     entries = _list(header["arrays"], "arrays", max_len=len(expected) + 1)
-    if n_features is not None and opt is not None and len(entries) == 2:
+    if n_features is not None and opt is not None and len(entries) == len(expected) + 1:
         expected.append(("optimizer_state", (opt._n_slots(), n_params)))
     names = [e.get("name") if isinstance(e, dict) else None for e in entries]
     if names != [name for name, _ in expected]:
@@ -524,6 +533,16 @@ def _build(spec, data):
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. a seed numpy refuses
             _fail(f"cannot build the model: {exc}")
         net._params[...] = params
+        if "buffers" in data:
+            eps = net._buffers.copy()  # as built: eps entries from the layer configs
+            net._buffers[...] = data["buffers"]
+            for layer in net.layers:
+                if isinstance(layer, _layers.BatchNorm):
+                    if not (np.isfinite(layer.running_mean).all()
+                            and np.isfinite(layer.running_var).all()
+                            and (layer.running_var >= 0).all()):
+                        _fail("BatchNorm running statistics must be finite, the variance >= 0")
+            _restore_eps(net, eps)
         net._shuffle_rng.bit_generator.state = spec["rng_state"]
         net._dropout_rng[0] = spec["dropout_state"]
         net._position = spec["position"]
@@ -533,6 +552,14 @@ def _build(spec, data):
     net.optimizer = opt
     net._last_loss = spec["last_loss"]
     return net
+
+
+def _restore_eps(net, built):
+    """The eps entries of the buffers come from the layer configs, not the data."""
+    for row, layer in zip(net._program, net.layers):
+        if isinstance(layer, _layers.BatchNorm):
+            at = row[9] + 2 * layer.units
+            net._buffers[at] = built[at]
 
 
 def load_model(path):
@@ -595,6 +622,10 @@ def _encode(net):
         if not np.isfinite(params).all():
             raise ValueError("cannot save a model whose params contain NaN or infinity")
         arrays.append(("params", params))
+        if net._buffers.size:
+            if not np.isfinite(net._buffers).all():
+                raise ValueError("cannot save a model whose BatchNorm statistics are not finite")
+            arrays.append(("buffers", net._buffers))
     opt = net.optimizer
     opt_header = None
     if opt is not None:

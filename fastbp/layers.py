@@ -12,6 +12,7 @@ from ._validation import check_positive_int
 #: layer kinds understood by the engine (column ``kind`` of the program)
 KIND_DENSE = 0
 KIND_DROPOUT = 1
+KIND_BATCHNORM = 2
 
 
 class Dense:
@@ -145,7 +146,75 @@ class Dropout:
         return f"Dropout({self.rate})"
 
 
-LAYERS = {"Dense": Dense, "Dropout": Dropout}
+class BatchNorm:
+    """Batch normalization, with torch.nn.BatchNorm1d's definitions.
+
+    In training each feature j of a mini-batch x (m, n) is normalized with
+    the batch mean and the *biased* batch variance,
+
+        y = gamma_j (x - mean_j) / sqrt(var_j + eps) + beta_j,
+
+    and the running statistics are updated with the *unbiased* variance:
+    running <- (1 - momentum) running + momentum * batch.  ``predict`` and
+    ``loss_and_grad`` normalize with the running statistics instead.
+    gamma starts at 1 and beta at 0 (trained like weights); the running
+    mean starts at 0 and the running variance at 1 (``running_mean``,
+    ``running_var``: views into the model's buffers).
+
+    Parameters
+    ----------
+    momentum : float in (0, 1], default 0.1
+    eps : float > 0, default 1e-5
+    trainable : bool, default True
+    """
+
+    kind = KIND_BATCHNORM
+
+    def __init__(self, momentum=0.1, eps=1e-5, trainable=True):
+        try:
+            momentum, eps = float(momentum), float(eps)
+        except (TypeError, ValueError):
+            raise ValueError(f"BatchNorm momentum and eps must be numbers, got {momentum!r}, "
+                             f"{eps!r}") from None
+        if not 0 < momentum <= 1:
+            raise ValueError(f"BatchNorm momentum must be in (0, 1], got {momentum}")
+        if not 0 < eps < float("inf"):
+            raise ValueError(f"BatchNorm eps must be positive, got {eps}")
+        self.momentum, self.eps, self.trainable = momentum, eps, bool(trainable)
+        self.units = self.n_in = None
+        self.gamma = self.beta = self.running_mean = self.running_var = None
+
+    def n_params(self, n_in):
+        return 2 * n_in
+
+    def _bind(self, n_in, params, grad, offset):
+        self.n_in = self.units = n_in
+        self.gamma = params[offset:offset + n_in]
+        self.beta = params[offset + n_in:offset + 2 * n_in]
+        return offset + 2 * n_in
+
+    def _initialize(self, rng):
+        self.gamma[...] = 1
+        self.beta[...] = 0
+
+    def _bind_buffers(self, buffers, offset):
+        w = self.units
+        self.running_mean = buffers[offset:offset + w]
+        self.running_var = buffers[offset + w:offset + 2 * w]
+        self.running_mean[...] = 0
+        self.running_var[...] = 1
+        buffers[offset + 2 * w] = self.eps
+        return offset + 2 * w + 1
+
+    def get_config(self):
+        return {"type": "BatchNorm", "momentum": self.momentum, "eps": self.eps,
+                "trainable": self.trainable}
+
+    def __repr__(self):
+        return f"BatchNorm(momentum={self.momentum}, eps={self.eps})"
+
+
+LAYERS = {"Dense": Dense, "Dropout": Dropout, "BatchNorm": BatchNorm}
 
 
 def from_config(config):
@@ -159,23 +228,29 @@ def from_config(config):
         raise ValueError(f"invalid {kind} configuration: {exc}") from None
 
 
-def program_row(layer, w_off, act_off, aux_off):
+def program_row(layer, w_off, act_off, aux_off, buf_off):
     """One row of the engine's program table (see csrc/engine.pyx)."""
     if layer.kind == KIND_DROPOUT:
-        return [KIND_DROPOUT, layer.n_in, layer.units, 0, w_off, w_off, act_off, 0, 0]
+        return [KIND_DROPOUT, layer.n_in, layer.units, 0, w_off, w_off, act_off, 0, 0, 0]
+    if layer.kind == KIND_BATCHNORM:
+        return [KIND_BATCHNORM, layer.n_in, layer.units, 0, w_off, w_off + layer.units, act_off,
+                int(layer.trainable), aux_off, buf_off]
     return [layer.kind, layer.n_in, layer.units, activations.code(layer.activation),
-            w_off, w_off + layer.n_in * layer.units, act_off, int(layer.trainable), aux_off]
+            w_off, w_off + layer.n_in * layer.units, act_off, int(layer.trainable), aux_off, 0]
 
 
 def aux_size(layer):
-    """Scratch values a layer needs per step: W_eff and its mask for DropConnect."""
+    """Scratch values a layer needs per step: W_eff and its mask for
+    DropConnect, 1/std per feature for BatchNorm."""
+    if layer.kind == KIND_BATCHNORM:
+        return layer.units
     return 2 * layer.n_in * layer.units if getattr(layer, "dropconnect", 0) > 0 else 0
 
 
 def workspace_width(layer):
     """Columns of the activation workspace a layer uses per row: its output,
     and for dropout also its mask."""
-    return 2 * layer.units if layer.kind == KIND_DROPOUT else layer.units
+    return 2 * layer.units if layer.kind in (KIND_DROPOUT, KIND_BATCHNORM) else layer.units
 
 
 def empty_program():

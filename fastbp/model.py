@@ -31,7 +31,7 @@ from ._numba.optim import step_cfunc
 from ._validation import (check_dtype, check_positive_int, check_sample_weight, check_targets,
                           check_X)
 from .history import History
-from .layers import Dense, Dropout, aux_size, program_row, workspace_width
+from .layers import BatchNorm, Dense, Dropout, aux_size, program_row, workspace_width
 
 #: target duration of one call into the engine during fit; between calls
 #: Python handles Ctrl-C and nothing else, so this only bounds its latency.
@@ -103,7 +103,7 @@ class Sequential:
         if not layers:
             raise ValueError("Sequential needs at least one layer")
         for layer in layers:
-            if not isinstance(layer, (Dense, Dropout)):
+            if not isinstance(layer, (Dense, Dropout, BatchNorm)):
                 raise ValueError(f"unsupported layer {layer!r}")
         if isinstance(layers[-1], Dropout):
             raise ValueError("the last layer cannot be Dropout: it has to produce the outputs")
@@ -144,20 +144,28 @@ class Sequential:
         total, n_in = 0, n_features
         for layer in self.layers:
             total += layer.n_params(n_in)
-            n_in = n_in if isinstance(layer, Dropout) else layer.units
+            n_in = n_in if isinstance(layer, (Dropout, BatchNorm)) else layer.units
         self._params = np.zeros(total, dtype=self.dtype)
         self._grad = np.zeros(total, dtype=self.dtype)
-        offset, rows, act_off, aux_off, n_in = 0, [], 0, 0, n_features
+        offset, rows, act_off, aux_off, buf_off, n_in = 0, [], 0, 0, 0, n_features
+        n_buffers = sum(2 * n + 1 for n, l in zip(self._input_sizes(n_features), self.layers)
+                        if isinstance(l, BatchNorm))
+        # Running statistics (BatchNorm): state that is not trained.
+        self._buffers = np.zeros(n_buffers, dtype=self.dtype)
         for layer in self.layers:
             start = offset
             offset = layer._bind(n_in, self._params, self._grad, start)
-            rows.append(program_row(layer, start, act_off, aux_off))
+            rows.append(program_row(layer, start, act_off, aux_off, buf_off))
+            if isinstance(layer, BatchNorm):
+                buf_off = layer._bind_buffers(self._buffers, buf_off)
             act_off += workspace_width(layer)
             aux_off += aux_size(layer)
             n_in = layer.units
         self._program = np.array(rows, dtype=np.int64)
-        # Dropout rate of dropout rows, DropConnect rate of dense rows.
-        self._rates = np.array([getattr(layer, "rate", getattr(layer, "dropconnect", 0.0))
+        # Dropout rate of dropout rows, DropConnect rate of dense rows,
+        # momentum of BatchNorm rows.
+        self._rates = np.array([getattr(layer, "rate", getattr(layer, "dropconnect",
+                                                               getattr(layer, "momentum", 0.0)))
                                 for layer in self.layers])
         self._aux = np.zeros(aux_off, dtype=self.dtype)
         # Per-layer (l2, l1) weight penalties; scaled by 1 / (sum of the
@@ -177,6 +185,13 @@ class Sequential:
         # The counter of the engine's dropout mask stream (csrc/engine.pyx).
         self._dropout_rng = dropout_seq.generate_state(1, np.uint64)
         return self
+
+    def _input_sizes(self, n_features):
+        sizes, n_in = [], n_features
+        for layer in self.layers:
+            sizes.append(n_in)
+            n_in = n_in if isinstance(layer, (Dropout, BatchNorm)) else layer.units
+        return sizes
 
     def set_params(self, params):
         """Copy a flat parameter vector (same length) into the model."""
@@ -291,7 +306,8 @@ class Sequential:
         chunk = max(1, min(X.shape[0], _PREDICT_ELEMENTS // width))
         ws = self._workspace(chunk)
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
-        _engine.forward(X, self._program, self._params, ws.acts, out, chunk)
+        _engine.forward(X, self._program, self._params, ws.acts, out, chunk, self._aux,
+                        self._buffers)
         return out
 
     def predict_proba(self, X, loss=None):
@@ -334,7 +350,7 @@ class Sequential:
         ws = self._workspace(X.shape[0])
         value = _engine.loss_grad(X, Y, w, self._program, self._params, self._grad, ws.acts,
                                   ws.deltas, loss_cfunc(loss, self.dtype), self._reg,
-                                  self._reg_per_weight)
+                                  self._reg_per_weight, self._aux, self._buffers)
         return float(value), self._grad.copy()
 
     # -- training ----------------------------------------------------------
@@ -429,6 +445,10 @@ class Sequential:
             Xv, Yv, _ = self._prepare(*validation_data, loss, name_x="X_val", name_y="y_val")
         n = X.shape[0]
         batch = n if batch_size is None else min(check_positive_int(batch_size, "batch_size"), n)
+        if any(isinstance(l, BatchNorm) for l in self.layers) and (batch == 1 or n % batch == 1):
+            raise ValueError(f"BatchNorm needs at least 2 rows in every batch: {n} samples in "
+                             f"batches of {batch} leave a batch of 1 (as torch, which refuses "
+                             "one-row batches in training); change batch_size")
         n_threads = check_positive_int(n_threads, "n_threads", allow_none=True)
         clip = []
         for name, value in (("clip_value", clip_value), ("clip_norm", clip_norm)):
@@ -450,6 +470,12 @@ class Sequential:
         if getattr(opt, "full_batch_solver", False):
             # A solver that needs the whole data at once (Levenberg-Marquardt):
             # it runs its own iterations, one per epoch, and records the history.
+            ignored = [name for name, value in (
+                ("checkpoint", checkpoint), ("clip_norm", clip_norm), ("clip_value", clip_value),
+                ("grad_norms", grad_norms), ("n_threads", n_threads)) if value]
+            if ignored:
+                raise ValueError(f"{type(opt).__name__} trains on the whole data at once and "
+                                 f"does not support {', '.join(ignored)}")
             self.optimizer = opt
             self._last_loss = loss
             return opt._fit(self, X, Y, W, loss=loss, epochs=epochs, verbose=verbose,
@@ -665,6 +691,7 @@ class _EpochRunner:
         self.snap_state[...] = self.state
         self.snap_t = self.opt.t
         self.snap_dropout = self.net._dropout_rng.copy()
+        self.snap_buffers = self.net._buffers.copy()
         return self.first
 
     def position(self, epoch, batch):
@@ -689,7 +716,7 @@ class _EpochRunner:
             net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
             self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
             self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng, net._aux,
-            self.clip_value, self.clip_norm, self.grad_norms, self.batch_loss)
+            net._buffers, self.clip_value, self.clip_norm, self.grad_norms, self.batch_loss)
         self.opt.t += done
         return done, status
 
@@ -710,6 +737,7 @@ class _EpochRunner:
                     self.state[...] = self.snap_state
                     self.opt.t = self.snap_t
                     self.net._dropout_rng[...] = self.snap_dropout
+                    self.net._buffers[...] = self.snap_buffers
                     self._call(self.first, b + done - self.first)
                 return status, b + done
             b += done

@@ -40,8 +40,9 @@ def plot_history(history, path=None, metrics=None):
     history : History or Sequential
         A ``fastbp.History`` or a model (its ``history`` is used).
     path : str or path-like, optional
-        File to write the figure to.  The format follows the extension; PNG
-        when there is none (``"history.png"``).
+        File to write the figure to (that exact name).  The format follows
+        the extension (``"history.png"``, ``".svg"``, ``".pdf"``); PNG when
+        there is none.
     metrics : list of str, optional
         Metrics to draw.  Default: ``loss``, ``val_loss``, ``accuracy`` and
         ``val_accuracy``, those of them that are recorded.  A requested metric
@@ -127,5 +128,8 @@ def plot_history(history, path=None, metrics=None):
     axes[-1].set_xlabel("epoch")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     if path is not None:
-        fig.savefig(os.fspath(path), dpi=100)
+        path = os.fspath(path)
+        # without an extension matplotlib would append ".png"; write the name given
+        fmt = None if os.path.splitext(path)[1] else "png"
+        fig.savefig(path, dpi=100, format=fmt)
     return fig

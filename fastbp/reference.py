@@ -278,9 +278,44 @@ def dropout_mask(counter, shape, rate, dtype):
     return mask, counter
 
 
+# --- batch normalization (torch.nn.BatchNorm1d) --------------------------------
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, eps, momentum, training):
+    """y = gamma (x - mean) / sqrt(var + eps) + beta with the batch's mean and
+    biased variance (training: also updates the running statistics, with the
+    unbiased variance) or the running ones.  Returns (y, x_hat, 1/std)."""
+    if training:
+        m = x.shape[0]
+        mean = x.mean(axis=0, dtype=np.float64)
+        var = ((x - mean) ** 2).mean(axis=0)
+        running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1 - momentum) * running_var + momentum * var * m / (m - 1)
+    else:
+        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
+    inv = (1.0 / np.sqrt(var + float(eps))).astype(x.dtype)
+    xhat = (x - mean.astype(x.dtype)) * inv
+    return gamma * xhat + beta, xhat, inv
+
+
+def batchnorm_backward(g, xhat, inv, gamma, training):
+    """Returns (dgamma, dbeta, dx)."""
+    dgamma, dbeta = (g * xhat).sum(axis=0), g.sum(axis=0)
+    if training:
+        m = g.shape[0]
+        dx = gamma * inv / m * (m * g - dbeta - xhat * dgamma)
+    else:
+        dx = gamma * inv * g
+    return dgamma, dbeta, dx
+
+
 # --- a whole network, driven by the engine's program table ----------------------
-# program columns: kind, n_in, n_out, act, w_off, b_off, act_off, trainable, aux_off
-# (kind 0 dense, 1 dropout)
+# program columns: kind, n_in, n_out, act, w_off, b_off, act_off, trainable, aux_off,
+# buf_off (kind 0 dense, 1 dropout, 2 batchnorm)
+
+def _bn(row, params, buffers):
+    w, g_off, b_off, buf = row[2], row[4], row[5], row[9]
+    return (params[g_off:g_off + w], params[b_off:b_off + w], buffers[buf:buf + w],
+            buffers[buf + w:buf + 2 * w], buffers[buf + 2 * w])
 
 def _dense(row, params):
     kind, n_in, n_out, act, w_off, b_off = row[:6]
@@ -294,14 +329,23 @@ def _layer_params(program, params):
             yield _dense(row, params)
 
 
-def forward_all(program, X, params, rates=None, counter=None):
+def forward_all(program, X, params, rates=None, counter=None, buffers=None):
     """Outputs of every layer: [X, A_1, ..., A_L], and the masks by layer
     (dropout: on the activations; DropConnect: on W).  With ``counter`` (a
     1-element uint64 array, advanced in place) both are on, as in training;
-    without, dropout passes through and dense layers use W."""
+    without, dropout passes through and dense layers use W.  BatchNorm rows
+    use ``buffers`` (running statistics, updated in training); their masks
+    entry is (x_hat, 1/std)."""
     outs, masks = [X], {}
     for l, row in enumerate(program):
-        if row[0] == 1:
+        if row[0] == 2:
+            gamma, beta, rm, rv, eps = _bn(row, params, buffers)
+            y, xhat, inv = batchnorm_forward(outs[-1], gamma, beta, rm, rv, eps,
+                                             rates[l] if rates is not None else 0.0,
+                                             counter is not None)
+            masks[l] = (xhat, inv)
+            outs.append(y)
+        elif row[0] == 1:
             if counter is None:
                 outs.append(outs[-1])
             else:
@@ -340,11 +384,13 @@ def clip_and_measure(program, grad, clip_value=0.0, clip_norm=0.0):
     (if > 0), then the global norm to clip_norm (if > 0) like
     torch.nn.utils.clip_grad_norm_.  Returns each row's gradient norm after
     value clipping (0 for rows without trainable parameters)."""
-    spans = [(r[4], r[4] + r[1] * r[2] + r[2]) for r in program if r[0] == 0 and r[7]]
+    def size(r):
+        return 2 * r[2] if r[0] == 2 else r[1] * r[2] + r[2]
+    spans = [(r[4], r[4] + size(r)) for r in program if r[0] != 1 and r[7]]
     norms = np.zeros(len(program))
     for l, r in enumerate(program):
-        if r[0] == 0 and r[7]:
-            g = grad[r[4]:r[4] + r[1] * r[2] + r[2]]
+        if r[0] != 1 and r[7]:
+            g = grad[r[4]:r[4] + size(r)]
             if clip_value > 0:
                 np.clip(g, -g.dtype.type(clip_value), g.dtype.type(clip_value), out=g)
             norms[l] = np.sqrt(np.sum(g.astype(np.float64) ** 2))
@@ -357,17 +403,25 @@ def clip_and_measure(program, grad, clip_value=0.0, clip_norm=0.0):
 
 
 def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=False,
-              rates=None, counter=None):
+              rates=None, counter=None, buffers=None):
     """Weighted mean loss over (X, Y) (w defaults to ones) plus the weight
     penalties ``reg`` (n_layers, 2), and the flat gradient (same layout as
     params).  With ``rates`` and ``counter`` dropout is on (training)."""
-    outs, masks = forward_all(program, X, params, rates, counter)
+    outs, masks = forward_all(program, X, params, rates, counter, buffers)
     G = np.empty_like(outs[-1])
     w = np.ones(X.shape[0], dtype=X.dtype) if w is None else w
     value = LOSS_KERNELS[loss](outs[-1], Y, w, G)
     grad = np.zeros_like(params)
     for l in range(len(program) - 1, -1, -1):
         row = program[l]
+        if row[0] == 2:
+            xhat, inv = masks[l]
+            dgamma, dbeta, G = batchnorm_backward(G, xhat, inv, _bn(row, params, buffers)[0],
+                                                  counter is not None)
+            if row[7]:
+                grad[row[4]:row[4] + row[2]] = dgamma
+                grad[row[5]:row[5] + row[2]] = dbeta
+            continue
         if row[0] == 1:
             G = G * masks[l] if l in masks else G
             continue
@@ -392,7 +446,7 @@ def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=Fals
 
 def train_batches(X, Y, order, batch_size, program, params, loss, optimizer_step,
                   rates=None, counter=None, reg=None, clip_value=0.0, clip_norm=0.0,
-                  measure=False):
+                  measure=False, buffers=None):
     """One epoch of mini-batch training.  ``optimizer_step(params, grad)``
     updates params in place (e.g. ``fastbp.optim.Adam().step``).  With
     ``rates`` and ``counter`` dropout is on; ``reg`` adds weight penalties;
@@ -403,7 +457,7 @@ def train_batches(X, Y, order, batch_size, program, params, loss, optimizer_step
     for start in range(0, X.shape[0], batch_size):
         rows = order[start:start + batch_size]
         value, grad = loss_grad(X[rows], Y[rows], program, params, loss, reg=reg,
-                                rates=rates, counter=counter)
+                                rates=rates, counter=counter, buffers=buffers)
         if clip_value > 0 or clip_norm > 0 or measure:
             norms += clip_and_measure(program, grad, clip_value, clip_norm)
         optimizer_step(params, grad)

@@ -1,0 +1,543 @@
+"""fastbp.callbacks and fastbp.plot_history: stopping rules, checkpoints, CSV
+logs, the progress bar, learning-rate schedules (held against
+torch.optim.lr_scheduler) and history plots."""
+import csv
+import io
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fastbp
+from fastbp import callbacks as cb
+
+FIT = dict(loss="mse", batch_size=16, verbose=0)
+
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3))
+    y = X @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=n)
+    return X, y
+
+
+def _classes(n=64, seed=1):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3))
+    return X, (X[:, 0] + X[:, 1] > 0).astype(int)
+
+
+def _net(seed=0, out=1):
+    return fastbp.Sequential([fastbp.Dense(6, activation="tanh"), fastbp.Dense(out)],
+                             dtype="float64", seed=seed)
+
+
+class Script(cb.Callback):
+    """Overwrites logs[key] with a scripted value before the callbacks after it see it."""
+
+    def __init__(self, key, values):
+        self.key, self.values = key, list(values)
+
+    def on_epoch_end(self, net, epoch, logs):
+        logs[self.key] = self.values[epoch - 1]
+
+
+class Record(cb.Callback):
+    """Keeps params after every epoch and the lr every epoch trains with."""
+
+    def __init__(self):
+        self.params, self.lrs = [], []
+
+    def on_epoch_begin(self, net, epoch):
+        self.lrs.append(net.optimizer.lr)
+
+    def on_epoch_end(self, net, epoch, logs):
+        self.params.append(net.params.copy())
+
+
+# -- base class ------------------------------------------------------------------------
+def test_callback_base_hooks_are_noops_and_subclass_hooks_run():
+    calls = []
+
+    class Spy(cb.Callback):
+        def on_epoch_end(self, net, epoch, logs):
+            calls.append((epoch, sorted(logs)))
+
+    X, y = _data()
+    net = _net()
+    net.fit(X, y, epochs=2, callbacks=[cb.Callback(), Spy()], **FIT)
+    assert [c[0] for c in calls] == [1, 2]
+    assert calls[0][1] == ["loss", "samples_per_s", "time"]
+
+
+# -- EarlyStopping ---------------------------------------------------------------------
+def _keras_stop(values, patience, min_delta=0.0, mode="min"):
+    """Expected (stopped epoch or None, best epoch), Keras's rule written out."""
+    best, best_epoch, wait = None, 0, 0
+    for e, v in enumerate(values, 1):
+        wait += 1
+        better = best is None or (v < best - min_delta if mode == "min" else v > best + min_delta)
+        if better:
+            best, best_epoch, wait = v, e, 0
+        elif wait >= patience:
+            return e, best_epoch
+    return None, best_epoch
+
+
+VALS = [5.0, 4.0, 4.5, 3.9, 3.8, 3.95, 3.97, 3.96, 1.0, 0.5]
+TIES = [2.0, 1.0, 1.0, 0.75, 0.5, 0.5, 0.25, 0.0, 0.0, 0.0]  # equal is no improvement
+
+
+@pytest.mark.parametrize("vals,patience,min_delta,expected", [
+    (VALS, 0, 0.0, 3), (VALS, 1, 0.0, 3), (VALS, 2, 0.0, 7), (VALS, 3, 0.0, 8),
+    (VALS, 2, 0.15, 4), (TIES, 2, 0.0, 10), (TIES, 1, 0.0, 3), (TIES, 1, 0.25, 3),
+    (TIES, 2, 0.25, 4)])
+def test_early_stopping_stops_at_the_keras_epoch(vals, patience, min_delta, expected):
+    assert _keras_stop(vals, patience, min_delta)[0] == expected
+    X, y = _data()
+    net = _net()
+    es = cb.EarlyStopping(patience=patience, min_delta=min_delta)
+    net.fit(X, y, epochs=len(vals), callbacks=[Script("val_loss", vals), es], **FIT)
+    assert len(net.history) == expected == es.stopped_epoch
+
+
+def test_early_stopping_restores_the_best_weights_bitwise():
+    vals = [3.0, 2.0, 1.0, 1.5, 1.2, 0.9, 0.95, 0.97, 0.99, 0.5, 0.4, 0.3]
+    stop, best = _keras_stop(vals, patience=3)
+    assert (stop, best) == (9, 6)
+    X, y = _data()
+    rec = Record()
+    net = _net()
+    es = cb.EarlyStopping(patience=3, restore_best_weights=True)
+    net.fit(X, y, epochs=12, callbacks=[Script("val_loss", vals), es, rec], **FIT)
+    assert len(net.history) == 9 == es.stopped_epoch and es.best_epoch == 6 and es.best == 0.9
+    assert not np.array_equal(rec.params[-1], rec.params[5])
+    assert net.params.tobytes() == rec.params[5].tobytes()
+    # the run is the uninterrupted one up to the stop: same weights at each epoch
+    ref = _net()
+    rec_ref = Record()
+    ref.fit(X, y, epochs=9, callbacks=[rec_ref], **FIT)
+    assert all(np.array_equal(a, b) for a, b in zip(rec.params, rec_ref.params))
+
+
+def test_early_stopping_without_restore_keeps_last_weights_and_restores_when_not_stopped():
+    X, y = _data()
+    vals = [3.0, 2.0, 2.5]
+    rec = Record()
+    net = _net()
+    net.fit(X, y, epochs=3, callbacks=[Script("val_loss", vals), cb.EarlyStopping(patience=5),
+                                       rec], **FIT)
+    assert net.params.tobytes() == rec.params[-1].tobytes()
+    # restore_best_weights also applies when the fit ran out of epochs (Keras 3)
+    rec = Record()
+    net = _net()
+    es = cb.EarlyStopping(patience=5, restore_best_weights=True)
+    net.fit(X, y, epochs=3, callbacks=[Script("val_loss", vals), es, rec], **FIT)
+    assert es.stopped_epoch == 0 and net.params.tobytes() == rec.params[1].tobytes()
+
+
+def test_early_stopping_on_real_validation_loss_and_accuracy_mode():
+    X, y = _classes()
+    Xv, yv = _classes(seed=2)
+    net = _net(out=2)
+    es = cb.EarlyStopping(monitor="val_accuracy", patience=1)
+    assert es.mode == "max" and cb.EarlyStopping(monitor="loss").mode == "min"
+    net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=0.0), epochs=6,
+            batch_size=16, verbose=0, validation_data=(Xv, yv), callbacks=[es])
+    # lr=0: the accuracy never changes, so the second epoch is no improvement
+    assert len(net.history) == 2 and es.best_epoch == 1
+
+
+def test_early_stopping_nan_is_never_an_improvement():
+    X, y = _data()
+    net = _net()
+    es = cb.EarlyStopping(patience=2)
+    net.fit(X, y, epochs=6, callbacks=[Script("val_loss", [math.nan, 1.0, math.nan, math.nan,
+                                                           0.5, 0.4]), es], **FIT)
+    assert es.best == 1.0 and es.best_epoch == 2 and es.stopped_epoch == 4
+
+
+def test_early_stopping_missing_metric_is_a_clear_error():
+    X, y = _data()
+    with pytest.raises(ValueError, match=r"'val_loss'.*loss, samples_per_s, time.*validation_data"):
+        _net().fit(X, y, epochs=2, callbacks=[cb.EarlyStopping()], **FIT)
+    with pytest.raises(ValueError, match="mode"):
+        cb.EarlyStopping(mode="up")
+    with pytest.raises(ValueError, match="patience"):
+        cb.EarlyStopping(patience=-1)
+
+
+# -- StopAtLoss, StopOnSmallUpdate, TerminateOnNaN --------------------------------------
+def test_stop_at_loss_stops_at_the_first_epoch_at_or_below_target():
+    X, y = _data()
+    ref = _net()
+    opt = dict(optimizer=fastbp.optim.Adam(lr=0.02))
+    ref.fit(X, y, epochs=30, **opt, **FIT)
+    losses = ref.history["loss"]
+    target = losses[11]
+    expected = next(e for e, v in enumerate(losses, 1) if v <= target)
+    assert 1 < expected <= 12
+    net = _net()
+    stop = cb.StopAtLoss(target)
+    net.fit(X, y, epochs=30, callbacks=[stop], optimizer=fastbp.optim.Adam(lr=0.02), **FIT)
+    assert len(net.history) == expected == stop.stopped_epoch
+    assert net.history["loss"] == losses[:expected]
+
+
+def test_stop_at_loss_accuracy_reaches_from_below():
+    X, y = _data()
+    net = _net()
+    stop = cb.StopAtLoss(0.9, monitor="val_accuracy")
+    net.fit(X, y, epochs=6, callbacks=[Script("val_accuracy", [0.5, 0.8, 0.9, 0.95, 1, 1]), stop],
+            **FIT)
+    assert stop.mode == "max" and len(net.history) == 3
+
+
+def test_stop_on_small_update_with_a_tiny_learning_rate():
+    X, y = _data()
+    rec = Record()
+
+    class Start(cb.Callback):
+        def on_epoch_begin(self, net, epoch):
+            self.p = net.params.copy()
+
+    start = Start()
+    net = _net()
+    small = cb.StopOnSmallUpdate(tol=1e-6)
+    net.fit(X, y, epochs=10, optimizer=fastbp.optim.SGD(lr=1e-9), callbacks=[start, small, rec],
+            **FIT)
+    assert len(net.history) == 1 and small.stopped_epoch == 1
+    assert small.last_update == np.abs(rec.params[0] - start.p).max()
+    assert 0 < small.last_update < 1e-6
+    # a usable learning rate moves the weights by more than tol: no stop
+    net = _net()
+    moving = cb.StopOnSmallUpdate(tol=1e-6)
+    net.fit(X, y, epochs=5, optimizer=fastbp.optim.SGD(lr=1e-2), callbacks=[moving], **FIT)
+    assert len(net.history) == 5 and moving.stopped_epoch == 0 and moving.last_update > 1e-6
+    with pytest.raises(ValueError, match="tol"):
+        cb.StopOnSmallUpdate(0)
+
+
+def test_terminate_on_nan():
+    X, y = _data()
+    net = _net()
+    t = cb.TerminateOnNaN()
+    net.fit(X, y, epochs=5, callbacks=[Script("loss", [1.0, 0.5, math.nan, 0.1, 0.1]), t],
+            **FIT)
+    assert len(net.history) == 3 and t.stopped_epoch == 3
+    net = _net()
+    t = cb.TerminateOnNaN()
+    net.fit(X, y, epochs=3, callbacks=[Script("loss", [1.0, math.inf, 1.0]), t], **FIT)
+    assert len(net.history) == 2
+    net = _net()
+    net.fit(X, y, epochs=3, callbacks=[cb.TerminateOnNaN()], **FIT)
+    assert len(net.history) == 3
+
+
+# -- ModelCheckpoint -------------------------------------------------------------------
+def test_model_checkpoint_every_epoch_files_load(tmp_path):
+    X, y = _data()
+    rec = Record()
+    net = _net()
+    ck = cb.ModelCheckpoint(str(tmp_path / "m-{epoch:02d}.fbp"))
+    net.fit(X, y, epochs=3, callbacks=[ck, rec], **FIT)
+    assert [e for e, _ in ck.saved] == [1, 2, 3]
+    for e in (1, 2, 3):
+        loaded = fastbp.load(tmp_path / f"m-{e:02d}.fbp")
+        assert loaded.params.tobytes() == rec.params[e - 1].tobytes()
+        assert len(loaded.history) == e
+        np.testing.assert_array_equal(loaded.predict(X), _predict_with(net, rec.params[e - 1], X))
+    single = tmp_path / "last.fbp"
+    net2 = _net()
+    net2.fit(X, y, epochs=2, callbacks=[cb.ModelCheckpoint(single)], **FIT)
+    assert fastbp.load(single).params.tobytes() == net2.params.tobytes()
+
+
+def _predict_with(net, params, X):
+    keep = net.params.copy()
+    net.params[...] = params
+    out = net.predict(X)
+    net.params[...] = keep
+    return out
+
+
+def test_model_checkpoint_save_best_only_saves_only_improvements(tmp_path):
+    X, y = _data()
+    vals = [3.0, 2.0, 2.5, 1.0, 1.0, 1.5, 0.5]
+    rec = Record()
+    path = tmp_path / "best.fbp"
+    saves = []
+
+    class CountSaves(cb.ModelCheckpoint):
+        def on_epoch_end(self, net, epoch, logs):
+            before = len(self.saved)
+            super().on_epoch_end(net, epoch, logs)
+            if len(self.saved) > before:
+                saves.append(fastbp.load(path).params.copy())
+
+    ck = CountSaves(path, monitor="val_loss", save_best_only=True)
+    net = _net()
+    net.fit(X, y, epochs=7, callbacks=[Script("val_loss", vals), ck, rec], **FIT)
+    assert [e for e, _ in ck.saved] == [1, 2, 4, 7]
+    for (e, _), p in zip(ck.saved, saves):
+        assert p.tobytes() == rec.params[e - 1].tobytes()
+    # max mode for an accuracy
+    ck = cb.ModelCheckpoint(tmp_path / "acc.fbp", monitor="val_accuracy", save_best_only=True)
+    net = _net()
+    net.fit(X, y, epochs=4, callbacks=[Script("val_accuracy", [0.5, 0.4, 0.7, 0.7]), ck], **FIT)
+    assert [e for e, _ in ck.saved] == [1, 3]
+    with pytest.raises(ValueError, match="monitor"):
+        cb.ModelCheckpoint(path, save_best_only=True)
+    with pytest.raises(ValueError, match=r"cannot format.*loss, samples_per_s, time"):
+        _net().fit(X, y, epochs=1, callbacks=[cb.ModelCheckpoint(str(tmp_path / "{val_loss}"))],
+                   **FIT)
+
+
+# -- CSVLogger -------------------------------------------------------------------------
+def test_csv_logger_rows_header_and_grad_norm_columns(tmp_path):
+    X, y = _classes()
+    Xv, yv = _classes(seed=3)
+    path = tmp_path / "log.csv"
+    net = _net(out=2)
+    fit = dict(loss="cross_entropy", batch_size=16, verbose=0, validation_data=(Xv, yv),
+               grad_norms=True)
+    net.fit(X, y, epochs=3, callbacks=[cb.CSVLogger(path)], **fit)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["epoch", "loss", "time", "samples_per_s", "grad_norm_0", "grad_norm_1",
+                       "val_loss", "val_accuracy"]
+    assert len(rows) == 4
+    h = net.history
+    for i, row in enumerate(rows[1:]):
+        assert int(row[0]) == i + 1
+        for key in ("loss", "time", "samples_per_s", "val_loss", "val_accuracy"):
+            assert float(row[rows[0].index(key)]) == h[key][i]  # repr: exact round trip
+        assert [float(row[4]), float(row[5])] == h["grad_norm"][i]
+    # append: a second fit continues the same columns, without a second header
+    net.fit(X, y, epochs=2, callbacks=[cb.CSVLogger(path, append=True)], **fit)
+    with open(path, newline="") as f:
+        rows2 = list(csv.reader(f))
+    assert rows2[:4] == rows and [r[0] for r in rows2[4:]] == ["4", "5"]
+    assert float(rows2[5][1]) == h["loss"][4]
+    # no append: the file starts over
+    net.fit(X, y, epochs=1, loss="cross_entropy", batch_size=16, verbose=0,
+            callbacks=[cb.CSVLogger(path)])
+    with open(path, newline="") as f:
+        rows3 = list(csv.reader(f))
+    assert rows3 == [["epoch", "loss", "time", "samples_per_s"], rows3[1]] and rows3[1][0] == "6"
+
+
+# -- ProgressBar -----------------------------------------------------------------------
+def test_progress_bar_shows_epochs_and_losses(capsys):
+    X, y = _data()
+    Xv, yv = _data(seed=5)
+    out = io.StringIO()
+    net = _net()
+    bar = cb.ProgressBar(total=3, file=out, ascii=True)
+    net.fit(X, y, epochs=3, validation_data=(Xv, yv), callbacks=[bar], **FIT)
+    text = out.getvalue()
+    assert "3/3" in text and "loss=" in text and "val_loss=" in text
+    assert f"{net.history['val_loss'][-1]:.4g}" in text
+    assert bar.bar is None  # closed at the end
+    # default: stderr, no total
+    net.fit(X, y, epochs=2, callbacks=[cb.ProgressBar()], **FIT)
+    err = capsys.readouterr().err
+    assert "2epoch" in err.replace(" ", "") and "loss=" in err
+
+
+def test_progress_bar_without_tqdm_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with pytest.raises(ImportError, match=r'pip install "fastbp\[progress\]"'):
+        cb.ProgressBar()
+
+
+# -- learning-rate schedules against torch ------------------------------------------------
+def _torch_lrs(make, base_lr, epochs, metrics=None):
+    """lr of every epoch, stepping torch's scheduler after each; and the closed forms."""
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.SGD([p], lr=base_lr)
+    sched = make(opt)
+    stepped, closed = [], []
+    for e in range(epochs):
+        stepped.append(opt.param_groups[0]["lr"])
+        if metrics is None:
+            closed.append(sched._get_closed_form_lr()[0])
+        opt.step()
+        if metrics is None:
+            sched.step()
+        else:
+            sched.step(metrics[e])
+    return stepped, closed
+
+
+S = torch.optim.lr_scheduler
+SCHEDULES = [
+    (lambda: cb.StepLR(3, gamma=0.5), lambda o: S.StepLR(o, 3, gamma=0.5)),
+    (lambda: cb.StepLR(2), lambda o: S.StepLR(o, 2)),
+    (lambda: cb.StepLR(1, gamma=0.9), lambda o: S.StepLR(o, 1, gamma=0.9)),
+    (lambda: cb.ExponentialLR(0.9), lambda o: S.ExponentialLR(o, 0.9)),
+    (lambda: cb.ExponentialLR(0.77), lambda o: S.ExponentialLR(o, 0.77)),
+    (lambda: cb.CosineAnnealingLR(7), lambda o: S.CosineAnnealingLR(o, 7)),
+    (lambda: cb.CosineAnnealingLR(5, eta_min=1e-3), lambda o: S.CosineAnnealingLR(o, 5, 1e-3)),
+]
+
+
+@pytest.mark.parametrize("ours,theirs", SCHEDULES, ids=["step3-0.5", "step2", "step1-0.9", "exp0.9",
+                                                     "exp0.77", "cos7", "cos5-min"])
+def test_schedule_lrs_equal_torch(ours, theirs):
+    X, y = _data(n=16)
+    epochs, base = 20, 0.05
+    rec = Record()
+    sched = ours()
+    net = _net()
+    net.fit(X, y, epochs=epochs, optimizer=fastbp.optim.SGD(lr=base), callbacks=[sched, rec],
+            **FIT)
+    stepped, closed = _torch_lrs(theirs, base, epochs)
+    assert rec.lrs == closed  # bitwise: torch's _get_closed_form_lr
+    np.testing.assert_allclose(rec.lrs, stepped, rtol=1e-12, atol=1e-15 * base)
+    assert sched.lrs[:epochs] == rec.lrs and len(set(rec.lrs)) > 1
+
+
+def test_schedule_sets_the_lr_fit_trains_with():
+    X, y = _data()
+    rec = Record()
+    net = _net()
+    net.fit(X, y, epochs=5, optimizer=fastbp.optim.SGD(lr=0.05), callbacks=[cb.StepLR(2, 0.0), rec],
+            **FIT)
+    assert rec.lrs == [0.05, 0.05, 0.0, 0.0, 0.0]
+    assert not np.array_equal(rec.params[0], rec.params[1])
+    assert all(np.array_equal(rec.params[1], p) for p in rec.params[2:])
+
+
+def test_schedule_restarts_from_the_current_lr_each_fit():
+    X, y = _data()
+    net = _net()
+    sched = cb.ExponentialLR(0.5)
+    net.fit(X, y, epochs=2, optimizer=fastbp.optim.Adam(lr=0.1), callbacks=[sched], **FIT)
+    assert net.optimizer.lr == 0.025
+    rec = Record()
+    net.fit(X, y, epochs=2, callbacks=[sched, rec], **FIT)
+    assert sched.base_lr == 0.025 and rec.lrs == [0.025, 0.0125]
+
+
+def test_schedule_needs_an_optimizer_with_a_learning_rate():
+    X, y = _data()
+    with pytest.raises(ValueError, match="Rprop"):
+        _net().fit(X, y, epochs=1, optimizer=fastbp.optim.Rprop(), callbacks=[cb.StepLR(1)],
+                   **FIT)
+    with pytest.raises(ValueError, match="step_size"):
+        cb.StepLR(0)
+    with pytest.raises(ValueError, match="factor"):
+        cb.ReduceLROnPlateau(factor=1.0)
+
+
+PLATEAU = [
+    dict(),
+    dict(patience=0),
+    dict(patience=1, cooldown=2),
+    dict(patience=2, factor=0.5, threshold=0.1),
+    dict(patience=1, threshold=0.05, threshold_mode="abs", min_lr=2e-3),
+    dict(mode="max", patience=1, factor=0.3),
+    dict(mode="max", patience=0, threshold=0.01, threshold_mode="abs", cooldown=1),
+    dict(patience=1, threshold=0.0, factor=0.9),  # the 1e-13 steps count as improvements
+    dict(patience=1, threshold=0.0, factor=0.9, threshold_mode="abs", mode="max"),
+]
+
+
+@pytest.mark.parametrize("kwargs", PLATEAU)
+def test_reduce_lr_on_plateau_equals_torch(kwargs):
+    rng = np.random.default_rng(7)
+    # a metric that improves, stalls, jitters and improves again
+    vals = list(np.concatenate([np.linspace(1.0, 0.5, 5), 0.5 + 0.01 * rng.random(8),
+                                np.linspace(0.49, 0.3, 4), 0.3 + 0.05 * rng.random(13),
+                                0.29 - 1e-13 * np.arange(6), [0.29 - 5e-13] * 3]))
+    if kwargs.get("mode") == "max":
+        vals = [1 - v for v in vals]
+    X, y = _data(n=16)
+    rec = Record()
+    sched = cb.ReduceLROnPlateau(**kwargs)
+    net = _net()
+    net.fit(X, y, epochs=len(vals), optimizer=fastbp.optim.SGD(lr=0.1),
+            callbacks=[Script("val_loss", vals), sched, rec], **FIT)
+    theirs = {k: v for k, v in kwargs.items()}
+    stepped, _ = _torch_lrs(lambda o: S.ReduceLROnPlateau(o, **theirs), 0.1, len(vals), vals)
+    assert rec.lrs == stepped
+    assert len(set(rec.lrs)) > 1 or kwargs == {}
+
+
+def test_reduce_lr_on_plateau_monitor_and_min_lr():
+    X, y = _data()
+    sched = cb.ReduceLROnPlateau(monitor="loss", patience=0, factor=0.5, min_lr=0.02)
+    net = _net()
+    net.fit(X, y, epochs=5, optimizer=fastbp.optim.SGD(lr=0.1),
+            callbacks=[Script("loss", [1.0] * 5), sched], **FIT)
+    assert sched.lrs == [0.1, 0.1, 0.05, 0.025, 0.02, 0.02]
+    with pytest.raises(ValueError, match="'val_loss'"):
+        _net().fit(X, y, epochs=1, callbacks=[cb.ReduceLROnPlateau()], **FIT)
+
+
+# -- plot_history ----------------------------------------------------------------------
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _labels(ax):
+    return [line.get_label() for line in ax.get_lines()]
+
+
+def test_plot_history_writes_a_png_with_val_loss_and_accuracy(tmp_path):
+    X, y = _classes()
+    Xv, yv = _classes(seed=4)
+    net = _net(out=2)
+    net.fit(X, y, loss="cross_entropy", epochs=4, batch_size=16, verbose=0,
+            validation_data=(Xv, yv))
+    path = tmp_path / "hist.png"
+    fig = fastbp.plot_history(net, path)
+    data = path.read_bytes()
+    assert data[:8] == PNG and len(data) > 1000
+    axes = fig.get_axes()
+    assert len(axes) == 2
+    assert _labels(axes[0]) == ["loss", "val_loss"] and _labels(axes[1]) == ["val_accuracy"]
+    x, yy = axes[0].get_lines()[1].get_data()
+    assert list(x) == [1, 2, 3, 4] and list(yy) == net.history["val_loss"]
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["loss", "val_loss"]
+
+
+def test_plot_history_without_validation_and_with_metrics(tmp_path):
+    X, y = _data()
+    net = _net()
+    hist = net.fit(X, y, epochs=3, grad_norms=True, **FIT)
+    fig = fastbp.plot_history(hist)  # a History, no file
+    assert len(fig.get_axes()) == 1 and _labels(fig.get_axes()[0]) == ["loss"]
+    path = tmp_path / "h"  # no extension: PNG, written to that exact name
+    fig = fastbp.plot_history(net, path, metrics=["loss", "grad_norm", "time"])
+    assert path.read_bytes()[:8] == PNG
+    assert [_labels(a) for a in fig.get_axes()] == [["loss"], ["grad_norm 0", "grad_norm 1"],
+                                                   ["time"]]
+    with pytest.raises(ValueError, match="val_loss"):
+        fastbp.plot_history(net, metrics=["val_loss"])
+    with pytest.raises(ValueError, match="no epochs"):
+        fastbp.plot_history(_net())
+
+
+def test_plot_history_metric_recorded_in_later_epochs_only():
+    X, y = _data()
+    net = _net()
+    net.fit(X, y, epochs=2, **FIT)
+    net.fit(X, y, epochs=2, validation_data=(X, y), **FIT)
+    with pytest.warns(RuntimeWarning, match="val_loss is recorded for 2 of 4 epochs"):
+        fig = fastbp.plot_history(net)
+    x, _ = fig.get_axes()[0].get_lines()[1].get_data()
+    assert list(x) == [3, 4]
+
+
+def test_plot_history_without_matplotlib_names_the_extra(monkeypatch):
+    for name in ("matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.ticker"):
+        monkeypatch.setitem(sys.modules, name, None)
+    X, y = _data()
+    net = _net()
+    net.fit(X, y, epochs=1, **FIT)
+    with pytest.raises(ImportError, match=r'pip install "fastbp\[plot\]"'):
+        fastbp.plot_history(net)
