@@ -494,10 +494,24 @@ class Sequential:
         last_epoch = first_epoch + epochs - 1
         self.stop_training = False
         _call(callbacks, "on_train_begin", self)
+        try:
+            validation = (Xv, Yv) if validation_data is not None else None
+            return self._train_epochs(run, opt, callbacks, first_epoch, last_epoch, n, n_threads,
+                                      checkpoint, checkpoint_every, validation, loss, verbose,
+                                      grad_norms, on_divergence)
+        finally:
+            # also after a divergence or Ctrl-C, so callbacks can clean up
+            # (EarlyStopping restores its best weights, ProgressBar closes)
+            _call(callbacks, "on_train_end", self)
+
+    def _train_epochs(self, run, opt, callbacks, first_epoch, last_epoch, n, n_threads,
+                      checkpoint, checkpoint_every, validation, loss, verbose, grad_norms,
+                      on_divergence):
+        pending = self._position
         with _blas_threads(n_threads), _DeferredInterrupt() as interrupt:
             for e in range(first_epoch, last_epoch + 1):
                 _call(callbacks, "on_epoch_begin", self, e)
-                run.hyper[...] = opt._hyper()  # a callback may have changed them
+                run.hyper[...] = _checked_hyper(opt)  # a callback may have changed them
                 start = time.perf_counter()
                 self._position = None
                 b = run.start_epoch(pending)
@@ -524,8 +538,8 @@ class Sequential:
                     dense = [i for i, l in enumerate(self.layers) if isinstance(l, Dense)]
                     metrics["grad_norm"] = [float(run.grad_norms[i]) / (run.n_batches - run.first)
                                             for i in dense]
-                if validation_data is not None:
-                    metrics.update(self._validation_metrics(Xv, Yv, loss))
+                if validation:
+                    metrics.update(self._validation_metrics(*validation, loss))
                 self.history.append(e, **metrics)
                 if checkpoint is not None:
                     self.save(checkpoint)
@@ -536,7 +550,6 @@ class Sequential:
                     return self._interrupted(e + 1, 0)
                 if self.stop_training:
                     break
-        _call(callbacks, "on_train_end", self)
         return self.history
 
     def _interrupted(self, epoch, batch):
@@ -609,6 +622,16 @@ def _penalties(layer):
     activity = getattr(layer, "activity_regularizer", None)
     l2, l1 = kernel.engine_coefficients() if kernel is not None else (0.0, 0.0)
     return l2, l1, activity.l1 if activity is not None else 0.0
+
+
+def _checked_hyper(opt):
+    """The optimizer's packed hyperparameters, refused if a callback made
+    them non-finite or the learning rate negative."""
+    hyper = opt._hyper()
+    if not np.isfinite(hyper).all() or getattr(opt, "lr", 0.0) < 0:
+        raise ValueError(f"invalid hyperparameters for {type(opt).__name__} (set between "
+                         f"epochs?): {opt!r}")
+    return hyper
 
 
 def _call(callbacks, hook, *args):

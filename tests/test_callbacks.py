@@ -541,3 +541,28 @@ def test_plot_history_without_matplotlib_names_the_extra(monkeypatch):
     net.fit(X, y, epochs=1, **FIT)
     with pytest.raises(ImportError, match=r'pip install "fastbp\[plot\]"'):
         fastbp.plot_history(net)
+
+
+def test_on_train_end_runs_after_a_divergence_and_bad_rates_are_refused():
+    import fastbp as fb
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(64, 5)), rng.normal(size=(64, 3)) * 100
+    ended = []
+
+    class Spy(fb.callbacks.Callback):
+        def on_train_end(self, net):
+            ended.append(True)
+    net = fb.Sequential([fb.Dense(8, activation="tanh"), fb.Dense(3)], dtype="float64", seed=0)
+    with pytest.raises(fb.DivergenceError):
+        net.fit(X, y, loss="mse", optimizer=fb.optim.SGD(lr=100.0), epochs=500, verbose=0,
+                callbacks=[Spy()])
+    assert ended == [True]
+
+    class Broken(fb.callbacks.Callback):
+        def on_epoch_end(self, net, epoch, logs):
+            net.optimizer.lr = float("nan")
+    net = fb.Sequential([fb.Dense(3)], dtype="float64", seed=0)
+    with pytest.raises(ValueError, match="invalid hyperparameters"):
+        net.fit(X, y / 100, loss="mse", optimizer=fb.optim.SGD(lr=0.01), epochs=3, verbose=0,
+                callbacks=[Broken()])
