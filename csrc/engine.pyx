@@ -40,6 +40,11 @@ variance and eps at ``buffers[buf_off:]`` (width, width, 1); ``rates[l]`` is
 its momentum.  In training it normalizes with the batch mean and biased
 variance, keeps x_hat after its output in ``acts`` and 1/std in ``aux``, and
 updates the running statistics (unbiased variance); otherwise it uses them.
+Residual blocks are two rows around the block's rows: ``ResidualBegin``
+(kind 3) copies its input x to its slot, ``ResidualEnd`` (kind 4) outputs
+block(x) + x; each keeps its partner's row index in column ``w_off``.  In the
+backward pass the end row stashes dL/d(output) in its own slot (no longer
+needed by then) and the begin row adds it to the gradient leaving the block.
 A ``Dropout`` row (kind 1) has no parameters: in training its output is
 x * mask with mask = 1/(1 - rate) or 0 (inverted dropout), and the mask is
 kept right after the output in ``acts`` for the backward pass; in predict it
@@ -76,6 +81,8 @@ cdef enum:
     KIND_DENSE = 0
     KIND_DROPOUT = 1
     KIND_BATCHNORM = 2
+    KIND_RES_BEGIN = 3
+    KIND_RES_END = 4
 
 cdef enum:
     STATUS_OK = 0
@@ -244,11 +251,21 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
     cdef floating* out
     cdef floating* mask
     cdef floating* weff
+    cdef const floating* skip
     for l in range(n_layers):
         out = acts + prog[l, ACT_OFF] * m
         if l == n_layers - 1 and last_out != NULL:
             out = last_out
-        if prog[l, KIND] == KIND_DROPOUT:
+        if prog[l, KIND] == KIND_RES_BEGIN:
+            width = prog[l, N_OUT]
+            out = acts + prog[l, ACT_OFF] * m
+            memcpy(out, x, m * width * sizeof(floating))
+        elif prog[l, KIND] == KIND_RES_END:
+            width = prog[l, N_OUT]
+            skip = acts + prog[prog[l, W_OFF], ACT_OFF] * m
+            for i in range(m * width):
+                out[i] = x[i] + skip[i]
+        elif prog[l, KIND] == KIND_DROPOUT:
             width = prog[l, N_OUT]
             mask = acts + prog[l, ACT_OFF] * m + m * width
             if counter != NULL:
@@ -293,6 +310,7 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
     cdef double activity = 0.0, c, total
     cdef const floating* a
     cdef floating* weff
+    cdef const floating* stash
     cdef floating step
     cdef floating* g = deltas
     cdef floating* other = deltas + half
@@ -303,6 +321,15 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
     for l in range(n_layers - 1, -1, -1):
         n_in = prog[l, N_IN]
         n_out = prog[l, N_OUT]
+        if prog[l, KIND] == KIND_RES_END:
+            # the skip path gets the same gradient: keep it for the begin row
+            memcpy(acts + prog[l, ACT_OFF] * m, g, m * n_out * sizeof(floating))
+            continue
+        if prog[l, KIND] == KIND_RES_BEGIN:
+            stash = acts + prog[prog[l, W_OFF], ACT_OFF] * m
+            for i in range(m * n_out):
+                g[i] += stash[i]
+            continue
         if prog[l, KIND] == KIND_DROPOUT:
             if l == 0:
                 break  # dropout on the inputs: nothing below needs a gradient

@@ -12,7 +12,7 @@ learning-rate schedules) and ``fastbp.plot_history`` to plot a history.
 from . import activations, callbacks, initializers, losses, optim, reference, regularizers
 from .gradcheck import gradcheck
 from .history import History
-from .layers import BatchNorm, Dense, Dropout
+from .layers import BatchNorm, Dense, Dropout, Residual
 from .model import DivergenceError, Sequential
 from .plotting import plot_history
 from .io import ModelFormatError, load
@@ -20,7 +20,7 @@ from .sklearn import MLPClassifier, MLPRegressor
 
 __version__ = "0.1.0"
 
-__all__ = ["Sequential", "Dense", "Dropout", "BatchNorm", "optim", "gradcheck", "History", "DivergenceError",
+__all__ = ["Sequential", "Dense", "Dropout", "BatchNorm", "Residual", "optim", "gradcheck", "History", "DivergenceError",
            "load", "ModelFormatError", "MLPClassifier", "MLPRegressor",
            "activations", "callbacks", "initializers", "losses", "plot_history", "reference",
            "regularizers", "__version__"]

@@ -288,6 +288,8 @@ def _check_layer(config, i):
             _fail(f"{where}.rate must be a number in [0, 1), got {_describe(rate)}")
     if kind == "BatchNorm":
         _object(config, ("type", "momentum", "eps", "trainable"), where)
+    if kind in ("ResidualBegin", "ResidualEnd"):
+        _object(config, ("type",), where)
     if kind == "Dense":
         _object(config, ("type", "units", "activation", "kernel_init", "trainable",
                          "kernel_regularizer", "activity_regularizer", "dropconnect"), where)
@@ -423,7 +425,7 @@ def _check_header(header):
             n_params += layer.n_params(n_in)
             if isinstance(layer, _layers.BatchNorm):
                 n_buffers += 2 * n_in + 1
-            n_in = n_in if isinstance(layer, (_layers.Dropout, _layers.BatchNorm)) else layer.units
+            n_in = layer.units if isinstance(layer, _layers.Dense) else n_in
         expected.append(("params", (n_params,)))
         if n_buffers:
             expected.append(("buffers", (n_buffers,)))
@@ -522,7 +524,10 @@ def _load(f, size):
 
 
 def _build(spec, data):
-    net = Sequential(spec["layers"], dtype=spec["dtype"], seed=spec["seed"])
+    try:
+        net = Sequential(spec["layers"], dtype=spec["dtype"], seed=spec["seed"])
+    except ValueError as exc:  # e.g. residual markers that do not pair up
+        _fail(f"invalid architecture: {exc}")
     opt = spec["optimizer"]
     if spec["n_features"] is not None:
         params = data["params"]

@@ -13,6 +13,8 @@ from ._validation import check_positive_int
 KIND_DENSE = 0
 KIND_DROPOUT = 1
 KIND_BATCHNORM = 2
+KIND_RES_BEGIN = 3
+KIND_RES_END = 4
 
 
 class Dense:
@@ -214,7 +216,82 @@ class BatchNorm:
         return f"BatchNorm(momentum={self.momentum}, eps={self.eps})"
 
 
-LAYERS = {"Dense": Dense, "Dropout": Dropout, "BatchNorm": BatchNorm}
+class _Marker:
+    """A parameter-free row of the program that keeps the width."""
+
+    trainable = False
+
+    def __init__(self):
+        self.units = self.n_in = None
+
+    def n_params(self, n_in):
+        return 0
+
+    def _bind(self, n_in, params, grad, offset):
+        self.n_in = self.units = n_in
+        return offset
+
+    def _initialize(self, rng):
+        pass
+
+    def get_config(self):
+        return {"type": type(self).__name__}
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class ResidualBegin(_Marker):
+    """Start of a residual block (created by ``Residual``): remembers x."""
+
+    kind = KIND_RES_BEGIN
+
+
+class ResidualEnd(_Marker):
+    """End of a residual block (created by ``Residual``): outputs block(x) + x."""
+
+    kind = KIND_RES_END
+
+
+class Residual:
+    """A residual block: ``y = x + block(x)`` for the layers it holds.
+
+    The block's output must have the width of its input.  Blocks nest, and
+    sit in ``Sequential`` like any layer: there they become a
+    ``ResidualBegin`` row, the block's rows and a ``ResidualEnd`` row of the
+    compiled program (so ``net.layers`` lists them flat).
+
+    Parameters
+    ----------
+    layers : list of layers (Dense, Dropout, BatchNorm, Residual)
+
+    Examples
+    --------
+    >>> import fastbp
+    >>> net = fastbp.Sequential([
+    ...     fastbp.Dense(32, activation="relu"),
+    ...     fastbp.Residual([fastbp.Dense(32, activation="relu"), fastbp.Dense(32)]),
+    ...     fastbp.Dense(10)])
+    """
+
+    def __init__(self, layers):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Residual needs at least one layer")
+        self.layers = layers
+
+    def flatten(self):
+        rows = [ResidualBegin()]
+        for layer in self.layers:
+            rows.extend(layer.flatten() if isinstance(layer, Residual) else [layer])
+        return rows + [ResidualEnd()]
+
+    def __repr__(self):
+        return f"Residual({self.layers!r})"
+
+
+LAYERS = {"Dense": Dense, "Dropout": Dropout, "BatchNorm": BatchNorm,
+          "ResidualBegin": ResidualBegin, "ResidualEnd": ResidualEnd}
 
 
 def from_config(config):
@@ -228,8 +305,11 @@ def from_config(config):
         raise ValueError(f"invalid {kind} configuration: {exc}") from None
 
 
-def program_row(layer, w_off, act_off, aux_off, buf_off):
-    """One row of the engine's program table (see csrc/engine.pyx)."""
+def program_row(layer, w_off, act_off, aux_off, buf_off, partner=0):
+    """One row of the engine's program table (see csrc/engine.pyx);
+    ``partner`` is the row index of a residual marker's other end."""
+    if layer.kind in (KIND_RES_BEGIN, KIND_RES_END):
+        return [layer.kind, layer.n_in, layer.units, 0, partner, 0, act_off, 0, 0, 0]
     if layer.kind == KIND_DROPOUT:
         return [KIND_DROPOUT, layer.n_in, layer.units, 0, w_off, w_off, act_off, 0, 0, 0]
     if layer.kind == KIND_BATCHNORM:

@@ -31,7 +31,8 @@ from ._numba.optim import step_cfunc
 from ._validation import (check_dtype, check_positive_int, check_sample_weight, check_targets,
                           check_X)
 from .history import History
-from .layers import BatchNorm, Dense, Dropout, aux_size, program_row, workspace_width
+from .layers import (BatchNorm, Dense, Dropout, Residual, ResidualBegin, ResidualEnd, aux_size,
+                     program_row, workspace_width)
 
 #: target duration of one call into the engine during fit; between calls
 #: Python handles Ctrl-C and nothing else, so this only bounds its latency.
@@ -99,13 +100,24 @@ class Sequential:
     """
 
     def __init__(self, layers, dtype="float32", seed=None):
-        layers = list(layers)
+        flat = []
+        for layer in layers:
+            flat.extend(layer.flatten() if isinstance(layer, Residual) else [layer])
+        layers = flat
         if not layers:
             raise ValueError("Sequential needs at least one layer")
+        depth = 0
         for layer in layers:
-            if not isinstance(layer, (Dense, Dropout, BatchNorm)):
+            if not isinstance(layer, (Dense, Dropout, BatchNorm, ResidualBegin, ResidualEnd)):
                 raise ValueError(f"unsupported layer {layer!r}")
-        if isinstance(layers[-1], Dropout):
+            depth += isinstance(layer, ResidualBegin) - isinstance(layer, ResidualEnd)
+            if depth < 0:
+                raise ValueError("a ResidualEnd without its ResidualBegin")
+        if depth:
+            raise ValueError("a ResidualBegin without its ResidualEnd")
+        if isinstance(layers[-1], ResidualEnd):
+            raise ValueError("the last layer cannot be a Residual block: add a Dense output layer")
+        if isinstance(layers[-1], (Dropout, ResidualBegin)):
             raise ValueError("the last layer cannot be Dropout: it has to produce the outputs")
         self.layers = layers
         self.dtype = check_dtype(dtype)
@@ -144,7 +156,7 @@ class Sequential:
         total, n_in = 0, n_features
         for layer in self.layers:
             total += layer.n_params(n_in)
-            n_in = n_in if isinstance(layer, (Dropout, BatchNorm)) else layer.units
+            n_in = n_in if not isinstance(layer, Dense) else layer.units
         self._params = np.zeros(total, dtype=self.dtype)
         self._grad = np.zeros(total, dtype=self.dtype)
         offset, rows, act_off, aux_off, buf_off, n_in = 0, [], 0, 0, 0, n_features
@@ -152,10 +164,23 @@ class Sequential:
                         if isinstance(l, BatchNorm))
         # Running statistics (BatchNorm): state that is not trained.
         self._buffers = np.zeros(n_buffers, dtype=self.dtype)
-        for layer in self.layers:
+        partners, opened = {}, []
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, ResidualBegin):
+                opened.append(i)
+            elif isinstance(layer, ResidualEnd):
+                begin = opened.pop()
+                partners[i], partners[begin] = begin, i
+        widths = {}
+        for i, layer in enumerate(self.layers):
             start = offset
             offset = layer._bind(n_in, self._params, self._grad, start)
-            rows.append(program_row(layer, start, act_off, aux_off, buf_off))
+            if isinstance(layer, ResidualBegin):
+                widths[i] = n_in
+            elif isinstance(layer, ResidualEnd) and widths[partners[i]] != n_in:
+                raise ValueError(f"a Residual block must keep its width: it takes "
+                                 f"{widths[partners[i]]} features and gives {n_in}")
+            rows.append(program_row(layer, start, act_off, aux_off, buf_off, partners.get(i, 0)))
             if isinstance(layer, BatchNorm):
                 buf_off = layer._bind_buffers(self._buffers, buf_off)
             act_off += workspace_width(layer)
@@ -190,7 +215,7 @@ class Sequential:
         sizes, n_in = [], n_features
         for layer in self.layers:
             sizes.append(n_in)
-            n_in = n_in if isinstance(layer, (Dropout, BatchNorm)) else layer.units
+            n_in = n_in if not isinstance(layer, Dense) else layer.units
         return sizes
 
     def set_params(self, params):

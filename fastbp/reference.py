@@ -338,7 +338,11 @@ def forward_all(program, X, params, rates=None, counter=None, buffers=None):
     entry is (x_hat, 1/std)."""
     outs, masks = [X], {}
     for l, row in enumerate(program):
-        if row[0] == 2:
+        if row[0] == 3:  # residual begin: remember x
+            outs.append(outs[-1])
+        elif row[0] == 4:  # residual end: block(x) + x
+            outs.append(outs[-1] + outs[row[4] + 1])
+        elif row[0] == 2:
             gamma, beta, rm, rv, eps = _bn(row, params, buffers)
             y, xhat, inv = batchnorm_forward(outs[-1], gamma, beta, rm, rv, eps,
                                              rates[l] if rates is not None else 0.0,
@@ -412,8 +416,15 @@ def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=Fals
     w = np.ones(X.shape[0], dtype=X.dtype) if w is None else w
     value = LOSS_KERNELS[loss](outs[-1], Y, w, G)
     grad = np.zeros_like(params)
+    skips = {}
     for l in range(len(program) - 1, -1, -1):
         row = program[l]
+        if row[0] == 4:  # the skip path gets the same gradient
+            skips[row[4]] = G
+            continue
+        if row[0] == 3:
+            G = G + skips.pop(l)
+            continue
         if row[0] == 2:
             xhat, inv = masks[l]
             dgamma, dbeta, G = batchnorm_backward(G, xhat, inv, _bn(row, params, buffers)[0],
