@@ -358,9 +358,10 @@ def test_config_and_exports():
     assert isinstance(opt, optim.Optimizer)
 
 
-def test_import_order():
+def test_import_order(tmp_path):
     """fastbp.optim imports fastbp.lm, which subclasses fastbp.optim.Optimizer:
-    importing fastbp.lm first, in a fresh interpreter, works too."""
+    importing fastbp.lm first, in a fresh interpreter, works too.  (Run from
+    an empty folder so the installed package is imported, not the sources.)"""
     subprocess.run([sys.executable, "-c", "import fastbp.lm, fastbp.optim; "
                     "assert fastbp.optim.LevenbergMarquardt is fastbp.lm.LevenbergMarquardt"],
-                   check=True)
+                   check=True, cwd=tmp_path)
