@@ -103,7 +103,32 @@ class Dense:
                 + ("" if self.trainable else ", trainable=False") + ")")
 
 
-class Dropout:
+class _Marker:
+    """A parameter-free row of the program that keeps the width."""
+
+    trainable = False
+
+    def __init__(self):
+        self.units = self.n_in = None
+
+    def n_params(self, n_in):
+        return 0
+
+    def _bind(self, n_in, params, grad, offset):
+        self.n_in = self.units = n_in
+        return offset
+
+    def _initialize(self, rng):
+        pass
+
+    def get_config(self):
+        return {"type": type(self).__name__}
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Dropout(_Marker):
     """Inverted dropout: in training each input is zeroed with probability
     ``rate`` and the others are scaled by 1 / (1 - rate); in predict (and
     ``loss_and_grad``) the layer passes its input through unchanged.
@@ -119,7 +144,6 @@ class Dropout:
     """
 
     kind = KIND_DROPOUT
-    trainable = False
 
     def __init__(self, rate):
         try:
@@ -128,18 +152,8 @@ class Dropout:
             raise ValueError(f"dropout rate must be a number in [0, 1), got {rate!r}") from None
         if not 0 <= rate < 1:
             raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        super().__init__()
         self.rate = rate
-        self.units = self.n_in = None
-
-    def n_params(self, n_in):
-        return 0
-
-    def _bind(self, n_in, params, grad, offset):
-        self.n_in = self.units = n_in
-        return offset
-
-    def _initialize(self, rng):
-        pass
 
     def get_config(self):
         return {"type": "Dropout", "rate": self.rate}
@@ -214,31 +228,6 @@ class BatchNorm:
 
     def __repr__(self):
         return f"BatchNorm(momentum={self.momentum}, eps={self.eps})"
-
-
-class _Marker:
-    """A parameter-free row of the program that keeps the width."""
-
-    trainable = False
-
-    def __init__(self):
-        self.units = self.n_in = None
-
-    def n_params(self, n_in):
-        return 0
-
-    def _bind(self, n_in, params, grad, offset):
-        self.n_in = self.units = n_in
-        return offset
-
-    def _initialize(self, rng):
-        pass
-
-    def get_config(self):
-        return {"type": type(self).__name__}
-
-    def __repr__(self):
-        return f"{type(self).__name__}()"
 
 
 class ResidualBegin(_Marker):

@@ -333,6 +333,12 @@ class _BaseMLP(BaseEstimator):
         net.params[perm] = res.x
         self._store(net)
 
+    def _check_solver(self):
+        if self.solver not in ("sgd", "adam"):
+            raise AttributeError("partial_fit is only available for stochastic optimizer. "
+                                 "%s is not stochastic" % self.solver)
+        return True
+
     def _make_optimizer(self):
         if self.solver == "sgd":
             return _SklearnSGD(self.learning_rate_init, self.momentum, self.nesterovs_momentum)
@@ -615,12 +621,6 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return self._fit(X, y, sample_weight=sample_weight, incremental=False,
                          X_val=X_val, y_val=y_val)
 
-    def _check_solver(self):
-        if self.solver not in ("sgd", "adam"):
-            raise AttributeError("partial_fit is only available for stochastic optimizer. "
-                                 "%s is not stochastic" % self.solver)
-        return True
-
     @available_if(lambda est: est._check_solver())
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y, sample_weight=None, classes=None):
@@ -720,12 +720,6 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         ``X_val, y_val`` as in :meth:`MLPClassifier.fit`."""
         return self._fit(X, y, sample_weight=sample_weight, incremental=False,
                          X_val=X_val, y_val=y_val)
-
-    def _check_solver(self):
-        if self.solver not in ("sgd", "adam"):
-            raise AttributeError("partial_fit is only available for stochastic optimizer. "
-                                 "%s is not stochastic" % self.solver)
-        return True
 
     # sklearn 1.9 guards the regressor's partial_fit with the (always truthy)
     # method itself rather than its result, so it exists for every solver.
