@@ -518,9 +518,8 @@ class ProgressBar(Callback):
     Parameters
     ----------
     total : int, optional
-        Epochs expected (the length of the bar).  Callbacks are not told how
-        many epochs ``fit`` will run, so without it the bar shows a count and
-        rate but no length.
+        Epochs expected (the length of the bar); by default the ``epochs``
+        of the fit (``net.fit_params``).
     **tqdm_kwargs
         Passed to ``tqdm.tqdm`` (e.g. ``file``, ``leave``, ``desc``,
         ``disable``).
@@ -538,7 +537,8 @@ class ProgressBar(Callback):
 
     def on_train_begin(self, net):
         self._close()
-        self.bar = self._tqdm(total=self.total, **self.tqdm_kwargs)
+        total = self.total if self.total is not None else getattr(net, "fit_params", {}).get("epochs")
+        self.bar = self._tqdm(total=total, **self.tqdm_kwargs)
 
     def on_epoch_end(self, net, epoch, logs):
         if self.bar is None:

@@ -440,7 +440,9 @@ class Sequential:
             Objects with any of the methods ``on_train_begin(net)``,
             ``on_epoch_begin(net, epoch)``, ``on_epoch_end(net, epoch, logs)``
             (logs: this epoch's metrics, as recorded in the history) and
-            ``on_train_end(net)``.  Between epochs a callback may change the
+            ``on_train_end(net)`` (called even when the fit stops on a
+            divergence or Ctrl-C); ``net.fit_params`` holds this fit's epochs,
+            batch size and sample count.  Between epochs a callback may change the
             optimizer's hyperparameters (e.g. ``net.optimizer.lr``: learning
             rate schedules) or set ``net.stop_training = True`` to end the
             fit after this epoch.  See ``fastbp.callbacks``.
@@ -518,6 +520,9 @@ class Sequential:
         first_epoch = len(self.history) + 1
         last_epoch = first_epoch + epochs - 1
         self.stop_training = False
+        # What callbacks may want to know about this fit.
+        self.fit_params = {"epochs": epochs, "first_epoch": first_epoch, "last_epoch": last_epoch,
+                           "n_samples": n, "batch_size": batch, "n_batches": run.n_batches}
         _call(callbacks, "on_train_begin", self)
         try:
             validation = (Xv, Yv) if validation_data is not None else None
@@ -566,11 +571,11 @@ class Sequential:
                 if validation:
                     metrics.update(self._validation_metrics(*validation, loss))
                 self.history.append(e, **metrics)
-                if checkpoint is not None:
-                    self.save(checkpoint)
                 if verbose:
                     self._print_epoch(e, last_epoch, metrics)
                 _call(callbacks, "on_epoch_end", self, e, metrics)
+                if checkpoint is not None:  # after the callbacks: holds e.g. a scheduled lr
+                    self.save(checkpoint)
                 if interrupt.requested and e < last_epoch:
                     return self._interrupted(e + 1, 0)
                 if self.stop_training:
