@@ -255,8 +255,8 @@ def format_table(records):
             f"{r['workload'] + ' ' + r['dtype'][-2:]:<9}{r['implementation']:<11}{r['threads']:>4}"
             f"{r['samples_per_s']:>13,.0f}{r['gflops']:>9.1f}{r['percent_of_peak']:>7.0f}%"
             f"{r.get('fastbp_speedup', float('nan')):>9.2f}x"
-            f"{r.get('predict_samples_per_s', float('nan')):>13,.0f}"
-            f"{r.get('fastbp_predict_speedup', float('nan')):>7.2f}x")
+            + (f"{r['predict_samples_per_s']:>13,.0f}{r['fastbp_predict_speedup']:>7.2f}x"
+               if "fastbp_predict_speedup" in r else f"{'-':>13}{'-':>8}"))
     peaks = sorted({(r["workload"], r["threads"], round(r["matmul_peak_gflops"], 1)) for r in records})
     lines.append("numpy float32 matmul on the widest layer (same run): "
                  + ", ".join(f"{w}@{t} threads {p} GFLOP/s" for w, t, p in peaks))
