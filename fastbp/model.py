@@ -355,8 +355,7 @@ class Sequential:
         loss = _losses.resolve(loss)
         self._require_built()
         X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
-        Z = self.predict(X)
-        return float(_LOSS_KERNELS[loss](Z, Y, w, np.empty_like(Z)))
+        return data_loss(loss, self.predict(X), Y, w)
 
     def loss_and_grad(self, X, y, loss="mse", sample_weight=None):
         """Mean loss over all of (X, y) and its gradient.
@@ -528,7 +527,7 @@ class Sequential:
             validation = (Xv, Yv) if validation_data is not None else None
             return self._train_epochs(run, opt, callbacks, first_epoch, last_epoch, n, n_threads,
                                       checkpoint, checkpoint_every, validation, loss, verbose,
-                                      grad_norms, on_divergence)
+                                      grad_norms, on_divergence, pending)
         finally:
             # also after a divergence or Ctrl-C, so callbacks can clean up
             # (EarlyStopping restores its best weights, ProgressBar closes)
@@ -536,8 +535,7 @@ class Sequential:
 
     def _train_epochs(self, run, opt, callbacks, first_epoch, last_epoch, n, n_threads,
                       checkpoint, checkpoint_every, validation, loss, verbose, grad_norms,
-                      on_divergence):
-        pending = self._position
+                      on_divergence, pending):
         with _blas_threads(n_threads), _DeferredInterrupt() as interrupt:
             for e in range(first_epoch, last_epoch + 1):
                 _call(callbacks, "on_epoch_begin", self, e)
@@ -593,8 +591,7 @@ class Sequential:
 
     def _validation_metrics(self, Xv, Yv, loss):
         Z = self.predict(Xv)
-        w = np.ones(Z.shape[0], dtype=Z.dtype)
-        out = {"val_loss": float(_LOSS_KERNELS[loss](Z, Yv, w, np.empty_like(Z)))}
+        out = {"val_loss": data_loss(loss, Z, Yv)}
         if loss == "cross_entropy":
             out["val_accuracy"] = float(np.mean(Z.argmax(1) == Yv.argmax(1)))
         elif loss == "binary_cross_entropy":
@@ -671,6 +668,13 @@ def _call(callbacks, hook, *args):
             method(*args)
 
 
+def data_loss(loss, Z, Y, w=None):
+    """Weighted mean loss of outputs Z (n, k) against targets Y (n, k), no
+    penalties (w: sample weights, default ones)."""
+    w = np.ones(Z.shape[0], dtype=Z.dtype) if w is None else w
+    return float(_LOSS_KERNELS[loss](Z, Y, w, np.empty_like(Z)))
+
+
 def _check_seed(seed):
     """None, an int >= 0, or a list of them (numpy's SeedSequence entropy)."""
     def is_count(s):
@@ -709,7 +713,6 @@ class _EpochRunner:
         self.ws = net._workspace(batch)
         self.segments = net._segments()
         self.loss_addr = loss_cfunc(loss, net.dtype)
-        self.gather = self.shuffle
         self.step_addr = step_cfunc(opt.kernel, net.dtype)
         self.hyper = opt._hyper()
         # Snapshot at the start of each epoch (or resume point): lets a

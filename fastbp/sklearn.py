@@ -58,9 +58,8 @@ from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_targ
 from sklearn.utils.optimize import _check_optimize_result
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from ._numba.losses import KERNELS as _LOSS_KERNELS
 from .layers import Dense, Dropout
-from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner
+from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner, data_loss
 from .optim import Optimizer
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -480,8 +479,7 @@ class _BaseMLP(BaseEstimator):
         """The data loss (sklearn's definition, no L2 term) on the validation set."""
         Z = self._network(X_val.shape[1], X_val.dtype).predict(X_val)
         Y = np.ascontiguousarray(self._encode_targets(y_val), dtype=Z.dtype)
-        return float(_LOSS_KERNELS[self._loss_name()](Z, Y, np.ones(len(Z), Z.dtype),
-                                                      np.empty_like(Z)))
+        return data_loss(self._loss_name(), Z, Y)
 
     # -- prediction ------------------------------------------------------------
     def _forward_pass_fast(self, X, check_input=True):
