@@ -20,7 +20,8 @@ ext_modules = [
     Extension(
         f"fastbp._ext.{name}",
         [f"csrc/{name}.pyx"],
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), "csrc"],
+        depends=["csrc/smallgemm.h", "csrc/smallgemm_impl.h"],
         extra_compile_args=extra,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )

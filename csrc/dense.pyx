@@ -13,6 +13,10 @@ float64 (the ``floating`` fused type):
   the output, as scikit-learn does), then db = column sums of g,
   dw = x.T @ g, and (if dx is not NULL) dx = g @ w.T.
 
+Small products (up to FBP_SMALL_MNK multiply-adds: every layer of a small
+network) go to the register-blocked kernels of ``smallgemm.h`` instead of
+BLAS, which spends more time packing such operands than multiplying them.
+
 Arrays are row-major (C order).  BLAS is column-major, so ``gemm_rm`` computes
 C = op(A) op(B) as C.T = op(B).T op(A).T by swapping the operands; no copy
 or transpose is ever made.  The ``cdef ... nogil`` kernels take raw pointers
@@ -66,6 +70,26 @@ cdef inline floating _tanh(floating x) noexcept nogil:
         return tanh(x)
 
 
+cdef extern from "smallgemm.h" nogil:
+    int fbp_gemm_small_f32(int trans_a, int trans_b, int m, int n, int k,
+                           const float* a, int lda, const float* b, int ldb,
+                           float* c, int ldc)
+    int fbp_gemm_small_f64(int trans_a, int trans_b, int m, int n, int k,
+                           const double* a, int lda, const double* b, int ldb,
+                           double* c, int ldc)
+
+
+cdef inline int gemm_small(bint trans_a, bint trans_b, int m, int n, int k,
+                           const floating* a, int lda, const floating* b, int ldb,
+                           floating* c, int ldc) noexcept nogil:
+    """Row-major C = op(A) @ op(B) without BLAS; 0 if the shape is not one
+    the small kernels take (then nothing is written)."""
+    if floating is float:
+        return fbp_gemm_small_f32(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc)
+    else:
+        return fbp_gemm_small_f64(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc)
+
+
 cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
                   floating alpha, const floating* a, int lda,
                   const floating* b, int ldb,
@@ -77,6 +101,10 @@ cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
     cdef char ta = b'T' if trans_a else b'N'
     cdef char tb = b'T' if trans_b else b'N'
     if m <= 0 or n <= 0:
+        return
+    # Small products skip BLAS (smallgemm.h says why); it declines the rest.
+    if alpha == 1 and beta == 0 and gemm_small(trans_a, trans_b, m, n, k, a, lda,
+                                               b, ldb, c, ldc):
         return
     # Column-major view: C.T[n, m] = op(B).T @ op(A).T -> swap the operands.
     if floating is float:
@@ -208,7 +236,8 @@ cdef void dense_backward_ptr(const floating* x, const floating* w, const floatin
 
 def gemm(const floating[:, ::1] a, const floating[:, ::1] b,
          bint trans_a=False, bint trans_b=False):
-    """Row-major ``op(a) @ op(b)`` through BLAS (test hook for ``gemm_rm``)."""
+    """Row-major ``op(a) @ op(b)`` as the engine computes it (test hook for
+    ``gemm_rm``): the small kernels where they apply, else BLAS."""
     cdef int m = a.shape[1] if trans_a else a.shape[0]
     cdef int k = a.shape[0] if trans_a else a.shape[1]
     cdef int kb = b.shape[1] if trans_b else b.shape[0]
@@ -224,6 +253,30 @@ def gemm(const floating[:, ::1] a, const floating[:, ::1] b,
         gemm_rm(trans_a, trans_b, m, n, k, <floating>1.0, &a[0, 0], <int>a.shape[1],
                 &b[0, 0], <int>b.shape[1], <floating>0.0, &c[0, 0], n)
     return out
+
+
+def gemm_small_kernel(const floating[:, ::1] a, const floating[:, ::1] b,
+                      bint trans_a=False, bint trans_b=False):
+    """Row-major ``op(a) @ op(b)`` through the small kernels only (test hook).
+
+    Returns None when the shape is one they decline (BLAS would take it).
+    """
+    cdef int m = a.shape[1] if trans_a else a.shape[0]
+    cdef int k = a.shape[0] if trans_a else a.shape[1]
+    cdef int kb = b.shape[1] if trans_b else b.shape[0]
+    cdef int n = b.shape[0] if trans_b else b.shape[1]
+    cdef int done
+    if k != kb:
+        raise ValueError(f"gemm_small_kernel: inner dimensions differ ({k} and {kb})")
+    dtype = np.float32 if floating is float else np.float64
+    out = np.full((m, n), np.nan, dtype=dtype)
+    cdef floating[:, ::1] c = out
+    if m == 0 or n == 0 or k == 0:
+        return None
+    with nogil:
+        done = gemm_small(trans_a, trans_b, m, n, k, &a[0, 0], <int>a.shape[1],
+                          &b[0, 0], <int>b.shape[1], &c[0, 0], n)
+    return out if done else None
 
 
 def dense_forward(const floating[:, ::1] x, const floating[:, ::1] w,

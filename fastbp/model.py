@@ -757,8 +757,14 @@ class _EpochRunner:
                 "batch_size": self.batch, "shuffle": self.shuffle}
 
     def _loss_sum(self, upto):
+        # Summed strictly left to right (add.accumulate, not dot's blocked
+        # sum), so an epoch resumed from a checkpoint at batch j gives the
+        # same last bit as one run straight through.
         done = slice(self.first, upto)
-        return self.loss_before + float(np.dot(self.batch_loss[done], self.sizes[done]))
+        terms = np.empty(upto - self.first + 1)
+        terms[0] = self.loss_before
+        np.multiply(self.batch_loss[done], self.sizes[done], out=terms[1:])
+        return float(np.add.accumulate(terms)[-1])
 
     def epoch_loss(self):
         """Mean training loss over the epoch's samples (weighted)."""

@@ -28,6 +28,57 @@ def test_gemm_matches_numpy(rng, dtype, trans_a, trans_b):
     assert_close(out, reference.gemm(a, b, trans_a, trans_b), dtype)
 
 
+# Shapes that reach every branch of csrc/smallgemm_impl.h in both dtypes
+# (vector length 8 floats / 4 doubles): whole blocks, a last block flush
+# with the edge (overlapping the one before), fewer rows than a block, C
+# narrower than one or two vectors (transposed-B dot products for A @ B,
+# C written transposed for A.T @ B), a shared dimension with a scalar tail,
+# and A @ B.T with a short shared dimension (B copied transposed) or a long
+# one (dot products).
+SMALL_SHAPES = [
+    (1, 1, 1), (1, 9, 3), (2, 3, 5), (3, 2, 64), (4, 16, 4), (5, 17, 9),
+    (7, 8, 33), (8, 12, 10), (9, 5, 13), (13, 40, 7), (16, 1, 20),
+    (20, 64, 32), (31, 2, 64), (32, 64, 64), (33, 23, 65), (64, 10, 128),
+    (100, 10, 32), (96, 96, 96),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("m,n,k", SMALL_SHAPES)
+def test_small_gemm_kernels_match_reference(rng, dtype, trans_a, trans_b, m, n, k):
+    a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)
+    out = dense.gemm_small_kernel(a, b, trans_a, trans_b)
+    assert out is not None, "the small kernels declined a shape they should take"
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert np.isfinite(out).all(), "an entry of C was never written"
+    exact = reference.gemm(a.astype(np.float64), b.astype(np.float64), trans_a, trans_b)
+    # Relative to the size of a dot product of k terms, not to max |C|.
+    assert_close(out, exact, dtype, scale=max(np.sqrt(k) * 4, 1.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_gemm_declines_large_and_tt_and_blas_takes_over(rng, dtype):
+    a = rng.normal(size=(100, 100)).astype(dtype)
+    b = rng.normal(size=(100, 100)).astype(dtype)
+    assert dense.gemm_small_kernel(a, b) is None                 # above FBP_SMALL_MNK
+    assert dense.gemm_small_kernel(a[:8, :8].copy(), b[:8, :8].copy(), True, True) is None
+    for ta in (False, True):
+        for tb in (False, True):
+            assert_close(dense.gemm(a, b, ta, tb), reference.gemm(a, b, ta, tb), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_gemm_is_deterministic_and_leaves_inputs_alone(rng, dtype):
+    a = rng.normal(size=(33, 23)).astype(dtype)
+    b = rng.normal(size=(65, 23)).astype(dtype)
+    a0, b0 = a.copy(), b.copy()
+    first = dense.gemm(a, b, False, True)
+    assert np.array_equal(first, dense.gemm(a, b, False, True))
+    assert np.array_equal(a, a0) and np.array_equal(b, b0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ACTS)
 def test_dense_forward_matches_reference(rng, dtype, act):

@@ -1,0 +1,317 @@
+/* Body of the small-GEMM kernels for one element type.  Included twice by
+ * smallgemm.h, with T (float or double), VL (lanes in 32 bytes) and SG(x)
+ * (name suffix) defined.  See smallgemm.h for the design. */
+
+typedef T SG(vec) __attribute__((vector_size(32)));
+
+static FBP_INLINE SG(vec) SG(load)(const T *p)
+{
+    SG(vec) v;
+    memcpy(&v, p, sizeof v);   /* an unaligned vector load */
+    return v;
+}
+
+static FBP_INLINE void SG(store)(T *p, SG(vec) v)
+{
+    memcpy(p, &v, sizeof v);
+}
+
+/* Lanes of v to C[0], C[cs], C[2 cs], ...: the scattered store used when C
+ * is written transposed (column stride cs != 1). */
+static FBP_INLINE void SG(store_strided)(T *c, long cs, SG(vec) v, int lanes)
+{
+    for (int j = 0; j < lanes; j++)
+        c[j * cs] = v[j];
+}
+
+static FBP_INLINE void SG(put)(T *c, long cs, SG(vec) v)
+{
+    if (cs == 1)
+        SG(store)(c, v);
+    else
+        SG(store_strided)(c, cs, v, VL);
+}
+
+/* "Broadcast" form, vectorized across C's columns:
+ *     C[r, c] = sum_p A(r, p) * B[p, c]
+ * A(r, p) = a[r * rsa + p * csa] (any strides: A or A.T of a row-major
+ * array), B rows contiguous (B[p, c] = b[p * ldb + c]), C[r, c] =
+ * c_[r * rsc + c * csc].  A and B are read in place (no packing: they are
+ * small and stay in L1).  Each block keeps 8 vector accumulators in
+ * registers (4 rows x 2 vectors, or 8 rows x 1 vector when C is narrower
+ * than two vectors): enough independent FMAs to hide their latency.
+ *
+ * Sizes that are not a multiple of the block end with one block placed
+ * flush with the last row or column.  It overlaps the block before and
+ * rewrites those entries with identical values (same operands, same order),
+ * which is much cheaper than a narrower block whose few accumulators leave
+ * the FMA units waiting. */
+static FBP_INLINE void SG(block_4x2)(int k, const T *a0, long rsa, long csa,
+                                     const T *bp, long ldb, T *cc, long rsc, long csc)
+{
+    const T *a1 = a0 + rsa, *a2 = a1 + rsa, *a3 = a2 + rsa;
+    SG(vec) s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0};
+    SG(vec) s20 = {0}, s21 = {0}, s30 = {0}, s31 = {0};
+    for (int p = 0; p < k; p++, bp += ldb) {
+        SG(vec) b0 = SG(load)(bp), b1 = SG(load)(bp + VL);
+        T x0 = a0[p * csa], x1 = a1[p * csa], x2 = a2[p * csa], x3 = a3[p * csa];
+        s00 += x0 * b0; s01 += x0 * b1;
+        s10 += x1 * b0; s11 += x1 * b1;
+        s20 += x2 * b0; s21 += x2 * b1;
+        s30 += x3 * b0; s31 += x3 * b1;
+    }
+    SG(put)(cc, csc, s00); SG(put)(cc + VL * csc, csc, s01); cc += rsc;
+    SG(put)(cc, csc, s10); SG(put)(cc + VL * csc, csc, s11); cc += rsc;
+    SG(put)(cc, csc, s20); SG(put)(cc + VL * csc, csc, s21); cc += rsc;
+    SG(put)(cc, csc, s30); SG(put)(cc + VL * csc, csc, s31);
+}
+
+static FBP_INLINE void SG(block_8x1)(int k, const T *a0, long rsa, long csa,
+                                     const T *bp, long ldb, T *cc, long rsc, long csc)
+{
+    const T *a1 = a0 + rsa, *a2 = a1 + rsa, *a3 = a2 + rsa, *a4 = a3 + rsa;
+    const T *a5 = a4 + rsa, *a6 = a5 + rsa, *a7 = a6 + rsa;
+    SG(vec) s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0};
+    for (int p = 0; p < k; p++, bp += ldb) {
+        SG(vec) b0 = SG(load)(bp);
+        s0 += a0[p * csa] * b0; s1 += a1[p * csa] * b0;
+        s2 += a2[p * csa] * b0; s3 += a3[p * csa] * b0;
+        s4 += a4[p * csa] * b0; s5 += a5[p * csa] * b0;
+        s6 += a6[p * csa] * b0; s7 += a7[p * csa] * b0;
+    }
+    SG(put)(cc, csc, s0); cc += rsc; SG(put)(cc, csc, s1); cc += rsc;
+    SG(put)(cc, csc, s2); cc += rsc; SG(put)(cc, csc, s3); cc += rsc;
+    SG(put)(cc, csc, s4); cc += rsc; SG(put)(cc, csc, s5); cc += rsc;
+    SG(put)(cc, csc, s6); cc += rsc; SG(put)(cc, csc, s7);
+}
+
+/* One row, any width: the fallback for fewer rows than a block. */
+static FBP_INLINE void SG(row)(int n, int k, const T *a0, long csa,
+                               const T *b, long ldb, T *c0, long csc)
+{
+    int c = 0;
+    for (; c + VL <= n; c += VL) {
+        SG(vec) s0 = {0}, s1 = {0};
+        const T *bp = b + c;
+        int p = 0;
+        for (; p + 2 <= k; p += 2, bp += 2 * ldb) {
+            s0 += a0[p * csa] * SG(load)(bp);
+            s1 += a0[(p + 1) * csa] * SG(load)(bp + ldb);
+        }
+        if (p < k)
+            s0 += a0[p * csa] * SG(load)(bp);
+        SG(put)(c0 + c * csc, csc, s0 + s1);
+    }
+    for (; c < n; c++) {
+        T s0 = 0;
+        for (int p = 0; p < k; p++)
+            s0 += a0[p * csa] * b[p * ldb + c];
+        c0[c * csc] = s0;
+    }
+}
+
+/* Start of the i-th block of size bs along an axis of length len >= bs:
+ * blocks tile the axis and the last one is flush with its end. */
+static FBP_INLINE int SG(block_at)(int i, int bs, int len)
+{
+    int at = i * bs;
+    return at + bs <= len ? at : len - bs;
+}
+
+static FBP_INLINE void SG(bcast)(int m, int n, int k,
+                                 const T *a, long rsa, long csa,
+                                 const T *b, long ldb,
+                                 T *c_, long rsc, long csc)
+{
+    int mr, nc;   /* rows per block, columns per block */
+    if (n >= 2 * VL) {
+        mr = 4; nc = 2 * VL;
+    } else if (n >= VL) {
+        mr = 8; nc = VL;
+    } else {
+        mr = 0; nc = 0;
+    }
+    if (mr == 0 || m < mr) {
+        for (int r = 0; r < m; r++)
+            SG(row)(n, k, a + r * rsa, csa, b, ldb, c_ + r * rsc, csc);
+        return;
+    }
+    int nbr = (m + mr - 1) / mr, nbc = (n + nc - 1) / nc;
+    for (int i = 0; i < nbr; i++) {
+        int r = SG(block_at)(i, mr, m);
+        for (int j = 0; j < nbc; j++) {
+            int c = SG(block_at)(j, nc, n);
+            if (mr == 4)
+                SG(block_4x2)(k, a + r * rsa, rsa, csa, b + c, ldb,
+                              c_ + r * rsc + c * csc, rsc, csc);
+            else
+                SG(block_8x1)(k, a + r * rsa, rsa, csa, b + c, ldb,
+                              c_ + r * rsc + c * csc, rsc, csc);
+        }
+    }
+}
+
+/* Lane sums of VL accumulators as one vector, {sum(v0), sum(v1), ...}, by
+ * a tree of shuffles and adds (log2(VL) levels) instead of VL separate
+ * horizontal sums. */
+#if VL == 8
+static FBP_INLINE SG(vec) SG(lane_sums)(const SG(vec) *v)
+{
+#ifdef FBP_SHUFFLE
+    SG(vec) u[4], w[2];
+    for (int i = 0; i < 4; i++)
+        u[i] = FBP_SHUFFLE(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14)
+             + FBP_SHUFFLE(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; i++)
+        w[i] = FBP_SHUFFLE(u[2 * i], u[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
+             + FBP_SHUFFLE(u[2 * i], u[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return FBP_SHUFFLE(w[0], w[1], 0, 1, 2, 3, 8, 9, 10, 11)
+         + FBP_SHUFFLE(w[0], w[1], 4, 5, 6, 7, 12, 13, 14, 15);
+#else
+    SG(vec) out;
+    for (int i = 0; i < VL; i++) {
+        T t = 0;
+        for (int j = 0; j < VL; j++)
+            t += v[i][j];
+        out[i] = t;
+    }
+    return out;
+#endif
+}
+#else  /* VL == 4 */
+static FBP_INLINE SG(vec) SG(lane_sums)(const SG(vec) *v)
+{
+#ifdef FBP_SHUFFLE
+    SG(vec) u0 = FBP_SHUFFLE(v[0], v[1], 0, 4, 2, 6) + FBP_SHUFFLE(v[0], v[1], 1, 5, 3, 7);
+    SG(vec) u1 = FBP_SHUFFLE(v[2], v[3], 0, 4, 2, 6) + FBP_SHUFFLE(v[2], v[3], 1, 5, 3, 7);
+    return FBP_SHUFFLE(u0, u1, 0, 1, 4, 5) + FBP_SHUFFLE(u0, u1, 2, 3, 6, 7);
+#else
+    SG(vec) out;
+    for (int i = 0; i < VL; i++) {
+        T t = 0;
+        for (int j = 0; j < VL; j++)
+            t += v[i][j];
+        out[i] = t;
+    }
+    return out;
+#endif
+}
+#endif
+
+/* "Dot" form, vectorized along the shared dimension:
+ *     C[r, c] = sum_p A[r, p] * B[c, p]     (C = A @ B.T)
+ * with A and B rows contiguous.  A block is R rows x NC columns with
+ * R * NC = 8 vector accumulators (R and NC are constants at every call
+ * site, so the loops unroll); their lane sums come out of lane_sums
+ * together. */
+static FBP_INLINE void SG(dot_block)(const int R, const int NC, int k,
+                                     const T *a, long lda, const T *b, long ldb,
+                                     T *cc, long ldc)
+{
+    int kv = k - k % VL;
+    SG(vec) s[8] = {{0}};
+    for (int p = 0; p < kv; p += VL) {
+        SG(vec) y[8];
+        for (int j = 0; j < NC; j++)
+            y[j] = SG(load)(b + j * ldb + p);
+        for (int i = 0; i < R; i++) {
+            SG(vec) x = SG(load)(a + i * lda + p);
+            for (int j = 0; j < NC; j++)
+                s[i * NC + j] += x * y[j];
+        }
+    }
+    T t[8];
+    for (int q = 0; q < 8; q += VL)
+        SG(store)(t + q, SG(lane_sums)(s + q));
+    for (int p = kv; p < k; p++)
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < NC; j++)
+                t[i * NC + j] += a[i * lda + p] * b[j * ldb + p];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < NC; j++)
+            cc[i * ldc + j] = t[i * NC + j];
+}
+
+static FBP_INLINE void SG(dot)(int m, int n, int k,
+                               const T *a, long lda, const T *b, long ldb,
+                               T *c_, long ldc)
+{
+    /* Widest column block C fits (4, 2 or 1 columns) with 8 / C rows. */
+    int nc = n >= 4 ? 4 : n >= 2 ? 2 : 1, rb = 8 / nc;
+    if (m < rb) {
+        for (int r = 0; r < m; r++)
+            for (int c = 0; c < n; c++) {
+                T t = 0;
+                for (int p = 0; p < k; p++)
+                    t += a[r * lda + p] * b[c * ldb + p];
+                c_[r * ldc + c] = t;
+            }
+        return;
+    }
+    int nbr = (m + rb - 1) / rb, nbc = (n + nc - 1) / nc;
+    for (int i = 0; i < nbr; i++) {
+        int r = SG(block_at)(i, rb, m);
+        for (int j = 0; j < nbc; j++) {
+            int c = SG(block_at)(j, nc, n);
+            const T *ar = a + r * lda, *bc = b + c * ldb;
+            T *cc = c_ + r * ldc + c;
+            if (nc == 4)
+                SG(dot_block)(2, 4, k, ar, lda, bc, ldb, cc, ldc);
+            else if (nc == 2)
+                SG(dot_block)(4, 2, k, ar, lda, bc, ldb, cc, ldc);
+            else
+                SG(dot_block)(8, 1, k, ar, lda, bc, ldb, cc, ldc);
+        }
+    }
+}
+
+/* Row-major C[m, n] = op(A) @ op(B) for small operands, without BLAS.
+ * Returns 0 (and does nothing) when the shape is not one it handles well,
+ * so the caller falls back to BLAS.  Strides are row-major leading
+ * dimensions, as in gemm_rm. */
+FBP_CLONES int SG(fbp_gemm_small)(int trans_a, int trans_b, int m, int n, int k,
+                                  const T *a, int lda, const T *b, int ldb,
+                                  T *c, int ldc)
+{
+    T tmp[FBP_SMALL_TMP / sizeof(T)];
+    if ((long)m * n * k > FBP_SMALL_MNK || m <= 0 || n <= 0 || k <= 0)
+        return 0;
+    if (!trans_b) {
+        if (n >= VL) {
+            /* NN / TN: A(r, p) = a[r lda + p] or a[p lda + r]. */
+            if (trans_a)
+                SG(bcast)(m, n, k, a, 1, lda, b, ldb, c, ldc, 1);
+            else
+                SG(bcast)(m, n, k, a, lda, 1, b, ldb, c, ldc, 1);
+            return 1;
+        }
+        if (trans_a) {
+            /* TN with few columns: C.T[c, r] = sum_p B[p, c] A[p, r],
+             * vectorized across r (rows of A are contiguous in r). */
+            SG(bcast)(n, m, k, b, 1, ldb, a, lda, c, 1, ldc);
+            return 1;
+        }
+        /* NN with few columns: B.T (n x k) into tmp, then dot products. */
+        if ((long)n * k * (long)sizeof(T) > FBP_SMALL_TMP)
+            return 0;
+        for (int p = 0; p < k; p++)
+            for (int j = 0; j < n; j++)
+                tmp[j * k + p] = b[p * ldb + j];
+        SG(dot)(m, n, k, a, lda, tmp, k, c, ldc);
+        return 1;
+    }
+    if (trans_a)
+        return 0;   /* TT: never used by the engine */
+    if (k >= 4 * VL || (long)n * k * (long)sizeof(T) > FBP_SMALL_TMP) {
+        /* NT with a long shared dimension: dot products along rows. */
+        SG(dot)(m, n, k, a, lda, b, ldb, c, ldc);
+        return 1;
+    }
+    /* NT: B.T (k x n) into tmp, then the broadcast form, which needs no
+     * reductions across lanes. */
+    for (int p = 0; p < k; p++)
+        for (int j = 0; j < n; j++)
+            tmp[p * n + j] = b[j * ldb + p];
+    SG(bcast)(m, n, k, a, lda, 1, tmp, n, c, ldc, 1);
+    return 1;
+}
