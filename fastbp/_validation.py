@@ -35,10 +35,11 @@ def _check_finite(arr, name):
     if arr.dtype.kind != "f":
         return
     # A sum is one pass with no temporary: NaN and inf propagate into it.
-    # Only when it is not finite (which huge finite values can also cause)
-    # is the exact elementwise test run.
+    # Only when it is not finite (which huge finite values can also cause,
+    # more often in float32, where it is summed without a cast) is the exact
+    # elementwise test run.
     with np.errstate(over="ignore", invalid="ignore"):
-        total = np.add.reduce(arr, axis=None, dtype=np.float64)
+        total = np.add.reduce(arr, axis=None)
     if np.isfinite(total):
         return
     bad = ~np.isfinite(arr)
