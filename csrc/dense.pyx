@@ -77,6 +77,13 @@ cdef extern from "smallgemm.h" nogil:
     int fbp_gemm_small_f64(int trans_a, int trans_b, int m, int n, int k,
                            const double* a, int lda, const double* b, int ldb,
                            double* c, int ldc)
+    int fbp_gemm_small_isa_f32(int isa, int trans_a, int trans_b, int m, int n, int k,
+                               const float* a, int lda, const float* b, int ldb,
+                               float* c, int ldc)
+    int fbp_gemm_small_isa_f64(int isa, int trans_a, int trans_b, int m, int n, int k,
+                               const double* a, int lda, const double* b, int ldb,
+                               double* c, int ldc)
+    int fbp_isa_best()
 
 
 cdef inline int gemm_small(bint trans_a, bint trans_b, int m, int n, int k,
@@ -255,9 +262,16 @@ def gemm(const floating[:, ::1] a, const floating[:, ::1] b,
     return out
 
 
+def small_gemm_isa():
+    """Instruction-set level the small kernels run at on this machine:
+    0 baseline, 1 AVX2 + FMA, 2 AVX-512."""
+    return fbp_isa_best()
+
+
 def gemm_small_kernel(const floating[:, ::1] a, const floating[:, ::1] b,
-                      bint trans_a=False, bint trans_b=False):
-    """Row-major ``op(a) @ op(b)`` through the small kernels only (test hook).
+                      bint trans_a=False, bint trans_b=False, int isa=-1):
+    """Row-major ``op(a) @ op(b)`` through the small kernels only (test hook),
+    at instruction-set level ``isa`` (-1: the best this machine has).
 
     Returns None when the shape is one they decline (BLAS would take it).
     """
@@ -274,8 +288,14 @@ def gemm_small_kernel(const floating[:, ::1] a, const floating[:, ::1] b,
     if m == 0 or n == 0 or k == 0:
         return None
     with nogil:
-        done = gemm_small(trans_a, trans_b, m, n, k, &a[0, 0], <int>a.shape[1],
-                          &b[0, 0], <int>b.shape[1], &c[0, 0], n)
+        if floating is float:
+            done = fbp_gemm_small_isa_f32(isa, trans_a, trans_b, m, n, k, &a[0, 0],
+                                          <int>a.shape[1], &b[0, 0], <int>b.shape[1],
+                                          &c[0, 0], n)
+        else:
+            done = fbp_gemm_small_isa_f64(isa, trans_a, trans_b, m, n, k, &a[0, 0],
+                                          <int>a.shape[1], &b[0, 0], <int>b.shape[1],
+                                          &c[0, 0], n)
     return out if done else None
 
 

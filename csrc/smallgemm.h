@@ -18,61 +18,191 @@
  * transposed into a small stack buffer, so a vector loop always runs over a
  * long contiguous axis.
  *
- * Written with GCC/Clang vector extensions (32-byte vectors); on x86-64 the
- * entry points are compiled for AVX-512, AVX2+FMA and baseline SSE2 and the
- * loader picks one per machine (target_clones), so a portable wheel still
- * gets FMA where the CPU has it.  Results differ from BLAS only in rounding
- * (summation order, fused multiply-add).
+ * Written with GCC/Clang vector extensions and compiled three times on
+ * x86-64: 64-byte vectors for AVX-512, 32-byte vectors for AVX2 + FMA, and
+ * 32-byte vectors in the baseline instruction set; the first call picks
+ * the best the CPU supports (fbp_isa_best), so a portable wheel still gets
+ * the wide FMAs.  (On the project machine, an AMD EPYC whose OpenBLAS runs
+ * its AVX2 "Haswell" kernels, AVX-512 doubles the multiply-add rate.)
+ * Results differ from BLAS only in rounding (summation order, fused
+ * multiply-add).
  */
 #ifndef FASTBP_SMALLGEMM_H
 #define FASTBP_SMALLGEMM_H
 
 #include <string.h>
 
-/* The vector helpers are always inlined into the target clones, so the
- * ABI note GCC gives for a 32-byte vector return without AVX is moot. */
+/* The vector helpers are always inlined into entry points compiled for the
+ * same instruction set, so the ABI note GCC gives for a wide vector
+ * returned without AVX is moot. */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
-/* Above this many multiply-adds BLAS takes over: its packing is amortized
- * by then, it keeps large operands in cache, and it can use more than one
- * thread.  Measured on the project machine (AMD EPYC, AVX-512, 1 thread),
- * these kernels still matched or beat OpenBLAS at 64 x 128 x 256. */
+/* Where BLAS takes over.  Its packing pays off once operands no longer fit
+ * in cache, and it can use more than one thread.  Measured on the project
+ * machine (AMD EPYC, 1 thread, OpenBLAS 0.3.30 running its AVX2 kernels):
+ * the 32-byte kernels matched or beat it up to about 64 x 128 x 256; the
+ * 64-byte (AVX-512) ones were 1.3-2x faster than it on every product of the
+ * 784-256-128-10 network at batch 64 in float32, and slower only where the
+ * operand they sweep (784 x 256 doubles, 1.6 MB) outgrew the 1 MB L2. */
 #ifndef FBP_SMALL_MNK
 #define FBP_SMALL_MNK (96L * 96L * 96L)
 #endif
-/* Everything is inlined into the entry points, so each target clone gets
- * its own vector code. */
+#define FBP_WIDE_MNK (1L << 25)
+#define FBP_WIDE_SWEEP (1L << 20)
+/* Everything is inlined into the entry points, so each instruction-set
+ * variant gets its own vector code. */
 #define FBP_INLINE inline __attribute__((always_inline))
 
 /* Bytes of stack for a transposed copy of B. */
 #define FBP_SMALL_TMP 16384
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FBP_NO_CLONES)
-#define FBP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FBP_CLONES
-#endif
-
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 #define FBP_SHUFFLE __builtin_shufflevector
 #endif
 
+/* Instruction-set levels, best last.  fbp_gemm_small_* pick the best one
+ * the CPU (and OS) supports, once; the _isa entry points take it explicitly
+ * (tests run every level the machine has). */
+#define FBP_ISA_BASE 0     /* 32-byte vectors in the baseline instruction set */
+#define FBP_ISA_AVX2 1     /* 32-byte vectors, AVX2 + FMA */
+#define FBP_ISA_AVX512 2   /* 64-byte vectors, AVX-512F + FMA */
+
+#define SG_ATTR
+#define SG_MNK_CAP FBP_SMALL_MNK
+#define SG_SWEEP_CAP FBP_WIDE_SWEEP
 #define T float
 #define VL 8
-#define SG(x) x##_f32
+#define SG(x) x##_f32_base
 #include "smallgemm_impl.h"
 #undef T
 #undef VL
 #undef SG
-
 #define T double
 #define VL 4
-#define SG(x) x##_f64
+#define SG(x) x##_f64_base
 #include "smallgemm_impl.h"
 #undef T
 #undef VL
 #undef SG
+#undef SG_ATTR
+#undef SG_MNK_CAP
+#undef SG_SWEEP_CAP
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FBP_NO_DISPATCH)
+#define FBP_X86_DISPATCH 1
+
+#define SG_ATTR __attribute__((target("avx2,fma")))
+#define SG_MNK_CAP FBP_SMALL_MNK
+#define SG_SWEEP_CAP FBP_WIDE_SWEEP
+#define T float
+#define VL 8
+#define SG(x) x##_f32_avx2
+#include "smallgemm_impl.h"
+#undef T
+#undef VL
+#undef SG
+#define T double
+#define VL 4
+#define SG(x) x##_f64_avx2
+#include "smallgemm_impl.h"
+#undef T
+#undef VL
+#undef SG
+#undef SG_ATTR
+#undef SG_MNK_CAP
+#undef SG_SWEEP_CAP
+
+#define SG_ATTR __attribute__((target("avx512f,avx2,fma")))
+#define SG_MNK_CAP FBP_WIDE_MNK
+#define SG_SWEEP_CAP FBP_WIDE_SWEEP
+#define T float
+#define VL 16
+#define SG(x) x##_f32_avx512
+#include "smallgemm_impl.h"
+#undef T
+#undef VL
+#undef SG
+#define T double
+#define VL 8
+#define SG(x) x##_f64_avx512
+#include "smallgemm_impl.h"
+#undef T
+#undef VL
+#undef SG
+#undef SG_ATTR
+#undef SG_MNK_CAP
+#undef SG_SWEEP_CAP
+#endif
+
+/* The best level this machine runs (libgcc's CPU model also checks that the
+ * OS saves the wider registers). */
+static int fbp_isa_detect(void)
+{
+#ifdef FBP_X86_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
+        return FBP_ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return FBP_ISA_AVX2;
+#endif
+    return FBP_ISA_BASE;
+}
+
+static inline int fbp_isa_best(void)
+{
+    static int best = -1;   /* racing first callers all store the same value */
+    int isa = __atomic_load_n(&best, __ATOMIC_RELAXED);
+    if (isa < 0) {
+        isa = fbp_isa_detect();
+        __atomic_store_n(&best, isa, __ATOMIC_RELAXED);
+    }
+    return isa;
+}
+
+#ifdef FBP_X86_DISPATCH
+#define FBP_DISPATCH(ty, isa, args)                                   \
+    ((isa) >= FBP_ISA_AVX512 ? gemm_small_##ty##_avx512 args :       \
+     (isa) == FBP_ISA_AVX2 ? gemm_small_##ty##_avx2 args :           \
+     gemm_small_##ty##_base args)
+#else
+#define FBP_DISPATCH(ty, isa, args) gemm_small_##ty##_base args
+#endif
+
+/* Row-major C[m, n] = op(A) @ op(B) (no alpha, beta: C is overwritten) at a
+ * given level (clamped to what the machine has).  Returns 1 when done, 0
+ * when the shape is not one these kernels take (nothing is written). */
+static inline int fbp_gemm_small_isa_f32(int isa, int trans_a, int trans_b, int m, int n,
+                                         int k, const float *a, int lda, const float *b,
+                                         int ldb, float *c, int ldc)
+{
+    if (isa < 0 || isa > fbp_isa_best())
+        isa = fbp_isa_best();
+    return FBP_DISPATCH(f32, isa, (trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc));
+}
+
+static inline int fbp_gemm_small_isa_f64(int isa, int trans_a, int trans_b, int m, int n,
+                                         int k, const double *a, int lda, const double *b,
+                                         int ldb, double *c, int ldc)
+{
+    if (isa < 0 || isa > fbp_isa_best())
+        isa = fbp_isa_best();
+    return FBP_DISPATCH(f64, isa, (trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc));
+}
+
+static inline int fbp_gemm_small_f32(int trans_a, int trans_b, int m, int n, int k,
+                                     const float *a, int lda, const float *b, int ldb,
+                                     float *c, int ldc)
+{
+    return fbp_gemm_small_isa_f32(-1, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc);
+}
+
+static inline int fbp_gemm_small_f64(int trans_a, int trans_b, int m, int n, int k,
+                                     const double *a, int lda, const double *b, int ldb,
+                                     double *c, int ldc)
+{
+    return fbp_gemm_small_isa_f64(-1, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc);
+}
 
 #endif

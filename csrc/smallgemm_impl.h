@@ -1,30 +1,32 @@
-/* Body of the small-GEMM kernels for one element type.  Included twice by
- * smallgemm.h, with T (float or double), VL (lanes in 32 bytes) and SG(x)
- * (name suffix) defined.  See smallgemm.h for the design. */
+/* Body of the small-GEMM kernels for one element type and vector width.
+ * Included by smallgemm.h once per variant, with T (float or double), VL
+ * (lanes per vector: 4, 8 or 16), SG(x) (name suffix) and SG_ATTR (the
+ * instruction set these functions are compiled for) defined.  See
+ * smallgemm.h for the design. */
 
-typedef T SG(vec) __attribute__((vector_size(32)));
+typedef T SG(vec) __attribute__((vector_size(VL * sizeof(T))));
 
-static FBP_INLINE SG(vec) SG(load)(const T *p)
+static FBP_INLINE SG_ATTR SG(vec) SG(load)(const T *p)
 {
     SG(vec) v;
     memcpy(&v, p, sizeof v);   /* an unaligned vector load */
     return v;
 }
 
-static FBP_INLINE void SG(store)(T *p, SG(vec) v)
+static FBP_INLINE SG_ATTR void SG(store)(T *p, SG(vec) v)
 {
     memcpy(p, &v, sizeof v);
 }
 
 /* Lanes of v to C[0], C[cs], C[2 cs], ...: the scattered store used when C
  * is written transposed (column stride cs != 1). */
-static FBP_INLINE void SG(store_strided)(T *c, long cs, SG(vec) v, int lanes)
+static FBP_INLINE SG_ATTR void SG(store_strided)(T *c, long cs, SG(vec) v, int lanes)
 {
     for (int j = 0; j < lanes; j++)
         c[j * cs] = v[j];
 }
 
-static FBP_INLINE void SG(put)(T *c, long cs, SG(vec) v)
+static FBP_INLINE SG_ATTR void SG(put)(T *c, long cs, SG(vec) v)
 {
     if (cs == 1)
         SG(store)(c, v);
@@ -46,7 +48,7 @@ static FBP_INLINE void SG(put)(T *c, long cs, SG(vec) v)
  * rewrites those entries with identical values (same operands, same order),
  * which is much cheaper than a narrower block whose few accumulators leave
  * the FMA units waiting. */
-static FBP_INLINE void SG(block_4x2)(int k, const T *a0, long rsa, long csa,
+static FBP_INLINE SG_ATTR void SG(block_4x2)(int k, const T *a0, long rsa, long csa,
                                      const T *bp, long ldb, T *cc, long rsc, long csc)
 {
     const T *a1 = a0 + rsa, *a2 = a1 + rsa, *a3 = a2 + rsa;
@@ -66,7 +68,7 @@ static FBP_INLINE void SG(block_4x2)(int k, const T *a0, long rsa, long csa,
     SG(put)(cc, csc, s30); SG(put)(cc + VL * csc, csc, s31);
 }
 
-static FBP_INLINE void SG(block_8x1)(int k, const T *a0, long rsa, long csa,
+static FBP_INLINE SG_ATTR void SG(block_8x1)(int k, const T *a0, long rsa, long csa,
                                      const T *bp, long ldb, T *cc, long rsc, long csc)
 {
     const T *a1 = a0 + rsa, *a2 = a1 + rsa, *a3 = a2 + rsa, *a4 = a3 + rsa;
@@ -86,7 +88,7 @@ static FBP_INLINE void SG(block_8x1)(int k, const T *a0, long rsa, long csa,
 }
 
 /* One row, any width: the fallback for fewer rows than a block. */
-static FBP_INLINE void SG(row)(int n, int k, const T *a0, long csa,
+static FBP_INLINE SG_ATTR void SG(row)(int n, int k, const T *a0, long csa,
                                const T *b, long ldb, T *c0, long csc)
 {
     int c = 0;
@@ -112,13 +114,13 @@ static FBP_INLINE void SG(row)(int n, int k, const T *a0, long csa,
 
 /* Start of the i-th block of size bs along an axis of length len >= bs:
  * blocks tile the axis and the last one is flush with its end. */
-static FBP_INLINE int SG(block_at)(int i, int bs, int len)
+static FBP_INLINE SG_ATTR int SG(block_at)(int i, int bs, int len)
 {
     int at = i * bs;
     return at + bs <= len ? at : len - bs;
 }
 
-static FBP_INLINE void SG(bcast)(int m, int n, int k,
+static FBP_INLINE SG_ATTR void SG(bcast)(int m, int n, int k,
                                  const T *a, long rsa, long csa,
                                  const T *b, long ldb,
                                  T *c_, long rsc, long csc)
@@ -151,14 +153,15 @@ static FBP_INLINE void SG(bcast)(int m, int n, int k,
     }
 }
 
-/* Lane sums of VL accumulators as one vector, {sum(v0), sum(v1), ...}, by
- * a tree of shuffles and adds (log2(VL) levels) instead of VL separate
- * horizontal sums. */
-#if VL == 8
-static FBP_INLINE SG(vec) SG(lane_sums)(const SG(vec) *v)
-{
+/* t[i] = the sum of the lanes of s[i], for 8 accumulators, by a tree of
+ * shuffles and adds rather than 8 separate horizontal sums. */
 #ifdef FBP_SHUFFLE
-    SG(vec) u[4], w[2];
+typedef T SG(h8) __attribute__((vector_size(8 * sizeof(T))));
+typedef T SG(h4) __attribute__((vector_size(4 * sizeof(T))));
+
+static FBP_INLINE SG_ATTR SG(h8) SG(tree8)(const SG(h8) *v)
+{
+    SG(h8) u[4], w[2];
     for (int i = 0; i < 4; i++)
         u[i] = FBP_SHUFFLE(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14)
              + FBP_SHUFFLE(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
@@ -167,44 +170,49 @@ static FBP_INLINE SG(vec) SG(lane_sums)(const SG(vec) *v)
              + FBP_SHUFFLE(u[2 * i], u[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
     return FBP_SHUFFLE(w[0], w[1], 0, 1, 2, 3, 8, 9, 10, 11)
          + FBP_SHUFFLE(w[0], w[1], 4, 5, 6, 7, 12, 13, 14, 15);
-#else
-    SG(vec) out;
-    for (int i = 0; i < VL; i++) {
-        T t = 0;
-        for (int j = 0; j < VL; j++)
-            t += v[i][j];
-        out[i] = t;
-    }
-    return out;
-#endif
 }
-#else  /* VL == 4 */
-static FBP_INLINE SG(vec) SG(lane_sums)(const SG(vec) *v)
+
+static FBP_INLINE SG_ATTR SG(h4) SG(tree4)(const SG(h4) *v)
 {
-#ifdef FBP_SHUFFLE
-    SG(vec) u0 = FBP_SHUFFLE(v[0], v[1], 0, 4, 2, 6) + FBP_SHUFFLE(v[0], v[1], 1, 5, 3, 7);
-    SG(vec) u1 = FBP_SHUFFLE(v[2], v[3], 0, 4, 2, 6) + FBP_SHUFFLE(v[2], v[3], 1, 5, 3, 7);
+    SG(h4) u0 = FBP_SHUFFLE(v[0], v[1], 0, 4, 2, 6) + FBP_SHUFFLE(v[0], v[1], 1, 5, 3, 7);
+    SG(h4) u1 = FBP_SHUFFLE(v[2], v[3], 0, 4, 2, 6) + FBP_SHUFFLE(v[2], v[3], 1, 5, 3, 7);
     return FBP_SHUFFLE(u0, u1, 0, 1, 4, 5) + FBP_SHUFFLE(u0, u1, 2, 3, 6, 7);
-#else
-    SG(vec) out;
-    for (int i = 0; i < VL; i++) {
-        T t = 0;
-        for (int j = 0; j < VL; j++)
-            t += v[i][j];
-        out[i] = t;
-    }
-    return out;
-#endif
 }
 #endif
+
+static FBP_INLINE SG_ATTR void SG(sums8)(const SG(vec) *s, T *t)
+{
+#if !defined(FBP_SHUFFLE)
+    for (int i = 0; i < 8; i++) {
+        T a = 0;
+        for (int j = 0; j < VL; j++)
+            a += s[i][j];
+        t[i] = a;
+    }
+#elif VL == 4
+    SG(h4) r0 = SG(tree4)(s), r1 = SG(tree4)(s + 4);
+    memcpy(t, &r0, sizeof r0);
+    memcpy(t + 4, &r1, sizeof r1);
+#elif VL == 8
+    SG(h8) r = SG(tree8)(s);
+    memcpy(t, &r, sizeof r);
+#else  /* VL == 16: fold each accumulator's halves first */
+    SG(h8) f[8];
+    for (int i = 0; i < 8; i++)
+        f[i] = FBP_SHUFFLE(s[i], s[i], 0, 1, 2, 3, 4, 5, 6, 7)
+             + FBP_SHUFFLE(s[i], s[i], 8, 9, 10, 11, 12, 13, 14, 15);
+    SG(h8) r = SG(tree8)(f);
+    memcpy(t, &r, sizeof r);
+#endif
+}
 
 /* "Dot" form, vectorized along the shared dimension:
  *     C[r, c] = sum_p A[r, p] * B[c, p]     (C = A @ B.T)
  * with A and B rows contiguous.  A block is R rows x NC columns with
  * R * NC = 8 vector accumulators (R and NC are constants at every call
- * site, so the loops unroll); their lane sums come out of lane_sums
+ * site, so the loops unroll); their lane sums come out of sums8
  * together. */
-static FBP_INLINE void SG(dot_block)(const int R, const int NC, int k,
+static FBP_INLINE SG_ATTR void SG(dot_block)(const int R, const int NC, int k,
                                      const T *a, long lda, const T *b, long ldb,
                                      T *cc, long ldc)
 {
@@ -221,8 +229,7 @@ static FBP_INLINE void SG(dot_block)(const int R, const int NC, int k,
         }
     }
     T t[8];
-    for (int q = 0; q < 8; q += VL)
-        SG(store)(t + q, SG(lane_sums)(s + q));
+    SG(sums8)(s, t);
     for (int p = kv; p < k; p++)
         for (int i = 0; i < R; i++)
             for (int j = 0; j < NC; j++)
@@ -232,7 +239,7 @@ static FBP_INLINE void SG(dot_block)(const int R, const int NC, int k,
             cc[i * ldc + j] = t[i * NC + j];
 }
 
-static FBP_INLINE void SG(dot)(int m, int n, int k,
+static FBP_INLINE SG_ATTR void SG(dot)(int m, int n, int k,
                                const T *a, long lda, const T *b, long ldb,
                                T *c_, long ldc)
 {
@@ -266,17 +273,24 @@ static FBP_INLINE void SG(dot)(int m, int n, int k,
 }
 
 /* Row-major C[m, n] = op(A) @ op(B) for small operands, without BLAS.
- * Returns 0 (and does nothing) when the shape is not one it handles well,
- * so the caller falls back to BLAS.  Strides are row-major leading
- * dimensions, as in gemm_rm. */
-FBP_CLONES int SG(fbp_gemm_small)(int trans_a, int trans_b, int m, int n, int k,
+ * Returns 0 (and does nothing) when the shape is not one it handles well
+ * (more than SG_MNK_CAP multiply-adds, a swept operand over SG_SWEEP_CAP
+ * bytes, A.T @ B.T), so the caller falls back to BLAS.  Strides are
+ * row-major leading dimensions, as in gemm_rm. */
+static SG_ATTR int SG(gemm_small)(int trans_a, int trans_b, int m, int n, int k,
                                   const T *a, int lda, const T *b, int ldb,
                                   T *c, int ldc)
 {
     T tmp[FBP_SMALL_TMP / sizeof(T)];
-    if ((long)m * n * k > FBP_SMALL_MNK || m <= 0 || n <= 0 || k <= 0)
+    long mnk = (long)m * n * k;
+    if (mnk > SG_MNK_CAP || m <= 0 || n <= 0 || k <= 0)
         return 0;
     if (!trans_b) {
+        /* The broadcast form sweeps B once per block of rows: B must stay
+         * in cache (the operand it reads is B, or A for narrow A.T @ B). */
+        long swept = (long)k * (n >= VL || !trans_a ? n : m) * (long)sizeof(T);
+        if (swept > SG_SWEEP_CAP)
+            return 0;
         if (n >= VL) {
             /* NN / TN: A(r, p) = a[r lda + p] or a[p lda + r]. */
             if (trans_a)
@@ -303,7 +317,11 @@ FBP_CLONES int SG(fbp_gemm_small)(int trans_a, int trans_b, int m, int n, int k,
     if (trans_a)
         return 0;   /* TT: never used by the engine */
     if (k >= 4 * VL || (long)n * k * (long)sizeof(T) > FBP_SMALL_TMP) {
-        /* NT with a long shared dimension: dot products along rows. */
+        /* NT with a long shared dimension: dot products along rows.  Their
+         * reductions across lanes cost about as much as the multiply-adds
+         * at k ~ 8 vectors, so BLAS keeps the larger ones. */
+        if (mnk > FBP_SMALL_MNK)
+            return 0;
         SG(dot)(m, n, k, a, lda, b, ldb, c, ldc);
         return 1;
     }

@@ -1,4 +1,7 @@
 """Compiled dense kernels (fastbp._ext.dense) against fastbp.reference."""
+import platform
+import sys
+
 import numpy as np
 import pytest
 
@@ -43,26 +46,44 @@ SMALL_SHAPES = [
 ]
 
 
+# Every instruction-set variant this machine can run (0 baseline, 1 AVX2,
+# 2 AVX-512; the project machine and CI have all three).
+ISAS = list(range(dense.small_gemm_isa() + 1))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("m,n,k", SMALL_SHAPES)
 def test_small_gemm_kernels_match_reference(rng, dtype, trans_a, trans_b, m, n, k):
     a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(dtype)
     b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)
-    out = dense.gemm_small_kernel(a, b, trans_a, trans_b)
-    assert out is not None, "the small kernels declined a shape they should take"
-    assert out.dtype == dtype and out.shape == (m, n)
-    assert np.isfinite(out).all(), "an entry of C was never written"
     exact = reference.gemm(a.astype(np.float64), b.astype(np.float64), trans_a, trans_b)
-    # Relative to the size of a dot product of k terms, not to max |C|.
-    assert_close(out, exact, dtype, scale=max(np.sqrt(k) * 4, 1.0))
+    for isa in ISAS:
+        out = dense.gemm_small_kernel(a, b, trans_a, trans_b, isa)
+        assert out is not None, f"isa {isa} declined a shape it should take"
+        assert out.dtype == dtype and out.shape == (m, n)
+        assert np.isfinite(out).all(), f"isa {isa} left an entry of C unwritten"
+        # Relative to the size of a dot product of k terms, not to max |C|.
+        assert_close(out, exact, dtype, scale=max(np.sqrt(k) * 4, 1.0))
+
+
+def test_small_gemm_runs_the_widest_vectors_the_cpu_has():
+    flags = open("/proc/cpuinfo").read().split() if sys.platform == "linux" else []
+    expected = 2 if "avx512f" in flags else 1 if "avx2" in flags and "fma" in flags else 0
+    if platform.machine() in ("x86_64", "AMD64") and flags:
+        assert dense.small_gemm_isa() == expected
+    else:
+        assert dense.small_gemm_isa() == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_small_gemm_declines_large_and_tt_and_blas_takes_over(rng, dtype):
     a = rng.normal(size=(100, 100)).astype(dtype)
     b = rng.normal(size=(100, 100)).astype(dtype)
-    assert dense.gemm_small_kernel(a, b) is None                 # above FBP_SMALL_MNK
+    big = rng.normal(size=(400, 400)).astype(dtype)
+    assert dense.gemm_small_kernel(big, big) is None             # above every cap
+    for isa in ISAS[:2]:                                         # above FBP_SMALL_MNK
+        assert dense.gemm_small_kernel(a, b, isa=isa) is None
     assert dense.gemm_small_kernel(a[:8, :8].copy(), b[:8, :8].copy(), True, True) is None
     for ta in (False, True):
         for tb in (False, True):
