@@ -86,6 +86,31 @@ cdef extern from "smallgemm.h" nogil:
     int fbp_isa_best()
 
 
+# BLAS's thread count as the calling thread last declared it (set_blas_threads;
+# 0: not declared).  Thread-local, so concurrent fits with different n_threads
+# in different Python threads each see their own.
+cdef extern from *:
+    """
+    static __thread int fbp_blas_threads = 0;
+    """
+    int fbp_blas_threads
+
+# Above this many multiply-adds a multithreaded BLAS beats the
+# single-threaded small kernels (on 2 cores: about even at 64 x 784 x 256
+# float32; on more cores BLAS pulls ahead).
+cdef long PARALLEL_MNK = 1 << 21
+
+
+def set_blas_threads(int n):
+    """Declare how many threads BLAS runs with, for the calling thread: with
+    more than one, products above 2**21 multiply-adds go to BLAS rather than
+    to the single-threaded small kernels.  Returns the previous value."""
+    global fbp_blas_threads
+    previous = fbp_blas_threads
+    fbp_blas_threads = max(n, 0)
+    return previous
+
+
 cdef inline int gemm_small(bint trans_a, bint trans_b, int m, int n, int k,
                            const floating* a, int lda, const floating* b, int ldb,
                            floating* c, int ldc) noexcept nogil:
@@ -110,8 +135,9 @@ cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
     if m <= 0 or n <= 0:
         return
     # Small products skip BLAS (smallgemm.h says why); it declines the rest.
-    if alpha == 1 and beta == 0 and gemm_small(trans_a, trans_b, m, n, k, a, lda,
-                                               b, ldb, c, ldc):
+    if (alpha == 1 and beta == 0
+            and (fbp_blas_threads == 1 or <long>m * n * k <= PARALLEL_MNK)
+            and gemm_small(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc)):
         return
     # Column-major view: C.T[n, m] = op(B).T @ op(A).T -> swap the operands.
     if floating is float:

@@ -24,6 +24,7 @@ from threadpoolctl import ThreadpoolController
 
 from . import losses as _losses
 from . import optim as _optim
+from ._ext import dense as _dense
 from ._ext import engine as _engine
 from ._numba.losses import KERNELS as _LOSS_KERNELS
 from ._numba.losses import loss_cfunc
@@ -836,12 +837,25 @@ class _DeferredInterrupt:
 _CONTROLLER = []
 
 
+@contextlib.contextmanager
 def _blas_threads(n_threads):
-    """Context limiting BLAS to n_threads (None: leave it alone).  The
+    """Context limiting BLAS to n_threads (None: leave it alone), which also
+    tells the engine (for this Python thread) how many threads BLAS has: with
+    one, it keeps more products in its own single-threaded kernels.  The
     controller that finds the BLAS libraries is built once: a limit then
     costs about 0.03 ms instead of 1.5 ms."""
-    if n_threads is None:
-        return contextlib.nullcontext()
     if not _CONTROLLER:
         _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0].limit(limits=n_threads, user_api="blas")
+    ctl = _CONTROLLER[0]
+    if n_threads is None:
+        n = max((lib.num_threads for lib in ctl.lib_controllers if lib.user_api == "blas"),
+                default=0)
+        limit = contextlib.nullcontext()
+    else:
+        n, limit = n_threads, ctl.limit(limits=n_threads, user_api="blas")
+    previous = _dense.set_blas_threads(n)
+    try:
+        with limit:
+            yield
+    finally:
+        _dense.set_blas_threads(previous)

@@ -166,3 +166,46 @@ def test_shape_mismatch_is_an_error(rng):
     x, w, b = _data(rng, "float64")
     with pytest.raises(ValueError, match="shapes"):
         dense.dense_forward(x, w, b[:-1], 0)
+
+
+def test_set_blas_threads_is_per_thread_and_both_routes_agree(rng):
+    import threading
+
+    a = rng.normal(size=(100, 120))
+    b = rng.normal(size=(120, 200))   # 2.4M multiply-adds: above the parallel cutoff
+    previous = dense.set_blas_threads(1)
+    try:
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(dense.set_blas_threads(3)))
+        worker.start()
+        worker.join()
+        assert seen == [0]                      # a new thread starts undeclared
+        assert dense.set_blas_threads(1) == 1   # ... and did not change this one's
+        own = dense.gemm(a, b)                  # small kernels (where the CPU allows)
+        dense.set_blas_threads(2)
+        blas = dense.gemm(a, b)                 # BLAS
+        assert_close(own, a @ b, np.float64)
+        assert_close(blas, a @ b, np.float64)
+    finally:
+        dense.set_blas_threads(previous)
+
+
+def test_fit_declares_its_thread_count_and_restores_it():
+    import fastbp
+
+    net = fastbp.Sequential([fastbp.Dense(4, activation="relu"), fastbp.Dense(1)], seed=0)
+    X = np.ones((8, 3)); y = np.zeros(8)
+    seen = []
+
+    class Peek:
+        def on_epoch_end(self, net, epoch, logs):
+            seen.append(dense.set_blas_threads(0))
+            dense.set_blas_threads(seen[-1])
+
+    before = dense.set_blas_threads(7)
+    try:
+        net.fit(X, y, epochs=1, verbose=0, n_threads=1, callbacks=[Peek()])
+        assert seen == [1]                       # declared during the fit
+        assert dense.set_blas_threads(7) == 7    # restored after it
+    finally:
+        dense.set_blas_threads(before)
