@@ -36,3 +36,30 @@ class DenseLayer:
 
     def time_backward(self, backend, dtype, shape):
         self.kernels.dense_backward(self.x, self.w, self.a, self.g, RELU)
+
+
+#: (m, n, k, op): the products of an S step (batch 32), of digits at batch 200
+#: in float64, and M's first layer: op is NN (x @ w), TN (x.T @ g, dW) or
+#: NT (g @ w.T, dX).  Small ones run in the engine's own kernels
+#: (csrc/smallgemm.h), the rest in BLAS.
+GEMMS = ["32x64x64-NN", "64x64x32-TN", "32x64x64-NT", "32x2x64-NN",
+         "200x100x64-NN", "64x100x200-TN", "64x256x784-NN"]
+GEMM_KERNELS = {"fastbp": dense.gemm, "reference": reference.gemm}
+
+
+class Gemm:
+    params = (BACKENDS, ["float32", "float64"], GEMMS)
+    param_names = ["backend", "dtype", "product"]
+
+    def setup(self, backend, dtype, product):
+        dims, op = product.split("-")
+        m, n, k = (int(s) for s in dims.split("x"))
+        self.ta, self.tb = op[0] == "T", op[1] == "T"
+        rng = np.random.default_rng(0)
+        self.a = rng.standard_normal((k, m) if self.ta else (m, k)).astype(dtype)
+        self.b = rng.standard_normal((n, k) if self.tb else (k, n)).astype(dtype)
+        self.gemm = GEMM_KERNELS[backend]
+        self.gemm(self.a, self.b, self.ta, self.tb)
+
+    def time_gemm(self, backend, dtype, product):
+        self.gemm(self.a, self.b, self.ta, self.tb)
