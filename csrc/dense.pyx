@@ -91,7 +91,11 @@ cdef extern from "smallgemm.h" nogil:
 # in different Python threads each see their own.
 cdef extern from *:
     """
+    #if defined(_MSC_VER)
+    static __declspec(thread) int fbp_blas_threads = 0;
+    #else
     static __thread int fbp_blas_threads = 0;
+    #endif
     """
     int fbp_blas_threads
 

@@ -30,6 +30,24 @@
 #ifndef FASTBP_SMALLGEMM_H
 #define FASTBP_SMALLGEMM_H
 
+#if !defined(__GNUC__) && !defined(__clang__)
+/* No vector extensions (MSVC): every product goes to BLAS. */
+#define FBP_ISA_BASE 0
+static inline int fbp_isa_best(void) { return FBP_ISA_BASE; }
+static inline int fbp_gemm_small_isa_f32(int isa, int ta, int tb, int m, int n, int k,
+                                         const float *a, int lda, const float *b, int ldb,
+                                         float *c, int ldc) { return 0; }
+static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, int k,
+                                         const double *a, int lda, const double *b, int ldb,
+                                         double *c, int ldc) { return 0; }
+static inline int fbp_gemm_small_f32(int ta, int tb, int m, int n, int k,
+                                     const float *a, int lda, const float *b, int ldb,
+                                     float *c, int ldc) { return 0; }
+static inline int fbp_gemm_small_f64(int ta, int tb, int m, int n, int k,
+                                     const double *a, int lda, const double *b, int ldb,
+                                     double *c, int ldc) { return 0; }
+#else
+
 #include <string.h>
 
 /* The vector helpers are always inlined into entry points compiled for the
@@ -204,5 +222,7 @@ static inline int fbp_gemm_small_f64(int trans_a, int trans_b, int m, int n, int
 {
     return fbp_gemm_small_isa_f64(-1, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc);
 }
+
+#endif  /* vector extensions */
 
 #endif
