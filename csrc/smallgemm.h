@@ -87,71 +87,34 @@ static inline int fbp_gemm_small_f64(int ta, int tb, int m, int n, int k,
 #define FBP_ISA_AVX2 1     /* 32-byte vectors, AVX2 + FMA */
 #define FBP_ISA_AVX512 2   /* 64-byte vectors, AVX-512F + FMA */
 
+#define FBP_CAT_(a, b) a##b
+#define FBP_CAT(a, b) FBP_CAT_(a, b)
+
+/* Each block instantiates the kernels for float and double at one level
+ * (smallgemm_pair.h reads and then undefines these settings). */
 #define SG_ATTR
 #define SG_MNK_CAP FBP_SMALL_MNK
 #define SG_SWEEP_CAP FBP_WIDE_SWEEP
-#define T float
-#define VL 8
-#define SG(x) x##_f32_base
-#include "smallgemm_impl.h"
-#undef T
-#undef VL
-#undef SG
-#define T double
-#define VL 4
-#define SG(x) x##_f64_base
-#include "smallgemm_impl.h"
-#undef T
-#undef VL
-#undef SG
-#undef SG_ATTR
-#undef SG_MNK_CAP
-#undef SG_SWEEP_CAP
+#define SG_BYTES 32
+#define SG_ISA base
+#include "smallgemm_pair.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FBP_NO_DISPATCH)
+#if defined(__x86_64__) && !defined(FBP_NO_DISPATCH)
 #define FBP_X86_DISPATCH 1
 
 #define SG_ATTR __attribute__((target("avx2,fma")))
 #define SG_MNK_CAP FBP_SMALL_MNK
 #define SG_SWEEP_CAP FBP_WIDE_SWEEP
-#define T float
-#define VL 8
-#define SG(x) x##_f32_avx2
-#include "smallgemm_impl.h"
-#undef T
-#undef VL
-#undef SG
-#define T double
-#define VL 4
-#define SG(x) x##_f64_avx2
-#include "smallgemm_impl.h"
-#undef T
-#undef VL
-#undef SG
-#undef SG_ATTR
-#undef SG_MNK_CAP
-#undef SG_SWEEP_CAP
+#define SG_BYTES 32
+#define SG_ISA avx2
+#include "smallgemm_pair.h"
 
 #define SG_ATTR __attribute__((target("avx512f,avx2,fma")))
 #define SG_MNK_CAP FBP_WIDE_MNK
 #define SG_SWEEP_CAP FBP_WIDE_SWEEP
-#define T float
-#define VL 16
-#define SG(x) x##_f32_avx512
-#include "smallgemm_impl.h"
-#undef T
-#undef VL
-#undef SG
-#define T double
-#define VL 8
-#define SG(x) x##_f64_avx512
-#include "smallgemm_impl.h"
-#undef T
-#undef VL
-#undef SG
-#undef SG_ATTR
-#undef SG_MNK_CAP
-#undef SG_SWEEP_CAP
+#define SG_BYTES 64
+#define SG_ISA avx512
+#include "smallgemm_pair.h"
 #endif
 
 /* The best level this machine runs (libgcc's CPU model also checks that the
