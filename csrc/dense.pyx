@@ -13,9 +13,11 @@ float64 (the ``floating`` fused type):
   the output, as scikit-learn does), then db = column sums of g,
   dw = x.T @ g, and (if dx is not NULL) dx = g @ w.T.
 
-Small products (up to FBP_SMALL_MNK multiply-adds: every layer of a small
-network) go to the register-blocked kernels of ``smallgemm.h`` instead of
-BLAS, which spends more time packing such operands than multiplying them.
+Small products (every layer of a small network; with AVX-512 also those of
+medium ones, while the operand they sweep fits in cache) go to the
+register-blocked kernels of ``smallgemm.h`` instead of BLAS, which spends
+much of its time on such operands packing them; smallgemm.h gives the
+bounds.
 
 Arrays are row-major (C order).  BLAS is column-major, so ``gemm_rm`` computes
 C = op(A) op(B) as C.T = op(B).T op(A).T by swapping the operands; no copy
@@ -71,12 +73,6 @@ cdef inline floating _tanh(floating x) noexcept nogil:
 
 
 cdef extern from "smallgemm.h" nogil:
-    int fbp_gemm_small_f32(int trans_a, int trans_b, int m, int n, int k,
-                           const float* a, int lda, const float* b, int ldb,
-                           float* c, int ldc)
-    int fbp_gemm_small_f64(int trans_a, int trans_b, int m, int n, int k,
-                           const double* a, int lda, const double* b, int ldb,
-                           double* c, int ldc)
     int fbp_gemm_small_isa_f32(int isa, int trans_a, int trans_b, int m, int n, int k,
                                const float* a, int lda, const float* b, int ldb,
                                float* c, int ldc)
@@ -115,15 +111,16 @@ def set_blas_threads(int n):
     return previous
 
 
-cdef inline int gemm_small(bint trans_a, bint trans_b, int m, int n, int k,
+cdef inline int gemm_small(int isa, bint trans_a, bint trans_b, int m, int n, int k,
                            const floating* a, int lda, const floating* b, int ldb,
                            floating* c, int ldc) noexcept nogil:
-    """Row-major C = op(A) @ op(B) without BLAS; 0 if the shape is not one
-    the small kernels take (then nothing is written)."""
+    """Row-major C = op(A) @ op(B) without BLAS, at instruction-set level isa
+    (-1: the best this machine has); 0 if the shape is not one the small
+    kernels take (then nothing is written)."""
     if floating is float:
-        return fbp_gemm_small_f32(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc)
+        return fbp_gemm_small_isa_f32(isa, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc)
     else:
-        return fbp_gemm_small_f64(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc)
+        return fbp_gemm_small_isa_f64(isa, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc)
 
 
 cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
@@ -141,7 +138,7 @@ cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
     # Small products skip BLAS (smallgemm.h says why); it declines the rest.
     if (alpha == 1 and beta == 0
             and (fbp_blas_threads == 1 or <long>m * n * k <= PARALLEL_MNK)
-            and gemm_small(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc)):
+            and gemm_small(-1, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc)):
         return
     # Column-major view: C.T[n, m] = op(B).T @ op(A).T -> swap the operands.
     if floating is float:
@@ -271,16 +268,21 @@ cdef void dense_backward_ptr(const floating* x, const floating* w, const floatin
 # Python-callable twins of the kernels (tests, fastbp.reference comparisons).
 # Inputs may be read-only (const memoryviews); outputs are new arrays.
 
+def _product_shape(a, b, bint trans_a, bint trans_b, name):
+    """(m, n, k) of op(a) @ op(b); ValueError if the inner dimensions differ."""
+    m, k = (a.shape[1], a.shape[0]) if trans_a else (a.shape[0], a.shape[1])
+    kb, n = (b.shape[1], b.shape[0]) if trans_b else (b.shape[0], b.shape[1])
+    if k != kb:
+        raise ValueError(f"{name}: inner dimensions differ ({k} and {kb})")
+    return m, n, k
+
+
 def gemm(const floating[:, ::1] a, const floating[:, ::1] b,
          bint trans_a=False, bint trans_b=False):
     """Row-major ``op(a) @ op(b)`` as the engine computes it (test hook for
     ``gemm_rm``): the small kernels where they apply, else BLAS."""
-    cdef int m = a.shape[1] if trans_a else a.shape[0]
-    cdef int k = a.shape[0] if trans_a else a.shape[1]
-    cdef int kb = b.shape[1] if trans_b else b.shape[0]
-    cdef int n = b.shape[0] if trans_b else b.shape[1]
-    if k != kb:
-        raise ValueError(f"gemm: inner dimensions differ ({k} and {kb})")
+    cdef int m, n, k
+    m, n, k = _product_shape(a, b, trans_a, trans_b, "gemm")
     dtype = np.float32 if floating is float else np.float64
     out = np.empty((m, n), dtype=dtype)
     cdef floating[:, ::1] c = out
@@ -305,27 +307,16 @@ def gemm_small_kernel(const floating[:, ::1] a, const floating[:, ::1] b,
 
     Returns None when the shape is one they decline (BLAS would take it).
     """
-    cdef int m = a.shape[1] if trans_a else a.shape[0]
-    cdef int k = a.shape[0] if trans_a else a.shape[1]
-    cdef int kb = b.shape[1] if trans_b else b.shape[0]
-    cdef int n = b.shape[0] if trans_b else b.shape[1]
-    cdef int done
-    if k != kb:
-        raise ValueError(f"gemm_small_kernel: inner dimensions differ ({k} and {kb})")
+    cdef int m, n, k, done
+    m, n, k = _product_shape(a, b, trans_a, trans_b, "gemm_small_kernel")
     dtype = np.float32 if floating is float else np.float64
     out = np.full((m, n), np.nan, dtype=dtype)
     cdef floating[:, ::1] c = out
     if m == 0 or n == 0 or k == 0:
         return None
     with nogil:
-        if floating is float:
-            done = fbp_gemm_small_isa_f32(isa, trans_a, trans_b, m, n, k, &a[0, 0],
-                                          <int>a.shape[1], &b[0, 0], <int>b.shape[1],
-                                          &c[0, 0], n)
-        else:
-            done = fbp_gemm_small_isa_f64(isa, trans_a, trans_b, m, n, k, &a[0, 0],
-                                          <int>a.shape[1], &b[0, 0], <int>b.shape[1],
-                                          &c[0, 0], n)
+        done = gemm_small(isa, trans_a, trans_b, m, n, k, &a[0, 0], <int>a.shape[1],
+                          &b[0, 0], <int>b.shape[1], &c[0, 0], n)
     return out if done else None
 
 

@@ -40,12 +40,6 @@ static inline int fbp_gemm_small_isa_f32(int isa, int ta, int tb, int m, int n, 
 static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, int k,
                                          const double *a, int lda, const double *b, int ldb,
                                          double *c, int ldc) { return 0; }
-static inline int fbp_gemm_small_f32(int ta, int tb, int m, int n, int k,
-                                     const float *a, int lda, const float *b, int ldb,
-                                     float *c, int ldc) { return 0; }
-static inline int fbp_gemm_small_f64(int ta, int tb, int m, int n, int k,
-                                     const double *a, int lda, const double *b, int ldb,
-                                     double *c, int ldc) { return 0; }
 #else
 
 #include <string.h>
@@ -170,20 +164,6 @@ static inline int fbp_gemm_small_isa_f64(int isa, int trans_a, int trans_b, int 
     if (isa < 0 || isa > fbp_isa_best())
         isa = fbp_isa_best();
     return FBP_DISPATCH(f64, isa, (trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc));
-}
-
-static inline int fbp_gemm_small_f32(int trans_a, int trans_b, int m, int n, int k,
-                                     const float *a, int lda, const float *b, int ldb,
-                                     float *c, int ldc)
-{
-    return fbp_gemm_small_isa_f32(-1, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc);
-}
-
-static inline int fbp_gemm_small_f64(int trans_a, int trans_b, int m, int n, int k,
-                                     const double *a, int lda, const double *b, int ldb,
-                                     double *c, int ldc)
-{
-    return fbp_gemm_small_isa_f64(-1, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc);
 }
 
 #endif  /* vector extensions */

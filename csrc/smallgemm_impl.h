@@ -18,20 +18,16 @@ static FBP_INLINE SG_ATTR void SG(store)(T *p, SG(vec) v)
     memcpy(p, &v, sizeof v);
 }
 
-/* Lanes of v to C[0], C[cs], C[2 cs], ...: the scattered store used when C
- * is written transposed (column stride cs != 1). */
-static FBP_INLINE SG_ATTR void SG(store_strided)(T *c, long cs, SG(vec) v, int lanes)
-{
-    for (int j = 0; j < lanes; j++)
-        c[j * cs] = v[j];
-}
-
+/* A vector of C's entries; lane by lane when C is written transposed
+ * (column stride cs != 1). */
 static FBP_INLINE SG_ATTR void SG(put)(T *c, long cs, SG(vec) v)
 {
-    if (cs == 1)
+    if (cs == 1) {
         SG(store)(c, v);
-    else
-        SG(store_strided)(c, cs, v, VL);
+        return;
+    }
+    for (int j = 0; j < VL; j++)
+        c[j * cs] = v[j];
 }
 
 /* "Broadcast" form, vectorized across C's columns:
