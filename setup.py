@@ -21,7 +21,8 @@ ext_modules = [
         f"fastbp._ext.{name}",
         [f"csrc/{name}.pyx"],
         include_dirs=[np.get_include(), "csrc"],
-        depends=["csrc/smallgemm.h", "csrc/smallgemm_pair.h", "csrc/smallgemm_impl.h"],
+        depends=[f"csrc/{h}" for h in ("smallgemm.h", "smallgemm_pair.h", "smallgemm_impl.h",
+                                           "gemm.h", "pool.h")],
         extra_compile_args=extra,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )

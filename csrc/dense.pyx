@@ -26,9 +26,13 @@ and never validate: callers (engine.pyx, or the ``def`` wrappers below) own
 shapes and dtypes.  The ``def`` wrappers exist for tests and for Python users,
 and mirror ``fastbp.reference`` name for name.
 
-No threads are started here: GEMM threading is OpenBLAS's own (limited with
-threadpoolctl by the caller); the elementwise epilogues are serial, which
-measured faster than OpenMP on small layers (see shared/PERF_NOTES.md).
+Threads: the calling thread declares how many the kernels may use
+(``set_threads``; ``fit`` declares its ``n_threads``).  Our own GEMMs split
+large products across a persistent worker pool (csrc/pool.h, no OpenMP, safe
+across fork), bitwise the same on any thread count (csrc/gemm.h); BLAS uses
+its own threads, limited with threadpoolctl by the caller.  The elementwise
+epilogues are serial, which measured faster than threads on small layers
+(see shared/PERF_NOTES.md).
 """
 import numpy as np
 
@@ -82,33 +86,52 @@ cdef extern from "smallgemm.h" nogil:
     int fbp_isa_best()
 
 
-# BLAS's thread count as the calling thread last declared it (set_blas_threads;
-# 0: not declared).  Thread-local, so concurrent fits with different n_threads
-# in different Python threads each see their own.
+cdef extern from "gemm.h" nogil:
+    ctypedef void (*fbp_task_fn)(void* ctx, int task) noexcept nogil
+    int fbp_pool_run(int width, fbp_task_fn fn, void* ctx, int n_tasks)
+    int fbp_gemm_f32(int threads, int trans_a, int trans_b, int m, int n, int k,
+                     const float* a, int lda, const float* b, int ldb, float* c, int ldc)
+    int fbp_gemm_f64(int threads, int trans_a, int trans_b, int m, int n, int k,
+                     const double* a, int lda, const double* b, int ldb, double* c, int ldc)
+    int fbp_pool_workers()
+
+
+# How many threads the calling thread's kernels may use, as it last declared
+# (set_threads; 0: not declared, which counts as 1).  Thread-local, so
+# concurrent fits with different n_threads in different Python threads each
+# see their own.
 cdef extern from *:
     """
     #if defined(_MSC_VER)
-    static __declspec(thread) int fbp_blas_threads = 0;
+    static __declspec(thread) int fbp_threads = 0;
     #else
-    static __thread int fbp_blas_threads = 0;
+    static __thread int fbp_threads = 0;
     #endif
     """
-    int fbp_blas_threads
-
-# Above this many multiply-adds a multithreaded BLAS beats the
-# single-threaded small kernels (on 2 cores: about even at 64 x 784 x 256
-# float32; on more cores BLAS pulls ahead).
-cdef long PARALLEL_MNK = 1 << 21
+    int fbp_threads
 
 
-def set_blas_threads(int n):
-    """Declare how many threads BLAS runs with, for the calling thread: with
-    more than one, products above 2**21 multiply-adds go to BLAS rather than
-    to the single-threaded small kernels.  Returns the previous value."""
-    global fbp_blas_threads
-    previous = fbp_blas_threads
-    fbp_blas_threads = max(n, 0)
+def set_threads(int n):
+    """Declare, for the calling thread, how many threads the kernels may use:
+    our GEMMs split products across that many (gemm.h), and BLAS is expected
+    to be limited to it by the caller.  Returns the previous value."""
+    global fbp_threads
+    previous = fbp_threads
+    fbp_threads = max(n, 0)
     return previous
+
+
+cdef int kernel_threads() noexcept nogil:
+    return fbp_threads if fbp_threads > 1 else 1
+
+
+cdef void pool_run(task_fn fn, void* ctx, int n_tasks) noexcept nogil:
+    fbp_pool_run(kernel_threads(), <fbp_task_fn>fn, ctx, n_tasks)
+
+
+def pool_workers():
+    """Worker threads the kernels' pool has started in this process."""
+    return fbp_pool_workers()
 
 
 cdef inline int gemm_small(int isa, bint trans_a, bint trans_b, int m, int n, int k,
@@ -135,11 +158,15 @@ cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
     cdef char tb = b'T' if trans_b else b'N'
     if m <= 0 or n <= 0:
         return
-    # Small products skip BLAS (smallgemm.h says why); it declines the rest.
-    if (alpha == 1 and beta == 0
-            and (fbp_blas_threads == 1 or <long>m * n * k <= PARALLEL_MNK)
-            and gemm_small(-1, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc)):
-        return
+    # Our kernels first (gemm.h says which, and how they use threads); they
+    # decline what BLAS does better.
+    if alpha == 1 and beta == 0:
+        if floating is float:
+            if fbp_gemm_f32(fbp_threads, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc):
+                return
+        else:
+            if fbp_gemm_f64(fbp_threads, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc):
+                return
     # Column-major view: C.T[n, m] = op(B).T @ op(A).T -> swap the operands.
     if floating is float:
         sgemm(&tb, &ta, &n, &m, &k, &alpha, <float*>b, &ldb, <float*>a, &lda,

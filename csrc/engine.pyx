@@ -61,7 +61,8 @@ from libc.math cimport isfinite, sqrt
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from fastbp._ext.dense cimport floating, dense_forward_ptr, dense_backward_ptr
+from fastbp._ext.dense cimport (floating, dense_forward_ptr, dense_backward_ptr,
+                                kernel_threads, pool_run)
 
 # program columns
 cdef enum:
@@ -155,6 +156,96 @@ cdef inline int call_step(size_t addr, floating* p, floating* g, floating* state
         return (<step_f32>addr)(p, g, state, n, stride, hyper, t)
     else:
         return (<step_f64>addr)(p, g, state, n, stride, hyper, t)
+
+
+# Below this many parameters an update takes a few microseconds and runs
+# on the calling thread alone.
+cdef int64_t PARALLEL_STEP = 1 << 15
+cdef enum:
+    MAX_STEP_TASKS = 64
+
+
+cdef struct StepJob:
+    size_t addr
+    void* params
+    void* grad
+    void* state
+    const int64_t* segments   # (n_segments, 2): start, length
+    int64_t n_segments, total, stride, t
+    double* hyper
+    int n_tasks
+    int is_double
+    int ok[MAX_STEP_TASKS]
+
+
+cdef void _step_range(StepJob* job, int64_t lo, int64_t hi) noexcept nogil:
+    """Update parameters lo .. hi - 1 of the concatenated segments."""
+    cdef int64_t j, start, length, seg_lo = 0, a, b
+    cdef int ok = 1
+    for j in range(job.n_segments):
+        start = job.segments[2 * j]
+        length = job.segments[2 * j + 1]
+        a = lo - seg_lo if lo > seg_lo else 0
+        b = hi - seg_lo if hi - seg_lo < length else length
+        seg_lo += length
+        if a >= b:
+            continue
+        if job.is_double:
+            ok &= call_step(job.addr, <double*>job.params + start + a,
+                            <double*>job.grad + start + a,
+                            <double*>job.state + start + a if job.state != NULL else NULL,
+                            b - a, job.stride, job.hyper, job.t)
+        else:
+            ok &= call_step(job.addr, <float*>job.params + start + a,
+                            <float*>job.grad + start + a,
+                            <float*>job.state + start + a if job.state != NULL else NULL,
+                            b - a, job.stride, job.hyper, job.t)
+    job.ok[0] = ok
+
+
+cdef void _step_task(void* ctx, int task) noexcept nogil:
+    cdef StepJob* job = <StepJob*>ctx
+    cdef StepJob part = job[0]
+    # Ranges cut at multiples of 64 parameters (whole cache lines).
+    cdef int64_t units = (job.total + 63) // 64
+    cdef int64_t lo = units * task // job.n_tasks * 64
+    cdef int64_t hi = units * (task + 1) // job.n_tasks * 64
+    _step_range(&part, lo, hi if hi < job.total else job.total)
+    job.ok[task] = part.ok[0]
+
+
+cdef int optimizer_step(size_t addr, floating* params, floating* grad, floating* state,
+                        const int64_t[:, ::1] segments, int64_t stride, double* hyper,
+                        int64_t t) noexcept nogil:
+    """The optimizer's update of every trainable segment (elementwise, so
+    any split gives the same values); 1 if every updated parameter is
+    finite.  Large models split it across the kernels' threads."""
+    cdef StepJob job
+    cdef int64_t j
+    cdef int i, ok = 1
+    job.addr = addr
+    job.params = params
+    job.grad = grad
+    job.state = state
+    job.segments = &segments[0, 0] if segments.shape[0] > 0 else NULL
+    job.n_segments = segments.shape[0]
+    job.stride = stride
+    job.hyper = hyper
+    job.t = t
+    job.is_double = floating is double
+    job.total = 0
+    for j in range(job.n_segments):
+        job.total += segments[j, 1]
+    job.n_tasks = kernel_threads()
+    if job.n_tasks > MAX_STEP_TASKS:
+        job.n_tasks = MAX_STEP_TASKS
+    if job.n_tasks < 2 or job.total < PARALLEL_STEP:
+        _step_range(&job, 0, job.total)
+        return job.ok[0]
+    pool_run(_step_task, &job, job.n_tasks)
+    for i in range(job.n_tasks):
+        ok &= job.ok[i]
+    return ok
 
 
 cdef inline floating* _ptr(floating[::1] a) noexcept nogil:
@@ -533,13 +624,8 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
             batch_loss[b] = loss
             if clip:
                 clip_and_measure(program, &grad[0], clip_value, clip_norm, norms)
-            ok = 1
-            for j in range(segments.shape[0]):
-                ok &= call_step(step_addr, &params[0] + segments[j, 0],
-                                &grad[0] + segments[j, 0],
-                                state + segments[j, 0] if state != NULL else NULL,
-                                segments[j, 1], n_params, <double*>&hyper[0],
-                                step0 + i + 1)
+            ok = optimizer_step(step_addr, &params[0], &grad[0], state, segments, n_params,
+                                <double*>&hyper[0], step0 + i + 1)
             if not ok:
                 status = STATUS_PARAMS_NONFINITE
                 break

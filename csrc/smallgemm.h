@@ -30,10 +30,28 @@
 #ifndef FASTBP_SMALLGEMM_H
 #define FASTBP_SMALLGEMM_H
 
+/* How the small kernels compute a product (small_plan in smallgemm_impl.h). */
+#define FBP_SG_NONE 0        /* declined: BLAS (or the packed kernels) */
+#define FBP_SG_BCAST 1       /* NN / TN, broadcast form across C's columns */
+#define FBP_SG_TN_NARROW 2   /* TN with few columns, computed as C.T */
+#define FBP_SG_NN_NARROW 3   /* NN with few columns: B.T copied, dot form */
+#define FBP_SG_NT_DOT 4      /* NT, dot form along the shared dimension */
+#define FBP_SG_NT_COPY 5     /* NT with a short shared dimension: B.T copied */
+
 #if !defined(__GNUC__) && !defined(__clang__)
 /* No vector extensions (MSVC): every product goes to BLAS. */
 #define FBP_ISA_BASE 0
 static inline int fbp_isa_best(void) { return FBP_ISA_BASE; }
+static inline int fbp_small_plan_f32(int isa, int ta, int tb, int m, int n, int k)
+{ return FBP_SG_NONE; }
+static inline int fbp_small_plan_f64(int isa, int ta, int tb, int m, int n, int k)
+{ return FBP_SG_NONE; }
+static inline void fbp_small_run_f32(int isa, int path, int ta, int m, int n, int k,
+                                     const float *a, int lda, const float *b, int ldb,
+                                     float *c, int ldc) {}
+static inline void fbp_small_run_f64(int isa, int path, int ta, int m, int n, int k,
+                                     const double *a, int lda, const double *b, int ldb,
+                                     double *c, int ldc) {}
 static inline int fbp_gemm_small_isa_f32(int isa, int ta, int tb, int m, int n, int k,
                                          const float *a, int lda, const float *b, int ldb,
                                          float *c, int ldc) { return 0; }
@@ -137,33 +155,72 @@ static inline int fbp_isa_best(void)
 }
 
 #ifdef FBP_X86_DISPATCH
-#define FBP_DISPATCH(ty, isa, args)                                   \
-    ((isa) >= FBP_ISA_AVX512 ? gemm_small_##ty##_avx512 args :       \
-     (isa) == FBP_ISA_AVX2 ? gemm_small_##ty##_avx2 args :           \
-     gemm_small_##ty##_base args)
+#define FBP_DISPATCH(fn, ty, isa, args)                               \
+    ((isa) >= FBP_ISA_AVX512 ? fn##_##ty##_avx512 args :             \
+     (isa) == FBP_ISA_AVX2 ? fn##_##ty##_avx2 args :                 \
+     fn##_##ty##_base args)
 #else
-#define FBP_DISPATCH(ty, isa, args) gemm_small_##ty##_base args
+#define FBP_DISPATCH(fn, ty, isa, args) fn##_##ty##_base args
 #endif
 
-/* Row-major C[m, n] = op(A) @ op(B) (no alpha, beta: C is overwritten) at a
- * given level (clamped to what the machine has).  Returns 1 when done, 0
- * when the shape is not one these kernels take (nothing is written). */
+/* A level the machine has: isa itself, or the best one if isa is out of
+ * range (-1 asks for the best). */
+static inline int fbp_isa_clamp(int isa)
+{
+    return isa < 0 || isa > fbp_isa_best() ? fbp_isa_best() : isa;
+}
+
+/* The path (FBP_SG_*) the small kernels take for a product at level isa;
+ * FBP_SG_NONE if they decline it. */
+static inline int fbp_small_plan_f32(int isa, int trans_a, int trans_b, int m, int n, int k)
+{
+    return FBP_DISPATCH(small_plan, f32, fbp_isa_clamp(isa), (trans_a, trans_b, m, n, k));
+}
+
+static inline int fbp_small_plan_f64(int isa, int trans_a, int trans_b, int m, int n, int k)
+{
+    return FBP_DISPATCH(small_plan, f64, fbp_isa_clamp(isa), (trans_a, trans_b, m, n, k));
+}
+
+/* Row-major C[m, n] = op(A) @ op(B) (no alpha, beta: C is overwritten) on
+ * a path planned at the same level, perhaps for a larger product this is a
+ * range of (see small_plan). */
+static inline void fbp_small_run_f32(int isa, int path, int trans_a, int m, int n, int k,
+                                     const float *a, int lda, const float *b, int ldb,
+                                     float *c, int ldc)
+{
+    FBP_DISPATCH(small_run, f32, fbp_isa_clamp(isa),
+                 (path, trans_a, m, n, k, a, lda, b, ldb, c, ldc));
+}
+
+static inline void fbp_small_run_f64(int isa, int path, int trans_a, int m, int n, int k,
+                                     const double *a, int lda, const double *b, int ldb,
+                                     double *c, int ldc)
+{
+    FBP_DISPATCH(small_run, f64, fbp_isa_clamp(isa),
+                 (path, trans_a, m, n, k, a, lda, b, ldb, c, ldc));
+}
+
+/* Plan and run in one call.  Returns 1 when done, 0 when the shape is not
+ * one these kernels take (nothing is written). */
 static inline int fbp_gemm_small_isa_f32(int isa, int trans_a, int trans_b, int m, int n,
                                          int k, const float *a, int lda, const float *b,
                                          int ldb, float *c, int ldc)
 {
-    if (isa < 0 || isa > fbp_isa_best())
-        isa = fbp_isa_best();
-    return FBP_DISPATCH(f32, isa, (trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc));
+    int path = fbp_small_plan_f32(isa, trans_a, trans_b, m, n, k);
+    if (path != FBP_SG_NONE)
+        fbp_small_run_f32(isa, path, trans_a, m, n, k, a, lda, b, ldb, c, ldc);
+    return path != FBP_SG_NONE;
 }
 
 static inline int fbp_gemm_small_isa_f64(int isa, int trans_a, int trans_b, int m, int n,
                                          int k, const double *a, int lda, const double *b,
                                          int ldb, double *c, int ldc)
 {
-    if (isa < 0 || isa > fbp_isa_best())
-        isa = fbp_isa_best();
-    return FBP_DISPATCH(f64, isa, (trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc));
+    int path = fbp_small_plan_f64(isa, trans_a, trans_b, m, n, k);
+    if (path != FBP_SG_NONE)
+        fbp_small_run_f64(isa, path, trans_a, m, n, k, a, lda, b, ldb, c, ldc);
+    return path != FBP_SG_NONE;
 }
 
 #endif  /* vector extensions */

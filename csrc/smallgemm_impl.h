@@ -268,64 +268,79 @@ static FBP_INLINE SG_ATTR void SG(dot)(int m, int n, int k,
     }
 }
 
-/* Row-major C[m, n] = op(A) @ op(B) for small operands, without BLAS.
- * Returns 0 (and does nothing) when the shape is not one it handles well
- * (more than SG_MNK_CAP multiply-adds, a swept operand over SG_SWEEP_CAP
- * bytes, A.T @ B.T), so the caller falls back to BLAS.  Strides are
- * row-major leading dimensions, as in gemm_rm. */
-static SG_ATTR int SG(gemm_small)(int trans_a, int trans_b, int m, int n, int k,
-                                  const T *a, int lda, const T *b, int ldb,
-                                  T *c, int ldc)
+/* How the small kernels compute a product (SG_* path codes, smallgemm.h).
+ * The choice depends on the whole product's shape only, and every entry of
+ * C comes out of the same chain of multiply-adds whatever block it falls
+ * in, so a caller that splits C into column (or, for the narrow paths, row)
+ * ranges and runs each range on the whole product's path gets bitwise the
+ * result of one call. */
+static SG_ATTR int SG(small_plan)(int trans_a, int trans_b, int m, int n, int k)
 {
-    T tmp[FBP_SMALL_TMP / sizeof(T)];
     long mnk = (long)m * n * k;
     if (mnk > SG_MNK_CAP || m <= 0 || n <= 0 || k <= 0)
-        return 0;
+        return FBP_SG_NONE;
     if (!trans_b) {
         /* The broadcast form sweeps B once per block of rows: B must stay
          * in cache (the operand it reads is B, or A for narrow A.T @ B). */
         long swept = (long)k * (n >= VL || !trans_a ? n : m) * (long)sizeof(T);
         if (swept > SG_SWEEP_CAP)
-            return 0;
-        if (n >= VL) {
-            /* NN / TN: A(r, p) = a[r lda + p] or a[p lda + r]. */
-            if (trans_a)
-                SG(bcast)(m, n, k, a, 1, lda, b, ldb, c, ldc, 1);
-            else
-                SG(bcast)(m, n, k, a, lda, 1, b, ldb, c, ldc, 1);
-            return 1;
-        }
-        if (trans_a) {
-            /* TN with few columns: C.T[c, r] = sum_p B[p, c] A[p, r],
-             * vectorized across r (rows of A are contiguous in r). */
-            SG(bcast)(n, m, k, b, 1, ldb, a, lda, c, 1, ldc);
-            return 1;
-        }
-        /* NN with few columns: B.T (n x k) into tmp, then dot products. */
+            return FBP_SG_NONE;
+        if (n >= VL)
+            return FBP_SG_BCAST;
+        if (trans_a)
+            return FBP_SG_TN_NARROW;
         if ((long)n * k * (long)sizeof(T) > FBP_SMALL_TMP)
-            return 0;
+            return FBP_SG_NONE;
+        return FBP_SG_NN_NARROW;
+    }
+    if (trans_a)
+        return FBP_SG_NONE;   /* TT: never used by the engine */
+    if (k >= 4 * VL || (long)n * k * (long)sizeof(T) > FBP_SMALL_TMP)
+        /* NT with a long shared dimension: dot products along rows.  Their
+         * reductions across lanes cost about as much as the multiply-adds
+         * at k ~ 8 vectors, so BLAS keeps the larger ones. */
+        return mnk > FBP_SMALL_MNK ? FBP_SG_NONE : FBP_SG_NT_DOT;
+    return FBP_SG_NT_COPY;
+}
+
+/* Runs path (from small_plan, perhaps for a larger product that this one is
+ * a row or column range of).  Strides are row-major leading dimensions, as
+ * in gemm_rm. */
+static SG_ATTR void SG(small_run)(int path, int trans_a, int m, int n, int k,
+                                  const T *a, int lda, const T *b, int ldb,
+                                  T *c, int ldc)
+{
+    T tmp[FBP_SMALL_TMP / sizeof(T)];
+    switch (path) {
+    case FBP_SG_BCAST:
+        /* NN / TN: A(r, p) = a[r lda + p] or a[p lda + r]. */
+        if (trans_a)
+            SG(bcast)(m, n, k, a, 1, lda, b, ldb, c, ldc, 1);
+        else
+            SG(bcast)(m, n, k, a, lda, 1, b, ldb, c, ldc, 1);
+        return;
+    case FBP_SG_TN_NARROW:
+        /* TN with few columns: C.T[c, r] = sum_p B[p, c] A[p, r],
+         * vectorized across r (rows of A are contiguous in r). */
+        SG(bcast)(n, m, k, b, 1, ldb, a, lda, c, 1, ldc);
+        return;
+    case FBP_SG_NN_NARROW:
+        /* NN with few columns: B.T (n x k) into tmp, then dot products. */
         for (int p = 0; p < k; p++)
             for (int j = 0; j < n; j++)
                 tmp[j * k + p] = b[p * ldb + j];
         SG(dot)(m, n, k, a, lda, tmp, k, c, ldc);
-        return 1;
-    }
-    if (trans_a)
-        return 0;   /* TT: never used by the engine */
-    if (k >= 4 * VL || (long)n * k * (long)sizeof(T) > FBP_SMALL_TMP) {
-        /* NT with a long shared dimension: dot products along rows.  Their
-         * reductions across lanes cost about as much as the multiply-adds
-         * at k ~ 8 vectors, so BLAS keeps the larger ones. */
-        if (mnk > FBP_SMALL_MNK)
-            return 0;
+        return;
+    case FBP_SG_NT_DOT:
         SG(dot)(m, n, k, a, lda, b, ldb, c, ldc);
-        return 1;
+        return;
+    case FBP_SG_NT_COPY:
+        /* NT: B.T (k x n) into tmp, then the broadcast form, which needs no
+         * reductions across lanes. */
+        for (int p = 0; p < k; p++)
+            for (int j = 0; j < n; j++)
+                tmp[p * n + j] = b[j * ldb + p];
+        SG(bcast)(m, n, k, a, lda, 1, tmp, n, c, ldc, 1);
+        return;
     }
-    /* NT: B.T (k x n) into tmp, then the broadcast form, which needs no
-     * reductions across lanes. */
-    for (int p = 0; p < k; p++)
-        for (int j = 0; j < n; j++)
-            tmp[p * n + j] = b[j * ldb + p];
-    SG(bcast)(m, n, k, a, lda, 1, tmp, n, c, ldc, 1);
-    return 1;
 }

@@ -840,10 +840,10 @@ _CONTROLLER = []
 @contextlib.contextmanager
 def _blas_threads(n_threads):
     """Context limiting BLAS to n_threads (None: leave it alone), which also
-    tells the engine (for this Python thread) how many threads BLAS has: with
-    one, it keeps more products in its own single-threaded kernels.  The
-    controller that finds the BLAS libraries is built once: a limit then
-    costs about 0.03 ms instead of 1.5 ms."""
+    tells the engine (for this Python thread) how many threads its own
+    kernels may use: n_threads, or BLAS's current count.  The controller
+    that finds the BLAS libraries is built once: a limit then costs about
+    0.03 ms instead of 1.5 ms."""
     if not _CONTROLLER:
         _CONTROLLER.append(ThreadpoolController())
     ctl = _CONTROLLER[0]
@@ -853,9 +853,9 @@ def _blas_threads(n_threads):
         limit = contextlib.nullcontext()
     else:
         n, limit = n_threads, ctl.limit(limits=n_threads, user_api="blas")
-    previous = _dense.set_blas_threads(n)
+    previous = _dense.set_threads(n)
     try:
         with limit:
             yield
     finally:
-        _dense.set_blas_threads(previous)
+        _dense.set_threads(previous)

@@ -35,3 +35,12 @@ cdef void dense_backward_ptr(const floating* x, const floating* w, const floatin
                              floating* g, floating* dw, floating* db, floating* dx,
                              int64_t m, int64_t n_in, int64_t n_out,
                              int act) noexcept nogil
+
+# The kernels' worker pool (csrc/pool.h), one per process, shared with
+# engine.pyx: run fn(ctx, i) for i < n_tasks on up to kernel_threads()
+# threads, the caller included.
+ctypedef void (*task_fn)(void* ctx, int task) noexcept nogil
+
+cdef int kernel_threads() noexcept nogil
+
+cdef void pool_run(task_fn fn, void* ctx, int n_tasks) noexcept nogil

@@ -1,0 +1,116 @@
+/* The engine's GEMM: which kernel takes a product, and how it is split
+ * across the worker pool.
+ *
+ * fbp_gemm_<ty>(threads, ...) computes row-major C = op(A) @ op(B) with our
+ * own kernels, or returns 0 so that the caller (gemm_rm in dense.pyx) uses
+ * BLAS:
+ *   - the small kernels (smallgemm.h) take what fits in cache;
+ *   - with more than one thread allowed, a product of at least
+ *     FBP_PAR_MNK multiply-adds is cut into column ranges of C (row ranges
+ *     for the narrow paths), one per thread, each run on the path planned
+ *     for the whole product: the result is bitwise the same for every
+ *     thread count (see small_plan).
+ * Ranges are at least FBP_PAR_MIN columns (wider than any vector) and cut
+ * at multiples of 16, so every range keeps full vector blocks.
+ */
+#ifndef FASTBP_GEMM_H
+#define FASTBP_GEMM_H
+
+#include "smallgemm.h"
+#include "pool.h"
+
+/* Below this a product takes a few microseconds: handing half of it to a
+ * worker costs about as much as it saves. */
+#ifndef FBP_PAR_MNK
+#define FBP_PAR_MNK (1L << 18)
+#endif
+#define FBP_PAR_UNIT 16
+#define FBP_PAR_MIN (2 * FBP_PAR_UNIT)
+
+struct fbp_gemm_job {
+    int isa, path, trans_a, trans_b, m, n, k, parts, by_rows, dbl;
+    const void *a, *b;
+    void *c;
+    int lda, ldb, ldc;
+};
+
+/* Start of range i of `parts` over an axis of len, in units of FBP_PAR_UNIT. */
+static inline int fbp_range_start(int i, int parts, int len)
+{
+    long units = (len + FBP_PAR_UNIT - 1) / FBP_PAR_UNIT;
+    int at = (int)(units * i / parts) * FBP_PAR_UNIT;
+    return at < len ? at : len;
+}
+
+/* Range `task` of the product: rows [lo, hi) of C (narrow paths) or
+ * columns [lo, hi) (the others). */
+static void fbp_gemm_task(void *ctx, int task)
+{
+    const struct fbp_gemm_job *j = (const struct fbp_gemm_job *)ctx;
+    int len = j->by_rows ? j->m : j->n;
+    int lo = fbp_range_start(task, j->parts, len);
+    int hi = fbp_range_start(task + 1, j->parts, len);
+    long ao = 0, bo = 0, co;
+    int m = j->m, n = j->n;
+    if (j->by_rows) {
+        m = hi - lo;
+        ao = j->trans_a ? lo : (long)lo * j->lda;   /* rows of op(A) */
+        co = (long)lo * j->ldc;
+    } else {
+        n = hi - lo;
+        bo = j->trans_b ? (long)lo * j->ldb : lo;   /* columns of op(B) */
+        co = lo;
+    }
+    if (j->dbl)
+        fbp_small_run_f64(j->isa, j->path, j->trans_a, m, n, j->k,
+                          (const double *)j->a + ao, j->lda, (const double *)j->b + bo,
+                          j->ldb, (double *)j->c + co, j->ldc);
+    else
+        fbp_small_run_f32(j->isa, j->path, j->trans_a, m, n, j->k,
+                          (const float *)j->a + ao, j->lda, (const float *)j->b + bo,
+                          j->ldb, (float *)j->c + co, j->ldc);
+}
+
+/* Shared body of fbp_gemm_f32 / _f64 once the path is known. */
+static int fbp_gemm_split(struct fbp_gemm_job *j, int threads)
+{
+    j->by_rows = j->path == FBP_SG_TN_NARROW || j->path == FBP_SG_NN_NARROW;
+    int len = j->by_rows ? j->m : j->n;
+    j->parts = 1;
+    if (threads > 1 && (long)j->m * j->n * j->k >= FBP_PAR_MNK) {
+        j->parts = len / FBP_PAR_MIN;
+        if (j->parts > threads)
+            j->parts = threads;
+        if (j->parts < 1)
+            j->parts = 1;
+    }
+    if (j->parts == 1)
+        fbp_gemm_task(j, 0);
+    else
+        fbp_pool_run(j->parts, fbp_gemm_task, j, j->parts);
+    return 1;
+}
+
+/* Row-major C[m, n] = op(A) @ op(B) (C overwritten) on up to `threads`
+ * threads; 0 (nothing written) when BLAS should take it. */
+static inline int fbp_gemm_f32(int threads, int trans_a, int trans_b, int m, int n, int k,
+                               const float *a, int lda, const float *b, int ldb,
+                               float *c, int ldc)
+{
+    int isa = fbp_isa_best();
+    struct fbp_gemm_job j = {isa, fbp_small_plan_f32(isa, trans_a, trans_b, m, n, k),
+                             trans_a, trans_b, m, n, k, 1, 0, 0, a, b, c, lda, ldb, ldc};
+    return j.path != FBP_SG_NONE && fbp_gemm_split(&j, threads);
+}
+
+static inline int fbp_gemm_f64(int threads, int trans_a, int trans_b, int m, int n, int k,
+                               const double *a, int lda, const double *b, int ldb,
+                               double *c, int ldc)
+{
+    int isa = fbp_isa_best();
+    struct fbp_gemm_job j = {isa, fbp_small_plan_f64(isa, trans_a, trans_b, m, n, k),
+                             trans_a, trans_b, m, n, k, 1, 0, 1, a, b, c, lda, ldb, ldc};
+    return j.path != FBP_SG_NONE && fbp_gemm_split(&j, threads);
+}
+
+#endif

@@ -1,0 +1,156 @@
+"""The kernels' worker pool (csrc/pool.h) and how products and optimizer
+updates are split across it (csrc/gemm.h, engine.optimizer_step): results
+must not depend on the thread count, and the pool must survive concurrent
+callers and fork()."""
+import multiprocessing
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import fastbp
+from fastbp._ext import dense
+
+from helpers import DTYPES, assert_close
+
+
+@pytest.fixture
+def declared():
+    """Restores the calling thread's declared thread count after a test."""
+    previous = dense.set_threads(1)
+    yield
+    dense.set_threads(previous)
+
+
+def _product(rng, m, n, k, trans_a, trans_b, dtype):
+    a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)
+    ref = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
+    return a, b, ref
+
+
+# Products above the split cutoff (2**18 multiply-adds) on every path of the
+# small kernels: column ranges (broadcast form, A @ B.T dot products and
+# copied B.T), row ranges (outputs narrower than a vector), uneven last
+# ranges, and shapes only BLAS takes.
+SPLIT_SHAPES = [(64, 256, 784), (200, 100, 64), (784, 256, 64), (100, 10, 3000),
+                (3000, 10, 100), (64, 256, 128), (300, 97, 40), (97, 300, 40),
+                (50, 500, 33), (1000, 12, 64), (128, 128, 128), (600, 600, 600)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("m,n,k", SPLIT_SHAPES)
+def test_products_are_bitwise_the_same_on_any_thread_count(rng, declared, dtype, trans, m, n, k):
+    a, b, ref = _product(rng, m, n, k, *trans, dtype)
+    dense.set_threads(1)
+    one = dense.gemm(a, b, *trans)
+    assert_close(one, ref, dtype)
+    for threads in (2, 3, 5):
+        dense.set_threads(threads)
+        np.testing.assert_array_equal(dense.gemm(a, b, *trans), one)
+
+
+def test_set_threads_is_per_python_thread(declared):
+    dense.set_threads(1)
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(dense.set_threads(3)))
+    worker.start()
+    worker.join()
+    assert seen == [0]                  # a new thread starts undeclared
+    assert dense.set_threads(1) == 1    # ... and did not change this one's
+
+
+def test_split_products_start_workers(rng, declared):
+    a, b, ref = _product(rng, 64, 256, 784, False, False, np.float32)
+    dense.set_threads(2)
+    assert_close(dense.gemm(a, b), ref, np.float32)
+    if sys.platform != "win32":
+        assert dense.pool_workers() >= 1
+
+
+def test_concurrent_callers_get_correct_products(rng):
+    """Two Python threads using the pool at once (GIL released): one owns
+    it, the other runs its ranges alone; both must be right."""
+    a, b, ref = _product(rng, 96, 320, 500, False, False, np.float64)
+    errors = []
+
+    def work():
+        dense.set_threads(2)
+        for _ in range(30):
+            out = dense.gemm(a, b)
+            if not np.allclose(out, ref, rtol=1e-12, atol=1e-9):
+                errors.append(np.abs(out - ref).max())
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def _child_product(queue):
+    rng = np.random.default_rng(5)
+    a, b, ref = _product(rng, 64, 256, 784, False, False, np.float64)
+    dense.set_threads(2)
+    queue.put(float(np.abs(dense.gemm(a, b) - ref).max()))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork() does not exist on Windows")
+def test_pool_works_in_a_forked_child(rng, declared):
+    # Start the parent's workers first: the child inherits none of them.
+    a, b, ref = _product(rng, 64, 256, 784, False, False, np.float64)
+    dense.set_threads(2)
+    dense.gemm(a, b)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_product, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0, "the forked child hung or crashed"
+    assert queue.get(timeout=5) < 1e-9
+    assert_close(dense.gemm(a, b), ref, np.float64)   # and the parent's pool still runs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_training_is_bitwise_the_same_on_one_and_two_threads(rng, dtype, optimizer):
+    # 150-160-64-10 at batch 32 has 35k parameters, above the cutoff for
+    # splitting the optimizer's update, and its first layer's products are
+    # above the one for splitting GEMMs; every product stays in our own
+    # kernels (BLAS itself may round differently on another thread count).
+    X = rng.normal(size=(300, 150)).astype(dtype)
+    y = rng.integers(0, 10, 300)
+    params = []
+    for threads in (1, 2):
+        net = fastbp.Sequential([fastbp.Dense(160, activation="relu"),
+                                 fastbp.Dense(64, activation="tanh"), fastbp.Dense(10)],
+                                dtype=dtype, seed=3)
+        opt = (fastbp.optim.Adam(lr=1e-3) if optimizer == "adam"
+               else fastbp.optim.SGD(lr=1e-2, momentum=0.9))
+        net.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=2, batch_size=32,
+                verbose=0, n_threads=threads)
+        params.append(net.params.copy())
+    assert params[0].size > 2 ** 15
+    np.testing.assert_array_equal(params[0], params[1])
+
+
+def test_fit_declares_its_thread_count_and_restores_it():
+    net = fastbp.Sequential([fastbp.Dense(4, activation="relu"), fastbp.Dense(1)], seed=0)
+    X = np.ones((8, 3)); y = np.zeros(8)
+    seen = []
+
+    class Peek:
+        def on_epoch_end(self, net, epoch, logs):
+            seen.append(dense.set_threads(0))
+            dense.set_threads(seen[-1])
+
+    before = dense.set_threads(7)
+    try:
+        net.fit(X, y, epochs=1, verbose=0, n_threads=1, callbacks=[Peek()])
+        assert seen == [1]                  # declared during the fit
+        assert dense.set_threads(7) == 7    # restored after it
+    finally:
+        dense.set_threads(before)
