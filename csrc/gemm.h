@@ -5,11 +5,16 @@
  * own kernels, or returns 0 so that the caller (gemm_rm in dense.pyx) uses
  * BLAS:
  *   - the small kernels (smallgemm.h) take what fits in cache;
+ *   - the packed kernels (packedgemm.h) take the rest where the CPU has
+ *     AVX-512, whose 64-byte multiply-adds beat the AVX2 kernels OpenBLAS
+ *     runs there (see packedgemm.h); elsewhere BLAS does;
  *   - with more than one thread allowed, a product of at least
  *     FBP_PAR_MNK multiply-adds is cut into column ranges of C (row ranges
  *     for the narrow paths), one per thread, each run on the path planned
  *     for the whole product: the result is bitwise the same for every
  *     thread count (see small_plan).
+ * If a packed range cannot get its buffer (out of memory) the call returns
+ * 0 and BLAS recomputes all of C.
  * Ranges are at least FBP_PAR_MIN columns (wider than any vector) and cut
  * at multiples of 16, so every range keeps full vector blocks.
  */
@@ -17,6 +22,7 @@
 #define FASTBP_GEMM_H
 
 #include "smallgemm.h"
+#include "packedgemm.h"
 #include "pool.h"
 
 /* Below this a product takes a few microseconds: handing half of it to a
@@ -27,8 +33,12 @@
 #define FBP_PAR_UNIT 16
 #define FBP_PAR_MIN (2 * FBP_PAR_UNIT)
 
+/* path values beyond smallgemm.h's FBP_SG_* */
+#define FBP_PACKED 16
+
 struct fbp_gemm_job {
     int isa, path, trans_a, trans_b, m, n, k, parts, by_rows, dbl;
+    int failed;     /* a packed range could not get its buffer */
     const void *a, *b;
     void *c;
     int lda, ldb, ldc;
@@ -61,7 +71,23 @@ static void fbp_gemm_task(void *ctx, int task)
         bo = j->trans_b ? (long)lo * j->ldb : lo;   /* columns of op(B) */
         co = lo;
     }
-    if (j->dbl)
+    if (j->path == FBP_PACKED) {
+        /* Each range packs its own blocks; the result does not depend on
+         * the ranges (packedgemm.h). */
+        int done;
+        if (j->dbl)
+            done = fbp_gemm_packed_isa_f64(j->isa, j->trans_a, j->trans_b, m, n, j->k,
+                                           (const double *)j->a + ao, j->lda,
+                                           (const double *)j->b + bo, j->ldb,
+                                           (double *)j->c + co, j->ldc);
+        else
+            done = fbp_gemm_packed_isa_f32(j->isa, j->trans_a, j->trans_b, m, n, j->k,
+                                           (const float *)j->a + ao, j->lda,
+                                           (const float *)j->b + bo, j->ldb,
+                                           (float *)j->c + co, j->ldc);
+        if (!done)
+            __atomic_store_n(&((struct fbp_gemm_job *)ctx)->failed, 1, __ATOMIC_RELAXED);
+    } else if (j->dbl)
         fbp_small_run_f64(j->isa, j->path, j->trans_a, m, n, j->k,
                           (const double *)j->a + ao, j->lda, (const double *)j->b + bo,
                           j->ldb, (double *)j->c + co, j->ldc);
@@ -69,6 +95,18 @@ static void fbp_gemm_task(void *ctx, int task)
         fbp_small_run_f32(j->isa, j->path, j->trans_a, m, n, j->k,
                           (const float *)j->a + ao, j->lda, (const float *)j->b + bo,
                           j->ldb, (float *)j->c + co, j->ldc);
+}
+
+/* The small kernels' path for a product, else FBP_PACKED where the packed
+ * kernels should take it, else FBP_SG_NONE (BLAS). */
+static inline int fbp_gemm_plan(int isa, int dbl, int trans_a, int trans_b,
+                                int m, int n, int k)
+{
+    int path = dbl ? fbp_small_plan_f64(isa, trans_a, trans_b, m, n, k)
+                   : fbp_small_plan_f32(isa, trans_a, trans_b, m, n, k);
+    if (path == FBP_SG_NONE && isa >= FBP_ISA_AVX512 && !(trans_a && trans_b))
+        path = FBP_PACKED;
+    return path;
 }
 
 /* Shared body of fbp_gemm_f32 / _f64 once the path is known. */
@@ -88,7 +126,7 @@ static int fbp_gemm_split(struct fbp_gemm_job *j, int threads)
         fbp_gemm_task(j, 0);
     else
         fbp_pool_run(j->parts, fbp_gemm_task, j, j->parts);
-    return 1;
+    return !j->failed;   /* else BLAS redoes all of C */
 }
 
 /* Row-major C[m, n] = op(A) @ op(B) (C overwritten) on up to `threads`
@@ -98,8 +136,8 @@ static inline int fbp_gemm_f32(int threads, int trans_a, int trans_b, int m, int
                                float *c, int ldc)
 {
     int isa = fbp_isa_best();
-    struct fbp_gemm_job j = {isa, fbp_small_plan_f32(isa, trans_a, trans_b, m, n, k),
-                             trans_a, trans_b, m, n, k, 1, 0, 0, a, b, c, lda, ldb, ldc};
+    struct fbp_gemm_job j = {isa, fbp_gemm_plan(isa, 0, trans_a, trans_b, m, n, k),
+                             trans_a, trans_b, m, n, k, 1, 0, 0, 0, a, b, c, lda, ldb, ldc};
     return j.path != FBP_SG_NONE && fbp_gemm_split(&j, threads);
 }
 
@@ -108,8 +146,8 @@ static inline int fbp_gemm_f64(int threads, int trans_a, int trans_b, int m, int
                                double *c, int ldc)
 {
     int isa = fbp_isa_best();
-    struct fbp_gemm_job j = {isa, fbp_small_plan_f64(isa, trans_a, trans_b, m, n, k),
-                             trans_a, trans_b, m, n, k, 1, 0, 1, a, b, c, lda, ldb, ldc};
+    struct fbp_gemm_job j = {isa, fbp_gemm_plan(isa, 1, trans_a, trans_b, m, n, k),
+                             trans_a, trans_b, m, n, k, 1, 0, 1, 0, a, b, c, lda, ldb, ldc};
     return j.path != FBP_SG_NONE && fbp_gemm_split(&j, threads);
 }
 
