@@ -74,7 +74,7 @@ static FBP_INLINE LS_ATTR LS(vec) LS(vexp)(LS(vec) x)
 }
 
 /* x[i] = exp(x[i]) for i < n, in place. */
-static LS_ATTR void LS(ls_exp_array)(T *x, int64_t n)
+static LS_ATTR void LS(exp_array)(T *x, int64_t n)
 {
     int64_t i = 0;
     LS(vec) v;
@@ -93,7 +93,7 @@ static LS_ATTR void LS(ls_exp_array)(T *x, int64_t n)
 #undef VL
 #undef LS_SPLAT
 #else
-static void LS(ls_exp_array)(T *x, int64_t n)
+static void LS(exp_array)(T *x, int64_t n)
 {
     for (int64_t i = 0; i < n; i++)
         x[i] = (T)exp((double)x[i]);
@@ -103,7 +103,7 @@ static void LS(ls_exp_array)(T *x, int64_t n)
 /* Loss `which` (FBP_LOSS_*); see losses.h for the contract.  The loss and
  * gradient arithmetic is that of fastbp/_numba/losses.py's kernels (double
  * sums, p = e / s), so only the exp's rounding differs from them. */
-static LS_ATTR double LS(ls_softmax_loss)(int which, T *z, T *y, T *w, T *g, int64_t m,
+static LS_ATTR double LS(softmax_loss)(int which, T *z, T *y, T *w, T *g, int64_t m,
                                           int64_t k)
 {
     const double eps = sizeof(T) == 4 ? FLT_EPSILON : DBL_EPSILON;
@@ -122,7 +122,7 @@ static LS_ATTR double LS(ls_softmax_loss)(int which, T *z, T *y, T *w, T *g, int
         for (j = 0; j < k; j++)
             gi[j] = zi[j] - zmax;
     }
-    LS(ls_exp_array)(g, m * k);
+    LS(exp_array)(g, m * k);
     for (i = 0; i < m; i++) {
         const T *zi = z + i * k, *yi = y + i * k;
         T *gi = g + i * k;

@@ -7,7 +7,7 @@
 #define LS_INT int32_t
 #define LS_MANT 23
 #define LS_BIAS 127
-#define LS(x) FBP_CAT(FBP_CAT(x, _f32_), LS_ISA)
+#define LS(x) FBP_CAT(FBP_CAT(FBP_CAT(ls_, x), _f32_), LS_ISA)
 #include "losses_impl.h"
 #undef T
 #undef LS_INT
@@ -19,7 +19,7 @@
 #define LS_INT int64_t
 #define LS_MANT 52
 #define LS_BIAS 1023
-#define LS(x) FBP_CAT(FBP_CAT(x, _f64_), LS_ISA)
+#define LS(x) FBP_CAT(FBP_CAT(FBP_CAT(ls_, x), _f64_), LS_ISA)
 #include "losses_impl.h"
 #undef T
 #undef LS_INT
