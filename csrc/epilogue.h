@@ -17,8 +17,10 @@
  * NaN behaves as there too (ReLU of NaN is 0, its derivative 0).
  *
  * Entry points return 1 when done, 0 for an activation they do not take
- * (dense.pyx then runs its scalar loop).  Without vector extensions (MSVC)
- * they decline everything.
+ * (dense.pyx then runs its scalar loop).  The backward entry point always
+ * takes identity (plain column sums), which dense.pyx uses after its own
+ * loop for the other activations.  Without vector extensions (MSVC) that is
+ * all they take, in scalar loops.
  */
 #ifndef FASTBP_EPILOGUE_H
 #define FASTBP_EPILOGUE_H
@@ -38,12 +40,21 @@ static inline int fbp_bias_act_f32(int isa, float *z, const float *b, int64_t m,
                                    int act, float slope) { return 0; }
 static inline int fbp_bias_act_f64(int isa, double *z, const double *b, int64_t m, int64_t n,
                                    int act, double slope) { return 0; }
+/* Only the column sums (identity), which dense.pyx relies on. */
+#define FBP_EP_COLUMN_SUMS(T)                                               \
+    if (act != FBP_ACT_IDENTITY)                                            \
+        return 0;                                                           \
+    memset(db, 0, (size_t)n * sizeof(T));                                   \
+    for (int64_t i = 0; i < m; i++)                                         \
+        for (int64_t j = 0; j < n; j++)                                     \
+            db[j] += g[i * n + j];                                          \
+    return 1;
 static inline int fbp_act_backward_db_f32(int isa, float *g, const float *a, float *db,
                                           int64_t m, int64_t n, int act, float slope)
-{ return 0; }
+{ FBP_EP_COLUMN_SUMS(float) }
 static inline int fbp_act_backward_db_f64(int isa, double *g, const double *a, double *db,
                                           int64_t m, int64_t n, int act, double slope)
-{ return 0; }
+{ FBP_EP_COLUMN_SUMS(double) }
 #else
 
 #define EP_ATTR
