@@ -23,11 +23,13 @@ ext_modules = [
         include_dirs=[np.get_include(), "csrc"],
         depends=[f"csrc/{h}" for h in ("smallgemm.h", "smallgemm_pair.h", "smallgemm_impl.h",
                                            "packedgemm.h", "packedgemm_impl.h", "gemm.h",
-                                           "pool.h")],
+                                           "pool.h", "losses.h", "losses_pair.h",
+                                           "losses_impl.h", "epilogue.h", "epilogue_pair.h",
+                                           "epilogue_impl.h")],
         extra_compile_args=extra,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
-    for name in ("dense", "engine")
+    for name in ("dense", "engine", "losses")
 ]
 
 setup(

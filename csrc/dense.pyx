@@ -96,6 +96,36 @@ cdef extern from "gemm.h" nogil:
     int fbp_pool_workers()
 
 
+# Vectorized bias + activation and activation backward + bias gradient
+# (csrc/epilogue.h); they return 0 for activations they leave to the loops
+# below.
+cdef extern from "epilogue.h" nogil:
+    int fbp_bias_act_f32(int isa, float* z, const float* b, int64_t m, int64_t n,
+                         int act, float slope)
+    int fbp_bias_act_f64(int isa, double* z, const double* b, int64_t m, int64_t n,
+                         int act, double slope)
+    int fbp_act_backward_db_f32(int isa, float* g, const float* a, float* db,
+                                int64_t m, int64_t n, int act, float slope)
+    int fbp_act_backward_db_f64(int isa, double* g, const double* a, double* db,
+                                int64_t m, int64_t n, int act, double slope)
+
+
+cdef inline int bias_act_vec(int isa, floating* z, const floating* b, int64_t m, int64_t n,
+                             int act) noexcept nogil:
+    if floating is float:
+        return fbp_bias_act_f32(isa, z, b, m, n, act, <float>LEAKY_SLOPE)
+    else:
+        return fbp_bias_act_f64(isa, z, b, m, n, act, LEAKY_SLOPE)
+
+
+cdef inline int backward_db_vec(int isa, floating* g, const floating* a, floating* db,
+                                int64_t m, int64_t n, int act) noexcept nogil:
+    if floating is float:
+        return fbp_act_backward_db_f32(isa, g, a, db, m, n, act, <float>LEAKY_SLOPE)
+    else:
+        return fbp_act_backward_db_f64(isa, g, a, db, m, n, act, LEAKY_SLOPE)
+
+
 # How many threads the calling thread's kernels may use, as it last declared
 # (set_threads; 0: not declared, which counts as 1).  Thread-local, so
 # concurrent fits with different n_threads in different Python threads each
@@ -183,6 +213,8 @@ cdef void bias_activation(floating* z, const floating* b, int64_t m, int64_t n,
     cdef int64_t i, j
     cdef floating v, e
     cdef floating* row
+    if bias_act_vec(-1, z, b, m, n, act):
+        return  # identity, relu, leaky_relu: vectorized, same values
     if act == IDENTITY:
         for i in range(m):
             row = z + i * n
@@ -273,15 +305,11 @@ cdef void dense_backward_ptr(const floating* x, const floating* w, const floatin
                              floating* g, floating* dw, floating* db, floating* dx,
                              int64_t m, int64_t n_in, int64_t n_out,
                              int act) noexcept nogil:
-    cdef int64_t i, j
-    cdef const floating* row
-    activation_backward(g, a, m, n_out, act)
-    # db = sum over rows of g; row-wise accumulation keeps the loop contiguous.
-    memset(db, 0, n_out * sizeof(floating))
-    for i in range(m):
-        row = g + i * n_out
-        for j in range(n_out):
-            db[j] += row[j]
+    # g *= act'; db = sum over rows of g, row by row from 0 (epilogue.h):
+    # in one pass for identity, relu and leaky_relu, else after the loop.
+    if not backward_db_vec(-1, g, a, db, m, n_out, act):
+        activation_backward(g, a, m, n_out, act)
+        backward_db_vec(-1, g, a, db, m, n_out, IDENTITY)
     # dw[n_in, n_out] = x.T @ g
     gemm_rm(True, False, <int>n_in, <int>n_out, <int>m, <floating>1.0,
             x, <int>n_in, g, <int>n_out, <floating>0.0, dw, <int>n_out)
@@ -390,3 +418,71 @@ def dense_backward(const floating[:, ::1] x, const floating[:, ::1] w,
         dense_backward_ptr(&x[0, 0], &w[0, 0], &a[0, 0], &gv[0, 0], &dwv[0, 0],
                            &dbv[0], &dxv[0, 0], m, n_in, n_out, activation)
     return dw, db, dx
+
+
+def bias_activation_kernel(const floating[:, ::1] z, const floating[::1] b, int activation,
+                           int isa=-1):
+    """``act(z + b)`` as the forward epilogue computes it (test hook):
+    identity, relu and leaky_relu through csrc/epilogue.h at instruction-set
+    level ``isa`` (-1: the best this machine has), the others through the
+    scalar loops.
+
+    Parameters
+    ----------
+    z : ndarray of shape (m, n)
+    b : ndarray of shape (n,)
+    activation : int
+        Activation code (fastbp.activations.ACTIVATION_CODES).
+    isa : int, default=-1
+
+    Returns
+    -------
+    ndarray of shape (m, n), z's dtype
+    """
+    cdef int64_t m = z.shape[0], n = z.shape[1]
+    if b.shape[0] != n:
+        raise ValueError("bias_activation_kernel: shapes of z and b do not agree")
+    out = np.array(z, copy=True, order="C")
+    cdef floating[:, ::1] o = out
+    if m == 0 or n == 0:
+        return out
+    with nogil:
+        if not bias_act_vec(isa, &o[0, 0], &b[0], m, n, activation):
+            bias_activation(&o[0, 0], &b[0], m, n, activation)
+    return out
+
+
+def activation_backward_db_kernel(const floating[:, ::1] g, const floating[:, ::1] a,
+                                  int activation, int isa=-1):
+    """The backward epilogue (test hook): ``d = g * act'(a)`` and its column
+    sums ``db``, summed row by row, as ``dense_backward`` computes them;
+    identity, relu and leaky_relu in one pass of csrc/epilogue.h at level
+    ``isa`` (-1: the best), the others through the scalar loop first.
+
+    Parameters
+    ----------
+    g, a : ndarray of shape (m, n)
+        dL/d(output) and the layer's output.
+    activation : int
+        Activation code.
+    isa : int, default=-1
+
+    Returns
+    -------
+    d : ndarray of shape (m, n)
+    db : ndarray of shape (n,)
+    """
+    cdef int64_t m = g.shape[0], n = g.shape[1]
+    if a.shape[0] != m or a.shape[1] != n:
+        raise ValueError("activation_backward_db_kernel: shapes of g and a do not agree")
+    d = np.array(g, copy=True, order="C")
+    db = np.zeros(n, dtype=d.dtype)
+    cdef floating[:, ::1] dv = d
+    cdef floating[::1] dbv = db
+    if m == 0 or n == 0:
+        return d, db
+    with nogil:
+        if not backward_db_vec(isa, &dv[0, 0], &a[0, 0], &dbv[0], m, n, activation):
+            activation_backward(&dv[0, 0], &a[0, 0], m, n, activation)
+            backward_db_vec(isa, &dv[0, 0], &a[0, 0], &dbv[0], m, n, IDENTITY)
+    return d, db

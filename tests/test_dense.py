@@ -166,3 +166,65 @@ def test_shape_mismatch_is_an_error(rng):
     x, w, b = _data(rng, "float64")
     with pytest.raises(ValueError, match="shapes"):
         dense.dense_forward(x, w, b[:-1], 0)
+
+
+# The vectorized epilogues (csrc/epilogue.h) at every level: widths that are
+# whole vectors, bands of four, and leave tails of every length, for both
+# vector lengths (4 and 8 doubles, 8 and 16 floats).
+EPILOGUE_WIDTHS = [1, 3, 4, 7, 8, 10, 15, 16, 17, 33, 64, 100, 129]
+
+
+def _rows_by_rows_sum(d):
+    """Column sums added row by row from 0, the order the kernels keep."""
+    total = np.zeros(d.shape[1], dtype=d.dtype)
+    for row in d:
+        total += row
+    return total
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("n", EPILOGUE_WIDTHS)
+def test_epilogues_are_bitwise_the_scalar_loops(rng, dtype, act, n):
+    code = activations.ACTIVATION_CODES[act]
+    m = 5
+    z = (2 * rng.normal(size=(m, n))).astype(dtype)
+    b = rng.normal(size=n).astype(dtype)
+    g = rng.normal(size=(m, n)).astype(dtype)
+    out0 = dense.bias_activation_kernel(z, b, code, 0)
+    d0, db0 = dense.activation_backward_db_kernel(g, out0, code, 0)
+    assert out0.dtype == dtype and d0.dtype == dtype and db0.dtype == dtype
+    if act in ("identity", "relu", "leaky_relu"):
+        # exact operations: the reference gives the same bits
+        np.testing.assert_array_equal(out0, reference.bias_activation(z, b, code))
+        np.testing.assert_array_equal(d0, reference.activation_backward(g, out0, code))
+    else:
+        assert_close(out0, reference.bias_activation(z, b, code), dtype)
+        assert_close(d0, reference.activation_backward(g, out0, code), dtype)
+    np.testing.assert_array_equal(db0, _rows_by_rows_sum(d0))
+    for isa in ISAS[1:]:
+        np.testing.assert_array_equal(dense.bias_activation_kernel(z, b, code, isa), out0)
+        d, db = dense.activation_backward_db_kernel(g, out0, code, isa)
+        np.testing.assert_array_equal(d, d0)
+        np.testing.assert_array_equal(db, db0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_relu_epilogues_keep_the_scalar_nan_and_zero_rules(dtype, isa):
+    # `v if v > 0 else 0`: NaN and -0 give +0, and so do their derivatives
+    relu, leaky = activations.ACTIVATION_CODES["relu"], activations.ACTIVATION_CODES["leaky_relu"]
+    z = np.array([[np.nan, -0.0, 0.0, 2.0, -2.0, np.inf, -np.inf, 1e-30, -1e-30] * 3],
+                 dtype=dtype)
+    b = np.zeros(z.shape[1], dtype=dtype)
+    out = dense.bias_activation_kernel(z, b, relu, isa)
+    expected = np.where(z > 0, z, 0).astype(dtype)
+    np.testing.assert_array_equal(out, expected)
+    assert not np.signbit(out).any()
+    slope = np.asarray(0.01, dtype)
+    np.testing.assert_array_equal(dense.bias_activation_kernel(z, b, leaky, isa),
+                                  np.where(z > 0, z, slope * z))
+    g = np.full_like(z, 3.0)
+    d, db = dense.activation_backward_db_kernel(g, z, relu, isa)
+    np.testing.assert_array_equal(d, np.where(z > 0, g, 0))
+    np.testing.assert_array_equal(db, d[0])

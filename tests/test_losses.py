@@ -1,10 +1,13 @@
-"""Compiled loss kernels (fastbp._numba.losses) against fastbp.reference."""
+"""Compiled loss kernels (fastbp._numba.losses, fastbp._ext.losses) against
+fastbp.reference."""
 import ctypes
 
 import numpy as np
 import pytest
 
 from fastbp import reference
+from fastbp._ext import dense
+from fastbp._ext import losses as softmax_losses
 from fastbp._numba import losses
 
 from helpers import DTYPES, assert_close
@@ -137,3 +140,63 @@ def test_cfunc_entry_point_matches_kernel(rng, dtype, loss):
     v2 = losses.KERNELS[loss](Z, Y, w, G2)
     assert v1 == v2
     np.testing.assert_array_equal(G1, G2)
+
+
+# The softmax losses are C kernels (csrc/losses.h) with their own vector exp,
+# compiled per instruction-set level; every level this machine runs is tested.
+ISAS = list(range(dense.small_gemm_isa() + 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_vector_exp_is_within_one_ulp(rng, dtype, isa):
+    lo, hi = (-745.5, 710.0) if dtype == "float64" else (-104.5, 89.0)
+    x = np.concatenate([rng.uniform(-1, 1, 20000), rng.uniform(lo, hi, 20000),
+                        rng.uniform(-40, 0, 20000)]).astype(dtype)
+    # 61 values: not a multiple of any vector length, so the tail path runs
+    x = x[: x.size - x.size % 64 + 61]
+    exact = np.exp(x.astype(np.longdouble))  # 64-bit mantissa: a yardstick for both
+    with np.errstate(over="ignore"):
+        rounded = exact.astype(dtype)
+    out = softmax_losses.exp(x, isa)
+    assert out.dtype == dtype and out.shape == x.shape
+    normal = np.isfinite(rounded) & (rounded != 0)
+    ulp = np.spacing(np.abs(rounded[normal])).astype(np.longdouble)
+    err = np.abs(out[normal].astype(np.longdouble) - exact[normal]) / ulp
+    assert err.max() <= 1.05
+    # where the exact result overflows or underflows, the same inf or 0
+    np.testing.assert_array_equal(out[~normal], rounded[~normal])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_vector_exp_special_values(dtype, isa):
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -1.0], dtype=dtype)
+    out = softmax_losses.exp(x, isa)
+    np.testing.assert_array_equal(out[:4], [1.0, 1.0, np.inf, 0.0])
+    assert np.isnan(out[4])
+    assert abs(out[5] - np.e) <= np.spacing(np.asarray(np.e, dtype))
+    assert abs(out[6] - 1 / np.e) <= np.spacing(np.asarray(1 / np.e, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("loss", ["sk_log_loss", "cross_entropy"])
+@pytest.mark.parametrize("m,k", [(1, 1), (1, 3), (3, 5), (7, 10), (200, 10), (5, 17)])
+def test_softmax_losses_match_reference_at_every_isa(rng, dtype, isa, loss, m, k):
+    Z = (3 * rng.normal(size=(m, k))).astype(dtype)
+    Y = np.eye(k, dtype=dtype)[rng.integers(0, k, m)]
+    w = rng.uniform(0.2, 3.0, m).astype(dtype)
+    G, G_ref = np.full_like(Z, np.nan), np.empty_like(Z)
+    kernel = getattr(softmax_losses, f"{loss}_loss_grad")
+    value = kernel(Z, Y, w, G, isa)
+    value_ref = reference.LOSS_KERNELS[loss](Z, Y, w, G_ref)
+    assert_close(value, value_ref, dtype)
+    # (one column: softmax is 1 and G exactly 0)
+    assert_close(G, G_ref, dtype, scale=np.abs(G_ref).max() or 1.0)
+
+
+def test_softmax_loss_address_is_the_kernel(rng):
+    assert losses.loss_cfunc("sk_log_loss", "float64") == softmax_losses.loss_address(
+        "sk_log_loss", np.float64)
+    assert losses.KERNELS["cross_entropy"] is softmax_losses.cross_entropy_loss_grad

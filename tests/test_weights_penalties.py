@@ -83,3 +83,21 @@ def test_sample_weight_validation(rng):
                          (np.zeros(5), "all zero"), (np.full(5, np.nan), "NaN")]:
         with pytest.raises(ValueError, match=message):
             net.fit(X, y, loss="cross_entropy", sample_weight=bad, verbose=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_in", [1, 2, 3, 5])
+def test_penalty_partial_sums_cover_every_tail(rng, dtype, n_in):
+    # The engine sums the penalty in four interleaved partial sums plus a
+    # tail (n_in * 7 and 7 * 3 weights leave every remainder mod 4), with an
+    # L2-only branch (first layer) and an L1 + L2 one (second).
+    net = fastbp.Sequential([fastbp.Dense(7, activation="tanh"), fastbp.Dense(3)],
+                            dtype=dtype, seed=1).build(n_in)
+    net._reg[:, :2] = [[0.3, 0.0], [0.2, 0.1]]
+    X = rng.normal(size=(10, n_in)).astype(dtype)
+    Y = np.eye(3, dtype=dtype)[rng.integers(0, 3, 10)]
+    value, grad = net.loss_and_grad(X, Y, loss="mse")
+    value_ref, grad_ref = reference.loss_grad(X, Y, net._program, net.params, "mse",
+                                              reg=net._reg)
+    assert_close(value, value_ref, dtype)
+    assert_close(grad, grad_ref, dtype)

@@ -11,11 +11,18 @@ w_i is 1); the ``sk_`` losses are scikit-learn's MLP losses.
 ``loss_cfunc(name, dtype)`` returns the C address of a cached ``cfunc`` with
 signature ``double(T* z, T* y, T* w, T* g, int64 m, int64 k)`` that wraps the
 same kernel; the training engine (csrc/engine.pyx) calls it once per batch.
+
+The softmax losses (``cross_entropy``, ``sk_log_loss``) are not here but in C
+(csrc/losses.h, ``fastbp._ext.losses``), whose vector exp is several times
+faster than Numba's one libm call per logit; ``KERNELS`` and ``loss_cfunc``
+list them with the others, so callers need one registry.
 """
 import numpy as np
 from numba import carray, njit, types
 
 from .._config import NJIT
+from .._ext import losses as _softmax
+from .._ext.losses import cross_entropy_loss_grad, sk_log_loss_loss_grad
 from . import c_entry_point
 
 
@@ -57,42 +64,6 @@ def binary_cross_entropy_loss_grad(Z, Y, w, G):
     return total * scale
 
 
-@njit(**NJIT)
-def _softmax_row(Z, G, i):
-    """G[i] = exp(Z[i] - max Z[i]); returns (max, sum of G[i])."""
-    k = Z.shape[1]
-    zmax = Z[i, 0]
-    for j in range(1, k):
-        zmax = max(zmax, Z[i, j])
-    s = 0.0
-    for j in range(k):
-        e = np.exp(Z[i, j] - zmax)
-        G[i, j] = e
-        s += e
-    return zmax, s
-
-
-@njit(**NJIT)
-def cross_entropy_loss_grad(Z, Y, w, G):
-    m, k = Z.shape
-    scale = 1.0 / _weight_sum(w)
-    total = 0.0
-    for i in range(m):
-        zmax, s = _softmax_row(Z, G, i)
-        lse = zmax + np.log(s)
-        ysum = 0.0
-        row = 0.0
-        for j in range(k):
-            y = Y[i, j]
-            ysum += y
-            row += y * (lse - Z[i, j])
-        total += w[i] * row
-        # d/dz of -sum_j y_j log softmax(z)_j = softmax(z) * sum(y) - y
-        for j in range(k):
-            G[i, j] = scale * (w[i] * (G[i, j] / s * ysum - Y[i, j]))
-    return total * scale
-
-
 # scikit-learn's losses (sklearn/neural_network/_base.py), in terms of the
 # last layer's pre-activation Z, with its output activation applied inside.
 # The gradient is sklearn's delta, w (act(Z) - Y) / sum(w), which is the exact
@@ -110,25 +81,6 @@ def sk_squared_error_loss_grad(Z, Y, w, G):
             total += w[i] * d * d
             G[i, j] = scale * (w[i] * d)
     return 0.5 * total * scale / k
-
-
-@njit(**NJIT)
-def sk_log_loss_loss_grad(Z, Y, w, G):
-    """-sum_j weighted mean of y log p, p = softmax(Z) clipped to [eps, 1-eps]."""
-    m, k = Z.shape
-    scale = 1.0 / _weight_sum(w)
-    eps = np.finfo(Z.dtype).eps
-    total = 0.0
-    for i in range(m):
-        zmax, s = _softmax_row(Z, G, i)
-        row = 0.0
-        for j in range(k):
-            p = G[i, j] / s
-            G[i, j] = scale * (w[i] * (p - Y[i, j]))
-            if Y[i, j] != 0:
-                row += Y[i, j] * np.log(min(max(p, eps), 1 - eps))
-        total -= w[i] * row
-    return total * scale
 
 
 @njit(**NJIT)
@@ -183,19 +135,9 @@ def _bce_c(z, y, w, g, m, k):
                                           carray(g, (m, k)))
 
 
-def _ce_c(z, y, w, g, m, k):
-    return cross_entropy_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(w, (m,)),
-                                   carray(g, (m, k)))
-
-
 def _sk_se_c(z, y, w, g, m, k):
     return sk_squared_error_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(w, (m,)),
                                       carray(g, (m, k)))
-
-
-def _sk_log_c(z, y, w, g, m, k):
-    return sk_log_loss_loss_grad(carray(z, (m, k)), carray(y, (m, k)), carray(w, (m,)),
-                                 carray(g, (m, k)))
 
 
 def _sk_blog_c(z, y, w, g, m, k):
@@ -217,9 +159,9 @@ KERNELS = {
     "sk_binary_log_loss": sk_binary_log_loss_loss_grad,
     "sk_poisson": sk_poisson_loss_grad,
 }
-_C_WRAPPERS = {"mse": _mse_c, "binary_cross_entropy": _bce_c, "cross_entropy": _ce_c,
-               "sk_squared_error": _sk_se_c, "sk_log_loss": _sk_log_c,
-               "sk_binary_log_loss": _sk_blog_c, "sk_poisson": _sk_poisson_c}
+_C_WRAPPERS = {"mse": _mse_c, "binary_cross_entropy": _bce_c,
+               "sk_squared_error": _sk_se_c, "sk_binary_log_loss": _sk_blog_c,
+               "sk_poisson": _sk_poisson_c}
 
 
 def _signature(t):
@@ -228,5 +170,8 @@ def _signature(t):
 
 
 def loss_cfunc(name, dtype):
-    """C address of the cached cfunc for loss ``name`` in ``dtype``."""
+    """C address of loss ``name`` in ``dtype``: the C kernel's for the softmax
+    losses, else the cached cfunc's."""
+    if name in _softmax.NAMES:
+        return _softmax.loss_address(name, dtype)
     return c_entry_point(_C_WRAPPERS[name], dtype, _signature)

@@ -1,0 +1,158 @@
+# cython: language_level=3
+"""Softmax losses in C (csrc/losses.h): sk_log_loss and cross_entropy.
+
+Design
+------
+The training engine calls a loss through its C address once per batch
+(``loss(z, y, w, g, m, k)``, engine.pyx ``call_loss``); most losses are Numba
+cfuncs (fastbp/_numba/losses.py), but the softmax ones spend their time in
+exp, which libm computes one value at a time.  csrc/losses.h computes the
+exps of a whole batch with vector instructions (the best level the CPU has,
+like the small GEMMs) and is otherwise the Numba kernels' arithmetic.
+
+``loss_address(name, dtype)`` gives the engine's entry points; the ``def``
+functions below are the same kernels for Python callers and tests (the
+``_numba.losses`` registry lists them beside the Numba ones), and mirror
+``fastbp.reference`` name for name.  ``exp`` exposes the vector exp itself
+so that tests can measure its error at every instruction-set level.
+"""
+import numpy as np
+
+from libc.stdint cimport int64_t
+
+from fastbp._ext.dense cimport floating
+
+
+cdef extern from "losses.h" nogil:
+    int FBP_LOSS_SK_LOG
+    int FBP_LOSS_CROSS_ENTROPY
+    void fbp_exp_isa_f32(int isa, float* x, int64_t n)
+    void fbp_exp_isa_f64(int isa, double* x, int64_t n)
+    double fbp_softmax_loss_isa_f32(int isa, int which, float* z, float* y, float* w,
+                                    float* g, int64_t m, int64_t k)
+    double fbp_softmax_loss_isa_f64(int isa, int which, double* z, double* y, double* w,
+                                    double* g, int64_t m, int64_t k)
+    double fbp_sk_log_loss_f32(float*, float*, float*, float*, int64_t, int64_t)
+    double fbp_sk_log_loss_f64(double*, double*, double*, double*, int64_t, int64_t)
+    double fbp_cross_entropy_f32(float*, float*, float*, float*, int64_t, int64_t)
+    double fbp_cross_entropy_f64(double*, double*, double*, double*, int64_t, int64_t)
+
+
+_ADDRESSES = {
+    ("sk_log_loss", "float32"): <size_t>&fbp_sk_log_loss_f32,
+    ("sk_log_loss", "float64"): <size_t>&fbp_sk_log_loss_f64,
+    ("cross_entropy", "float32"): <size_t>&fbp_cross_entropy_f32,
+    ("cross_entropy", "float64"): <size_t>&fbp_cross_entropy_f64,
+}
+
+#: Loss names this module computes.
+NAMES = ("sk_log_loss", "cross_entropy")
+
+
+def loss_address(name, dtype):
+    """C address of loss ``name`` for ``dtype`` (float32 or float64), with the
+    engine's signature ``double(T* z, T* y, T* w, T* g, int64 m, int64 k)``."""
+    return _ADDRESSES[name, np.dtype(dtype).name]
+
+
+cdef double _softmax_loss(int which, const floating[:, ::1] Z, const floating[:, ::1] Y,
+                          const floating[::1] w, floating[:, ::1] G, int isa) except? -1:
+    cdef int64_t m = Z.shape[0], k = Z.shape[1]
+    cdef double value
+    if (Y.shape[0] != m or Y.shape[1] != k or G.shape[0] != m or G.shape[1] != k
+            or w.shape[0] != m):
+        raise ValueError("shapes of Z, Y, w, G do not agree")
+    if m == 0:
+        return float("nan")  # 0 / (sum of no weights), as the Numba losses give
+    if k == 0:
+        raise ValueError("Z has no columns")
+    with nogil:
+        if floating is float:
+            value = fbp_softmax_loss_isa_f32(isa, which, <float*>&Z[0, 0], <float*>&Y[0, 0],
+                                             <float*>&w[0], &G[0, 0], m, k)
+        else:
+            value = fbp_softmax_loss_isa_f64(isa, which, <double*>&Z[0, 0], <double*>&Y[0, 0],
+                                             <double*>&w[0], &G[0, 0], m, k)
+    return value
+
+
+def sk_log_loss_loss_grad(const floating[:, ::1] Z, const floating[:, ::1] Y,
+                          const floating[::1] w, floating[:, ::1] G, int isa=-1):
+    """scikit-learn's log loss on softmax(Z) and its gradient.
+
+    Parameters
+    ----------
+    Z, Y : ndarray of shape (m, k)
+        Logits and targets (one-hot, or probabilities).
+    w : ndarray of shape (m,)
+        Sample weights.
+    G : ndarray of shape (m, k)
+        Output: ``w (softmax(Z) - Y) / sum(w)``.
+    isa : int, default=-1
+        Instruction-set level of the exp (0 baseline, 1 AVX2, 2 AVX-512; -1
+        the best this machine has).  For tests.
+
+    Returns
+    -------
+    float
+        ``-sum_j`` of the weighted mean of ``y log p``, p = softmax(Z)
+        clipped to [eps, 1 - eps].
+    """
+    return _softmax_loss(FBP_LOSS_SK_LOG, Z, Y, w, G, isa)
+
+
+def cross_entropy_loss_grad(const floating[:, ::1] Z, const floating[:, ::1] Y,
+                            const floating[::1] w, floating[:, ::1] G, int isa=-1):
+    """torch.nn.CrossEntropyLoss (weighted mean over rows) and its gradient.
+
+    Parameters
+    ----------
+    Z, Y : ndarray of shape (m, k)
+        Logits and targets (one-hot, or probabilities).
+    w : ndarray of shape (m,)
+        Sample weights.
+    G : ndarray of shape (m, k)
+        Output: ``w (softmax(Z) sum_j Y_j - Y) / sum(w)``.
+    isa : int, default=-1
+        Instruction-set level of the exp, as for ``sk_log_loss_loss_grad``.
+
+    Returns
+    -------
+    float
+        ``sum_i w_i sum_j y_ij (logsumexp(z_i) - z_ij) / sum(w)``.
+    """
+    return _softmax_loss(FBP_LOSS_CROSS_ENTROPY, Z, Y, w, G, isa)
+
+
+def exp(x, int isa=-1):
+    """exp of a float32 or float64 array through the losses' vector exp, at
+    instruction-set level ``isa`` (-1: the best this machine has).
+
+    Parameters
+    ----------
+    x : ndarray
+        float32 or float64, any shape.
+    isa : int, default=-1
+
+    Returns
+    -------
+    ndarray
+        A new array of x's dtype and shape.
+    """
+    out = np.array(x, order="C", copy=True)
+    if out.dtype not in (np.float32, np.float64):
+        raise TypeError("exp: x must be float32 or float64")
+    cdef float[::1] f
+    cdef double[::1] d
+    cdef int64_t n = out.size
+    if n == 0:
+        return out
+    if out.dtype == np.float32:
+        f = out.reshape(-1)
+        with nogil:
+            fbp_exp_isa_f32(isa, &f[0], n)
+    else:
+        d = out.reshape(-1)
+        with nogil:
+            fbp_exp_isa_f64(isa, &d[0], n)
+    return out
