@@ -332,8 +332,9 @@ class Sequential:
         chunk = max(1, min(X.shape[0], _PREDICT_ELEMENTS // width))
         ws = self._workspace(chunk)
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
-        _engine.forward(X, self._program, self._params, ws.acts, out, chunk, self._aux,
-                        self._buffers)
+        with _blas_threads(None):   # the kernels may use as many threads as BLAS
+            _engine.forward(X, self._program, self._params, ws.acts, out, chunk, self._aux,
+                            self._buffers)
         return out
 
     def predict_proba(self, X, loss=None):

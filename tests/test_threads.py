@@ -154,3 +154,33 @@ def test_fit_declares_its_thread_count_and_restores_it():
         assert dense.set_threads(7) == 7    # restored after it
     finally:
         dense.set_threads(before)
+
+
+def test_predict_uses_as_many_threads_as_blas():
+    """predict declares BLAS's thread count to the kernels: in a fresh
+    process whose only work is one large predict, the pool starts a worker
+    under a 2-thread BLAS limit and none under 1 (and the outputs agree)."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from threadpoolctl import threadpool_limits
+        import fastbp
+        from fastbp._ext import dense
+        net = fastbp.Sequential([fastbp.Dense(512, activation="relu"), fastbp.Dense(10)],
+                                seed=0)
+        net.build(256)
+        X = np.random.default_rng(0).normal(size=(2000, 256))
+        with threadpool_limits(int(sys.argv[1]), user_api="blas"):
+            out = net.predict(X)
+        print(dense.pool_workers(), float(out.sum()).hex())
+    """)
+    runs = [subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True,
+                           text=True, timeout=120) for n in (1, 2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    (w1, s1), (w2, s2) = (r.stdout.split() for r in runs)
+    assert int(w1) == 0 and int(w2) >= 1
+    assert s1 == s2
