@@ -8,7 +8,7 @@
  *   - the packed kernels (packedgemm.h) take the rest where the CPU has
  *     AVX-512, whose 64-byte multiply-adds beat the AVX2 kernels OpenBLAS
  *     runs there (see packedgemm.h); elsewhere BLAS does;
- *   - with more than one thread allowed, a product of at least
+ *   - with more than one thread allowed, a product of more than
  *     FBP_PAR_MNK multiply-adds is cut into column ranges of C (row ranges
  *     for the narrow paths), one per thread, each run on the path planned
  *     for the whole product: the result is bitwise the same for every
@@ -25,10 +25,11 @@
 #include "packedgemm.h"
 #include "pool.h"
 
-/* Below this a product takes a few microseconds: handing half of it to a
- * worker costs about as much as it saves. */
+/* Up to this a product takes a microsecond or two (32 x 64 x 64 float32:
+ * 1.2 us): handing half of it to a worker costs about as much as it
+ * saves. */
 #ifndef FBP_PAR_MNK
-#define FBP_PAR_MNK (1L << 18)
+#define FBP_PAR_MNK (1L << 17)
 #endif
 #define FBP_PAR_UNIT 16
 #define FBP_PAR_MIN (2 * FBP_PAR_UNIT)
@@ -115,7 +116,7 @@ static int fbp_gemm_split(struct fbp_gemm_job *j, int threads)
     j->by_rows = j->path == FBP_SG_TN_NARROW || j->path == FBP_SG_NN_NARROW;
     int len = j->by_rows ? j->m : j->n;
     j->parts = 1;
-    if (threads > 1 && (long)j->m * j->n * j->k >= FBP_PAR_MNK) {
+    if (threads > 1 && (long)j->m * j->n * j->k > FBP_PAR_MNK) {
         j->parts = len / FBP_PAR_MIN;
         if (j->parts > threads)
             j->parts = threads;

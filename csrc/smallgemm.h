@@ -69,17 +69,20 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
-/* Where BLAS takes over.  Its packing pays off once operands no longer fit
- * in cache, and it can use more than one thread.  Measured on the project
- * machine (AMD EPYC, 1 thread, OpenBLAS 0.3.30 running its AVX2 kernels):
- * the 32-byte kernels matched or beat it up to about 64 x 128 x 256; the
- * 64-byte (AVX-512) ones were 1.3-2x faster than it on every product of the
- * 784-256-128-10 network at batch 64 in float32, and slower only where the
- * operand they sweep (784 x 256 doubles, 1.6 MB) outgrew the 1 MB L2. */
+/* Where packing pays (BLAS, or packedgemm.h with AVX-512) once operands no
+ * longer sit in cache.  Measured on the project machine (AMD EPYC, 1
+ * thread, OpenBLAS 0.3.30 running its AVX2 kernels): the 32-byte kernels
+ * matched or beat OpenBLAS up to about 64 x 128 x 256.  The 64-byte
+ * (AVX-512) ones beat it on every product of the 784-256-128-10 network,
+ * but the packed 64-byte kernels beat them from about 2^20 multiply-adds
+ * (64 x 128 x 256: 21 against 29 us in float32; 784 x 256 x 64 A.T @ B:
+ * 121 against 177 us) and are even with them at 200 x 100 x 64. */
 #ifndef FBP_SMALL_MNK
 #define FBP_SMALL_MNK (96L * 96L * 96L)
 #endif
-#define FBP_WIDE_MNK (1L << 25)
+#ifndef FBP_WIDE_MNK
+#define FBP_WIDE_MNK (1L << 20)
+#endif
 #define FBP_WIDE_SWEEP (1L << 20)
 /* Everything is inlined into the entry points, so each instruction-set
  * variant gets its own vector code. */
