@@ -15,8 +15,12 @@
  *     thread count (see small_plan).
  * If a packed range cannot get its buffer (out of memory) the call returns
  * 0 and BLAS recomputes all of C.
- * Ranges are at least FBP_PAR_MIN columns (wider than any vector) and cut
- * at multiples of 16, so every range keeps full vector blocks.
+ * For the small kernels ranges are at least FBP_PAR_MIN columns (wider
+ * than any vector) and cut at multiples of 16, so every range keeps full
+ * vector blocks.  For the packed kernels they are cut at multiples of
+ * their tile width (32 columns): an edge tile costs a whole tile, so this
+ * balances tiles rather than columns; C with a single tile column is cut
+ * into row ranges instead.
  */
 #ifndef FASTBP_GEMM_H
 #define FASTBP_GEMM_H
@@ -33,23 +37,24 @@
 #endif
 #define FBP_PAR_UNIT 16
 #define FBP_PAR_MIN (2 * FBP_PAR_UNIT)
+#define FBP_PACKED_UNIT 32
 
 /* path values beyond smallgemm.h's FBP_SG_* */
 #define FBP_PACKED 16
 
 struct fbp_gemm_job {
-    int isa, path, trans_a, trans_b, m, n, k, parts, by_rows, dbl;
+    int isa, path, trans_a, trans_b, m, n, k, parts, by_rows, dbl, unit;
     int failed;     /* a packed range could not get its buffer */
     const void *a, *b;
     void *c;
     int lda, ldb, ldc;
 };
 
-/* Start of range i of `parts` over an axis of len, in units of FBP_PAR_UNIT. */
-static inline int fbp_range_start(int i, int parts, int len)
+/* Start of range i of `parts` over an axis of len, in units of `unit`. */
+static inline int fbp_range_start(int i, int parts, int len, int unit)
 {
-    long units = (len + FBP_PAR_UNIT - 1) / FBP_PAR_UNIT;
-    int at = (int)(units * i / parts) * FBP_PAR_UNIT;
+    long units = (len + unit - 1) / unit;
+    int at = (int)(units * i / parts) * unit;
     return at < len ? at : len;
 }
 
@@ -59,8 +64,8 @@ static void fbp_gemm_task(void *ctx, int task)
 {
     const struct fbp_gemm_job *j = (const struct fbp_gemm_job *)ctx;
     int len = j->by_rows ? j->m : j->n;
-    int lo = fbp_range_start(task, j->parts, len);
-    int hi = fbp_range_start(task + 1, j->parts, len);
+    int lo = fbp_range_start(task, j->parts, len, j->unit);
+    int hi = fbp_range_start(task + 1, j->parts, len, j->unit);
     long ao = 0, bo = 0, co;
     int m = j->m, n = j->n;
     if (j->by_rows) {
@@ -113,16 +118,25 @@ static inline int fbp_gemm_plan(int isa, int dbl, int trans_a, int trans_b,
 /* Shared body of fbp_gemm_f32 / _f64 once the path is known. */
 static int fbp_gemm_split(struct fbp_gemm_job *j, int threads)
 {
-    j->by_rows = j->path == FBP_SG_TN_NARROW || j->path == FBP_SG_NN_NARROW;
-    int len = j->by_rows ? j->m : j->n;
+    int len;
     j->parts = 1;
-    if (threads > 1 && (long)j->m * j->n * j->k > FBP_PAR_MNK) {
-        j->parts = len / FBP_PAR_MIN;
-        if (j->parts > threads)
-            j->parts = threads;
-        if (j->parts < 1)
-            j->parts = 1;
+    if (j->path == FBP_PACKED) {
+        j->by_rows = j->n <= FBP_PACKED_UNIT;
+        j->unit = j->by_rows ? FBP_PAR_UNIT : FBP_PACKED_UNIT;
+        len = j->by_rows ? j->m : j->n;
+        if (threads > 1 && (long)j->m * j->n * j->k > FBP_PAR_MNK)
+            j->parts = (len + j->unit - 1) / j->unit;
+    } else {
+        j->by_rows = j->path == FBP_SG_TN_NARROW || j->path == FBP_SG_NN_NARROW;
+        j->unit = FBP_PAR_UNIT;
+        len = j->by_rows ? j->m : j->n;
+        if (threads > 1 && (long)j->m * j->n * j->k > FBP_PAR_MNK)
+            j->parts = len / FBP_PAR_MIN;
     }
+    if (j->parts > threads)
+        j->parts = threads;
+    if (j->parts < 1)
+        j->parts = 1;
     if (j->parts == 1)
         fbp_gemm_task(j, 0);
     else
@@ -137,8 +151,10 @@ static inline int fbp_gemm_f32(int threads, int trans_a, int trans_b, int m, int
                                float *c, int ldc)
 {
     int isa = fbp_isa_best();
-    struct fbp_gemm_job j = {isa, fbp_gemm_plan(isa, 0, trans_a, trans_b, m, n, k),
-                             trans_a, trans_b, m, n, k, 1, 0, 0, 0, a, b, c, lda, ldb, ldc};
+    struct fbp_gemm_job j = {
+        .isa = isa, .path = fbp_gemm_plan(isa, 0, trans_a, trans_b, m, n, k),
+        .trans_a = trans_a, .trans_b = trans_b, .m = m, .n = n, .k = k, .dbl = 0,
+        .a = a, .b = b, .c = c, .lda = lda, .ldb = ldb, .ldc = ldc};
     return j.path != FBP_SG_NONE && fbp_gemm_split(&j, threads);
 }
 
@@ -147,8 +163,10 @@ static inline int fbp_gemm_f64(int threads, int trans_a, int trans_b, int m, int
                                double *c, int ldc)
 {
     int isa = fbp_isa_best();
-    struct fbp_gemm_job j = {isa, fbp_gemm_plan(isa, 1, trans_a, trans_b, m, n, k),
-                             trans_a, trans_b, m, n, k, 1, 0, 1, 0, a, b, c, lda, ldb, ldc};
+    struct fbp_gemm_job j = {
+        .isa = isa, .path = fbp_gemm_plan(isa, 1, trans_a, trans_b, m, n, k),
+        .trans_a = trans_a, .trans_b = trans_b, .m = m, .n = n, .k = k, .dbl = 1,
+        .a = a, .b = b, .c = c, .lda = lda, .ldb = ldb, .ldc = ldc};
     return j.path != FBP_SG_NONE && fbp_gemm_split(&j, threads);
 }
 
