@@ -39,11 +39,13 @@ class DenseLayer:
 
 
 #: (m, n, k, op): the products of an S step (batch 32), of digits at batch 200
-#: in float64, and M's first layer: op is NN (x @ w), TN (x.T @ g, dW) or
-#: NT (g @ w.T, dX).  Small ones run in the engine's own kernels
-#: (csrc/smallgemm.h), the rest in BLAS.
+#: in float64, M's first layer and L's second: op is NN (x @ w), TN (x.T @ g,
+#: dW) or NT (g @ w.T, dX).  Small ones run in the engine's unpacked kernels
+#: (csrc/smallgemm.h), larger ones in its packed kernels where the CPU has
+#: AVX-512 (csrc/packedgemm.h), else in BLAS; the thread count is whatever
+#: the benchmark process declared (1 unless set: see csrc/gemm.h).
 GEMMS = ["32x64x64-NN", "64x64x32-TN", "32x64x64-NT", "32x2x64-NN",
-         "200x100x64-NN", "64x100x200-TN", "64x256x784-NN"]
+         "200x100x64-NN", "64x100x200-TN", "64x256x784-NN", "256x2048x2048-NT"]
 GEMM_KERNELS = {"fastbp": dense.gemm, "reference": reference.gemm}
 
 
