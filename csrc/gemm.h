@@ -19,8 +19,8 @@
  * than any vector) and cut at multiples of 16, so every range keeps full
  * vector blocks.  For the packed kernels they are cut at multiples of
  * their tile width (32 columns): an edge tile costs a whole tile, so this
- * balances tiles rather than columns; C with a single tile column is cut
- * into row ranges instead.
+ * balances tiles rather than columns.  They cut C into row ranges
+ * instead when it has more rows than columns.
  */
 #ifndef FASTBP_GEMM_H
 #define FASTBP_GEMM_H
@@ -121,7 +121,10 @@ static int fbp_gemm_split(struct fbp_gemm_job *j, int threads)
     int len;
     j->parts = 1;
     if (j->path == FBP_PACKED) {
-        j->by_rows = j->n <= FBP_PACKED_UNIT;
+        /* Each range packs all of the operand it shares with the others:
+         * op(A) (m x k) for column ranges, op(B) (k x n) for row ranges.
+         * Share the smaller one. */
+        j->by_rows = j->m > j->n;
         j->unit = j->by_rows ? FBP_PAR_UNIT : FBP_PACKED_UNIT;
         len = j->by_rows ? j->m : j->n;
         if (threads > 1 && (long)j->m * j->n * j->k > FBP_PAR_MNK)
