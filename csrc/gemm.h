@@ -9,8 +9,8 @@
  *     AVX-512, whose 64-byte multiply-adds beat the AVX2 kernels OpenBLAS
  *     runs there (see packedgemm.h); elsewhere BLAS does;
  *   - with more than one thread allowed, a product of more than
- *     FBP_PAR_MNK multiply-adds is cut into column ranges of C (row ranges
- *     for the narrow paths), one per thread, each run on the path planned
+ *     FBP_PAR_MNK multiply-adds is cut into column or row ranges of C,
+ *     one per thread, each run on the path planned
  *     for the whole product: the result is bitwise the same for every
  *     thread count (see small_plan).
  * If a packed range cannot get its buffer (out of memory) the call returns
@@ -130,7 +130,12 @@ static int fbp_gemm_split(struct fbp_gemm_job *j, int threads)
         if (threads > 1 && (long)j->m * j->n * j->k > FBP_PAR_MNK)
             j->parts = (len + j->unit - 1) / j->unit;
     } else {
-        j->by_rows = j->path == FBP_SG_TN_NARROW || j->path == FBP_SG_NN_NARROW;
+        /* Narrow paths vectorize along C's rows, so they are cut in row
+         * ranges; the others in column ranges, or in row ranges when C is
+         * too narrow for one column range per thread. */
+        int narrow = j->path == FBP_SG_TN_NARROW || j->path == FBP_SG_NN_NARROW;
+        int col_parts = narrow ? 0 : j->n / FBP_PAR_MIN, row_parts = j->m / FBP_PAR_MIN;
+        j->by_rows = narrow || (col_parts < threads && row_parts > col_parts);
         j->unit = FBP_PAR_UNIT;
         len = j->by_rows ? j->m : j->n;
         if (threads > 1 && (long)j->m * j->n * j->k > FBP_PAR_MNK)

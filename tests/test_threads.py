@@ -30,13 +30,15 @@ def _product(rng, m, n, k, trans_a, trans_b, dtype):
     return a, b, ref
 
 
-# Products above the split cutoff (2**18 multiply-adds) on every path of the
+# Products above the split cutoff (2**17 multiply-adds) on every path of the
 # small kernels: column ranges (broadcast form, A @ B.T dot products and
-# copied B.T), row ranges (outputs narrower than a vector), uneven last
-# ranges, and shapes only BLAS takes.
+# copied B.T), row ranges (outputs narrower than a vector, or too narrow for
+# a column range per thread), uneven last ranges; and of the packed kernels
+# (above 2**20), in column and row ranges.
 SPLIT_SHAPES = [(64, 256, 784), (200, 100, 64), (784, 256, 64), (100, 10, 3000),
                 (3000, 10, 100), (64, 256, 128), (300, 97, 40), (97, 300, 40),
-                (50, 500, 33), (1000, 12, 64), (128, 128, 128), (600, 600, 600)]
+                (50, 500, 33), (1000, 12, 64), (128, 128, 128), (600, 600, 600),
+                (200, 10, 100), (200, 20, 100), (300, 40, 30), (1030, 67, 520)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
