@@ -58,7 +58,9 @@ static inline int fbp_pool_workers(void) { return 0; }
 /* Spinning with `pause` only for this long, then yielding the core between
  * checks: on a loaded machine (another process on one of two cores) a pure
  * spin steals the core from the thread it waits for. */
+#ifndef FBP_POOL_HOT_NS
 #define FBP_POOL_HOT_NS 10000L
+#endif
 
 struct fbp_job {
     fbp_task_fn fn;
