@@ -158,7 +158,7 @@ def test_fit_declares_its_thread_count_and_restores_it():
         dense.set_threads(before)
 
 
-def test_predict_uses_as_many_threads_as_blas():
+def test_predict_uses_as_many_threads_as_blas(tmp_path):
     """predict declares BLAS's thread count to the kernels: in a fresh
     process whose only work is one large predict, the pool starts a worker
     under a 2-thread BLAS limit and none under 1 (and the outputs agree)."""
@@ -179,8 +179,9 @@ def test_predict_uses_as_many_threads_as_blas():
             out = net.predict(X)
         print(dense.pool_workers(), float(out.sum()).hex())
     """)
+    # cwd away from the source tree, which would shadow the installed package
     runs = [subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True,
-                           text=True, timeout=120) for n in (1, 2)]
+                           text=True, timeout=120, cwd=tmp_path) for n in (1, 2)]
     for r in runs:
         assert r.returncode == 0, r.stderr
     (w1, s1), (w2, s2) = (r.stdout.split() for r in runs)
