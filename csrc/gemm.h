@@ -7,20 +7,24 @@
  *   - the small kernels (smallgemm.h) take what fits in cache;
  *   - the packed kernels (packedgemm.h) take the rest where the CPU has
  *     AVX-512, whose 64-byte multiply-adds beat the AVX2 kernels OpenBLAS
- *     runs there (see packedgemm.h); elsewhere BLAS does;
+ *     runs there; elsewhere BLAS does (its AVX2 kernels are as good as
+ *     ours);
  *   - with more than one thread allowed, a product of more than
- *     FBP_PAR_MNK multiply-adds is cut into column or row ranges of C,
- *     one per thread, each run on the path planned
- *     for the whole product: the result is bitwise the same for every
- *     thread count (see small_plan).
+ *     FBP_PAR_MNK multiply-adds is cut into column or row ranges of C, one
+ *     per thread, each run on the path planned for the whole product, so
+ *     the result is bitwise the same on any thread count (every entry is
+ *     one chain of multiply-adds whatever range it falls in: small_plan in
+ *     smallgemm_impl.h, and packedgemm.h).
+ * Small-kernel ranges are cut at multiples of 16 and hold at least
+ * FBP_PAR_MIN columns (or rows), so each keeps full vector blocks; the
+ * narrow paths, which vectorize along C's rows, and C too narrow for one
+ * column range per thread, are cut into row ranges.  Packed ranges are cut
+ * at multiples of the tile width (32): an edge tile costs a whole tile, so
+ * this balances tiles rather than columns.  Each packed range packs all of
+ * the operand it shares with the others (op(A) for column ranges, op(B)
+ * for row ranges), so C is cut along its longer side.
  * If a packed range cannot get its buffer (out of memory) the call returns
  * 0 and BLAS recomputes all of C.
- * For the small kernels ranges are at least FBP_PAR_MIN columns (wider
- * than any vector) and cut at multiples of 16, so every range keeps full
- * vector blocks.  For the packed kernels they are cut at multiples of
- * their tile width (32 columns): an edge tile costs a whole tile, so this
- * balances tiles rather than columns.  They cut C into row ranges
- * instead when it has more rows than columns.
  */
 #ifndef FASTBP_GEMM_H
 #define FASTBP_GEMM_H
@@ -153,7 +157,8 @@ static int fbp_gemm_split(struct fbp_gemm_job *j, int threads)
 }
 
 /* Row-major C[m, n] = op(A) @ op(B) (C overwritten) on up to `threads`
- * threads; 0 (nothing written) when BLAS should take it. */
+ * threads; 0 when BLAS should take it (C may then be partly written: BLAS
+ * overwrites all of it). */
 static inline int fbp_gemm_f32(int threads, int trans_a, int trans_b, int m, int n, int k,
                                const float *a, int lda, const float *b, int ldb,
                                float *c, int ldc)
