@@ -13,7 +13,7 @@ class Threads:
 
     def track_blas_threads(self):
         """Largest thread count among the loaded BLAS libraries (numpy's and
-        scipy's OpenBLAS: the reference uses the first, fastbp's kernels
-        the second)."""
+        scipy's OpenBLAS: the reference uses the first, fastbp's BLAS calls
+        the second; fastbp's own kernels take the same count)."""
         return max(info["num_threads"] for info in threadpool_info()
                    if info["user_api"] == "blas")
