@@ -45,9 +45,24 @@ static inline int fbp_gemm_packed_isa_f64(int isa, int ta, int tb, int m, int n,
 #include <stdint.h>
 
 /* This thread's packing buffer, 64-byte aligned, of at least `bytes`
- * (NULL when that cannot be allocated).  Never freed: a thread that exits
- * leaves its buffer (a few MB at most) behind, which suits the long-lived
- * worker threads that call this. */
+ * (NULL when that cannot be allocated).  Grown when a call needs more,
+ * otherwise kept; freed when the thread exits (a pthread key's
+ * destructor), so Python threads that each train once leave nothing
+ * behind. */
+#if defined(_WIN32)
+static void fbp_pg_keep(void *raw) { (void)raw; }   /* freed at process exit */
+#else
+#include <pthread.h>
+static pthread_key_t fbp_pg_key;
+static pthread_once_t fbp_pg_once = PTHREAD_ONCE_INIT;
+static void fbp_pg_make_key(void) { pthread_key_create(&fbp_pg_key, free); }
+static void fbp_pg_keep(void *raw)
+{
+    pthread_once(&fbp_pg_once, fbp_pg_make_key);
+    pthread_setspecific(fbp_pg_key, raw);
+}
+#endif
+
 static void *fbp_pg_buffer(size_t bytes)
 {
     static __thread char *raw;
@@ -59,6 +74,7 @@ static void *fbp_pg_buffer(size_t bytes)
         free(raw);
         raw = p;
         cap = bytes;
+        fbp_pg_keep(raw);
     }
     return (void *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
 }
