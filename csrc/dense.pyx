@@ -208,12 +208,19 @@ cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
 
 cdef void bias_activation(floating* z, const floating* b, int64_t m, int64_t n,
                           int act) noexcept nogil:
-    """z[i, j] = act(z[i, j] + b[j]) in place.  One loop per activation so
-    the compiler sees a branch-free inner loop."""
+    """z[i, j] = act(z[i, j] + b[j]) in place."""
+    bias_activation_at(-1, z, b, m, n, act)
+
+
+cdef void bias_activation_at(int isa, floating* z, const floating* b, int64_t m, int64_t n,
+                             int act) noexcept nogil:
+    """bias_activation with the vectorized pass at instruction-set level isa
+    (-1: the best this machine has).  The others have one loop per
+    activation so the compiler sees a branch-free inner loop."""
     cdef int64_t i, j
     cdef floating v, e
     cdef floating* row
-    if bias_act_vec(-1, z, b, m, n, act):
+    if bias_act_vec(isa, z, b, m, n, act):
         return  # identity, relu, leaky_relu: vectorized, same values
     if act == IDENTITY:
         for i in range(m):
@@ -293,6 +300,16 @@ cdef void activation_backward(floating* g, const floating* a, int64_t m, int64_t
             g[i] = g[i] if v > SOFTPLUS_THRESHOLD else g[i] * (-_expm1(-v))
 
 
+cdef void activation_backward_db(int isa, floating* g, const floating* a, floating* db,
+                                 int64_t m, int64_t n, int act) noexcept nogil:
+    """g *= act'(x) and db = sum over rows of g, row by row from 0
+    (epilogue.h at level isa, -1: the best): in one pass for identity, relu
+    and leaky_relu, else after activation_backward's loop."""
+    if not backward_db_vec(isa, g, a, db, m, n, act):
+        activation_backward(g, a, m, n, act)
+        backward_db_vec(isa, g, a, db, m, n, IDENTITY)
+
+
 cdef void dense_forward_ptr(const floating* x, const floating* w, const floating* b,
                             floating* out, int64_t m, int64_t n_in, int64_t n_out,
                             int act) noexcept nogil:
@@ -305,11 +322,7 @@ cdef void dense_backward_ptr(const floating* x, const floating* w, const floatin
                              floating* g, floating* dw, floating* db, floating* dx,
                              int64_t m, int64_t n_in, int64_t n_out,
                              int act) noexcept nogil:
-    # g *= act'; db = sum over rows of g, row by row from 0 (epilogue.h):
-    # in one pass for identity, relu and leaky_relu, else after the loop.
-    if not backward_db_vec(-1, g, a, db, m, n_out, act):
-        activation_backward(g, a, m, n_out, act)
-        backward_db_vec(-1, g, a, db, m, n_out, IDENTITY)
+    activation_backward_db(-1, g, a, db, m, n_out, act)
     # dw[n_in, n_out] = x.T @ g
     gemm_rm(True, False, <int>n_in, <int>n_out, <int>m, <floating>1.0,
             x, <int>n_in, g, <int>n_out, <floating>0.0, dw, <int>n_out)
@@ -447,8 +460,7 @@ def bias_activation_kernel(const floating[:, ::1] z, const floating[::1] b, int 
     if m == 0 or n == 0:
         return out
     with nogil:
-        if not bias_act_vec(isa, &o[0, 0], &b[0], m, n, activation):
-            bias_activation(&o[0, 0], &b[0], m, n, activation)
+        bias_activation_at(isa, &o[0, 0], &b[0], m, n, activation)
     return out
 
 
@@ -482,7 +494,5 @@ def activation_backward_db_kernel(const floating[:, ::1] g, const floating[:, ::
     if m == 0 or n == 0:
         return d, db
     with nogil:
-        if not backward_db_vec(isa, &dv[0, 0], &a[0, 0], &dbv[0], m, n, activation):
-            activation_backward(&dv[0, 0], &a[0, 0], m, n, activation)
-            backward_db_vec(isa, &dv[0, 0], &a[0, 0], &dbv[0], m, n, IDENTITY)
+        activation_backward_db(isa, &dv[0, 0], &a[0, 0], &dbv[0], m, n, activation)
     return d, db
