@@ -219,11 +219,12 @@ cdef struct StepJob:
     double* hyper
     int n_tasks
     int is_double
-    int ok[MAX_STEP_TASKS]
+    int ok[MAX_STEP_TASKS]   # each task's result
 
 
-cdef void _step_range(StepJob* job, int64_t lo, int64_t hi) noexcept nogil:
-    """Update parameters lo .. hi - 1 of the concatenated segments."""
+cdef int _step_range(const StepJob* job, int64_t lo, int64_t hi) noexcept nogil:
+    """Update parameters lo .. hi - 1 of the concatenated segments; 1 if
+    every updated parameter is finite."""
     cdef int64_t j, start, length, seg_lo = 0, a, b
     cdef int ok = 1
     for j in range(job.n_segments):
@@ -244,18 +245,16 @@ cdef void _step_range(StepJob* job, int64_t lo, int64_t hi) noexcept nogil:
                             <float*>job.grad + start + a,
                             <float*>job.state + start + a if job.state != NULL else NULL,
                             b - a, job.stride, job.hyper, job.t)
-    job.ok[0] = ok
+    return ok
 
 
 cdef void _step_task(void* ctx, int task) noexcept nogil:
     cdef StepJob* job = <StepJob*>ctx
-    cdef StepJob part = job[0]
     # Ranges cut at multiples of 64 parameters (whole cache lines).
     cdef int64_t units = (job.total + 63) // 64
     cdef int64_t lo = units * task // job.n_tasks * 64
     cdef int64_t hi = units * (task + 1) // job.n_tasks * 64
-    _step_range(&part, lo, hi if hi < job.total else job.total)
-    job.ok[task] = part.ok[0]
+    job.ok[task] = _step_range(job, lo, hi if hi < job.total else job.total)
 
 
 cdef int optimizer_step(size_t addr, floating* params, floating* grad, floating* state,
@@ -284,8 +283,7 @@ cdef int optimizer_step(size_t addr, floating* params, floating* grad, floating*
     if job.n_tasks > MAX_STEP_TASKS:
         job.n_tasks = MAX_STEP_TASKS
     if job.n_tasks < 2 or job.total < PARALLEL_STEP:
-        _step_range(&job, 0, job.total)
-        return job.ok[0]
+        return _step_range(&job, 0, job.total)
     pool_run(_step_task, &job, job.n_tasks)
     for i in range(job.n_tasks):
         ok &= job.ok[i]
