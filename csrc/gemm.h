@@ -66,7 +66,7 @@ static inline int fbp_range_start(int i, int parts, int len, int unit)
  * columns [lo, hi) (the others). */
 static void fbp_gemm_task(void *ctx, int task)
 {
-    const struct fbp_gemm_job *j = (const struct fbp_gemm_job *)ctx;
+    struct fbp_gemm_job *j = (struct fbp_gemm_job *)ctx;
     int len = j->by_rows ? j->m : j->n;
     int lo = fbp_range_start(task, j->parts, len, j->unit);
     int hi = fbp_range_start(task + 1, j->parts, len, j->unit);
@@ -96,7 +96,7 @@ static void fbp_gemm_task(void *ctx, int task)
                                            (const float *)j->b + bo, j->ldb,
                                            (float *)j->c + co, j->ldc);
         if (!done)
-            __atomic_store_n(&((struct fbp_gemm_job *)ctx)->failed, 1, __ATOMIC_RELAXED);
+            __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
     } else if (j->dbl)
         fbp_small_run_f64(j->isa, j->path, j->trans_a, m, n, j->k,
                           (const double *)j->a + ao, j->lda, (const double *)j->b + bo,

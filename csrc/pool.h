@@ -95,8 +95,8 @@ static inline long fbp_now_ns(void)
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-/* Claim and run tasks of generation gen until none is left; 1 if the
- * generation was still current. */
+/* Claim and run tasks of generation gen until none is left (or the
+ * generation has moved on). */
 static void fbp_pool_work(uint32_t gen, int id)
 {
     struct fbp_job *job = &fbp_pool.slot[gen & 1];
