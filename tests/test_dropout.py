@@ -19,21 +19,28 @@ def _data(rng, n=64, dtype="float64"):
     return rng.normal(size=(n, 5)).astype(dtype), rng.integers(0, 3, n)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_training_with_dropout_matches_reference(rng, dtype):
-    X, y = _data(rng, dtype=dtype)
-    net = _net(dtype).build(5)
+def _assert_sgd_matches_reference(net, X, y, lr, epochs, dtype):
+    """``epochs`` of plain SGD on X (batches of 16 in order, cross-entropy)
+    in the engine and in fastbp.reference, from the same weights and mask
+    stream: same weights after, and the stream advanced as far."""
     params = net.params.copy()
     counter = net._dropout_rng.copy()
     Y = np.eye(3, dtype=dtype)[y]
-    for _ in range(2):
-        reference.train_batches(X, Y, np.arange(64), 16, net._program, params, "cross_entropy",
-                                lambda p, g: reference.sgd_step(p, g, None, 1, 0.1, 0, 0, False, 0),
+    for _ in range(epochs):
+        reference.train_batches(X, Y, np.arange(len(X)), 16, net._program, params,
+                                "cross_entropy",
+                                lambda p, g: reference.sgd_step(p, g, None, 1, lr, 0, 0, False, 0),
                                 rates=net._rates, counter=counter)
-    net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=0.1), epochs=2,
+    net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=lr), epochs=epochs,
             batch_size=16, shuffle=False, verbose=0)
     assert net._dropout_rng[0] == counter[0]
     assert_close(net.params, params, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_training_with_dropout_matches_reference(rng, dtype):
+    X, y = _data(rng, dtype=dtype)
+    _assert_sgd_matches_reference(_net(dtype).build(5), X, y, 0.1, 2, dtype)
 
 
 def test_predict_and_loss_and_grad_have_no_dropout(rng):
@@ -110,16 +117,7 @@ def test_dropconnect_training_matches_reference(rng, dtype):
     net = fastbp.Sequential([fastbp.Dense(10, activation="tanh", dropconnect=0.4),
                              fastbp.Dropout(0.2),
                              fastbp.Dense(3, dropconnect=0.25)], dtype=dtype, seed=3).build(5)
-    params = net.params.copy()
-    counter = net._dropout_rng.copy()
-    Y = np.eye(3, dtype=dtype)[y]
-    reference.train_batches(X, Y, np.arange(64), 16, net._program, params, "cross_entropy",
-                            lambda p, g: reference.sgd_step(p, g, None, 1, 0.2, 0, 0, False, 0),
-                            rates=net._rates, counter=counter)
-    net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=0.2), epochs=1,
-            batch_size=16, shuffle=False, verbose=0)
-    assert net._dropout_rng[0] == counter[0]
-    assert_close(net.params, params, dtype)
+    _assert_sgd_matches_reference(net, X, y, 0.2, 1, dtype)
 
 
 def test_dropconnect_is_off_in_predict_and_reproducible(rng):
