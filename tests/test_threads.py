@@ -33,12 +33,15 @@ def _product(rng, m, n, k, trans_a, trans_b, dtype):
 # Products above the split cutoff (2**17 multiply-adds) on every path of the
 # small kernels: column ranges (broadcast form, A @ B.T dot products and
 # copied B.T), row ranges (outputs narrower than a vector, or too narrow for
-# a column range per thread), uneven last ranges; and of the packed kernels
-# (above 2**20), in column and row ranges.
+# a column range per thread), uneven last ranges; of the packed kernels
+# (above 2**20), in column and row ranges; and of packed products cut into
+# ranges small enough for the small kernels' broadcast forms (200 x 100 x 64,
+# 64 x 100 x 200 A.T @ B, 1024 x 128 x 10 A @ B.T with B.T copied).
 SPLIT_SHAPES = [(64, 256, 784), (200, 100, 64), (784, 256, 64), (100, 10, 3000),
                 (3000, 10, 100), (64, 256, 128), (300, 97, 40), (97, 300, 40),
                 (50, 500, 33), (1000, 12, 64), (128, 128, 128), (600, 600, 600),
-                (200, 10, 100), (200, 20, 100), (300, 40, 30), (1030, 67, 520)]
+                (200, 10, 100), (200, 20, 100), (300, 40, 30), (1030, 67, 520),
+                (64, 100, 200), (1024, 128, 10)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
