@@ -73,17 +73,23 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
  * longer sit in cache.  Measured on the project machine (AMD EPYC, 1
  * thread, OpenBLAS 0.3.30 running its AVX2 kernels): the 32-byte kernels
  * matched or beat OpenBLAS up to about 64 x 128 x 256.  The 64-byte
- * (AVX-512) ones beat it on every product of the 784-256-128-10 network,
- * but the packed 64-byte kernels beat them from about 2^20 multiply-adds
- * (64 x 128 x 256: 21 against 29 us in float32; 784 x 256 x 64 A.T @ B:
- * 121 against 177 us) and are even with them at 200 x 100 x 64. */
+ * (AVX-512) ones, with their 8 x 2-vector blocks, beat the packed 64-byte
+ * kernels on A @ B up to 2^24 multiply-adds while B (swept once per block
+ * of rows) stays in L2: 64 x 256 x 784 float32 123 against 188 us,
+ * 256 x 256 x 256 148 against 193, 200 x 100 x 64 float64 27 against 35;
+ * at B of 1 MB they lose (64 x 2048 x 128 float32: 234 against 183).
+ * A.T @ B and A @ B.T are mixed above 2^22 (512 x 512 x 32 A.T @ B
+ * float64: 204 against 158 us), so they stop there. */
 #ifndef FBP_SMALL_MNK
 #define FBP_SMALL_MNK (96L * 96L * 96L)
 #endif
 #ifndef FBP_WIDE_MNK
-#define FBP_WIDE_MNK (1L << 20)
+#define FBP_WIDE_MNK (1L << 24)
 #endif
-#define FBP_WIDE_SWEEP (1L << 20)
+#ifndef FBP_WIDE_T_MNK
+#define FBP_WIDE_T_MNK (1L << 22)
+#endif
+#define FBP_WIDE_SWEEP (7L << 17)   /* 896 KiB */
 /* Everything is inlined into the entry points, so each instruction-set
  * variant gets its own vector code. */
 #define FBP_INLINE inline __attribute__((always_inline))
@@ -109,6 +115,7 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
  * (smallgemm_pair.h reads and then undefines these settings). */
 #define SG_ATTR
 #define SG_MNK_CAP FBP_SMALL_MNK
+#define SG_T_MNK_CAP FBP_SMALL_MNK
 #define SG_SWEEP_CAP FBP_WIDE_SWEEP
 #define SG_BYTES 32
 #define SG_ISA base
@@ -119,6 +126,7 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 
 #define SG_ATTR __attribute__((target("avx2,fma")))
 #define SG_MNK_CAP FBP_SMALL_MNK
+#define SG_T_MNK_CAP FBP_SMALL_MNK
 #define SG_SWEEP_CAP FBP_WIDE_SWEEP
 #define SG_BYTES 32
 #define SG_ISA avx2
@@ -126,6 +134,7 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 
 #define SG_ATTR __attribute__((target("avx512f,avx2,fma")))
 #define SG_MNK_CAP FBP_WIDE_MNK
+#define SG_T_MNK_CAP FBP_WIDE_T_MNK
 #define SG_SWEEP_CAP FBP_WIDE_SWEEP
 #define SG_BYTES 64
 #define SG_ISA avx512

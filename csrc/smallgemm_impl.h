@@ -37,7 +37,11 @@ static FBP_INLINE SG_ATTR void SG(put)(T *c, long cs, SG(vec) v)
  * c_[r * rsc + c * csc].  A and B are read in place (no packing: they are
  * small and stay in L1).  Each block keeps 8 vector accumulators in
  * registers (4 rows x 2 vectors, or 8 rows x 1 vector when C is narrower
- * than two vectors): enough independent FMAs to hide their latency.
+ * than two vectors): enough independent FMAs to hide their latency.  With
+ * AVX-512's 32 vector registers a block is 8 rows x 2 vectors: 16
+ * accumulators keep both FMA pipes busy with slack, and each A element
+ * read serves more of C (float64 on the project machine: 200 x 100 x 64
+ * A @ B 31.5 -> 25 us, 64 x 100 x 200 A.T @ B 44 -> 26 us).
  *
  * Sizes that are not a multiple of the block end with one block placed
  * flush with the last row or column.  It overlaps the block before and
@@ -83,6 +87,30 @@ static FBP_INLINE SG_ATTR void SG(block_8x1)(int k, const T *a0, long rsa, long 
     SG(put)(cc, csc, s6); cc += rsc; SG(put)(cc, csc, s7);
 }
 
+static FBP_INLINE SG_ATTR void SG(block_8x2)(int k, const T *a0, long rsa, long csa,
+                                     const T *bp, long ldb, T *cc, long rsc, long csc)
+{
+    SG(vec) s[8][2];
+    for (int i = 0; i < 8; i++) {
+        SG(vec) z = {0};
+        s[i][0] = z;
+        s[i][1] = z;
+    }
+    for (int p = 0; p < k; p++, bp += ldb) {
+        SG(vec) b0 = SG(load)(bp), b1 = SG(load)(bp + VL);
+        const T *ap = a0 + p * csa;
+        for (int i = 0; i < 8; i++) {
+            T x = ap[i * rsa];
+            s[i][0] += x * b0;
+            s[i][1] += x * b1;
+        }
+    }
+    for (int i = 0; i < 8; i++, cc += rsc) {
+        SG(put)(cc, csc, s[i][0]);
+        SG(put)(cc + VL * csc, csc, s[i][1]);
+    }
+}
+
 /* One row, any width: the fallback for fewer rows than a block. */
 static FBP_INLINE SG_ATTR void SG(row)(int n, int k, const T *a0, long csa,
                                const T *b, long ldb, T *c0, long csc)
@@ -123,7 +151,8 @@ static FBP_INLINE SG_ATTR void SG(bcast)(int m, int n, int k,
 {
     int mr, nc;   /* rows per block, columns per block */
     if (n >= 2 * VL) {
-        mr = 4; nc = 2 * VL;
+        /* 64-byte vectors: AVX-512, which has 32 vector registers */
+        mr = VL * (int)sizeof(T) == 64 && m >= 8 ? 8 : 4; nc = 2 * VL;
     } else if (n >= VL) {
         mr = 8; nc = VL;
     } else {
@@ -141,6 +170,9 @@ static FBP_INLINE SG_ATTR void SG(bcast)(int m, int n, int k,
             int c = SG(block_at)(j, nc, n);
             if (mr == 4)
                 SG(block_4x2)(k, a + r * rsa, rsa, csa, b + c, ldb,
+                              c_ + r * rsc + c * csc, rsc, csc);
+            else if (nc == 2 * VL)
+                SG(block_8x2)(k, a + r * rsa, rsa, csa, b + c, ldb,
                               c_ + r * rsc + c * csc, rsc, csc);
             else
                 SG(block_8x1)(k, a + r * rsa, rsa, csa, b + c, ldb,
@@ -277,7 +309,7 @@ static FBP_INLINE SG_ATTR void SG(dot)(int m, int n, int k,
 static SG_ATTR int SG(small_plan)(int trans_a, int trans_b, int m, int n, int k)
 {
     long mnk = (long)m * n * k;
-    if (mnk > SG_MNK_CAP || m <= 0 || n <= 0 || k <= 0)
+    if (mnk > (trans_a || trans_b ? SG_T_MNK_CAP : SG_MNK_CAP) || m <= 0 || n <= 0 || k <= 0)
         return FBP_SG_NONE;
     if (!trans_b) {
         /* The broadcast form sweeps B once per block of rows: B must stay

@@ -1,6 +1,7 @@
 /* Instantiates smallgemm_impl.h for float and double at one instruction-set
  * level.  The includer (smallgemm.h) defines SG_ATTR (target attribute),
- * SG_MNK_CAP and SG_SWEEP_CAP (where BLAS takes over), SG_BYTES (vector
+ * SG_MNK_CAP, SG_T_MNK_CAP (with a transposed operand) and SG_SWEEP_CAP
+ * (where BLAS or the packed kernels take over), SG_BYTES (vector
  * size) and SG_ISA (name suffix); they are undefined at the end. */
 
 #define T float
@@ -21,6 +22,7 @@
 
 #undef SG_ATTR
 #undef SG_MNK_CAP
+#undef SG_T_MNK_CAP
 #undef SG_SWEEP_CAP
 #undef SG_BYTES
 #undef SG_ISA

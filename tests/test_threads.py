@@ -34,14 +34,15 @@ def _product(rng, m, n, k, trans_a, trans_b, dtype):
 # small kernels: column ranges (broadcast form, A @ B.T dot products and
 # copied B.T), row ranges (outputs narrower than a vector, or too narrow for
 # a column range per thread), uneven last ranges; of the packed kernels
-# (above 2**20), in column and row ranges; and of packed products cut into
-# ranges small enough for the small kernels' broadcast forms (200 x 100 x 64,
-# 64 x 100 x 200 A.T @ B, 1024 x 128 x 10 A @ B.T with B.T copied).
+# (above 2**24 multiply-adds, 2**22 with a transposed operand, or with B over
+# 896 KiB), in column and row ranges; and of packed products cut into
+# ranges small enough for the small kernels' broadcast forms (256 x 256 x 300
+# A @ B, 512 x 256 x 48 A.T @ B, 2048 x 256 x 10 A @ B.T with B.T copied).
 SPLIT_SHAPES = [(64, 256, 784), (200, 100, 64), (784, 256, 64), (100, 10, 3000),
                 (3000, 10, 100), (64, 256, 128), (300, 97, 40), (97, 300, 40),
                 (50, 500, 33), (1000, 12, 64), (128, 128, 128), (600, 600, 600),
                 (200, 10, 100), (200, 20, 100), (300, 40, 30), (1030, 67, 520),
-                (64, 100, 200), (1024, 128, 10)]
+                (256, 256, 300), (512, 256, 48), (2048, 256, 10)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
