@@ -15,13 +15,12 @@
  *     the result is bitwise the same on any thread count (every entry is
  *     one chain of multiply-adds whatever range it falls in: small_plan in
  *     smallgemm_impl.h, and packedgemm.h).  A packed product whose ranges
- *     fit the small kernels runs them there instead when their path is a
- *     broadcast form, which chains each entry's multiply-adds the same way
+ *     fit the small kernels runs them there instead on their broadcast
+ *     form, which chains each entry's multiply-adds the same way
  *     (fbp_small_ranges).
- * Small-kernel ranges are cut at multiples of 16 and hold at least
- * FBP_PAR_MIN columns (or rows), so each keeps full vector blocks; the
- * narrow paths, which vectorize along C's rows, and C too narrow for one
- * column range per thread, are cut into row ranges.  Packed ranges are cut
+ * Small-kernel ranges are cut in whole blocks of the kernel, along the
+ * axis that balances blocks best (fbp_small_split); the narrow paths,
+ * which vectorize along C's rows, in row ranges.  Packed ranges are cut
  * at multiples of the tile width (32): an edge tile costs a whole tile, so
  * this balances tiles rather than columns.  Each packed range packs all of
  * the operand it shares with the others (op(A) for column ranges, op(B)
@@ -43,7 +42,6 @@
 #define FBP_PAR_MNK (1L << 17)
 #endif
 #define FBP_PAR_UNIT 16
-#define FBP_PAR_MIN (2 * FBP_PAR_UNIT)
 #define FBP_PACKED_UNIT 32
 
 /* path values beyond smallgemm.h's FBP_SG_* */
@@ -57,22 +55,34 @@ struct fbp_gemm_job {
     int lda, ldb, ldc;
 };
 
-/* Start of range i of `parts` over an axis of len, in units of `unit`. */
-static inline int fbp_range_start(int i, int parts, int len, int unit)
+/* Start of range i of `parts` over an axis of len, in units of `unit`
+ * shared out evenly.  A partial unit at the end counts as a unit of its
+ * own if `partial` (packed tiles: an edge tile costs a whole one), else
+ * the last range takes it on top of its whole units (a small-kernel
+ * range narrower than a block would lose its vector blocks); then no range
+ * is narrower than a unit if parts <= len / unit, and the last one is the
+ * largest. */
+static inline int fbp_range_start(int i, int parts, int len, int unit, int partial)
 {
-    long units = (len + unit - 1) / unit;
-    int at = (int)(units * i / parts) * unit;
-    return at < len ? at : len;
+    long units = partial ? (len + unit - 1) / unit : len / unit;
+    return i >= parts ? len : (int)(units * i / parts) * unit;
 }
 
-/* Range `task` of the product: rows [lo, hi) of C (narrow paths) or
- * columns [lo, hi) (the others). */
+/* Units (rounded up) in the largest of `parts` whole-unit ranges over len. */
+static inline long fbp_largest_range(int len, int unit, int parts)
+{
+    return (len - fbp_range_start(parts - 1, parts, len, unit, 0) + unit - 1) / unit;
+}
+
+/* Range `task` of the product: rows [lo, hi) of C (by_rows) or columns
+ * [lo, hi). */
 static void fbp_gemm_task(void *ctx, int task)
 {
     struct fbp_gemm_job *j = (struct fbp_gemm_job *)ctx;
     int len = j->by_rows ? j->m : j->n;
-    int lo = fbp_range_start(task, j->parts, len, j->unit);
-    int hi = fbp_range_start(task + 1, j->parts, len, j->unit);
+    int partial = j->path == FBP_PACKED;
+    int lo = fbp_range_start(task, j->parts, len, j->unit, partial);
+    int hi = fbp_range_start(task + 1, j->parts, len, j->unit, partial);
     long ao = 0, bo = 0, co;
     int m = j->m, n = j->n;
     if (j->by_rows) {
@@ -122,80 +132,103 @@ static inline int fbp_gemm_plan(int isa, int dbl, int trans_a, int trans_b,
     return path;
 }
 
-/* Whether a small-kernel path computes each entry of C as one chain of
- * multiply-adds over the shared dimension in order, as the packed kernels
- * do: the broadcast forms (the dot forms add lane-wise partial sums).  Such
- * a path gives bitwise the packed kernels' result. */
-static inline int fbp_sg_chain(int path)
+/* Lanes of the small kernels' vectors for the job's type and level. */
+static inline int fbp_small_lanes(const struct fbp_gemm_job *j)
 {
-    return path == FBP_SG_BCAST || path == FBP_SG_TN_NARROW || path == FBP_SG_NT_COPY;
+    return (j->isa >= FBP_ISA_AVX512 ? 64 : 32) / (j->dbl ? 8 : 4);
+}
+
+/* Rows and columns of C in a block of the small kernels on a path, as
+ * the unit of a split: the broadcast form's 8-row x 2-vector blocks (one
+ * vector when C is narrower than two), the narrow A.T @ B path's blocks of
+ * C.T (whose columns are C's rows), and 16 for the dot forms (blocks of
+ * 2 x 4 entries, too small to matter). */
+static inline void fbp_small_block(const struct fbp_gemm_job *j, int path, int *ru, int *cu)
+{
+    int vl = fbp_small_lanes(j);
+    *ru = *cu = FBP_PAR_UNIT;
+    if (path == FBP_SG_BCAST || path == FBP_SG_NT_COPY) {
+        *ru = 8;
+        *cu = j->n >= 2 * vl ? 2 * vl : vl;
+    } else if (path == FBP_SG_TN_NARROW) {
+        *ru = 2 * vl;
+    }
+}
+
+/* Splits a product on small path `path` across up to `threads`: along the
+ * axis whose largest range has the fewest blocks (200 x 100 float64 on two
+ * threads: rows 96 + 104, 13 x 7 blocks, rather than columns 48 + 52,
+ * 25 x 4).  The narrow paths, vectorized along C's rows, are cut in rows. */
+static void fbp_small_split(struct fbp_gemm_job *j, int path, int threads)
+{
+    int ru, cu, narrow = path == FBP_SG_TN_NARROW || path == FBP_SG_NN_NARROW;
+    fbp_small_block(j, path, &ru, &cu);
+    int pr = j->m / ru, pc = narrow ? 1 : j->n / cu;
+    pr = pr < 1 ? 1 : pr > threads ? threads : pr;
+    pc = pc < 1 ? 1 : pc > threads ? threads : pc;
+    long rows = fbp_largest_range(j->m, ru, pr) * ((j->n + cu - 1) / cu);
+    long cols = fbp_largest_range(j->n, cu, pc) * ((j->m + ru - 1) / ru);
+    j->path = path;
+    j->by_rows = narrow || rows < cols;
+    j->unit = j->by_rows ? ru : cu;
+    j->parts = j->by_rows ? pr : pc;
 }
 
 /* A product too large for the small kernels can still be cut into ranges
- * small enough for them, which skip the packing: 200 x 100 x 64 float64 in
- * two ranges took 12.6 us a range on the small kernels against 19.8
- * packed.  Where the small kernels' path for the largest range is a chain
- * path, every range takes it (same bits as packed, so the thread count
- * still changes nothing), cut as the small paths are cut: in column ranges
- * (by_rows 0) or row ranges.  Returns 1 and sets the split if so. */
-static int fbp_small_ranges(struct fbp_gemm_job *j, int threads, int by_rows)
+ * small enough for them, which skip the packing (256 x 256 x 300 float32
+ * in two column ranges: 82-87 us a range against 89-98 packed).  The
+ * candidate is the broadcast form for the product's transposes: like the
+ * packed kernels, it computes each entry of C as one chain of multiply-adds
+ * over the shared dimension in order (the dot forms add lane-wise partial
+ * sums), so the two give bitwise the same C.  If the small kernels take the
+ * largest range on that form, every range runs it, and the thread count
+ * still changes nothing.  Returns 1 with the split set if so. */
+static int fbp_small_ranges(struct fbp_gemm_job *j, int threads)
 {
-    int len = by_rows ? j->m : j->n, parts = len / FBP_PAR_MIN, big = 0;
-    if (parts > threads)
-        parts = threads;
-    if (parts < 2)
+    int vl = fbp_small_lanes(j), form;
+    if (j->trans_b)
+        form = j->trans_a ? FBP_SG_NONE : FBP_SG_NT_COPY;
+    else
+        form = j->n >= vl ? FBP_SG_BCAST : j->trans_a ? FBP_SG_TN_NARROW : FBP_SG_NONE;
+    if (form == FBP_SG_NONE)
         return 0;
-    for (int i = 0; i < parts; i++) {
-        int w = fbp_range_start(i + 1, parts, len, FBP_PAR_UNIT)
-              - fbp_range_start(i, parts, len, FBP_PAR_UNIT);
-        big = w > big ? w : big;
-    }
-    int mm = by_rows ? big : j->m, nn = by_rows ? j->n : big;
-    int sub = j->dbl ? fbp_small_plan_f64(j->isa, j->trans_a, j->trans_b, mm, nn, j->k)
-                     : fbp_small_plan_f32(j->isa, j->trans_a, j->trans_b, mm, nn, j->k);
-    if (!fbp_sg_chain(sub) || (!by_rows && sub == FBP_SG_TN_NARROW))
+    struct fbp_gemm_job t = *j;
+    fbp_small_split(&t, form, threads);
+    if (t.parts < 2)
         return 0;
-    j->path = sub;
-    j->by_rows = by_rows;
-    j->unit = FBP_PAR_UNIT;
-    j->parts = parts;
+    int len = t.by_rows ? t.m : t.n;
+    int big = len - fbp_range_start(t.parts - 1, t.parts, len, t.unit, 0);   /* the last */
+    int mm = t.by_rows ? big : t.m, nn = t.by_rows ? t.n : big;
+    int sub = t.dbl ? fbp_small_plan_f64(t.isa, t.trans_a, t.trans_b, mm, nn, t.k)
+                    : fbp_small_plan_f32(t.isa, t.trans_a, t.trans_b, mm, nn, t.k);
+    if (sub != form)
+        return 0;
+    *j = t;
     return 1;
 }
 
 /* Shared body of fbp_gemm_f32 / _f64 once the path is known. */
 static int fbp_gemm_split(struct fbp_gemm_job *j, int threads)
 {
-    int len;
+    long mnk = (long)j->m * j->n * j->k;
     j->parts = 1;
-    if (j->path == FBP_PACKED && threads > 1 && (long)j->m * j->n * j->k > FBP_PAR_MNK
-        && (fbp_small_ranges(j, threads, 0) || fbp_small_ranges(j, threads, 1))) {
-        /* the split is set: small-kernel ranges */
-    } else if (j->path == FBP_PACKED) {
-        /* Each range packs all of the operand it shares with the others:
-         * op(A) (m x k) for column ranges, op(B) (k x n) for row ranges.
-         * Share the smaller one. */
-        j->by_rows = j->m > j->n;
-        j->unit = j->by_rows ? FBP_PAR_UNIT : FBP_PACKED_UNIT;
-        len = j->by_rows ? j->m : j->n;
-        if (threads > 1 && (long)j->m * j->n * j->k > FBP_PAR_MNK)
-            j->parts = (len + j->unit - 1) / j->unit;
-    } else {
-        /* Narrow paths vectorize along C's rows, so they are cut in row
-         * ranges; the others in column ranges, or in row ranges when C is
-         * too narrow for one column range per thread. */
-        int narrow = j->path == FBP_SG_TN_NARROW || j->path == FBP_SG_NN_NARROW;
-        int col_parts = narrow ? 0 : j->n / FBP_PAR_MIN, row_parts = j->m / FBP_PAR_MIN;
-        j->by_rows = narrow || (col_parts < threads && row_parts > col_parts);
-        j->unit = FBP_PAR_UNIT;
-        len = j->by_rows ? j->m : j->n;
-        if (threads > 1 && (long)j->m * j->n * j->k > FBP_PAR_MNK)
-            j->parts = len / FBP_PAR_MIN;
+    j->by_rows = 0;
+    j->unit = 1;
+    if (threads > 1 && mnk > FBP_PAR_MNK) {
+        if (j->path != FBP_PACKED)
+            fbp_small_split(j, j->path, threads);
+        else if (!fbp_small_ranges(j, threads)) {
+            /* Each range packs all of the operand it shares with the
+             * others: op(A) (m x k) for column ranges, op(B) (k x n) for
+             * row ranges.  Share the smaller one. */
+            j->by_rows = j->m > j->n;
+            j->unit = j->by_rows ? FBP_PAR_UNIT : FBP_PACKED_UNIT;
+            j->parts = ((j->by_rows ? j->m : j->n) + j->unit - 1) / j->unit;
+            if (j->parts > threads)
+                j->parts = threads;
+        }
     }
-    if (j->parts > threads)
-        j->parts = threads;
-    if (j->parts < 1)
-        j->parts = 1;
-    if (j->parts == 1)
+    if (j->parts < 2)
         fbp_gemm_task(j, 0);
     else
         fbp_pool_run(j->parts, fbp_gemm_task, j, j->parts);
