@@ -94,6 +94,34 @@ cdef extern from "gemm.h" nogil:
     int fbp_gemm_f64(int threads, int trans_a, int trans_b, int m, int n, int k,
                      const double* a, int lda, const double* b, int ldb, double* c, int ldc)
     int fbp_pool_workers()
+    int fbp_gemm_prepare(fbp_gemm_job* j, int dbl, int threads, int trans_a, int trans_b,
+                         int m, int n, int k, const void* a, int lda, const void* b, int ldb,
+                         void* c, int ldc)
+    void fbp_gemm_task(void* ctx, int task)
+    int fbp_gemm_kind(int dbl, int trans_a, int trans_b, int m, int n, int k)
+    int fbp_gemm_rows(int dbl, int trans_b, int m, int lo, int hi, int n, int k,
+                      const void* a, int lda, const void* b, int ldb, void* c, int ldc)
+
+
+cdef int gemm_prepare(fbp_gemm_job* job, bint dbl, int threads, bint trans_a, bint trans_b,
+                      int m, int n, int k, const void* a, int lda, const void* b, int ldb,
+                      void* c, int ldc) noexcept nogil:
+    return fbp_gemm_prepare(job, dbl, threads, trans_a, trans_b, m, n, k, a, lda, b, ldb,
+                            c, ldc)
+
+
+cdef void gemm_task(void* job, int task) noexcept nogil:
+    fbp_gemm_task(job, task)
+
+
+cdef int gemm_kind(bint dbl, bint trans_a, bint trans_b, int m, int n, int k) noexcept nogil:
+    return fbp_gemm_kind(dbl, trans_a, trans_b, m, n, k)
+
+
+cdef int gemm_rows(bint dbl, bint trans_b, int m, int lo, int hi, int n, int k,
+                   const void* a, int lda, const void* b, int ldb, void* c,
+                   int ldc) noexcept nogil:
+    return fbp_gemm_rows(dbl, trans_b, m, lo, hi, n, k, a, lda, b, ldb, c, ldc)
 
 
 # Vectorized bias + activation and activation backward + bias gradient

@@ -62,7 +62,9 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from fastbp._ext.dense cimport (floating, dense_forward_ptr, dense_backward_ptr,
-                                kernel_threads, pool_run)
+                                kernel_threads, pool_run, bias_activation,
+                                activation_backward, fbp_gemm_job, gemm_prepare, gemm_task,
+                                gemm_kind, gemm_rows, gemm_rm, GEMM_BY_SMALL, GEMM_BY_BLAS)
 
 # program columns
 cdef enum:
@@ -518,6 +520,249 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
     return activity
 
 
+# ---------------------------------------------------------------------------
+# Row-parallel steps.  With more than one thread, a stack of plain dense
+# layers spends most of a step outside the GEMMs (digits, 200 x 64-100-10
+# float64 on two threads: 27 of 75 us) if only the GEMMs are split: the
+# gather, the bias and activation passes and the activation derivatives run
+# on one thread while the others wait.  Those are all row-local, so here the
+# batch's rows are cut into ranges, one per thread, and each thread gathers
+# its rows and runs them through every layer's product and epilogue
+# (forward), or through a layer's A @ W.T and the activation derivative
+# below it (backward), in one job; the weight gradients' products and the
+# bias gradients' column sums join the same backward job.  Every product
+# takes the path planned for the whole batch (gemm_rows), and each bias
+# gradient is summed row by row from 0 as in dense_backward_ptr, so a step
+# gives bitwise the result of the one-thread path.
+
+cdef struct RowsJob:
+    const int64_t* prog          # the program, N_COLS per layer
+    int64_t m, s, d, k, parts
+    int dbl
+    int failed                   # a product could not run in our kernels
+    bint gather
+    const void* X
+    const void* Y
+    const void* W
+    const int64_t* order
+    void* xb
+    void* yb
+    void* wb
+    const void* x0
+    void* params
+    void* acts
+    # backward job of one layer
+    int64_t layer
+    fbp_gemm_job dw              # its weight gradient's product, in parts
+    int dw_parts
+    void* g                      # its delta (m, n_out), read only
+    void* dx                     # where the delta below goes (NULL: none)
+    void* db
+
+
+cdef inline void _row_range(const RowsJob* job, int task, int64_t* lo, int64_t* hi) noexcept nogil:
+    # whole blocks of 8 rows (the small kernels' blocks); the last range
+    # takes the rest
+    cdef int64_t units = job.m // 8
+    lo[0] = units * task // job.parts * 8
+    hi[0] = job.m if task + 1 == job.parts else units * (task + 1) // job.parts * 8
+
+
+cdef void _forward_rows(RowsJob* job, floating* params, floating* acts, floating* xb,
+                        floating* yb, floating* wb, const floating* X, const floating* Y,
+                        const floating* W, int64_t lo, int64_t hi) noexcept nogil:
+    cdef int64_t r, l, o, n_in, n_out, m = job.m, d = job.d, k = job.k
+    cdef const int64_t* row
+    cdef const floating* x
+    cdef floating* out
+    if job.gather:
+        for r in range(lo, hi):
+            o = job.order[job.s + r]
+            memcpy(&xb[r * d], &X[o * d], d * sizeof(floating))
+            memcpy(&yb[r * k], &Y[o * k], k * sizeof(floating))
+            wb[r] = W[o]
+    x = <const floating*>job.x0
+    for l in range(job.layer):
+        row = job.prog + l * N_COLS
+        n_in = row[N_IN]
+        n_out = row[N_OUT]
+        out = acts + row[ACT_OFF] * m
+        if not gemm_rows(floating is double, False, <int>m, <int>lo, <int>hi, <int>n_out,
+                         <int>n_in, x, <int>n_in, params + row[W_OFF], <int>n_out, out,
+                         <int>n_out):
+            job.failed = 1
+            return
+        bias_activation(out + lo * n_out, params + row[B_OFF], hi - lo, n_out, <int>row[ACT])
+        x = out
+
+
+cdef void _forward_task(void* ctx, int task) noexcept nogil:
+    cdef RowsJob* job = <RowsJob*>ctx
+    cdef int64_t lo, hi
+    _row_range(job, task, &lo, &hi)
+    if job.dbl:
+        _forward_rows(job, <double*>job.params, <double*>job.acts, <double*>job.xb,
+                      <double*>job.yb, <double*>job.wb, <const double*>job.X,
+                      <const double*>job.Y, <const double*>job.W, lo, hi)
+    else:
+        _forward_rows(job, <float*>job.params, <float*>job.acts, <float*>job.xb,
+                      <float*>job.yb, <float*>job.wb, <const float*>job.X,
+                      <const float*>job.Y, <const float*>job.W, lo, hi)
+
+
+cdef void _column_sums(const floating* g, floating* db, int64_t m, int64_t n) noexcept nogil:
+    # row by row from 0, as activation_backward_db sums them
+    cdef int64_t i, j
+    for j in range(n):
+        db[j] = 0
+    for i in range(m):
+        for j in range(n):
+            db[j] += g[i * n + j]
+
+
+cdef void _backward_rows(RowsJob* job, floating* params, const floating* g, floating* dx,
+                         floating* acts, int64_t lo, int64_t hi) noexcept nogil:
+    # dx = g @ W.T on rows lo .. hi - 1, times the derivative of the layer
+    # below's activation
+    cdef const int64_t* row = job.prog + job.layer * N_COLS
+    cdef const int64_t* below = row - N_COLS
+    cdef int64_t m = job.m, n_in = row[N_IN], n_out = row[N_OUT]
+    if not gemm_rows(floating is double, True, <int>m, <int>lo, <int>hi, <int>n_in,
+                     <int>n_out, g, <int>n_out, params + row[W_OFF], <int>n_out, dx,
+                     <int>n_in):
+        job.failed = 1
+        return
+    activation_backward(dx + lo * n_in, acts + below[ACT_OFF] * m + lo * n_in, hi - lo, n_in,
+                        <int>below[ACT])
+
+
+cdef void _backward_task(void* ctx, int task) noexcept nogil:
+    cdef RowsJob* job = <RowsJob*>ctx
+    cdef int64_t lo, hi, n_out = job.prog[job.layer * N_COLS + N_OUT]
+    if task < job.dw_parts:
+        gemm_task(&job.dw, task)
+        return
+    task -= job.dw_parts
+    if task == 0:
+        if job.dbl:
+            _column_sums(<const double*>job.g, <double*>job.db, job.m, n_out)
+        else:
+            _column_sums(<const float*>job.g, <float*>job.db, job.m, n_out)
+        return
+    _row_range(job, task - 1, &lo, &hi)
+    if job.dbl:
+        _backward_rows(job, <double*>job.params, <const double*>job.g, <double*>job.dx,
+                       <double*>job.acts, lo, hi)
+    else:
+        _backward_rows(job, <float*>job.params, <const float*>job.g, <float*>job.dx,
+                       <float*>job.acts, lo, hi)
+
+
+cdef bint ROWS_PARALLEL = True
+cdef int64_t ROWS_STEPS = 0   # steps run in row ranges, for tests
+
+
+def _set_rows_parallel(bint on):
+    """Allow (the default) or forbid row-parallel steps; returns the
+    previous setting.  For tests and benchmarks, which compare the two
+    paths."""
+    global ROWS_PARALLEL
+    previous = ROWS_PARALLEL
+    ROWS_PARALLEL = on
+    return previous
+
+
+def _rows_steps():
+    """Steps run in row ranges so far in this process (any thread; a
+    test hook, counted without synchronization)."""
+    return ROWS_STEPS
+
+
+cdef int rows_parallel(const int64_t[:, ::1] prog, const double[:, ::1] reg,
+                       const double* rates, int64_t m, bint dbl) noexcept nogil:
+    """The number of row ranges a step of this program runs in (0: the
+    layer-by-layer path): with more than one thread, for plain dense layers
+    (no dropout, DropConnect, batch norm, residual or activity penalty)
+    whose products by rows are all small-kernel ones (a packed product in
+    row ranges would pack all of W once per range: 1024-2048-2048-10 ran
+    4% slower; BLAS would start threads of its own inside them) and whose
+    weight gradients' products are in our kernels."""
+    cdef int64_t l, parts = kernel_threads() if ROWS_PARALLEL else 1
+    if parts > m // 8:
+        parts = m // 8
+    if parts < 2:
+        return 0
+    for l in range(prog.shape[0]):
+        if prog[l, KIND] != KIND_DENSE or rates[l] > 0 or reg[l, 2] > 0:
+            return 0
+        if gemm_kind(dbl, False, False, <int>m, <int>prog[l, N_OUT],
+                     <int>prog[l, N_IN]) != GEMM_BY_SMALL:
+            return 0
+        if l > 0 and gemm_kind(dbl, False, True, <int>m, <int>prog[l, N_IN],
+                               <int>prog[l, N_OUT]) != GEMM_BY_SMALL:
+            return 0
+        if gemm_kind(dbl, True, False, <int>prog[l, N_IN], <int>prog[l, N_OUT],
+                     <int>m) == GEMM_BY_BLAS:
+            return 0
+    return <int>parts
+
+
+cdef int forward_rows(RowsJob* job, const int64_t[:, ::1] prog) noexcept nogil:
+    """Gather (if job.gather) and forward through every layer, in job.parts
+    row ranges; 0 if a range failed (then the caller redoes it all)."""
+    global ROWS_STEPS
+    job.layer = prog.shape[0]   # the forward task runs layers 0 .. layer - 1
+    job.failed = 0
+    pool_run(_forward_task, job, <int>job.parts)
+    ROWS_STEPS += 1
+    return not job.failed
+
+
+cdef void backward_rows(RowsJob* job, const int64_t[:, ::1] prog, floating* params,
+                        floating* grad, floating* acts, floating* deltas, int64_t half,
+                        const floating* x0) noexcept nogil:
+    """backward_all for a program rows_parallel accepts: on entry
+    deltas[0:half] holds dL/d(output of the last layer); on exit grad holds
+    every dW, db.  One job per layer computes its dW (split as gemm_rm
+    would), its db, and the delta of the layer below by row ranges."""
+    cdef int64_t l, m = job.m, n_in, n_out, last = prog.shape[0] - 1
+    cdef floating* g = deltas
+    cdef floating* other = deltas + half
+    cdef floating* tmp
+    cdef const floating* x
+    cdef bint dw_ours
+    activation_backward(g, acts + prog[last, ACT_OFF] * m, m, prog[last, N_OUT],
+                        <int>prog[last, ACT])
+    for l in range(last, -1, -1):
+        n_in = prog[l, N_IN]
+        n_out = prog[l, N_OUT]
+        x = x0 if l == 0 else acts + prog[l - 1, ACT_OFF] * m
+        job.layer = l
+        job.g = g
+        job.dx = other if l > 0 else NULL
+        job.db = grad + prog[l, B_OFF]
+        job.failed = 0
+        dw_ours = gemm_prepare(&job.dw, floating is double, kernel_threads(), True, False,
+                               <int>n_in, <int>n_out, <int>m, x, <int>n_in, g, <int>n_out,
+                               grad + prog[l, W_OFF], <int>n_out)
+        job.dw_parts = job.dw.parts if dw_ours else 0
+        pool_run(_backward_task, job, <int>(job.dw_parts + 1 + (job.parts if l > 0 else 0)))
+        if not dw_ours or job.dw.failed:
+            gemm_rm(True, False, <int>n_in, <int>n_out, <int>m, <floating>1.0, x, <int>n_in,
+                    g, <int>n_out, <floating>0.0, grad + prog[l, W_OFF], <int>n_out)
+        if l > 0 and job.failed:
+            gemm_rm(False, True, <int>m, <int>n_in, <int>n_out, <floating>1.0, g, <int>n_out,
+                    params + prog[l, W_OFF], <int>n_out, <floating>0.0, other, <int>n_in)
+            activation_backward(other, acts + prog[l - 1, ACT_OFF] * m, m, n_in,
+                                <int>prog[l - 1, ACT])
+        if not prog[l, TRAINABLE]:
+            memset(grad + prog[l, W_OFF], 0, n_in * n_out * sizeof(floating))
+            memset(grad + prog[l, B_OFF], 0, n_out * sizeof(floating))
+        tmp = g
+        g = other
+        other = tmp
+
+
 cdef inline int64_t _n_row_params(const int64_t[:, ::1] prog, int64_t l) noexcept nogil:
     if prog[l, KIND] == KIND_BATCHNORM:
         return 2 * prog[l, N_OUT]
@@ -637,16 +882,27 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
     cdef floating* out_last
     cdef double* norms = &grad_norms[0] if grad_norms.shape[0] == program.shape[0] else NULL
     cdef bint clip = clip_value > 0 or clip_norm > 0 or norms != NULL
+    cdef RowsJob rows
+    rows.prog = &program[0, 0]
+    rows.d = d
+    rows.k = k
+    rows.dbl = floating is double
+    rows.gather = gather
+    rows.X = &X[0, 0]
+    rows.Y = &Y[0, 0]
+    rows.W = &W[0]
+    rows.order = &order[0] if order.shape[0] > 0 else NULL
+    rows.xb = &xb[0]
+    rows.yb = &yb[0]
+    rows.wb = &wb[0]
+    rows.params = &params[0]
+    rows.acts = &acts[0]
     with nogil:
         for i in range(n_batches):
             b = first_batch + i
             s = b * batch_size
             m = batch_size if n - s > batch_size else n - s
             if gather:
-                for r in range(m):
-                    memcpy(&xb[r * d], &X[order[s + r], 0], d * sizeof(floating))
-                    memcpy(&yb[r * k], &Y[order[s + r], 0], k * sizeof(floating))
-                    wb[r] = W[order[s + r]]
                 x0 = &xb[0]
                 y0 = &yb[0]
                 w0 = &wb[0]
@@ -654,16 +910,33 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 x0 = &X[s, 0]
                 y0 = <floating*>&Y[s, 0]
                 w0 = <floating*>&W[s]
-            forward_all(program, x0, &params[0], &acts[0], NULL, m, &rates[0], &rng[0],
-                        _ptr(aux), _ptr(buffers))
+            rows.parts = rows_parallel(program, reg, &rates[0], m, floating is double)
+            if rows.parts:
+                rows.m = m
+                rows.s = s
+                rows.x0 = x0
+                if not forward_rows(&rows, program):
+                    rows.parts = 0   # a product could not run here: the whole step again
+            if not rows.parts:
+                if gather:
+                    for r in range(m):
+                        memcpy(&xb[r * d], &X[order[s + r], 0], d * sizeof(floating))
+                        memcpy(&yb[r * k], &Y[order[s + r], 0], k * sizeof(floating))
+                        wb[r] = W[order[s + r]]
+                forward_all(program, x0, &params[0], &acts[0], NULL, m, &rates[0], &rng[0],
+                            _ptr(aux), _ptr(buffers))
             out_last = &acts[0] + program[last, ACT_OFF] * m
             loss = call_loss(loss_addr, out_last, y0, w0, &deltas[0], m, k)
             if not isfinite(loss):
                 batch_loss[b] = loss
                 status = STATUS_LOSS_NONFINITE
                 break
-            loss += backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0], half,
-                                 m, reg, &rates[0], _ptr(aux), True)
+            if rows.parts:
+                backward_rows(&rows, program, &params[0], &grad[0], &acts[0], &deltas[0], half,
+                              x0)
+            else:
+                loss += backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0],
+                                     half, m, reg, &rates[0], _ptr(aux), True)
             loss += penalize(program, reg, reg_per_weight, w0, m, &params[0], &grad[0])
             batch_loss[b] = loss
             if clip:

@@ -54,6 +54,7 @@ struct fbp_gemm_job {
     void *c;
     int lda, ldb, ldc;
 };
+typedef struct fbp_gemm_job fbp_gemm_job;
 
 /* Start of range i of `parts` over an axis of len, in units of `unit`
  * shared out evenly.  A partial unit at the end counts as a unit of its
@@ -207,59 +208,101 @@ static int fbp_small_ranges(struct fbp_gemm_job *j, int threads)
     return 1;
 }
 
-/* Shared body of fbp_gemm_f32 / _f64 once the path is known. */
-static int fbp_gemm_split(struct fbp_gemm_job *j, int threads)
+/* Plans row-major C[m, n] = op(A) @ op(B) (C overwritten; dbl: double,
+ * else float) and its split across up to `threads`, without running it:
+ * then fbp_gemm_task(j, i) for i < j->parts computes it, in any order on
+ * any threads (the engine runs them inside jobs of its own), and j->failed
+ * says if BLAS must redo all of C.  Returns 0 when BLAS should take the
+ * product. */
+static int fbp_gemm_prepare(struct fbp_gemm_job *j, int dbl, int threads, int trans_a,
+                            int trans_b, int m, int n, int k, const void *a, int lda,
+                            const void *b, int ldb, void *c, int ldc)
 {
-    long mnk = (long)j->m * j->n * j->k;
-    j->parts = 1;
-    j->by_rows = 0;
-    j->unit = 1;
-    if (threads > 1 && mnk > FBP_PAR_MNK) {
+    int isa = fbp_isa_best();
+    struct fbp_gemm_job init = {
+        .isa = isa, .path = fbp_gemm_plan(isa, dbl, trans_a, trans_b, m, n, k),
+        .trans_a = trans_a, .trans_b = trans_b, .m = m, .n = n, .k = k, .dbl = dbl,
+        .parts = 1, .unit = 1, .a = a, .b = b, .c = c, .lda = lda, .ldb = ldb, .ldc = ldc};
+    *j = init;
+    if (j->path == FBP_SG_NONE)
+        return 0;
+    if (threads > 1 && (long)m * n * k > FBP_PAR_MNK) {
         if (j->path != FBP_PACKED)
             fbp_small_split(j, j->path, threads);
         else if (!fbp_small_ranges(j, threads)) {
             /* Each range packs all of the operand it shares with the
              * others: op(A) (m x k) for column ranges, op(B) (k x n) for
              * row ranges.  Share the smaller one. */
-            j->by_rows = j->m > j->n;
+            j->by_rows = m > n;
             j->unit = j->by_rows ? FBP_PAR_UNIT : FBP_PACKED_UNIT;
-            j->parts = ((j->by_rows ? j->m : j->n) + j->unit - 1) / j->unit;
+            j->parts = ((j->by_rows ? m : n) + j->unit - 1) / j->unit;
             if (j->parts > threads)
                 j->parts = threads;
         }
     }
-    if (j->parts < 2)
-        fbp_gemm_task(j, 0);
-    else
-        fbp_pool_run(j->parts, fbp_gemm_task, j, j->parts);
-    return !j->failed;   /* else BLAS redoes all of C */
+    return 1;
 }
 
 /* Row-major C[m, n] = op(A) @ op(B) (C overwritten) on up to `threads`
  * threads; 0 when BLAS should take it (C may then be partly written: BLAS
  * overwrites all of it). */
+static inline int fbp_gemm(int dbl, int threads, int trans_a, int trans_b, int m, int n, int k,
+                           const void *a, int lda, const void *b, int ldb, void *c, int ldc)
+{
+    struct fbp_gemm_job j;
+    if (!fbp_gemm_prepare(&j, dbl, threads, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc))
+        return 0;
+    if (j.parts < 2)
+        fbp_gemm_task(&j, 0);
+    else
+        fbp_pool_run(j.parts, fbp_gemm_task, &j, j.parts);
+    return !j.failed;   /* else BLAS redoes all of C */
+}
+
 static inline int fbp_gemm_f32(int threads, int trans_a, int trans_b, int m, int n, int k,
                                const float *a, int lda, const float *b, int ldb,
                                float *c, int ldc)
 {
-    int isa = fbp_isa_best();
-    struct fbp_gemm_job j = {
-        .isa = isa, .path = fbp_gemm_plan(isa, 0, trans_a, trans_b, m, n, k),
-        .trans_a = trans_a, .trans_b = trans_b, .m = m, .n = n, .k = k, .dbl = 0,
-        .a = a, .b = b, .c = c, .lda = lda, .ldb = ldb, .ldc = ldc};
-    return j.path != FBP_SG_NONE && fbp_gemm_split(&j, threads);
+    return fbp_gemm(0, threads, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc);
 }
 
 static inline int fbp_gemm_f64(int threads, int trans_a, int trans_b, int m, int n, int k,
                                const double *a, int lda, const double *b, int ldb,
                                double *c, int ldc)
 {
-    int isa = fbp_isa_best();
-    struct fbp_gemm_job j = {
-        .isa = isa, .path = fbp_gemm_plan(isa, 1, trans_a, trans_b, m, n, k),
-        .trans_a = trans_a, .trans_b = trans_b, .m = m, .n = n, .k = k, .dbl = 1,
-        .a = a, .b = b, .c = c, .lda = lda, .ldb = ldb, .ldc = ldc};
-    return j.path != FBP_SG_NONE && fbp_gemm_split(&j, threads);
+    return fbp_gemm(1, threads, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc);
+}
+
+/* Which kernels take a product: FBP_BY_SMALL, FBP_BY_PACKED or
+ * FBP_BY_BLAS. */
+#define FBP_BY_BLAS 0
+#define FBP_BY_SMALL 1
+#define FBP_BY_PACKED 2
+static inline int fbp_gemm_kind(int dbl, int trans_a, int trans_b, int m, int n, int k)
+{
+    int path = fbp_gemm_plan(fbp_isa_best(), dbl, trans_a, trans_b, m, n, k);
+    return path == FBP_SG_NONE ? FBP_BY_BLAS : path == FBP_PACKED ? FBP_BY_PACKED : FBP_BY_SMALL;
+}
+
+/* Rows [lo, hi) of row-major C[m, n] = A @ op(B) on the calling thread,
+ * on the path planned for all m rows: each row comes out bitwise as it
+ * does from fbp_gemm on any thread count (every path computes an entry
+ * the same way whatever rows a call covers).  The engine runs a batch's
+ * row ranges this way on different threads.  Returns 0 (C's rows perhaps
+ * partly written) where BLAS should take the product, or a packed call
+ * could not get its buffer. */
+static int fbp_gemm_rows(int dbl, int trans_b, int m, int lo, int hi, int n, int k,
+                         const void *a, int lda, const void *b, int ldb, void *c, int ldc)
+{
+    struct fbp_gemm_job j;
+    if (!fbp_gemm_prepare(&j, dbl, 1, 0, trans_b, m, n, k, a, lda, b, ldb, c, ldc))
+        return 0;
+    size_t size = dbl ? sizeof(double) : sizeof(float);
+    j.a = (const char *)a + (size_t)lo * lda * size;
+    j.c = (char *)c + (size_t)lo * ldc * size;
+    j.m = hi - lo;
+    fbp_gemm_task(&j, 0);
+    return !j.failed;
 }
 
 #endif

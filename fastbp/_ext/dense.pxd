@@ -44,3 +44,29 @@ ctypedef void (*task_fn)(void* ctx, int task) noexcept nogil
 cdef int kernel_threads() noexcept nogil
 
 cdef void pool_run(task_fn fn, void* ctx, int n_tasks) noexcept nogil
+
+# Our GEMM kernels as parts the engine schedules itself (csrc/gemm.h):
+# gemm_prepare plans a product and its split (0: BLAS should take it),
+# gemm_task(job, i) computes part i < job.parts; gemm_rows computes a row
+# range of a product on the path planned for all its rows; gemm_kind says
+# which kernels take a product (GEMM_BY_*).
+cdef extern from "gemm.h" nogil:
+    ctypedef struct fbp_gemm_job:
+        int parts
+        int failed
+    enum:
+        GEMM_BY_BLAS "FBP_BY_BLAS"
+        GEMM_BY_SMALL "FBP_BY_SMALL"
+        GEMM_BY_PACKED "FBP_BY_PACKED"
+
+cdef int gemm_prepare(fbp_gemm_job* job, bint dbl, int threads, bint trans_a, bint trans_b,
+                      int m, int n, int k, const void* a, int lda, const void* b, int ldb,
+                      void* c, int ldc) noexcept nogil
+
+cdef void gemm_task(void* job, int task) noexcept nogil
+
+cdef int gemm_kind(bint dbl, bint trans_a, bint trans_b, int m, int n, int k) noexcept nogil
+
+cdef int gemm_rows(bint dbl, bint trans_b, int m, int lo, int hi, int n, int k,
+                   const void* a, int lda, const void* b, int ldb, void* c,
+                   int ldc) noexcept nogil
