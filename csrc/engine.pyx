@@ -61,6 +61,9 @@ from libc.math cimport isfinite, sqrt
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
+from libc.stdlib cimport free, malloc
+
+from fastbp._ext.losses cimport softmax_rows, softmax_which
 from fastbp._ext.dense cimport (floating, dense_forward_ptr, dense_backward_ptr,
                                 kernel_threads, pool_run, bias_activation,
                                 activation_backward, fbp_gemm_job, gemm_prepare, gemm_task,
@@ -551,6 +554,14 @@ cdef struct RowsJob:
     const void* x0
     void* params
     void* acts
+    # the loss, when it is a C softmax loss (softmax_which >= 0; else -1):
+    # each range also computes its rows' gradient and loss terms
+    int loss_which
+    double scale                 # 1 / (sum of the batch's sample weights)
+    double* terms                # (m,) each row's term of the loss sum
+    const void* y0               # the batch's targets and weights (gathered
+    const void* w0               # by the forward ranges if job.gather)
+    void* g0                     # dL/d(output), (m, k)
     # backward job of one layer
     int64_t layer
     fbp_gemm_job dw              # its weight gradient's product, in parts
@@ -594,6 +605,9 @@ cdef void _forward_rows(RowsJob* job, floating* params, floating* acts, floating
             return
         bias_activation(out + lo * n_out, params + row[B_OFF], hi - lo, n_out, <int>row[ACT])
         x = out
+    if job.loss_which >= 0:
+        softmax_rows(job.loss_which, out, <floating*>job.y0, <floating*>job.w0,
+                     <floating*>job.g0, lo, hi, k, job.scale, job.terms)
 
 
 cdef void _forward_task(void* ctx, int task) noexcept nogil:
@@ -707,10 +721,19 @@ cdef int rows_parallel(const int64_t[:, ::1] prog, const double[:, ::1] reg,
     return <int>parts
 
 
-cdef int forward_rows(RowsJob* job, const int64_t[:, ::1] prog) noexcept nogil:
+cdef int forward_rows(RowsJob* job, const int64_t[:, ::1] prog, const floating* W) noexcept nogil:
     """Gather (if job.gather) and forward through every layer, in job.parts
-    row ranges; 0 if a range failed (then the caller redoes it all)."""
+    row ranges, and the loss's rows too if it is a softmax one
+    (job.loss_which >= 0, job.terms set; W: all sample weights); 0 if a
+    range failed (then the caller redoes it all)."""
     global ROWS_STEPS
+    cdef int64_t r
+    cdef double wsum = 0.0
+    if job.loss_which >= 0:
+        # the loss kernel's sum of the weights, in the same order
+        for r in range(job.m):
+            wsum += W[job.order[job.s + r]] if job.gather else W[job.s + r]
+        job.scale = 1.0 / wsum
     job.layer = prog.shape[0]   # the forward task runs layers 0 .. layer - 1
     job.failed = 0
     pool_run(_forward_task, job, <int>job.parts)
@@ -897,6 +920,14 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
     rows.wb = &wb[0]
     rows.params = &params[0]
     rows.acts = &acts[0]
+    rows.g0 = &deltas[0]
+    rows.loss_which = softmax_which(loss_addr, floating is double)
+    rows.terms = NULL
+    if rows.loss_which >= 0:
+        # each row's loss term, for steps in row ranges (one buffer a call)
+        rows.terms = <double*>malloc(batch_size * sizeof(double))
+        if rows.terms == NULL:
+            rows.loss_which = -1
     with nogil:
         for i in range(n_batches):
             b = first_batch + i
@@ -915,7 +946,9 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 rows.m = m
                 rows.s = s
                 rows.x0 = x0
-                if not forward_rows(&rows, program):
+                rows.y0 = y0
+                rows.w0 = w0
+                if not forward_rows(&rows, program, &W[0]):
                     rows.parts = 0   # a product could not run here: the whole step again
             if not rows.parts:
                 if gather:
@@ -926,7 +959,13 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 forward_all(program, x0, &params[0], &acts[0], NULL, m, &rates[0], &rng[0],
                             _ptr(aux), _ptr(buffers))
             out_last = &acts[0] + program[last, ACT_OFF] * m
-            loss = call_loss(loss_addr, out_last, y0, w0, &deltas[0], m, k)
+            if rows.parts and rows.loss_which >= 0:
+                loss = 0.0
+                for r in range(m):
+                    loss += rows.terms[r]
+                loss *= rows.scale
+            else:
+                loss = call_loss(loss_addr, out_last, y0, w0, &deltas[0], m, k)
             if not isfinite(loss):
                 batch_loss[b] = loss
                 status = STATUS_LOSS_NONFINITE
@@ -947,4 +986,5 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 status = STATUS_PARAMS_NONFINITE
                 break
             done += 1
+    free(rows.terms)
     return done, status

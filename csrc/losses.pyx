@@ -36,6 +36,10 @@ cdef extern from "losses.h" nogil:
     double fbp_sk_log_loss_f64(double*, double*, double*, double*, int64_t, int64_t)
     double fbp_cross_entropy_f32(float*, float*, float*, float*, int64_t, int64_t)
     double fbp_cross_entropy_f64(double*, double*, double*, double*, int64_t, int64_t)
+    double fbp_softmax_rows_f32(int which, float* z, float* y, float* w, float* g,
+                                int64_t lo, int64_t hi, int64_t k, double scale, double* terms)
+    double fbp_softmax_rows_f64(int which, double* z, double* y, double* w, double* g,
+                                int64_t lo, int64_t hi, int64_t k, double scale, double* terms)
 
 
 _ADDRESSES = {
@@ -47,6 +51,30 @@ _ADDRESSES = {
 
 #: Loss names this module computes.
 NAMES = ("sk_log_loss", "cross_entropy")
+
+
+cdef int softmax_which(size_t loss_addr, bint dbl) noexcept nogil:
+    """Which softmax loss (FBP_LOSS_*) an engine entry point of this module
+    computes, for the dtype (dbl: float64); -1 if it is none of them."""
+    if loss_addr == (<size_t>&fbp_sk_log_loss_f64 if dbl else <size_t>&fbp_sk_log_loss_f32):
+        return FBP_LOSS_SK_LOG
+    if loss_addr == (<size_t>&fbp_cross_entropy_f64 if dbl
+                     else <size_t>&fbp_cross_entropy_f32):
+        return FBP_LOSS_CROSS_ENTROPY
+    return -1
+
+
+cdef void softmax_rows(int which, floating* z, floating* y, floating* w, floating* g,
+                       int64_t lo, int64_t hi, int64_t k, double scale,
+                       double* terms) noexcept nogil:
+    """Rows lo .. hi - 1 of loss ``which``: their rows of g = dL/dz, given
+    scale = 1 / (sum of every row's weight), and terms[i] = row i's term of
+    the weighted loss sum (the loss is scale times their sum in row
+    order)."""
+    if floating is float:
+        fbp_softmax_rows_f32(which, z, y, w, g, lo, hi, k, scale, terms)
+    else:
+        fbp_softmax_rows_f64(which, z, y, w, g, lo, hi, k, scale, terms)
 
 
 def loss_address(name, dtype):

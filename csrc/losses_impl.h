@@ -100,20 +100,22 @@ static void LS(exp_array)(T *x, int64_t n)
 }
 #endif
 
-/* Loss `which` (FBP_LOSS_*); see losses.h for the contract.  The loss and
- * gradient arithmetic is that of fastbp/_numba/losses.py's kernels (double
- * sums, p = e / s), so only the exp's rounding differs from them. */
-static LS_ATTR double LS(softmax_loss)(int which, T *z, T *y, T *w, T *g, int64_t m,
-                                          int64_t k)
+/* Rows [lo, hi) of loss `which` (FBP_LOSS_*; see losses.h for the
+ * contract): writes their rows of g, given scale = 1 / (sum of all rows'
+ * weights), and each row's term of the weighted loss sum.  With terms NULL
+ * the terms are added up in row order and their sum returned; otherwise
+ * terms[i] receives row i's, so that row ranges computed on different
+ * threads can be added up in row order afterwards, bitwise the same.  The
+ * loss and gradient arithmetic is that of fastbp/_numba/losses.py's kernels
+ * (double sums, p = e / s), so only the exp's rounding differs from them. */
+static LS_ATTR double LS(softmax_rows)(int which, T *z, T *y, T *w, T *g, int64_t lo,
+                                       int64_t hi, int64_t k, double scale, double *terms)
 {
     const double eps = sizeof(T) == 4 ? FLT_EPSILON : DBL_EPSILON;
-    double wsum = 0.0, total = 0.0;
+    double total = 0.0;
     int64_t i, j;
-    for (i = 0; i < m; i++)
-        wsum += w[i];
-    const double scale = 1.0 / wsum;
     /* g = z - row max, then exp of the whole block in one vector sweep. */
-    for (i = 0; i < m; i++) {
+    for (i = lo; i < hi; i++) {
         const T *zi = z + i * k;
         T *gi = g + i * k;
         T zmax = zi[0];
@@ -122,12 +124,12 @@ static LS_ATTR double LS(softmax_loss)(int which, T *z, T *y, T *w, T *g, int64_
         for (j = 0; j < k; j++)
             gi[j] = zi[j] - zmax;
     }
-    LS(exp_array)(g, m * k);
-    for (i = 0; i < m; i++) {
+    LS(exp_array)(g + lo * k, (hi - lo) * k);
+    for (i = lo; i < hi; i++) {
         const T *zi = z + i * k, *yi = y + i * k;
         T *gi = g + i * k;
         const double wi = w[i];
-        double s = 0.0, row = 0.0;
+        double s = 0.0, row = 0.0, term;
         for (j = 0; j < k; j++)
             s += gi[j];
         if (which == FBP_LOSS_SK_LOG) {
@@ -142,7 +144,7 @@ static LS_ATTR double LS(softmax_loss)(int which, T *z, T *y, T *w, T *g, int64_
             }
             for (j = 0; j < k; j++)
                 gi[j] = (T)(scale * (wi * (gi[j] / s - yi[j])));
-            total -= wi * row;
+            term = -(wi * row);
         } else {
             /* -sum_j y_j log softmax_j = sum_j y_j (lse - z_j); the gradient
              * softmax * sum(y) - y also holds for probability targets */
@@ -155,10 +157,25 @@ static LS_ATTR double LS(softmax_loss)(int which, T *z, T *y, T *w, T *g, int64_
                 ysum += yi[j];
                 row += yi[j] * (lse - zi[j]);
             }
-            total += wi * row;
+            term = wi * row;
             for (j = 0; j < k; j++)
                 gi[j] = (T)(scale * (wi * (gi[j] / s * ysum - yi[j])));
         }
+        if (terms)
+            terms[i] = term;
+        else
+            total += term;
     }
-    return total * scale;
+    return total;
+}
+
+/* Loss `which` over all m rows (see losses.h for the contract). */
+static LS_ATTR double LS(softmax_loss)(int which, T *z, T *y, T *w, T *g, int64_t m,
+                                          int64_t k)
+{
+    double wsum = 0.0;
+    for (int64_t i = 0; i < m; i++)
+        wsum += w[i];
+    const double scale = 1.0 / wsum;
+    return LS(softmax_rows)(which, z, y, w, g, 0, m, k, scale, NULL) * scale;
 }

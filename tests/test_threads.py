@@ -173,6 +173,29 @@ def test_row_parallel_steps_match_the_layer_by_layer_path(rng, dtype, shuffle):
     np.testing.assert_array_equal(params[0], params[1])
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_row_parallel_steps_match_for_the_sklearn_classifier(rng):
+    # scikit-learn's log loss is computed by the row ranges too (each range
+    # its rows' gradient and loss terms, added up in row order afterwards):
+    # the weights and every epoch's loss must not move by a bit.
+    X = rng.normal(size=(300, 20))
+    y = rng.integers(0, 4, 300)
+    fits = []
+    for rows in (False, True):
+        previous = engine._set_rows_parallel(rows)
+        before = engine._rows_steps()
+        try:
+            clf = fastbp.MLPClassifier(hidden_layer_sizes=(50, 30), max_iter=3, batch_size=64,
+                                       random_state=0, n_threads=2).fit(X, y)
+        finally:
+            engine._set_rows_parallel(previous)
+        assert engine._rows_steps() - before == (15 if rows else 0)   # 5 batches x 3 epochs
+        fits.append(clf)
+    for a, b in zip(fits[0].coefs_ + fits[0].intercepts_, fits[1].coefs_ + fits[1].intercepts_):
+        np.testing.assert_array_equal(a, b)
+    assert fits[0].loss_curve_ == fits[1].loss_curve_
+
+
 def test_fit_declares_its_thread_count_and_restores_it():
     net = fastbp.Sequential([fastbp.Dense(4, activation="relu"), fastbp.Dense(1)], seed=0)
     X = np.ones((8, 3)); y = np.zeros(8)
