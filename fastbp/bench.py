@@ -18,6 +18,11 @@ samples/s right after a numpy matmul).  GFLOP/s
 counts the GEMM work of a training step (forward, dW, and dX below the first
 layer: 2 flops per multiply-add), and is also given as a percentage of numpy's
 float32 matmul speed measured in the same run on the largest layer's shape.
+
+``fastbp bench --digits`` instead fits ``fastbp.MLPClassifier`` and
+scikit-learn's on scikit-learn's digits data (100 hidden units, adam,
+float64, 200 epochs; ``--batch`` sizes), interleaved, and prints both
+medians, their ratio and how far the two fits' weights differ.
 """
 import argparse
 import json
@@ -246,6 +251,66 @@ def run_workload(name, impls, threads, rounds=5, dtype="float32", predict=True, 
     return records
 
 
+def run_digits(batch_sizes=(200,), rounds=7, epochs=200, threads=None, pause=0.25):
+    """fastbp.MLPClassifier against scikit-learn's on its bundled digits data.
+
+    The issue's drop-in comparison: 100 hidden units, adam, float64 (the
+    scikit-learn default), ``epochs`` epochs run in full (``tol=0``), the
+    same ``random_state``; fits interleaved, each after a pause.  Returns one
+    record per batch size with both medians, their ratio, every round's
+    ratio, and the largest difference between the two fits' ``coefs_``.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier as SKMLPClassifier
+
+    import fastbp
+
+    X, y = load_digits(return_X_y=True)
+    X = X / 16.0
+    records = []
+    with warnings.catch_warnings(), _Threads(threads or os.cpu_count() or 1):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for batch in batch_sizes:
+            kw = dict(hidden_layer_sizes=(100,), solver="adam", max_iter=epochs,
+                      random_state=0, batch_size=batch, tol=0, n_iter_no_change=10 ** 9)
+            fastbp.MLPClassifier(**{**kw, "max_iter": 1}).fit(X, y)   # first-use compiles
+            t_sk, t_fb, fits = [], [], {}
+
+            def fit_sklearn():
+                fits["sklearn"] = SKMLPClassifier(**kw).fit(X, y)
+
+            def fit_fastbp():
+                fits["fastbp"] = fastbp.MLPClassifier(**kw).fit(X, y)
+
+            for _ in range(rounds):
+                _median_time(fit_sklearn, t_sk, pause)
+                _median_time(fit_fastbp, t_fb, pause)
+            diff = max(float(np.abs(a - b).max())
+                       for a, b in zip(fits["sklearn"].coefs_, fits["fastbp"].coefs_))
+            records.append({
+                "batch": batch, "epochs": epochs, "rounds": rounds,
+                "threads": threads or os.cpu_count() or 1,
+                "sklearn_seconds": float(np.median(t_sk)),
+                "fastbp_seconds": float(np.median(t_fb)),
+                "speedup": float(np.median(t_sk) / np.median(t_fb)),
+                "round_speedups": [a / b for a, b in zip(t_sk, t_fb)],
+                "max_coef_diff": diff})
+    return records
+
+
+def format_digits(records):
+    lines = []
+    for r in records:
+        rounds = " ".join(f"{x:.1f}" for x in r["round_speedups"])
+        lines.append(f"digits, batch {r['batch']}, {r['epochs']} epochs, {r['threads']} threads: "
+                     f"scikit-learn {r['sklearn_seconds']:.3f} s, fastbp "
+                     f"{r['fastbp_seconds']:.3f} s (medians of {r['rounds']}): "
+                     f"{r['speedup']:.1f}x; rounds {rounds}; coefs_ differ by at most "
+                     f"{r['max_coef_diff']:.1e}")
+    return "\n".join(lines)
+
+
 def format_table(records):
     head = (f"{'workload':<9}{'impl':<11}{'thr':>4}{'samples/s':>13}{'GFLOP/s':>9}"
             f"{'% peak':>8}{'fastbp x':>10}{'predict/s':>13}{'pred x':>8}")
@@ -311,7 +376,17 @@ def main(argv=None):
                              "the previous implementation stop spinning (default 0.25)")
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
+    parser.add_argument("--digits", action="store_true",
+                        help="instead: fastbp.MLPClassifier against scikit-learn's on the digits "
+                             "data (100 hidden units, adam, float64), at --batch")
+    parser.add_argument("--batch", nargs="+", type=int, default=[200],
+                        help="batch sizes for --digits (default 200, scikit-learn's 'auto')")
+    parser.add_argument("--epochs", type=int, default=200, help="epochs for --digits (default 200)")
     args = parser.parse_args(argv)
+    if args.digits:
+        records = run_digits(args.batch, args.rounds, args.epochs, args.threads[0], args.pause)
+        print(json.dumps(records, indent=1) if args.json else format_digits(records))
+        return 0
     impls = [i for i in (args.impl or IMPLEMENTATIONS) if available(i)]
     records = []
     for threads in args.threads:

@@ -59,3 +59,20 @@ def test_cli_json(tmp_path):
     records = json.loads(proc.stdout)
     assert len(records) == 1 and records[0]["workload"] == "S"
     assert records[0]["layers"] == "20-64-64-2" and records[0]["threads"] == 1
+
+
+def test_cli_digits_compares_with_sklearn(tmp_path):
+    # The drop-in comparison (README, issue 4): both estimators fit the same
+    # digits problem; their weights must agree, and each round is timed.
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastbp", "bench", "--digits", "--batch", "200", "64",
+         "--epochs", "2", "--rounds", "2", "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)
+    assert [r["batch"] for r in records] == [200, 64]
+    for r in records:
+        assert r["epochs"] == 2 and len(r["round_speedups"]) == 2
+        assert r["max_coef_diff"] < 1e-12
+        assert r["sklearn_seconds"] > 0 and r["fastbp_seconds"] > 0
+        assert r["speedup"] == r["sklearn_seconds"] / r["fastbp_seconds"]
