@@ -915,9 +915,9 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
     rows.Y = &Y[0, 0]
     rows.W = &W[0]
     rows.order = &order[0] if order.shape[0] > 0 else NULL
-    rows.xb = &xb[0]
-    rows.yb = &yb[0]
-    rows.wb = &wb[0]
+    rows.xb = _ptr(xb)
+    rows.yb = _ptr(yb)
+    rows.wb = _ptr(wb)
     rows.params = &params[0]
     rows.acts = &acts[0]
     rows.g0 = &deltas[0]
