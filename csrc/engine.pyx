@@ -673,6 +673,11 @@ cdef void _backward_task(void* ctx, int task) noexcept nogil:
 
 
 cdef bint ROWS_PARALLEL = True
+# Below this many multiply-adds in a batch's forward products a step is a
+# few microseconds, and the jobs' hand-offs cost more than the second
+# thread saves (digits' 64-100-10 on two threads: batch 32, 237k, even;
+# batch 64, 474k, 11% faster; S, 176k, 9% slower).
+cdef int64_t ROWS_MIN_MNK = 1 << 18
 cdef int64_t ROWS_STEPS = 0   # steps run in row ranges, for tests
 
 
@@ -695,13 +700,14 @@ def _rows_steps():
 cdef int rows_parallel(const int64_t[:, ::1] prog, const double[:, ::1] reg,
                        const double* rates, int64_t m, bint dbl) noexcept nogil:
     """The number of row ranges a step of this program runs in (0: the
-    layer-by-layer path): with more than one thread, for plain dense layers
+    layer-by-layer path): with more than one thread and at least
+    ROWS_MIN_MNK multiply-adds in the forward products, for plain dense layers
     (no dropout, DropConnect, batch norm, residual or activity penalty)
     whose products by rows are all small-kernel ones (a packed product in
     row ranges would pack all of W once per range: 1024-2048-2048-10 ran
     4% slower; BLAS would start threads of its own inside them) and whose
     weight gradients' products are in our kernels."""
-    cdef int64_t l, parts = kernel_threads() if ROWS_PARALLEL else 1
+    cdef int64_t l, mnk = 0, parts = kernel_threads() if ROWS_PARALLEL else 1
     if parts > m // 8:
         parts = m // 8
     if parts < 2:
@@ -718,7 +724,8 @@ cdef int rows_parallel(const int64_t[:, ::1] prog, const double[:, ::1] reg,
         if gemm_kind(dbl, True, False, <int>prog[l, N_IN], <int>prog[l, N_OUT],
                      <int>m) == GEMM_BY_BLAS:
             return 0
-    return <int>parts
+        mnk += m * prog[l, N_IN] * prog[l, N_OUT]
+    return <int>parts if mnk >= ROWS_MIN_MNK else 0
 
 
 cdef int forward_rows(RowsJob* job, const int64_t[:, ::1] prog, const floating* W) noexcept nogil:

@@ -150,27 +150,39 @@ def test_row_parallel_steps_match_the_layer_by_layer_path(rng, dtype, shuffle):
     # On two threads a stack of plain dense layers runs each step in row
     # ranges (engine.rows_parallel), with its rows gathered inside the ranges
     # when shuffled; the layer-by-layer path must give the same bits.  203
-    # rows at batch 32 end with an 11-row batch, too short to split; the
+    # rows at batch 64 end with an 11-row batch, too short to split; the
     # frozen layer still passes its gradient down.
-    X = rng.normal(size=(203, 30)).astype(dtype)
+    X = rng.normal(size=(203, 60)).astype(dtype)
     y = rng.integers(0, 5, 203)
     params = []
     for rows in (False, True):
         previous = engine._set_rows_parallel(rows)
         before = engine._rows_steps()
         try:
-            net = fastbp.Sequential([fastbp.Dense(40, activation="relu"),
-                                     fastbp.Dense(24, activation="tanh", trainable=False),
-                                     fastbp.Dense(16, activation="elu"),
+            net = fastbp.Sequential([fastbp.Dense(120, activation="relu"),
+                                     fastbp.Dense(64, activation="tanh", trainable=False),
+                                     fastbp.Dense(32, activation="elu"),
                                      fastbp.Dense(5, activation="leaky_relu")],
                                     dtype=dtype, seed=1)
             net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.Adam(lr=1e-2), epochs=2,
-                    batch_size=32, shuffle=shuffle, verbose=0, n_threads=2)
+                    batch_size=64, shuffle=shuffle, verbose=0, n_threads=2)
         finally:
             engine._set_rows_parallel(previous)
-        assert engine._rows_steps() - before == (12 if rows else 0)   # 6 full batches x 2
+        assert engine._rows_steps() - before == (6 if rows else 0)   # 3 full batches x 2
         params.append(net.params.copy())
     np.testing.assert_array_equal(params[0], params[1])
+
+
+def test_small_steps_stay_on_the_layer_by_layer_path(rng):
+    # S (20-64-64-2 at batch 32: 176k multiply-adds forward) is below the
+    # cutoff, where splitting rows costs more than it saves.
+    X = rng.normal(size=(256, 20)).astype(np.float32)
+    y = rng.integers(0, 2, 256)
+    net = fastbp.Sequential([fastbp.Dense(64, activation="relu"),
+                             fastbp.Dense(64, activation="relu"), fastbp.Dense(2)], seed=0)
+    before = engine._rows_steps()
+    net.fit(X, y, loss="cross_entropy", epochs=1, batch_size=32, verbose=0, n_threads=2)
+    assert engine._rows_steps() == before
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -185,7 +197,7 @@ def test_row_parallel_steps_match_for_the_sklearn_classifier(rng):
         previous = engine._set_rows_parallel(rows)
         before = engine._rows_steps()
         try:
-            clf = fastbp.MLPClassifier(hidden_layer_sizes=(50, 30), max_iter=3, batch_size=64,
+            clf = fastbp.MLPClassifier(hidden_layer_sizes=(100, 50), max_iter=3, batch_size=64,
                                        random_state=0, n_threads=2).fit(X, y)
         finally:
             engine._set_rows_parallel(previous)

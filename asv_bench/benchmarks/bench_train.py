@@ -4,6 +4,8 @@ training faster but wrong is caught too), and peak memory of a fit.
 
 Workloads and backends: see ``common.py``.
 """
+from fastbp._ext import engine
+
 from .common import (BACKENDS, TRAINERS, FastbpTrainer, ReferenceTrainer, dataset,
                      interleaved_medians, warm_up)
 
@@ -55,6 +57,42 @@ class TrainSpeedup:
         t_fast, t_ref = interleaved_medians(
             [lambda: self.fast.epoch(*self.data), lambda: self.ref.epoch(*self.data)], self.runs)
         return t_ref / t_fast
+
+
+class RowParallelSpeedup:
+    """On two threads: the layer-by-layer step's epoch time / the
+    row-parallel step's (csrc/engine.pyx ``rows_parallel``: each thread
+    takes its rows of the batch through every layer), medians of ``runs``
+    interleaved epochs of the same network in the same process.  Above 1:
+    cutting the batch's rows across threads pays.  The only benchmark that
+    asks for two threads (``fit(n_threads=2)``): it compares two paths
+    within one run, so the pinned single thread of the others is not
+    needed to make it steady."""
+
+    params = ["D", "M"]   # D in float64, as scikit-learn trains digits
+    param_names = ["workload"]
+    unit = "speedup"
+    runs = 3
+    timeout = 300
+
+    def setup(self, workload):
+        dtype = "float64" if workload == "D" else "float32"
+        self.data = dataset(workload, dtype=dtype)
+        self.trainer = FastbpTrainer(workload, dtype)
+        self.trainer.n_threads = 2
+        warm_up(self.trainer, *self.data)
+
+    def _epoch(self, rows):
+        previous = engine._set_rows_parallel(rows)
+        try:
+            self.trainer.epoch(*self.data)
+        finally:
+            engine._set_rows_parallel(previous)
+
+    def track_rows_speedup(self, workload):
+        t_layers, t_rows = interleaved_medians(
+            [lambda: self._epoch(False), lambda: self._epoch(True)], self.runs)
+        return t_layers / t_rows
 
 
 class TrainFinalLoss:

@@ -10,7 +10,11 @@ name  layer sizes          batch size samples
 S     20-64-64-2           32         20000
 M     784-256-128-10       64         20000
 L     1024-2048-2048-10    256        4096
+D     64-100-10            200        20000
 ===== ==================== ========== ========
+
+D has the shape of scikit-learn's digits problem at its default batch (the
+drop-in comparison of the README), for the row-parallel benchmark only.
 
 Data are standard-normal features with labels from a fixed random linear
 "teacher" (argmax of X @ T), so a network has something to learn and the
@@ -38,6 +42,7 @@ WORKLOADS = {
     "S": dict(sizes=(20, 64, 64, 2), batch_size=32, n=20000),
     "M": dict(sizes=(784, 256, 128, 10), batch_size=64, n=20000),
     "L": dict(sizes=(1024, 2048, 2048, 10), batch_size=256, n=4096),
+    "D": dict(sizes=(64, 100, 10), batch_size=200, n=20000),
 }
 BACKENDS = ["fastbp", "reference"]
 LOSS = "cross_entropy"
@@ -100,10 +105,12 @@ class FastbpTrainer:
         self.net = make_net(workload, dtype, seed)
         self.opt = fastbp.optim.Adam(lr=LR, betas=(BETA1, BETA2), eps=EPS)
         self.batch_size = WORKLOADS[workload]["batch_size"]
+        self.n_threads = None   # BLAS's (pinned to one by __init__.py)
 
     def epoch(self, X, y, Y):
         self.net.fit(X, y, loss=LOSS, optimizer=self.opt, epochs=1,
-                     batch_size=self.batch_size, shuffle=True, verbose=0)
+                     batch_size=self.batch_size, shuffle=True, verbose=0,
+                     n_threads=self.n_threads)
 
     def loss(self, X, y, Y):
         return self.net.evaluate(X, y, loss=LOSS)
