@@ -437,6 +437,14 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
         x = out
 
 
+cdef inline void _zero_if_frozen(const int64_t[:, ::1] prog, int64_t l,
+                                 floating* grad) noexcept nogil:
+    # A frozen dense layer still passes the gradient down; its own is zero.
+    if not prog[l, TRAINABLE]:
+        memset(grad + prog[l, W_OFF], 0, prog[l, N_IN] * prog[l, N_OUT] * sizeof(floating))
+        memset(grad + prog[l, B_OFF], 0, prog[l, N_OUT] * sizeof(floating))
+
+
 cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
                          floating* params, floating* grad, floating* acts,
                          floating* deltas, int64_t half, int64_t m,
@@ -513,10 +521,7 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
             dense_backward_ptr(x, params + prog[l, W_OFF], acts + prog[l, ACT_OFF] * m, g,
                                grad + prog[l, W_OFF], grad + prog[l, B_OFF], dx,
                                m, n_in, n_out, <int>prog[l, ACT])
-        if not prog[l, TRAINABLE]:
-            # A frozen layer still passes the gradient down; its own is zero.
-            memset(grad + prog[l, W_OFF], 0, n_in * n_out * sizeof(floating))
-            memset(grad + prog[l, B_OFF], 0, n_out * sizeof(floating))
+        _zero_if_frozen(prog, l, grad)
         tmp = g
         g = other
         other = tmp
@@ -785,9 +790,7 @@ cdef void backward_rows(RowsJob* job, const int64_t[:, ::1] prog, floating* para
                     params + prog[l, W_OFF], <int>n_out, <floating>0.0, other, <int>n_in)
             activation_backward(other, acts + prog[l - 1, ACT_OFF] * m, m, n_in,
                                 <int>prog[l - 1, ACT])
-        if not prog[l, TRAINABLE]:
-            memset(grad + prog[l, W_OFF], 0, n_in * n_out * sizeof(floating))
-            memset(grad + prog[l, B_OFF], 0, n_out * sizeof(floating))
+        _zero_if_frozen(prog, l, grad)
         tmp = g
         g = other
         other = tmp

@@ -144,6 +144,22 @@ def test_training_is_bitwise_the_same_on_one_and_two_threads(rng, dtype, optimiz
     np.testing.assert_array_equal(params[0], params[1])
 
 
+def _on_both_paths(fit, row_steps):
+    """fit() with row-parallel steps forbidden, then allowed; checks that
+    the second ran row_steps steps in row ranges (and the first none), and
+    returns both results."""
+    results = []
+    for rows in (False, True):
+        previous = engine._set_rows_parallel(rows)
+        before = engine._rows_steps()
+        try:
+            results.append(fit())
+        finally:
+            engine._set_rows_parallel(previous)
+        assert engine._rows_steps() - before == (row_steps if rows else 0)
+    return results
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_row_parallel_steps_match_the_layer_by_layer_path(rng, dtype, shuffle):
@@ -154,23 +170,19 @@ def test_row_parallel_steps_match_the_layer_by_layer_path(rng, dtype, shuffle):
     # frozen layer still passes its gradient down.
     X = rng.normal(size=(203, 60)).astype(dtype)
     y = rng.integers(0, 5, 203)
-    params = []
-    for rows in (False, True):
-        previous = engine._set_rows_parallel(rows)
-        before = engine._rows_steps()
-        try:
-            net = fastbp.Sequential([fastbp.Dense(120, activation="relu"),
-                                     fastbp.Dense(64, activation="tanh", trainable=False),
-                                     fastbp.Dense(32, activation="elu"),
-                                     fastbp.Dense(5, activation="leaky_relu")],
-                                    dtype=dtype, seed=1)
-            net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.Adam(lr=1e-2), epochs=2,
-                    batch_size=64, shuffle=shuffle, verbose=0, n_threads=2)
-        finally:
-            engine._set_rows_parallel(previous)
-        assert engine._rows_steps() - before == (6 if rows else 0)   # 3 full batches x 2
-        params.append(net.params.copy())
-    np.testing.assert_array_equal(params[0], params[1])
+
+    def fit():
+        net = fastbp.Sequential([fastbp.Dense(120, activation="relu"),
+                                 fastbp.Dense(64, activation="tanh", trainable=False),
+                                 fastbp.Dense(32, activation="elu"),
+                                 fastbp.Dense(5, activation="leaky_relu")],
+                                dtype=dtype, seed=1)
+        net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.Adam(lr=1e-2), epochs=2,
+                batch_size=64, shuffle=shuffle, verbose=0, n_threads=2)
+        return net.params.copy()
+
+    layers, rows = _on_both_paths(fit, row_steps=6)   # 3 full batches x 2 epochs
+    np.testing.assert_array_equal(layers, rows)
 
 
 def test_small_steps_stay_on_the_layer_by_layer_path(rng):
@@ -192,20 +204,15 @@ def test_row_parallel_steps_match_for_the_sklearn_classifier(rng):
     # the weights and every epoch's loss must not move by a bit.
     X = rng.normal(size=(300, 20))
     y = rng.integers(0, 4, 300)
-    fits = []
-    for rows in (False, True):
-        previous = engine._set_rows_parallel(rows)
-        before = engine._rows_steps()
-        try:
-            clf = fastbp.MLPClassifier(hidden_layer_sizes=(100, 50), max_iter=3, batch_size=64,
-                                       random_state=0, n_threads=2).fit(X, y)
-        finally:
-            engine._set_rows_parallel(previous)
-        assert engine._rows_steps() - before == (15 if rows else 0)   # 5 batches x 3 epochs
-        fits.append(clf)
-    for a, b in zip(fits[0].coefs_ + fits[0].intercepts_, fits[1].coefs_ + fits[1].intercepts_):
+
+    def fit():
+        return fastbp.MLPClassifier(hidden_layer_sizes=(100, 50), max_iter=3, batch_size=64,
+                                    random_state=0, n_threads=2).fit(X, y)
+
+    layers, rows = _on_both_paths(fit, row_steps=15)   # 5 batches x 3 epochs
+    for a, b in zip(layers.coefs_ + layers.intercepts_, rows.coefs_ + rows.intercepts_):
         np.testing.assert_array_equal(a, b)
-    assert fits[0].loss_curve_ == fits[1].loss_curve_
+    assert layers.loss_curve_ == rows.loss_curve_
 
 
 def test_fit_declares_its_thread_count_and_restores_it():
