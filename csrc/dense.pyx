@@ -84,6 +84,7 @@ cdef extern from "smallgemm.h" nogil:
                                const double* a, int lda, const double* b, int ldb,
                                double* c, int ldc)
     int fbp_isa_best()
+    int fbp_isa_detect()
 
 
 cdef extern from "gemm.h" nogil:
@@ -391,9 +392,25 @@ def gemm(const floating[:, ::1] a, const floating[:, ::1] b,
 
 
 def small_gemm_isa():
-    """Instruction-set level the small kernels run at on this machine:
-    0 baseline, 1 AVX2 + FMA, 2 AVX-512."""
+    """Instruction-set level this module's kernels run at: 0 baseline,
+    1 AVX2 + FMA, 2 AVX-512 (the best the CPU has, capped by FASTBP_ISA;
+    see fastbp/_isa.py)."""
     return fbp_isa_best()
+
+
+def isa_hardware():
+    """The best instruction-set level this CPU (and OS) supports, whatever
+    FASTBP_ISA says: 0 baseline, 1 AVX2 + FMA, 2 AVX-512."""
+    return fbp_isa_detect()
+
+
+def gemm_kernel(int m, int n, int k, bint trans_a=False, bint trans_b=False, dtype="float32"):
+    """Which kernels compute ``op(A) @ op(B)`` of shape (m, n) over k at this
+    process's instruction-set level: "small" (csrc/smallgemm.h), "packed"
+    (csrc/packedgemm.h) or "blas"."""
+    cdef bint dbl = np.dtype(dtype) == np.float64
+    kind = gemm_kind(dbl, trans_a, trans_b, m, n, k)
+    return {GEMM_BY_SMALL: "small", GEMM_BY_PACKED: "packed"}.get(kind, "blas")
 
 
 def gemm_small_kernel(const floating[:, ::1] a, const floating[:, ::1] b,

@@ -26,6 +26,7 @@ from fastbp._ext.dense cimport floating
 cdef extern from "losses.h" nogil:
     int FBP_LOSS_SK_LOG
     int FBP_LOSS_CROSS_ENTROPY
+    int fbp_isa_best()
     void fbp_exp_isa_f32(int isa, float* x, int64_t n)
     void fbp_exp_isa_f64(int isa, double* x, int64_t n)
     double fbp_softmax_loss_isa_f32(int isa, int which, float* z, float* y, float* w,
@@ -75,6 +76,12 @@ cdef void softmax_rows(int which, floating* z, floating* y, floating* w, floatin
         fbp_softmax_rows_f32(which, z, y, w, g, lo, hi, k, scale, terms)
     else:
         fbp_softmax_rows_f64(which, z, y, w, g, lo, hi, k, scale, terms)
+
+
+def isa_level():
+    """Instruction-set level this module's kernels run at (as
+    ``dense.small_gemm_isa``; each compiled module finds it once)."""
+    return fbp_isa_best()
 
 
 def loss_address(name, dtype):

@@ -41,6 +41,7 @@
 #if !defined(__GNUC__) && !defined(__clang__)
 /* No vector extensions (MSVC): every product goes to BLAS. */
 #define FBP_ISA_BASE 0
+static inline int fbp_isa_detect(void) { return FBP_ISA_BASE; }
 static inline int fbp_isa_best(void) { return FBP_ISA_BASE; }
 static inline int fbp_small_plan_f32(int isa, int ta, int tb, int m, int n, int k)
 { return FBP_SG_NONE; }
@@ -60,6 +61,7 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
                                          double *c, int ldc) { return 0; }
 #else
 
+#include <stdlib.h>
 #include <string.h>
 
 /* The vector helpers are always inlined into entry points compiled for the
@@ -155,12 +157,37 @@ static int fbp_isa_detect(void)
     return FBP_ISA_BASE;
 }
 
+/* The cap the environment variable FASTBP_ISA puts on the level: "avx512",
+ * "avx2" or "baseline" (fastbp/_isa.py parses it the same way, and warns
+ * about a value it does not know or a level the CPU lacks); -1 for none.
+ * It lets a machine with AVX-512 run, test and time the AVX2 and baseline
+ * kernels, and a user rule out a kernel bug. */
+static int fbp_isa_requested(void)
+{
+    const char *v = getenv("FASTBP_ISA");
+    if (!v)
+        return -1;
+    if (!strcmp(v, "avx512"))
+        return FBP_ISA_AVX512;
+    if (!strcmp(v, "avx2"))
+        return FBP_ISA_AVX2;
+    if (!strcmp(v, "baseline"))
+        return FBP_ISA_BASE;
+    return -1;
+}
+
+/* The level the kernels run at: the best the machine has, capped by
+ * FASTBP_ISA.  Found once per compiled module, on its first call (fastbp
+ * makes that call when it is imported, so the variable is read then). */
 static inline int fbp_isa_best(void)
 {
     static int best = -1;   /* racing first callers all store the same value */
     int isa = __atomic_load_n(&best, __ATOMIC_RELAXED);
     if (isa < 0) {
+        int cap = fbp_isa_requested();
         isa = fbp_isa_detect();
+        if (cap >= 0 && cap < isa)
+            isa = cap;
         __atomic_store_n(&best, isa, __ATOMIC_RELAXED);
     }
     return isa;

@@ -12,7 +12,9 @@ learning-rate schedules), ``fastbp.plot_history`` to plot a history, and
 """
 import importlib
 
+from . import _isa  # first: fixes the kernels' instruction-set level (FASTBP_ISA)
 from . import activations, initializers, losses, optim, reference, regularizers
+from ._info import show_config
 from .gradcheck import gradcheck
 from .history import History
 from .io import ModelFormatError, load
@@ -46,4 +48,4 @@ def __dir__():
 __all__ = ["Sequential", "Dense", "Dropout", "BatchNorm", "Residual", "optim", "gradcheck",
            "History", "DivergenceError", "load", "ModelFormatError", "MLPClassifier",
            "MLPRegressor", "activations", "callbacks", "initializers", "losses", "plot_history",
-           "reference", "regularizers", "__version__"]
+           "reference", "regularizers", "show_config", "__version__"]

@@ -5,7 +5,9 @@ import sys
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastbp", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--info", action="store_true",
+                        help="print the instruction-set level, kernels, BLAS and threads in use")
+    sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="train a network on scikit-learn's bundled digits data")
     demo.add_argument("--epochs", type=int, default=30)
     demo.add_argument("--batch-size", type=int, default=32)
@@ -20,6 +22,13 @@ def main(argv=None):
 
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
+    if args.info:
+        from ._info import show_config
+
+        show_config()
+        return 0
+    if args.command is None:
+        parser.error("a command is required (demo, bench) or --info")
     if args.command == "demo":
         from .demo import run
 

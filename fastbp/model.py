@@ -838,6 +838,20 @@ class _DeferredInterrupt:
 _CONTROLLER = []
 
 
+def _controller():
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0]
+
+
+def default_threads():
+    """Threads a fit or predict uses with ``n_threads=None``: as many as BLAS
+    has (all cores unless OPENBLAS_NUM_THREADS or threadpoolctl says
+    otherwise); 0 if no BLAS is found (the kernels then use one)."""
+    return max((lib.num_threads for lib in _controller().lib_controllers
+                if lib.user_api == "blas"), default=0)
+
+
 @contextlib.contextmanager
 def _blas_threads(n_threads):
     """Context limiting BLAS to n_threads (None: leave it alone), which also
@@ -845,12 +859,9 @@ def _blas_threads(n_threads):
     kernels may use: n_threads, or BLAS's current count.  The controller
     that finds the BLAS libraries is built once: a limit then costs about
     0.03 ms instead of 1.5 ms."""
-    if not _CONTROLLER:
-        _CONTROLLER.append(ThreadpoolController())
-    ctl = _CONTROLLER[0]
+    ctl = _controller()
     if n_threads is None:
-        n = max((lib.num_threads for lib in ctl.lib_controllers if lib.user_api == "blas"),
-                default=0)
+        n = default_threads()
         limit = contextlib.nullcontext()
     else:
         n, limit = n_threads, ctl.limit(limits=n_threads, user_api="blas")
