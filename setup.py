@@ -23,7 +23,7 @@ ext_modules = [
         include_dirs=[np.get_include(), "csrc"],
         depends=[f"csrc/{h}" for h in ("smallgemm.h", "smallgemm_pair.h", "smallgemm_impl.h",
                                            "packedgemm.h", "packedgemm_impl.h", "gemm.h",
-                                           "pool.h", "losses.h", "losses_pair.h",
+                                           "pool.h", "peak.h", "losses.h", "losses_pair.h",
                                            "losses_impl.h", "epilogue.h", "epilogue_pair.h",
                                            "epilogue_impl.h")],
         extra_compile_args=extra,

@@ -87,6 +87,19 @@ cdef extern from "smallgemm.h" nogil:
     int fbp_isa_detect()
 
 
+cdef extern from "packedgemm.h" nogil:
+    int fbp_gemm_packed_isa_f32(int isa, int trans_a, int trans_b, int m, int n, int k,
+                                const float* a, int lda, const float* b, int ldb,
+                                float* c, int ldc)
+    int fbp_gemm_packed_isa_f64(int isa, int trans_a, int trans_b, int m, int n, int k,
+                                const double* a, int lda, const double* b, int ldb,
+                                double* c, int ldc)
+
+
+cdef extern from "peak.h" nogil:
+    double fbp_fma_probe(int isa, int dbl, long iters)
+
+
 cdef extern from "gemm.h" nogil:
     ctypedef void (*fbp_task_fn)(void* ctx, int task) noexcept nogil
     int fbp_pool_run(int width, fbp_task_fn fn, void* ctx, int n_tasks)
@@ -404,6 +417,32 @@ def isa_hardware():
     return fbp_isa_detect()
 
 
+def fma_peak_gflops(dtype="float32", int isa=-1, double seconds=0.1, int repeats=5):
+    """Multiply-add peak of one core at instruction-set level ``isa`` (-1:
+    this process's level), measured now: independent chains of vector
+    multiply-adds (csrc/peak.h) timed for about ``seconds``, best of
+    ``repeats``.  Returns GFLOP/s (2 flops a multiply-add)."""
+    import time
+    cdef int dbl = np.dtype(dtype) == np.float64
+    cdef long iters = 1 << 16
+    cdef double flops
+    best = 0.0
+    while True:   # calibrate: long enough to time well and reach full clock
+        t0 = time.perf_counter()
+        with nogil:
+            flops = fbp_fma_probe(isa, dbl, iters)
+        t = time.perf_counter() - t0
+        if t >= seconds / 4 or iters > (1L << 40):
+            break
+        iters *= 4
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with nogil:
+            flops = fbp_fma_probe(isa, dbl, iters)
+        best = max(best, flops / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def gemm_kernel(int m, int n, int k, bint trans_a=False, bint trans_b=False, dtype="float32"):
     """Which kernels compute ``op(A) @ op(B)`` of shape (m, n) over k at this
     process's instruction-set level: "small" (csrc/smallgemm.h), "packed"
@@ -430,6 +469,30 @@ def gemm_small_kernel(const floating[:, ::1] a, const floating[:, ::1] b,
     with nogil:
         done = gemm_small(isa, trans_a, trans_b, m, n, k, &a[0, 0], <int>a.shape[1],
                           &b[0, 0], <int>b.shape[1], &c[0, 0], n)
+    return out if done else None
+
+
+def gemm_packed_kernel(const floating[:, ::1] a, const floating[:, ::1] b,
+                       bint trans_a=False, bint trans_b=False, int isa=-1):
+    """Row-major ``op(a) @ op(b)`` through the packed kernels only (test
+    hook), on one thread, at instruction-set level ``isa`` (-1: this
+    process's level).  Returns None when they decline (an empty shape)."""
+    cdef int m, n, k, done
+    m, n, k = _product_shape(a, b, trans_a, trans_b, "gemm_packed_kernel")
+    dtype = np.float32 if floating is float else np.float64
+    out = np.full((m, n), np.nan, dtype=dtype)
+    cdef floating[:, ::1] c = out
+    if m == 0 or n == 0 or k == 0:
+        return None
+    with nogil:
+        if floating is float:
+            done = fbp_gemm_packed_isa_f32(isa, trans_a, trans_b, m, n, k, &a[0, 0],
+                                           <int>a.shape[1], &b[0, 0], <int>b.shape[1],
+                                           &c[0, 0], n)
+        else:
+            done = fbp_gemm_packed_isa_f64(isa, trans_a, trans_b, m, n, k, &a[0, 0],
+                                           <int>a.shape[1], &b[0, 0], <int>b.shape[1],
+                                           &c[0, 0], n)
     return out if done else None
 
 

@@ -5,10 +5,11 @@
  * own kernels, or returns 0 so that the caller (gemm_rm in dense.pyx) uses
  * BLAS:
  *   - the small kernels (smallgemm.h) take what fits in cache;
- *   - the packed kernels (packedgemm.h) take the rest where the CPU has
- *     AVX-512, whose 64-byte multiply-adds beat the AVX2 kernels OpenBLAS
- *     runs there; elsewhere BLAS does (its AVX2 kernels are as good as
- *     ours);
+ *   - the packed kernels (packedgemm.h) take the rest at the AVX2 and
+ *     AVX-512 levels: they match or beat OpenBLAS there (packedgemm.h has
+ *     the figures), and being ours they give the same bits on any thread
+ *     count; at the baseline level (no FMA) BLAS does, which is 3-4x
+ *     faster than our kernels without FMA;
  *   - with more than one thread allowed, a product of more than
  *     FBP_PAR_MNK multiply-adds is cut into column or row ranges of C, one
  *     per thread, each run on the path planned for the whole product, so
@@ -128,7 +129,7 @@ static inline int fbp_gemm_plan(int isa, int dbl, int trans_a, int trans_b,
 {
     int path = dbl ? fbp_small_plan_f64(isa, trans_a, trans_b, m, n, k)
                    : fbp_small_plan_f32(isa, trans_a, trans_b, m, n, k);
-    if (path == FBP_SG_NONE && isa >= FBP_ISA_AVX512 && !(trans_a && trans_b))
+    if (path == FBP_SG_NONE && isa >= FBP_ISA_AVX2 && !(trans_a && trans_b))
         path = FBP_PACKED;
     return path;
 }

@@ -98,8 +98,12 @@ static void *fbp_pg_buffer(size_t bytes)
 #define PG_ATTR __attribute__((target("avx2,fma")))
 #define PG_ISA avx2
 #define PG_BYTES 32
-#define PG_F32 6, 2, 256, 144, 1024
-#define PG_F64 6, 2, 128, 144, 1024
+#ifndef FBP_PG_AVX2_F32   /* (tuning hook) */
+#define FBP_PG_AVX2_F32 4, 3, 256, 144, 1024
+#define FBP_PG_AVX2_F64 4, 3, 256, 96, 1024
+#endif
+#define PG_F32 FBP_PG_AVX2_F32
+#define PG_F64 FBP_PG_AVX2_F64
 #include "packedgemm_impl.h"
 
 #define PG_ATTR __attribute__((target("avx512f,avx2,fma")))

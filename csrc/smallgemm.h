@@ -71,17 +71,25 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
-/* Where packing pays (BLAS, or packedgemm.h with AVX-512) once operands no
- * longer sit in cache.  Measured on the project machine (AMD EPYC, 1
- * thread, OpenBLAS 0.3.30 running its AVX2 kernels): the 32-byte kernels
- * matched or beat OpenBLAS up to about 64 x 128 x 256.  The 64-byte
- * (AVX-512) ones, with their 8 x 2-vector blocks, beat the packed 64-byte
- * kernels on A @ B up to 2^24 multiply-adds while B (swept once per block
- * of rows) stays in L2: 64 x 256 x 784 float32 123 against 188 us,
- * 256 x 256 x 256 148 against 193, 200 x 100 x 64 float64 27 against 35;
- * at B of 1 MB they lose (64 x 2048 x 128 float32: 234 against 183).
- * A.T @ B and A @ B.T are mixed above 2^22 (512 x 512 x 32 A.T @ B
- * float64: 204 against 158 us), so they stop there. */
+/* Where packing pays (packedgemm.h, or BLAS at the baseline level) once
+ * operands no longer sit in cache.  Measured on the project machine (AMD
+ * EPYC Zen 4, 1 thread):
+ *   - baseline (no FMA): up to 96^3 multiply-adds, as before; BLAS beyond.
+ *   - AVX-512, 8-row x 2-vector blocks: they beat the packed kernels on
+ *     A @ B up to 2^24 multiply-adds while B (swept once per block of rows)
+ *     stays in L2: 64 x 256 x 784 float32 123 against 188 us, 256 x 256 x
+ *     256 148 against 193, 200 x 100 x 64 float64 27 against 35; at B of
+ *     1 MB they lose (64 x 2048 x 128 float32: 234 against 183).  A.T @ B
+ *     and A @ B.T are mixed above 2^22 (512 x 512 x 32 A.T @ B float64: 204
+ *     against 158 us), so they stop there.
+ *   - AVX2 (FASTBP_ISA=avx2; best of 9, GFLOP/s against the packed AVX2
+ *     kernels, whose peak here is 117 float32 / 58.6 float64): with 4-row x
+ *     2-vector blocks they win while C's rows are short and B fits in a
+ *     Zen 3's 512 KB L2 (64 x 128 x 256 float32 98 against 86, 256 x 64 x
+ *     512 99 against 81, digits' 200 x 100 x 64 float64 49 against 45,
+ *     A.T @ B 256 x 128 x 64 96 against 85) and lose once rows reach 1 KB
+ *     (128 x 256 x 128 88 against 99; A.T @ B 100 x 200 x 200 float64 32
+ *     against 50) or B passes 256 KB (64 x 256 x 784: 74 against 95). */
 #ifndef FBP_SMALL_MNK
 #define FBP_SMALL_MNK (96L * 96L * 96L)
 #endif
@@ -92,6 +100,19 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #define FBP_WIDE_T_MNK (1L << 22)
 #endif
 #define FBP_WIDE_SWEEP (7L << 17)   /* 896 KiB */
+#ifndef FBP_AVX2_MNK
+#define FBP_AVX2_MNK (1L << 24)
+#endif
+#ifndef FBP_AVX2_T_MNK
+#define FBP_AVX2_T_MNK (1L << 22)
+#endif
+#ifndef FBP_AVX2_SWEEP
+#define FBP_AVX2_SWEEP (1L << 18)   /* 256 KiB */
+#endif
+#ifndef FBP_AVX2_ROW
+#define FBP_AVX2_ROW 1024L          /* bytes of a row of C */
+#endif
+#define FBP_NO_CAP (1L << 62)
 /* Everything is inlined into the entry points, so each instruction-set
  * variant gets its own vector code. */
 #define FBP_INLINE inline __attribute__((always_inline))
@@ -119,6 +140,7 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #define SG_MNK_CAP FBP_SMALL_MNK
 #define SG_T_MNK_CAP FBP_SMALL_MNK
 #define SG_SWEEP_CAP FBP_WIDE_SWEEP
+#define SG_ROW_CAP FBP_NO_CAP
 #define SG_BYTES 32
 #define SG_ISA base
 #include "smallgemm_pair.h"
@@ -127,9 +149,10 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #define FBP_X86_DISPATCH 1
 
 #define SG_ATTR __attribute__((target("avx2,fma")))
-#define SG_MNK_CAP FBP_SMALL_MNK
-#define SG_T_MNK_CAP FBP_SMALL_MNK
-#define SG_SWEEP_CAP FBP_WIDE_SWEEP
+#define SG_MNK_CAP FBP_AVX2_MNK
+#define SG_T_MNK_CAP FBP_AVX2_T_MNK
+#define SG_SWEEP_CAP FBP_AVX2_SWEEP
+#define SG_ROW_CAP FBP_AVX2_ROW
 #define SG_BYTES 32
 #define SG_ISA avx2
 #include "smallgemm_pair.h"
@@ -138,6 +161,7 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #define SG_MNK_CAP FBP_WIDE_MNK
 #define SG_T_MNK_CAP FBP_WIDE_T_MNK
 #define SG_SWEEP_CAP FBP_WIDE_SWEEP
+#define SG_ROW_CAP FBP_NO_CAP
 #define SG_BYTES 64
 #define SG_ISA avx512
 #include "smallgemm_pair.h"

@@ -317,6 +317,8 @@ static SG_ATTR int SG(small_plan)(int trans_a, int trans_b, int m, int n, int k)
         long swept = (long)k * (n >= VL || !trans_a ? n : m) * (long)sizeof(T);
         if (swept > SG_SWEEP_CAP)
             return FBP_SG_NONE;
+        if (mnk > FBP_SMALL_MNK && (long)n * (long)sizeof(T) >= SG_ROW_CAP)
+            return FBP_SG_NONE;
         if (n >= VL)
             return FBP_SG_BCAST;
         if (trans_a)

@@ -1,7 +1,8 @@
 /* Instantiates smallgemm_impl.h for float and double at one instruction-set
  * level.  The includer (smallgemm.h) defines SG_ATTR (target attribute),
- * SG_MNK_CAP, SG_T_MNK_CAP (with a transposed operand) and SG_SWEEP_CAP
- * (where BLAS or the packed kernels take over), SG_BYTES (vector
+ * SG_MNK_CAP, SG_T_MNK_CAP (with a transposed operand), SG_SWEEP_CAP and
+ * SG_ROW_CAP (bytes of a row of C; where BLAS or the packed kernels take
+ * over above FBP_SMALL_MNK), SG_BYTES (vector
  * size) and SG_ISA (name suffix); they are undefined at the end. */
 
 #define T float
@@ -24,5 +25,6 @@
 #undef SG_MNK_CAP
 #undef SG_T_MNK_CAP
 #undef SG_SWEEP_CAP
+#undef SG_ROW_CAP
 #undef SG_BYTES
 #undef SG_ISA

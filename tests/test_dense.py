@@ -1,4 +1,5 @@
 """Compiled dense kernels (fastbp._ext.dense) against fastbp.reference."""
+import os
 import platform
 import sys
 
@@ -67,27 +68,85 @@ def test_small_gemm_kernels_match_reference(rng, dtype, trans_a, trans_b, m, n, 
         assert_close(out, exact, dtype, scale=max(np.sqrt(k) * 4, 1.0))
 
 
-def test_small_gemm_runs_the_widest_vectors_the_cpu_has():
+def _cpu_level():
+    """The level /proc/cpuinfo says this CPU has (0 baseline, 1 AVX2, 2 AVX-512)."""
     flags = open("/proc/cpuinfo").read().split() if sys.platform == "linux" else []
-    expected = 2 if "avx512f" in flags else 1 if "avx2" in flags and "fma" in flags else 0
-    if platform.machine() in ("x86_64", "AMD64") and flags:
-        assert dense.small_gemm_isa() == expected
-    else:
-        assert dense.small_gemm_isa() == 0
+    if platform.machine() not in ("x86_64", "AMD64") or not flags:
+        return 0
+    return 2 if "avx512f" in flags and "fma" in flags else 1 if "avx2" in flags and "fma" in flags else 0
+
+
+def test_kernels_run_the_widest_vectors_the_cpu_has_unless_capped():
+    best = _cpu_level()
+    assert dense.isa_hardware() == best
+    cap = {"baseline": 0, "avx2": 1, "avx512": 2}.get(os.environ.get("FASTBP_ISA"), best)
+    assert dense.small_gemm_isa() == min(best, cap)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_small_gemm_declines_large_and_tt_and_blas_takes_over(rng, dtype):
     a = rng.normal(size=(100, 100)).astype(dtype)
     b = rng.normal(size=(100, 100)).astype(dtype)
+    wide = rng.normal(size=(100, 1024 // np.dtype(dtype).itemsize)).astype(dtype)
+    deep = rng.normal(size=(2048, 64)).astype(dtype)
     big = rng.normal(size=(400, 400)).astype(dtype)
     assert dense.gemm_small_kernel(big, big) is None             # above every cap
-    for isa in ISAS[:2]:                                         # above FBP_SMALL_MNK
-        assert dense.gemm_small_kernel(a, b, isa=isa) is None
+    assert dense.gemm_small_kernel(a, b, isa=0) is None          # baseline: above 96^3
+    if 1 in ISAS:
+        # AVX2 takes 100^3 with rows of 400-800 bytes, but not 1 KB rows
+        # above 96^3, nor a B it sweeps beyond 256 KB (csrc/smallgemm.h)
+        assert dense.gemm_small_kernel(a, b, isa=1) is not None
+        assert dense.gemm_small_kernel(a, wide, isa=1) is None
+        tall = rng.normal(size=(16, 2048)).astype(dtype)
+        assert dense.gemm_small_kernel(tall[:, :512].copy(), deep[:512], isa=1) is not None
+        assert dense.gemm_small_kernel(tall, deep, isa=1) is None
     assert dense.gemm_small_kernel(a[:8, :8].copy(), b[:8, :8].copy(), True, True) is None
     for ta in (False, True):
         for tb in (False, True):
             assert_close(dense.gemm(a, b, ta, tb), reference.gemm(a, b, ta, tb), dtype)
+
+
+# Shapes for the packed kernels: whole register tiles, edge tiles in rows
+# and columns at every level's tile (8 x 32 and 4 x 32 at AVX-512, 4 x 24
+# and 4 x 12 at AVX2, 4 x 8 baseline), several cache blocks of the shared
+# dimension (KC 128-256) and of rows and columns (MC, NC).
+PACKED_SHAPES = [(1, 1, 1), (3, 5, 7), (4, 24, 9), (9, 33, 17), (17, 70, 300),
+                 (150, 40, 513), (301, 1100, 65), (64, 256, 784)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True),
+                                             (True, True)])
+@pytest.mark.parametrize("m,n,k", PACKED_SHAPES)
+def test_packed_gemm_kernels_match_reference_at_every_level(rng, dtype, trans_a, trans_b,
+                                                            m, n, k):
+    a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)
+    exact = reference.gemm(a.astype(np.float64), b.astype(np.float64), trans_a, trans_b)
+    outs = []
+    for isa in ISAS:
+        out = dense.gemm_packed_kernel(a, b, trans_a, trans_b, isa)
+        assert out is not None and out.dtype == dtype and out.shape == (m, n)
+        assert np.isfinite(out).all(), f"isa {isa} left an entry of C unwritten"
+        assert_close(out, exact, dtype, scale=max(np.sqrt(k) * 4, 1.0))
+        outs.append(out)
+    # every entry is one chain of multiply-adds in k order, whatever the
+    # blocking: column and row ranges computed apart give the same bits
+    if not trans_b and n > 24:
+        left = dense.gemm_packed_kernel(a, b[:, :24].copy() if not trans_b else b, trans_a,
+                                        trans_b, ISAS[-1])
+        np.testing.assert_array_equal(left, outs[-1][:, :24])
+
+
+def test_fma_peak_probe_measures_every_level():
+    peaks = {isa: dense.fma_peak_gflops("float32", isa, seconds=0.02, repeats=2)
+             for isa in ISAS}
+    assert all(p > 0 for p in peaks.values())
+    if 1 in peaks:
+        # FMA against separate multiplies and adds: well above the baseline
+        assert peaks[1] > 1.5 * peaks[0]
+    f64 = dense.fma_peak_gflops("float64", ISAS[-1], seconds=0.02, repeats=2)
+    assert 0.3 * peaks[ISAS[-1]] < f64 < 0.8 * peaks[ISAS[-1]]   # half the lanes
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -247,10 +247,13 @@ def test_predict_uses_as_many_threads_as_blas(tmp_path):
         from threadpoolctl import threadpool_limits
         import fastbp
         from fastbp._ext import dense, engine
-        net = fastbp.Sequential([fastbp.Dense(512, activation="relu"), fastbp.Dense(10)],
+        # 200 x 64 x 64: our kernels take it at every instruction-set
+        # level (BLAS would at the baseline level if it were larger), and
+        # split it (above 2**17 multiply-adds)
+        net = fastbp.Sequential([fastbp.Dense(64, activation="relu"), fastbp.Dense(10)],
                                 seed=0)
-        net.build(256)
-        X = np.random.default_rng(0).normal(size=(2000, 256))
+        net.build(64)
+        X = np.random.default_rng(0).normal(size=(200, 64))
         with threadpool_limits(int(sys.argv[1]), user_api="blas"):
             out = net.predict(X)
         print(dense.pool_workers(), float(out.sum()).hex())
