@@ -183,6 +183,54 @@ cdef extern from *:
     int fbp_threads
 
 
+# Phase profiling (fastbp.bench --phases; off by default): when on, gemm_rm
+# adds the time of every product it computes to PROFILE_GEMM, and the
+# engine times the phases of its steps (engine._phase_seconds).  Process
+# wide and unsynchronized: meant for one fit on one Python thread.
+cdef extern from * nogil:
+    """
+    #include <time.h>
+    static int fbp_profile_on = 0;
+    static double fbp_profile_gemm = 0.0;
+    static inline double fbp_now(void)
+    {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+    }
+    """
+    int fbp_profile_on
+    double fbp_profile_gemm
+    double fbp_now()
+
+
+cdef double now() noexcept nogil:
+    return fbp_now()
+
+
+cdef bint profiling() noexcept nogil:
+    return fbp_profile_on
+
+
+cdef double profile_gemm_seconds(bint reset) noexcept nogil:
+    global fbp_profile_gemm
+    cdef double t = fbp_profile_gemm
+    if reset:
+        fbp_profile_gemm = 0.0
+    return t
+
+
+def _set_profiling(bint on):
+    """Turn phase profiling on or off (see engine._phase_seconds); returns
+    the previous setting."""
+    global fbp_profile_on, fbp_profile_gemm
+    previous = bool(fbp_profile_on)
+    if on and not previous:
+        fbp_profile_gemm = 0.0
+    fbp_profile_on = on
+    return previous
+
+
 def set_threads(int n):
     """Declare, for the calling thread, how many threads the kernels may use:
     our GEMMs split products across that many (gemm.h), and BLAS is expected
@@ -226,6 +274,20 @@ cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
 
     lda, ldb, ldc are row-major leading dimensions (row lengths as stored).
     """
+    global fbp_profile_gemm
+    cdef double t0
+    if fbp_profile_on:
+        t0 = fbp_now()
+        _gemm_rm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        fbp_profile_gemm += fbp_now() - t0
+    else:
+        _gemm_rm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef inline void _gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
+                          floating alpha, const floating* a, int lda,
+                          const floating* b, int ldb,
+                          floating beta, floating* c, int ldc) noexcept nogil:
     cdef char ta = b'T' if trans_a else b'N'
     cdef char tb = b'T' if trans_b else b'N'
     if m <= 0 or n <= 0:

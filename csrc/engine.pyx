@@ -67,7 +67,8 @@ from fastbp._ext.losses cimport softmax_rows, softmax_which
 from fastbp._ext.dense cimport (floating, dense_forward_ptr, dense_backward_ptr,
                                 kernel_threads, pool_run, bias_activation,
                                 activation_backward, fbp_gemm_job, gemm_prepare, gemm_task,
-                                gemm_kind, gemm_rows, gemm_rm, GEMM_BY_SMALL, GEMM_BY_BLAS)
+                                gemm_kind, gemm_rows, gemm_rm, GEMM_BY_SMALL, GEMM_BY_BLAS,
+                                now, profiling, profile_gemm_seconds)
 
 # program columns
 cdef enum:
@@ -875,6 +876,37 @@ def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating
     return loss
 
 
+# Phase profiling (dense._set_profiling): seconds spent in each phase of
+# train_batches' steps, and the steps timed, since the last read.
+PHASE_NAMES = ("gather", "forward", "loss", "backward", "penalty", "clip", "optimizer",
+               "row-parallel forward")
+cdef double PHASE_SECONDS[8]
+cdef int64_t PHASE_STEPS = 0
+
+
+cdef inline void _lap(bint on, int phase, double* t) noexcept nogil:
+    """Adds the time since t[0] to the phase and restarts t[0] (if on)."""
+    cdef double t1
+    if on:
+        t1 = now()
+        PHASE_SECONDS[phase] += t1 - t[0]
+        t[0] = t1
+
+
+def _phase_seconds():
+    """Seconds per phase of the steps timed since the last call, with
+    "gemm" (products computed through gemm_rm, a part of forward and
+    backward) and "steps"; then resets the counts."""
+    global PHASE_STEPS
+    out = {name: PHASE_SECONDS[i] for i, name in enumerate(PHASE_NAMES)}
+    out["gemm"] = profile_gemm_seconds(True)
+    out["steps"] = PHASE_STEPS
+    for i in range(len(PHASE_NAMES)):
+        PHASE_SECONDS[i] = 0.0
+    PHASE_STEPS = 0
+    return out
+
+
 def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floating[::1] W,
                   const int64_t[::1] order, bint gather,
                   int64_t batch_size, int64_t first_batch, int64_t n_batches,
@@ -907,7 +939,9 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
     cdef int64_t last = program.shape[0] - 1
     cdef int64_t b, i, r, s, m, j, done = 0
     cdef int status = STATUS_OK, ok
-    cdef double loss
+    global PHASE_STEPS
+    cdef double loss, t_phase = 0.0
+    cdef bint prof = profiling()
     cdef const floating* x0
     cdef floating* y0
     cdef floating* w0
@@ -951,6 +985,8 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 x0 = &X[s, 0]
                 y0 = <floating*>&Y[s, 0]
                 w0 = <floating*>&W[s]
+            if prof:
+                t_phase = now()
             rows.parts = rows_parallel(program, reg, &rates[0], m, floating is double)
             if rows.parts:
                 rows.m = m
@@ -960,14 +996,17 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 rows.w0 = w0
                 if not forward_rows(&rows, program, &W[0]):
                     rows.parts = 0   # a product could not run here: the whole step again
+                _lap(prof, 7, &t_phase)
             if not rows.parts:
                 if gather:
                     for r in range(m):
                         memcpy(&xb[r * d], &X[order[s + r], 0], d * sizeof(floating))
                         memcpy(&yb[r * k], &Y[order[s + r], 0], k * sizeof(floating))
                         wb[r] = W[order[s + r]]
+                    _lap(prof, 0, &t_phase)
                 forward_all(program, x0, &params[0], &acts[0], NULL, m, &rates[0], &rng[0],
                             _ptr(aux), _ptr(buffers))
+                _lap(prof, 1, &t_phase)
             out_last = &acts[0] + program[last, ACT_OFF] * m
             if rows.parts and rows.loss_which >= 0:
                 loss = 0.0
@@ -976,6 +1015,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 loss *= rows.scale
             else:
                 loss = call_loss(loss_addr, out_last, y0, w0, &deltas[0], m, k)
+            _lap(prof, 2, &t_phase)
             if not isfinite(loss):
                 batch_loss[b] = loss
                 status = STATUS_LOSS_NONFINITE
@@ -986,12 +1026,17 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
             else:
                 loss += backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0],
                                      half, m, reg, &rates[0], _ptr(aux), True)
+            _lap(prof, 3, &t_phase)
             loss += penalize(program, reg, reg_per_weight, w0, m, &params[0], &grad[0])
+            _lap(prof, 4, &t_phase)
             batch_loss[b] = loss
             if clip:
                 clip_and_measure(program, &grad[0], clip_value, clip_norm, norms)
+                _lap(prof, 5, &t_phase)
             ok = optimizer_step(step_addr, &params[0], &grad[0], state, segments, n_params,
                                 <double*>&hyper[0], step0 + i + 1)
+            _lap(prof, 6, &t_phase)
+            PHASE_STEPS += prof
             if not ok:
                 status = STATUS_PARAMS_NONFINITE
                 break

@@ -16,8 +16,15 @@ library that ran before keep spinning for a while and would otherwise steal a
 core from the next one (measured: an L epoch ran at 2,800 instead of 4,500
 samples/s right after a numpy matmul).  GFLOP/s
 counts the GEMM work of a training step (forward, dW, and dX below the first
-layer: 2 flops per multiply-add), and is also given as a percentage of numpy's
-float32 matmul speed measured in the same run on the largest layer's shape.
+layer: 2 flops per multiply-add), and is also given as a percentage of the
+multiply-add peak of that many cores, measured in the same run by a compiled
+probe at the instruction-set level fastbp runs at (csrc/peak.h): the
+physical limit of a GEMM-bound step.  The level is printed with the table;
+``FASTBP_ISA=avx2`` (or ``baseline``) runs fastbp at a lower one.  The peers
+choose their own level; to hold them to AVX2 as well on an AVX-512 machine,
+start the benchmark with ``OPENBLAS_CORETYPE=Haswell ATEN_CPU_CAPABILITY=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2`` too (the records list
+which of these were set).
 
 ``fastbp bench --digits`` instead fits ``fastbp.MLPClassifier`` and
 scikit-learn's on scikit-learn's digits data (100 hidden units, adam,
@@ -162,19 +169,26 @@ def available(name):
         return False
 
 
-def matmul_gflops(n, k, m, dtype="float32", repeats=7):
-    """numpy's matmul speed for (n, k) @ (k, m): the ceiling a GEMM-bound
-    training step can approach."""
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(n, k)).astype(dtype)
-    b = rng.normal(size=(k, m)).astype(dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n * k * m / np.median(times) / 1e9
+#: environment variables that cap the peers' instruction sets (recorded)
+PEER_ISA_VARIABLES = ("OPENBLAS_CORETYPE", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                      "ONEDNN_MAX_CPU_ISA")
+
+
+def fma_peak_gflops(dtype="float32", threads=1):
+    """The multiply-add peak of ``threads`` cores at fastbp's instruction-set
+    level: one core's, measured now by csrc/peak.h, times the core count."""
+    from ._ext import dense
+
+    return threads * dense.fma_peak_gflops(dtype)
+
+
+def isa_note():
+    """The instruction-set levels in use, for the table's footer."""
+    from . import _isa
+
+    peers = ", ".join(f"{v}={os.environ[v]}" for v in PEER_ISA_VARIABLES if os.environ.get(v))
+    return (f"fastbp ran at instruction-set level {_isa.level()} (this CPU has "
+            f"{_isa.hardware()}); peers at their own" + (f" ({peers})" if peers else ""))
 
 
 class _Threads:
@@ -218,8 +232,7 @@ def run_workload(name, impls, threads, rounds=5, dtype="float32", predict=True, 
     sizes, batch, n = WORKLOADS[name]
     X, y = make_data(sizes, n, dtype)
     with _Threads(threads):
-        widest = max(zip(sizes[:-1], sizes[1:]), key=lambda p: p[0] * p[1])
-        peak = matmul_gflops(batch, widest[0], widest[1], dtype)
+        peak = fma_peak_gflops(dtype, threads)
         runners = {impl: RUNNERS[impl](sizes, batch, X, y, dtype) for impl in impls}
         train_t = {impl: [] for impl in impls}
         pred_t = {impl: [] for impl in impls}
@@ -236,8 +249,9 @@ def run_workload(name, impls, threads, rounds=5, dtype="float32", predict=True, 
         rec = {"workload": name, "layers": "-".join(map(str, sizes)), "batch": batch, "n": n,
                "dtype": dtype, "threads": threads, "implementation": impl,
                "train_seconds": t, "samples_per_s": n / t, "gflops": flops / t / 1e9,
-               "matmul_peak_gflops": peak, "percent_of_peak": 100 * flops / t / 1e9 / peak,
-               "rounds": rounds}
+               "fma_peak_gflops": peak, "percent_of_peak": 100 * flops / t / 1e9 / peak,
+               "isa": _isa_level(), "rounds": rounds,
+               "peer_isa": {v: os.environ[v] for v in PEER_ISA_VARIABLES if os.environ.get(v)}}
         if predict:
             rec["predict_samples_per_s"] = n / float(np.median(pred_t[impl]))
         records.append(rec)
@@ -249,6 +263,12 @@ def run_workload(name, impls, threads, rounds=5, dtype="float32", predict=True, 
                 rec["fastbp_predict_speedup"] = (base["predict_samples_per_s"]
                                                  / rec["predict_samples_per_s"])
     return records
+
+
+def _isa_level():
+    from . import _isa
+
+    return _isa.level()
 
 
 def run_digits(batch_sizes=(200,), rounds=7, epochs=200, threads=None, pause=0.25):
@@ -295,7 +315,7 @@ def run_digits(batch_sizes=(200,), rounds=7, epochs=200, threads=None, pause=0.2
                 "fastbp_seconds": float(np.median(t_fb)),
                 "speedup": float(np.median(t_sk) / np.median(t_fb)),
                 "round_speedups": [a / b for a, b in zip(t_sk, t_fb)],
-                "max_coef_diff": diff})
+                "max_coef_diff": diff, "isa": _isa_level()})
     return records
 
 
@@ -303,7 +323,8 @@ def format_digits(records):
     lines = []
     for r in records:
         rounds = " ".join(f"{x:.1f}" for x in r["round_speedups"])
-        lines.append(f"digits, batch {r['batch']}, {r['epochs']} epochs, {r['threads']} threads: "
+        lines.append(f"digits, batch {r['batch']}, {r['epochs']} epochs, {r['threads']} threads, "
+                     f"fastbp at {r['isa']}: "
                      f"scikit-learn {r['sklearn_seconds']:.3f} s, fastbp "
                      f"{r['fastbp_seconds']:.3f} s (medians of {r['rounds']}): "
                      f"{r['speedup']:.1f}x; rounds {rounds}; coefs_ differ by at most "
@@ -312,19 +333,20 @@ def format_digits(records):
 
 
 def format_table(records):
-    head = (f"{'workload':<9}{'impl':<11}{'thr':>4}{'samples/s':>13}{'GFLOP/s':>9}"
-            f"{'% peak':>8}{'fastbp x':>10}{'predict/s':>13}{'pred x':>8}")
+    head = (f"{'workload':<9}{'batch':>6}{'dtype':>9}{'impl':>11}{'thr':>4}{'samples/s':>13}"
+            f"{'GFLOP/s':>9}{'% FMA peak':>11}{'fastbp x':>10}{'predict/s':>13}{'pred x':>8}")
     lines = [head, "-" * len(head)]
     for r in records:
         lines.append(
-            f"{r['workload'] + ' ' + r['dtype'][-2:]:<9}{r['implementation']:<11}{r['threads']:>4}"
-            f"{r['samples_per_s']:>13,.0f}{r['gflops']:>9.1f}{r['percent_of_peak']:>7.0f}%"
-            f"{r.get('fastbp_speedup', float('nan')):>9.2f}x"
+            f"{r['workload']:<9}{r['batch']:>6}{r['dtype']:>9}{r['implementation']:>11}"
+            f"{r['threads']:>4}{r['samples_per_s']:>13,.0f}{r['gflops']:>9.1f}"
+            f"{r['percent_of_peak']:>10.0f}%{r.get('fastbp_speedup', float('nan')):>9.2f}x"
             + (f"{r['predict_samples_per_s']:>13,.0f}{r['fastbp_predict_speedup']:>7.2f}x"
                if "fastbp_predict_speedup" in r else f"{'-':>13}{'-':>8}"))
-    peaks = sorted({(r["workload"], r["threads"], round(r["matmul_peak_gflops"], 1)) for r in records})
-    lines.append("numpy float32 matmul on the widest layer (same run): "
-                 + ", ".join(f"{w}@{t} threads {p} GFLOP/s" for w, t, p in peaks))
+    peaks = sorted({(r["threads"], r["dtype"], round(r["fma_peak_gflops"], 1)) for r in records})
+    lines.append("multiply-add peak (csrc/peak.h, same run): "
+                 + ", ".join(f"{t} thread{'s' * (t > 1)} {d} {p} GFLOP/s" for t, d, p in peaks))
+    lines.append(isa_note())
     lines.append("'fastbp x' = that implementation's epoch time / fastbp's (medians); "
                  "'pred x' likewise for predict.")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+import fastbp
 from fastbp import bench
 
 
@@ -23,13 +24,25 @@ def test_run_workload_records(monkeypatch):
     for r in records:
         assert r["samples_per_s"] == pytest.approx(256 / r["train_seconds"])
         assert r["gflops"] == pytest.approx(bench.train_flops((5, 8, 3), 256) / r["train_seconds"] / 1e9)
-        assert r["percent_of_peak"] == pytest.approx(100 * r["gflops"] / r["matmul_peak_gflops"])
+        assert r["percent_of_peak"] == pytest.approx(100 * r["gflops"] / r["fma_peak_gflops"])
+        assert r["isa"] == fastbp._isa.level()
         assert r["predict_samples_per_s"] > 0
     fast, ref = records
     assert fast["fastbp_speedup"] == 1.0
     assert ref["fastbp_speedup"] == pytest.approx(ref["train_seconds"] / fast["train_seconds"])
     table = bench.format_table(records)
     assert "tiny" in table and "reference" in table
+    assert f"instruction-set level {fastbp._isa.level()}" in table
+    assert "float32" in table and " 16 " in table         # dtype and batch, by name
+
+
+def test_fma_peak_is_the_probe_times_the_threads(monkeypatch):
+    from fastbp._ext import dense
+
+    monkeypatch.setattr(dense, "fma_peak_gflops", lambda dtype="float32", *a, **k:
+                        {"float32": 100.0, "float64": 50.0}[dtype])
+    assert bench.fma_peak_gflops("float32", 2) == 200.0
+    assert bench.fma_peak_gflops("float64", 1) == 50.0
 
 
 def test_the_reference_runner_trains(monkeypatch):

@@ -43,6 +43,12 @@ ctypedef void (*task_fn)(void* ctx, int task) noexcept nogil
 
 cdef int kernel_threads() noexcept nogil
 
+# Phase profiling (dense.pyx): a monotonic clock in seconds, whether it is
+# on, and the seconds gemm_rm has spent since the last reset.
+cdef double now() noexcept nogil
+cdef bint profiling() noexcept nogil
+cdef double profile_gemm_seconds(bint reset) noexcept nogil
+
 cdef void pool_run(task_fn fn, void* ctx, int n_tasks) noexcept nogil
 
 # Our GEMM kernels as parts the engine schedules itself (csrc/gemm.h):
