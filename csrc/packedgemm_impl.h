@@ -151,6 +151,7 @@ static FBP_INLINE PG_ATTR void PG(macro)(int mc, int nc, int kc, const T *ap, T 
                                          T *c, long ldc, int acc)
 {
     T tile[MR * NR];
+    int tiles = (mc + MR - 1) / MR;
     for (int j = 0; j < nc; j += NR) {
         int nw = nc - j < NR ? nc - j : NR;
         if (bsrc)
@@ -159,6 +160,19 @@ static FBP_INLINE PG_ATTR void PG(macro)(int mc, int nc, int kc, const T *ap, T 
             int mw = mc - i < MR ? mc - i : MR;
             T *cc = c + i * ldc + j;
 #ifndef FBP_PG_NO_PREFETCH
+            /* The source rows of the next B panel, a share with each tile:
+             * in A @ B each of its kc rows lies in another page of B (a
+             * layer's W), where the hardware prefetchers do not follow, so
+             * packing it would wait on memory once per row. */
+            if (bsrc && rsb == 1 && j + NR < nc) {
+                int q = i / MR, lo = q * kc / tiles, hi = (q + 1) * kc / tiles;
+                const T *nb = bsrc + j + NR;
+                for (int p = lo; p < hi; p++) {
+                    for (int e = 0; e < NR; e += 64 / (int)sizeof(T))
+                        __builtin_prefetch(nb + p * csb + e, 0, 2);
+                    __builtin_prefetch(nb + p * csb + NR - 1, 0, 2);
+                }
+            }
             /* The next tile's rows of C, which its kernel reads first when it
              * accumulates (acc): C is too large to stay in cache, and
              * waiting on those loads cost ~10% of an L-sized product. */
@@ -204,9 +218,20 @@ static PG_ATTR int PG(gemm)(int trans_a, int trans_b, int m, int n, int k,
             int kc = k - pc < KC ? k - pc : KC;
             for (int ic = 0; ic < m; ic += MC) {
                 int mc = m - ic < MC ? m - ic : MC;
-                for (int i = 0; i < mc; i += MR)
+                for (int i = 0; i < mc; i += MR) {
+#ifndef FBP_PG_NO_PREFETCH
+                    /* op(A) = A.T (a dW's x.T): each of a panel's kc rows is
+                     * another row of x, a page away; fetch the rows of the
+                     * next cache line's worth of columns while this one is
+                     * copied (the hardware prefetchers stop at pages). */
+                    const int line = 64 / (int)sizeof(T);
+                    if (rsa == 1 && (i % line) < MR && i + line < mc)
+                        for (int p = 0; p < kc; p++)
+                            __builtin_prefetch(a + (ic + i + line) + (pc + p) * csa, 0, 2);
+#endif
                     PG(pack)(MR, mc - i < MR ? mc - i : MR, kc,
                              a + (ic + i) * rsa + pc * csa, rsa, csa, ap + (long)i * kc);
+                }
                 PG(macro)(mc, nc, kc, ap, bp, ic ? NULL : b + jc * rsb + pc * csb, rsb, csb,
                           c + (long)ic * ldc + jc, ldc, pc > 0);
             }

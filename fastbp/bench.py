@@ -265,6 +265,59 @@ def run_workload(name, impls, threads, rounds=5, dtype="float32", predict=True, 
     return records
 
 
+def run_phases(name, threads, dtype="float32"):
+    """Where one epoch of fastbp's training step spends its time: the
+    engine's phase timers (gather, forward, loss, backward, penalty, clip,
+    optimizer, and the row-parallel forward), with the products computed
+    through the layer-by-layer path's GEMM entry point counted apart
+    ("gemm", a part of forward and backward).  Returns a record."""
+    import fastbp
+    from ._ext import dense, engine
+
+    sizes, batch, n = WORKLOADS[name]
+    X, y = make_data(sizes, n, dtype)
+    with _Threads(threads):
+        train, _ = _fastbp(sizes, batch, X, y, dtype)
+        engine._phase_seconds()
+        previous = dense._set_profiling(True)
+        try:
+            t0 = time.perf_counter()
+            train()
+            wall = time.perf_counter() - t0
+        finally:
+            dense._set_profiling(previous)
+        phases = engine._phase_seconds()
+        peak = fma_peak_gflops(dtype, threads)
+    steps = phases.pop("steps")
+    gemm = phases.pop("gemm")
+    flops = train_flops(sizes, batch)
+    return {"workload": name, "layers": "-".join(map(str, sizes)), "batch": batch,
+            "dtype": dtype, "threads": threads, "isa": _isa_level(), "steps": steps,
+            "step_ms": 1e3 * wall / max(steps, 1),
+            "phase_ms": {k: 1e3 * v / max(steps, 1) for k, v in phases.items() if v},
+            "gemm_ms": 1e3 * gemm / max(steps, 1),
+            "gemm_percent_of_peak": 100 * flops * steps / max(gemm, 1e-12) / 1e9 / peak,
+            "step_percent_of_peak": 100 * flops * steps / wall / 1e9 / peak,
+            "fma_peak_gflops": peak}
+
+
+def format_phases(records):
+    lines = []
+    for r in records:
+        total = sum(r["phase_ms"].values())
+        lines.append(f"{r['workload']} ({r['layers']}, batch {r['batch']}, {r['dtype']}), "
+                     f"{r['threads']} thread{'s' * (r['threads'] > 1)}, {r['isa']}: "
+                     f"{r['step_ms']:.3f} ms a step, {r['step_percent_of_peak']:.0f}% of the "
+                     f"FMA peak ({r['fma_peak_gflops']:.0f} GFLOP/s)")
+        for k, v in r["phase_ms"].items():
+            lines.append(f"  {k:<22}{v:>10.3f} ms{100 * v / total:>7.1f}%")
+        if r["gemm_ms"]:
+            lines.append(f"  {'of which GEMMs':<22}{r['gemm_ms']:>10.3f} ms"
+                         f"{100 * r['gemm_ms'] / total:>7.1f}%  "
+                         f"({r['gemm_percent_of_peak']:.0f}% of the FMA peak)")
+    return "\n".join(lines)
+
+
 def _isa_level():
     from . import _isa
 
@@ -404,7 +457,15 @@ def main(argv=None):
     parser.add_argument("--batch", nargs="+", type=int, default=[200],
                         help="batch sizes for --digits (default 200, scikit-learn's 'auto')")
     parser.add_argument("--epochs", type=int, default=200, help="epochs for --digits (default 200)")
+    parser.add_argument("--phases", action="store_true",
+                        help="instead: where fastbp's training step spends its time, phase by "
+                             "phase, for each --workload and --threads")
     args = parser.parse_args(argv)
+    if args.phases:
+        records = [run_phases(name, threads, args.dtype)
+                   for threads in args.threads for name in args.workload]
+        print(json.dumps(records, indent=1) if args.json else format_phases(records))
+        return 0
     if args.digits:
         records = run_digits(args.batch, args.rounds, args.epochs, args.threads[0], args.pause)
         print(json.dumps(records, indent=1) if args.json else format_digits(records))

@@ -89,3 +89,17 @@ def test_cli_digits_compares_with_sklearn(tmp_path):
         assert r["max_coef_diff"] < 1e-12
         assert r["sklearn_seconds"] > 0 and r["fastbp_seconds"] > 0
         assert r["speedup"] == r["sklearn_seconds"] / r["fastbp_seconds"]
+
+
+def test_phases_account_for_the_step(monkeypatch):
+    monkeypatch.setitem(bench.WORKLOADS, "tiny", ((5, 64, 3), 16, 512))
+    r = bench.run_phases("tiny", threads=1)
+    assert r["steps"] == 512 // 16
+    assert {"forward", "loss", "backward", "optimizer"} <= set(r["phase_ms"])
+    # the phases are parts of the step, and the GEMMs parts of the phases
+    assert sum(r["phase_ms"].values()) <= r["step_ms"]
+    assert 0 < r["gemm_ms"] <= r["phase_ms"]["forward"] + r["phase_ms"]["backward"]
+    text = bench.format_phases([r])
+    assert "of which GEMMs" in text and "optimizer" in text
+    from fastbp._ext import dense
+    assert dense._set_profiling(False) is False      # left off
