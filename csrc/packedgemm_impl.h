@@ -135,6 +135,32 @@ static FBP_INLINE PG_ATTR void PG(pack)(const int W, int w, int kc, const T *src
             for (int q = 0; q < 8; q++)
                 dst[p * W + i + q] = src[(i + q) * rs + p];
     }
+    if (W == 4 && w == 4) {
+        /* 4-row panels (the AVX2 tiles, and float64's at AVX-512): 4 x 8
+         * blocks, transposed in two stages of shuffles (element by element
+         * this packing was ~3% of A @ B at 256 x 2048 x 2048). */
+        int p = 0;
+        for (; p + 8 <= kc; p += 8) {
+            PG(h8) r0, r1, r2, r3;
+            memcpy(&r0, src + p, sizeof r0);
+            memcpy(&r1, src + rs + p, sizeof r1);
+            memcpy(&r2, src + 2 * rs + p, sizeof r2);
+            memcpy(&r3, src + 3 * rs + p, sizeof r3);
+            PG(h8) t0 = FBP_SHUFFLE(r0, r1, 0, 8, 1, 9, 2, 10, 3, 11);
+            PG(h8) t1 = FBP_SHUFFLE(r0, r1, 4, 12, 5, 13, 6, 14, 7, 15);
+            PG(h8) t2 = FBP_SHUFFLE(r2, r3, 0, 8, 1, 9, 2, 10, 3, 11);
+            PG(h8) t3 = FBP_SHUFFLE(r2, r3, 4, 12, 5, 13, 6, 14, 7, 15);
+            PG(h8) o[4] = {FBP_SHUFFLE(t0, t2, 0, 1, 8, 9, 2, 3, 10, 11),
+                           FBP_SHUFFLE(t0, t2, 4, 5, 12, 13, 6, 7, 14, 15),
+                           FBP_SHUFFLE(t1, t3, 0, 1, 8, 9, 2, 3, 10, 11),
+                           FBP_SHUFFLE(t1, t3, 4, 5, 12, 13, 6, 7, 14, 15)};
+            memcpy(dst + p * 4, o, sizeof o);
+        }
+        for (; p < kc; p++)
+            for (int q = 0; q < 4; q++)
+                dst[p * 4 + q] = src[q * rs + p];
+        return;
+    }
 #endif
     for (; i < W; i++)
         for (int p = 0; p < kc; p++)
