@@ -3,15 +3,32 @@ import argparse
 import sys
 
 
+def _widths(text):
+    """--hidden: "64" (two hidden layers of 64, the default network) or a
+    comma-separated list of widths, one per hidden layer ("128,64")."""
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--hidden takes a width or comma-separated widths such as 128,64, got {text!r}")
+    return widths * 2 if len(widths) == 1 else widths
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastbp", description=__doc__)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastbp {__version__}")
     parser.add_argument("--info", action="store_true",
                         help="print the instruction-set level, kernels, BLAS and threads in use")
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="train a network on scikit-learn's bundled digits data")
     demo.add_argument("--epochs", type=int, default=30)
     demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--hidden", type=int, default=64)
+    demo.add_argument("--hidden", type=_widths, default=[64, 64],
+                      help="hidden widths: 64 (two layers of 64, the default) or e.g. 128,64")
     demo.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("bench", help="training speed against the NumPy reference, scikit-learn "

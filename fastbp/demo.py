@@ -8,7 +8,10 @@ import time
 import numpy as np
 
 
-def run(epochs=30, batch_size=32, hidden=64, dtype="float32", seed=0):
+def run(epochs=30, batch_size=32, hidden=(64, 64), dtype="float32", seed=0):
+    """Train and report; ``hidden`` is the width of each hidden layer (an int
+    means two layers of that width).  Returns 0 when the test accuracy
+    passes 0.9, else 1 (the command's exit status)."""
     t0 = time.perf_counter()
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -21,9 +24,9 @@ def run(epochs=30, batch_size=32, hidden=64, dtype="float32", seed=0):
                                                         stratify=y)
     X_fit, X_val, y_fit, y_val = train_test_split(X_train, y_train, test_size=0.15,
                                                   random_state=seed, stratify=y_train)
-    net = fastbp.Sequential([fastbp.Dense(hidden, activation="relu"),
-                             fastbp.Dense(hidden, activation="relu"),
-                             fastbp.Dense(10)], dtype=dtype, seed=seed)
+    hidden = [hidden, hidden] if isinstance(hidden, int) else list(hidden)
+    net = fastbp.Sequential([fastbp.Dense(w, activation="relu") for w in hidden]
+                            + [fastbp.Dense(10)], dtype=dtype, seed=seed)
     print(f"fastbp {fastbp.__version__} demo: digits (8x8 images, 10 classes), "
           f"{len(X_fit)} train / {len(X_val)} validation / {len(X_test)} test samples")
     net.build(X.shape[1])

@@ -20,3 +20,22 @@ def test_unknown_command_fails_with_usage(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastbp", "train-everything"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "usage" in proc.stderr
+
+
+def test_version(tmp_path):
+    import fastbp
+
+    proc = subprocess.run([sys.executable, "-m", "fastbp", "--version"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fastbp {fastbp.__version__}"
+
+
+def test_demo_takes_a_list_of_hidden_widths(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastbp", "demo", "--epochs", "2",
+                           "--hidden", "32,16"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert "epoch 2/2" in proc.stdout, proc.stderr
+    assert "(64, 32)" in proc.stdout and "(32, 16)" in proc.stdout   # summary's W shapes
+    bad = subprocess.run([sys.executable, "-m", "fastbp", "demo", "--hidden", "32,x"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "comma-separated widths such as 128,64" in bad.stderr
