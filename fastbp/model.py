@@ -445,8 +445,9 @@ class Sequential:
             divergence or Ctrl-C); ``net.fit_params`` holds this fit's epochs,
             batch size and sample count.  Between epochs a callback may change the
             optimizer's hyperparameters (e.g. ``net.optimizer.lr``: learning
-            rate schedules) or set ``net.stop_training = True`` to end the
-            fit after this epoch.  See ``fastbp.callbacks``.
+            rate schedules; they are checked again), reset it, or set
+            ``net.stop_training = True`` to end the fit after this epoch.
+            See ``fastbp.callbacks``.
 
         Returns
         -------
@@ -541,7 +542,7 @@ class Sequential:
         with _blas_threads(n_threads), _DeferredInterrupt() as interrupt:
             for e in range(first_epoch, last_epoch + 1):
                 _call(callbacks, "on_epoch_begin", self, e)
-                run.hyper[...] = _checked_hyper(opt)  # a callback may have changed them
+                run.refresh_optimizer()  # a callback may have changed it
                 start = time.perf_counter()
                 self._position = None
                 b = run.start_epoch(pending)
@@ -722,6 +723,15 @@ class _EpochRunner:
         self.snap_params = np.empty_like(net._params)
         self.snap_state = np.empty_like(self.state)
         self.chunk = 1
+
+    def refresh_optimizer(self):
+        """Take up what changed on the optimizer since the last epoch: its
+        hyperparameters (checked), and its state if it was reset or replaced."""
+        state = self.opt._bind(self.net.n_params, self.net.dtype).reshape(-1)
+        if state.ctypes.data != self.state.ctypes.data:
+            self.state = state
+            self.snap_state = np.empty_like(state)
+        self.hyper[...] = _checked_hyper(self.opt)
 
     def start_epoch(self, resume=None, order=None):
         """Shuffle for a new epoch (or use ``order``), or rebuild the order of

@@ -13,6 +13,12 @@ It is bound to the size and dtype of the first parameter vector it updates.
 
 Notation: p parameters, g gradient, t step count (1 at the first update),
 lr learning rate, lambda weight decay.
+
+Hyperparameters may be changed on the object at any time (a callback's
+learning rate schedule, momentum turned on after some epochs); they are
+checked again before every run of updates.  Every optimizer's state holds
+all the vectors its update can use, whatever the settings: a vector that a
+setting turns on later starts as torch.optim starts it (see each class).
 """
 import numpy as np
 
@@ -29,63 +35,176 @@ def _check(cond, message):
 
 def _real(value, name):
     """A hyperparameter as a finite float (ValueError otherwise)."""
+    if type(value) is float and value - value == 0:  # the common case, checked fast
+        return value
+    if isinstance(value, (bool, np.bool_, str, bytes)) or np.ndim(value) != 0:
+        raise ValueError(f"invalid {name}: {value!r} is not a real number")
     try:
         out = float(value)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"invalid {name}: {value!r} is not a real number") from None
-    if isinstance(value, bool) or out != out or out in (float("inf"), float("-inf")):
+    if out != out or out in (float("inf"), float("-inf")):
         raise ValueError(f"invalid {name}: {value!r}")
     return out
+
+
+def _flag(value, name):
+    """A yes/no hyperparameter as a bool: True, False, or the integers 1 and 0."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"invalid {name}: {value!r} (True or False)")
+
+
+def _pair(value, name):
+    """Two real numbers, from a tuple or list."""
+    _check(isinstance(value, (tuple, list)) and len(value) == 2, f"invalid {name}: {value!r}")
+    return tuple(_real(v, name) for v in value)
+
+
+#: largest step count: t and the steps counted from it stay exact in the
+#: float64 a kernel computes with (beta ** t) and in ``hyper``.
+MAX_STEPS = 2 ** 53
 
 
 class Optimizer:
     """Base class: state handling shared by every optimizer.
 
-    Subclasses set ``kernel`` (name of the compiled update), ``uses_step``
-    (whether the kernel takes t), implement ``_args`` (the hyperparameters in
-    kernel order) and ``_n_slots`` (state vectors needed).
+    Subclasses set ``kernel`` (the name of the compiled update, a key of
+    ``fastbp._numba.optim.SPECS``, which declares the state slots and
+    hyperparameters the kernel reads) and implement ``_validated`` (the
+    constructor's hyperparameters, checked) and ``_kernel_values`` (the
+    kernel's scalar arguments by name).  Hyperparameters are checked again
+    before every run of compiled updates, so changing one after construction
+    (a learning rate schedule, momentum turned on later) either works or
+    raises ValueError before anything runs.
     """
 
     kernel = None
-    uses_step = True
 
     def __init__(self):
         self.state = None  # (n_slots, n_params) array, allocated on first use
         self.t = 0
 
     # -- hyperparameters -------------------------------------------------
-    def _args(self):
-        raise NotImplementedError
+    @property
+    def _spec(self):
+        return _kernels.SPECS[self.kernel]
+
+    @property
+    def uses_step(self):
+        """Whether the kernel takes the step count t."""
+        return self._spec.uses_step
 
     def _n_slots(self):
+        """State vectors the kernel reads: all of its slots, whatever the
+        hyperparameters (a slot that is off is kept for when it turns on)."""
+        return len(self._spec.slots)
+
+    def _validated(self):
+        """The constructor's hyperparameters, checked and normalised, by name
+        (ValueError naming the first invalid one)."""
         raise NotImplementedError
+
+    def _kernel_values(self, hp):
+        """The kernel's scalar arguments by name (``self._spec.hyper``), from
+        the checked hyperparameters ``hp``."""
+        raise NotImplementedError
+
+    def _set_hyperparameters(self):
+        """Check the hyperparameters and store them normalised."""
+        hp = self._validated()
+        vars(self).update(hp)
+        return hp
+
+    def _args(self, dtype=None):
+        """The kernel's hyperparameters in its order, checked now (a callback
+        or the user may have changed them since construction); ``dtype``: the
+        parameters' dtype, which every value must fit."""
+        try:
+            hp = self._set_hyperparameters()
+        except ValueError as exc:
+            raise ValueError(f"invalid hyperparameters for {type(self).__name__}: {exc}") from None
+        values = self._kernel_values(hp)
+        args = tuple(values[name] for name in self._spec.hyper)
+        if dtype is not None:
+            top = float(np.finfo(dtype).max)
+            for name, value in zip(self._spec.hyper, args):
+                _check(abs(float(value)) <= top,
+                       f"invalid hyperparameters for {type(self).__name__}: {name}={value!r} "
+                       f"overflows the parameters' dtype {np.dtype(dtype).name}")
+        return args
 
     def _hyper(self):
         """Hyperparameters packed as float64, the order the C wrappers read."""
-        return np.array([float(a) for a in self._args()], dtype=np.float64)
+        dtype = None if self.state is None else self.state.dtype
+        return np.array([float(a) for a in self._args(dtype)], dtype=np.float64)
 
     def _init_state(self, state):
         """Fill a freshly allocated state (zeros) where torch starts elsewhere."""
 
     # -- state -----------------------------------------------------------
+    def _check_step_count(self):
+        t = self.t
+        _check(isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+               and 0 <= t < MAX_STEPS,
+               f"the step count t of this {type(self).__name__} must be an integer in "
+               f"[0, 2**53), got {t!r}")
+        self.t = int(t)
+
     def _bind(self, n_params, dtype):
-        """Allocate the state for ``n_params`` parameters of ``dtype`` once."""
+        """Check the hyperparameters and step count, then allocate the state
+        for ``n_params`` parameters of ``dtype`` once (or check the one held)."""
+        self._args(np.dtype(dtype))
+        return self._state_for(n_params, dtype)
+
+    def _state_for(self, n_params, dtype):
         dtype = np.dtype(dtype)
+        self._check_step_count()
         if self.state is None:
             self.state = np.zeros((self._n_slots(), n_params), dtype=dtype)
             self._init_state(self.state)
             self.t = 0
-        elif self.state.shape[1] != n_params or self.state.dtype != dtype:
+            return self.state
+        state = self.state
+        shape = (self._n_slots(), n_params)
+        if not isinstance(state, np.ndarray) or state.shape[1:] != (n_params,) \
+                or state.dtype != dtype:
+            held = (f"{state.shape[1]} {state.dtype}" if isinstance(state, np.ndarray)
+                    and state.ndim == 2 else repr(type(state).__name__))
             raise ValueError(
-                f"this {type(self).__name__} holds state for {self.state.shape[1]} "
-                f"{self.state.dtype} parameters, not {n_params} {dtype}; use a new "
-                "optimizer (or call reset()) for another model")
-        return self.state
+                f"this {type(self).__name__} holds state for {held} parameters, not "
+                f"{n_params} {dtype}; use a new optimizer (or call reset()) for another model")
+        if state.shape != shape or not (state.flags.c_contiguous and state.flags.writeable):
+            raise ValueError(
+                f"this {type(self).__name__}'s state must be a writeable C-contiguous array of "
+                f"shape {shape} ({', '.join(self._spec.slots)}), got shape {state.shape}; "
+                "call reset() to start over")
+        return state
 
     def reset(self):
         """Forget the state: the next update starts as the first one."""
         self.state = None
         self.t = 0
+
+    #: slots that hold second moments or step sizes, never negative
+    _nonnegative_slots = ()
+    #: slots that may hold any value, NaN included (Rprop's previous
+    #: gradient, where torch stores a NaN gradient as it is)
+    _unchecked_slots = ()
+
+    def _check_state(self, state):
+        """ValueError naming the first slot of ``state`` that holds a value
+        this optimizer cannot produce (NaN or infinity; a negative second
+        moment), as a file could hold."""
+        for name, row in zip(self._spec.slots, state):
+            if name in self._unchecked_slots:
+                continue
+            if not np.isfinite(row).all():
+                raise ValueError(f"{type(self).__name__} state {name!r} holds NaN or infinity")
+            if name in self._nonnegative_slots and (row < 0).any():
+                raise ValueError(f"{type(self).__name__} state {name!r} holds negative values")
 
     def step(self, params, grad):
         """Apply one update in place: ``params`` and ``grad`` are 1-D arrays of
@@ -100,20 +219,26 @@ class Optimizer:
         _check(params.dtype in (np.float32, np.float64) and grad.dtype == params.dtype,
                f"params and grad must share a float32/float64 dtype, got {params.dtype} and {grad.dtype}")
         _check(params.flags.writeable and params.flags.c_contiguous, "params must be writeable and contiguous")
-        state = self._bind(params.shape[0], params.dtype)
+        state = self._state_for(params.shape[0], params.dtype)
+        args = self._args(params.dtype)  # before t moves (SGD: the buffer's first step)
         self.t += 1
-        slots = [state[j] for j in range(state.shape[0])]
-        slots += [params[:0]] * (self._max_slots - len(slots))
-        head = (params, np.ascontiguousarray(grad), *slots)
+        head = (params, np.ascontiguousarray(grad), *state)
         if self.uses_step:
             head = head + (self.t,)
-        return bool(getattr(_kernels, self.kernel + "_step")(*head, *self._args()))
+        return bool(getattr(_kernels, self.kernel + "_step")(*head, *args))
 
     # -- persistence -----------------------------------------------------
     def get_config(self):
         """Hyperparameters as a dict (JSON-serialisable)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()
-                if k not in ("state", "t")}
+                if k not in ("state", "t") and not k.startswith("_")}
+
+    def _extra_state(self):
+        """Integers that belong to the state besides ``t`` (saved in model files)."""
+        return {}
+
+    def _set_extra_state(self, extra):
+        """Restore what ``_extra_state`` gave (values already range-checked)."""
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -131,7 +256,10 @@ class SGD(Optimizer):
         p &\leftarrow p - \mathrm{lr}\, g
 
     where the momentum lines apply only when momentum mu != 0, and tau is the
-    dampening.
+    dampening.  As in torch, the buffer b is created (a copy of that step's
+    gradient) at the first step with momentum, also when momentum is turned
+    on after some steps without; turned off, it is kept for when momentum
+    is turned on again.
 
     Parameters
     ----------
@@ -143,26 +271,43 @@ class SGD(Optimizer):
     """
 
     kernel = "sgd"
-    _max_slots = 1
 
     def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
         super().__init__()
-        lr, momentum = _real(lr, "learning rate"), _real(momentum, "momentum")
-        dampening, weight_decay = _real(dampening, "dampening"), _real(weight_decay, "weight_decay")
+        self.lr, self.momentum, self.dampening = lr, momentum, dampening
+        self.nesterov, self.weight_decay = nesterov, weight_decay
+        self._momentum_start = 0  # the step that created the buffer (0: none yet)
+        self._set_hyperparameters()
+
+    def _validated(self):
+        lr, momentum = _real(self.lr, "learning rate"), _real(self.momentum, "momentum")
+        dampening = _real(self.dampening, "dampening")
+        weight_decay = _real(self.weight_decay, "weight_decay")
+        nesterov = _flag(self.nesterov, "nesterov")
         _check(lr >= 0, f"invalid learning rate: {lr}")
         _check(momentum >= 0, f"invalid momentum: {momentum}")
         _check(0 <= dampening <= 1, f"invalid dampening: {dampening}")
         _check(weight_decay >= 0, f"invalid weight_decay: {weight_decay}")
         _check(not nesterov or (momentum > 0 and dampening == 0),
                "nesterov momentum requires a momentum and zero dampening")
-        self.lr, self.momentum, self.dampening = lr, momentum, dampening
-        self.nesterov, self.weight_decay = bool(nesterov), weight_decay
+        return dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                    weight_decay=weight_decay)
 
-    def _args(self):
-        return (self.lr, self.momentum, self.dampening, self.nesterov, self.weight_decay)
+    def _kernel_values(self, hp):
+        if not 1 <= self._momentum_start <= self.t:
+            # No buffer yet: the next step creates it if it has momentum.
+            self._momentum_start = self.t + 1 if hp["momentum"] != 0 else 0
+        return dict(hp, momentum_start=self._momentum_start)
 
-    def _n_slots(self):
-        return 1 if self.momentum != 0 else 0
+    def reset(self):
+        super().reset()
+        self._momentum_start = 0
+
+    def _extra_state(self):
+        return {"momentum_start": self._momentum_start}
+
+    def _set_extra_state(self, extra):
+        self._momentum_start = extra["momentum_start"]
 
 
 class Adam(Optimizer):
@@ -181,6 +326,11 @@ class Adam(Optimizer):
     paper adds it to the corrected square root as well, but writes the bias
     correction on m and v separately).
 
+    The state always holds the maximum of v: zeros until amsgrad is on.
+    Turning amsgrad on after some steps starts it from zeros, as torch's
+    state starts it (torch itself refuses that change, with a KeyError);
+    turned off, it is kept unchanged.
+
     Parameters
     ----------
     lr : float, default 1e-3
@@ -192,27 +342,28 @@ class Adam(Optimizer):
     """
 
     kernel = "adam"
-    _max_slots = 3
     _decoupled = False
+    _nonnegative_slots = ("v", "vmax")
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
         super().__init__()
-        lr, eps, weight_decay = _real(lr, "learning rate"), _real(eps, "epsilon"), _real(weight_decay, "weight_decay")
-        _check(isinstance(betas, (tuple, list)) and len(betas) == 2, f"invalid betas: {betas}")
-        betas = tuple(_real(b, "betas") for b in betas)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.weight_decay, self.amsgrad = weight_decay, amsgrad
+        self._set_hyperparameters()
+
+    def _validated(self):
+        lr, eps = _real(self.lr, "learning rate"), _real(self.eps, "epsilon")
+        weight_decay = _real(self.weight_decay, "weight_decay")
+        betas = _pair(self.betas, "betas")
+        amsgrad = _flag(self.amsgrad, "amsgrad")
         _check(lr >= 0, f"invalid learning rate: {lr}")
         _check(eps >= 0, f"invalid epsilon: {eps}")
         _check(all(0 <= b < 1 for b in betas), f"invalid betas: {betas}")
         _check(weight_decay >= 0, f"invalid weight_decay: {weight_decay}")
-        self.lr, self.betas, self.eps = lr, tuple(float(b) for b in betas), eps
-        self.weight_decay, self.amsgrad = weight_decay, bool(amsgrad)
+        return dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
-    def _args(self):
-        return (self.lr, self.betas[0], self.betas[1], self.eps, self.weight_decay,
-                self.amsgrad, self._decoupled)
-
-    def _n_slots(self):
-        return 3 if self.amsgrad else 2
+    def _kernel_values(self, hp):
+        return dict(hp, beta1=hp["betas"][0], beta2=hp["betas"][1], decoupled=self._decoupled)
 
 
 class AdamW(Adam):
@@ -246,6 +397,11 @@ class RMSprop(Optimizer):
         b_t &= \mu b_{t-1} + g / d, \quad p \leftarrow p - \mathrm{lr}\, b_t \ \text{(momentum } \mu > 0) \\
         p &\leftarrow p - \mathrm{lr}\, g / d \ \text{(otherwise)}
 
+    The gradient average and the momentum buffer are always in the state:
+    zeros until centered or momentum is on.  Turning either on after some
+    steps starts it from zeros, as torch's state starts it (torch itself
+    refuses that change, with a KeyError); turned off, it is kept unchanged.
+
     Parameters
     ----------
     lr : float, default 1e-2
@@ -257,27 +413,28 @@ class RMSprop(Optimizer):
     """
 
     kernel = "rmsprop"
-    uses_step = False
-    _max_slots = 3
+    _nonnegative_slots = ("square_avg",)
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False):
         super().__init__()
-        lr, alpha, eps = _real(lr, "learning rate"), _real(alpha, "alpha"), _real(eps, "epsilon")
-        weight_decay, momentum = _real(weight_decay, "weight_decay"), _real(momentum, "momentum")
+        self.lr, self.alpha, self.eps = lr, alpha, eps
+        self.weight_decay, self.momentum, self.centered = weight_decay, momentum, centered
+        self._set_hyperparameters()
+
+    def _validated(self):
+        lr, alpha, eps = _real(self.lr, "learning rate"), _real(self.alpha, "alpha"), _real(self.eps, "epsilon")
+        weight_decay, momentum = _real(self.weight_decay, "weight_decay"), _real(self.momentum, "momentum")
+        centered = _flag(self.centered, "centered")
         _check(lr >= 0, f"invalid learning rate: {lr}")
         _check(0 <= alpha, f"invalid alpha: {alpha}")
         _check(eps >= 0, f"invalid epsilon: {eps}")
         _check(momentum >= 0, f"invalid momentum: {momentum}")
         _check(weight_decay >= 0, f"invalid weight_decay: {weight_decay}")
-        self.lr, self.alpha, self.eps = lr, alpha, eps
-        self.weight_decay, self.momentum, self.centered = weight_decay, momentum, bool(centered)
+        return dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                    centered=centered)
 
-    def _args(self):
-        return (self.lr, self.alpha, self.eps, self.weight_decay, self.momentum, self.centered)
-
-    def _n_slots(self):
-        # slots: 0 square average, 1 gradient average, 2 momentum buffer
-        return 3 if self.momentum > 0 else (2 if self.centered else 1)
+    def _kernel_values(self, hp):
+        return hp
 
 
 class Rprop(Optimizer):
@@ -307,29 +464,26 @@ class Rprop(Optimizer):
     """
 
     kernel = "rprop"
-    uses_step = False
-    _max_slots = 2
+    _nonnegative_slots = ("step_size",)
+    _unchecked_slots = ("prev",)
 
     def __init__(self, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50)):
         super().__init__()
-        lr = _real(lr, "learning rate")
-        _check(isinstance(etas, (tuple, list)) and len(etas) == 2, f"invalid etas: {etas}")
-        _check(isinstance(step_sizes, (tuple, list)) and len(step_sizes) == 2,
-               f"invalid step_sizes: {step_sizes}")
-        etas = tuple(_real(e, "etas") for e in etas)
-        step_sizes = tuple(_real(s, "step_sizes") for s in step_sizes)
+        self.lr, self.etas, self.step_sizes = lr, etas, step_sizes
+        self._set_hyperparameters()
+
+    def _validated(self):
+        lr = _real(self.lr, "learning rate")
+        etas, step_sizes = _pair(self.etas, "etas"), _pair(self.step_sizes, "step_sizes")
         _check(lr >= 0, f"invalid learning rate: {lr}")
         _check(0 < etas[0] < 1 < etas[1], f"invalid etas: {etas}")
         _check(0 <= step_sizes[0] <= step_sizes[1], f"invalid step_sizes: {step_sizes}")
-        self.lr = lr
-        self.etas = tuple(float(e) for e in etas)
-        self.step_sizes = tuple(float(s) for s in step_sizes)
+        return dict(lr=lr, etas=etas, step_sizes=step_sizes)
 
-    def _args(self):
-        return (self.etas[0], self.etas[1], self.step_sizes[0], self.step_sizes[1])
-
-    def _n_slots(self):
-        return 2  # previous gradient, step sizes
+    def _kernel_values(self, hp):
+        # lr only sets the initial step sizes (as in torch, changing it later does nothing)
+        (etaminus, etaplus), (step_min, step_max) = hp["etas"], hp["step_sizes"]
+        return dict(etaminus=etaminus, etaplus=etaplus, step_min=step_min, step_max=step_max)
 
     def _init_state(self, state):
         state[1] = self.lr
@@ -355,28 +509,30 @@ class Adagrad(Optimizer):
     """
 
     kernel = "adagrad"
-    _max_slots = 1
+    _nonnegative_slots = ("state_sum",)
 
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                  eps=1e-10):
         super().__init__()
-        lr, lr_decay, eps = _real(lr, "learning rate"), _real(lr_decay, "lr_decay"), _real(eps, "epsilon")
-        weight_decay = _real(weight_decay, "weight_decay")
-        initial_accumulator_value = _real(initial_accumulator_value, "initial_accumulator_value")
+        self.lr, self.lr_decay, self.weight_decay = lr, lr_decay, weight_decay
+        self.initial_accumulator_value, self.eps = initial_accumulator_value, eps
+        self._set_hyperparameters()
+
+    def _validated(self):
+        lr, lr_decay = _real(self.lr, "learning rate"), _real(self.lr_decay, "lr_decay")
+        eps, weight_decay = _real(self.eps, "epsilon"), _real(self.weight_decay, "weight_decay")
+        initial = _real(self.initial_accumulator_value, "initial_accumulator_value")
         _check(lr >= 0, f"invalid learning rate: {lr}")
         _check(lr_decay >= 0, f"invalid lr_decay: {lr_decay}")
         _check(weight_decay >= 0, f"invalid weight_decay: {weight_decay}")
-        _check(initial_accumulator_value >= 0,
-               f"invalid initial_accumulator_value: {initial_accumulator_value}")
+        _check(initial >= 0, f"invalid initial_accumulator_value: {initial}")
         _check(eps >= 0, f"invalid epsilon: {eps}")
-        self.lr, self.lr_decay, self.weight_decay = lr, lr_decay, weight_decay
-        self.initial_accumulator_value, self.eps = initial_accumulator_value, eps
+        # initial_accumulator_value only fills the state when it is allocated (as in torch)
+        return dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                    initial_accumulator_value=initial, eps=eps)
 
-    def _args(self):
-        return (self.lr, self.lr_decay, self.weight_decay, self.eps)
-
-    def _n_slots(self):
-        return 1
+    def _kernel_values(self, hp):
+        return hp
 
     def _init_state(self, state):
         state[0] = self.initial_accumulator_value

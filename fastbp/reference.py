@@ -170,11 +170,11 @@ def _lerp(start, end, weight):
     return start + weight * (end - start) if weight < 0.5 else end - (end - start) * (1 - weight)
 
 
-def sgd_step(p, g, buf, t, lr, momentum, dampening, nesterov, weight_decay):
+def sgd_step(p, g, buf, t, lr, momentum, dampening, nesterov, weight_decay, momentum_start=1):
     T = p.dtype.type
     d = g + T(weight_decay) * p if weight_decay else g.copy()
-    if momentum:
-        buf[...] = d if t == 1 else buf * T(momentum) + T(1 - dampening) * d
+    if momentum:  # the buffer is born at step momentum_start, a copy of that gradient
+        buf[...] = d if t == momentum_start else buf * T(momentum) + T(1 - dampening) * d
         d = d + T(momentum) * buf if nesterov else buf.copy()
     p -= T(lr) * d
     return bool(np.isfinite(p).all())

@@ -60,7 +60,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from .layers import Dense, Dropout
 from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner, data_loss
-from .optim import Optimizer
+from .optim import Optimizer, _flag, _real
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -85,18 +85,18 @@ class _SklearnSGD(Optimizer):
     """
 
     kernel = "sk_sgd"
-    uses_step = False
-    _max_slots = 1
 
     def __init__(self, lr=0.1, momentum=0.9, nesterov=True):
         super().__init__()
-        self.lr, self.momentum, self.nesterov = float(lr), float(momentum), bool(nesterov)
+        self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+        self._set_hyperparameters()
 
-    def _args(self):
-        return (self.lr, self.momentum, self.nesterov)
+    def _validated(self):
+        return dict(lr=_real(self.lr, "learning rate"), momentum=_real(self.momentum, "momentum"),
+                    nesterov=_flag(self.nesterov, "nesterov"))
 
-    def _n_slots(self):
-        return 1
+    def _kernel_values(self, hp):
+        return hp
 
 
 class _SklearnAdam(Optimizer):
@@ -114,17 +114,17 @@ class _SklearnAdam(Optimizer):
     """
 
     kernel = "sk_adam"
-    _max_slots = 2
 
     def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
         super().__init__()
-        self.lr, self.beta1, self.beta2, self.eps = float(lr), float(beta1), float(beta2), float(eps)
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self._set_hyperparameters()
 
-    def _args(self):
-        return (self.lr, self.beta1, self.beta2, self.eps)
+    def _validated(self):
+        return {name: _real(getattr(self, name), name) for name in ("lr", "beta1", "beta2", "eps")}
 
-    def _n_slots(self):
-        return 2
+    def _kernel_values(self, hp):
+        return hp
 
 
 class _NoInterrupt:

@@ -26,7 +26,7 @@ from helpers import DTYPES
 OPTIMIZERS = {
     "none": None,  # built, never trained: no optimizer in the file
     "adam_amsgrad": lambda: Adam(lr=3e-3, amsgrad=True),
-    "sgd_no_momentum": lambda: SGD(lr=0.05),  # 0 state slots: an empty (0, n) array
+    "sgd_no_momentum": lambda: SGD(lr=0.05),  # its buffer slot is held, unused
     "rprop": lambda: Rprop(lr=0.01),
 }
 BATCH = {"rprop": None}  # Rprop is meant for full batches
@@ -105,7 +105,7 @@ def test_round_trip_is_exact_and_training_continues_bitwise(tmp_path, dtype, opt
     if OPTIMIZERS[opt_name] is not None:
         assert len(loaded.history) == 3 and "val_loss" in loaded.history.history
         assert loaded.optimizer.t > 0
-        n_slots = {"adam_amsgrad": 3, "sgd_no_momentum": 0, "rprop": 2}[opt_name]
+        n_slots = {"adam_amsgrad": 3, "sgd_no_momentum": 1, "rprop": 2}[opt_name]
         assert loaded.optimizer.state.shape == (n_slots, net.n_params)
     X, y = _data()
     assert net.predict(X).tobytes() == loaded.predict(X).tobytes()

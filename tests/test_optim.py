@@ -14,7 +14,7 @@ import pytest
 
 import fastbp
 from fastbp import optim, reference
-from fastbp._numba.optim import step_cfunc
+from fastbp._numba.optim import SPECS, step_cfunc
 
 DTYPES = ["float32", "float64"]
 #: compiled vs reference tolerance, relative to the compared array's scale
@@ -23,7 +23,8 @@ DTYPES = ["float32", "float64"]
 #: those terms, since the reference itself is only that accurate there.
 RTOL = {"float32": 1e-5, "float64": 1e-10}
 
-# (id, class name, kwargs, number of state slots the optimizer needs)
+# (id, class name, kwargs, number of state slots these settings use; the
+# optimizer holds all of its kernel's slots, SPECS[kernel].slots, whatever they use)
 CONFIGS = [
     ("sgd", "SGD", dict(lr=0.1), 0),
     ("sgd-wd", "SGD", dict(lr=0.1, weight_decay=0.05), 0),
@@ -56,6 +57,11 @@ MAX_SLOTS = 3
 def _make(config):
     _, cls, kwargs, _ = config
     return getattr(optim, cls)(**kwargs)
+
+
+def _n_slots(config):
+    """State slots the optimizer holds: all its kernel's, whatever it uses."""
+    return len(SPECS[getattr(optim, config[1]).kernel].slots)
 
 
 def _initial_state(config, n, dtype):
@@ -120,7 +126,7 @@ def _close(actual, expected, dtype, what):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_step_matches_reference(config, dtype):
-    n_slots = config[3]
+    n_slots = _n_slots(config)
     rng = np.random.default_rng(2024)
     n = 37
     p = rng.normal(size=n).astype(dtype)
@@ -140,7 +146,7 @@ def test_step_matches_reference(config, dtype):
         _close(p, p_ref, dtype, f"params after step {t}")
         for j in range(n_slots):
             _close(opt.state[j], S[j], dtype, f"state slot {j} after step {t}")
-        # the reference never touches the slots the optimizer does not allocate
+        # the reference never touches a slot the optimizer does not have
         assert not np.any(S[n_slots:]), "reference used a state slot the optimizer lacks"
     assert np.abs(p - p0).max() > 1e-3, "parameters did not move"
 
@@ -188,7 +194,7 @@ def test_nan_gradient_matches_reference(config, dtype):
         ok_ref = _reference_step(config, p_ref, g, S, t)
         assert ok == ok_ref, f"step {t}: kernel returned {ok}, reference {ok_ref}"
         _close(p, p_ref, dtype, f"params after step {t}")
-        for j in range(config[3]):
+        for j in range(_n_slots(config)):
             _close(opt.state[j], S[j], dtype, f"state slot {j} after step {t}")
 
 
@@ -222,7 +228,7 @@ def test_float32_step_rounds_like_reference(config):
         opt.step(p, g)
         _reference_step(config, p_ref, g, S, t)
         np.testing.assert_array_equal(p, p_ref, err_msg=f"params after step {t}")
-        for j in range(config[3]):
+        for j in range(_n_slots(config)):
             np.testing.assert_array_equal(opt.state[j], S[j], err_msg=f"slot {j} after step {t}")
 
 
@@ -407,12 +413,12 @@ def test_fit_step_equals_reference_with_frozen_layer(name, dtype):
                 shuffle=False, verbose=0)
         assert opt.t == epoch
         _close(net.params, p_ref, dtype, f"params after epoch {epoch}")
-        for j in range(config[3]):
+        for j in range(_n_slots(config)):
             _close(opt.state[j], S[j], dtype, f"state slot {j} after epoch {epoch}")
     np.testing.assert_array_equal(net.params[frozen], start[frozen])
     assert np.abs(net.params[trainable] - start[trainable]).max() > 1e-3
     initial = _initial_state(config, net.n_params, dtype)
-    np.testing.assert_array_equal(opt.state[:, frozen], initial[:config[3], frozen])
+    np.testing.assert_array_equal(opt.state[:, frozen], initial[:_n_slots(config), frozen])
 
 
 def _offsets(net, i):
@@ -542,3 +548,210 @@ def test_used_optimizer_rejects_other_model():
     opt.reset()
     big.fit(X, y, optimizer=opt, epochs=1, verbose=0)
     assert opt.state.shape[1] == big.n_params
+
+
+# --- (f) settings changed after the state exists (issue 13, item 1) -----------------
+
+# (id, class, kwargs, {step before which to apply: changes}): each change
+# turns on (or off and on) a state slot the first settings did not use.
+CHANGES = [
+    ("sgd-momentum-on", "SGD", dict(lr=0.05, dampening=0.3, weight_decay=0.02),
+     {4: dict(momentum=0.8)}),
+    ("sgd-nesterov-on", "SGD", dict(lr=0.05), {3: dict(momentum=0.9, nesterov=True)}),
+    ("sgd-momentum-off-on", "SGD", dict(lr=0.05, momentum=0.9),
+     {3: dict(momentum=0.0), 6: dict(momentum=0.5)}),
+    ("adam-amsgrad-on", "Adam", dict(lr=0.01), {4: dict(amsgrad=True)}),
+    ("adamw-amsgrad-off-on", "AdamW", dict(lr=0.01, amsgrad=True),
+     {3: dict(amsgrad=False), 6: dict(amsgrad=True)}),
+    ("rmsprop-centered-on", "RMSprop", dict(lr=0.01), {4: dict(centered=True)}),
+    ("rmsprop-momentum-on", "RMSprop", dict(lr=0.01, weight_decay=0.05), {4: dict(momentum=0.9)}),
+    ("rmsprop-both-on", "RMSprop", dict(lr=0.01), {3: dict(centered=True), 5: dict(momentum=0.5)}),
+]
+
+
+def _reference_run(cls, kwargs, changes, p, grads):
+    """The reference kernels over ``grads`` with the settings changed before
+    the steps named in ``changes``: a slot a change turns on starts from what
+    it holds (zeros unless it was on before); SGD's buffer is created, a copy
+    of that step's gradient, at the first step with momentum (as torch)."""
+    kw, S, start = dict(kwargs), _initial_state(("", cls, kwargs, 0), p.size, p.dtype), 0
+    for t, g in enumerate(grads, 1):
+        kw.update(changes.get(t, {}))
+        if cls == "SGD":
+            if kw.get("momentum", 0) and not start:
+                start = t
+            reference.sgd_step(p, g, S[0], t, kw["lr"], kw.get("momentum", 0.0),
+                               kw.get("dampening", 0.0), kw.get("nesterov", False),
+                               kw.get("weight_decay", 0.0), start)
+        else:
+            _reference_step(("", cls, kw, 0), p, g, S, t)
+    return S
+
+
+@pytest.mark.parametrize("case", CHANGES, ids=[c[0] for c in CHANGES])
+def test_step_after_a_setting_change_matches_reference(case):
+    _, cls, kwargs, changes = case
+    rng = np.random.default_rng(8)
+    n = 23
+    p = rng.normal(size=n)
+    p_ref = p.copy()
+    grads = [_grad(rng, n, "float64", zeros=0) for _ in range(8)]
+    opt = getattr(optim, cls)(**kwargs)
+    for t, g in enumerate(grads, 1):
+        for key, value in changes.get(t, {}).items():
+            setattr(opt, key, value)
+        assert opt.step(p, g) is True
+    S = _reference_run(cls, kwargs, changes, p_ref, grads)
+    _close(p, p_ref, "float64", "params")
+    _close(opt.state, S[:_n_slots(("", cls, kwargs, 0))], "float64", "state")
+
+
+class _ChangeAt:
+    """Callback: apply ``changes[epoch]`` to the optimizer before that epoch."""
+
+    def __init__(self, changes):
+        self.changes = changes
+
+    def on_epoch_begin(self, net, epoch):
+        for key, value in self.changes.get(epoch, {}).items():
+            setattr(net.optimizer, key, value)
+
+
+CHILD_CHANGES = """
+import numpy as np, fastbp, sys
+sys.path.insert(0, {tests!r})
+from test_optim import CHANGES, _ChangeAt
+X = np.random.default_rng(0).normal(size=(30, 4))
+y = np.random.default_rng(1).integers(0, 3, 30)
+kw = dict(loss="cross_entropy", batch_size=10, shuffle=False, verbose=0)
+for name, cls, kwargs, changes in CHANGES:
+    def net():
+        return fastbp.Sequential([fastbp.Dense(5, activation="tanh"), fastbp.Dense(3)],
+                                 dtype="float64", seed=0)
+    # one step per epoch (full batch): the change lands before the step it names
+    a = net()
+    opt = getattr(fastbp.optim, cls)(**kwargs)
+    a.fit(X, y, optimizer=opt, epochs=1, **dict(kw, batch_size=None))
+    for e in range(2, 9):  # between fits
+        _ChangeAt(changes).on_epoch_begin(a, e)
+        a.fit(X, y, epochs=1, **dict(kw, batch_size=None))
+    b = net()  # from a callback, within one fit
+    b.fit(X, y, optimizer=getattr(fastbp.optim, cls)(**kwargs), epochs=8,
+          callbacks=[_ChangeAt(changes)], **dict(kw, batch_size=None))
+    assert np.isfinite(a.params).all() and a.optimizer.t == b.optimizer.t == 8, name
+    assert a.params.tobytes() == b.params.tobytes(), name
+    assert a.optimizer.state.tobytes() == b.optimizer.state.tobytes(), name
+    # and with several steps per engine call (3 batches per epoch)
+    c = net()
+    c.fit(X, y, optimizer=getattr(fastbp.optim, cls)(**kwargs), epochs=8,
+          callbacks=[_ChangeAt(changes)], **kw)
+    assert np.isfinite(c.params).all(), name
+print("ok", len(CHANGES))
+"""
+
+
+def test_setting_changes_after_state_exists_never_crash_and_paths_agree():
+    """The engine path: a slot-using setting turned on between fits or from a
+    callback (once segfaulted: the kernel wrote past the state).  Run in a
+    subprocess so a crash is reported, not fatal; between fits and from a
+    callback give the same bits."""
+    import os
+    import subprocess
+    import sys
+
+    code = CHILD_CHANGES.format(tests=os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.stdout.split() == ["ok", str(len(CHANGES))]
+
+
+BAD_SETTINGS = [
+    ("SGD", "momentum", np.array([0.9, 0.5])), ("SGD", "momentum", -0.5),
+    ("SGD", "momentum", True), ("SGD", "momentum", float("nan")), ("SGD", "momentum", "0.9"),
+    ("SGD", "momentum", None), ("SGD", "momentum", 10 ** 400), ("SGD", "nesterov", "yes"),
+    ("SGD", "nesterov", np.array([True, False])), ("SGD", "dampening", 2.0),
+    ("Adam", "amsgrad", "yes"), ("Adam", "amsgrad", 2), ("Adam", "amsgrad", np.array([1, 0])),
+    ("Adam", "betas", 0.9), ("Adam", "betas", (0.9, 1.0)), ("Adam", "betas", (0.9, 0.99, 0.9)),
+    ("Adam", "lr", np.inf), ("AdamW", "weight_decay", -1.0),
+    ("RMSprop", "centered", None), ("RMSprop", "momentum", np.array([0.9])),
+    ("RMSprop", "alpha", -0.1), ("Rprop", "etas", (1.2, 0.5)), ("Rprop", "step_sizes", 5),
+    ("Adagrad", "lr_decay", -1.0), ("Adagrad", "eps", "x"),
+]
+
+
+@pytest.mark.parametrize("cls,name,value", BAD_SETTINGS,
+                         ids=[f"{c}-{n}-{i}" for i, (c, n, _) in enumerate(BAD_SETTINGS)])
+def test_invalid_setting_made_after_construction_raises_before_any_update(cls, name, value):
+    """Through step() and through fit: ValueError naming the setting, and
+    nothing changed (parameters, state, step count)."""
+    rng = np.random.default_rng(2)
+    opt = getattr(optim, cls)()
+    p = rng.normal(size=7)
+    opt.step(p, rng.normal(size=7))
+    before = (p.copy(), opt.state.copy(), opt.t)
+    setattr(opt, name, value)
+    with pytest.raises(ValueError, match="invalid"):
+        opt.step(p, rng.normal(size=7))
+    np.testing.assert_array_equal(p, before[0])
+    np.testing.assert_array_equal(opt.state, before[1])
+    assert opt.t == before[2]
+    X, y = rng.normal(size=(12, 3)), rng.normal(size=12)
+    net = fastbp.Sequential([fastbp.Dense(1)], dtype="float64", seed=0)
+    fresh = getattr(optim, cls)()
+    net.fit(X, y, optimizer=fresh, verbose=0)
+    params = net.params.copy()
+    setattr(fresh, name, value)
+    with pytest.raises(ValueError, match="invalid"):
+        net.fit(X, y, verbose=0)
+    np.testing.assert_array_equal(net.params, params)
+
+
+@pytest.mark.parametrize("value", [2 ** 63 - 1, 2 ** 53, -1, 1.5, True, "3"])
+def test_invalid_step_count_raises(value):
+    opt = optim.Adam()
+    p = np.zeros(4)
+    opt.step(p, np.ones(4))
+    opt.t = value
+    with pytest.raises(ValueError, match="step count"):
+        opt.step(p, np.ones(4))
+    np.testing.assert_array_equal(opt.state[:, 0] != 0, [True, True, False])
+
+
+def test_replaced_state_with_too_few_slots_is_refused():
+    """A state the kernel would read past (fewer slots, another layout) never
+    reaches compiled code."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(12, 3)), rng.normal(size=12)
+    net = fastbp.Sequential([fastbp.Dense(1)], dtype="float64", seed=0)
+    opt = optim.Adam(amsgrad=True)
+    net.fit(X, y, optimizer=opt, verbose=0)
+    for bad in (opt.state[:2].copy(), np.asfortranarray(opt.state), opt.state[:, ::1][:, :-1],
+                np.zeros((3, net.n_params), dtype=np.float32), [[0.0] * net.n_params] * 3):
+        opt.state = bad
+        with pytest.raises(ValueError):
+            net.fit(X, y, verbose=0)
+        with pytest.raises(ValueError):
+            opt.step(net.params.copy(), np.ones(net.n_params))
+
+
+def test_slots_are_declared_once_and_match_the_kernels():
+    """SPECS (fastbp._numba.optim) names each kernel's slots, step count and
+    hyperparameters in the order of the kernel's own arguments; every
+    optimizer sizes its state and packs its hyperparameters from it."""
+    import inspect
+
+    from fastbp._numba import optim as kernels
+    from fastbp.sklearn import _SklearnAdam, _SklearnSGD
+
+    for name, spec in SPECS.items():
+        args = list(inspect.signature(getattr(kernels, name + "_step").py_func).parameters)
+        assert args == ["p", "g", *spec.slots, *(["t"] if spec.uses_step else []), *spec.hyper]
+    classes = [optim.SGD, optim.Adam, optim.AdamW, optim.RMSprop, optim.Rprop, optim.Adagrad,
+               _SklearnSGD, _SklearnAdam]
+    for cls in classes:
+        opt = cls()
+        spec = SPECS[opt.kernel]
+        assert opt._n_slots() == len(spec.slots)
+        assert opt._bind(5, "float64").shape == (len(spec.slots), 5)
+        assert opt._hyper().shape == (len(spec.hyper),)

@@ -11,15 +11,66 @@ updated parameter is finite; the engine stops on False.
 ``int(T* p, T* g, T* state, int64 n, int64 stride, double* hyper, int64 t)``:
 ``state`` holds the optimizer's per-parameter vectors as slots
 ``state[j * stride : j * stride + n]`` and ``hyper`` the packed
-hyperparameters (see each optimizer's ``_hyper`` in fastbp/optim.py).  The
-same ``<name>_step`` kernels are called directly from Python by
-``Optimizer.step``.
+hyperparameters.  The same ``<name>_step`` kernels are called directly from
+Python by ``Optimizer.step``.
+
+``SPECS`` below is the one declaration of what each kernel reads: its state
+slots (rows of ``state``, in order), whether it takes the step count ``t``,
+and its hyperparameters (entries of ``hyper``, in order), named as the
+kernel's own arguments (tests/test_optim.py holds the two together).
+fastbp/optim.py sizes every optimizer's state and packs ``hyper`` from it,
+and the C entry points below read exactly that many slots and entries.  A
+kernel's slots do not depend on its hyperparameters, so no hyperparameter
+value can make it index outside the state: an optimizer always holds all
+of them (a slot that is off, such as Adam's ``vmax`` without amsgrad, is
+left as allocated until it is turned on).
 """
+from typing import NamedTuple
+
 import numpy as np
 from numba import carray, njit, types
 
 from .._config import NJIT
 from . import c_entry_point
+
+
+class KernelSpec(NamedTuple):
+    """What an update kernel reads besides ``p`` and ``g``."""
+
+    slots: tuple     # names of its state vectors (rows of ``state``), in order
+    uses_step: bool  # whether it takes the step count t (1 at the first update)
+    hyper: tuple     # names of its scalar arguments (entries of ``hyper``), in order
+
+
+SPECS = {
+    "sgd": KernelSpec(("buf",), True,
+                      ("lr", "momentum", "dampening", "nesterov", "weight_decay",
+                       "momentum_start")),
+    "adam": KernelSpec(("m", "v", "vmax"), True,
+                       ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "decoupled")),
+    "rmsprop": KernelSpec(("square_avg", "grad_avg", "buf"), False,
+                          ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")),
+    "rprop": KernelSpec(("prev", "step_size"), False,
+                        ("etaminus", "etaplus", "step_min", "step_max")),
+    "adagrad": KernelSpec(("state_sum",), True, ("lr", "lr_decay", "weight_decay", "eps")),
+    "sk_sgd": KernelSpec(("velocity",), False, ("lr", "momentum", "nesterov")),
+    "sk_adam": KernelSpec(("m", "v"), True, ("lr", "beta1", "beta2", "eps")),
+}
+
+
+def _sizes(name):
+    return len(SPECS[name].slots), len(SPECS[name].hyper)
+
+
+# (slots, hyperparameters) of each kernel: compile-time constants of the
+# entry points at the end of this module.
+_SGD_SLOTS, _SGD_HYPER = _sizes("sgd")
+_ADAM_SLOTS, _ADAM_HYPER = _sizes("adam")
+_RMSPROP_SLOTS, _RMSPROP_HYPER = _sizes("rmsprop")
+_RPROP_SLOTS, _RPROP_HYPER = _sizes("rprop")
+_ADAGRAD_SLOTS, _ADAGRAD_HYPER = _sizes("adagrad")
+_SK_SGD_SLOTS, _SK_SGD_HYPER = _sizes("sk_sgd")
+_SK_ADAM_SLOTS, _SK_ADAM_HYPER = _sizes("sk_adam")
 
 
 @njit(**NJIT)
@@ -32,7 +83,9 @@ def _lerp(start, end, weight, one_minus_weight):
 
 
 @njit(**NJIT)
-def sgd_step(p, g, buf, t, lr, momentum, dampening, nesterov, weight_decay):
+def sgd_step(p, g, buf, t, lr, momentum, dampening, nesterov, weight_decay, momentum_start=1):
+    # momentum_start: the step that creates the buffer, as a copy of its
+    # gradient (torch creates it at the first step with momentum).
     T = p.dtype.type
     lr, momentum, damp, wd = T(lr), T(momentum), T(1 - dampening), T(weight_decay)
     finite = True
@@ -41,7 +94,7 @@ def sgd_step(p, g, buf, t, lr, momentum, dampening, nesterov, weight_decay):
         if wd != 0:
             d = d + wd * p[i]
         if momentum != 0:
-            if t == 1:
+            if t == momentum_start:
                 b = d
             else:
                 b = buf[i] * momentum + damp * d
@@ -199,58 +252,51 @@ def sk_adam_step(p, g, m, v, t, lr, beta1, beta2, eps):
 
 
 # C entry points: unpack slots and hyperparameters, then call the kernel.
+# Each reads exactly the slots and entries SPECS declares for its kernel.
 def _sgd_c(p, g, state, n, stride, hyper, t):
-    h = carray(hyper, (5,))
-    has_buf = h[1] != 0  # a momentum buffer only with momentum (state may be NULL)
-    s = carray(state, (1 if has_buf else 0, stride))
-    buf = s[0, :n] if has_buf else carray(p, (0,))
-    return sgd_step(carray(p, (n,)), carray(g, (n,)), buf, t,
-                    h[0], h[1], h[2], h[3] != 0, h[4])
+    s = carray(state, (_SGD_SLOTS, stride))
+    h = carray(hyper, (_SGD_HYPER,))
+    return sgd_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], t,
+                    h[0], h[1], h[2], h[3] != 0, h[4], h[5])
 
 
 def _adam_c(p, g, state, n, stride, hyper, t):
-    h = carray(hyper, (7,))
-    amsgrad = h[5] != 0
-    s = carray(state, (3 if amsgrad else 2, stride))  # the max of v only with amsgrad
-    vmax = s[2, :n] if amsgrad else s[0, :0]
-    return adam_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], vmax, t,
-                     h[0], h[1], h[2], h[3], h[4], amsgrad, h[6] != 0)
+    s = carray(state, (_ADAM_SLOTS, stride))
+    h = carray(hyper, (_ADAM_HYPER,))
+    return adam_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], s[2, :n], t,
+                     h[0], h[1], h[2], h[3], h[4], h[5] != 0, h[6] != 0)
 
 
 def _rmsprop_c(p, g, state, n, stride, hyper, t):
-    h = carray(hyper, (6,))
-    momentum, centered = h[4] > 0, h[5] != 0
-    # slots (see RMSprop._n_slots): 0 square average, 1 gradient average, 2 buffer
-    s = carray(state, (3 if momentum else (2 if centered else 1), stride))
-    grad_avg = s[1, :n] if (centered or momentum) else s[0, :0]
-    buf = s[2, :n] if momentum else s[0, :0]
-    return rmsprop_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], grad_avg, buf,
-                        h[0], h[1], h[2], h[3], h[4], centered)
+    s = carray(state, (_RMSPROP_SLOTS, stride))
+    h = carray(hyper, (_RMSPROP_HYPER,))
+    return rmsprop_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], s[2, :n],
+                        h[0], h[1], h[2], h[3], h[4], h[5] != 0)
 
 
 def _rprop_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (2, stride))
-    h = carray(hyper, (4,))
+    s = carray(state, (_RPROP_SLOTS, stride))
+    h = carray(hyper, (_RPROP_HYPER,))
     return rprop_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n],
                       h[0], h[1], h[2], h[3])
 
 
 def _adagrad_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (1, stride))
-    h = carray(hyper, (4,))
+    s = carray(state, (_ADAGRAD_SLOTS, stride))
+    h = carray(hyper, (_ADAGRAD_HYPER,))
     return adagrad_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], t,
                         h[0], h[1], h[2], h[3])
 
 
 def _sk_sgd_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (1, stride))
-    h = carray(hyper, (3,))
+    s = carray(state, (_SK_SGD_SLOTS, stride))
+    h = carray(hyper, (_SK_SGD_HYPER,))
     return sk_sgd_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], h[0], h[1], h[2] != 0)
 
 
 def _sk_adam_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (2, stride))
-    h = carray(hyper, (4,))
+    s = carray(state, (_SK_ADAM_SLOTS, stride))
+    h = carray(hyper, (_SK_ADAM_HYPER,))
     return sk_adam_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], t,
                         h[0], h[1], h[2], h[3])
 
