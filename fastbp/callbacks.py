@@ -53,6 +53,8 @@ import os
 
 import numpy as np
 
+from . import _files
+
 __all__ = ["Callback", "EarlyStopping", "StopAtLoss", "StopOnSmallUpdate", "ModelCheckpoint",
            "TerminateOnNaN", "CSVLogger", "ProgressBar", "StepLR", "ExponentialLR",
            "CosineAnnealingLR", "ReduceLROnPlateau"]
@@ -486,13 +488,19 @@ class CSVLogger(Callback):
     def on_train_begin(self, net):
         self.columns = None
         if self.append and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-            with open(self.path, newline="", encoding="utf-8") as f:
+            with self._open("r") as f:
                 header = next(csv.reader(f, delimiter=self.separator), None)
             if header:
                 self.columns = header
         elif not self.append:
-            with open(self.path, "w", newline="", encoding="utf-8"):
+            with self._open("w"):
                 pass
+        else:
+            _files.target(self.path, "a CSV log")  # a bad path fails now, not after an epoch
+
+    def _open(self, mode):
+        # a regular file only: a FIFO would block the fit, a device be written
+        return _files.open_regular(self.path, mode, "a CSV log", newline="", encoding="utf-8")
 
     def on_epoch_end(self, net, epoch, logs):
         row = {"epoch": epoch, **self._flatten(logs)}
@@ -501,7 +509,7 @@ class CSVLogger(Callback):
             self.columns = list(row)
             lines.append(self.columns)
         lines.append(["" if row.get(c) is None else self._text(row[c]) for c in self.columns])
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
+        with self._open("a") as f:
             csv.writer(f, delimiter=self.separator).writerows(lines)
 
 

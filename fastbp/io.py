@@ -98,6 +98,14 @@ over the target and fsyncs the folder (best effort).  A process killed at
 any moment leaves either the previous file or the new one at the target; a
 leftover temporary file may remain.  An existing target's permission bits
 are kept; a new file gets ``0o666`` less the umask.
+
+What is replaced is always a regular file (``fastbp._files``): a path that
+exists and is a FIFO, a device or a socket is refused (ValueError), a
+symbolic link is written through (the temporary file is made in the folder
+of the file the link points to, and that file is replaced, so the link stays
+and points to the new model), and a missing folder is named in the
+``FileNotFoundError``.  Like any atomic replace, a save gives the target a
+new inode: other hard links to the old file keep the old model.
 """
 import json
 import os
@@ -107,6 +115,7 @@ import tempfile
 
 import numpy as np
 
+from . import _files
 from . import layers as _layers
 from . import losses as _losses
 from . import optim as _optim
@@ -712,26 +721,33 @@ def save_model(net, path):
     ----------
     net : Sequential
     path : str or os.PathLike
-        Replaced atomically: readers see the old file or the new one.
+        Replaced atomically: readers see the old file or the new one.  A
+        symbolic link is written through: the file it points to is replaced.
 
     Raises
     ------
     ValueError
-        The model cannot be stored (non-finite parameters, an optimizer that
-        is not one of ``fastbp.optim``'s, a seed that is not an int...).
+        The model cannot be stored (non-finite parameters or optimizer
+        state, an optimizer that is not one of ``fastbp.optim``'s, a seed
+        that is not an int...), or ``path`` exists and is not a regular file
+        (a FIFO, a device, a socket).
+    IsADirectoryError
+        ``path`` is a folder.
+    FileNotFoundError
+        The folder does not exist (the error names it).
     OSError
         Writing failed; the target is then unchanged.
     """
     raw, arrays = _encode(net)
-    path = os.fsdecode(os.fspath(path))
-    directory = os.path.dirname(os.path.abspath(path))
+    target, st = _files.target(path, "a model file")
+    directory = os.path.dirname(target)
+    mode = _new_file_mode() if st is None else stat.S_IMODE(st.st_mode)
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        mode = _new_file_mode()
-    tmp = tempfile.NamedTemporaryFile(mode="wb", dir=directory, delete=False,
-                                      prefix="." + os.path.basename(path)[:100] + ".",
-                                      suffix=".tmp")
+        tmp = tempfile.NamedTemporaryFile(mode="wb", dir=directory, delete=False,
+                                          prefix="." + os.path.basename(target)[:100] + ".",
+                                          suffix=".tmp")
+    except OSError as exc:
+        raise _files.folder_error(exc, directory, "a model file") from None
     try:
         with tmp:
             if hasattr(os, "fchmod"):
@@ -742,7 +758,8 @@ def save_model(net, path):
                 tmp.write(memoryview(a.reshape(-1)).cast("B"))
             tmp.flush()
             os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
+        _files.target(target, "a model file")  # still a regular file (or none)
+        os.replace(tmp.name, target)
     except BaseException:
         try:
             os.unlink(tmp.name)

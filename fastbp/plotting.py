@@ -2,6 +2,7 @@
 import os
 import warnings
 
+from . import _files
 from .history import History
 
 __all__ = ["plot_history"]
@@ -128,8 +129,16 @@ def plot_history(history, path=None, metrics=None):
     axes[-1].set_xlabel("epoch")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     if path is not None:
-        path = os.fspath(path)
-        # without an extension matplotlib would append ".png"; write the name given
-        fmt = None if os.path.splitext(path)[1] else "png"
-        fig.savefig(path, dpi=100, format=fmt)
+        _save(fig, path)
     return fig
+
+
+def _save(fig, path):
+    """Write the figure to that exact name (a regular file only, see
+    fastbp._files), in the format its extension names (PNG without one)."""
+    fmt = os.path.splitext(os.fsdecode(os.fspath(path)))[1][1:].lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise ValueError(f"cannot write a figure as {fmt!r}: supported formats are "
+                         f"{', '.join(sorted(fig.canvas.get_supported_filetypes()))}")
+    with _files.open_regular(path, "wb", "a figure") as f:
+        fig.savefig(f, dpi=100, format=fmt)

@@ -566,3 +566,66 @@ def test_on_train_end_runs_after_a_divergence_and_bad_rates_are_refused():
     with pytest.raises(ValueError, match="invalid hyperparameters"):
         net.fit(X, y / 100, loss="mse", optimizer=fb.optim.SGD(lr=0.01), epochs=3, verbose=0,
                 callbacks=[Broken()])
+
+
+# -- what the writers may write (issue 13, item 10) ---------------------------------
+def _fifo_with_reader(tmp_path, name="pipe"):
+    """A FIFO with a non-blocking reader held open, so that a writer that
+    (wrongly) opens it does not block the test: it just writes into it."""
+    import os
+
+    path = tmp_path / name
+    os.mkfifo(path)
+    return path, os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_csv_logger_refuses_a_fifo_and_writes_through_a_symlink(tmp_path, append):
+    import os
+    import stat
+
+    X, y = _data()
+    fifo, reader = _fifo_with_reader(tmp_path)
+    try:
+        with pytest.raises(ValueError, match="is a FIFO"):
+            _net().fit(X, y, epochs=1, callbacks=[cb.CSVLogger(fifo, append=append)], **FIT)
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+        assert os.read(reader, 1) == b""  # nothing was written into the pipe
+    finally:
+        os.close(reader)
+    (tmp_path / "logs").mkdir()
+    link = tmp_path / "log.csv"
+    os.symlink(os.path.join("logs", "real.csv"), link)
+    _net().fit(X, y, epochs=2, callbacks=[cb.CSVLogger(link, append=append)], **FIT)
+    assert os.path.islink(link)
+    rows = list(csv.reader(open(tmp_path / "logs" / "real.csv")))
+    assert rows[0][0] == "epoch" and [r[0] for r in rows[1:]] == ["1", "2"]
+    with pytest.raises(FileNotFoundError) as info:
+        _net().fit(X, y, epochs=1, callbacks=[cb.CSVLogger(tmp_path / "none" / "log.csv",
+                                                           append=append)], **FIT)
+    assert info.value.filename == str(tmp_path / "none")
+
+
+def test_model_checkpoint_and_plot_refuse_a_fifo(tmp_path):
+    import os
+    import stat
+
+    X, y = _data()
+    fifo, reader = _fifo_with_reader(tmp_path)
+    try:
+        net = _net()
+        with pytest.raises(ValueError, match="is a FIFO"):
+            net.fit(X, y, epochs=1, callbacks=[cb.ModelCheckpoint(fifo)], **FIT)
+        with pytest.raises(ValueError, match="is a FIFO"):
+            fastbp.plot_history(net, fifo)
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+        assert os.read(reader, 1) == b""
+    finally:
+        os.close(reader)
+    link = tmp_path / "plot.png"
+    os.symlink("real.png", link)
+    fastbp.plot_history(net, link)
+    assert os.path.islink(link) and (tmp_path / "real.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="supported formats"):
+        fastbp.plot_history(net, tmp_path / "plot.xyz")
+    assert not (tmp_path / "plot.xyz").exists()

@@ -7,6 +7,7 @@ import pickle
 import random
 import select
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -298,6 +299,70 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
     with pytest.raises(OSError):
         new.save(tmp_path)  # a folder cannot be replaced by a file
     assert os.listdir(tmp_path) == ["m.fbp"]
+
+
+# -- what a save may replace (issue 13, item 10) --------------------------------------
+def test_save_writes_through_a_symlink_to_its_target(tmp_path):
+    """The link stays a link and its target gets the new model (os.replace
+    over the link replaced the link and left the target stale)."""
+    old, new = _trained("float32", "none"), _trained("float64", "adam_amsgrad")
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    target = real_dir / "model.fbp"
+    old.save(target)
+    os.chmod(target, 0o640)
+    link = tmp_path / "link.fbp"
+    os.symlink(os.path.join("real", "model.fbp"), link)  # relative, as links often are
+    chain = tmp_path / "chain.fbp"
+    os.symlink(link, chain)
+    new.save(chain)
+    assert os.path.islink(link) and os.path.islink(chain)
+    assert os.readlink(link) == os.path.join("real", "model.fbp")
+    assert_same_model(new, fastbp.load(target))
+    assert os.stat(target).st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["chain.fbp", "link.fbp", "real"]
+    assert os.listdir(real_dir) == ["model.fbp"]  # the temporary file was made there
+    dangling = tmp_path / "dangling.fbp"
+    os.symlink(real_dir / "new.fbp", dangling)
+    old.save(dangling)  # a link to a file not yet there: the file is created
+    assert os.path.islink(dangling) and sorted(os.listdir(real_dir)) == ["model.fbp", "new.fbp"]
+    assert_same_model(old, fastbp.load(real_dir / "new.fbp"))
+
+
+def test_save_refuses_a_fifo_or_socket_and_leaves_it(tmp_path):
+    import socket
+
+    net = _trained("float32", "adam_amsgrad")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    try:
+        for path, kind, check in ((fifo, "FIFO", stat.S_ISFIFO),
+                                  (sock_path, "socket", stat.S_ISSOCK)):
+            with pytest.raises(ValueError, match=f"is a {kind}"):
+                net.save(path)
+            assert check(os.lstat(path).st_mode), f"the {kind} was replaced"
+            link = tmp_path / f"link-to-{kind}"
+            os.symlink(path, link)
+            with pytest.raises(ValueError, match=f"is a {kind}"):
+                net.save(link)
+            assert check(os.lstat(path).st_mode) and os.path.islink(link)
+    finally:
+        sock.close()
+    assert sorted(os.listdir(tmp_path)) == ["link-to-FIFO", "link-to-socket", "pipe", "sock"]
+
+
+def test_save_into_a_missing_folder_names_the_folder(tmp_path):
+    net = _trained("float32", "none")
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(FileNotFoundError) as info:
+        net.save(missing / "model.fbp")
+    assert info.value.filename == str(missing)
+    assert "folder" in str(info.value) and ".tmp" not in str(info.value)
+    with pytest.raises(IsADirectoryError):
+        net.save(tmp_path)
 
 
 # -- the fuzzer ------------------------------------------------------------------
