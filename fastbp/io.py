@@ -8,7 +8,7 @@ a valid model file raises :class:`ModelFormatError` (a ``ValueError``), never
 another exception, a crash or a hang.  Errors opening the file (missing
 file, permission denied) are raised as the usual ``OSError``.
 
-File format (version 1)
+File format (version 2)
 -----------------------
 A file is four parts, back to back, with no padding:
 
@@ -24,25 +24,31 @@ A file is four parts, back to back, with no padding:
    ``format`` : str
        Always ``"fastbp-model"``.
    ``version`` : int
-       Always ``1``.  Readers refuse any other version.
+       ``2``.  Readers also read version 1 files (see below) and refuse
+       any other version.
    ``dtype`` : {"float32", "float64"}
        The model's dtype.
    ``n_features`` : int >= 1 or null
        Inputs of the built model; null for a model that was never built
        (then ``arrays`` is empty and ``shuffle_rng_state`` and ``position``
        are null).
-   ``seed`` : null, int >= 0, or a non-empty list of ints >= 0
+   ``seed`` : null, int >= 0, or a non-empty list of at most 1024 ints >= 0
        The ``seed`` given to ``Sequential``.
-   ``layers`` : list of objects, at least one
+   ``layers`` : list of objects, at least one and at most 10,000
        Each layer's ``get_config()``: ``{"type": "Dense", "units": int >= 1,
        "activation": str, "kernel_init": str, "trainable": bool}``.
    ``optimizer`` : null or object
-       ``{"class": str, "config": object, "t": int >= 0}``: the class name
-       (one of ``fastbp.optim.OPTIMIZERS``), its ``get_config()``
-       (constructor keyword arguments; tuples as lists) and its step count.
+       ``{"class": str, "config": object, "t": int, "extra": object}``: the
+       class name (one of ``fastbp.optim.OPTIMIZERS``), its ``get_config()``
+       (constructor keyword arguments; tuples as lists; every value valid,
+       and within the range of ``dtype``), its step count in [0, 2**53),
+       and the integers of its state besides ``t`` (``_extra_state()``):
+       ``{"momentum_start": int}`` for SGD, the step that created its
+       momentum buffer (0: none yet; at most t + 1), ``{}`` for the others.
    ``history`` : object
        ``History.to_dict()``: ``{"epoch": [int, ...], "history": {name:
-       [number, ...], ...}, "stop_reason": str or null}``.
+       [number, ...], ...}, "stop_reason": str or null}``, each list at most
+       1,000,000 long.
    ``shuffle_rng_state`` : object or null
        ``bit_generator.state`` of the shuffling generator:
        ``{"bit_generator": "PCG64", "state": {"state": int, "inc": int},
@@ -54,11 +60,20 @@ A file is four parts, back to back, with no padding:
    ``position`` : object or null
        Where an unfinished epoch stands (a checkpoint saved mid-epoch):
        ``{"epoch": int >= 1, "batch": int >= 0, "rng_state": (as above),
-       "loss_sum": number, "n_samples": int >= 1, "batch_size": int >= 1,
+       "loss_sum": finite number >= 0, "n_samples": int >= 1, "batch_size": int >= 1,
        "shuffle": bool}`` with ``batch_size <= n_samples`` and ``batch`` less
        than the number of batches ``ceil(n_samples / batch_size)``.
    ``last_loss`` : str or null
        Canonical name of the loss of the last fit (see ``fastbp.losses``).
+   ``fit_settings`` : object or null
+       The settings of the last fit, which the next ``fit`` defaults to
+       (``fastbp._resume``): ``{"loss": str (= last_loss), "batch_size": int
+       >= 1 or null, "shuffle": bool, "clip_value": number > 0 or null,
+       "clip_norm": number > 0 or null, "n_threads": int >= 1 or null,
+       "on_divergence": "raise" or "warn", "grad_norms": bool,
+       "sample_weight": bool}`` (whether that fit had sample weights).
+       Keys may be missing (a model read from a version 1 file knew only
+       some); null for a model never fitted.
    ``arrays`` : list of objects
        The arrays that follow the header, in file order, each
        ``{"name": str, "dtype": "<f4" or "<f8", "shape": [int, ...]}``.
@@ -68,24 +83,38 @@ A file is four parts, back to back, with no padding:
        sum of 2 * width + 1 over them), then
        ``optimizer_state`` of shape ``[n_slots, n_params]`` when there is an
        optimizer whose state has been allocated.  ``n_params`` is what the
-       layers imply for ``n_features``; ``n_slots`` is the optimizer's
-       ``_n_slots()``; the dtype is that of ``dtype`` (``<f4`` for float32,
-       ``<f8`` for float64).
+       layers imply for ``n_features``; ``n_slots`` is the number of state
+       slots of the optimizer's kernel (``fastbp._numba.optim.SPECS``, in
+       that order), whatever its settings; the dtype is that of ``dtype``
+       (``<f4`` for float32, ``<f8`` for float64).
 4. **Data**: each array's elements, little-endian, C order, in the order of
    ``arrays``.  The data must end exactly at the end of the file.
+
+Version 1 differs in three places: the header has no ``fit_settings`` (the
+loss comes from ``last_loss``, the batch size and shuffling of an unfinished
+epoch from ``position``), the optimizer object has no ``extra`` (an SGD
+buffer, if any, was created at step 1), and ``optimizer_state`` holds only
+the leading slots its settings used (SGD: 1 with momentum, else 0; Adam: 3
+with amsgrad, else 2; RMSprop: 3 with momentum, 2 if centered, else 1); the
+others are loaded as zeros.
 
 Validation on load
 ------------------
 The header length is bounded before it is read; the JSON must parse (its
 nesting depth, number of arrays and objects (at most 100,000), integer
-literals (at most 4300 digits) and duplicate keys are checked, which bounds
-the memory parsing can take) into the schema above, with
-the type of every field checked; layer and optimizer configurations must be
-accepted by their constructors; array sizes are computed with Python
-integers and checked against the architecture and against the file's length
-before anything is allocated, so a hostile header cannot request a huge
-allocation; the data are read with bounded reads (no memory map); and the
-parameters must be finite.  A loaded model has the same parameters and
+literals (at most 40 digits: the largest integers are 128-bit RNG words)
+and duplicate keys are checked, which bounds the memory and time parsing
+can take) into the schema above, with the type and range of every field
+checked; layer and optimizer configurations must be accepted by their
+constructors; array sizes are computed with Python integers and checked
+against the architecture and against the file's length before anything is
+allocated, so a hostile header cannot request a huge allocation; the data
+are read with bounded reads (no memory map); the parameters must be finite;
+and the optimizer state must hold only values the optimizer can produce:
+finite, and second moments and step sizes (Adam's v and its maximum,
+RMSprop's square average, Adagrad's sum, Rprop's step sizes) >= 0 (Rprop's
+previous gradient is free: torch stores a NaN gradient there as it is).
+Every failure names the field.  A loaded model has the same parameters and
 optimizer state (bitwise), step count, history, shuffling RNG state, position
 and last loss: training it further gives the same result as training the
 original.
@@ -115,7 +144,7 @@ import tempfile
 
 import numpy as np
 
-from . import _files
+from . import _files, _resume
 from . import layers as _layers
 from . import losses as _losses
 from . import optim as _optim
@@ -127,11 +156,20 @@ __all__ = ["save_model", "load_model", "load", "ModelFormatError", "MAGIC", "VER
 
 MAGIC = b"FASTBP\x00\x01"
 FORMAT = "fastbp-model"
-VERSION = 1
+VERSION = 2
+#: versions this reader accepts (version 1: no fit settings, and the
+#: optimizer state held only the slots its settings used)
+READS = (1, 2)
 #: largest header a reader accepts (and a writer writes)
 MAX_HEADER_BYTES = 16 * 1024 * 1024
-#: longest integer literal accepted in a header (Python's default limit)
-_MAX_INT_DIGITS = 4300
+#: longest integer literal accepted in a header: the largest integers a
+#: header holds are the 128-bit PCG64 state words (39 digits).  Seeds are
+#: bounded alike (numpy's own SeedSequence entropy is 128 bits), which keeps
+#: both parsing and seeding from a hostile header fast.
+_MAX_INT_DIGITS = 40
+#: most layers, and most entries of a history column
+_MAX_LAYERS = 10_000
+_MAX_HISTORY = 1_000_000
 #: most JSON arrays and objects in a header (a real one has a few per layer
 #: and per metric): bounds the memory that parsing a hostile header can take
 _MAX_CONTAINERS = 100_000
@@ -141,7 +179,8 @@ _PREFIX = struct.Struct("<8sQ")
 _ARRAY_DTYPES = {"float32": "<f4", "float64": "<f8"}
 _HEADER_KEYS = ("format", "version", "dtype", "n_features", "seed", "layers", "optimizer",
                 "history", "shuffle_rng_state", "dropout_state", "position", "last_loss",
-                "arrays")
+                "fit_settings", "arrays")
+_HEADER_KEYS_V1 = tuple(k for k in _HEADER_KEYS if k != "fit_settings")
 _POSITION_KEYS = ("epoch", "batch", "rng_state", "loss_sum", "n_samples", "batch_size",
                   "shuffle")
 
@@ -176,6 +215,8 @@ def _int_in(x, lo, hi, where):
 
 
 def _describe(x):
+    if isinstance(x, _LongInteger):
+        return repr(x)
     return f"{type(x).__name__} {_short(x)}"
 
 
@@ -220,11 +261,23 @@ def _unique_keys(pairs):
     return out
 
 
+class _LongInteger:
+    """What the parser makes of an integer literal of more than
+    ``_MAX_INT_DIGITS`` digits: not an int, so the check of the field that
+    holds it fails and names the field."""
+
+    def __init__(self, digits):
+        self.digits = digits
+
+    def __repr__(self):
+        return f"<integer literal of {self.digits} digits, at most {_MAX_INT_DIGITS} allowed>"
+
+
 def _parse_int(text):
-    # Bounded before conversion: int() of a huge literal is quadratic.
-    if len(text) > _MAX_INT_DIGITS:
-        raise ValueError(f"integer literal of {len(text)} digits")
-    return int(text)
+    # Bounded before conversion: int() of a huge literal is quadratic, and
+    # SeedSequence of a huge seed slow.
+    digits = len(text) - text.startswith("-")
+    return _LongInteger(digits) if digits > _MAX_INT_DIGITS else int(text)
 
 
 def _parse_header(raw):
@@ -329,8 +382,9 @@ def _check_layer(config, i):
         _fail(f"{where} is not a valid layer configuration: {exc}")
 
 
-def _check_optimizer(obj):
-    obj = _object(obj, ("class", "config", "t"), "optimizer")
+def _check_optimizer(obj, version, dtype):
+    keys = ("class", "config", "t") + (("extra",) if version >= 2 else ())
+    obj = _object(obj, keys, "optimizer")
     name = obj["class"]
     if not isinstance(name, str):
         _fail(f"optimizer.class must be a string, got {_describe(name)}")
@@ -349,23 +403,93 @@ def _check_optimizer(obj):
                   f"numbers, got {_describe(value)}")
     try:
         opt = cls(**config)
-        opt._hyper()  # every hyperparameter must convert to a float
+        opt._args(np.dtype(dtype))  # as fit checks them: valid, and within the dtype's range
     except (ValueError, TypeError, OverflowError) as exc:
         _fail(f"optimizer.config is not valid for {name}: {exc}")
-    opt.t = _int_in(obj["t"], 0, _INT64_BOUND, "optimizer.t")
+    opt.t = _int_in(obj["t"], 0, _optim.MAX_STEPS, "optimizer.t")
+    if version >= 2:
+        extra = _object(obj["extra"], tuple(opt._extra_state()), "optimizer.extra")
+        # each is the step count at which a state vector was created: at most t + 1
+        opt._set_extra_state({key: _int_in(value, 0, opt.t + 2, f"optimizer.extra.{key}")
+                              for key, value in extra.items()})
     return opt
+
+
+def _v1_slots(opt):
+    """State slots a version 1 file holds: only those the settings used, in
+    the order of today's slots (which start with them)."""
+    if isinstance(opt, _optim.SGD):
+        return 1 if opt.momentum != 0 else 0
+    if isinstance(opt, _optim.Adam):
+        return 3 if opt.amsgrad else 2
+    if isinstance(opt, _optim.RMSprop):
+        return 3 if opt.momentum > 0 else (2 if opt.centered else 1)
+    return opt._n_slots()
+
+
+def _v1_extra(opt, has_state):
+    """What version 1 files left implicit: SGD's buffer was created at step 1."""
+    if isinstance(opt, _optim.SGD):
+        return {"momentum_start": 1 if has_state and opt.momentum != 0 and opt.t >= 1 else 0}
+    return {}
+
+
+_FIT_SETTINGS = tuple(_resume.DEFAULTS) + (_resume.WEIGHTED,)
+
+
+def _positive_or_null(value, where):
+    if value is not None and not (_is_number(value) and 0 < value < float("inf")):
+        _fail(f"{where} must be null or a number > 0, got {_describe(value)}")
+    return value
+
+
+def _check_fit_settings(obj, last_loss):
+    """The settings of the last fit (see fastbp._resume): those known (all,
+    unless the model came from a version 1 file), or null."""
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        _fail(f"fit_settings must be a JSON object or null, got {_describe(obj)}")
+    extra = [k for k in obj if k not in _FIT_SETTINGS]
+    if extra:
+        _fail(f"fit_settings has unknown key(s) {_short(extra)}")
+    if "loss" in obj and (obj["loss"] not in _losses.LOSSES or obj["loss"] != last_loss):
+        _fail(f"fit_settings.loss must be last_loss ({_short(last_loss)}), got "
+              f"{_describe(obj['loss'])}")
+    if obj.get("batch_size") is not None:
+        _int_in(obj["batch_size"], 1, _INT64_BOUND, "fit_settings.batch_size")
+    if obj.get("n_threads") is not None:
+        _int_in(obj["n_threads"], 1, 2 ** 16, "fit_settings.n_threads")
+    for key in ("shuffle", "grad_norms", _resume.WEIGHTED):
+        if key in obj and not isinstance(obj[key], bool):
+            _fail(f"fit_settings.{key} must be true or false, got {_describe(obj[key])}")
+    for key in ("clip_value", "clip_norm"):
+        _positive_or_null(obj.get(key), f"fit_settings.{key}")
+    if "on_divergence" in obj and obj["on_divergence"] not in ("raise", "warn"):
+        _fail(f"fit_settings.on_divergence must be 'raise' or 'warn', got "
+              f"{_describe(obj['on_divergence'])}")
+    return dict(obj)
+
+
+def _v1_fit_settings(last_loss, position):
+    """What a version 1 file tells of its last fit: the loss, and the batch
+    size and shuffling of an unfinished epoch."""
+    settings = {} if last_loss is None else {"loss": last_loss}
+    if position is not None:
+        settings.update(batch_size=position["batch_size"], shuffle=position["shuffle"])
+    return settings or None
 
 
 def _check_history(obj):
     obj = _object(obj, ("epoch", "history", "stop_reason"), "history")
     hist = History()
-    for i, e in enumerate(_list(obj["epoch"], "history.epoch")):
+    for i, e in enumerate(_list(obj["epoch"], "history.epoch", max_len=_MAX_HISTORY)):
         hist.epoch.append(_int_in(e, -_INT64_BOUND, _INT64_BOUND, f"history.epoch[{i}]"))
     metrics = obj["history"]
     if not isinstance(metrics, dict):
         _fail(f"history.history must be a JSON object, got {_describe(metrics)}")
     for key, values in metrics.items():
-        _list(values, f"history.history[{_short(key)}]")
+        _list(values, f"history.history[{_short(key)}]", max_len=_MAX_HISTORY)
         for i, v in enumerate(values):
             if not _is_number(v):
                 _fail(f"history.history[{_short(key)}][{i}] must be a number, got {_describe(v)}")
@@ -383,8 +507,9 @@ def _check_position(obj):
     batch_size = _int_in(obj["batch_size"], 1, n + 1, "position.batch_size")
     n_batches = -(-n // batch_size)
     loss_sum = obj["loss_sum"]
-    if not _is_number(loss_sum) or (_is_int(loss_sum) and abs(loss_sum) >= _INT64_BOUND):
-        _fail(f"position.loss_sum must be a number, got {_describe(loss_sum)}")
+    # a sum of batch losses times batch sizes: every loss and penalty is >= 0
+    if not _is_number(loss_sum) or not 0 <= loss_sum < float("inf"):
+        _fail(f"position.loss_sum must be a finite number >= 0, got {_describe(loss_sum)}")
     if not isinstance(obj["shuffle"], bool):
         _fail(f"position.shuffle must be true or false, got {_describe(obj['shuffle'])}")
     return {"epoch": _int_in(obj["epoch"], 1, _INT64_BOUND, "position.epoch"),
@@ -403,10 +528,10 @@ def _check_header(header):
     version = header.get("version")
     if not _is_int(version):
         _fail(f"header.version must be an integer, got {_describe(version)}")
-    if version != VERSION:
+    if version not in READS:
         _fail(f"unsupported model file version {_short(version)} (this fastbp reads "
-              f"version {VERSION}; a newer fastbp may read it)")
-    _object(header, _HEADER_KEYS, "header")
+              f"versions {', '.join(map(str, READS))}; a newer fastbp may read it)")
+    _object(header, _HEADER_KEYS if version >= 2 else _HEADER_KEYS_V1, "header")
 
     dtype = header["dtype"]
     if not isinstance(dtype, str) or dtype not in _ARRAY_DTYPES:
@@ -415,15 +540,19 @@ def _check_header(header):
     if n_features is not None:
         _int_in(n_features, 1, _INT64_BOUND, "n_features")
     seed = _check_seed(header["seed"])
-    layer_configs = _list(header["layers"], "layers")
+    layer_configs = _list(header["layers"], "layers", max_len=_MAX_LAYERS)
     if not layer_configs:
         _fail("layers is empty: a model has at least one layer")
     layers = [_check_layer(c, i) for i, c in enumerate(layer_configs)]
-    opt = None if header["optimizer"] is None else _check_optimizer(header["optimizer"])
+    opt = None
+    if header["optimizer"] is not None:
+        opt = _check_optimizer(header["optimizer"], version, dtype)
     history = _check_history(header["history"])
     last_loss = header["last_loss"]
     if last_loss is not None and last_loss not in _losses.LOSSES:
         _fail(f"last_loss must be null or one of {_losses.LOSSES}, got {_describe(last_loss)}")
+    if version >= 2:
+        fit_settings = _check_fit_settings(header["fit_settings"], last_loss)
 
     # Arrays: names, dtypes and shapes, all fixed by the rest of the header.
     expected = []
@@ -447,9 +576,15 @@ def _check_header(header):
         for key in ("shuffle_rng_state", "dropout_state", "position"):
             if header[key] is not None:
                 _fail(f"{key} must be null for a model that was never built (n_features null)")
+    if version < 2:
+        fit_settings = _v1_fit_settings(last_loss, position)
     entries = _list(header["arrays"], "arrays", max_len=len(expected) + 1)
-    if n_features is not None and opt is not None and len(entries) == len(expected) + 1:
-        expected.append(("optimizer_state", (opt._n_slots(), n_params)))
+    has_state = n_features is not None and opt is not None and len(entries) == len(expected) + 1
+    if has_state:
+        n_slots = opt._n_slots() if version >= 2 else _v1_slots(opt)
+        expected.append(("optimizer_state", (n_slots, n_params)))
+    if opt is not None and version < 2:
+        opt._set_extra_state(_v1_extra(opt, has_state))
     names = [e.get("name") if isinstance(e, dict) else None for e in entries]
     if names != [name for name, _ in expected]:
         _fail(f"arrays must be {[name for name, _ in expected]} for this header, got "
@@ -475,7 +610,8 @@ def _check_header(header):
     return {"dtype": dtype, "n_features": n_features, "seed": seed, "layers": layers,
             "optimizer": opt, "history": history, "rng_state": rng_state,
             "dropout_state": dropout_state,
-            "position": position, "last_loss": last_loss, "arrays": arrays}
+            "position": position, "last_loss": last_loss, "fit_settings": fit_settings,
+            "arrays": arrays}
 
 
 # -- reading ------------------------------------------------------------------
@@ -561,11 +697,27 @@ def _build(spec, data):
         net._dropout_rng[0] = spec["dropout_state"]
         net._position = spec["position"]
         if "optimizer_state" in data:
-            opt.state = data["optimizer_state"]
+            opt.state = _optimizer_state(opt, data["optimizer_state"])
     net.history = spec["history"]
     net.optimizer = opt
     net._last_loss = spec["last_loss"]
+    net._fit_settings = spec["fit_settings"]
     return net
+
+
+def _optimizer_state(opt, saved):
+    """The state in today's layout (a version 1 file may hold only the
+    leading slots its settings used: the others start at zero, as allocated),
+    refused if it holds values the optimizer cannot produce."""
+    state = saved
+    if saved.shape[0] < opt._n_slots():
+        state = np.zeros((opt._n_slots(), saved.shape[1]), dtype=saved.dtype)
+        state[:saved.shape[0]] = saved
+    try:
+        opt._check_state(state)
+    except ValueError as exc:
+        _fail(f"optimizer_state: {exc}")
+    return state
 
 
 def _restore_eps(net, built):
@@ -647,13 +799,18 @@ def _encode(net):
         if type(opt) is not cls:
             raise ValueError(f"cannot save optimizer {type(opt).__name__}: model files hold the "
                              f"optimizers of fastbp.optim.OPTIMIZERS only")
-        opt_header = {"class": type(opt).__name__, "config": opt.get_config(), "t": int(opt.t)}
+        opt_header = {"class": type(opt).__name__, "config": opt.get_config(), "t": int(opt.t),
+                      "extra": opt._extra_state()}
         if opt.state is not None:
             expect = (opt._n_slots(), net.n_params if net.built else None)
             if not net.built or opt.state.shape != expect or opt.state.dtype != net.dtype:
                 raise ValueError(
                     f"cannot save: the optimizer holds {opt.state.dtype} state of shape "
                     f"{opt.state.shape}, not {dtype} of shape {expect} for this model")
+            try:
+                opt._check_state(opt.state)
+            except ValueError as exc:
+                raise ValueError(f"cannot save: the optimizer's {exc}") from None
             arrays.append(("optimizer_state", opt.state))
     position = None
     if net._position is not None:
@@ -671,6 +828,7 @@ def _encode(net):
         "dropout_state": int(net._dropout_rng[0]) if net.built else None,
         "position": position,
         "last_loss": net._last_loss,
+        "fit_settings": net._fit_settings,
         "arrays": [{"name": name, "dtype": _ARRAY_DTYPES[dtype], "shape": list(a.shape)}
                    for name, a in arrays],
     }

@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from . import _resume
 from . import losses as _losses
 from . import optim as _optim
 from ._ext import dense as _dense
@@ -131,6 +132,7 @@ class Sequential:
         self._params = self._grad = None
         self._workspaces = {}
         self._last_loss = None
+        self._fit_settings = None  # what the last fit trained with (fastbp._resume)
 
     # -- structure ---------------------------------------------------------
     @property
@@ -380,11 +382,21 @@ class Sequential:
         return float(value), self._grad.copy()
 
     # -- training ----------------------------------------------------------
-    def fit(self, X, y, loss="mse", optimizer=None, epochs=1, batch_size=32, shuffle=True,
-            validation_data=None, verbose=1, n_threads=None, on_divergence="raise",
-            checkpoint=None, checkpoint_every=None, sample_weight=None, clip_norm=None,
-            clip_value=None, grad_norms=False, callbacks=None):
+    def fit(self, X, y, loss=_resume.LAST, optimizer=None, epochs=1, batch_size=_resume.LAST,
+            shuffle=_resume.LAST, validation_data=None, verbose=1, n_threads=_resume.LAST,
+            on_divergence=_resume.LAST, checkpoint=None, checkpoint_every=None,
+            sample_weight=None, clip_norm=_resume.LAST, clip_value=_resume.LAST,
+            grad_norms=_resume.LAST, callbacks=None):
         """Train by mini-batch backpropagation.
+
+        The training settings (loss, batch_size, shuffle, n_threads,
+        on_divergence, clip_value, clip_norm, grad_norms) default to what
+        this model was last fitted with, in this process or before it was
+        saved, else to the defaults below: fitting again, or fitting a
+        loaded checkpoint, with only the data and ``epochs`` continues the
+        earlier run exactly.  Passing a setting that differs from the one
+        recorded uses it and issues a ``fastbp.ResumeWarning`` naming it (as
+        does fitting with sample weights after a fit without, or the reverse).
 
         Parameters
         ----------
@@ -410,9 +422,9 @@ class Sequential:
             for classification losses).
         verbose : int, default 1
             1 prints one line per epoch; 0 is silent.
-        n_threads : int or None
+        n_threads : int or None, default None
             BLAS threads for this fit (None: BLAS's default).
-        on_divergence : {"raise", "warn"}
+        on_divergence : {"raise", "warn"}, default "raise"
             What happens when a loss or weight becomes non-finite: training
             stops, the weights of the last finite step are kept, and a
             ``DivergenceError`` is raised (or a RuntimeWarning issued).
@@ -427,9 +439,9 @@ class Sequential:
         sample_weight : array-like of shape (n,), optional
             Non-negative weights: each batch's loss is the weighted mean
             sum_i w_i l_i / sum_i w_i (default: all ones, the plain mean).
-        clip_value : float, optional
+        clip_value : float or None, default None
             Clip every gradient element to [-clip_value, clip_value].
-        clip_norm : float, optional
+        clip_norm : float or None, default None
             Then scale the whole gradient (trainable layers) down to global
             L2 norm clip_norm when it is larger, as
             ``torch.nn.utils.clip_grad_norm_`` (factor clip_norm / (norm + 1e-6)).
@@ -460,7 +472,12 @@ class Sequential:
         with the model consistent, records where it stopped, saves the
         checkpoint if one is set, and raises KeyboardInterrupt.
         """
-        loss = _losses.resolve(loss)
+        given = dict(loss=loss, batch_size=batch_size, shuffle=shuffle, clip_value=clip_value,
+                     clip_norm=clip_norm, n_threads=n_threads, on_divergence=on_divergence,
+                     grad_norms=grad_norms)
+        settings, changes = _resume.resolve(self._fit_settings, given, sample_weight is not None)
+        (loss, batch_size, shuffle, clip_value, clip_norm, n_threads, on_divergence,
+         grad_norms) = (settings[name] for name in given)
         epochs = check_positive_int(epochs, "epochs")
         if on_divergence not in ("raise", "warn"):
             raise ValueError(f"on_divergence must be 'raise' or 'warn', got {on_divergence!r}")
@@ -492,6 +509,10 @@ class Sequential:
                 f"the model holds an unfinished epoch of {pending['n_samples']} samples in "
                 f"batches of {pending['batch_size']} (shuffle={pending['shuffle']}); resume it "
                 "with the same data and settings, or call discard_partial_epoch()")
+        _resume.warn(changes)
+        fitted = _resume.record(dict(settings, batch_size=batch_size, n_threads=n_threads,
+                                     clip_value=clip_value, clip_norm=clip_norm),
+                                sample_weight is not None)
         if optimizer is None and self.optimizer is not None:
             opt = self.optimizer
         else:
@@ -499,20 +520,22 @@ class Sequential:
         if getattr(opt, "full_batch_solver", False):
             # A solver that needs the whole data at once (Levenberg-Marquardt):
             # it runs its own iterations, one per epoch, and records the history.
+            # Settings recorded by an earlier fit (not passed now) do not apply.
             ignored = [name for name, value in (
                 ("checkpoint", checkpoint), ("clip_norm", clip_norm), ("clip_value", clip_value),
-                ("grad_norms", grad_norms), ("n_threads", n_threads)) if value]
+                ("grad_norms", grad_norms), ("n_threads", n_threads))
+                if value and given.get(name) is not _resume.LAST]
             if ignored:
                 raise ValueError(f"{type(opt).__name__} trains on the whole data at once and "
                                  f"does not support {', '.join(ignored)}")
             self.optimizer = opt
-            self._last_loss = loss
+            self._last_loss, self._fit_settings = loss, fitted
             return opt._fit(self, X, Y, W, loss=loss, epochs=epochs, verbose=verbose,
                             validation=(Xv, Yv) if validation_data is not None else None,
                             callbacks=list(callbacks or []))
         state = opt._bind(self.n_params, self.dtype)
         self.optimizer = opt
-        self._last_loss = loss
+        self._last_loss, self._fit_settings = loss, fitted
 
         callbacks = list(callbacks or [])
         run = _EpochRunner(self, X, Y, W, batch, shuffle, loss, opt, state)

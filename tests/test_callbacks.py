@@ -321,9 +321,10 @@ def test_csv_logger_rows_header_and_grad_norm_columns(tmp_path):
         rows2 = list(csv.reader(f))
     assert rows2[:4] == rows and [r[0] for r in rows2[4:]] == ["4", "5"]
     assert float(rows2[5][1]) == h["loss"][4]
-    # no append: the file starts over
-    net.fit(X, y, epochs=1, loss="cross_entropy", batch_size=16, verbose=0,
-            callbacks=[cb.CSVLogger(path)])
+    # no append: the file starts over (this fit without the grad_norm columns)
+    with pytest.warns(fastbp.ResumeWarning, match="grad_norms=False"):
+        net.fit(X, y, epochs=1, loss="cross_entropy", batch_size=16, verbose=0,
+                callbacks=[cb.CSVLogger(path)], grad_norms=False)
     with open(path, newline="") as f:
         rows3 = list(csv.reader(f))
     assert rows3 == [["epoch", "loss", "time", "samples_per_s"], rows3[1]] and rows3[1][0] == "6"

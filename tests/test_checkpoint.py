@@ -7,6 +7,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -161,3 +162,101 @@ def test_sigkill_during_training_then_resume_from_the_checkpoint(tmp_path):
     net.fit(X, y, epochs=100 - len(net.history), **FIT)
     ref = _reference(100, X, y)
     np.testing.assert_array_equal(net.params, ref.params)
+
+
+# -- the README's resume command (issue 13, item 9) ----------------------------------
+SETTINGS = dict(loss="cross_entropy", batch_size=64, clip_norm=0.5, clip_value=2.0,
+                shuffle=True, n_threads=1)
+E = 3
+
+
+def _crash_on_save(count, real_save):
+    """A Sequential.save that raises at its ``count``-th call (after writing
+    the ones before): a crash at a known checkpoint."""
+    calls = []
+
+    def save(self, path):
+        calls.append(self._position and dict(self._position))
+        if len(calls) == count:
+            raise RuntimeError("simulated crash")
+        real_save(self, path)
+    return save, calls
+
+
+@pytest.mark.parametrize("crash_at_save", [2, 3], ids=["mid-epoch", "end-of-epoch"])
+def test_readme_resume_command_is_bitwise_exact(tmp_path, capsys, crash_at_save):
+    """``fastbp.load("run.fbp").fit(X, y, epochs=E - len(net.history))``, as the
+    README writes it, for a cross-entropy classifier trained with batch_size=64,
+    clipping and shuffling: the loaded model resumes with the settings it was
+    trained with (it used to raise: fit's default loss is mse; and the default
+    batch size silently changed the run)."""
+    X, y = _data(n=1000)  # 16 batches of 64 per epoch
+    ref = _net()
+    ref.fit(X, y, optimizer=fastbp.optim.Adam(lr=3e-3), epochs=E, verbose=0, **SETTINGS)
+    path = str(tmp_path / "run.fbp")
+    save, calls = _crash_on_save(crash_at_save + 1, fastbp.Sequential.save)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fastbp.Sequential, "save", save)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            _net().fit(X, y, optimizer=fastbp.optim.Adam(lr=3e-3), epochs=E, verbose=0,
+                       checkpoint=path, checkpoint_every=6, **SETTINGS)
+    # saves: after batches 6 and 12 of epoch 1, then at its end; the next one crashes
+    assert [c and c["batch"] for c in calls] == [6, 12, None, 6][:crash_at_save + 1]
+    net = fastbp.load(path)
+    assert (net._position is not None) == (crash_at_save != 3)
+    net.fit(X, y, epochs=E - len(net.history))  # the README's command, verbatim
+    capsys.readouterr()
+    np.testing.assert_array_equal(net.params, ref.params)
+    assert net.optimizer.t == ref.optimizer.t == E * 16
+    assert net.history["loss"] == pytest.approx(ref.history["loss"], rel=1e-12)
+
+
+def test_a_model_fitted_before_continues_with_its_settings():
+    """In one process, as after loading: fit again with only the data."""
+    X, y = _data(n=1000)
+    ref = _net()
+    ref.fit(X, y, optimizer=fastbp.optim.Adam(lr=3e-3), epochs=E, verbose=0, **SETTINGS)
+    net = _net()
+    net.fit(X, y, optimizer=fastbp.optim.Adam(lr=3e-3), epochs=1, verbose=0, **SETTINGS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings: nothing to warn about
+        net.fit(X, y, epochs=1, verbose=0)
+        net.fit(X, y, epochs=1, verbose=0, **SETTINGS)
+    np.testing.assert_array_equal(net.params, ref.params)
+
+
+def test_a_different_setting_on_resume_warns_and_is_used(tmp_path):
+    X, y = _data(n=1000)
+    net = _net()
+    net.fit(X, y, optimizer=fastbp.optim.Adam(lr=3e-3), epochs=1, verbose=0,
+            checkpoint=tmp_path / "run.fbp", **SETTINGS)
+    loaded = fastbp.load(tmp_path / "run.fbp")
+    with pytest.warns(fastbp.ResumeWarning, match=r"batch_size=32 \(it was trained with "
+                                                  r"batch_size=64\)"):
+        loaded.fit(X, y, epochs=1, verbose=0, batch_size=32)
+    assert loaded.optimizer.t == 16 + 32  # 1000 rows in batches of 32
+    with pytest.warns(fastbp.ResumeWarning, match="clip_norm=None.*shuffle=False|"
+                                                  "shuffle=False.*clip_norm=None"):
+        loaded.fit(X, y, epochs=1, verbose=0, shuffle=False, clip_norm=None)
+    with pytest.warns(fastbp.ResumeWarning, match="sample weights"):
+        loaded.fit(X, y, epochs=1, verbose=0, sample_weight=np.ones(len(y)))
+    # the settings now recorded are the last fit's: no warning when they are kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded.fit(X, y, epochs=1, verbose=0, sample_weight=np.ones(len(y)))
+
+
+def test_a_resumed_unfinished_epoch_with_other_settings_is_refused(tmp_path):
+    X, y = _data(n=1000)
+    path = tmp_path / "run.fbp"
+    save, _ = _crash_on_save(2, fastbp.Sequential.save)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fastbp.Sequential, "save", save)
+        with pytest.raises(RuntimeError):
+            _net().fit(X, y, epochs=2, verbose=0, checkpoint=path, checkpoint_every=6,
+                       **SETTINGS)
+    net = fastbp.load(path)
+    with pytest.raises(ValueError, match="unfinished epoch of 1000 samples in batches of 64"):
+        net.fit(X, y, epochs=1, verbose=0, batch_size=100)
+    net.fit(X, y, epochs=1, verbose=0)  # its own settings finish that epoch
+    assert net._position is None and len(net.history) == 1

@@ -204,18 +204,22 @@ def test_file_is_exactly_the_documented_layout(tmp_path):
     header = json.loads(data[16:16 + header_len].decode("utf-8"))
     assert list(header) == ["format", "version", "dtype", "n_features", "seed", "layers",
                             "optimizer", "history", "shuffle_rng_state", "dropout_state", "position",
-                            "last_loss", "arrays"]
-    assert header["format"] == "fastbp-model" and header["version"] == 1
+                            "last_loss", "fit_settings", "arrays"]
+    assert header["format"] == "fastbp-model" and header["version"] == 2
     assert header["dtype"] == "float32" and header["n_features"] == 5 and header["seed"] == 7
     assert header["layers"][1] == {"type": "Dense", "units": 7, "activation": "relu",
                                    "kernel_init": "he_normal", "trainable": True,
                                    "kernel_regularizer": None, "activity_regularizer": None,
                                    "dropconnect": 0.0}
     assert header["optimizer"] == {"class": "Adam", "config": net.optimizer.get_config(),
-                                   "t": net.optimizer.t}
+                                   "t": net.optimizer.t, "extra": {}}
     assert header["history"] == net.history.to_dict()
     assert header["shuffle_rng_state"] == net._shuffle_rng.bit_generator.state
     assert header["position"] is None and header["last_loss"] == "cross_entropy"
+    assert header["fit_settings"] == {
+        "loss": "cross_entropy", "batch_size": 16, "shuffle": True, "clip_value": None,
+        "clip_norm": None, "n_threads": 1, "on_divergence": "raise", "grad_norms": False,
+        "sample_weight": False}
     assert header["arrays"] == [
         {"name": "params", "dtype": "<f4", "shape": [net.n_params]},
         {"name": "optimizer_state", "dtype": "<f4", "shape": [3, net.n_params]}]
@@ -299,6 +303,62 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
     with pytest.raises(OSError):
         new.save(tmp_path)  # a folder cannot be replaced by a file
     assert os.listdir(tmp_path) == ["m.fbp"]
+
+
+# -- version 1 files (written by fastbp before the format's version 2) ---------------
+DATA = os.path.join(os.path.dirname(__file__), "data")
+V1 = {"adam": lambda: Adam(lr=0.01),
+      "sgd_momentum": lambda: SGD(lr=0.05, momentum=0.9, dampening=0.1),
+      "sgd": lambda: SGD(lr=0.05),
+      "rmsprop_centered_momentum": lambda: fastbp.optim.RMSprop(lr=0.01, centered=True,
+                                                                momentum=0.5)}
+
+
+def _v1_run():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 4)), rng.integers(0, 3, 40)
+
+    def net():
+        return fastbp.Sequential([fastbp.Dense(5, activation="tanh"), fastbp.Dense(3)],
+                                 dtype="float64", seed=3)
+    return X, y, net
+
+
+@pytest.mark.parametrize("name", list(V1))
+def test_version_1_files_load_and_continue_exactly(name):
+    """tests/data/v1_*.fbp were written by fastbp e09f634 (2 epochs, batches of
+    8, cross-entropy): their state slots are padded to today's layout, the
+    loss is restored from last_loss, and training continues as today's run."""
+    X, y, net = _v1_run()
+    old = fastbp.load(os.path.join(DATA, f"v1_{name}.fbp"))
+    ref = net()
+    ref.fit(X, y, loss="cross_entropy", optimizer=V1[name](), epochs=2, batch_size=8,
+            verbose=0, n_threads=1)
+    assert old.params.tobytes() == ref.params.tobytes()
+    assert old.optimizer.t == ref.optimizer.t == 10
+    assert old.optimizer.state.tobytes() == ref.optimizer.state.tobytes()
+    assert old.optimizer._extra_state() == ref.optimizer._extra_state()
+    assert old._fit_settings == {"loss": "cross_entropy"}
+    for model in (old, ref):
+        model.fit(X, y, epochs=1, batch_size=8, verbose=0, n_threads=1)
+    assert old.params.tobytes() == ref.params.tobytes()
+    assert old.optimizer.state.tobytes() == ref.optimizer.state.tobytes()
+
+
+def test_version_1_mid_epoch_checkpoint_resumes_exactly(tmp_path):
+    X, y, net = _v1_run()
+    old = fastbp.load(os.path.join(DATA, "v1_adam_mid_epoch.fbp"))
+    assert old._position["batch"] == 4 and old._fit_settings == {
+        "loss": "cross_entropy", "batch_size": 8, "shuffle": True}
+    old.fit(X, y, epochs=2 - len(old.history), verbose=0, n_threads=1)
+    ref = net()
+    ref.fit(X, y, loss="cross_entropy", optimizer=Adam(lr=0.01), epochs=2, batch_size=8,
+            verbose=0, n_threads=1)
+    assert old.params.tobytes() == ref.params.tobytes()
+    old.save(tmp_path / "v2.fbp")  # saved again: version 2, with what it knows
+    again = fastbp.load(tmp_path / "v2.fbp")
+    assert_same_model(old, again)
+    assert again._fit_settings == old._fit_settings
 
 
 # -- what a save may replace (issue 13, item 10) --------------------------------------
@@ -499,15 +559,17 @@ def _variants(base, rng):
         for value in JUNK:
             yield f"{path} = {value!r}", _assemble(_replace(header, path, value), body), False
         if isinstance(path[-1], str):
-            # optimizer arguments have defaults, and metrics are free-form
-            optional = path[:-1] in (("optimizer", "config"), ("history", "history"))
+            # optimizer arguments have defaults, metrics are free-form, and the
+            # settings of the last fit hold those known (a version 1 file knew few)
+            optional = path[:-1] in (("optimizer", "config"), ("history", "history"),
+                                     ("fit_settings",))
             yield f"del {path}", _assemble(_delete(header, path), body), not optional
     for path in _paths(header):
         if isinstance(_get(header, path), dict):  # every object has a fixed set of keys
             yield f"unknown key in {path}", _assemble(
                 _replace(header, path + ("unexpected",), 1), body), True
     # specific hostile values that must be refused
-    must = [(("version",), 2), (("version",), 0), (("version",), "1"), (("version",), 1.0),
+    must = [(("version",), 3), (("version",), 0), (("version",), "1"), (("version",), 1.0),
             (("format",), "fastbp-modell"), (("dtype",), "float16"), (("dtype",), "int64"),
             (("layers",), []), (("layers",), {}), (("layers", 0, "type"), "Conv2D"),
             (("layers", 0, "type"), "__import__"), (("layers", 0, "units"), 0),
@@ -565,7 +627,93 @@ def _variants(base, rng):
             params[rng.randrange(header["arrays"][0]["shape"][0])] = bad
             yield f"params with {bad}", _assemble(header, params.tobytes()), True
     # another version with an otherwise valid file
-    yield "version 2", _assemble(_replace(header, ("version",), 2), body), True
+    yield "version 3", _assemble(_replace(header, ("version",), 3), body), True
+    for what, data, _ in _hostile_values(header, body, built):
+        yield what, data, True
+
+
+def _hostile_values(header, body, built):
+    """(description, bytes, field): well-formed files whose values a model
+    cannot hold (fastbp/io.py's range checks), each to be refused with a
+    message naming ``field``."""
+    def variant(path, value):
+        field = ".".join(str(k) for k in path)
+        return (f"{path} = {_short_repr(value)} (out of range)",
+                _assemble(_replace(header, path, value), body), field)
+    # integers too long to parse quickly (a seed of 10**4300 took seconds)
+    yield variant(("seed",), 10 ** 45)
+    yield variant(("seed",), [10 ** 4000] * 3)
+    yield variant(("history", "epoch"), [1] * 1_000_001)
+    yield variant(("history", "epoch"), [10 ** 50])
+    if header["optimizer"] is not None:
+        t = header["optimizer"]["t"]
+        for value in (2 ** 63 - 1, 2 ** 53, -1):
+            yield variant(("optimizer", "t"), value)
+        for key, value in (("lr", 1e39), ("lr", -1.0), ("eps", -1e-8)):
+            if key in header["optimizer"]["config"]:
+                cfg = dict(header["optimizer"]["config"], **{key: value})
+                if header["dtype"] == "float32" or value < 0:
+                    yield variant(("optimizer", "config"), cfg)
+        for key in header["optimizer"]["extra"]:
+            yield variant(("optimizer", "extra", key), t + 2)
+            yield variant(("optimizer", "extra", key), -1)
+    if header["position"] is not None:
+        for value in (math.nan, math.inf, -1.0):
+            yield variant(("position", "loss_sum"), value)
+    if header["fit_settings"] is not None:
+        other_loss = "mse" if header["last_loss"] != "mse" else "cross_entropy"
+        for key, value in (("loss", other_loss), ("loss", "hinge"), ("batch_size", 0), ("batch_size", 2.0),
+                           ("shuffle", 1), ("clip_norm", 0.0), ("clip_value", math.inf),
+                           ("clip_norm", -1.0), ("n_threads", 0), ("n_threads", 2 ** 40),
+                           ("on_divergence", "ignore"), ("grad_norms", None),
+                           ("sample_weight", 0)):
+            yield variant(("fit_settings", key), value)
+    if built and len(header["arrays"]) >= 2 and header["arrays"][-1]["name"] == "optimizer_state":
+        yield from _hostile_states(header, body)
+
+
+def _hostile_states(header, body):
+    """Optimizer states with a NaN, an infinity, or a negative second moment."""
+    from fastbp._numba.optim import SPECS
+    opt_cls = getattr(fastbp.optim, header["optimizer"]["class"])
+    slots = SPECS[opt_cls.kernel].slots
+    dt = np.dtype(header["arrays"][0]["dtype"])
+    n_slots, n = header["arrays"][-1]["shape"]
+    split = len(body) - n_slots * n * dt.itemsize
+    for j, name in enumerate(slots):
+        for bad in (np.nan, np.inf, -1.0):
+            if bad == -1.0 and name not in opt_cls._nonnegative_slots:
+                continue
+            if name in opt_cls._unchecked_slots:
+                continue
+            state = np.frombuffer(body[split:], dtype=dt).reshape(n_slots, n).copy()
+            state[j, n // 2] = bad
+            yield (f"optimizer state {name} with {bad}",
+                   _assemble(header, body[:split] + state.tobytes()), f"state {name!r}")
+
+
+def _short_repr(value):
+    text = repr(value)
+    return text if len(text) < 80 else text[:60] + f"... ({len(text)} characters)"
+
+
+def test_out_of_range_values_are_refused_naming_the_field(tmp_path):
+    """Issue 13, item 11: NaN, infinite or negative optimizer state, a NaN
+    loss_sum, a step count of 2**63 - 1, invalid settings, integers too long
+    to parse quickly: well-formed files that once loaded (and "diverged" at
+    the first step, or took seconds to load) are refused, naming the field."""
+    path = tmp_path / "hostile.fbp"
+    count = 0
+    for base in _fuzz_bases(tmp_path):
+        header, body = _split(base)
+        for what, data, field in _hostile_values(header, body, header["n_features"] is not None):
+            path.write_bytes(data)
+            with pytest.raises(ModelFormatError) as info:
+                load_model(path)
+            message = str(info.value)
+            assert field in message, (what, message)
+            count += 1
+    assert count >= 60
 
 
 def _get(obj, path):
