@@ -147,20 +147,33 @@ class LevenbergMarquardt(Optimizer):
 
     def __init__(self, mu=1e-3, mu_dec=0.1, mu_inc=10.0, mu_max=1e10, block_rows=None):
         super().__init__()
-        mu, mu_dec = _real(mu, "mu"), _real(mu_dec, "mu_dec")
-        mu_inc, mu_max = _real(mu_inc, "mu_inc"), _real(mu_max, "mu_max")
+        self.mu, self.mu_dec, self.mu_inc, self.mu_max = mu, mu_dec, mu_inc, mu_max
+        self.block_rows = block_rows
+        self._set_hyperparameters()
+        self.mu_initial = self.mu
+
+    def _validated(self):
+        # Checked again before every iteration: mu_inc <= 1 or mu == 0 set
+        # after construction would make the damping loop run forever.
+        mu, mu_dec = _real(self.mu, "mu"), _real(self.mu_dec, "mu_dec")
+        mu_inc, mu_max = _real(self.mu_inc, "mu_inc"), _real(self.mu_max, "mu_max")
         _check(mu > 0, f"invalid mu: {mu} (must be > 0)")
         _check(0 < mu_dec < 1, f"invalid mu_dec: {mu_dec} (must be in (0, 1))")
         _check(mu_inc > 1, f"invalid mu_inc: {mu_inc} (must be > 1)")
         _check(mu_max > 0, f"invalid mu_max: {mu_max} (must be > 0)")
+        block_rows = self.block_rows
         if block_rows is not None:
             _check(not isinstance(block_rows, bool) and isinstance(block_rows, (int, np.integer))
                    and block_rows >= 1, f"invalid block_rows: {block_rows!r} "
                    "(a positive integer or None)")
             block_rows = int(block_rows)
-        self.mu_initial = mu
-        self.mu, self.mu_dec, self.mu_inc, self.mu_max = mu, mu_dec, mu_inc, mu_max
-        self.block_rows = block_rows
+        return dict(mu=mu, mu_dec=mu_dec, mu_inc=mu_inc, mu_max=mu_max, block_rows=block_rows)
+
+    def _checked(self):
+        try:
+            self._set_hyperparameters()
+        except ValueError as exc:
+            raise ValueError(f"invalid hyperparameters for LevenbergMarquardt: {exc}") from None
 
     # -- the Optimizer interface that does not apply ------------------------
     def _args(self):
@@ -193,6 +206,7 @@ class LevenbergMarquardt(Optimizer):
         """Run ``epochs`` LM iterations on ``net`` (called by ``Sequential.fit``)."""
         if loss != "mse":
             raise ValueError(f"LevenbergMarquardt minimises the mse loss only, not {loss!r}")
+        self._checked()
         if getattr(net, "_position", None) is not None:
             raise ValueError("the model holds an unfinished mini-batch epoch; call "
                              "discard_partial_epoch() before fitting with LevenbergMarquardt")
@@ -220,6 +234,7 @@ class LevenbergMarquardt(Optimizer):
         _call(callbacks, "on_train_begin", net)
         for e in range(first, last + 1):
             _call(callbacks, "on_epoch_begin", net, e)
+            self._checked()  # a callback may have changed them
             start = time.perf_counter()
             theta = net.params.astype(np.float64)
             A, g, error = normal_equations(program, theta, X64, Y64, sqrt_w, cols, index.size,

@@ -365,3 +365,41 @@ def test_import_order(tmp_path):
     subprocess.run([sys.executable, "-c", "import fastbp.lm, fastbp.optim; "
                     "assert fastbp.optim.LevenbergMarquardt is fastbp.lm.LevenbergMarquardt"],
                    check=True, cwd=tmp_path)
+
+
+LM_CHANGED = """
+import numpy as np, fastbp
+from fastbp.optim import LevenbergMarquardt
+X = np.random.default_rng(0).normal(size=(50, 2))
+y = np.sin(X[:, :1])
+for name, value in {changes!r}:
+    net = fastbp.Sequential([fastbp.Dense(4, activation="tanh"), fastbp.Dense(1)],
+                            dtype="float64", seed=0)
+    opt = LevenbergMarquardt()
+    net.fit(X, y, loss="mse", optimizer=opt, epochs=2, verbose=0)
+    setattr(opt, name, value)
+    try:
+        net.fit(X, y, loss="mse", epochs=300, verbose=0)
+    except ValueError as exc:
+        assert name in str(exc), exc
+        print("refused", name)
+"""
+
+
+def test_settings_changed_after_construction_are_checked_before_each_iteration():
+    """mu_inc <= 1 or mu = 0 set on the object made the damping loop spin
+    forever once no step was accepted (issue 13, item 1: every optimizer's
+    settings are checked again before it runs).  In a subprocess with a
+    timeout, since the failure was a hang."""
+    import subprocess
+    import sys
+
+    changes = [("mu_inc", 1.0), ("mu_inc", 0.5), ("mu", 0.0), ("mu_dec", 1.0),
+               ("mu_max", -1.0)]
+    try:
+        proc = subprocess.run([sys.executable, "-c", LM_CHANGED.format(changes=changes)],
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a fit with an invalid setting did not end (the damping loop spun)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:-1] == [f"refused {name}" for name, _ in changes]
