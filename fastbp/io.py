@@ -137,6 +137,7 @@ and points to the new model), and a missing folder is named in the
 new inode: other hard links to the old file keep the old model.
 """
 import json
+import math
 import os
 import stat
 import struct
@@ -438,9 +439,16 @@ _FIT_SETTINGS = tuple(_resume.DEFAULTS) + (_resume.WEIGHTED,)
 
 
 def _positive_or_null(value, where):
-    if value is not None and not (_is_number(value) and 0 < value < float("inf")):
-        _fail(f"{where} must be null or a number > 0, got {_describe(value)}")
-    return value
+    """None, or a finite number > 0 as a float (as fit records it)."""
+    if value is None:
+        return None
+    try:
+        number = float(value) if _is_number(value) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not 0 < number < math.inf:
+        _fail(f"{where} must be null or a finite number > 0, got {_describe(value)}")
+    return number
 
 
 def _check_fit_settings(obj, last_loss):
@@ -463,8 +471,10 @@ def _check_fit_settings(obj, last_loss):
     for key in ("shuffle", "grad_norms", _resume.WEIGHTED):
         if key in obj and not isinstance(obj[key], bool):
             _fail(f"fit_settings.{key} must be true or false, got {_describe(obj[key])}")
+    obj = dict(obj)
     for key in ("clip_value", "clip_norm"):
-        _positive_or_null(obj.get(key), f"fit_settings.{key}")
+        if key in obj:
+            obj[key] = _positive_or_null(obj[key], f"fit_settings.{key}")
     if "on_divergence" in obj and obj["on_divergence"] not in ("raise", "warn"):
         _fail(f"fit_settings.on_divergence must be 'raise' or 'warn', got "
               f"{_describe(obj['on_divergence'])}")

@@ -843,3 +843,19 @@ def test_sigkill_during_save_leaves_a_loadable_file(tmp_path):
                 proc.stderr.close()
     print(f"\nkill trials: {trials}, temporary files left by kills mid-save: {leftovers}, "
           f"model sizes found at the target: {sorted(seen)}")
+
+
+def test_hostile_files_script_finds_no_failure():
+    """A few trials of tests/adversarial/hostile_files.py (the full run is its
+    own command): every file loads or raises ModelFormatError, every loaded
+    model predicts and fits, every save target behaves as documented."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
+    try:
+        import hostile_files
+    finally:
+        sys.path.pop(0)
+    counts, failures = hostile_files.run(trials=200, seed=1, verbose=False)
+    assert not failures, failures[:10]
+    assert counts["ModelFormatError"] + counts["loaded"] == 200
+    assert counts["ModelFormatError"] > 100 and counts["loaded"] > 0
+    assert counts["save targets passed"] == 12 and counts["save targets failed"] == 0
