@@ -219,6 +219,8 @@ class Optimizer:
         _check(params.dtype in (np.float32, np.float64) and grad.dtype == params.dtype,
                f"params and grad must share a float32/float64 dtype, got {params.dtype} and {grad.dtype}")
         _check(params.flags.writeable and params.flags.c_contiguous, "params must be writeable and contiguous")
+        if self.state is None:
+            self._args(params.dtype)  # checked before the state is allocated
         state = self._state_for(params.shape[0], params.dtype)
         args = self._args(params.dtype)  # before t moves (SGD: the buffer's first step)
         self.t += 1

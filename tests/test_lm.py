@@ -397,7 +397,7 @@ def test_settings_changed_after_construction_are_checked_before_each_iteration()
     changes = [("mu_inc", 1.0), ("mu_inc", 0.5), ("mu", 0.0), ("mu_dec", 1.0),
                ("mu_max", -1.0)]
     try:
-        proc = subprocess.run([sys.executable, "-c", LM_CHANGED.format(changes=changes)],
+        proc = subprocess.run([sys.executable, "-P", "-c", LM_CHANGED.format(changes=changes)],
                               capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("a fit with an invalid setting did not end (the damping loop spun)")

@@ -660,7 +660,7 @@ def test_setting_changes_after_state_exists_never_crash_and_paths_agree():
     import sys
 
     code = CHILD_CHANGES.format(tests=os.path.dirname(__file__))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     assert proc.stdout.split() == ["ok", str(len(CHANGES))]
@@ -755,3 +755,21 @@ def test_slots_are_declared_once_and_match_the_kernels():
         assert opt._n_slots() == len(spec.slots)
         assert opt._bind(5, "float64").shape == (len(spec.slots), 5)
         assert opt._hyper().shape == (len(spec.hyper),)
+
+
+def test_optimizer_settings_script_finds_no_failure():
+    """A few trials of tests/adversarial/optimizer_settings.py (the full run is
+    its own command): hostile settings changed after the state exists, in
+    child processes with glibc's heap checks on."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
+    try:
+        import optimizer_settings
+    finally:
+        sys.path.pop(0)
+    counts, failures = optimizer_settings.run(trials=150, seed=5)
+    assert not failures, failures[:10]
+    assert sum(counts.values()) == 150 and counts.get("ok", 0) > 20
+    assert counts.get("ValueError", 0) > 20

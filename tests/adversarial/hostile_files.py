@@ -122,7 +122,7 @@ def _bases(folder):
                       checkpoint=path, checkpoint_every=3, clip_norm=1.0, n_threads=1)
         finally:
             fastbp.Sequential.save = real_save
-        out += [saved[1], saved[-1]]  # one mid-epoch, one at the end
+        out += [_without_timings(saved[1]), _without_timings(saved[-1])]  # mid-epoch, end
     fancy = net("float64", [fastbp.Dense(6, activation="relu"), fastbp.BatchNorm(),
                             fastbp.Dropout(0.2),
                             fastbp.Residual([fastbp.Dense(6, activation="tanh")]),
@@ -132,13 +132,23 @@ def _bases(folder):
     fastbp.Sequential([fastbp.Dense(2)]).save(os.path.join(folder, "unbuilt.fbp"))
     for name in ("fancy.fbp", "unbuilt.fbp"):
         with open(os.path.join(folder, name), "rb") as f:
-            out.append(f.read())
+            out.append(_without_timings(f.read()))
     data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
     if os.path.isdir(data):  # version 1 files
         for name in sorted(os.listdir(data)):
             with open(os.path.join(data, name), "rb") as f:
                 out.append(f.read())
     return out
+
+
+def _without_timings(data):
+    """The same file with fixed timing metrics: the variants of a seed are
+    then the same on every run."""
+    header, body = _split(data)
+    for key, value in (("time", 0.25), ("samples_per_s", 1000.0)):
+        if key in header["history"]["history"]:
+            header["history"]["history"][key] = [value] * len(header["history"]["epoch"])
+    return _assemble(header, body, raw=json.dumps(header, separators=(",", ":")).encode())
 
 
 # -- mutations --------------------------------------------------------------------------
@@ -189,7 +199,7 @@ def _huge_int_text(digits):
 
 
 def _mutate(base, rng):
-    """One hostile variant of ``base``: (kind, bytes)."""
+    """One hostile variant of ``base``: (kind, bytes, must be refused)."""
     header, body = _split(base)
     n = len(base)
     kind = rng.choice(["flip", "flip", "truncate", "insert", "overwrite", "field", "field",
@@ -199,29 +209,29 @@ def _mutate(base, rng):
         for _ in range(rng.choice([1, 1, 2, 4, 16])):
             pos = rng.randrange(n)
             data[pos] ^= 1 << rng.randrange(8)
-        return kind, bytes(data)
+        return kind, bytes(data), False
     if kind == "truncate":
-        return kind, base[:rng.randrange(n)]
+        return kind, base[:rng.randrange(n)], True
     if kind == "insert":
         pos = rng.randrange(n)
-        return kind, base[:pos] + os.urandom(rng.randrange(1, 9)) + base[pos:]
+        return kind, base[:pos] + os.urandom(rng.randrange(1, 9)) + base[pos:], False
     if kind == "overwrite":
         pos, k = rng.randrange(n), rng.randrange(1, 32)
-        return kind, base[:pos] + os.urandom(k) + base[pos + k:]
+        return kind, base[:pos] + os.urandom(k) + base[pos + k:], False
     if kind == "field":
         path = rng.choice(list(_paths(header))[1:])
-        return kind, _assemble(_replace(header, path, rng.choice(JUNK)), body)
+        return kind, _assemble(_replace(header, path, rng.choice(JUNK)), body), False
     if kind == "header_len":
         length = rng.choice([0, 1, n, 2 ** 24 + 1, 2 ** 32, 2 ** 63, 2 ** 64 - 1,
-                             rng.randrange(2 ** 64)])
-        return kind, _assemble(header, body, header_len=length)
+                             rng.randrange(2 ** 32, 2 ** 64)])
+        return kind, _assemble(header, body, header_len=length), True
     if kind == "json":
         raw = rng.choice([b"[" * 200000, b'{"a":' * 50000 + b"1" + b"}" * 50000,
                           b"[" + b"[]," * 200000 + b"[]]", b"\xff\xfe{}", b"NaN",
                           json.dumps(header).encode()[:-1], os.urandom(200),
-                          json.dumps(header).replace('"version": 2', '"version": 2, "version": 1')
-                          .encode()])
-        return kind, _assemble(None, body, raw=raw)
+                          json.dumps(header).replace('"version": ', '"version": 1, "version": ', 1)
+                          .encode()])  # a duplicate key
+        return kind, _assemble(None, body, raw=raw), True
     if (kind == "state" and header.get("arrays")
             and header["arrays"][-1]["name"] == "optimizer_state"
             and header["arrays"][-1]["shape"][0] > 0):
@@ -229,9 +239,10 @@ def _mutate(base, rng):
         slots, count = header["arrays"][-1]["shape"]
         split = len(body) - slots * count * dt.itemsize
         state = np.frombuffer(body[split:], dtype=dt).reshape(slots, count).copy()
-        state[rng.randrange(slots), rng.randrange(count)] = rng.choice(
-            [np.nan, np.inf, -np.inf, -1.0, -1e-30, 1e30])
-        return kind, _assemble(header, body[:split] + state.tobytes())
+        slot, value = rng.randrange(slots), rng.choice([np.nan, np.inf, -np.inf, -1.0, -1e-30, 1e30])
+        state[slot, rng.randrange(count)] = value
+        return f"state-{slot}-{value}", _assemble(header, body[:split] + state.tobytes()), \
+            _refused_state(header, slot, value)
     if kind == "huge_int":
         # an integer literal of many digits in a field that holds integers
         paths = [p for p in _paths(header) if p and isinstance(_get(header, p), int)]
@@ -239,12 +250,34 @@ def _mutate(base, rng):
         huge = [_huge_int_text(digits)] * (rng.choice([1, 1, 1024]) if digits <= 4300 else 1)
         text = json.dumps(_replace(header, rng.choice(paths) if paths else ("seed",),
                                    "__HUGE__" if len(huge) == 1 else ["__HUGE__"] * len(huge)))
-        return kind, _assemble(None, body, raw=text.replace('"__HUGE__"', huge[0]).encode())
+        return kind, _assemble(None, body, raw=text.replace('"__HUGE__"', huge[0]).encode()), True
     if kind == "long_list":
         path = rng.choice([("seed",), ("history", "epoch"), ("layers",)])
         value = [1] * rng.choice([1025, 1025, 10_001, 10_001, 1_000_001])
-        return kind, _assemble(_replace(header, path, value), body)
-    return "flip", bytes(b ^ 0xFF if i == 20 else b for i, b in enumerate(base))
+        refused = path != ("history", "epoch") or len(value) > 1_000_000
+        return kind, _assemble(_replace(header, path, value), body), refused
+    return "flip", bytes(b ^ 0xFF if i == 20 else b for i, b in enumerate(base)), False
+
+
+#: per optimizer class: (its state slots, those >= 0, those free of checks),
+#: as fastbp.io's range checks define them (fastbp/optim.py)
+STATE_RULES = {"Adam": (("m", "v", "vmax"), ("v", "vmax"), ()),
+               "AdamW": (("m", "v", "vmax"), ("v", "vmax"), ()),
+               "SGD": (("buf",), (), ()),
+               "RMSprop": (("square_avg", "grad_avg", "buf"), ("square_avg",), ()),
+               "Rprop": (("prev", "step_size"), ("step_size",), ("prev",)),
+               "Adagrad": (("state_sum",), ("state_sum",), ())}
+
+
+def _refused_state(header, slot, value):
+    """Whether a state holding ``value`` in row ``slot`` must be refused."""
+    slots, nonnegative, free = STATE_RULES[header["optimizer"]["class"]]
+    if header["version"] == 1 and slot >= len(slots):
+        return False
+    name = slots[slot]
+    if name in free:
+        return False
+    return not np.isfinite(value) or (value < 0 and name in nonnegative)
 
 
 # -- loading in children ------------------------------------------------------------------
@@ -257,7 +290,7 @@ def _load_all(paths, counts, failures):
     first = 0
     try:
         while first < len(paths):
-            proc = subprocess.Popen([sys.executable, "-c", CHILD, listing.name, str(first)],
+            proc = subprocess.Popen([sys.executable, "-P", "-c", CHILD, listing.name, str(first)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
             current, last_output = None, time.monotonic()
             while True:
@@ -276,6 +309,9 @@ def _load_all(paths, counts, failures):
                     if outcome.startswith("FAIL"):
                         counts["other exception (failure)"] += 1
                         failures.append(f"{paths[int(index)]}: {outcome}")
+                    elif outcome.startswith("loaded") and "-must-refuse" in paths[int(index)]:
+                        counts["loaded, but must be refused (failure)"] += 1
+                        failures.append(f"{paths[int(index)]}: loaded, but must be refused")
                     elif outcome.startswith("loaded"):
                         counts["loaded"] += 1
                         counts[outcome.replace("loaded", "after load:")] += 1
@@ -366,7 +402,7 @@ check("no temporary file left", not leftovers)
 def _save_targets(counts, failures):
     with tempfile.TemporaryDirectory() as folder:
         try:
-            proc = subprocess.run([sys.executable, "-c", SAVE_CHILD, folder], capture_output=True,
+            proc = subprocess.run([sys.executable, "-P", "-c", SAVE_CHILD, folder], capture_output=True,
                                   text=True, timeout=120)
         except subprocess.TimeoutExpired:
             counts["save targets: hang (failure)"] += 1
@@ -399,9 +435,10 @@ def run(trials=3000, seed=0, verbose=True):
         kinds = Counts()
         paths = []
         for i in range(trials):
-            kind, data = _mutate(rng.choice(bases), rng)
-            kinds[kind] += 1
-            path = os.path.join(folder, f"f{i:05d}.fbp")
+            kind, data, must_refuse = _mutate(rng.choice(bases), rng)
+            kinds[kind.split("-")[0]] += 1
+            path = os.path.join(folder, f"f{i:05d}-{kind}{'-must-refuse' if must_refuse else ''}"
+                                        ".fbp")
             with open(path, "wb") as f:
                 f.write(data)
             paths.append(path)
