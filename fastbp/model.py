@@ -750,11 +750,11 @@ class _EpochRunner:
     def refresh_optimizer(self):
         """Take up what changed on the optimizer since the last epoch: its
         hyperparameters (checked), and its state if it was reset or replaced."""
-        state = self.opt._bind(self.net.n_params, self.net.dtype).reshape(-1)
+        state = self.opt._state_for(self.net.n_params, self.net.dtype).reshape(-1)
         if state.ctypes.data != self.state.ctypes.data:
             self.state = state
             self.snap_state = np.empty_like(state)
-        self.hyper[...] = _checked_hyper(self.opt)
+        self.hyper[...] = _checked_hyper(self.opt)  # checked against the state's dtype
 
     def start_epoch(self, resume=None, order=None):
         """Shuffle for a new epoch (or use ``order``), or rebuild the order of

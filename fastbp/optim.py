@@ -63,6 +63,9 @@ def _pair(value, name):
     return tuple(_real(v, name) for v in value)
 
 
+#: largest finite value of each parameter dtype: a hyperparameter beyond it
+#: would become infinite in the kernel
+_LARGEST = {np.dtype(t): float(np.finfo(t).max) for t in (np.float32, np.float64)}
 #: largest step count: t and the steps counted from it stay exact in the
 #: float64 a kernel computes with (beta ** t) and in ``hyper``.
 MAX_STEPS = 2 ** 53
@@ -129,11 +132,12 @@ class Optimizer:
         values = self._kernel_values(hp)
         args = tuple(values[name] for name in self._spec.hyper)
         if dtype is not None:
-            top = float(np.finfo(dtype).max)
+            top = _LARGEST[np.dtype(dtype)]
             for name, value in zip(self._spec.hyper, args):
-                _check(abs(float(value)) <= top,
-                       f"invalid hyperparameters for {type(self).__name__}: {name}={value!r} "
-                       f"overflows the parameters' dtype {np.dtype(dtype).name}")
+                if not abs(float(value)) <= top:
+                    raise ValueError(f"invalid hyperparameters for {type(self).__name__}: "
+                                     f"{name}={value!r} overflows the parameters' dtype "
+                                     f"{np.dtype(dtype).name}")
         return args
 
     def _hyper(self):
