@@ -28,8 +28,10 @@ no-ops):
 Callbacks are called in list order.  Setting ``net.stop_training = True``
 ends the fit after the current epoch.  Optimizer hyperparameters
 (``net.optimizer.lr``, ``momentum``, ...) changed by a callback take effect
-from the next epoch: ``fit`` re-reads them before every epoch (after
-``on_epoch_begin``).  ``net.params`` is the flat parameter vector: copy it to
+from the next epoch: ``fit`` re-reads and checks them before every epoch
+(after ``on_epoch_begin``; an invalid value raises ValueError before that
+epoch runs).  A setting that uses more optimizer state (momentum, amsgrad,
+centered) may be turned on too: its state starts as torch.optim starts it.  ``net.params`` is the flat parameter vector: copy it to
 keep weights, assign into it (``net.params[...] = saved``) to restore them.
 
 Callback state (counters, best values) lives in the callback object and is
