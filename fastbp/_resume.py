@@ -18,9 +18,11 @@ from . import losses as _losses
 #: fit's settings that decide the training result or history, with their
 #: defaults for a model never fitted.  Not recorded: epochs, the optimizer
 #: (the model keeps its own), the data and sample weights, validation_data,
-#: verbose, checkpoint, checkpoint_every and callbacks.
+#: verbose, checkpoint, checkpoint_every, callbacks and n_threads (a property
+#: of the machine the fit runs on, and one that does not change the result
+#: where fastbp's own kernels take every product: csrc/gemm.h).
 DEFAULTS = {"loss": "mse", "batch_size": 32, "shuffle": True, "clip_value": None,
-            "clip_norm": None, "n_threads": None, "on_divergence": "raise", "grad_norms": False}
+            "clip_norm": None, "on_divergence": "raise", "grad_norms": False}
 #: the settings whose change is warned about: all but on_divergence, which
 #: changes nothing unless the run diverges
 EXACT = tuple(name for name in DEFAULTS if name != "on_divergence")

@@ -69,8 +69,7 @@ A file is four parts, back to back, with no padding:
        The settings of the last fit, which the next ``fit`` defaults to
        (``fastbp._resume``): ``{"loss": str (= last_loss), "batch_size": int
        >= 1 or null, "shuffle": bool, "clip_value": number > 0 or null,
-       "clip_norm": number > 0 or null, "n_threads": int >= 1 or null,
-       "on_divergence": "raise" or "warn", "grad_norms": bool,
+       "clip_norm": number > 0 or null, "on_divergence": "raise" or "warn", "grad_norms": bool,
        "sample_weight": bool}`` (whether that fit had sample weights).
        Keys may be missing (a model read from a version 1 file knew only
        some); null for a model never fitted.
@@ -466,8 +465,6 @@ def _check_fit_settings(obj, last_loss):
               f"{_describe(obj['loss'])}")
     if obj.get("batch_size") is not None:
         _int_in(obj["batch_size"], 1, _INT64_BOUND, "fit_settings.batch_size")
-    if obj.get("n_threads") is not None:
-        _int_in(obj["n_threads"], 1, 2 ** 16, "fit_settings.n_threads")
     for key in ("shuffle", "grad_norms", _resume.WEIGHTED):
         if key in obj and not isinstance(obj[key], bool):
             _fail(f"fit_settings.{key} must be true or false, got {_describe(obj[key])}")

@@ -383,14 +383,14 @@ class Sequential:
 
     # -- training ----------------------------------------------------------
     def fit(self, X, y, loss=_resume.LAST, optimizer=None, epochs=1, batch_size=_resume.LAST,
-            shuffle=_resume.LAST, validation_data=None, verbose=1, n_threads=_resume.LAST,
+            shuffle=_resume.LAST, validation_data=None, verbose=1, n_threads=None,
             on_divergence=_resume.LAST, checkpoint=None, checkpoint_every=None,
             sample_weight=None, clip_norm=_resume.LAST, clip_value=_resume.LAST,
             grad_norms=_resume.LAST, callbacks=None):
         """Train by mini-batch backpropagation.
 
-        The training settings (loss, batch_size, shuffle, n_threads,
-        on_divergence, clip_value, clip_norm, grad_norms) default to what
+        The training settings (loss, batch_size, shuffle, on_divergence,
+        clip_value, clip_norm, grad_norms) default to what
         this model was last fitted with, in this process or before it was
         saved, else to the defaults below: fitting again, or fitting a
         loaded checkpoint, with only the data and ``epochs`` continues the
@@ -423,7 +423,9 @@ class Sequential:
         verbose : int, default 1
             1 prints one line per epoch; 0 is silent.
         n_threads : int or None, default None
-            BLAS threads for this fit (None: BLAS's default).
+            Threads for this fit: fastbp's kernels and BLAS (None: as many
+            as BLAS has, all cores unless limited).  Not recorded: on the
+            AVX2 and AVX-512 levels the result is the same on any count.
         on_divergence : {"raise", "warn"}, default "raise"
             What happens when a loss or weight becomes non-finite: training
             stops, the weights of the last finite step are kept, and a
@@ -473,10 +475,9 @@ class Sequential:
         checkpoint if one is set, and raises KeyboardInterrupt.
         """
         given = dict(loss=loss, batch_size=batch_size, shuffle=shuffle, clip_value=clip_value,
-                     clip_norm=clip_norm, n_threads=n_threads, on_divergence=on_divergence,
-                     grad_norms=grad_norms)
+                     clip_norm=clip_norm, on_divergence=on_divergence, grad_norms=grad_norms)
         settings, changes = _resume.resolve(self._fit_settings, given, sample_weight is not None)
-        (loss, batch_size, shuffle, clip_value, clip_norm, n_threads, on_divergence,
+        (loss, batch_size, shuffle, clip_value, clip_norm, on_divergence,
          grad_norms) = (settings[name] for name in given)
         epochs = check_positive_int(epochs, "epochs")
         if on_divergence not in ("raise", "warn"):
@@ -510,7 +511,7 @@ class Sequential:
                 f"batches of {pending['batch_size']} (shuffle={pending['shuffle']}); resume it "
                 "with the same data and settings, or call discard_partial_epoch()")
         _resume.warn(changes)
-        fitted = _resume.record(dict(settings, batch_size=batch_size, n_threads=n_threads,
+        fitted = _resume.record(dict(settings, batch_size=batch_size,
                                      clip_value=clip_value, clip_norm=clip_norm),
                                 sample_weight is not None)
         if optimizer is None and self.optimizer is not None:
@@ -524,7 +525,7 @@ class Sequential:
             ignored = [name for name, value in (
                 ("checkpoint", checkpoint), ("clip_norm", clip_norm), ("clip_value", clip_value),
                 ("grad_norms", grad_norms), ("n_threads", n_threads))
-                if value and given.get(name) is not _resume.LAST]
+                if value and given.get(name, None) is not _resume.LAST]
             if ignored:
                 raise ValueError(f"{type(opt).__name__} trains on the whole data at once and "
                                  f"does not support {', '.join(ignored)}")

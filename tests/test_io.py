@@ -218,7 +218,7 @@ def test_file_is_exactly_the_documented_layout(tmp_path):
     assert header["position"] is None and header["last_loss"] == "cross_entropy"
     assert header["fit_settings"] == {
         "loss": "cross_entropy", "batch_size": 16, "shuffle": True, "clip_value": None,
-        "clip_norm": None, "n_threads": 1, "on_divergence": "raise", "grad_norms": False,
+        "clip_norm": None, "on_divergence": "raise", "grad_norms": False,
         "sample_weight": False}
     assert header["arrays"] == [
         {"name": "params", "dtype": "<f4", "shape": [net.n_params]},
@@ -664,7 +664,7 @@ def _hostile_values(header, body, built):
         other_loss = "mse" if header["last_loss"] != "mse" else "cross_entropy"
         for key, value in (("loss", other_loss), ("loss", "hinge"), ("batch_size", 0), ("batch_size", 2.0),
                            ("shuffle", 1), ("clip_norm", 0.0), ("clip_value", math.inf),
-                           ("clip_norm", -1.0), ("n_threads", 0), ("n_threads", 2 ** 40),
+                           ("clip_norm", -1.0), ("batch_size", -3), ("clip_value", "1"),
                            ("on_divergence", "ignore"), ("grad_norms", None),
                            ("sample_weight", 0)):
             yield variant(("fit_settings", key), value)
