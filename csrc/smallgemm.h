@@ -141,6 +141,7 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #define SG_T_MNK_CAP FBP_SMALL_MNK
 #define SG_SWEEP_CAP FBP_WIDE_SWEEP
 #define SG_ROW_CAP FBP_NO_CAP
+#define SG_ROWS 4
 #define SG_BYTES 32
 #define SG_ISA base
 #include "smallgemm_pair.h"
@@ -153,6 +154,10 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #define SG_T_MNK_CAP FBP_AVX2_T_MNK
 #define SG_SWEEP_CAP FBP_AVX2_SWEEP
 #define SG_ROW_CAP FBP_AVX2_ROW
+#ifndef FBP_AVX2_ROWS
+#define FBP_AVX2_ROWS 6
+#endif
+#define SG_ROWS FBP_AVX2_ROWS
 #define SG_BYTES 32
 #define SG_ISA avx2
 #include "smallgemm_pair.h"
@@ -162,6 +167,7 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #define SG_T_MNK_CAP FBP_WIDE_T_MNK
 #define SG_SWEEP_CAP FBP_WIDE_SWEEP
 #define SG_ROW_CAP FBP_NO_CAP
+#define SG_ROWS 8
 #define SG_BYTES 64
 #define SG_ISA avx512
 #include "smallgemm_pair.h"

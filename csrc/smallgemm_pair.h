@@ -26,5 +26,6 @@
 #undef SG_T_MNK_CAP
 #undef SG_SWEEP_CAP
 #undef SG_ROW_CAP
+#undef SG_ROWS
 #undef SG_BYTES
 #undef SG_ISA

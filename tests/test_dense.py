@@ -34,7 +34,8 @@ def test_gemm_matches_numpy(rng, dtype, trans_a, trans_b):
 
 # Shapes that reach every branch of csrc/smallgemm_impl.h in both dtypes
 # (vector length 8 floats / 4 doubles): whole blocks, a last block flush
-# with the edge (overlapping the one before), fewer rows than a block, C
+# with the edge (overlapping the one before), fewer rows than a block (8, 6
+# or 4 rows by level), C
 # narrower than one or two vectors (transposed-B dot products for A @ B,
 # C written transposed for A.T @ B), a shared dimension with a scalar tail,
 # and A @ B.T with a short shared dimension (B copied transposed) or a long
@@ -44,6 +45,8 @@ SMALL_SHAPES = [
     (7, 8, 33), (8, 12, 10), (9, 5, 13), (13, 40, 7), (16, 1, 20),
     (20, 64, 32), (31, 2, 64), (32, 64, 64), (33, 23, 65), (64, 10, 128),
     (100, 10, 32), (96, 96, 96),
+    # AVX2's 6-row blocks: whole ones, and a last one flush with the edge
+    (54, 40, 9), (50, 33, 17),
 ]
 
 
