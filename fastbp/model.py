@@ -30,7 +30,7 @@ from ._numba.losses import KERNELS as _LOSS_KERNELS
 from ._numba.losses import loss_cfunc
 from ._numba.optim import step_cfunc
 from ._validation import (check_dtype, check_positive_int, check_sample_weight, check_targets,
-                          check_X)
+                          check_values, check_X)
 from .history import History
 from .layers import (BatchNorm, Dense, Dropout, Residual, ResidualBegin, ResidualEnd, aux_size,
                      program_row, workspace_width)
@@ -221,12 +221,7 @@ class Sequential:
 
     def set_params(self, params):
         """Copy a flat parameter vector (same length) into the model."""
-        params = np.asarray(params)
-        if params.shape != self.params.shape:
-            raise ValueError(f"params must have shape {self.params.shape}, got {params.shape}")
-        if not np.isfinite(params).all():
-            raise ValueError("params contain NaN or infinity")
-        self._params[...] = params
+        self._params[...] = check_values(params, self.params.shape, self.dtype, "params")
 
     def get_weights(self):
         """Copies of every dense layer's (W, b), in order."""
@@ -243,13 +238,16 @@ class Sequential:
             raise ValueError(f"expected weights for {len(dense)} dense layers, got {len(weights)}")
         checked = []
         for i, (layer, pair) in enumerate(zip(dense, weights)):
-            W, b = (np.asarray(a) for a in pair)
-            if W.shape != layer.W.shape or b.shape != layer.b.shape:
+            try:
+                W, b = pair
+            except (TypeError, ValueError):
+                raise ValueError(f"dense layer {i}: expected a (W, b) pair, got "
+                                 f"{type(pair).__name__}") from None
+            if np.shape(W) != layer.W.shape or np.shape(b) != layer.b.shape:
                 raise ValueError(f"dense layer {i}: expected W {layer.W.shape} and b "
-                                 f"{layer.b.shape}, got {W.shape} and {b.shape}")
-            if not (np.isfinite(W).all() and np.isfinite(b).all()):
-                raise ValueError(f"dense layer {i}: weights contain NaN or infinity")
-            checked.append((W, b))
+                                 f"{layer.b.shape}, got {np.shape(W)} and {np.shape(b)}")
+            checked.append((check_values(W, layer.W.shape, self.dtype, f"dense layer {i}'s W"),
+                            check_values(b, layer.b.shape, self.dtype, f"dense layer {i}'s b")))
         for layer, (W, b) in zip(dense, checked):
             layer.W[...] = W
             layer.b[...] = b

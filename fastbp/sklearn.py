@@ -58,6 +58,7 @@ from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_targ
 from sklearn.utils.optimize import _check_optimize_result
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from ._validation import to_dtype
 from .layers import Dense, Dropout
 from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner, data_loss
 from .optim import Optimizer
@@ -233,10 +234,13 @@ class _BaseMLP(BaseEstimator):
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         y_labels = y
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
-        X = np.ascontiguousarray(X, dtype=self._dtype_of(X))
+        # scikit-learn checked X in its own dtype; a float64 1e39 is inf in float32.
+        X = to_dtype(X, self._dtype_of(X), "X")
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, X)
         sample_weight = self._apply_class_weight(sample_weight, y_labels, X)
+        if sample_weight is not None:  # class weights may overflow float32
+            sample_weight = to_dtype(sample_weight, X.dtype, "sample_weight")
         if y.ndim == 1:
             y = y.reshape((-1, 1))
         self.n_outputs_ = y.shape[1]
@@ -246,7 +250,7 @@ class _BaseMLP(BaseEstimator):
             self._initialize(y, layer_units, X.dtype)
         if X_val is not None:
             X_val, y_val = self._validate_validation(X_val, y_val, X.dtype)
-        Y = np.ascontiguousarray(y, dtype=X.dtype)
+        Y = to_dtype(y, X.dtype, "y")
         with _blas_threads(self.n_threads):
             if self.solver == "lbfgs":
                 self._fit_lbfgs(X, Y, sample_weight)
@@ -266,10 +270,11 @@ class _BaseMLP(BaseEstimator):
         X_val = validate_data(self, X_val, accept_sparse=["csr", "csc"], reset=False)
         if scipy.sparse.issparse(X_val):
             X_val = X_val.toarray()
-        X_val = np.ascontiguousarray(X_val, dtype=dtype)
+        X_val = to_dtype(X_val, dtype, "X_val")
         y_val = np.asarray(y_val)
         if y_val.shape[0] != X_val.shape[0]:
             raise ValueError(f"X_val has {X_val.shape[0]} samples, y_val has {y_val.shape[0]}")
+        to_dtype(np.asarray(self._encode_targets(y_val)), dtype, "y_val")  # NaN, inf, range
         return X_val, y_val
 
     def _initialize(self, y, layer_units, dtype):
@@ -488,7 +493,7 @@ class _BaseMLP(BaseEstimator):
         if scipy.sparse.issparse(X):
             X = X.toarray()
         dtype = self.coefs_[0].dtype
-        X = np.ascontiguousarray(X, dtype=dtype)
+        X = to_dtype(X, dtype, "X")
         net = self._network(X.shape[1], dtype)
         with _blas_threads(self.n_threads):
             z = net.predict(X)
