@@ -2,6 +2,7 @@
 raises ValueError naming the problem, and never modifies what it was given
 (conversions copy; already-valid arrays are passed through read-only use)."""
 import numbers
+import os
 import sys
 
 import numpy as np
@@ -225,6 +226,33 @@ def check_sample_weight(sample_weight, n_samples, dtype):
         raise ValueError("sample_weight sums to more than float64 can hold: scale the weights "
                          "down (only their ratios matter)")
     return out
+
+
+#: the largest ``n_threads`` accepted (the kernels take a C int); larger
+#: counts than the CPUs this process may run on are treated as that many.
+MAX_THREADS = 2 ** 31 - 1
+
+
+def available_cpus():
+    """CPUs this process may run on (its affinity mask where the platform
+    has one, else all of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_n_threads(n_threads):
+    """None, or ``n_threads`` (an integer in [1, MAX_THREADS]) capped at
+    ``available_cpus()``: more threads than CPUs only add hand-offs and
+    threads that stay, and the results are the same on any count."""
+    if n_threads is None:
+        return None
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)) \
+            or not 1 <= n_threads <= MAX_THREADS:
+        raise ValueError(f"n_threads must be None or an integer from 1 to {MAX_THREADS}, "
+                         f"got {n_threads!r}")
+    return min(int(n_threads), available_cpus())
 
 
 def check_positive_int(value, name, allow_none=False):

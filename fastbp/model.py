@@ -29,8 +29,8 @@ from ._ext import engine as _engine
 from ._numba.losses import KERNELS as _LOSS_KERNELS
 from ._numba.losses import loss_cfunc
 from ._numba.optim import step_cfunc
-from ._validation import (check_dtype, check_positive_int, check_sample_weight, check_targets,
-                          check_values, check_X)
+from ._validation import (check_dtype, check_n_threads, check_positive_int, check_sample_weight,
+                          check_targets, check_values, check_X)
 from .history import History
 from .layers import (BatchNorm, Dense, Dropout, Residual, ResidualBegin, ResidualEnd, aux_size,
                      program_row, workspace_width)
@@ -409,7 +409,9 @@ class Sequential:
         verbose : int, default 1
             1 prints one line per epoch; 0 is silent.
         n_threads : int or None
-            BLAS threads for this fit (None: BLAS's default).
+            Threads for this fit, BLAS's and fastbp's kernels' (None: BLAS's
+            default), from 1 to 2**31 - 1; more than the CPUs this process
+            may run on counts as that many.
         on_divergence : {"raise", "warn"}
             What happens when a loss or weight becomes non-finite: training
             stops, the weights of the last finite step are kept, and a
@@ -475,7 +477,7 @@ class Sequential:
             raise ValueError(f"BatchNorm needs at least 2 rows in every batch: {n} samples in "
                              f"batches of {batch} leave a batch of 1 (as torch, which refuses "
                              "one-row batches in training); change batch_size")
-        n_threads = check_positive_int(n_threads, "n_threads", allow_none=True)
+        n_threads = check_n_threads(n_threads)
         clip = []
         for name, value in (("clip_value", clip_value), ("clip_norm", clip_norm)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -506,7 +508,7 @@ class Sequential:
             self._last_loss = loss
             return opt._fit(self, X, Y, W, loss=loss, epochs=epochs, verbose=verbose,
                             validation=(Xv, Yv) if validation_data is not None else None,
-                            callbacks=list(callbacks or []))
+                            callbacks=list(callbacks or []), on_divergence=on_divergence)
         state = opt._bind(self.n_params, self.dtype)
         self.optimizer = opt
         self._last_loss = loss
@@ -564,7 +566,7 @@ class Sequential:
                            "samples_per_s": n / max(seconds, 1e-9)}
                 if grad_norms:
                     dense = [i for i, l in enumerate(self.layers) if isinstance(l, Dense)]
-                    metrics["grad_norm"] = [float(run.grad_norms[i]) / (run.n_batches - run.first)
+                    metrics["grad_norm"] = [float(run.grad_norms[i]) / max(run.steps, 1)
                                             for i in dense]
                 if validation:
                     metrics.update(self._validation_metrics(*validation, loss))
@@ -686,6 +688,20 @@ def _check_seed(seed):
     raise ValueError(f"seed must be None, a non-negative integer or a list of them, got {seed!r}")
 
 
+def _batch_weight_sums(w, batch):
+    """Each batch's sum of the weights ``w`` (in batch order), added left to
+    right in float64 exactly as the engine adds them (np.add.reduceat may
+    add pairwise: with negative weights, its zero is not the engine's)."""
+    w = w.astype(np.float64)
+    n_full = len(w) // batch
+    sums = np.empty(math.ceil(len(w) / batch))
+    if n_full:
+        sums[:n_full] = np.add.accumulate(w[:n_full * batch].reshape(n_full, batch), axis=1)[:, -1]
+    if len(w) % batch:
+        sums[-1] = np.add.accumulate(w[n_full * batch:])[-1]
+    return sums
+
+
 class _EpochRunner:
     """Drives the engine through epochs: everything allocated here is
     allocated once per fit, none of it per step."""
@@ -703,6 +719,7 @@ class _EpochRunner:
         # its sum of sample weights (recomputed per epoch when shuffled).
         self.sizes = np.full(self.n_batches, batch, dtype=np.float64)
         self.sizes[-1] = X.shape[0] - batch * (self.n_batches - 1)
+        self.counts = self.sizes.copy()
         self.uniform = bool(np.all(W == 1))
         self.total = float(X.shape[0]) if self.uniform else float(W.sum(dtype=np.float64))
         # scikit-learn weighs each batch's loss by its sample count even with
@@ -720,6 +737,7 @@ class _EpochRunner:
         self.snap_params = np.empty_like(net._params)
         self.snap_state = np.empty_like(self.state)
         self.chunk = 1
+        self.steps = 0
 
     def start_epoch(self, resume=None, order=None):
         """Shuffle for a new epoch (or use ``order``), or rebuild the order of
@@ -736,10 +754,17 @@ class _EpochRunner:
             # epochs' orders, so fit(2 epochs) twice == fit(4 epochs).
             self.order[...] = self.identity
             rng.shuffle(self.order)
-        if not self.uniform and not self.count_by_samples:
+        if not self.uniform:
             w = self.W[self.order] if (self.shuffle or order is not None) else self.W
-            self.sizes[...] = np.add.reduceat(w.astype(np.float64),
-                                              np.arange(0, len(w), self.batch))
+            if self.count_by_samples:
+                # A batch whose weights sum to zero is skipped by the engine:
+                # it has no weight in the mean either.
+                self.sizes[...] = self.counts
+                self.sizes[_batch_weight_sums(w, self.batch) == 0] = 0
+            else:
+                self.sizes[...] = np.add.reduceat(w.astype(np.float64),
+                                                  np.arange(0, len(w), self.batch))
+        self.steps = 0  # updates applied in this epoch (this run of it)
         self.first = 0 if resume is None else resume["batch"]
         self.grad_norms[...] = 0
         self.loss_before = 0.0 if resume is None else resume["loss_sum"]
@@ -768,18 +793,22 @@ class _EpochRunner:
 
     def epoch_loss(self):
         """Mean training loss over the epoch's samples (weighted)."""
-        total = float(self.X.shape[0]) if self.count_by_samples else self.total
+        total = self.total
+        if self.count_by_samples:
+            total = float(self.X.shape[0]) if self.uniform else float(self.sizes.sum())
         return self._loss_sum(self.n_batches) / total
 
     def _call(self, first, count):
         ws, net = self.ws, self.net
-        done, status = _engine.train_batches(
+        done, steps, status = _engine.train_batches(
             self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
             net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
             self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
             self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng, net._aux,
             net._buffers, self.clip_value, self.clip_norm, self.grad_norms, self.batch_loss)
-        self.opt.t += done
+        # Batches whose weights sum to zero were skipped: t counts updates.
+        self.opt.t += steps
+        self.steps += steps
         return done, status
 
     def run(self, b, stop, interrupt):
@@ -800,6 +829,7 @@ class _EpochRunner:
                     self.opt.t = self.snap_t
                     self.net._dropout_rng[...] = self.snap_dropout
                     self.net._buffers[...] = self.snap_buffers
+                    self.steps = 0
                     self._call(self.first, b + done - self.first)
                 return status, b + done
             b += done

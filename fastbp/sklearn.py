@@ -58,7 +58,7 @@ from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_targ
 from sklearn.utils.optimize import _check_optimize_result
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from ._validation import to_dtype
+from ._validation import MAX_THREADS, check_n_threads, to_dtype
 from .layers import Dense, Dropout
 from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner, data_loss
 from .optim import Optimizer
@@ -169,7 +169,7 @@ class _BaseMLP(BaseEstimator):
         "max_fun": [Interval(Integral, 1, None, closed="left")],
         "dtype": [None, StrOptions({"float32", "float64"})],
         "dropout": [Interval(Real, 0, 1, closed="left")],
-        "n_threads": [None, Interval(Integral, 1, None, closed="left")],
+        "n_threads": [None, Interval(Integral, 1, MAX_THREADS, closed="both")],
     }
 
     # -- the network ---------------------------------------------------------
@@ -251,7 +251,7 @@ class _BaseMLP(BaseEstimator):
         if X_val is not None:
             X_val, y_val = self._validate_validation(X_val, y_val, X.dtype)
         Y = to_dtype(y, X.dtype, "y")
-        with _blas_threads(self.n_threads):
+        with _blas_threads(check_n_threads(self.n_threads)):
             if self.solver == "lbfgs":
                 self._fit_lbfgs(X, Y, sample_weight)
             else:
@@ -495,7 +495,7 @@ class _BaseMLP(BaseEstimator):
         dtype = self.coefs_[0].dtype
         X = to_dtype(X, dtype, "X")
         net = self._network(X.shape[1], dtype)
-        with _blas_threads(self.n_threads):
+        with _blas_threads(check_n_threads(self.n_threads)):
             z = net.predict(X)
         if self.out_activation_ == "softmax":
             z -= z.max(axis=1, keepdims=True)
@@ -546,7 +546,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     dtype : {"float32", "float64"} or None
         Training dtype (None: float32 if X is float32, else float64).
     n_threads : int or None
-        BLAS threads for fit and predict.
+        Threads for fit and predict, BLAS's and fastbp's kernels' (1 to
+        2**31 - 1; more than the CPUs this process may run on counts as
+        that many).
 
     ``fit`` also takes ``X_val, y_val``: a validation set used for early
     stopping instead of a split of X, and recorded in

@@ -1096,3 +1096,27 @@ def test_float32_inputs_with_float64_targets_beyond_float32():
     y[3] = -1e39
     with pytest.raises(ValueError, match=r"y holds -1e\+39 .*dtype='float64'"):
         MLPRegressor(max_iter=2).fit(X.astype(np.float32), y)
+
+
+@ignore_convergence
+@pytest.mark.parametrize("weights", ["zero", "cancelling"])
+@pytest.mark.parametrize("cls", [MLPRegressor, MLPClassifier])
+def test_zero_weight_batch_is_skipped_as_if_its_rows_were_absent(cls, weights):
+    """scikit-learn raises ZeroDivisionError on a batch whose weights sum to
+    zero (np.average); fastbp skips the batch (no update, no Adam step, no
+    weight in loss_curve_), so the fit equals sklearn's on the other rows."""
+    X, y = make_classification(n=20, d=4, k=2, seed=3)
+    w = np.ones(20)
+    w[5:10] = [0, 0, 0, 0, 0] if weights == "zero" else [1, -1, 2.5, -2.5, 0]
+    keep = np.r_[0:5, 10:20]
+    kw = dict(hidden_layer_sizes=(6,), batch_size=5, shuffle=False, max_iter=4, random_state=0,
+              learning_rate_init=0.01)
+    fb = cls(**kw).fit(X, y, sample_weight=w)
+    sk = getattr(sknn, cls.__name__)(**kw).fit(X[keep], y[keep], sample_weight=w[keep])
+    assert fb.n_iter_ == sk.n_iter_
+    assert fb._optimizer.t == sk._optimizer.t == 4 * 3  # Adam's step count: updates
+    for a, e in zip(fb.coefs_ + fb.intercepts_, sk.coefs_ + sk.intercepts_):
+        assert_rel(a, e, RTOL)
+    assert_rel(fb.loss_curve_, sk.loss_curve_, RTOL)
+    with pytest.raises(ZeroDivisionError):  # what scikit-learn itself does
+        getattr(sknn, cls.__name__)(**kw).fit(X, y, sample_weight=w)
