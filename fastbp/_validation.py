@@ -255,11 +255,18 @@ def check_n_threads(n_threads):
     return min(int(n_threads), available_cpus())
 
 
+#: the largest count accepted (epochs, sizes): the program table and the
+#: step counters are int64
+MAX_COUNT = 2 ** 63 - 1
+
+
 def check_positive_int(value, name, allow_none=False):
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value > MAX_COUNT:
+        raise ValueError(f"{name} must be a positive integer up to 2**63 - 1, got {value!r}")
     return int(value)
 
 

@@ -355,7 +355,9 @@ class Sequential:
         loss = _losses.resolve(loss)
         self._require_built()
         X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
-        return data_loss(loss, self.predict(X), Y, w)
+        value = data_loss(loss, self.predict(X), Y, w)
+        _check_result(value, None, self.dtype)
+        return value
 
     def loss_and_grad(self, X, y, loss="mse", sample_weight=None):
         """Mean loss over all of (X, y) and its gradient.
@@ -368,6 +370,12 @@ class Sequential:
         loss : float
         grad : ndarray of shape (n_params,)
             Same layout as ``params`` (a new array).
+
+        Raises
+        ------
+        ValueError
+            Also when the loss or the gradient is NaN or infinite: finite
+            inputs whose outputs or gradient overflow the model's dtype.
         """
         loss = _losses.resolve(loss)
         X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
@@ -375,7 +383,9 @@ class Sequential:
         value = _engine.loss_grad(X, Y, w, self._program, self._params, self._grad, ws.acts,
                                   ws.deltas, loss_cfunc(loss, self.dtype), self._reg,
                                   self._reg_per_weight, self._aux, self._buffers)
-        return float(value), self._grad.copy()
+        grad = self._grad.copy()
+        _check_result(float(value), grad, self.dtype)
+        return float(value), grad
 
     # -- training ----------------------------------------------------------
     def fit(self, X, y, loss="mse", optimizer=None, epochs=1, batch_size=32, shuffle=True,
@@ -651,6 +661,30 @@ def _penalties(layer):
     activity = getattr(layer, "activity_regularizer", None)
     l2, l1 = kernel.engine_coefficients() if kernel is not None else (0.0, 0.0)
     return l2, l1, activity.l1 if activity is not None else 0.0
+
+
+class _OverflowError(ValueError):
+    """``evaluate`` / ``loss_and_grad`` of finite inputs gave a NaN or
+    infinite loss or gradient: the network's outputs or gradient exceed the
+    model's dtype (float32 inputs of 1e30, say).  ``value`` and ``grad``
+    hold what was computed (scikit-learn's L-BFGS hands such values to
+    scipy, as scikit-learn does)."""
+
+    def __init__(self, message, value, grad):
+        super().__init__(message)
+        self.value, self.grad = value, grad
+
+
+def _check_result(value, grad, dtype):
+    """_OverflowError unless the loss and the gradient (if any) are finite."""
+    if np.isfinite(value) and (grad is None or np.isfinite(grad).all()):
+        return
+    what = (f"the loss is {value}" if not np.isfinite(value) else
+            f"the gradient has {int((~np.isfinite(grad)).sum())} NaN or infinite entries")
+    raise _OverflowError(f"{what}: the network's outputs or gradient overflow {dtype.name} for "
+                         "these inputs and weights; scale the inputs (and targets)"
+                         + (" or use dtype='float64'" if dtype == np.float32 else ""),
+                         value, grad)
 
 
 def _checked_hyper(opt):

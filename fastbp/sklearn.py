@@ -60,7 +60,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from ._validation import MAX_THREADS, check_n_threads, to_dtype
 from .layers import Dense, Dropout
-from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner, data_loss
+from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner, _OverflowError, data_loss
 from .optim import Optimizer
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -322,7 +322,10 @@ class _BaseMLP(BaseEstimator):
 
         def fun(x):
             net.params[perm] = x
-            value, grad = net.loss_and_grad(X, Y, loss=loss, sample_weight=sample_weight)
+            try:
+                value, grad = net.loss_and_grad(X, Y, loss=loss, sample_weight=sample_weight)
+            except _OverflowError as exc:  # a trial step too far: scipy backs off
+                value, grad = exc.value, exc.grad
             return value, grad[perm].astype(np.float64)
         iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
         res = scipy.optimize.minimize(fun, net.params[perm].astype(np.float64), method="L-BFGS-B",

@@ -1,4 +1,6 @@
 """Bad input raises ValueError naming the problem, before compiled code runs."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -251,3 +253,39 @@ def test_aliases():
 def test_bad_hyperparameters_and_configs(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_results_that_overflow_the_dtype_are_an_error_not_inf():
+    """Finite float32 inputs of 1e30: the outputs are finite but the
+    gradient of the first layer (1e30 x 1e29) is not representable;
+    loss_and_grad returned it as inf.  The loss itself is a float64 and
+    finite (fastbp._numba.losses adds its terms in float64)."""
+    net = fastbp.Sequential([fastbp.Dense(2, activation="relu"), fastbp.Dense(1)],
+                            dtype="float32", seed=0).build(3)
+    X = np.array([[1e30, 1.0, 1.0], [1.0, 2.0, 3.0], [0.5, 1.0, -1.0]])
+    y = np.zeros(3)
+    with pytest.raises(ValueError, match=r"the gradient has \d+ NaN or infinite entries: .*"
+                                         r"overflow float32 .*dtype='float64'"):
+        net.loss_and_grad(X, y)
+    assert np.isfinite(net.evaluate(X, y))
+    net.set_params(np.full(net.n_params, 1e30))  # outputs of 1e90: inf in float32
+    with pytest.raises(ValueError, match="the loss is inf"):
+        net.evaluate(np.ones((2, 3)), np.zeros(2))
+
+
+def test_fuzzed_inputs_pass():
+    """A few hundred trials of tests/adversarial/fuzz_inputs.py (each batch
+    in a subprocess with a timeout): every call returns a finite result of
+    the right shape or raises ValueError/TypeError with a message, and no
+    input is mutated."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent / "adversarial" / "fuzz_inputs.py"
+    spec = importlib.util.spec_from_file_location("fuzz_inputs", path)
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    results = fuzz._run_batch(seed=2024, start=0, count=200, timeout=300, python=sys.executable)
+    failures = [r for r in results if r["kind"] not in fuzz.PASS]
+    assert len(results) == 200
+    assert not failures, failures[:5]
