@@ -143,7 +143,7 @@ def _candidates():
     except OSError:
         tmp = ""
     if os.path.isabs(tmp):
-        uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
+        uid = os.getuid() if hasattr(os, "getuid") else "user"  # Windows: a per-user TEMP
         folder = os.path.join(tmp, f"fastbp-numba-{uid}")
         out.append((folder, folder))
     return out

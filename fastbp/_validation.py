@@ -56,8 +56,14 @@ def _object_as_float(arr, name):
             at = tuple(int(j) for j in np.unravel_index(i, arr.shape))
             raise ValueError(f"{name} must be numeric, got dtype object holding {v!r} "
                              f"({type(v).__name__}) at index {at}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        return arr.astype(np.float64)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return arr.astype(np.float64)
+    except OverflowError:  # a Python int beyond float64 (10**400)
+        at = next(i for i, v in enumerate(flat) if abs(v) > sys.float_info.max)
+        at = tuple(int(j) for j in np.unravel_index(at, arr.shape))
+        raise ValueError(f"{name} holds an integer at index {at} beyond the range of float64 "
+                         "(magnitude at most 1.79769e+308): scale it") from None
 
 
 def _is_real(v):

@@ -406,6 +406,11 @@ class _BaseMLP(BaseEstimator):
                     sample_idx = sample_idx[perm]
                 run.start_epoch(order=sample_idx if self.shuffle else None)
                 status, _ = run.run(0, run.n_batches, _NoInterrupt)
+                if status == STATUS_OK and run.steps == 0:
+                    # (scikit-learn raises ZeroDivisionError on such a batch)
+                    raise ValueError("the sample weights of every mini-batch of this epoch "
+                                     "sum to zero (positive and negative weights cancel): "
+                                     "nothing can be learned; change batch_size or the weights")
                 if status != STATUS_OK:
                     self._store(net)
                     raise ValueError("Solver produced non-finite parameter weights. The input "

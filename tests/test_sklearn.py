@@ -1120,3 +1120,11 @@ def test_zero_weight_batch_is_skipped_as_if_its_rows_were_absent(cls, weights):
     assert_rel(fb.loss_curve_, sk.loss_curve_, RTOL)
     with pytest.raises(ZeroDivisionError):  # what scikit-learn itself does
         getattr(sknn, cls.__name__)(**kw).fit(X, y, sample_weight=w)
+
+
+def test_epoch_whose_every_batch_weighs_zero_is_a_value_error():
+    X, y = make_classification(n=8, d=3, k=2, seed=0)
+    w = np.tile([1.0, -1.0], 4)   # every batch of 2 sums to zero
+    with pytest.raises(ValueError, match="every mini-batch of this epoch sum to zero"):
+        MLPRegressor(hidden_layer_sizes=(3,), batch_size=2, shuffle=False, max_iter=2,
+                     random_state=0).fit(X, y.astype(float), sample_weight=w)

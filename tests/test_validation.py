@@ -289,3 +289,10 @@ def test_fuzzed_inputs_pass():
     failures = [r for r in results if r["kind"] not in fuzz.PASS]
     assert len(results) == 200
     assert not failures, failures[:5]
+
+
+def test_python_ints_beyond_float64_are_a_value_error():
+    net = _float32_net()
+    for X in ([[10 ** 400, 1]], np.array([[1, -10 ** 400]], dtype=object)):
+        with pytest.raises(ValueError, match="integer at index .* beyond the range of float64"):
+            net.predict(X)

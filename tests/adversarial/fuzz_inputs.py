@@ -12,8 +12,11 @@ hyperparameters (n_threads, batch_size, epochs, loss, clipping, optimizers).
 
 A trial passes when the call returns a finite result of the right shape, or
 raises ValueError (TypeError where Python's conventions want it, counted
-apart) with a message.  DivergenceError is counted apart too (a reported
-numeric failure, not a silent one).  Failures: any other exception, a
+apart) with a message.  Counted apart as passes too: DivergenceError (a
+reported numeric failure, not a silent one); for the estimators, an
+exception scikit-learn's own estimator raises on the same call (the drop-in
+matches it), and a float32 estimator's non-finite prediction where
+scikit-learn's float64 twin predicts beyond float32's range.  Failures: any other exception, a
 NaN/inf result without an error, a wrong shape, an input mutated, a crash
 (the worker process dies) or a hang (it times out).
 
@@ -70,11 +73,10 @@ def _container(rng, a, np, p=1.0):
 
     if rng.random() >= p:
         return a, "c"
-    kind = rng.choice(["c", "f", "strided", "readonly", "list", "tuple", "float32",
-                                   "float16", "longdouble", "int8", "int64", "uint64", "bool",
-                                   "complex", "object", "object_na", "str", "bytes", "datetime",
-                                   "frame", "frame_na", "sparse", "scalar", "none", "string",
-                                   "dict"])
+    kind = rng.choice(["c", "f", "strided", "readonly", "list", "tuple", "float32", "float16",
+                       "longdouble", "int8", "int64", "uint64", "bool", "complex", "object",
+                       "object_na", "object_bigint", "str", "bytes", "datetime", "frame",
+                       "frame_na", "sparse", "scalar", "none", "string", "dict"])
     if kind == "f":
         return np.asfortranarray(a), kind
     if kind == "strided":
@@ -95,6 +97,11 @@ def _container(rng, a, np, p=1.0):
                 kind, kind)), kind
     if kind == "object":
         return a.astype(object), kind
+    if kind == "object_bigint":  # a Python int beyond float64
+        b = a.astype(object)
+        if b.size:
+            b.reshape(-1)[int(rng.integers(b.size))] = 10 ** 400
+        return b, kind
     if kind == "object_na":
         b = a.astype(object)
         if b.size:
@@ -391,6 +398,18 @@ def _estimator_trial(rng, target, X, X_values, n, desc, np, fastbp, p):
         _require(np.shape(result)[0] == np.shape(X_values)[0], f"shape {np.shape(result)}")
         if target == "regressor":
             _require(np.isfinite(result).all(), "non-finite prediction")
+
+    def sklearn_twin():
+        """scikit-learn's own estimator on the same call: its predictions,
+        or the exception it raises (the drop-in must match it)."""
+        from sklearn import neural_network
+
+        twin = getattr(neural_network, cls.__name__)(**{
+            key: v for key, v in params.items() if key not in ("dtype", "n_threads")})
+        with _quiet():
+            twin.fit(X, y, sample_weight=w)
+            return twin.predict(X)
+    check.sklearn_twin = sklearn_twin
     return desc, call, [X, y, w], check
 
 
@@ -468,6 +487,8 @@ def run_trial(seed, index):
         check(result)
     except _Bad as exc:
         kind, detail = "bad_result", str(exc)
+        if "non-finite prediction" in detail and _twin_overflows_float32(check, desc):
+            kind = "float32_overflow"
     except fastbp.DivergenceError as exc:
         kind, detail = "divergence", str(exc)[:200]
     except ValueError as exc:
@@ -482,6 +503,8 @@ def run_trial(seed, index):
         kind = "exception:" + type(exc).__name__
         detail = (str(exc)[:200] + " | " +
                   traceback.format_exc().strip().splitlines()[-3].strip())[:400]
+        if _twin_raises(check, type(exc)):
+            kind = "sklearn_same"
     try:
         mutated = [i for i, (a, s) in enumerate(zip(watched, snaps)) if not _unchanged(a, s)]
     except Exception as exc:  # the checker itself
@@ -489,6 +512,34 @@ def run_trial(seed, index):
     if mutated:
         kind, detail = "mutated_input", f"arguments {mutated} changed ({detail})"
     return kind, detail, desc
+
+
+def _twin_raises(check, kind):
+    """True if scikit-learn's own estimator raises ``kind`` on the call."""
+    twin = getattr(check, "sklearn_twin", None)
+    if twin is None:
+        return False
+    try:
+        twin()
+    except kind:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _twin_overflows_float32(check, desc):
+    """True for a float32 estimator whose scikit-learn twin (float64)
+    predicts values beyond float32's range: the overflow is the dtype's."""
+    import numpy as np
+    twin = getattr(check, "sklearn_twin", None)
+    if twin is None or "float32" not in desc.get("dtype", "") + desc.get("X", ""):
+        return False
+    try:
+        pred = np.asarray(twin(), dtype=np.float64)
+    except Exception:
+        return False
+    return bool((~np.isfinite(pred) | (np.abs(pred) > np.finfo(np.float32).max)).any())
 
 
 def _worker(seed, start, count):
@@ -502,7 +553,11 @@ def _worker(seed, start, count):
 
 # -- the parent -----------------------------------------------------------------------
 
-PASS = ("ok", "value_error", "type_error", "divergence")
+#: outcomes that pass: a finite result, a ValueError (or TypeError) with a
+#: message, a reported divergence, an exception scikit-learn's own
+#: estimator raises too, and a float32 estimator's prediction that
+#: overflows where scikit-learn's float64 one exceeds float32's range
+PASS = ("ok", "value_error", "type_error", "divergence", "sklearn_same", "float32_overflow")
 
 
 def _run_batch(seed, start, count, timeout, python):
