@@ -53,9 +53,14 @@ a counter-based splitmix64 stream whose one uint64 counter (``rng[0]``)
 lives on the model: reproducible from the seed, saved in checkpoints, and
 computed identically by ``fastbp.reference.dropout_mask``.
 
-Status codes returned by ``train_batches`` (mirrored in fastbp/_engine.py):
+Status codes returned by ``train_batches`` (mirrored in fastbp/model.py):
 0 ok, 1 the loss of a batch was not finite (nothing updated for that batch),
 2 an update produced a non-finite parameter (the caller restores a snapshot).
+
+A batch whose sample weights sum to zero has no weighted mean loss (0/0):
+``train_batches`` skips it (no forward pass, no update, the optimizer's
+step count not advanced; its ``batch_loss`` is 0), so no shuffle can turn
+it into a divergence.
 """
 from libc.math cimport isfinite, sqrt
 from libc.stdint cimport int64_t, uint64_t
@@ -930,17 +935,20 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
     ``batch_loss[b]`` receives each batch's mean loss.  Gradients are
     clipped by ``clip_and_measure`` when clip_value or clip_norm is > 0; if
     ``grad_norms`` has one entry per layer, each batch's per-layer gradient
-    norms are added to it.  Returns
-    (batches_done, status): on a non-OK status, batches_done counts the
-    batches whose update was applied before the failing one.
+    norms are added to it.  A batch whose weights sum to zero (added left to
+    right in double, as the loss kernels add them) is skipped: batch_loss 0,
+    no update, and the step counter is step0 + (updates so far) + 1.
+    Returns (batches_done, steps, status): batches_done counts the batches
+    finished (updated or skipped; on a non-OK status, those before the
+    failing one), steps the updates applied.
     """
     cdef int64_t n = X.shape[0], d = X.shape[1], k = Y.shape[1]
     cdef int64_t half = deltas.shape[0] // 2, n_params = params.shape[0]
     cdef int64_t last = program.shape[0] - 1
-    cdef int64_t b, i, r, s, m, j, done = 0
+    cdef int64_t b, i, r, s, m, j, done = 0, steps = 0
     cdef int status = STATUS_OK, ok
     global PHASE_STEPS
-    cdef double loss, t_phase = 0.0
+    cdef double loss, wsum, t_phase = 0.0
     cdef bint prof = profiling()
     cdef const floating* x0
     cdef floating* y0
@@ -977,6 +985,13 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
             b = first_batch + i
             s = b * batch_size
             m = batch_size if n - s > batch_size else n - s
+            wsum = 0.0
+            for r in range(m):
+                wsum += W[order[s + r]] if gather else W[s + r]
+            if wsum == 0:
+                batch_loss[b] = 0
+                done += 1
+                continue
             if gather:
                 x0 = &xb[0]
                 y0 = &yb[0]
@@ -1034,12 +1049,13 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 clip_and_measure(program, &grad[0], clip_value, clip_norm, norms)
                 _lap(prof, 5, &t_phase)
             ok = optimizer_step(step_addr, &params[0], &grad[0], state, segments, n_params,
-                                <double*>&hyper[0], step0 + i + 1)
+                                <double*>&hyper[0], step0 + steps + 1)
             _lap(prof, 6, &t_phase)
             PHASE_STEPS += prof
             if not ok:
                 status = STATUS_PARAMS_NONFINITE
                 break
             done += 1
+            steps += 1
     free(rows.terms)
-    return done, status
+    return done, steps, status

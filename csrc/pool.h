@@ -22,6 +22,14 @@
  * job's arguments (a slot is rewritten only two generations later).  The
  * caller returns once every task has finished; ctx may live on its stack.
  *
+ * The pool never grows beyond the CPUs this process may run on
+ * (sched_getaffinity, else the online CPUs), however wide a job asks to be:
+ * n_threads=1000 on two cores starts one worker, not 63 that spin and stay.
+ * Only the threads that run the tasks are capped, not the tasks: callers
+ * split their work by the width they were given, and tasks are claimed
+ * dynamically, so results do not depend on the cap (gemm.h's splits give
+ * the same bits on any split anyway).
+ *
  * One caller at a time owns the pool; a concurrent (or nested) caller runs
  * its tasks serially rather than wait.  After fork() the child starts with
  * no workers (pthread_atfork) and spawns new ones when it first needs them.
@@ -50,6 +58,7 @@ static inline int fbp_pool_workers(void) { return 0; }
 #include <sched.h>
 #include <stdint.h>
 #include <time.h>
+#include <unistd.h>
 
 #define FBP_POOL_MAX 64
 #ifndef FBP_POOL_SPIN_NS
@@ -79,6 +88,7 @@ static struct {
     uint64_t ticket;            /* generation << 32 | next task to claim */
     struct fbp_job slot[2];     /* job of generation g in slot[g & 1] */
     int atfork;                 /* the fork handler is registered */
+    int cpus;                   /* CPUs this process may use (0: not yet read) */
 } fbp_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 static inline void fbp_relax(void)
@@ -176,13 +186,37 @@ static void fbp_pool_after_fork_child(void)
     fbp_pool.owned = 0;
 }
 
-/* Start workers until there are want - 1 (the caller is the first thread). */
+/* CPUs this process may run on: its affinity mask where there is one
+ * (taskset, cgroup cpusets, a batch scheduler's allocation), else the
+ * online CPUs; at least 1.  Read once, by the pool's owner. */
+static int fbp_pool_cpus(void)
+{
+    if (fbp_pool.cpus > 0)
+        return fbp_pool.cpus;
+    long n = 0;
+#if defined(__linux__) && defined(CPU_COUNT)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0)
+        n = CPU_COUNT(&set);
+#endif
+#ifdef _SC_NPROCESSORS_ONLN
+    if (n < 1)
+        n = sysconf(_SC_NPROCESSORS_ONLN);
+#endif
+    fbp_pool.cpus = n < 1 ? 1 : n > FBP_POOL_MAX ? FBP_POOL_MAX : (int)n;
+    return fbp_pool.cpus;
+}
+
+/* Start workers until there are want - 1 (the caller is the first thread),
+ * at most one fewer than the CPUs. */
 static void fbp_pool_grow(int want)
 {
     if (!fbp_pool.atfork) {
         pthread_atfork(NULL, NULL, fbp_pool_after_fork_child);
         fbp_pool.atfork = 1;
     }
+    if (want > fbp_pool_cpus())
+        want = fbp_pool_cpus();
     while (fbp_pool.n_workers < want - 1 && fbp_pool.n_workers < FBP_POOL_MAX - 1) {
         pthread_t th;
         pthread_attr_t attr;
@@ -221,6 +255,12 @@ static int fbp_pool_run(int width, fbp_task_fn fn, void *ctx, int n_tasks)
     fbp_pool_grow(width);
     if (width > fbp_pool.n_workers + 1)
         width = fbp_pool.n_workers + 1;
+    if (width < 2) {    /* one CPU, or no worker could be started */
+        for (int i = 0; i < n_tasks; i++)
+            fn(ctx, i);
+        __atomic_store_n(&fbp_pool.owned, 0, __ATOMIC_RELEASE);
+        return 1;
+    }
     uint64_t t = __atomic_load_n(&fbp_pool.ticket, __ATOMIC_RELAXED);
     uint32_t gen = (uint32_t)(t >> 32) + 1;
     struct fbp_job *job = &fbp_pool.slot[gen & 1];

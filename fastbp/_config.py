@@ -5,18 +5,121 @@ Numba options used by every kernel (never hard-coded per function):
 * ``error_model="numpy"``: division follows IEEE rules instead of raising, which
   lets loops vectorize (7x on the fused Adam loop, shared/PERF_NOTES.md).
 * no ``fastmath``: NaN and inf keep their meaning, so divergence checks work.
-* ``cache=True`` when a writable cache location exists.  An installed package
-  caches beside its modules; where site-packages is read-only we point
-  ``NUMBA_CACHE_DIR`` at a per-user folder, and if nothing is writable we
+* ``cache=True`` when a safe, writable cache folder exists; if none does we
   compile without caching rather than fail at import.
+
+Which cache folder, and why so careful
+--------------------------------------
+Numba unpickles the index files it finds in its cache folder, so a folder
+that another local user can write lets that user run code as whoever next
+imports fastbp.  A folder is *safe* when ``os.lstat`` shows a real directory
+(not a symbolic link) owned by this process's effective user and writable
+by no one else (no group or other write bit), and its parent is not one
+where others could rename it away (writable by others without the sticky
+bit).  Folders fastbp creates are made with mode 0700 and checked after
+creation like any other (an existing one may have been planted).  In order:
+
+1. ``NUMBA_CACHE_DIR`` (or ``numba.config.CACHE_DIR`` set before import):
+   the user's explicit choice, which applies to all of the process's Numba
+   code, is kept; a ``RuntimeWarning`` says so if it exists and is not safe.
+2. ``fastbp/_numba/__pycache__`` beside the modules, if it exists, is safe
+   and writable.  It is never created here.  Its owner is whoever installed
+   the package; a group-writable shared install (or one owned by another
+   user, e.g. root running another user's virtual environment) is not used,
+   even though whoever can write it can usually edit fastbp's modules too:
+   each user then caches in a folder of their own.
+3. ``$XDG_CACHE_HOME/fastbp/numba``, else ``~/.cache/fastbp/numba``
+   (absolute paths only).
+4. ``<temporary folder>/fastbp-numba-<uid>``: a predictable name in a folder
+   everyone can write, so the check matters most here.
+5. None: no caching (kernels compile at first use in every process).
+
+A candidate that exists but is not safe is skipped with a ``RuntimeWarning``
+naming it and why (someone may have planted it), except the package's own
+``__pycache__``, which is skipped silently.  On platforms without
+``os.geteuid`` (Windows) ownership is not checked: the temporary folder there
+is already per user.
 """
 import os
+import stat
 import tempfile
+import warnings
+
+#: effective user id whose folders are trusted (None: not checked, Windows)
+_EUID = os.geteuid() if hasattr(os, "geteuid") else None
+#: Numba's own choice for the kernels' cache, beside their modules
+_PACKAGE_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_numba", "__pycache__")
+
+
+def _unsafe(path):
+    """Why ``path`` is not a safe cache folder (see the module docstring),
+    or None if it is one."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if _EUID is not None and st.st_uid != _EUID:
+        return f"is owned by uid {st.st_uid}, not by this user (uid {_EUID})"
+    if st.st_mode & 0o022:
+        return f"is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        pst = os.stat(parent)
+    except OSError as exc:
+        return f"has a parent that cannot be examined ({exc.strerror})"
+    if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+        return (f"lies in {parent}, which other users can write (mode "
+                f"{stat.S_IMODE(pst.st_mode):04o}, no sticky bit): they could replace it")
+    return None
+
+
+def _create_private(path):
+    """Create ``path`` and any missing parents, each with mode 0700.  Returns
+    the folders created here (outermost first), or None if one could not be
+    created (e.g. a read-only or missing home)."""
+    missing, p = [], path
+    while not os.path.lexists(p):  # lexists: a dangling link is not missing
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    missing.reverse()
+    for p in missing:
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            pass  # made concurrently, perhaps by someone else: checked after
+        except OSError:
+            return None
+    return missing
+
+
+def _chain_unsafe(path, top, created):
+    """Why the folder ``path`` must not be used: the first unsafe folder among
+    those from ``top`` (the first one fastbp owns, e.g. ``~/.cache/fastbp``)
+    down to ``path`` and the parents ``created`` on the way; None if all
+    are safe."""
+    chain, p = set(created), path
+    while True:
+        chain.add(p)
+        if p == top or os.path.dirname(p) == p:
+            break
+        p = os.path.dirname(p)
+    for p in sorted(chain, key=len):
+        why = _unsafe(p)
+        if why is not None:
+            return why if p == path else f"has a parent {p} that {why}"
+    return None
 
 
 def _writable(path):
+    """True if a file can be created in the existing folder ``path``."""
     try:
-        os.makedirs(path, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".fastbp-probe-")
         probe.close()
         return True
@@ -24,19 +127,60 @@ def _writable(path):
         return False
 
 
-def _choose_cache():
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return True
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_numba")
-    if _writable(os.path.join(here, "__pycache__")):
-        return True
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    for candidate in (os.path.join(base, "fastbp", "numba"),
-                      os.path.join(tempfile.gettempdir(), f"fastbp-numba-{os.getuid()}")):
-        if _writable(candidate):
-            import numba
+def _candidates():
+    """(folder, first folder fastbp owns in it) for the per-user fallbacks,
+    in order of preference; paths that cannot be determined are left out."""
+    out = []
+    base = os.environ.get("XDG_CACHE_HOME") or ""
+    if not os.path.isabs(base):  # the XDG spec: relative paths are invalid
+        home = os.path.expanduser("~")  # "~" itself when there is no home
+        base = os.path.join(home, ".cache") if os.path.isabs(home) else ""
+    if base:
+        out.append((os.path.join(base, "fastbp", "numba"), os.path.join(base, "fastbp")))
+    try:
+        # FileNotFoundError when no temporary folder is usable at all.
+        tmp = tempfile.gettempdir()
+    except OSError:
+        tmp = ""
+    if os.path.isabs(tmp):
+        uid = os.getuid() if hasattr(os, "getuid") else "user"  # Windows: a per-user TEMP
+        folder = os.path.join(tmp, f"fastbp-numba-{uid}")
+        out.append((folder, folder))
+    return out
 
-            numba.config.CACHE_DIR = candidate
+
+def _warn(path, why):
+    warnings.warn(f"fastbp: not caching compiled kernels in {path}: it {why}. Numba loads "
+                  "code from its cache folder, so only a folder of your own that no one else "
+                  "can write is used (remove this one, or set NUMBA_CACHE_DIR)",
+                  RuntimeWarning, stacklevel=2)
+
+
+def _choose_cache():
+    """Decide where Numba caches (see the module docstring); sets
+    ``numba.config.CACHE_DIR`` for a fallback folder.  Returns True if
+    kernels are cached."""
+    import numba
+
+    chosen = os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR
+    if chosen:
+        why = _unsafe(chosen) if os.path.lexists(chosen) else None
+        if why is not None:
+            warnings.warn(f"fastbp: NUMBA_CACHE_DIR={chosen} {why}; Numba loads code from "
+                          "it, so other users may be able to run code in this process",
+                          RuntimeWarning, stacklevel=2)
+        return True
+    if _unsafe(_PACKAGE_CACHE) is None and _writable(_PACKAGE_CACHE):
+        return True
+    for folder, top in _candidates():
+        created = _create_private(folder)
+        if created is None:
+            continue
+        why = _chain_unsafe(folder, top, created)
+        if why is not None:
+            _warn(folder, why)
+        elif _writable(folder):
+            numba.config.CACHE_DIR = folder
             return True
     return False
 

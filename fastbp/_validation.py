@@ -1,6 +1,10 @@
 """Input checks.  Everything here runs before compiled code sees the data,
 raises ValueError naming the problem, and never modifies what it was given
 (conversions copy; already-valid arrays are passed through read-only use)."""
+import numbers
+import os
+import sys
+
 import numpy as np
 
 DTYPES = ("float32", "float64")
@@ -17,6 +21,10 @@ def check_dtype(dtype):
 
 
 def _as_numeric(a, name):
+    """``a`` as a real-valued ndarray (not yet of the model's dtype)."""
+    if hasattr(a, "toarray") and hasattr(a, "nnz"):
+        raise ValueError(f"{name} is a scipy.sparse matrix; fastbp models take dense arrays: "
+                         f"pass {name}.toarray()")
     if hasattr(a, "__array__") or isinstance(a, (list, tuple)):
         try:
             arr = np.asarray(a)
@@ -26,14 +34,53 @@ def _as_numeric(a, name):
         raise ValueError(f"{name} must be an array-like, got {type(a).__name__}")
     if arr.dtype.kind == "c":
         raise ValueError(f"{name} is complex ({arr.dtype}); only real numbers are accepted")
+    if arr.dtype.kind == "O":
+        return _object_as_float(arr, name)
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
     return arr
 
 
-def _check_finite(arr, name):
-    if arr.dtype.kind != "f":
-        return
+def _object_as_float(arr, name):
+    """An object array (pandas' nullable columns with pd.NA become one) as
+    float64: missing values and non-numbers are named, numbers accepted as
+    scikit-learn's check_array accepts them."""
+    flat = arr.reshape(-1)
+    missing = _missing(flat)
+    if missing.any():
+        at = np.unravel_index(int(np.argmax(missing)), arr.shape)
+        raise ValueError(f"{name} contains missing values (None, NaN or pd.NA; first at index "
+                         f"{tuple(int(i) for i in at)}): impute or drop them first")
+    for i, v in enumerate(flat):
+        if not _is_real(v):
+            at = tuple(int(j) for j in np.unravel_index(i, arr.shape))
+            raise ValueError(f"{name} must be numeric, got dtype object holding {v!r} "
+                             f"({type(v).__name__}) at index {at}")
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return arr.astype(np.float64)
+    except OverflowError:  # a Python int beyond float64 (10**400)
+        at = next(i for i, v in enumerate(flat) if abs(v) > sys.float_info.max)
+        at = tuple(int(j) for j in np.unravel_index(at, arr.shape))
+        raise ValueError(f"{name} holds an integer at index {at} beyond the range of float64 "
+                         "(magnitude at most 1.79769e+308): scale it") from None
+
+
+def _is_real(v):
+    return (isinstance(v, (numbers.Real, np.bool_))
+            or isinstance(v, np.number) and not isinstance(v, np.complexfloating))
+
+
+def _missing(flat):
+    """Mask of missing values (None, NaN, pd.NA, NaT) in a 1-D object array."""
+    pd = sys.modules.get("pandas")  # only objects pandas made can be pd.NA
+    if pd is not None:
+        return np.asarray(pd.isna(flat), dtype=bool)
+    return np.array([v is None or (isinstance(v, float) and v != v) for v in flat], dtype=bool)
+
+
+def _first_nonfinite(arr):
+    """Index (tuple) of the first NaN or infinity in a float array, or None."""
     # A sum is one pass with no temporary: NaN and inf propagate into it.
     # Only when it is not finite (which huge finite values can also cause,
     # more often in float32, where it is summed without a cast) is the exact
@@ -41,11 +88,49 @@ def _check_finite(arr, name):
     with np.errstate(over="ignore", invalid="ignore"):
         total = np.add.reduce(arr, axis=None)
     if np.isfinite(total):
-        return
+        return None
     bad = ~np.isfinite(arr)
-    if bad.any():
-        raise ValueError(f"{name} contains NaN or infinity (first at index "
-                         f"{tuple(int(i) for i in np.argwhere(bad)[0])})")
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def _check_finite(arr, name):
+    """ValueError if a float array holds NaN or infinity."""
+    if arr.dtype.kind != "f":
+        return
+    at = _first_nonfinite(arr)
+    if at is not None:
+        raise ValueError(f"{name} contains NaN or infinity (first at index {at})")
+
+
+def to_dtype(arr, dtype, name):
+    """``arr`` (a real ndarray) as a C-contiguous array of ``dtype``, refusing
+    NaN, infinity, and finite values that overflow ``dtype`` (a float64 1e39
+    becomes inf in float32): checked after the conversion, with a message
+    naming the array and the dtype's range."""
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(arr, dtype=dtype)
+    at = _first_nonfinite(out)
+    if at is None:
+        return out
+    value = arr[at]
+    if np.isfinite(value):
+        hint = "use dtype='float64' or scale it" if dtype == np.float32 else "scale it"
+        raise ValueError(f"{name} holds {float(value):.6g} at index {at}, beyond the range of "
+                         f"the model's {dtype.name} (magnitude at most "
+                         f"{float(np.finfo(dtype).max):.6g}): {hint}")
+    raise ValueError(f"{name} contains NaN or infinity (first at index {at})")
+
+
+def check_values(a, shape, dtype, name):
+    """``a`` (numeric, of ``shape``) as a C-contiguous array of ``dtype``,
+    finite in that dtype (see ``to_dtype``)."""
+    arr = _as_numeric(a, name)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
+    return to_dtype(arr, dtype, name)
 
 
 def check_X(X, dtype, n_features=None, name="X"):
@@ -60,12 +145,18 @@ def check_X(X, dtype, n_features=None, name="X"):
         raise ValueError(f"{name} has 0 features")
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{name} has {arr.shape[1]} features, but the model expects {n_features}")
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(arr, dtype=dtype)
-    # Checking the converted array catches NaN/inf in X and float64 values
-    # that overflow float32 alike.
-    _check_finite(out, name)
-    return out
+    return to_dtype(arr, dtype, name)
+
+
+def _probability_tolerance(source, dtype):
+    """How far a row of class probabilities may sum from 1: the square root
+    of the larger machine epsilon of the targets' and the model's dtype
+    (scikit-learn's log_loss check), so rows rounded to either dtype pass
+    and unnormalized scores do not."""
+    eps = np.finfo(dtype).eps
+    if source.kind == "f":
+        eps = max(eps, np.finfo(source).eps)
+    return float(np.sqrt(eps))
 
 
 def check_targets(y, loss, n_samples, n_outputs, dtype, name="y"):
@@ -73,50 +164,106 @@ def check_targets(y, loss, n_samples, n_outputs, dtype, name="y"):
 
     For ``cross_entropy`` a 1-D ``y`` holds integer class labels in
     [0, n_outputs) and is one-hot encoded; a 2-D ``y`` holds class
-    probabilities.  For the other losses a 1-D ``y`` is one output column.
+    probabilities: non-negative, each row summing to 1 (see
+    ``_probability_tolerance``).  For the other losses a 1-D ``y`` is one
+    output column.
     """
     arr = _as_numeric(y, name)
     if arr.shape[:1] != (n_samples,):
         raise ValueError(f"{name} has {arr.shape[0] if arr.ndim else 0} samples, X has {n_samples}")
-    _check_finite(arr, name)
     if loss == "cross_entropy" and arr.ndim == 1:
-        labels = arr
-        if labels.dtype.kind == "f" and not np.all(labels == np.round(labels)):
-            raise ValueError(f"{name}: cross_entropy labels must be integers, got non-integer values")
-        labels = labels.astype(np.int64)
-        lo, hi = labels.min(), labels.max()
-        if lo < 0 or hi >= n_outputs:
-            raise ValueError(
-                f"{name}: class labels must be in [0, {n_outputs - 1}] for a model with "
-                f"{n_outputs} outputs, got labels from {lo} to {hi}")
-        out = np.zeros((n_samples, n_outputs), dtype=dtype)
-        out[np.arange(n_samples), labels] = 1
-        return out
+        return _one_hot(arr, n_outputs, dtype, name)
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
     if arr.ndim != 2 or arr.shape[1] != n_outputs:
         raise ValueError(f"{name} must have shape ({n_samples}, {n_outputs}) to match the model's "
                          f"{n_outputs} outputs, got {np.shape(y)}")
-    if loss == "binary_cross_entropy" and (arr.min() < 0 or arr.max() > 1):
+    out = to_dtype(arr, dtype, name)
+    if loss == "binary_cross_entropy" and (out.min() < 0 or out.max() > 1):
         raise ValueError(f"{name}: binary_cross_entropy targets must lie in [0, 1]")
-    if loss == "cross_entropy" and arr.min() < 0:
+    if loss == "cross_entropy":
+        _check_probabilities(out, _probability_tolerance(arr.dtype, dtype), name)
+    return out
+
+
+def _one_hot(labels, n_outputs, dtype, name):
+    _check_finite(labels, name)
+    if labels.dtype.kind == "f" and not np.all(labels == np.round(labels)):
+        raise ValueError(f"{name}: cross_entropy labels must be integers, got non-integer values")
+    lo, hi = labels.min(), labels.max()  # before the cast: 1e30 must not wrap around
+    if lo < 0 or hi >= n_outputs:
+        raise ValueError(
+            f"{name}: class labels must be in [0, {n_outputs - 1}] for a model with "
+            f"{n_outputs} outputs, got labels from {lo} to {hi}")
+    out = np.zeros((labels.shape[0], n_outputs), dtype=dtype)
+    out[np.arange(labels.shape[0]), labels.astype(np.int64)] = 1
+    return out
+
+
+def _check_probabilities(Y, tol, name):
+    if Y.min() < 0:
         raise ValueError(f"{name}: cross_entropy target probabilities must be non-negative")
-    return np.ascontiguousarray(arr, dtype=dtype)
+    sums = Y.sum(axis=1, dtype=np.float64)
+    off = np.abs(sums - 1) > tol
+    if off.any():
+        row = int(np.argmax(off))
+        raise ValueError(
+            f"{name}: each row of cross_entropy target probabilities must sum to 1 (within "
+            f"{tol:.2g}), but row {row} sums to {sums[row]:.8g}; normalize the rows "
+            f"({name} / {name}.sum(axis=1, keepdims=True)) or pass integer class labels")
 
 
 def check_sample_weight(sample_weight, n_samples, dtype):
-    """Sample weights as a C-contiguous (n,) array of ``dtype`` (ones if None)."""
+    """Sample weights as a C-contiguous (n,) array of ``dtype`` (ones if None):
+    finite in ``dtype``, non-negative, not all zero, with a finite sum."""
     if sample_weight is None:
         return np.ones(n_samples, dtype=dtype)
     w = _as_numeric(sample_weight, "sample_weight")
     if w.shape != (n_samples,):
         raise ValueError(f"sample_weight must have shape ({n_samples},), got {w.shape}")
-    _check_finite(w.astype(np.float64), "sample_weight")
-    if (w < 0).any():
+    out = to_dtype(w, dtype, "sample_weight")
+    if (out < 0).any():
         raise ValueError("sample_weight must be non-negative")
-    if not w.sum() > 0:
+    with np.errstate(over="ignore"):
+        total = out.sum(dtype=np.float64)
+    if not total > 0:
         raise ValueError("sample_weight must not be all zero")
-    return np.ascontiguousarray(w, dtype=dtype)
+    if not np.isfinite(total):
+        raise ValueError("sample_weight sums to more than float64 can hold: scale the weights "
+                         "down (only their ratios matter)")
+    return out
+
+
+#: the largest ``n_threads`` accepted (the kernels take a C int); larger
+#: counts than the CPUs this process may run on are treated as that many.
+MAX_THREADS = 2 ** 31 - 1
+
+
+def available_cpus():
+    """CPUs this process may run on (its affinity mask where the platform
+    has one, else all of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_n_threads(n_threads):
+    """None, or ``n_threads`` (an integer in [1, MAX_THREADS]) capped at
+    ``available_cpus()``: more threads than CPUs only add hand-offs and
+    threads that stay, and the results are the same on any count."""
+    if n_threads is None:
+        return None
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)) \
+            or not 1 <= n_threads <= MAX_THREADS:
+        raise ValueError(f"n_threads must be None or an integer from 1 to {MAX_THREADS}, "
+                         f"got {n_threads!r}")
+    return min(int(n_threads), available_cpus())
+
+
+#: the largest count accepted (epochs, sizes): the program table and the
+#: step counters are int64
+MAX_COUNT = 2 ** 63 - 1
 
 
 def check_positive_int(value, name, allow_none=False):
@@ -124,6 +271,8 @@ def check_positive_int(value, name, allow_none=False):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value > MAX_COUNT:
+        raise ValueError(f"{name} must be a positive integer up to 2**63 - 1, got {value!r}")
     return int(value)
 
 

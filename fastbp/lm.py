@@ -11,6 +11,7 @@ as ``fastbp.reference`` (the compiled engine computes summed gradients only,
 not the per-row ones LM needs).
 """
 import time
+import warnings
 
 import numpy as np
 
@@ -202,7 +203,7 @@ class LevenbergMarquardt(Optimizer):
 
     # -- training ------------------------------------------------------------
     def _fit(self, net, X, Y, W, loss="mse", epochs=1, verbose=0, validation=None,
-             callbacks=()):
+             callbacks=(), on_divergence="raise"):
         """Run ``epochs`` LM iterations on ``net`` (called by ``Sequential.fit``)."""
         if loss != "mse":
             raise ValueError(f"LevenbergMarquardt minimises the mse loss only, not {loss!r}")
@@ -220,25 +221,39 @@ class LevenbergMarquardt(Optimizer):
         if rates is not None and np.any(np.asarray(rates) > 0):
             raise ValueError("LevenbergMarquardt does not support DropConnect (Dense(..., "
                              "dropconnect=...)): it needs a deterministic network")
-        n, k = Y.shape
+        k = Y.shape[1]
         sqrt_w = np.sqrt(np.asarray(W, dtype=np.float64))
         denominator = float(np.sum(W, dtype=np.float64)) * k
         X64 = np.asarray(X, dtype=np.float64)
         Y64 = np.asarray(Y, dtype=np.float64)
         rows = self.block_rows or max(1, _BLOCK_BYTES // (8 * k * max(index.size, 1)))
-        dtype = net.params.dtype
 
         first = len(net.history) + 1
         last = first + epochs - 1
         net.stop_training = False
         _call(callbacks, "on_train_begin", net)
+        try:
+            self._iterate(net, program, X64, Y64, sqrt_w, cols, index, rows, denominator, loss,
+                          first, last, verbose, validation, callbacks, on_divergence)
+        finally:
+            _call(callbacks, "on_train_end", net)
+        return net.history
+
+    def _iterate(self, net, program, X64, Y64, sqrt_w, cols, index, rows, denominator, loss,
+                 first, last, verbose, validation, callbacks, on_divergence):
+        """Epochs first .. last of ``_fit``: one LM iteration each."""
+        n, dtype = X64.shape[0], net.params.dtype
         for e in range(first, last + 1):
             _call(callbacks, "on_epoch_begin", net, e)
             self._checked()  # a callback may have changed them
             start = time.perf_counter()
             theta = net.params.astype(np.float64)
-            A, g, error = normal_equations(program, theta, X64, Y64, sqrt_w, cols, index.size,
-                                           rows)
+            with np.errstate(over="ignore", invalid="ignore"):
+                A, g, error = normal_equations(program, theta, X64, Y64, sqrt_w, cols,
+                                               index.size, rows)
+            if not np.isfinite(error):
+                self._diverged(net, e, on_divergence)
+                return
             accepted = False
             while self.mu <= self.mu_max:
                 step = _damped_step(A, g, self.mu)
@@ -275,8 +290,22 @@ class LevenbergMarquardt(Optimizer):
                 net.stop_training = True
             if net.stop_training:
                 break
-        _call(callbacks, "on_train_end", net)
-        return net.history
+
+    @staticmethod
+    def _diverged(net, epoch, on_divergence):
+        """The error at the current parameters is NaN or infinite (e.g. the
+        squared residuals overflow float64): no step can be judged, so stop
+        as ``Sequential.fit`` does on a non-finite loss."""
+        from .model import DivergenceError
+
+        message = (f"Levenberg-Marquardt diverged at epoch {epoch}: the sum of squared errors "
+                   "at the current parameters is NaN or infinite (do the targets or outputs "
+                   "overflow float64 when squared? scale them); training stopped with the "
+                   "parameters unchanged")
+        net.history.stop_reason = message
+        if on_divergence == "raise":
+            raise DivergenceError(message, epoch, 1)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _call(callbacks, hook, *args):

@@ -30,8 +30,8 @@ from ._ext import engine as _engine
 from ._numba.losses import KERNELS as _LOSS_KERNELS
 from ._numba.losses import loss_cfunc
 from ._numba.optim import step_cfunc
-from ._validation import (check_dtype, check_positive_int, check_sample_weight, check_targets,
-                          check_X)
+from ._validation import (check_dtype, check_n_threads, check_positive_int, check_sample_weight,
+                          check_targets, check_values, check_X)
 from .history import History
 from .layers import (BatchNorm, Dense, Dropout, Residual, ResidualBegin, ResidualEnd, aux_size,
                      program_row, workspace_width)
@@ -223,12 +223,7 @@ class Sequential:
 
     def set_params(self, params):
         """Copy a flat parameter vector (same length) into the model."""
-        params = np.asarray(params)
-        if params.shape != self.params.shape:
-            raise ValueError(f"params must have shape {self.params.shape}, got {params.shape}")
-        if not np.isfinite(params).all():
-            raise ValueError("params contain NaN or infinity")
-        self._params[...] = params
+        self._params[...] = check_values(params, self.params.shape, self.dtype, "params")
 
     def get_weights(self):
         """Copies of every dense layer's (W, b), in order."""
@@ -245,13 +240,16 @@ class Sequential:
             raise ValueError(f"expected weights for {len(dense)} dense layers, got {len(weights)}")
         checked = []
         for i, (layer, pair) in enumerate(zip(dense, weights)):
-            W, b = (np.asarray(a) for a in pair)
-            if W.shape != layer.W.shape or b.shape != layer.b.shape:
+            try:
+                W, b = pair
+            except (TypeError, ValueError):
+                raise ValueError(f"dense layer {i}: expected a (W, b) pair, got "
+                                 f"{type(pair).__name__}") from None
+            if np.shape(W) != layer.W.shape or np.shape(b) != layer.b.shape:
                 raise ValueError(f"dense layer {i}: expected W {layer.W.shape} and b "
-                                 f"{layer.b.shape}, got {W.shape} and {b.shape}")
-            if not (np.isfinite(W).all() and np.isfinite(b).all()):
-                raise ValueError(f"dense layer {i}: weights contain NaN or infinity")
-            checked.append((W, b))
+                                 f"{layer.b.shape}, got {np.shape(W)} and {np.shape(b)}")
+            checked.append((check_values(W, layer.W.shape, self.dtype, f"dense layer {i}'s W"),
+                            check_values(b, layer.b.shape, self.dtype, f"dense layer {i}'s b")))
         for layer, (W, b) in zip(dense, checked):
             layer.W[...] = W
             layer.b[...] = b
@@ -359,7 +357,9 @@ class Sequential:
         loss = _losses.resolve(loss)
         self._require_built()
         X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
-        return data_loss(loss, self.predict(X), Y, w)
+        value = data_loss(loss, self.predict(X), Y, w)
+        _check_result(value, None, self.dtype)
+        return value
 
     def loss_and_grad(self, X, y, loss="mse", sample_weight=None):
         """Mean loss over all of (X, y) and its gradient.
@@ -372,6 +372,12 @@ class Sequential:
         loss : float
         grad : ndarray of shape (n_params,)
             Same layout as ``params`` (a new array).
+
+        Raises
+        ------
+        ValueError
+            Also when the loss or the gradient is NaN or infinite: finite
+            inputs whose outputs or gradient overflow the model's dtype.
         """
         loss = _losses.resolve(loss)
         X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
@@ -379,7 +385,9 @@ class Sequential:
         value = _engine.loss_grad(X, Y, w, self._program, self._params, self._grad, ws.acts,
                                   ws.deltas, loss_cfunc(loss, self.dtype), self._reg,
                                   self._reg_per_weight, self._aux, self._buffers)
-        return float(value), self._grad.copy()
+        grad = self._grad.copy()
+        _check_result(float(value), grad, self.dtype)
+        return float(value), grad
 
     # -- training ----------------------------------------------------------
     def fit(self, X, y, loss=_resume.LAST, optimizer=None, epochs=1, batch_size=_resume.LAST,
@@ -424,8 +432,10 @@ class Sequential:
             1 prints one line per epoch; 0 is silent.
         n_threads : int or None, default None
             Threads for this fit: fastbp's kernels and BLAS (None: as many
-            as BLAS has, all cores unless limited).  Not recorded: on the
-            AVX2 and AVX-512 levels the result is the same on any count.
+            as BLAS has, all cores unless limited), from 1 to 2**31 - 1;
+            more than the CPUs this process may run on counts as that many.
+            Not recorded: on the AVX2 and AVX-512 levels the result is the
+            same on any count.
         on_divergence : {"raise", "warn"}, default "raise"
             What happens when a loss or weight becomes non-finite: training
             stops, the weights of the last finite step are kept, and a
@@ -496,7 +506,7 @@ class Sequential:
             raise ValueError(f"BatchNorm needs at least 2 rows in every batch: {n} samples in "
                              f"batches of {batch} leave a batch of 1 (as torch, which refuses "
                              "one-row batches in training); change batch_size")
-        n_threads = check_positive_int(n_threads, "n_threads", allow_none=True)
+        n_threads = check_n_threads(n_threads)
         clip = []
         for name, value in (("clip_value", clip_value), ("clip_norm", clip_norm)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -533,7 +543,7 @@ class Sequential:
             self._last_loss, self._fit_settings = loss, fitted
             return opt._fit(self, X, Y, W, loss=loss, epochs=epochs, verbose=verbose,
                             validation=(Xv, Yv) if validation_data is not None else None,
-                            callbacks=list(callbacks or []))
+                            callbacks=list(callbacks or []), on_divergence=on_divergence)
         state = opt._bind(self.n_params, self.dtype)
         self.optimizer = opt
         self._last_loss, self._fit_settings = loss, fitted
@@ -591,7 +601,7 @@ class Sequential:
                            "samples_per_s": n / max(seconds, 1e-9)}
                 if grad_norms:
                     dense = [i for i, l in enumerate(self.layers) if isinstance(l, Dense)]
-                    metrics["grad_norm"] = [float(run.grad_norms[i]) / (run.n_batches - run.first)
+                    metrics["grad_norm"] = [float(run.grad_norms[i]) / max(run.steps, 1)
                                             for i in dense]
                 if validation:
                     metrics.update(self._validation_metrics(*validation, loss))
@@ -678,6 +688,30 @@ def _penalties(layer):
     return l2, l1, activity.l1 if activity is not None else 0.0
 
 
+class _OverflowError(ValueError):
+    """``evaluate`` / ``loss_and_grad`` of finite inputs gave a NaN or
+    infinite loss or gradient: the network's outputs or gradient exceed the
+    model's dtype (float32 inputs of 1e30, say).  ``value`` and ``grad``
+    hold what was computed (scikit-learn's L-BFGS hands such values to
+    scipy, as scikit-learn does)."""
+
+    def __init__(self, message, value, grad):
+        super().__init__(message)
+        self.value, self.grad = value, grad
+
+
+def _check_result(value, grad, dtype):
+    """_OverflowError unless the loss and the gradient (if any) are finite."""
+    if np.isfinite(value) and (grad is None or np.isfinite(grad).all()):
+        return
+    what = (f"the loss is {value}" if not np.isfinite(value) else
+            f"the gradient has {int((~np.isfinite(grad)).sum())} NaN or infinite entries")
+    raise _OverflowError(f"{what}: the network's outputs or gradient overflow {dtype.name} for "
+                         "these inputs and weights; scale the inputs (and targets)"
+                         + (" or use dtype='float64'" if dtype == np.float32 else ""),
+                         value, grad)
+
+
 def _checked_hyper(opt):
     """The optimizer's packed hyperparameters, refused if a callback made
     them non-finite or the learning rate negative."""
@@ -713,6 +747,20 @@ def _check_seed(seed):
     raise ValueError(f"seed must be None, a non-negative integer or a list of them, got {seed!r}")
 
 
+def _batch_weight_sums(w, batch):
+    """Each batch's sum of the weights ``w`` (in batch order), added left to
+    right in float64 exactly as the engine adds them (np.add.reduceat may
+    add pairwise: with negative weights, its zero is not the engine's)."""
+    w = w.astype(np.float64)
+    n_full = len(w) // batch
+    sums = np.empty(math.ceil(len(w) / batch))
+    if n_full:
+        sums[:n_full] = np.add.accumulate(w[:n_full * batch].reshape(n_full, batch), axis=1)[:, -1]
+    if len(w) % batch:
+        sums[-1] = np.add.accumulate(w[n_full * batch:])[-1]
+    return sums
+
+
 class _EpochRunner:
     """Drives the engine through epochs: everything allocated here is
     allocated once per fit, none of it per step."""
@@ -730,6 +778,7 @@ class _EpochRunner:
         # its sum of sample weights (recomputed per epoch when shuffled).
         self.sizes = np.full(self.n_batches, batch, dtype=np.float64)
         self.sizes[-1] = X.shape[0] - batch * (self.n_batches - 1)
+        self.counts = self.sizes.copy()
         self.uniform = bool(np.all(W == 1))
         self.total = float(X.shape[0]) if self.uniform else float(W.sum(dtype=np.float64))
         # scikit-learn weighs each batch's loss by its sample count even with
@@ -747,6 +796,7 @@ class _EpochRunner:
         self.snap_params = np.empty_like(net._params)
         self.snap_state = np.empty_like(self.state)
         self.chunk = 1
+        self.steps = 0
 
     def refresh_optimizer(self):
         """Take up what changed on the optimizer since the last epoch: its
@@ -772,10 +822,17 @@ class _EpochRunner:
             # epochs' orders, so fit(2 epochs) twice == fit(4 epochs).
             self.order[...] = self.identity
             rng.shuffle(self.order)
-        if not self.uniform and not self.count_by_samples:
+        if not self.uniform:
             w = self.W[self.order] if (self.shuffle or order is not None) else self.W
-            self.sizes[...] = np.add.reduceat(w.astype(np.float64),
-                                              np.arange(0, len(w), self.batch))
+            if self.count_by_samples:
+                # A batch whose weights sum to zero is skipped by the engine:
+                # it has no weight in the mean either.
+                self.sizes[...] = self.counts
+                self.sizes[_batch_weight_sums(w, self.batch) == 0] = 0
+            else:
+                self.sizes[...] = np.add.reduceat(w.astype(np.float64),
+                                                  np.arange(0, len(w), self.batch))
+        self.steps = 0  # updates applied in this epoch (this run of it)
         self.first = 0 if resume is None else resume["batch"]
         self.grad_norms[...] = 0
         self.loss_before = 0.0 if resume is None else resume["loss_sum"]
@@ -804,18 +861,22 @@ class _EpochRunner:
 
     def epoch_loss(self):
         """Mean training loss over the epoch's samples (weighted)."""
-        total = float(self.X.shape[0]) if self.count_by_samples else self.total
+        total = self.total
+        if self.count_by_samples:
+            total = float(self.X.shape[0]) if self.uniform else float(self.sizes.sum())
         return self._loss_sum(self.n_batches) / total
 
     def _call(self, first, count):
         ws, net = self.ws, self.net
-        done, status = _engine.train_batches(
+        done, steps, status = _engine.train_batches(
             self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
             net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
             self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
             self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng, net._aux,
             net._buffers, self.clip_value, self.clip_norm, self.grad_norms, self.batch_loss)
-        self.opt.t += done
+        # Batches whose weights sum to zero were skipped: t counts updates.
+        self.opt.t += steps
+        self.steps += steps
         return done, status
 
     def run(self, b, stop, interrupt):
@@ -836,6 +897,7 @@ class _EpochRunner:
                     self.opt.t = self.snap_t
                     self.net._dropout_rng[...] = self.snap_dropout
                     self.net._buffers[...] = self.snap_buffers
+                    self.steps = 0
                     self._call(self.first, b + done - self.first)
                 return status, b + done
             b += done

@@ -58,8 +58,9 @@ from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_targ
 from sklearn.utils.optimize import _check_optimize_result
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from ._validation import MAX_THREADS, check_n_threads, to_dtype
 from .layers import Dense, Dropout
-from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner, data_loss
+from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner, _OverflowError, data_loss
 from .optim import Optimizer, _flag, _real
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -168,7 +169,7 @@ class _BaseMLP(BaseEstimator):
         "max_fun": [Interval(Integral, 1, None, closed="left")],
         "dtype": [None, StrOptions({"float32", "float64"})],
         "dropout": [Interval(Real, 0, 1, closed="left")],
-        "n_threads": [None, Interval(Integral, 1, None, closed="left")],
+        "n_threads": [None, Interval(Integral, 1, MAX_THREADS, closed="both")],
     }
 
     # -- the network ---------------------------------------------------------
@@ -233,10 +234,13 @@ class _BaseMLP(BaseEstimator):
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         y_labels = y
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
-        X = np.ascontiguousarray(X, dtype=self._dtype_of(X))
+        # scikit-learn checked X in its own dtype; a float64 1e39 is inf in float32.
+        X = to_dtype(X, self._dtype_of(X), "X")
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, X)
         sample_weight = self._apply_class_weight(sample_weight, y_labels, X)
+        if sample_weight is not None:  # class weights may overflow float32
+            sample_weight = to_dtype(sample_weight, X.dtype, "sample_weight")
         if y.ndim == 1:
             y = y.reshape((-1, 1))
         self.n_outputs_ = y.shape[1]
@@ -246,8 +250,8 @@ class _BaseMLP(BaseEstimator):
             self._initialize(y, layer_units, X.dtype)
         if X_val is not None:
             X_val, y_val = self._validate_validation(X_val, y_val, X.dtype)
-        Y = np.ascontiguousarray(y, dtype=X.dtype)
-        with _blas_threads(self.n_threads):
+        Y = to_dtype(y, X.dtype, "y")
+        with _blas_threads(check_n_threads(self.n_threads)):
             if self.solver == "lbfgs":
                 self._fit_lbfgs(X, Y, sample_weight)
             else:
@@ -266,10 +270,11 @@ class _BaseMLP(BaseEstimator):
         X_val = validate_data(self, X_val, accept_sparse=["csr", "csc"], reset=False)
         if scipy.sparse.issparse(X_val):
             X_val = X_val.toarray()
-        X_val = np.ascontiguousarray(X_val, dtype=dtype)
+        X_val = to_dtype(X_val, dtype, "X_val")
         y_val = np.asarray(y_val)
         if y_val.shape[0] != X_val.shape[0]:
             raise ValueError(f"X_val has {X_val.shape[0]} samples, y_val has {y_val.shape[0]}")
+        to_dtype(np.asarray(self._encode_targets(y_val)), dtype, "y_val")  # NaN, inf, range
         return X_val, y_val
 
     def _initialize(self, y, layer_units, dtype):
@@ -317,7 +322,10 @@ class _BaseMLP(BaseEstimator):
 
         def fun(x):
             net.params[perm] = x
-            value, grad = net.loss_and_grad(X, Y, loss=loss, sample_weight=sample_weight)
+            try:
+                value, grad = net.loss_and_grad(X, Y, loss=loss, sample_weight=sample_weight)
+            except _OverflowError as exc:  # a trial step too far: scipy backs off
+                value, grad = exc.value, exc.grad
             return value, grad[perm].astype(np.float64)
         iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
         res = scipy.optimize.minimize(fun, net.params[perm].astype(np.float64), method="L-BFGS-B",
@@ -398,6 +406,11 @@ class _BaseMLP(BaseEstimator):
                     sample_idx = sample_idx[perm]
                 run.start_epoch(order=sample_idx if self.shuffle else None)
                 status, _ = run.run(0, run.n_batches, _NoInterrupt)
+                if status == STATUS_OK and run.steps == 0:
+                    # (scikit-learn raises ZeroDivisionError on such a batch)
+                    raise ValueError("the sample weights of every mini-batch of this epoch "
+                                     "sum to zero (positive and negative weights cancel): "
+                                     "nothing can be learned; change batch_size or the weights")
                 if status != STATUS_OK:
                     self._store(net)
                     raise ValueError("Solver produced non-finite parameter weights. The input "
@@ -488,9 +501,9 @@ class _BaseMLP(BaseEstimator):
         if scipy.sparse.issparse(X):
             X = X.toarray()
         dtype = self.coefs_[0].dtype
-        X = np.ascontiguousarray(X, dtype=dtype)
+        X = to_dtype(X, dtype, "X")
         net = self._network(X.shape[1], dtype)
-        with _blas_threads(self.n_threads):
+        with _blas_threads(check_n_threads(self.n_threads)):
             z = net.predict(X)
         if self.out_activation_ == "softmax":
             z -= z.max(axis=1, keepdims=True)
@@ -541,7 +554,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     dtype : {"float32", "float64"} or None
         Training dtype (None: float32 if X is float32, else float64).
     n_threads : int or None
-        BLAS threads for fit and predict.
+        Threads for fit and predict, BLAS's and fastbp's kernels' (1 to
+        2**31 - 1; more than the CPUs this process may run on counts as
+        that many).
 
     ``fit`` also takes ``X_val, y_val``: a validation set used for early
     stopping instead of a split of X, and recorded in

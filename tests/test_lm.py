@@ -403,3 +403,30 @@ def test_settings_changed_after_construction_are_checked_before_each_iteration()
         pytest.fail("a fit with an invalid setting did not end (the damping loop spun)")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[:-1] == [f"refused {name}" for name, _ in changes]
+
+
+@pytest.mark.parametrize("on_divergence", ["raise", "warn"])
+def test_non_finite_error_is_a_divergence_not_an_inf_loss(rng, on_divergence):
+    """Targets of 1e160 make every squared residual overflow float64: LM
+    used to record loss=inf in the history and stop as if at a minimum.
+    Now it stops as Sequential.fit does on a non-finite loss: nothing
+    recorded, parameters unchanged, DivergenceError (or a warning), and
+    on_train_end still called."""
+    net = _net(seed=1)
+    X, Y = _data(rng)
+    before = net.params.copy()
+    rec = _Recorder()
+    fit = dict(optimizer=LevenbergMarquardt(), epochs=3, verbose=0, callbacks=[rec],
+               on_divergence=on_divergence)
+    if on_divergence == "raise":
+        with pytest.raises(fastbp.DivergenceError, match="Levenberg-Marquardt diverged at "
+                                                         "epoch 1") as info:
+            net.fit(X, Y * 1e160, **fit)
+        assert info.value.epoch == 1
+    else:
+        with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+            net.fit(X, Y * 1e160, **fit)
+    assert len(net.history) == 0
+    assert "diverged" in net.history.stop_reason
+    np.testing.assert_array_equal(net.params, before)
+    assert rec.calls == [("train_begin",), ("epoch_begin", 1), ("train_end",)]

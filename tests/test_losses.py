@@ -200,3 +200,25 @@ def test_softmax_loss_address_is_the_kernel(rng):
     assert losses.loss_cfunc("sk_log_loss", "float64") == softmax_losses.loss_address(
         "sk_log_loss", np.float64)
     assert losses.KERNELS["cross_entropy"] is softmax_losses.cross_entropy_loss_grad
+
+
+@pytest.mark.parametrize("loss, case", [(loss, "weight") for loss in LOSSES]
+                         + [("mse", "residual"), ("sk_squared_error", "residual")])
+def test_float32_terms_that_overflow_float32_give_the_float64_loss(loss, case):
+    """Finite float32 inputs whose squared residual (2e19^2) or weighted
+    term (a weight of 3e38) exceeds float32 used to give an inf loss; the
+    loss is a float64 and must be the reference's, the gradient finite."""
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(4, 2)).astype(np.float32)
+    Y = _targets(rng, loss, 4, 2, np.float32)
+    w = np.ones(4, np.float32)
+    if case == "residual":
+        Y[1, 0] = 2e19
+    else:
+        w[:] = 3e38
+    G, G_ref = np.empty_like(Z), np.empty_like(Z)
+    value = losses.KERNELS[loss](Z, Y, w, G)
+    want = getattr(reference, f"{loss}_loss_grad")(Z.astype(np.float64), Y.astype(np.float64),
+                                                  w.astype(np.float64), G_ref.astype(np.float64))
+    assert np.isfinite(value) and value == pytest.approx(want, rel=1e-5)
+    assert np.isfinite(G).all()

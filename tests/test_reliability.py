@@ -449,3 +449,220 @@ def test_training_is_bitwise_identical_across_processes(tmp_path):
         # the child imported the same installed package as this process
         assert os.path.realpath(lines[0]) == os.path.realpath(fastbp.__file__)
         assert lines[1] == in_process
+
+
+# -- mini-batches whose sample weights sum to zero (issue 13, item 5) ----------------
+
+def _zero_batch_fit(X, y, w, keep, make_net, **fit):
+    """Fit with weights w (some batches all zero) and, on the rows ``keep``
+    alone, an identical model: the rule is that a zero-weight batch changes
+    nothing, so the two must agree bitwise (weights, step count, history)."""
+    results = []
+    for Xi, yi, wi in ((X, y, w), (X[keep], y[keep], None)):
+        net = make_net()
+        opt = fastbp.optim.Adam(lr=1e-2)
+        net.fit(Xi, yi, optimizer=opt, sample_weight=wi, verbose=0, **fit)
+        results.append((net.params.copy(), opt.t, net.history["loss"], net._dropout_rng.copy()))
+    return results
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_zero_weight_batch_contributes_nothing(dtype):
+    """A batch whose weights are all zero used to end training with a
+    DivergenceError (0/0 loss).  Now it is skipped: no forward pass (the
+    dropout stream does not move, BatchNorm statistics do not change), no
+    update, no optimizer step, loss term 0 with weight 0 in the epoch mean."""
+    X, y = _data(n=40, dtype=dtype)
+    w = np.ones(40)
+    w[8:16] = 0  # batch 2 of 5
+    keep = w > 0
+
+    def make_net():
+        return fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.BatchNorm(),
+                                  fastbp.Dropout(0.3), fastbp.Dense(3)], dtype=dtype, seed=3)
+    got, want = _zero_batch_fit(X, y, w, keep, make_net, loss="cross_entropy", epochs=3,
+                                batch_size=8, shuffle=False)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1] == want[1] == 3 * 4  # four updates an epoch
+    assert got[2] == want[2]
+    np.testing.assert_array_equal(got[3], want[3])
+
+
+class _EngineSpy:
+    """fastbp.model's engine, recording each train_batches call's order,
+    first batch, batch count and result."""
+
+    def __init__(self, module):
+        self._module, self.calls = module, []
+
+    def train_batches(self, *args):
+        out = self._module.train_batches(*args)
+        self.calls.append((args[3].copy(), args[6], args[7], out))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def test_zero_weight_batches_in_shuffled_epochs_are_skipped(monkeypatch):
+    """Half the weights zero at batch size 2: whether a batch is all zero
+    depends on the shuffle.  Training completes, and the step count is the
+    number of batches with weight."""
+    from fastbp import model
+
+    spy = _EngineSpy(model._engine)
+    monkeypatch.setattr(model, "_engine", spy)
+    X, y = _data(n=60)
+    w = np.tile([1.0, 0.0], 30)
+    net = fastbp.Sequential([fastbp.Dense(4, activation="tanh"), fastbp.Dense(3)], seed=0)
+    opt = fastbp.optim.SGD(lr=0.1)
+    net.fit(X, y, loss="cross_entropy", optimizer=opt, sample_weight=w, epochs=4,
+            batch_size=2, verbose=0)
+    applied = sum(w[order[2 * b:2 * b + 2]].sum() > 0
+                  for order, first, count, _ in spy.calls for b in range(first, first + count))
+    assert 0 < applied < 4 * 30  # some batches were all zero, some not
+    assert opt.t == applied == sum(out[1] for *_, out in spy.calls)
+    assert np.isfinite(net.params).all() and np.isfinite(net.history["loss"]).all()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_zero_weight_batch_on_the_row_parallel_path(shuffle):
+    """The row-parallel step sums the batch's weights itself: a zero batch
+    must be skipped before it, on both paths, with the same bits."""
+    from fastbp._ext import engine
+
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(203, 60)).astype(np.float32)
+    y = rng.integers(0, 5, 203)
+    w = np.ones(203)
+    w[64:128] = 0  # the second batch of 64 when not shuffled
+    if shuffle:  # the same zero batch, found where the shuffle puts it
+        order = np.arange(203)
+        fastbp.Sequential([fastbp.Dense(5)], seed=1).build(60)._shuffle_rng.shuffle(order)
+        w = np.ones(203)
+        w[order[64:128]] = 0
+    keep = w > 0
+
+    def make_net():
+        return fastbp.Sequential([fastbp.Dense(120, activation="relu"),
+                                  fastbp.Dense(32, activation="elu"), fastbp.Dense(5)],
+                                 dtype="float32", seed=1)
+    results = []
+    for rows in (False, True):
+        previous = engine._set_rows_parallel(rows)
+        before = engine._rows_steps()
+        try:
+            net = make_net()
+            opt = fastbp.optim.Adam(lr=1e-2)
+            net.fit(X, y, loss="cross_entropy", optimizer=opt, sample_weight=w, epochs=1,
+                    batch_size=64, shuffle=shuffle, verbose=0, n_threads=2)
+        finally:
+            engine._set_rows_parallel(previous)
+        steps = engine._rows_steps() - before
+        assert steps == (2 if rows else 0)  # batches 1 and 3 of 64; not the zero one
+        assert opt.t == 3
+        results.append(net.params.copy())
+    np.testing.assert_array_equal(results[0], results[1])
+    if not shuffle:
+        net = make_net()
+        net.fit(X[keep], y[keep], loss="cross_entropy", optimizer=fastbp.optim.Adam(lr=1e-2),
+                epochs=1, batch_size=64, shuffle=False, verbose=0, n_threads=2)
+        np.testing.assert_array_equal(results[0], net.params)
+
+
+def test_divergence_after_a_zero_weight_batch_rolls_back_exactly():
+    """Rollback replays the epoch from its snapshot: the zero batch is
+    skipped again, and the step count agrees with the updates applied."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(40, 5))
+    y = rng.integers(0, 3, 40)
+    X[:30] *= 1e-12   # harmless updates,
+    X[30:] *= 1e300   # then finite logits whose update overflows
+    w = np.ones(40)
+    w[10:20] = 0
+    net = fastbp.Sequential([fastbp.Dense(3)], dtype="float64", seed=5).build(5)
+    opt = fastbp.optim.SGD(lr=1e10)
+    with pytest.warns(RuntimeWarning, match="batch 4"):
+        net.fit(X, y, loss="cross_entropy", optimizer=opt, sample_weight=w, epochs=1,
+                batch_size=10, shuffle=False, verbose=0, on_divergence="warn")
+    twin = fastbp.Sequential([fastbp.Dense(3)], dtype="float64", seed=5).build(5)
+    keep = np.r_[0:10, 20:30]
+    twin.fit(X[keep], y[keep], loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=1e10),
+             epochs=1, batch_size=10, shuffle=False, verbose=0)
+    np.testing.assert_array_equal(net.params, twin.params)
+    assert opt.t == 2
+
+
+def test_all_zero_or_negative_weights_are_refused_before_training():
+    X, y = _data(n=20)
+    net = fastbp.Sequential([fastbp.Dense(3)], seed=0).build(10)
+    before = net.params.copy()
+    for w, message in ((np.zeros(20), "all zero"), (np.r_[-1.0, np.ones(19)], "non-negative")):
+        with pytest.raises(ValueError, match=message):
+            net.fit(X, y, loss="cross_entropy", sample_weight=w, verbose=0)
+    np.testing.assert_array_equal(net.params, before)
+
+
+# -- thread counts (issue 13, item 13) -------------------------------------------------
+
+@pytest.mark.parametrize("n_threads", [0, -1, 2 ** 31, 2 ** 64, 2.0, True, "2",
+                                       np.uint64(2 ** 63)])
+def test_n_threads_out_of_range_is_a_value_error_naming_the_range(n_threads):
+    """2**31 raised OverflowError (a C int) and 2**64 ctypes.ArgumentError
+    (threadpoolctl), after other checks had passed."""
+    X, y = _data(n=20)
+    net = fastbp.Sequential([fastbp.Dense(3)], seed=0)
+    with pytest.raises(ValueError, match=r"n_threads must be None or an integer from 1 to "
+                                         r"2147483647"):
+        net.fit(X, y, loss="cross_entropy", n_threads=n_threads, verbose=0)
+    assert not net.history
+
+
+@pytest.mark.parametrize("n_threads", [2 ** 31, 2 ** 64])
+def test_estimator_n_threads_out_of_range_is_a_value_error(n_threads):
+    X, y = _data(n=20)
+    for est in (fastbp.MLPRegressor(n_threads=n_threads, max_iter=1),
+                fastbp.MLPClassifier(n_threads=n_threads, max_iter=1)):
+        with pytest.raises(ValueError, match="n_threads"):
+            est.fit(X, y)
+
+
+_POOL_SCRIPT = textwrap.dedent("""
+    import os, sys
+    cpus = sorted(os.sched_getaffinity(0))[:int(sys.argv[1])]
+    os.sched_setaffinity(0, cpus)   # before the pool reads it
+    import numpy as np
+    import fastbp
+    from fastbp._ext import dense
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 150)).astype(np.float32)
+    y = rng.integers(0, 10, 200)
+    out = []
+    for n in (1, 1000, len(cpus)):
+        # 35k parameters: the optimizer's update is split across the pool
+        net = fastbp.Sequential([fastbp.Dense(160, activation="relu"),
+                                 fastbp.Dense(64, activation="tanh"), fastbp.Dense(10)],
+                                seed=3)
+        net.fit(X, y, loss="cross_entropy", epochs=1, batch_size=32, verbose=0, n_threads=n)
+        out.append(net.params.tobytes())
+    a = rng.normal(size=(64, 64))   # our own kernels, split by the declared count
+    dense.set_threads(1000)
+    wide = dense.gemm(a, a)
+    dense.set_threads(1)
+    one = dense.gemm(a, a)
+    print(len(cpus), dense.pool_workers(), len(set(out)), np.array_equal(wide, one))
+""")
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_pool_is_capped_at_the_cpus_this_process_may_use(tmp_path, cpus):
+    """n_threads=1000 on two cores started 63 pool threads that stayed.
+    Now the pool has at most CPUs - 1 workers (the caller is the other
+    thread), for fit's n_threads and for a kernel told to use 1000, and
+    the results are the same bits on any count."""
+    done = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(cpus)], capture_output=True,
+                          text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    have, workers, distinct, same = done.stdout.split()
+    assert int(workers) <= int(have) - 1
+    assert distinct == "1" and same == "True"

@@ -1045,3 +1045,86 @@ def test_dropout_rejects_lbfgs_and_bad_rates():
         MLPClassifier(solver="lbfgs", dropout=0.2).fit(X, y)
     with pytest.raises(ValueError):
         MLPRegressor(dropout=1.0).fit(X, y.astype(float))
+
+
+# -- inputs converted to a float32 model (issue 13, item 4) --------------------------
+
+def _overflow_case(where):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 3)), rng.normal(size=30)
+    fit = {"X": X, "y": y, "sample_weight": np.ones(30)}
+    if where in fit:
+        fit[where] = fit[where].copy()
+        fit[where][0] = 1e39  # finite in float64, inf in float32
+    return X, y, fit
+
+
+@ignore_convergence
+@pytest.mark.parametrize("where", ["X", "y", "sample_weight", "X_val", "y_val", "predict",
+                                   "class_weight"])
+def test_float32_estimator_refuses_values_beyond_its_dtype(where):
+    """scikit-learn checks the inputs in float64; converting them to a
+    float32 model turned 1e39 into inf (NaN predictions, an inf loss)."""
+    X, y, fit = _overflow_case(where)
+    big = X.copy()
+    big[0, 0] = 1e39
+    name = {"predict": "X", "class_weight": "sample_weight"}.get(where, where)
+    if where == "class_weight":
+        est = MLPClassifier(dtype="float32", max_iter=2, class_weight={0: 1e30, 1: 1e30})
+        call = lambda: est.fit(X, y > 0, sample_weight=np.full(30, 1e10))  # noqa: E731
+    elif where == "predict":
+        est = MLPRegressor(dtype="float32", max_iter=2).fit(X, y)
+        call = lambda: est.predict(big)  # noqa: E731
+    elif where in ("X_val", "y_val"):
+        yv = y.copy()
+        yv[0] = 1e39
+        val = {"X_val": big if where == "X_val" else X, "y_val": yv if where == "y_val" else y}
+        est = MLPRegressor(dtype="float32", max_iter=2)
+        call = lambda: est.fit(X, y, **val)  # noqa: E731
+    else:
+        est = MLPRegressor(dtype="float32", max_iter=2)
+        call = lambda: est.fit(fit["X"], fit["y"], sample_weight=fit["sample_weight"])  # noqa
+    with pytest.raises(ValueError, match=rf"^{name} holds 1e\+(39|40) .*float32"):
+        call()
+
+
+@ignore_convergence
+def test_float32_inputs_with_float64_targets_beyond_float32():
+    """dtype=None follows X: a float32 X makes a float32 model, whose
+    targets must fit float32 too (the message points at dtype='float64')."""
+    X, y, _ = _overflow_case(None)
+    y[3] = -1e39
+    with pytest.raises(ValueError, match=r"y holds -1e\+39 .*dtype='float64'"):
+        MLPRegressor(max_iter=2).fit(X.astype(np.float32), y)
+
+
+@ignore_convergence
+@pytest.mark.parametrize("weights", ["zero", "cancelling"])
+@pytest.mark.parametrize("cls", [MLPRegressor, MLPClassifier])
+def test_zero_weight_batch_is_skipped_as_if_its_rows_were_absent(cls, weights):
+    """scikit-learn raises ZeroDivisionError on a batch whose weights sum to
+    zero (np.average); fastbp skips the batch (no update, no Adam step, no
+    weight in loss_curve_), so the fit equals sklearn's on the other rows."""
+    X, y = make_classification(n=20, d=4, k=2, seed=3)
+    w = np.ones(20)
+    w[5:10] = [0, 0, 0, 0, 0] if weights == "zero" else [1, -1, 2.5, -2.5, 0]
+    keep = np.r_[0:5, 10:20]
+    kw = dict(hidden_layer_sizes=(6,), batch_size=5, shuffle=False, max_iter=4, random_state=0,
+              learning_rate_init=0.01)
+    fb = cls(**kw).fit(X, y, sample_weight=w)
+    sk = getattr(sknn, cls.__name__)(**kw).fit(X[keep], y[keep], sample_weight=w[keep])
+    assert fb.n_iter_ == sk.n_iter_
+    assert fb._optimizer.t == sk._optimizer.t == 4 * 3  # Adam's step count: updates
+    for a, e in zip(fb.coefs_ + fb.intercepts_, sk.coefs_ + sk.intercepts_):
+        assert_rel(a, e, RTOL)
+    assert_rel(fb.loss_curve_, sk.loss_curve_, RTOL)
+    with pytest.raises(ZeroDivisionError):  # what scikit-learn itself does
+        getattr(sknn, cls.__name__)(**kw).fit(X, y, sample_weight=w)
+
+
+def test_epoch_whose_every_batch_weighs_zero_is_a_value_error():
+    X, y = make_classification(n=8, d=3, k=2, seed=0)
+    w = np.tile([1.0, -1.0], 4)   # every batch of 2 sums to zero
+    with pytest.raises(ValueError, match="every mini-batch of this epoch sum to zero"):
+        MLPRegressor(hidden_layer_sizes=(3,), batch_size=2, shuffle=False, max_iter=2,
+                     random_state=0).fit(X, y.astype(float), sample_weight=w)

@@ -1,4 +1,6 @@
 """Bad input raises ValueError naming the problem, before compiled code runs."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -100,8 +102,133 @@ def test_errors_come_before_any_training(net, data):
 
 def test_float64_values_that_overflow_float32_are_rejected():
     net = fastbp.Sequential([fastbp.Dense(2)], dtype="float32").build(2)
-    with pytest.raises(ValueError, match="NaN or infinity"):
+    with pytest.raises(ValueError, match=r"X holds 1e\+300 at index \(0, 0\), beyond the range "
+                                         r"of the model's float32 .*3\.40282e\+38"):
         net.predict(np.array([[1e300, 0.0]]))
+
+
+def _float32_net(outputs=1):
+    return fastbp.Sequential([fastbp.Dense(3, activation="tanh"), fastbp.Dense(outputs)],
+                             dtype="float32", seed=0).build(2)
+
+
+_OVERFLOW = [  # (what, call on a built float32 net, X (4, 2), y (4,), w (4,))
+    ("evaluate", lambda net, X, y, w: net.evaluate(X, y, sample_weight=w)),
+    ("loss_and_grad", lambda net, X, y, w: net.loss_and_grad(X, y, sample_weight=w)),
+    ("fit", lambda net, X, y, w: net.fit(X, y, sample_weight=w, verbose=0)),
+    ("validation_data", lambda net, X, y, w: net.fit(np.ones((4, 2)), np.ones(4), verbose=0,
+                                                     validation_data=(X, y))),
+]
+
+
+@pytest.mark.parametrize("where, what, call", [
+    (where, what, call) for what, call in _OVERFLOW for where in ("X", "y", "sample_weight")
+    if not (what == "validation_data" and where == "sample_weight")])  # it has no weights
+def test_values_beyond_float32_are_checked_after_conversion(where, what, call):
+    """y = 1e39 or sample_weight = 1e39 used to pass (the NaN/inf check ran
+    before the cast) and become inf: an inf/NaN loss with no error, or a
+    DivergenceError from fit."""
+    arrays = {"X": np.ones((4, 2)), "y": np.ones(4), "sample_weight": np.ones(4)}
+    arrays[where][1] = 1e39  # finite in float64
+    name = {"X": "X", "y": "y", "sample_weight": "sample_weight"}[where]
+    if what == "validation_data":
+        name += "_val"
+    net = _float32_net()
+    before = net.params.copy()
+    with pytest.raises(ValueError, match=rf"^{name} holds 1e\+39 at index .*float32"):
+        call(net, arrays["X"], arrays["y"], arrays["sample_weight"])
+    np.testing.assert_array_equal(net.params, before)
+
+
+def test_huge_integer_class_labels_are_refused_before_the_cast():
+    net = _float32_net(outputs=3)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\].* to 1e\+30"):
+        net.fit(np.ones((2, 2)), np.array([0.0, 1e30]), loss="cross_entropy", verbose=0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda n: np.full(n.params.shape, 1e39), r"params holds 1e\+39 .*float32"),
+    (lambda n: np.full(n.params.shape, np.nan), "params contains NaN"),
+    (lambda n: np.ones(3), r"params must have shape"),
+    (lambda n: np.array(["a"] * n.params.size), "numeric"),
+])
+def test_set_params_checks_values_in_the_models_dtype(bad, message):
+    net = _float32_net()
+    before = net.params.copy()
+    with pytest.raises(ValueError, match=message):
+        net.set_params(bad(net))
+    np.testing.assert_array_equal(net.params, before)
+
+
+def test_set_weights_checks_values_in_the_models_dtype():
+    net = _float32_net()
+    weights = net.get_weights()
+    weights[1] = (weights[1][0].astype(np.float64), np.array([1e39]))
+    before = net.params.copy()
+    with pytest.raises(ValueError, match=r"dense layer 1's b holds 1e\+39"):
+        net.set_weights(weights)
+    np.testing.assert_array_equal(net.params, before)
+    with pytest.raises(ValueError, match="expected a \\(W, b\\) pair"):
+        net.set_weights([weights[0], 3])
+
+
+def test_missing_values_from_pandas_are_named():
+    import pandas as pd
+    net = _float32_net()
+    X = pd.DataFrame({"a": pd.array([1.0, None, 2.0], dtype="Float64"), "b": [1.0, 2.0, 3.0]})
+    for call in (net.predict, lambda X: net.fit(X, np.ones(3), verbose=0)):
+        with pytest.raises(ValueError, match=r"X contains missing values .*pd\.NA.*\(1, 0\)"):
+            call(X)
+    y = pd.Series(pd.array([1, None, 0], dtype="Int64")).astype(object)
+    with pytest.raises(ValueError, match="y contains missing values"):
+        net.fit(np.ones((3, 2)), y, verbose=0)
+
+
+def test_numeric_object_arrays_and_nullable_columns_without_missing_values_work():
+    import pandas as pd
+    net = _float32_net()
+    X = np.array([[1, 2.5], [np.float32(3), True]], dtype=object)
+    np.testing.assert_array_equal(net.predict(X),
+                                  net.predict(np.array([[1, 2.5], [3, 1]], dtype=np.float32)))
+    frame = pd.DataFrame({"a": pd.array([1, 2], dtype="Int64"), "b": [0.5, 1.5]})
+    assert np.isfinite(net.predict(frame)).all()
+    with pytest.raises(ValueError, match=r"numeric, got dtype object holding 'x' \(str\)"):
+        net.predict(np.array([[1, "x"]], dtype=object))
+
+
+def test_sparse_input_is_named():
+    import scipy.sparse as sparse
+    net = _float32_net()
+    with pytest.raises(ValueError, match=r"scipy\.sparse matrix.*toarray"):
+        net.predict(sparse.csr_matrix(np.ones((2, 2))))
+
+
+@pytest.mark.parametrize("dtype, source, off, ok", [
+    ("float32", np.float32, 1e-4, True),     # float32 rounding of a softmax
+    ("float32", np.float64, 1e-3, False),
+    ("float64", np.float64, 1e-9, True),
+    ("float64", np.float64, 1e-6, False),
+    ("float64", np.float32, 1e-4, True),     # float32 probabilities in a float64 model
+    ("float64", np.float32, 1e-3, False),
+])
+def test_cross_entropy_probabilities_must_sum_to_one(dtype, source, off, ok):
+    """Rows of class probabilities that do not sum to 1 (within the square
+    root of the larger epsilon of the targets' and the model's dtype) used
+    to be accepted silently."""
+    net = fastbp.Sequential([fastbp.Dense(3)], dtype=dtype, seed=0).build(2)
+    Y = np.array([[0.2, 0.3, 0.5], [0.0, 1.0, 0.0]], dtype=source)
+    Y[0, 2] += source(off)
+    if ok:
+        assert np.isfinite(net.evaluate(np.ones((2, 2)), Y, loss="cross_entropy"))
+    else:
+        with pytest.raises(ValueError, match=r"row 0 sums to 1\.00.*normalize the rows"):
+            net.evaluate(np.ones((2, 2)), Y, loss="cross_entropy")
+
+
+def test_sample_weights_whose_sum_overflows_are_refused():
+    net = fastbp.Sequential([fastbp.Dense(1)], dtype="float64", seed=0).build(2)
+    with pytest.raises(ValueError, match="sample_weight sums to more than float64"):
+        net.evaluate(np.ones((2, 2)), np.ones(2), sample_weight=np.full(2, 1e308))
 
 
 def test_aliases():
@@ -126,3 +253,46 @@ def test_aliases():
 def test_bad_hyperparameters_and_configs(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_results_that_overflow_the_dtype_are_an_error_not_inf():
+    """Finite float32 inputs of 1e30: the outputs are finite but the
+    gradient of the first layer (1e30 x 1e29) is not representable;
+    loss_and_grad returned it as inf.  The loss itself is a float64 and
+    finite (fastbp._numba.losses adds its terms in float64)."""
+    net = fastbp.Sequential([fastbp.Dense(2, activation="relu"), fastbp.Dense(1)],
+                            dtype="float32", seed=0).build(3)
+    X = np.array([[1e30, 1.0, 1.0], [1.0, 2.0, 3.0], [0.5, 1.0, -1.0]])
+    y = np.zeros(3)
+    with pytest.raises(ValueError, match=r"the gradient has \d+ NaN or infinite entries: .*"
+                                         r"overflow float32 .*dtype='float64'"):
+        net.loss_and_grad(X, y)
+    assert np.isfinite(net.evaluate(X, y))
+    net.set_params(np.full(net.n_params, 1e30))  # outputs of 1e90: inf in float32
+    with pytest.raises(ValueError, match="the loss is inf"):
+        net.evaluate(np.ones((2, 3)), np.zeros(2))
+
+
+def test_fuzzed_inputs_pass():
+    """A few hundred trials of tests/adversarial/fuzz_inputs.py (each batch
+    in a subprocess with a timeout): every call returns a finite result of
+    the right shape or raises ValueError/TypeError with a message, and no
+    input is mutated."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent / "adversarial" / "fuzz_inputs.py"
+    spec = importlib.util.spec_from_file_location("fuzz_inputs", path)
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    results = fuzz._run_batch(seed=2024, start=0, count=200, timeout=300, python=sys.executable)
+    failures = [r for r in results if r["kind"] not in fuzz.PASS]
+    assert len(results) == 200
+    assert not failures, failures[:5]
+
+
+def test_python_ints_beyond_float64_are_a_value_error():
+    net = _float32_net()
+    for X in ([[10 ** 400, 1]], np.array([[1, -10 ** 400]], dtype=object)):
+        with pytest.raises(ValueError, match="integer at index .* beyond the range of float64"):
+            net.predict(X)

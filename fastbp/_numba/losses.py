@@ -40,10 +40,14 @@ def mse_loss_grad(Z, Y, w, G):
     scale = 1.0 / (_weight_sum(w) * k)
     total = 0.0
     for i in range(m):
+        wi = np.float64(w[i])
         for j in range(k):
             d = Z[i, j] - Y[i, j]
-            total += w[i] * d * d
-            G[i, j] = 2 * scale * (w[i] * d)
+            # The loss term in float64, from the exact difference: a float32
+            # residual of 2e19 (or a weight of 3e38) must not overflow it.
+            d64 = np.float64(Z[i, j]) - np.float64(Y[i, j])
+            total += wi * d64 * d64
+            G[i, j] = 2 * scale * (wi * d)
     return total * scale
 
 
@@ -58,9 +62,10 @@ def binary_cross_entropy_loss_grad(Z, Y, w, G):
             y = Y[i, j]
             # log(1 + e^{-|z|}) never overflows; max(z, 0) - z y is exact.
             e = np.exp(-abs(z))
-            total += w[i] * (max(z, 0) - z * y + np.log1p(e))
+            wi = np.float64(w[i])  # a float32 weight of 3e38 times 2 must not overflow
+            total += wi * (max(z, 0) - np.float64(z) * y + np.log1p(e))
             s = 1 / (1 + e) if z >= 0 else e / (1 + e)
-            G[i, j] = scale * (w[i] * (s - y))
+            G[i, j] = scale * (wi * (s - y))
     return total * scale
 
 
@@ -76,10 +81,12 @@ def sk_squared_error_loss_grad(Z, Y, w, G):
     scale = 1.0 / _weight_sum(w)
     total = 0.0
     for i in range(m):
+        wi = np.float64(w[i])
         for j in range(k):
             d = Z[i, j] - Y[i, j]
-            total += w[i] * d * d
-            G[i, j] = scale * (w[i] * d)
+            d64 = np.float64(Z[i, j]) - np.float64(Y[i, j])  # as mse_loss_grad
+            total += wi * d64 * d64
+            G[i, j] = scale * (wi * d)
     return 0.5 * total * scale / k
 
 
@@ -98,13 +105,13 @@ def sk_binary_log_loss_loss_grad(Z, Y, w, G):
             e = np.exp(-abs(z))
             p = 1 / (1 + e) if z >= 0 else e / (1 + e)
             y = Y[i, j]
-            G[i, j] = scale * (w[i] * (p - y))
+            G[i, j] = scale * (np.float64(w[i]) * (p - y))
             pc = min(max(p, eps), 1 - eps)
             if y != 0:
                 row += y * np.log(pc)
             if y != 1:
                 row += (1 - y) * np.log(1 - pc)
-        total -= w[i] * row
+        total -= np.float64(w[i]) * row
     return total * scale
 
 
@@ -119,9 +126,9 @@ def sk_poisson_loss_grad(Z, Y, w, G):
         for j in range(k):
             p = np.exp(Z[i, j])
             y = Y[i, j]
-            G[i, j] = scale * (w[i] * (p - y))
+            G[i, j] = scale * (np.float64(w[i]) * (p - y))
             row += (y * np.log(y / p) if y != 0 else 0.0) - y + p
-        total += w[i] * row
+        total += np.float64(w[i]) * row
     return total * scale
 
 
