@@ -10,6 +10,7 @@ The Jacobian is computed here in NumPy, in float64, from the same layer math
 as ``fastbp.reference`` (the compiled engine computes summed gradients only,
 not the per-row ones LM needs).
 """
+import contextlib
 import time
 
 import numpy as np
@@ -232,51 +233,74 @@ class LevenbergMarquardt(Optimizer):
         last = first + epochs - 1
         net.stop_training = False
         _call(callbacks, "on_train_begin", net)
-        for e in range(first, last + 1):
-            _call(callbacks, "on_epoch_begin", net, e)
-            self._checked()  # a callback may have changed them
-            start = time.perf_counter()
-            theta = net.params.astype(np.float64)
-            A, g, error = normal_equations(program, theta, X64, Y64, sqrt_w, cols, index.size,
-                                           rows)
-            accepted = False
-            while self.mu <= self.mu_max:
-                step = _damped_step(A, g, self.mu)
-                if step is not None:
-                    trial = theta.copy()
-                    trial[index] += step
-                    trial = trial.astype(dtype)
-                    if np.isfinite(trial).all():
-                        with np.errstate(over="ignore", invalid="ignore"):
-                            trial_error = sum_squared_error(program, trial.astype(np.float64),
-                                                            X64, Y64, sqrt_w)
-                        if trial_error < error:  # False for NaN
-                            net.params[...] = trial
-                            error = trial_error
-                            self.mu = max(self.mu * self.mu_dec, _MU_FLOOR)
-                            self.t += 1
-                            accepted = True
-                            break
-                self.mu *= self.mu_inc
-            seconds = time.perf_counter() - start
-            metrics = {"loss": error / denominator, "time": seconds,
-                       "samples_per_s": n / max(seconds, 1e-9)}
-            if validation is not None:
-                metrics["val_loss"] = net.evaluate(validation[0], validation[1], loss=loss)
-            net.history.append(e, **metrics)
-            if verbose:
-                net._print_epoch(e, last, metrics)
-            _call(callbacks, "on_epoch_end", net, e, metrics)
-            if not accepted:
-                net.history.stop_reason = (
-                    f"Levenberg-Marquardt stopped at epoch {e}: no step decreased the error "
-                    f"before mu exceeded mu_max={self.mu_max:g} (a minimum, or a flat "
-                    "region); call reset() on the optimizer to start over")
-                net.stop_training = True
-            if net.stop_training:
-                break
-        _call(callbacks, "on_train_end", net)
+        # Ctrl-C waits for the end of an iteration (and of on_train_end, called
+        # also when it stops the fit), so the parameters, mu, t and the history
+        # agree, as in Sequential.fit.
+        with _deferred_interrupt() as interrupt, _training(callbacks, net):
+            for e in range(first, last + 1):
+                _call(callbacks, "on_epoch_begin", net, e)
+                self._checked()  # a callback may have changed them
+                start = time.perf_counter()
+                theta = net.params.astype(np.float64)
+                A, g, error = normal_equations(program, theta, X64, Y64, sqrt_w, cols, index.size,
+                                               rows)
+                accepted = False
+                while self.mu <= self.mu_max:
+                    step = _damped_step(A, g, self.mu)
+                    if step is not None:
+                        trial = theta.copy()
+                        trial[index] += step
+                        trial = trial.astype(dtype)
+                        if np.isfinite(trial).all():
+                            with np.errstate(over="ignore", invalid="ignore"):
+                                trial_error = sum_squared_error(program, trial.astype(np.float64),
+                                                                X64, Y64, sqrt_w)
+                            if trial_error < error:  # False for NaN
+                                net.params[...] = trial
+                                error = trial_error
+                                self.mu = max(self.mu * self.mu_dec, _MU_FLOOR)
+                                self.t += 1
+                                accepted = True
+                                break
+                    self.mu *= self.mu_inc
+                seconds = time.perf_counter() - start
+                metrics = {"loss": error / denominator, "time": seconds,
+                           "samples_per_s": n / max(seconds, 1e-9)}
+                if validation is not None:
+                    metrics["val_loss"] = net.evaluate(validation[0], validation[1], loss=loss)
+                net.history.append(e, **metrics)
+                if verbose:
+                    net._print_epoch(e, last, metrics)
+                _call(callbacks, "on_epoch_end", net, e, metrics)
+                if not accepted:
+                    net.history.stop_reason = (
+                        f"Levenberg-Marquardt stopped at epoch {e}: no step decreased the error "
+                        f"before mu exceeded mu_max={self.mu_max:g} (a minimum, or a flat "
+                        "region); call reset() on the optimizer to start over")
+                    net.stop_training = True
+                if interrupt.requested:
+                    if accepted:
+                        net.history.stop_reason = (f"interrupted by Ctrl-C after epoch {e}; fit "
+                                                   "again to continue")
+                    raise KeyboardInterrupt(net.history.stop_reason)
+                if net.stop_training:
+                    break
         return net.history
+
+
+def _deferred_interrupt():
+    from .model import _DeferredInterrupt  # fastbp.model imports this module
+
+    return _DeferredInterrupt()
+
+
+@contextlib.contextmanager
+def _training(callbacks, net):
+    """Calls on_train_end when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        _call(callbacks, "on_train_end", net)
 
 
 def _call(callbacks, hook, *args):

@@ -472,7 +472,8 @@ class Sequential:
         -----
         Ctrl-C (SIGINT) is deferred to the next step boundary: the fit stops
         with the model consistent, records where it stopped, saves the
-        checkpoint if one is set, and raises KeyboardInterrupt.
+        checkpoint if one is set, and raises KeyboardInterrupt (also when
+        it arrives during the last step: the fit is then complete).
         """
         given = dict(loss=loss, batch_size=batch_size, shuffle=shuffle, clip_value=clip_value,
                      clip_norm=clip_norm, on_divergence=on_divergence, grad_norms=grad_norms)
@@ -605,11 +606,18 @@ class Sequential:
                     return self._interrupted(e + 1, 0)
                 if self.stop_training:
                     break
+            if interrupt.requested:  # during the last epoch's last call, or after it
+                self._interrupted_at_end(e)
         return self.history
 
     def _interrupted(self, epoch, batch):
         self.history.stop_reason = (f"interrupted by Ctrl-C before batch {batch + 1} of "
                                     f"epoch {epoch}; fit again to continue")
+        raise KeyboardInterrupt(self.history.stop_reason)
+
+    def _interrupted_at_end(self, epoch):
+        self.history.stop_reason = (f"interrupted by Ctrl-C as epoch {epoch} ended, the last "
+                                    "this fit had to train: the fit is complete")
         raise KeyboardInterrupt(self.history.stop_reason)
 
     def discard_partial_epoch(self):
@@ -849,23 +857,31 @@ class _DeferredInterrupt:
     """Hold Ctrl-C (SIGINT) until the next call boundary, so that the model,
     the optimizer's step count and the history always agree.  Only the main
     thread receives signals; in other threads this does nothing.  A second
-    Ctrl-C interrupts at once."""
+    Ctrl-C interrupts at once.  None is lost: one that the block did not act
+    on (it arrived during the last call, or the block ends with another
+    exception) raises KeyboardInterrupt when the block ends."""
 
     def __enter__(self):
         self.requested = False
+        self._armed = True
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
         return self
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested and self._armed:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        self._armed = False  # from here a Ctrl-C is only recorded
         if self._previous is not None:
+            # signal.signal first runs the handler of a signal still pending
             signal.signal(signal.SIGINT, self._previous)
+        if self.requested and not (exc_type is not None
+                                   and issubclass(exc_type, KeyboardInterrupt)):
+            raise KeyboardInterrupt("interrupted by Ctrl-C")
         return False
 
 

@@ -59,7 +59,8 @@ from sklearn.utils.optimize import _check_optimize_result
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from .layers import Dense, Dropout
-from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner, data_loss
+from .model import (STATUS_OK, Sequential, _blas_threads, _DeferredInterrupt, _EpochRunner,
+                    data_loss)
 from .optim import Optimizer, _flag, _real
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -125,10 +126,6 @@ class _SklearnAdam(Optimizer):
 
     def _kernel_values(self, hp):
         return hp
-
-
-class _NoInterrupt:
-    requested = False
 
 
 def _store_params(estimator, params):
@@ -387,50 +384,58 @@ class _BaseMLP(BaseEstimator):
         run = _EpochRunner(net, X, Y, W, batch_size, False, self._loss_name(), opt, state)
         run.count_by_samples = True
         self.n_iter_ = 0
+        # Ctrl-C stops training as in scikit-learn (a warning, and fit returns
+        # the model as it is), but at a call boundary or the end of an
+        # iteration, so the weights, n_iter_ and loss_curve_ agree.
         try:
-            for _ in range(self.max_iter):
-                if self.shuffle:
-                    # sklearn.utils.shuffle(sample_idx, random_state=...) draws
-                    # exactly this (resample without replacement), minus its
-                    # validation overhead (~0.2 ms an epoch)
-                    perm = np.arange(n_samples)
-                    self._random_state.shuffle(perm)
-                    sample_idx = sample_idx[perm]
-                run.start_epoch(order=sample_idx if self.shuffle else None)
-                status, _ = run.run(0, run.n_batches, _NoInterrupt)
-                if status != STATUS_OK:
-                    self._store(net)
-                    raise ValueError("Solver produced non-finite parameter weights. The input "
-                                     "data may contain large values and need to be "
-                                     "preprocessed.")
-                self.n_iter_ += 1
-                self.loss_ = run.epoch_loss()
-                self.t_ += n_samples
-                self.loss_curve_.append(self.loss_)
-                if self.verbose:
-                    print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
-                if track_val or early_stopping:
-                    self._store(net)
-                if track_val:
-                    self.validation_loss_curve_.append(self._validation_loss(X_val, y_val))
-                self._update_no_improvement_count(early_stopping, X_val, y_val, sw_val)
-                if self.solver == "sgd" and self.learning_rate == "invscaling":
-                    opt.lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
-                    run.hyper[...] = opt._hyper()
-                if self._no_improvement_count > self.n_iter_no_change:
-                    what = ("Validation score" if early_stopping else "Training loss")
-                    msg = (f"{what} did not improve more than tol={self.tol:f} for "
-                           f"{self.n_iter_no_change} consecutive epochs.")
-                    if self._trigger_stopping(opt, msg):
+            with _DeferredInterrupt() as interrupt:
+                for _ in range(self.max_iter):
+                    if self.shuffle:
+                        # sklearn.utils.shuffle(sample_idx, random_state=...) draws
+                        # exactly this (resample without replacement), minus its
+                        # validation overhead (~0.2 ms an epoch)
+                        perm = np.arange(n_samples)
+                        self._random_state.shuffle(perm)
+                        sample_idx = sample_idx[perm]
+                    run.start_epoch(order=sample_idx if self.shuffle else None)
+                    status, done = run.run(0, run.n_batches, interrupt)
+                    if status == STATUS_OK and done < run.n_batches:
+                        raise KeyboardInterrupt  # mid-epoch: not counted, as in scikit-learn
+                    if status != STATUS_OK:
+                        self._store(net)
+                        raise ValueError("Solver produced non-finite parameter weights. The input "
+                                         "data may contain large values and need to be "
+                                         "preprocessed.")
+                    self.n_iter_ += 1
+                    self.loss_ = run.epoch_loss()
+                    self.t_ += n_samples
+                    self.loss_curve_.append(self.loss_)
+                    if self.verbose:
+                        print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
+                    if track_val or early_stopping:
+                        self._store(net)
+                    if track_val:
+                        self.validation_loss_curve_.append(self._validation_loss(X_val, y_val))
+                    self._update_no_improvement_count(early_stopping, X_val, y_val, sw_val)
+                    if self.solver == "sgd" and self.learning_rate == "invscaling":
+                        opt.lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
+                        run.hyper[...] = opt._hyper()
+                    if self._no_improvement_count > self.n_iter_no_change:
+                        what = ("Validation score" if early_stopping else "Training loss")
+                        msg = (f"{what} did not improve more than tol={self.tol:f} for "
+                               f"{self.n_iter_no_change} consecutive epochs.")
+                        if self._trigger_stopping(opt, msg):
+                            break
+                        run.hyper[...] = opt._hyper()
+                        self._no_improvement_count = 0
+                    if incremental:
                         break
-                    run.hyper[...] = opt._hyper()
-                    self._no_improvement_count = 0
-                if incremental:
-                    break
-                if self.n_iter_ == self.max_iter:
-                    warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and "
-                                  "the optimization hasn't converged yet." % self.max_iter,
-                                  ConvergenceWarning)
+                    if self.n_iter_ == self.max_iter:
+                        warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and "
+                                      "the optimization hasn't converged yet." % self.max_iter,
+                                      ConvergenceWarning)
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             warnings.warn("Training interrupted by user.")
         self._store(net)

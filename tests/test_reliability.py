@@ -449,3 +449,128 @@ def test_training_is_bitwise_identical_across_processes(tmp_path):
         # the child imported the same installed package as this process
         assert os.path.realpath(lines[0]) == os.path.realpath(fastbp.__file__)
         assert lines[1] == in_process
+
+
+# -- 8. Ctrl-C is never lost (issue 13, item 6) ------------------------------------------
+# SIGINT is raised from inside the compiled call's wrapper, i.e. exactly
+# "during" that call as far as Python can tell; each scenario runs in a
+# fresh interpreter (its main thread receives the signal).
+def _run_script(script, tmp_path, timeout=TIMEOUT):
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, timeout=timeout, cwd=tmp_path)
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_SIGINT_IN_LAST_CALL = """
+    import json, signal, warnings
+    import numpy as np
+    import fastbp
+    from fastbp import model
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(256, 6))
+    y = rng.integers(0, 3, 256)
+    real = model._engine.train_batches
+    hits = []
+
+    def interrupting(last_batch, times=1):
+        def train_batches(*args):
+            done = real(*args)
+            first, count = args[6], args[7]
+            if first + count == last_batch and len(hits) < times:
+                hits.append(1)
+                signal.raise_signal(signal.SIGINT)   # handled after the call returns
+            return done
+        model._engine.train_batches = train_batches
+"""
+
+
+def test_ctrl_c_in_the_last_call_of_a_fit_raises_keyboard_interrupt(tmp_path):
+    # It was dropped: the deferred-interrupt check ran only between calls
+    # that still had work after them, so fit returned normally.
+    out = _run_script(_SIGINT_IN_LAST_CALL + """
+    results = {}
+    for epochs, checkpoint in ((1, None), (2, "run.fbp")):
+        net = fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.Dense(3)], seed=0)
+        hits.clear()
+        interrupting(last_batch=8, times=epochs)   # 256 / 32: every epoch's last call
+        try:
+            net.fit(X, y, loss="cross_entropy", epochs=epochs, verbose=0, checkpoint=checkpoint)
+            outcome = "returned"
+        except KeyboardInterrupt as exc:
+            outcome = "KeyboardInterrupt"
+        saved = None if checkpoint is None else len(fastbp.load(checkpoint).history)
+        results[epochs] = [outcome, len(net.history), net._position, net.optimizer.t,
+                           "the fit is complete" in (net.history.stop_reason or ""), saved]
+        model._engine.train_batches = real
+    print(json.dumps(results))
+    """, tmp_path)
+    # epochs=2: the first SIGINT stops the fit after epoch 1 (as before); the
+    # one-epoch fit and the last epoch are complete, and so is the checkpoint
+    assert out == {"1": ["KeyboardInterrupt", 1, None, 8, True, None],
+                   "2": ["KeyboardInterrupt", 1, None, 8, False, 1]}
+
+
+def test_ctrl_c_in_the_last_call_of_an_estimator_epoch_counts_that_epoch(tmp_path):
+    # The estimators stop on Ctrl-C with scikit-learn's warning, as
+    # scikit-learn does.  A SIGINT in the last call of an epoch used to stop
+    # it after that call, before its bookkeeping: the weights had trained
+    # one epoch more than n_iter_ and loss_curve_ said.
+    out = _run_script(_SIGINT_IN_LAST_CALL + """
+    def make(max_iter):
+        return fastbp.MLPClassifier(hidden_layer_sizes=(8,), batch_size=32, max_iter=max_iter,
+                                    random_state=0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        one = make(1).fit(X, y)
+        interrupting(last_batch=8)
+        stopped = make(3).fit(X, y)
+    print(json.dumps({"n_iter": stopped.n_iter_, "curve": len(stopped.loss_curve_),
+                      "t": stopped.t_,
+                      "same": all(np.array_equal(a, b) for a, b in zip(one.coefs_, stopped.coefs_)),
+                      "warned": any("interrupted by user" in str(w.message) for w in caught)}))
+    """, tmp_path)
+    assert out == {"n_iter": 1, "curve": 1, "t": 256, "same": True, "warned": True}
+
+
+def test_ctrl_c_in_a_levenberg_marquardt_iteration_ends_it_consistently(tmp_path):
+    # LM had no deferral: KeyboardInterrupt landed anywhere, e.g. after a
+    # step was taken but before the history recorded it, and on_train_end
+    # was skipped.  Now the iteration finishes and the fit stops.
+    out = _run_script("""
+    import json, signal
+    import numpy as np
+    import fastbp
+    from fastbp import lm
+
+    X = np.linspace(-3, 3, 200)[:, None]
+    real = lm.normal_equations
+
+    def normal_equations(*args):
+        signal.raise_signal(signal.SIGINT)
+        return real(*args)
+
+    lm.normal_equations = normal_equations
+    ended = []
+
+    class End:
+        def on_train_end(self, net):
+            ended.append(len(net.history))
+
+    net = fastbp.Sequential([fastbp.Dense(10, activation="tanh"), fastbp.Dense(1)],
+                            dtype="float64", seed=0)
+    opt = lm.LevenbergMarquardt()
+    try:
+        net.fit(X, np.sin(X), optimizer=opt, epochs=5, verbose=0, callbacks=[End()])
+        outcome = "returned"
+    except KeyboardInterrupt:
+        outcome = "KeyboardInterrupt"
+    print(json.dumps([outcome, len(net.history), opt.t, ended,
+                      "interrupted by Ctrl-C after epoch 1" in (net.history.stop_reason or "")]))
+    """, tmp_path)
+    assert out == ["KeyboardInterrupt", 1, 1, [1], True]
+
