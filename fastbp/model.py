@@ -13,6 +13,7 @@ update) without returning to Python.  Python only shuffles the index order
 once per epoch, times the calls, and records the history.
 """
 import contextlib
+import functools
 import math
 import signal
 import threading
@@ -70,6 +71,77 @@ class _Workspace:
         self.wb = np.empty(rows, dtype=dtype)
 
 
+class _Scratch:
+    """Buffers of one inference call (predict, loss_and_grad) for up to
+    ``rows`` rows: every layer's output, the two delta buffers if the call
+    goes backward, and the aux values an inference pass writes."""
+
+    def __init__(self, rows, pool, deltas):
+        self.rows = rows
+        self.acts = np.empty(rows * pool.width, dtype=pool.dtype)
+        self.deltas = np.empty(2 * rows * pool.delta_width, dtype=pool.dtype) if deltas else None
+        # Without the GIL, an inference pass writes only its acts, deltas and
+        # BatchNorm's 1/std in aux (DropConnect's aux is training's alone):
+        # a model without BatchNorm lends its own aux, which no call writes.
+        self.aux = np.empty(pool.aux_size, dtype=pool.dtype) if pool.private_aux else pool.aux
+
+
+class _ScratchPool:
+    """The scratch of a built model's inference calls, which may run at the
+    same time in several Python threads: each call takes a ``_Scratch`` for
+    itself and gives it back, so no two calls write the same buffer and
+    back-to-back calls (a web server's one-row predicts) allocate nothing.
+    There are never more of them than calls that ran at once: a call that
+    finds none large enough replaces the largest free one.  Sizes are
+    rounded up to a power of two of rows (at most a predict chunk), so
+    growing calls reallocate a few times, not every time."""
+
+    def __init__(self, net):
+        widths = [workspace_width(layer) for layer in net.layers]
+        self.width = sum(widths)
+        self.delta_width = max(widths + [net.n_features])
+        self.dtype = net.dtype
+        self.aux = net._aux
+        self.aux_size = net._aux.shape[0]
+        self.private_aux = any(isinstance(layer, BatchNorm) for layer in net.layers)
+        #: rows of one predict chunk (its activations take _PREDICT_ELEMENTS)
+        self.chunk_rows = max(1, _PREDICT_ELEMENTS // self.width)
+        self._free = []
+        self._lock = threading.Lock()
+
+    def take(self, rows, deltas=False):
+        """A scratch for ``rows`` rows (with delta buffers if ``deltas``),
+        the calling thread's own until ``give``."""
+        with self._lock:
+            last = self._free[-1] if self._free else None
+            if last is not None and last.rows >= rows and (last.deltas is not None or not deltas):
+                return self._free.pop()  # the usual case: calls of one size
+            fits = [s for s in self._free
+                    if s.rows >= rows and (s.deltas is not None or not deltas)]
+            if fits:
+                scratch = min(fits, key=lambda s: s.rows)
+                self._free.remove(scratch)
+                return scratch
+            if self._free:
+                self._free.remove(max(self._free, key=lambda s: s.rows))
+        if rows < self.chunk_rows:
+            rows = min(self.chunk_rows, 1 << (rows - 1).bit_length())
+        return _Scratch(rows, self, deltas)
+
+    def give(self, scratch):
+        with self._lock:
+            self._free.append(scratch)
+
+
+def _holding_the_model(method):
+    """Run the method holding its model (``Sequential._hold``)."""
+    @functools.wraps(method)
+    def held(self, *args, **kwargs):
+        with self._hold(method.__name__):
+            return method(self, *args, **kwargs)
+    return held
+
+
 class Sequential:
     """A stack of layers trained by backpropagation.
 
@@ -89,6 +161,15 @@ class Sequential:
         ``layers[i].b`` (n_out,) are views into it.
     history : History
         Metrics of every epoch trained so far.
+
+    Notes
+    -----
+    One model may be used from any number of Python threads at once:
+    ``predict``, ``predict_proba``, ``evaluate`` and ``loss_and_grad`` each
+    work in scratch buffers of their own and change nothing on the model;
+    ``fit`` (and ``build``) calls run one at a time, each waiting for the
+    one before.  A predict beside a fit sees the weights of some moment of
+    that fit.
 
     Examples
     --------
@@ -133,6 +214,26 @@ class Sequential:
         self._workspaces = {}
         self._last_loss = None
         self._fit_settings = None  # what the last fit trained with (fastbp._resume)
+        self._init_locks()
+
+    def _init_locks(self):
+        # _train_lock: one fit or build at a time (_hold); _state_lock: a
+        # build publishes, and an inference call reads, the built state
+        # (program, params, ...) all at once (_inference_state).
+        self._train_lock = threading.Lock()
+        self._holder = None  # ident of the thread inside fit or build
+        self._state_lock = threading.Lock()
+        self._scratch = None  # _ScratchPool of the current build
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for name in ("_train_lock", "_holder", "_state_lock", "_scratch"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_locks()
 
     # -- structure ---------------------------------------------------------
     @property
@@ -154,8 +255,61 @@ class Sequential:
         return self.layers[-1].units
 
     def build(self, n_features):
-        """Allocate and initialize the parameters for ``n_features`` inputs."""
+        """Allocate and initialize the parameters for ``n_features`` inputs.
+
+        All or nothing: if it fails (MemoryError, an initializer's error,
+        Ctrl-C), the model and its layers are as they were before the call.
+        It waits for a fit of this model running in another thread.
+        """
         n_features = check_positive_int(n_features, "n_features")
+        with self._hold("build"):
+            self._build(n_features)
+        return self
+
+    @contextlib.contextmanager
+    def _hold(self, what):
+        """Hold the model for a fit or a build: one at a time, so a second
+        thread's waits for the first (a fit's steps and the model they train
+        must not change under it).  The same thread asking again, i.e. a
+        callback of a running fit, would change the model under that fit
+        and gets a RuntimeError."""
+        me = threading.get_ident()
+        if self._holder == me:
+            raise RuntimeError(f"{what} was called on this model from inside its own fit (from "
+                               "a callback?): it would change the model under the running fit; "
+                               "train a copy (fastbp.load of a saved file) instead")
+        with self._train_lock:
+            self._holder = me
+            try:
+                yield
+            finally:
+                self._holder = None
+
+    def _build_once(self, n_features):
+        """Build for n_features unless built already (maybe by another
+        thread, or by the fit this thread is in)."""
+        if self._holder == threading.get_ident():
+            if not self.built:
+                self._build(n_features)
+            return
+        with self._hold("build"):
+            if not self.built:
+                self._build(n_features)
+
+    def _build(self, n_features):
+        """build's work (the caller holds the model): under the state lock, so
+        inference calls see the old build or the new one, never a mix; on
+        any error the model's and its layers' attributes are put back."""
+        saved = [(obj, dict(vars(obj))) for obj in [self, *self.layers]]
+        with self._state_lock:
+            try:
+                self._lay_out(n_features)
+            except BaseException:
+                for obj, attrs in saved:
+                    _restore_attributes(obj, attrs)
+                raise
+
+    def _lay_out(self, n_features):
         total, n_in = 0, n_features
         for layer in self.layers:
             total += layer.n_params(n_in)
@@ -204,6 +358,7 @@ class Sequential:
         self._reg_per_weight = False
         self.n_features = n_features
         self._workspaces = {}
+        self._scratch = None
         # Independent streams for initialization and shuffling, from one seed.
         init_seq, shuffle_seq, dropout_seq = np.random.SeedSequence(self.seed).spawn(3)
         rng = np.random.default_rng(init_seq)
@@ -212,7 +367,6 @@ class Sequential:
         self._shuffle_rng = np.random.default_rng(shuffle_seq)
         # The counter of the engine's dropout mask stream (csrc/engine.pyx).
         self._dropout_rng = dropout_seq.generate_state(1, np.uint64)
-        return self
 
     def _input_sizes(self, n_features):
         sizes, n_in = [], n_features
@@ -310,7 +464,9 @@ class Sequential:
     def _prepare(self, X, y, loss, name_x="X", name_y="y", sample_weight=None):
         X = check_X(X, self.dtype, self.n_features if self.built else None, name=name_x)
         if not self.built:
-            self.build(X.shape[1])
+            self._build_once(X.shape[1])
+            if self.n_features != X.shape[1]:  # another thread built it for other data first
+                X = check_X(X, self.dtype, self.n_features, name=name_x)
         Y = check_targets(y, loss, X.shape[0], self.n_outputs, self.dtype, name=name_y)
         return X, Y, check_sample_weight(sample_weight, X.shape[0], self.dtype)
 
@@ -328,16 +484,28 @@ class Sequential:
             Raw outputs of the last layer (logits when trained with a
             cross-entropy loss; see ``predict_proba``).
         """
-        self._require_built()
-        X = check_X(X, self.dtype, self.n_features)
-        width = sum(workspace_width(l) for l in self.layers)
-        chunk = max(1, min(X.shape[0], _PREDICT_ELEMENTS // width))
-        ws = self._workspace(chunk)
+        program, params, buffers, _, _, n_features, pool = self._inference_state()
+        X = check_X(X, self.dtype, n_features)
+        chunk = max(1, min(X.shape[0], pool.chunk_rows))
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
-        with _blas_threads(None):   # the kernels may use as many threads as BLAS
-            _engine.forward(X, self._program, self._params, ws.acts, out, chunk, self._aux,
-                            self._buffers)
+        ws = pool.take(chunk)
+        try:
+            with _blas_threads(None):   # the kernels may use as many threads as BLAS
+                _engine.forward(X, program, params, ws.acts, out, chunk, ws.aux, buffers)
+        finally:
+            pool.give(ws)
         return out
+
+    def _inference_state(self):
+        """What an inference call reads of the built model, taken together
+        (a concurrent build publishes all of it at once): program, params,
+        buffers, reg, reg_per_weight, n_features and the scratch pool."""
+        with self._state_lock:
+            self._require_built()
+            if self._scratch is None:
+                self._scratch = _ScratchPool(self)
+            return (self._program, self._params, self._buffers, self._reg, self._reg_per_weight,
+                    self.n_features, self._scratch)
 
     def predict_proba(self, X, loss=None):
         """Class probabilities: softmax of the outputs for ``cross_entropy``,
@@ -371,17 +539,27 @@ class Sequential:
         -------
         loss : float
         grad : ndarray of shape (n_params,)
-            Same layout as ``params`` (a new array).
+            Same layout as ``params`` (a new array).  The model itself is
+            not changed, so this is safe beside other calls (even a fit).
         """
         loss = _losses.resolve(loss)
         X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
-        ws = self._workspace(X.shape[0])
-        value = _engine.loss_grad(X, Y, w, self._program, self._params, self._grad, ws.acts,
-                                  ws.deltas, loss_cfunc(loss, self.dtype), self._reg,
-                                  self._reg_per_weight, self._aux, self._buffers)
-        return float(value), self._grad.copy()
+        program, params, buffers, reg, per_weight, n_features, pool = self._inference_state()
+        if X.shape[1] != n_features:
+            raise ValueError(f"X has {X.shape[1]} features but the model was rebuilt for "
+                             f"{n_features} by another thread during this call")
+        grad = np.zeros_like(params)
+        ws = pool.take(X.shape[0], deltas=True)
+        try:
+            value = _engine.loss_grad(X, Y, w, program, params, grad, ws.acts, ws.deltas,
+                                      loss_cfunc(loss, self.dtype), reg, per_weight, ws.aux,
+                                      buffers)
+        finally:
+            pool.give(ws)
+        return float(value), grad
 
     # -- training ----------------------------------------------------------
+    @_holding_the_model
     def fit(self, X, y, loss=_resume.LAST, optimizer=None, epochs=1, batch_size=_resume.LAST,
             shuffle=_resume.LAST, validation_data=None, verbose=1, n_threads=None,
             on_divergence=_resume.LAST, checkpoint=None, checkpoint_every=None,
@@ -474,6 +652,10 @@ class Sequential:
         with the model consistent, records where it stopped, saves the
         checkpoint if one is set, and raises KeyboardInterrupt (also when
         it arrives during the last step: the fit is then complete).
+
+        Fits of one model called from several threads run one after the
+        other, each waiting for the one before; ``predict``, ``evaluate``
+        and ``loss_and_grad`` may run beside them.
         """
         given = dict(loss=loss, batch_size=batch_size, shuffle=shuffle, clip_value=clip_value,
                      clip_norm=clip_norm, on_divergence=on_divergence, grad_norms=grad_norms)
@@ -708,6 +890,13 @@ def data_loss(loss, Z, Y, w=None):
     penalties (w: sample weights, default ones)."""
     w = np.ones(Z.shape[0], dtype=Z.dtype) if w is None else w
     return float(_LOSS_KERNELS[loss](Z, Y, w, np.empty_like(Z)))
+
+
+def _restore_attributes(obj, attrs):
+    """Put an object's attributes back to ``attrs`` (a copy of its vars)."""
+    for name in set(vars(obj)) - set(attrs):
+        delattr(obj, name)
+    vars(obj).update(attrs)
 
 
 def _check_seed(seed):

@@ -38,6 +38,8 @@ A diverging fit stops at the first non-finite loss with the last finite
 weights kept, and raises scikit-learn's "Solver produced non-finite parameter
 weights" ValueError.
 """
+import functools
+import threading
 import warnings
 from numbers import Integral, Real
 
@@ -128,6 +130,18 @@ class _SklearnAdam(Optimizer):
         return hp
 
 
+def _one_fit_at_a_time(method):
+    """Fits of one estimator called from several threads run one after the
+    other (each would otherwise train the same network at once).  The lock
+    is made on first use (``__init__`` stores parameters only, as
+    scikit-learn asks); ``dict.setdefault`` keeps the first one made."""
+    @functools.wraps(method)
+    def serialized(self, *args, **kwargs):
+        with self.__dict__.setdefault("_fit_lock", threading.Lock()):
+            return method(self, *args, **kwargs)
+    return serialized
+
+
 def _store_params(estimator, params):
     """What scikit-learn asks of ``__init__``: store every parameter, as given,
     under its own name (the signature is what ``get_params`` reads)."""
@@ -173,24 +187,10 @@ class _BaseMLP(BaseEstimator):
         """The fastbp model with the current coefs_/intercepts_ copied in
         (and a Dropout after each hidden layer when ``dropout`` > 0)."""
         net = getattr(self, "_net", None)
-        rate = float(getattr(self, "dropout", 0.0))
-        if net is None or net.dtype != dtype or net.n_features != n_features or \
-                [l.W.shape for l in self._dense(net)] != [c.shape for c in self.coefs_] or \
-                net.layers[0].activation != _ACTIVATIONS[self.activation] or \
-                (len(net.layers) != len(self.coefs_)) != (rate > 0) or \
-                any(getattr(l, "rate", rate) != rate for l in net.layers):
-            act = _ACTIVATIONS[self.activation]
-            layers = []
-            for coef in self.coefs_[:-1]:
-                layers.append(Dense(coef.shape[1], activation=act))
-                if rate > 0:
-                    layers.append(Dropout(rate))
-            layers.append(Dense(self.coefs_[-1].shape[1]))
-            net = Sequential(layers, dtype=dtype, seed=0).build(n_features)
+        if net is None or not self._fits(net, n_features, dtype):
+            net = self._new_network(n_features, dtype)
             self._net = net
-        for layer, coef, intercept in zip(self._dense(net), self.coefs_, self.intercepts_):
-            layer.W[...] = coef
-            layer.b[...] = intercept
+        self._copy_weights(net)
         if getattr(self, "_dropout_counter", None) is not None:
             net._dropout_rng[0] = self._dropout_counter
         dense_rows = [isinstance(l, Dense) for l in net.layers]
@@ -198,6 +198,48 @@ class _BaseMLP(BaseEstimator):
         net._reg[dense_rows, 0] = self.alpha
         net._reg_per_weight = True
         return net
+
+    def _fits(self, net, n_features, dtype):
+        """Whether ``net`` has the architecture of the current parameters."""
+        rate = float(getattr(self, "dropout", 0.0))
+        return not (net.dtype != dtype or net.n_features != n_features or
+                    [l.W.shape for l in self._dense(net)] != [c.shape for c in self.coefs_] or
+                    net.layers[0].activation != _ACTIVATIONS[self.activation] or
+                    (len(net.layers) != len(self.coefs_)) != (rate > 0) or
+                    any(getattr(l, "rate", rate) != rate for l in net.layers))
+
+    def _new_network(self, n_features, dtype):
+        act = _ACTIVATIONS[self.activation]
+        rate = float(getattr(self, "dropout", 0.0))
+        layers = []
+        for coef in self.coefs_[:-1]:
+            layers.append(Dense(coef.shape[1], activation=act))
+            if rate > 0:
+                layers.append(Dropout(rate))
+        layers.append(Dense(self.coefs_[-1].shape[1]))
+        return Sequential(layers, dtype=dtype, seed=0).build(n_features)
+
+    def _inference_network(self, n_features, dtype):
+        """The network predict runs: ``_net`` if it holds the current
+        coefs_ and intercepts_, else a new one loaded with them before it
+        replaces ``_net``.  Predict writes into no network, so predicts from
+        any number of threads at once read only what none of them changes."""
+        net = getattr(self, "_net", None)
+        if net is not None and self._fits(net, n_features, dtype) and all(
+                np.array_equal(layer.W, coef, equal_nan=True)
+                and np.array_equal(layer.b, intercept, equal_nan=True)
+                for layer, coef, intercept in zip(self._dense(net), self.coefs_,
+                                                  self.intercepts_)):
+            return net
+        net = self._new_network(n_features, dtype)
+        self._copy_weights(net)
+        self._net = net
+        return net
+
+    def _copy_weights(self, net):
+        for layer, coef, intercept in zip(self._dense(net), self.coefs_, self.intercepts_):
+            layer.W[...] = coef
+            layer.b[...] = intercept
 
     @staticmethod
     def _dense(net):
@@ -212,12 +254,14 @@ class _BaseMLP(BaseEstimator):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_net", None)  # rebuilt from coefs_ on demand
+        state.pop("_fit_lock", None)
         return state
 
     # -- fitting -------------------------------------------------------------
     def _dtype_of(self, X):
         return np.dtype(self.dtype) if self.dtype is not None else X.dtype
 
+    @_one_fit_at_a_time
     def _fit(self, X, y, sample_weight=None, incremental=False, X_val=None, y_val=None):
         hidden = self.hidden_layer_sizes
         if not hasattr(hidden, "__iter__"):
@@ -442,6 +486,7 @@ class _BaseMLP(BaseEstimator):
         if early_stopping:
             self.coefs_ = self._best_coefs
             self.intercepts_ = self._best_intercepts
+            self._copy_weights(net)  # predict then finds them in the network
 
     def _trigger_stopping(self, opt, msg):
         """sklearn's trigger_stopping: adaptive SGD divides the rate by 5."""
@@ -494,7 +539,7 @@ class _BaseMLP(BaseEstimator):
             X = X.toarray()
         dtype = self.coefs_[0].dtype
         X = np.ascontiguousarray(X, dtype=dtype)
-        net = self._network(X.shape[1], dtype)
+        net = self._inference_network(X.shape[1], dtype)
         with _blas_threads(self.n_threads):
             z = net.predict(X)
         if self.out_activation_ == "softmax":
@@ -547,6 +592,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         Training dtype (None: float32 if X is float32, else float64).
     n_threads : int or None
         BLAS threads for fit and predict.
+
+    ``predict``, ``predict_proba`` and ``score`` may be called from any
+    number of threads at once on one fitted estimator; fits of one estimator
+    run one at a time.
 
     ``fit`` also takes ``X_val, y_val``: a validation set used for early
     stopping instead of a split of X, and recorded in

@@ -574,3 +574,104 @@ def test_ctrl_c_in_a_levenberg_marquardt_iteration_ends_it_consistently(tmp_path
     """, tmp_path)
     assert out == ["KeyboardInterrupt", 1, 1, [1], True]
 
+
+# -- 9. a failed build leaves the model unbuilt (issue 13, item 8) ----------------------
+def _small(seed=0):
+    return fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.BatchNorm(),
+                              fastbp.Dense(3)], seed=seed)
+
+
+def _assert_unbuilt(net):
+    assert not net.built and net.n_features is None
+    assert all(layer.n_in is None for layer in net.layers)
+    with pytest.raises(ValueError, match="not built"):
+        net.predict(np.ones((2, 5)))
+
+
+@pytest.mark.parametrize("call", [2, 3])
+def test_memory_error_in_build_leaves_the_model_unbuilt(monkeypatch, call):
+    # The 2nd np.zeros (the gradient) or the 3rd (BatchNorm's buffers)
+    # failing left built=True with zero weights: predict returned zeros and
+    # fit raised AttributeError.
+    from fastbp import model
+
+    real, calls = np.zeros, []
+
+    def zeros(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise MemoryError("no memory for the test")
+        return real(*args, **kwargs)
+
+    net = _small()
+    monkeypatch.setattr(model.np, "zeros", zeros)
+    with pytest.raises(MemoryError):
+        net.build(5)
+    monkeypatch.setattr(model.np, "zeros", real)
+    _assert_unbuilt(net)
+    X, y = _data(n=64, d=5)
+    net.fit(X, y, loss="cross_entropy", epochs=2, verbose=0)   # and it builds and trains
+    fresh = _small()
+    fresh.fit(X, y, loss="cross_entropy", epochs=2, verbose=0)
+    np.testing.assert_array_equal(net.params, fresh.params)
+
+
+def test_an_initializer_error_in_build_leaves_the_model_unbuilt(monkeypatch):
+    from fastbp import initializers
+
+    def broken(rng, fan_in, fan_out):
+        raise RuntimeError("broken initializer")
+
+    net = _small()
+    monkeypatch.setitem(initializers.INITIALIZERS, "glorot_uniform", broken)
+    with pytest.raises(RuntimeError, match="broken initializer"):
+        net.fit(*_data(n=64, d=5), loss="cross_entropy", epochs=1, verbose=0)
+    _assert_unbuilt(net)
+
+
+def test_a_failed_rebuild_keeps_the_model_as_it_was(monkeypatch):
+    from fastbp import initializers
+
+    X, y = _data(n=64, d=5)
+    net = _small()
+    net.fit(X, y, loss="cross_entropy", epochs=1, verbose=0)
+    params, out, W = net.params.copy(), net.predict(X), net.layers[0].W
+
+    def broken(rng, fan_in, fan_out):
+        raise MemoryError("no memory for the test")
+
+    monkeypatch.setitem(initializers.INITIALIZERS, "glorot_uniform", broken)
+    with pytest.raises(MemoryError):
+        net.build(9)
+    assert net.n_features == 5 and net.layers[0].W is W
+    np.testing.assert_array_equal(net.params, params)
+    np.testing.assert_array_equal(net.predict(X), out)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc")
+def test_a_build_that_runs_out_of_memory_leaves_the_model_unbuilt(tmp_path):
+    # A real MemoryError under an address-space cap: room for the float32
+    # parameters and gradient (2 x 1.2 GB, allocated lazily), not for the
+    # float64 draw of the initializer on top of them.
+    out = _run_script("""
+    import json, resource
+    import numpy as np
+    import fastbp
+
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 3 * 2**30, resource.RLIM_INFINITY))
+    net = fastbp.Sequential([fastbp.Dense(20000), fastbp.Dense(1)], seed=0)
+    try:
+        net.build(15000)
+        error = None
+    except MemoryError as exc:
+        error = "MemoryError"
+    try:
+        net.predict(np.ones((1, 15000)))
+        predict = "returned"
+    except ValueError as exc:
+        predict = "not built" if "not built" in str(exc) else str(exc)
+    print(json.dumps([error, net.built, predict]))
+    """, tmp_path)
+    assert out == ["MemoryError", False, "not built"]
