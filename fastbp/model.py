@@ -12,9 +12,11 @@ which runs whole runs of mini-batches (gather, forward, loss, backward,
 update) without returning to Python.  Python only shuffles the index order
 once per epoch, times the calls, and records the history.
 """
+import collections
 import contextlib
 import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -490,7 +492,7 @@ class Sequential:
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
         ws = pool.take(chunk)
         try:
-            with _blas_threads(None):   # the kernels may use as many threads as BLAS
+            with _blas_threads(None), _BLAS:   # the kernels may use as many threads as BLAS
                 _engine.forward(X, program, params, ws.acts, out, chunk, ws.aux, buffers)
         finally:
             pool.give(ws)
@@ -551,9 +553,10 @@ class Sequential:
         grad = np.zeros_like(params)
         ws = pool.take(X.shape[0], deltas=True)
         try:
-            value = _engine.loss_grad(X, Y, w, program, params, grad, ws.acts, ws.deltas,
-                                      loss_cfunc(loss, self.dtype), reg, per_weight, ws.aux,
-                                      buffers)
+            with _BLAS:
+                value = _engine.loss_grad(X, Y, w, program, params, grad, ws.acts, ws.deltas,
+                                          loss_cfunc(loss, self.dtype), reg, per_weight, ws.aux,
+                                          buffers)
         finally:
             pool.give(ws)
         return float(value), grad
@@ -604,6 +607,8 @@ class Sequential:
             Threads for this fit: fastbp's kernels and BLAS (None: as many
             as BLAS has, all cores unless limited).  Not recorded: on the
             AVX2 and AVX-512 levels the result is the same on any count.
+            A fit or predict in another Python thread at another count does
+            not change it (their BLAS calls take turns).
         on_divergence : {"raise", "warn"}, default "raise"
             What happens when a loss or weight becomes non-finite: training
             stops, the weights of the last finite step are kept, and a
@@ -1005,15 +1010,19 @@ class _EpochRunner:
         return self._loss_sum(self.n_batches) / total
 
     def _call(self, first, count):
+        with _BLAS:  # BLAS at this fit's thread count (whatever other threads run)
+            done, status = self._train_batches(first, count)
+        self.opt.t += done
+        return done, status
+
+    def _train_batches(self, first, count):
         ws, net = self.ws, self.net
-        done, status = _engine.train_batches(
+        return _engine.train_batches(
             self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
             net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
             self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
             self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng, net._aux,
             net._buffers, self.clip_value, self.clip_norm, self.grad_norms, self.batch_loss)
-        self.opt.t += done
-        return done, status
 
     def run(self, b, stop, interrupt):
         """Run batches b .. stop-1 in calls of about _CALL_SECONDS, stopping
@@ -1083,30 +1092,191 @@ def _controller():
     return _CONTROLLER[0]
 
 
+_ACCESSORS = []
+
+
+def _blas_accessors():
+    """(get, set) functions of each BLAS library's thread count.
+
+    threadpoolctl's setter for OpenBLAS without OpenMP obeys only the first
+    Python thread that used it (the others' calls are silently dropped), so
+    a fit in another thread would run at that thread's count: OpenBLAS's own
+    (process-wide) functions are called directly instead, which also makes
+    a read cost about 0.2 us instead of 2.
+    """
+    if not _ACCESSORS:
+        _ACCESSORS.append([_accessors(lib) for lib in _controller().lib_controllers
+                           if lib.user_api == "blas"])
+    return _ACCESSORS[0]
+
+
+def _accessors(lib):
+    if lib.internal_api == "openblas" and getattr(lib, "threading_layer", None) != "openmp":
+        for prefix in ("", "scipy_"):
+            for suffix in ("", "64_", "_64"):
+                get = getattr(lib.dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                set_ = getattr(lib.dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    return get, set_
+    return lib.get_num_threads, lib.set_num_threads
+
+
 def default_threads():
     """Threads a fit or predict uses with ``n_threads=None``: as many as BLAS
     has (all cores unless OPENBLAS_NUM_THREADS or threadpoolctl says
     otherwise); 0 if no BLAS is found (the kernels then use one)."""
-    return max((lib.num_threads for lib in _controller().lib_controllers
-                if lib.user_api == "blas"), default=0)
+    return _BLAS.own_count()
 
 
-@contextlib.contextmanager
-def _blas_threads(n_threads):
-    """Context limiting BLAS to n_threads (None: leave it alone), which also
-    tells the engine (for this Python thread) how many threads its own
-    kernels may use: n_threads, or BLAS's current count.  The controller
-    that finds the BLAS libraries is built once: a limit then costs about
-    0.03 ms instead of 1.5 ms."""
-    ctl = _controller()
-    if n_threads is None:
-        n = default_threads()
-        limit = contextlib.nullcontext()
-    else:
-        n, limit = n_threads, ctl.limit(limits=n_threads, user_api="blas")
-    previous = _dense.set_threads(n)
-    try:
-        with limit:
-            yield
-    finally:
-        _dense.set_threads(previous)
+class _BlasThreads:
+    """BLAS's thread count, shared by the Python threads that run compiled
+    calls.
+
+    OpenBLAS has one thread count for the whole process, and its results can
+    change with it; ``openblas_set_num_threads_local`` does not help: in the
+    pthreads builds that numpy and scipy ship it sets the same global count
+    (a worker thread's call changes the main thread's).  So every compiled
+    call that may reach BLAS runs holding this (``with _BLAS:``) for the
+    count its Python thread declared (``_blas_threads``).  Calls that want
+    the same count run together; a call that wants another waits until they
+    have all ended, and while it waits no new call joins them, so groups
+    take turns in arrival order.  BLAS is set to a group's count when it
+    starts, and back to its own setting (BLAS's as the user left it) when
+    the last call ends.  Between Python threads of one count, and in a
+    single thread, nothing waits and BLAS is not touched.
+    """
+
+    def __init__(self):
+        # the Condition's lock taken directly: its own __enter__ is a Python
+        # call, and predict passes here twice per call
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._count = None  # the running group's count
+        self._holders = 0  # calls in the running group
+        self._queue = collections.deque()  # waiting calls: [count, admitted]
+        self._own = None  # BLAS's own counts, per library, while changed
+
+    def own_count(self):
+        """BLAS's own thread count: its setting when no call changed it."""
+        with self._lock:
+            counts = self._own if self._own is not None else self._read()
+        return max(counts, default=0)
+
+    def __enter__(self):
+        want = getattr(_DECLARED, "n", None)
+        own = want is None or _DECLARED.own
+        with self._lock:
+            if want is None:
+                want = max(self._own if self._own is not None else self._read(), default=0)
+            if not self._queue and (self._holders == 0 or want == self._count):
+                if self._holders == 0:
+                    self._start(want, own)
+                self._holders += 1
+                return self
+            ticket = [want, False]
+            self._queue.append(ticket)
+            try:
+                while not ticket[1]:
+                    self._cond.wait()
+            except BaseException:  # Ctrl-C while waiting
+                if ticket[1]:
+                    self._release()
+                else:
+                    self._queue.remove(ticket)
+                raise
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._release()
+        return False
+
+    def _release(self):
+        self._holders -= 1
+        if self._holders:
+            return
+        if not self._queue:
+            self._set(self._own)
+            self._own = self._count = None
+            return
+        want = self._queue[0][0]
+        group = [ticket for ticket in self._queue if ticket[0] == want]
+        self._queue = collections.deque(t for t in self._queue if t[0] != want)
+        self._start(want, False)
+        self._holders = len(group)
+        for ticket in group:
+            ticket[1] = True
+        self._cond.notify_all()
+
+    def _start(self, want, own):
+        """Set BLAS to ``want`` threads for a new group (0: leave it).  With
+        ``own`` (want is BLAS's own count, read by the caller) and nothing
+        changed, BLAS is already there: no need to read it again."""
+        self._count = want
+        if want <= 0 or (own and self._own is None):
+            return
+        if self._own is None:
+            current = self._read()
+            if all(c == want for c in current):
+                return
+            self._own = current
+        if all(c == want for c in self._own):
+            self._set(self._own)
+            self._own = None
+        else:
+            self._set([want] * len(self._own))
+
+    def _after_fork(self):
+        """In a forked child none of the parent's calls runs: start afresh
+        (the lock may have been held by a thread that is not here), with
+        BLAS's own setting back if a call had changed it."""
+        own = self._own
+        self.__init__()
+        self._set(own)
+
+    @staticmethod
+    def _read():
+        return [get() or 0 for get, _ in _blas_accessors()]
+
+    @staticmethod
+    def _set(counts):
+        if counts is not None:
+            for (_, set_), n in zip(_blas_accessors(), counts):
+                set_(n)
+
+
+_BLAS = _BlasThreads()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_BLAS._after_fork)
+#: this Python thread's declared thread count (``_blas_threads``), as ``n``,
+#: and ``own``: whether it is BLAS's own count (n_threads=None)
+_DECLARED = threading.local()
+
+
+class _blas_threads:
+    """Context declaring, for this Python thread, how many threads its
+    compiled calls use: n_threads, or with None the count of an enclosing
+    declaration, else BLAS's own count.  fastbp's kernels take it per thread
+    (``dense.set_threads``); BLAS is set to it only while a compiled call
+    holds ``_BLAS``, so a fit beside another with a different count still
+    runs at its own.  (A class, not a generator: predict enters it on every
+    call.)"""
+
+    def __init__(self, n_threads):
+        self.n_threads = n_threads
+
+    def __enter__(self):
+        self.outer = getattr(_DECLARED, "n", None)
+        self.outer_own = getattr(_DECLARED, "own", False)
+        n, own = self.n_threads, False
+        if n is None:
+            n, own = ((self.outer, self.outer_own) if self.outer is not None
+                      else (_BLAS.own_count(), True))
+        _DECLARED.n, _DECLARED.own = n, own
+        self.previous = _dense.set_threads(n)
+        return self
+
+    def __exit__(self, *exc):
+        _dense.set_threads(self.previous)
+        _DECLARED.n, _DECLARED.own = self.outer, self.outer_own
+        return False

@@ -591,7 +591,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     dtype : {"float32", "float64"} or None
         Training dtype (None: float32 if X is float32, else float64).
     n_threads : int or None
-        BLAS threads for fit and predict.
+        Threads for fit and predict (fastbp's kernels and BLAS).
 
     ``predict``, ``predict_proba`` and ``score`` may be called from any
     number of threads at once on one fitted estimator; fits of one estimator

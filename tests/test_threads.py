@@ -522,3 +522,118 @@ def test_estimator_fits_from_two_threads_do_not_collide(tmp_path):
     """, tmp_path)
     assert out == [[True, []], [True, []]]
 
+
+def test_n_threads_pins_each_fit_whatever_another_thread_runs(tmp_path):
+    # FASTBP_ISA=baseline sends these products to OpenBLAS (checked below),
+    # whose thread count is one for the whole process, and whose results
+    # here differ between 1 and 2 threads.  threadpoolctl's limit set by one
+    # fit changed the other's (and, from a thread other than the first to
+    # set one, was silently ignored): each fit must end bitwise as alone.
+    out = _run_script(_SHARED_MODEL + """
+    from threadpoolctl import threadpool_info
+    from fastbp._ext import dense
+
+    X = rng.normal(size=(1024, 784)).astype(np.float32)
+    y = rng.integers(0, 10, 1024)
+
+    def fit(n):
+        net = fastbp.Sequential([fastbp.Dense(256, activation="relu"),
+                                 fastbp.Dense(256, activation="tanh"), fastbp.Dense(10)], seed=1)
+        net.fit(X, y, loss="cross_entropy", epochs=2, batch_size=64, verbose=0, n_threads=n)
+        return net.params.copy()
+
+    def blas():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas()
+    kernels = sorted({dense.gemm_kernel(64, 256, 784, False, False, "float32"),
+                      dense.gemm_kernel(784, 256, 64, True, False, "float32")})
+    alone = {n: fit(n) for n in (1, 2)}
+    wrong, errors = 0, []
+    for trial in range(3):
+        got = {}
+        errors += run_threads(2, lambda i: got.__setitem__(i + 1, fit(i + 1)))
+        wrong += sum(not np.array_equal(got.get(n), alone[n]) for n in (1, 2))
+    print(json.dumps({"kernels": kernels, "wrong": wrong, "errors": errors,
+                      "blas_restored": blas() == before}))
+    """, tmp_path, env={"FASTBP_ISA": "baseline"})
+    assert out == {"kernels": ["blas"], "wrong": 0, "errors": [], "blas_restored": True}
+
+
+def test_blas_thread_counts_take_turns_in_arrival_order():
+    """Calls that want the same BLAS count run together; one that wants
+    another waits for them, and later calls wait behind it (no starving)."""
+    from fastbp import model
+
+    own = model._BLAS._read()
+    log = []
+    a_inside, release_a = threading.Event(), threading.Event()
+
+    def call(n, name, inside=None, release=None):
+        with model._blas_threads(n), model._BLAS:
+            log.append((name, model._BLAS._read()))
+            if inside is not None:
+                inside.set()
+                release.wait(30)
+
+    def queued(k):
+        for _ in range(3000):
+            if len(model._BLAS._queue) == k:
+                return True
+            threading.Event().wait(0.01)
+        return False
+
+    threads = [threading.Thread(target=call, args=(1, "A", a_inside, release_a))]
+    threads[0].start()
+    assert a_inside.wait(30)
+    for name, n in (("B", 2), ("C", 1)):   # C wants A's count, but arrives after B
+        threads.append(threading.Thread(target=call, args=(n, name)))
+        threads[-1].start()
+        assert queued(len(threads) - 1)
+    release_a.set()
+    for t in threads:
+        t.join(30)
+    n_libs = len(own)
+    assert log == [("A", [1] * n_libs), ("B", [2] * n_libs), ("C", [1] * n_libs)]
+    assert model._BLAS._read() == own   # BLAS's own setting is back
+
+
+def _predict_in_child(queue):
+    from fastbp import model
+
+    net = fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.Dense(2)], seed=0)
+    out = net.build(3).predict(np.ones((4, 3)))
+    queue.put((float(out.sum()), model._BLAS._read()))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork() does not exist on Windows")
+def test_a_child_forked_while_a_thread_holds_blas_predicts():
+    """The fork copies the BLAS lock held by a thread that is not in the
+    child: the child starts afresh, with BLAS's own thread count."""
+    from fastbp import model
+
+    own = model._BLAS._read()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with model._blas_threads(1), model._BLAS:
+            inside.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(30)
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_predict_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=60)
+        assert child.exitcode == 0, "the forked child hung or crashed"
+        total, blas = queue.get(timeout=5)
+    finally:
+        release.set()
+        holder.join(30)
+    net = fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.Dense(2)], seed=0)
+    assert total == float(net.build(3).predict(np.ones((4, 3))).sum())
+    assert blas == own
