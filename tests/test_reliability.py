@@ -575,6 +575,18 @@ def test_ctrl_c_in_a_levenberg_marquardt_iteration_ends_it_consistently(tmp_path
     assert out == ["KeyboardInterrupt", 1, 1, [1], True]
 
 
+def test_ctrl_c_at_random_moments_of_a_fit_is_never_lost(tmp_path):
+    # A few trials of the adversarial script (tests/adversarial/interrupts.py):
+    # SIGINT from outside at random moments of a one-epoch fit.
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
+    try:
+        import interrupts
+    finally:
+        sys.path.pop(0)
+    counts = interrupts.run("fit-sigint", trials=4, seed=1, workdir=str(tmp_path))
+    assert counts["trials"] == 4 and counts["passed"] == 4, counts
+
+
 # -- 9. a failed build leaves the model unbuilt (issue 13, item 8) ----------------------
 def _small(seed=0):
     return fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.BatchNorm(),
