@@ -698,7 +698,7 @@ class Sequential:
                 f"the model holds an unfinished epoch of {pending['n_samples']} samples in "
                 f"batches of {pending['batch_size']} (shuffle={pending['shuffle']}); resume it "
                 "with the same data and settings, or call discard_partial_epoch()")
-        _resume.warn(changes)
+        _resume.warn(changes, stacklevel=4)  # past _holding_the_model's wrapper: the caller
         fitted = _resume.record(dict(settings, batch_size=batch_size,
                                      clip_value=clip_value, clip_norm=clip_norm),
                                 sample_weight is not None)

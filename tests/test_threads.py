@@ -459,6 +459,16 @@ def test_fit_from_a_callback_of_a_fit_of_the_same_model_is_refused():
     assert len(net.history) == 3
 
 
+def test_warnings_of_fit_still_point_at_the_caller():
+    # fit runs inside the wrapper that holds the model: one frame more
+    X = np.ones((16, 3))
+    net = fastbp.Sequential([fastbp.Dense(4, activation="relu"), fastbp.Dense(1)], seed=0)
+    net.fit(X, np.zeros(16), epochs=1, batch_size=8, verbose=0)
+    with pytest.warns(fastbp.ResumeWarning) as record:
+        net.fit(X, np.zeros(16), epochs=1, batch_size=4, verbose=0)
+    assert record[0].filename == __file__
+
+
 def test_a_model_with_its_locks_pickles_and_copies():
     import copy
     import pickle
