@@ -10,6 +10,7 @@ The Jacobian is computed here in NumPy, in float64, from the same layer math
 as ``fastbp.reference`` (the compiled engine computes summed gradients only,
 not the per-row ones LM needs).
 """
+import contextlib
 import time
 import warnings
 
@@ -232,15 +233,16 @@ class LevenbergMarquardt(Optimizer):
         last = first + epochs - 1
         net.stop_training = False
         _call(callbacks, "on_train_begin", net)
-        try:
+        # Ctrl-C waits for the end of an iteration (and of on_train_end, called
+        # also when it stops the fit), so the parameters, mu, t and the history
+        # agree, as in Sequential.fit.
+        with _deferred_interrupt() as interrupt, _training(callbacks, net):
             self._iterate(net, program, X64, Y64, sqrt_w, cols, index, rows, denominator, loss,
-                          first, last, verbose, validation, callbacks, on_divergence)
-        finally:
-            _call(callbacks, "on_train_end", net)
+                          first, last, verbose, validation, callbacks, on_divergence, interrupt)
         return net.history
 
     def _iterate(self, net, program, X64, Y64, sqrt_w, cols, index, rows, denominator, loss,
-                 first, last, verbose, validation, callbacks, on_divergence):
+                 first, last, verbose, validation, callbacks, on_divergence, interrupt):
         """Epochs first .. last of ``_fit``: one LM iteration each."""
         n, dtype = X64.shape[0], net.params.dtype
         for e in range(first, last + 1):
@@ -288,6 +290,11 @@ class LevenbergMarquardt(Optimizer):
                     f"before mu exceeded mu_max={self.mu_max:g} (a minimum, or a flat "
                     "region); call reset() on the optimizer to start over")
                 net.stop_training = True
+            if interrupt.requested:
+                if accepted:
+                    net.history.stop_reason = (f"interrupted by Ctrl-C after epoch {e}; fit "
+                                               "again to continue")
+                raise KeyboardInterrupt(net.history.stop_reason)
             if net.stop_training:
                 break
 
@@ -306,6 +313,21 @@ class LevenbergMarquardt(Optimizer):
         if on_divergence == "raise":
             raise DivergenceError(message, epoch, 1)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _deferred_interrupt():
+    from .model import _DeferredInterrupt  # fastbp.model imports this module
+
+    return _DeferredInterrupt()
+
+
+@contextlib.contextmanager
+def _training(callbacks, net):
+    """Calls on_train_end when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        _call(callbacks, "on_train_end", net)
 
 
 def _call(callbacks, hook, *args):

@@ -12,8 +12,11 @@ which runs whole runs of mini-batches (gather, forward, loss, backward,
 update) without returning to Python.  Python only shuffles the index order
 once per epoch, times the calls, and records the history.
 """
+import collections
 import contextlib
+import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -70,6 +73,77 @@ class _Workspace:
         self.wb = np.empty(rows, dtype=dtype)
 
 
+class _Scratch:
+    """Buffers of one inference call (predict, loss_and_grad) for up to
+    ``rows`` rows: every layer's output, the two delta buffers if the call
+    goes backward, and the aux values an inference pass writes."""
+
+    def __init__(self, rows, pool, deltas):
+        self.rows = rows
+        self.acts = np.empty(rows * pool.width, dtype=pool.dtype)
+        self.deltas = np.empty(2 * rows * pool.delta_width, dtype=pool.dtype) if deltas else None
+        # Without the GIL, an inference pass writes only its acts, deltas and
+        # BatchNorm's 1/std in aux (DropConnect's aux is training's alone):
+        # a model without BatchNorm lends its own aux, which no call writes.
+        self.aux = np.empty(pool.aux_size, dtype=pool.dtype) if pool.private_aux else pool.aux
+
+
+class _ScratchPool:
+    """The scratch of a built model's inference calls, which may run at the
+    same time in several Python threads: each call takes a ``_Scratch`` for
+    itself and gives it back, so no two calls write the same buffer and
+    back-to-back calls (a web server's one-row predicts) allocate nothing.
+    There are never more of them than calls that ran at once: a call that
+    finds none large enough replaces the largest free one.  Sizes are
+    rounded up to a power of two of rows (at most a predict chunk), so
+    growing calls reallocate a few times, not every time."""
+
+    def __init__(self, net):
+        widths = [workspace_width(layer) for layer in net.layers]
+        self.width = sum(widths)
+        self.delta_width = max(widths + [net.n_features])
+        self.dtype = net.dtype
+        self.aux = net._aux
+        self.aux_size = net._aux.shape[0]
+        self.private_aux = any(isinstance(layer, BatchNorm) for layer in net.layers)
+        #: rows of one predict chunk (its activations take _PREDICT_ELEMENTS)
+        self.chunk_rows = max(1, _PREDICT_ELEMENTS // self.width)
+        self._free = []
+        self._lock = threading.Lock()
+
+    def take(self, rows, deltas=False):
+        """A scratch for ``rows`` rows (with delta buffers if ``deltas``),
+        the calling thread's own until ``give``."""
+        with self._lock:
+            last = self._free[-1] if self._free else None
+            if last is not None and last.rows >= rows and (last.deltas is not None or not deltas):
+                return self._free.pop()  # the usual case: calls of one size
+            fits = [s for s in self._free
+                    if s.rows >= rows and (s.deltas is not None or not deltas)]
+            if fits:
+                scratch = min(fits, key=lambda s: s.rows)
+                self._free.remove(scratch)
+                return scratch
+            if self._free:
+                self._free.remove(max(self._free, key=lambda s: s.rows))
+        if rows < self.chunk_rows:
+            rows = min(self.chunk_rows, 1 << (rows - 1).bit_length())
+        return _Scratch(rows, self, deltas)
+
+    def give(self, scratch):
+        with self._lock:
+            self._free.append(scratch)
+
+
+def _holding_the_model(method):
+    """Run the method holding its model (``Sequential._hold``)."""
+    @functools.wraps(method)
+    def held(self, *args, **kwargs):
+        with self._hold(method.__name__):
+            return method(self, *args, **kwargs)
+    return held
+
+
 class Sequential:
     """A stack of layers trained by backpropagation.
 
@@ -89,6 +163,15 @@ class Sequential:
         ``layers[i].b`` (n_out,) are views into it.
     history : History
         Metrics of every epoch trained so far.
+
+    Notes
+    -----
+    One model may be used from any number of Python threads at once:
+    ``predict``, ``predict_proba``, ``evaluate`` and ``loss_and_grad`` each
+    work in scratch buffers of their own and change nothing on the model;
+    ``fit`` (and ``build``) calls run one at a time, each waiting for the
+    one before.  A predict beside a fit sees the weights of some moment of
+    that fit.
 
     Examples
     --------
@@ -133,6 +216,26 @@ class Sequential:
         self._workspaces = {}
         self._last_loss = None
         self._fit_settings = None  # what the last fit trained with (fastbp._resume)
+        self._init_locks()
+
+    def _init_locks(self):
+        # _train_lock: one fit or build at a time (_hold); _state_lock: a
+        # build publishes, and an inference call reads, the built state
+        # (program, params, ...) all at once (_inference_state).
+        self._train_lock = threading.Lock()
+        self._holder = None  # ident of the thread inside fit or build
+        self._state_lock = threading.Lock()
+        self._scratch = None  # _ScratchPool of the current build
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for name in ("_train_lock", "_holder", "_state_lock", "_scratch"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_locks()
 
     # -- structure ---------------------------------------------------------
     @property
@@ -154,8 +257,61 @@ class Sequential:
         return self.layers[-1].units
 
     def build(self, n_features):
-        """Allocate and initialize the parameters for ``n_features`` inputs."""
+        """Allocate and initialize the parameters for ``n_features`` inputs.
+
+        All or nothing: if it fails (MemoryError, an initializer's error,
+        Ctrl-C), the model and its layers are as they were before the call.
+        It waits for a fit of this model running in another thread.
+        """
         n_features = check_positive_int(n_features, "n_features")
+        with self._hold("build"):
+            self._build(n_features)
+        return self
+
+    @contextlib.contextmanager
+    def _hold(self, what):
+        """Hold the model for a fit or a build: one at a time, so a second
+        thread's waits for the first (a fit's steps and the model they train
+        must not change under it).  The same thread asking again, i.e. a
+        callback of a running fit, would change the model under that fit
+        and gets a RuntimeError."""
+        me = threading.get_ident()
+        if self._holder == me:
+            raise RuntimeError(f"{what} was called on this model from inside its own fit (from "
+                               "a callback?): it would change the model under the running fit; "
+                               "train a copy (fastbp.load of a saved file) instead")
+        with self._train_lock:
+            self._holder = me
+            try:
+                yield
+            finally:
+                self._holder = None
+
+    def _build_once(self, n_features):
+        """Build for n_features unless built already (maybe by another
+        thread, or by the fit this thread is in)."""
+        if self._holder == threading.get_ident():
+            if not self.built:
+                self._build(n_features)
+            return
+        with self._hold("build"):
+            if not self.built:
+                self._build(n_features)
+
+    def _build(self, n_features):
+        """build's work (the caller holds the model): under the state lock, so
+        inference calls see the old build or the new one, never a mix; on
+        any error the model's and its layers' attributes are put back."""
+        saved = [(obj, dict(vars(obj))) for obj in [self, *self.layers]]
+        with self._state_lock:
+            try:
+                self._lay_out(n_features)
+            except BaseException:
+                for obj, attrs in saved:
+                    _restore_attributes(obj, attrs)
+                raise
+
+    def _lay_out(self, n_features):
         total, n_in = 0, n_features
         for layer in self.layers:
             total += layer.n_params(n_in)
@@ -204,6 +360,7 @@ class Sequential:
         self._reg_per_weight = False
         self.n_features = n_features
         self._workspaces = {}
+        self._scratch = None
         # Independent streams for initialization and shuffling, from one seed.
         init_seq, shuffle_seq, dropout_seq = np.random.SeedSequence(self.seed).spawn(3)
         rng = np.random.default_rng(init_seq)
@@ -212,7 +369,6 @@ class Sequential:
         self._shuffle_rng = np.random.default_rng(shuffle_seq)
         # The counter of the engine's dropout mask stream (csrc/engine.pyx).
         self._dropout_rng = dropout_seq.generate_state(1, np.uint64)
-        return self
 
     def _input_sizes(self, n_features):
         sizes, n_in = [], n_features
@@ -308,7 +464,9 @@ class Sequential:
     def _prepare(self, X, y, loss, name_x="X", name_y="y", sample_weight=None):
         X = check_X(X, self.dtype, self.n_features if self.built else None, name=name_x)
         if not self.built:
-            self.build(X.shape[1])
+            self._build_once(X.shape[1])
+            if self.n_features != X.shape[1]:  # another thread built it for other data first
+                X = check_X(X, self.dtype, self.n_features, name=name_x)
         Y = check_targets(y, loss, X.shape[0], self.n_outputs, self.dtype, name=name_y)
         return X, Y, check_sample_weight(sample_weight, X.shape[0], self.dtype)
 
@@ -326,16 +484,28 @@ class Sequential:
             Raw outputs of the last layer (logits when trained with a
             cross-entropy loss; see ``predict_proba``).
         """
-        self._require_built()
-        X = check_X(X, self.dtype, self.n_features)
-        width = sum(workspace_width(l) for l in self.layers)
-        chunk = max(1, min(X.shape[0], _PREDICT_ELEMENTS // width))
-        ws = self._workspace(chunk)
+        program, params, buffers, _, _, n_features, pool = self._inference_state()
+        X = check_X(X, self.dtype, n_features)
+        chunk = max(1, min(X.shape[0], pool.chunk_rows))
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
-        with _blas_threads(None):   # the kernels may use as many threads as BLAS
-            _engine.forward(X, self._program, self._params, ws.acts, out, chunk, self._aux,
-                            self._buffers)
+        ws = pool.take(chunk)
+        try:
+            with _blas_threads(None), _BLAS:   # the kernels may use as many threads as BLAS
+                _engine.forward(X, program, params, ws.acts, out, chunk, ws.aux, buffers)
+        finally:
+            pool.give(ws)
         return out
+
+    def _inference_state(self):
+        """What an inference call reads of the built model, taken together
+        (a concurrent build publishes all of it at once): program, params,
+        buffers, reg, reg_per_weight, n_features and the scratch pool."""
+        with self._state_lock:
+            self._require_built()
+            if self._scratch is None:
+                self._scratch = _ScratchPool(self)
+            return (self._program, self._params, self._buffers, self._reg, self._reg_per_weight,
+                    self.n_features, self._scratch)
 
     def predict_proba(self, X, loss=None):
         """Class probabilities: softmax of the outputs for ``cross_entropy``,
@@ -371,7 +541,8 @@ class Sequential:
         -------
         loss : float
         grad : ndarray of shape (n_params,)
-            Same layout as ``params`` (a new array).
+            Same layout as ``params`` (a new array).  The model itself is
+            not changed, so this is safe beside other calls (even a fit).
 
         Raises
         ------
@@ -381,15 +552,24 @@ class Sequential:
         """
         loss = _losses.resolve(loss)
         X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
-        ws = self._workspace(X.shape[0])
-        value = _engine.loss_grad(X, Y, w, self._program, self._params, self._grad, ws.acts,
-                                  ws.deltas, loss_cfunc(loss, self.dtype), self._reg,
-                                  self._reg_per_weight, self._aux, self._buffers)
-        grad = self._grad.copy()
+        program, params, buffers, reg, per_weight, n_features, pool = self._inference_state()
+        if X.shape[1] != n_features:
+            raise ValueError(f"X has {X.shape[1]} features but the model was rebuilt for "
+                             f"{n_features} by another thread during this call")
+        grad = np.zeros_like(params)
+        ws = pool.take(X.shape[0], deltas=True)
+        try:
+            with _BLAS:
+                value = _engine.loss_grad(X, Y, w, program, params, grad, ws.acts, ws.deltas,
+                                          loss_cfunc(loss, self.dtype), reg, per_weight, ws.aux,
+                                          buffers)
+        finally:
+            pool.give(ws)
         _check_result(float(value), grad, self.dtype)
         return float(value), grad
 
     # -- training ----------------------------------------------------------
+    @_holding_the_model
     def fit(self, X, y, loss=_resume.LAST, optimizer=None, epochs=1, batch_size=_resume.LAST,
             shuffle=_resume.LAST, validation_data=None, verbose=1, n_threads=None,
             on_divergence=_resume.LAST, checkpoint=None, checkpoint_every=None,
@@ -435,7 +615,9 @@ class Sequential:
             as BLAS has, all cores unless limited), from 1 to 2**31 - 1;
             more than the CPUs this process may run on counts as that many.
             Not recorded: on the AVX2 and AVX-512 levels the result is the
-            same on any count.
+            same on any count.  A fit or predict in another Python thread
+            at another count does not change it (their BLAS calls take
+            turns).
         on_divergence : {"raise", "warn"}, default "raise"
             What happens when a loss or weight becomes non-finite: training
             stops, the weights of the last finite step are kept, and a
@@ -482,7 +664,12 @@ class Sequential:
         -----
         Ctrl-C (SIGINT) is deferred to the next step boundary: the fit stops
         with the model consistent, records where it stopped, saves the
-        checkpoint if one is set, and raises KeyboardInterrupt.
+        checkpoint if one is set, and raises KeyboardInterrupt (also when
+        it arrives during the last step: the fit is then complete).
+
+        Fits of one model called from several threads run one after the
+        other, each waiting for the one before; ``predict``, ``evaluate``
+        and ``loss_and_grad`` may run beside them.
         """
         given = dict(loss=loss, batch_size=batch_size, shuffle=shuffle, clip_value=clip_value,
                      clip_norm=clip_norm, on_divergence=on_divergence, grad_norms=grad_norms)
@@ -520,7 +707,7 @@ class Sequential:
                 f"the model holds an unfinished epoch of {pending['n_samples']} samples in "
                 f"batches of {pending['batch_size']} (shuffle={pending['shuffle']}); resume it "
                 "with the same data and settings, or call discard_partial_epoch()")
-        _resume.warn(changes)
+        _resume.warn(changes, stacklevel=4)  # past _holding_the_model's wrapper: the caller
         fitted = _resume.record(dict(settings, batch_size=batch_size,
                                      clip_value=clip_value, clip_norm=clip_norm),
                                 sample_weight is not None)
@@ -615,11 +802,18 @@ class Sequential:
                     return self._interrupted(e + 1, 0)
                 if self.stop_training:
                     break
+            if interrupt.requested:  # during the last epoch's last call, or after it
+                self._interrupted_at_end(e)
         return self.history
 
     def _interrupted(self, epoch, batch):
         self.history.stop_reason = (f"interrupted by Ctrl-C before batch {batch + 1} of "
                                     f"epoch {epoch}; fit again to continue")
+        raise KeyboardInterrupt(self.history.stop_reason)
+
+    def _interrupted_at_end(self, epoch):
+        self.history.stop_reason = (f"interrupted by Ctrl-C as epoch {epoch} ended, the last "
+                                    "this fit had to train: the fit is complete")
         raise KeyboardInterrupt(self.history.stop_reason)
 
     def discard_partial_epoch(self):
@@ -734,6 +928,13 @@ def data_loss(loss, Z, Y, w=None):
     penalties (w: sample weights, default ones)."""
     w = np.ones(Z.shape[0], dtype=Z.dtype) if w is None else w
     return float(_LOSS_KERNELS[loss](Z, Y, w, np.empty_like(Z)))
+
+
+def _restore_attributes(obj, attrs):
+    """Put an object's attributes back to ``attrs`` (a copy of its vars)."""
+    for name in set(vars(obj)) - set(attrs):
+        delattr(obj, name)
+    vars(obj).update(attrs)
 
 
 def _check_seed(seed):
@@ -867,6 +1068,10 @@ class _EpochRunner:
         return self._loss_sum(self.n_batches) / total
 
     def _call(self, first, count):
+        with _BLAS:  # BLAS at this fit's thread count (whatever other threads run)
+            return self._train_batches(first, count)
+
+    def _train_batches(self, first, count):
         ws, net = self.ws, self.net
         done, steps, status = _engine.train_batches(
             self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
@@ -911,23 +1116,31 @@ class _DeferredInterrupt:
     """Hold Ctrl-C (SIGINT) until the next call boundary, so that the model,
     the optimizer's step count and the history always agree.  Only the main
     thread receives signals; in other threads this does nothing.  A second
-    Ctrl-C interrupts at once."""
+    Ctrl-C interrupts at once.  None is lost: one that the block did not act
+    on (it arrived during the last call, or the block ends with another
+    exception) raises KeyboardInterrupt when the block ends."""
 
     def __enter__(self):
         self.requested = False
+        self._armed = True
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
         return self
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested and self._armed:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        self._armed = False  # from here a Ctrl-C is only recorded
         if self._previous is not None:
+            # signal.signal first runs the handler of a signal still pending
             signal.signal(signal.SIGINT, self._previous)
+        if self.requested and not (exc_type is not None
+                                   and issubclass(exc_type, KeyboardInterrupt)):
+            raise KeyboardInterrupt("interrupted by Ctrl-C")
         return False
 
 
@@ -940,30 +1153,191 @@ def _controller():
     return _CONTROLLER[0]
 
 
+_ACCESSORS = []
+
+
+def _blas_accessors():
+    """(get, set) functions of each BLAS library's thread count.
+
+    threadpoolctl's setter for OpenBLAS without OpenMP obeys only the first
+    Python thread that used it (the others' calls are silently dropped), so
+    a fit in another thread would run at that thread's count: OpenBLAS's own
+    (process-wide) functions are called directly instead, which also makes
+    a read cost about 0.2 us instead of 2.
+    """
+    if not _ACCESSORS:
+        _ACCESSORS.append([_accessors(lib) for lib in _controller().lib_controllers
+                           if lib.user_api == "blas"])
+    return _ACCESSORS[0]
+
+
+def _accessors(lib):
+    if lib.internal_api == "openblas" and getattr(lib, "threading_layer", None) != "openmp":
+        for prefix in ("", "scipy_"):
+            for suffix in ("", "64_", "_64"):
+                get = getattr(lib.dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                set_ = getattr(lib.dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    return get, set_
+    return lib.get_num_threads, lib.set_num_threads
+
+
 def default_threads():
     """Threads a fit or predict uses with ``n_threads=None``: as many as BLAS
     has (all cores unless OPENBLAS_NUM_THREADS or threadpoolctl says
     otherwise); 0 if no BLAS is found (the kernels then use one)."""
-    return max((lib.num_threads for lib in _controller().lib_controllers
-                if lib.user_api == "blas"), default=0)
+    return _BLAS.own_count()
 
 
-@contextlib.contextmanager
-def _blas_threads(n_threads):
-    """Context limiting BLAS to n_threads (None: leave it alone), which also
-    tells the engine (for this Python thread) how many threads its own
-    kernels may use: n_threads, or BLAS's current count.  The controller
-    that finds the BLAS libraries is built once: a limit then costs about
-    0.03 ms instead of 1.5 ms."""
-    ctl = _controller()
-    if n_threads is None:
-        n = default_threads()
-        limit = contextlib.nullcontext()
-    else:
-        n, limit = n_threads, ctl.limit(limits=n_threads, user_api="blas")
-    previous = _dense.set_threads(n)
-    try:
-        with limit:
-            yield
-    finally:
-        _dense.set_threads(previous)
+class _BlasThreads:
+    """BLAS's thread count, shared by the Python threads that run compiled
+    calls.
+
+    OpenBLAS has one thread count for the whole process, and its results can
+    change with it; ``openblas_set_num_threads_local`` does not help: in the
+    pthreads builds that numpy and scipy ship it sets the same global count
+    (a worker thread's call changes the main thread's).  So every compiled
+    call that may reach BLAS runs holding this (``with _BLAS:``) for the
+    count its Python thread declared (``_blas_threads``).  Calls that want
+    the same count run together; a call that wants another waits until they
+    have all ended, and while it waits no new call joins them, so groups
+    take turns in arrival order.  BLAS is set to a group's count when it
+    starts, and back to its own setting (BLAS's as the user left it) when
+    the last call ends.  Between Python threads of one count, and in a
+    single thread, nothing waits and BLAS is not touched.
+    """
+
+    def __init__(self):
+        # the Condition's lock taken directly: its own __enter__ is a Python
+        # call, and predict passes here twice per call
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._count = None  # the running group's count
+        self._holders = 0  # calls in the running group
+        self._queue = collections.deque()  # waiting calls: [count, admitted]
+        self._own = None  # BLAS's own counts, per library, while changed
+
+    def own_count(self):
+        """BLAS's own thread count: its setting when no call changed it."""
+        with self._lock:
+            counts = self._own if self._own is not None else self._read()
+        return max(counts, default=0)
+
+    def __enter__(self):
+        want = getattr(_DECLARED, "n", None)
+        own = want is None or _DECLARED.own
+        with self._lock:
+            if want is None:
+                want = max(self._own if self._own is not None else self._read(), default=0)
+            if not self._queue and (self._holders == 0 or want == self._count):
+                if self._holders == 0:
+                    self._start(want, own)
+                self._holders += 1
+                return self
+            ticket = [want, False]
+            self._queue.append(ticket)
+            try:
+                while not ticket[1]:
+                    self._cond.wait()
+            except BaseException:  # Ctrl-C while waiting
+                if ticket[1]:
+                    self._release()
+                else:
+                    self._queue.remove(ticket)
+                raise
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._release()
+        return False
+
+    def _release(self):
+        self._holders -= 1
+        if self._holders:
+            return
+        if not self._queue:
+            self._set(self._own)
+            self._own = self._count = None
+            return
+        want = self._queue[0][0]
+        group = [ticket for ticket in self._queue if ticket[0] == want]
+        self._queue = collections.deque(t for t in self._queue if t[0] != want)
+        self._start(want, False)
+        self._holders = len(group)
+        for ticket in group:
+            ticket[1] = True
+        self._cond.notify_all()
+
+    def _start(self, want, own):
+        """Set BLAS to ``want`` threads for a new group (0: leave it).  With
+        ``own`` (want is BLAS's own count, read by the caller) and nothing
+        changed, BLAS is already there: no need to read it again."""
+        self._count = want
+        if want <= 0 or (own and self._own is None):
+            return
+        if self._own is None:
+            current = self._read()
+            if all(c == want for c in current):
+                return
+            self._own = current
+        if all(c == want for c in self._own):
+            self._set(self._own)
+            self._own = None
+        else:
+            self._set([want] * len(self._own))
+
+    def _after_fork(self):
+        """In a forked child none of the parent's calls runs: start afresh
+        (the lock may have been held by a thread that is not here), with
+        BLAS's own setting back if a call had changed it."""
+        own = self._own
+        self.__init__()
+        self._set(own)
+
+    @staticmethod
+    def _read():
+        return [get() or 0 for get, _ in _blas_accessors()]
+
+    @staticmethod
+    def _set(counts):
+        if counts is not None:
+            for (_, set_), n in zip(_blas_accessors(), counts):
+                set_(n)
+
+
+_BLAS = _BlasThreads()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_BLAS._after_fork)
+#: this Python thread's declared thread count (``_blas_threads``), as ``n``,
+#: and ``own``: whether it is BLAS's own count (n_threads=None)
+_DECLARED = threading.local()
+
+
+class _blas_threads:
+    """Context declaring, for this Python thread, how many threads its
+    compiled calls use: n_threads, or with None the count of an enclosing
+    declaration, else BLAS's own count.  fastbp's kernels take it per thread
+    (``dense.set_threads``); BLAS is set to it only while a compiled call
+    holds ``_BLAS``, so a fit beside another with a different count still
+    runs at its own.  (A class, not a generator: predict enters it on every
+    call.)"""
+
+    def __init__(self, n_threads):
+        self.n_threads = n_threads
+
+    def __enter__(self):
+        self.outer = getattr(_DECLARED, "n", None)
+        self.outer_own = getattr(_DECLARED, "own", False)
+        n, own = self.n_threads, False
+        if n is None:
+            n, own = ((self.outer, self.outer_own) if self.outer is not None
+                      else (_BLAS.own_count(), True))
+        _DECLARED.n, _DECLARED.own = n, own
+        self.previous = _dense.set_threads(n)
+        return self
+
+    def __exit__(self, *exc):
+        _dense.set_threads(self.previous)
+        _DECLARED.n, _DECLARED.own = self.outer, self.outer_own
+        return False

@@ -38,6 +38,8 @@ A diverging fit stops at the first non-finite loss with the last finite
 weights kept, and raises scikit-learn's "Solver produced non-finite parameter
 weights" ValueError.
 """
+import functools
+import threading
 import warnings
 from numbers import Integral, Real
 
@@ -60,7 +62,8 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from ._validation import MAX_THREADS, check_n_threads, to_dtype
 from .layers import Dense, Dropout
-from .model import STATUS_OK, Sequential, _blas_threads, _EpochRunner, _OverflowError, data_loss
+from .model import (STATUS_OK, Sequential, _blas_threads, _DeferredInterrupt, _EpochRunner,
+                    _OverflowError, data_loss)
 from .optim import Optimizer, _flag, _real
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -128,8 +131,16 @@ class _SklearnAdam(Optimizer):
         return hp
 
 
-class _NoInterrupt:
-    requested = False
+def _one_fit_at_a_time(method):
+    """Fits of one estimator called from several threads run one after the
+    other (each would otherwise train the same network at once).  The lock
+    is made on first use (``__init__`` stores parameters only, as
+    scikit-learn asks); ``dict.setdefault`` keeps the first one made."""
+    @functools.wraps(method)
+    def serialized(self, *args, **kwargs):
+        with self.__dict__.setdefault("_fit_lock", threading.Lock()):
+            return method(self, *args, **kwargs)
+    return serialized
 
 
 def _store_params(estimator, params):
@@ -177,24 +188,10 @@ class _BaseMLP(BaseEstimator):
         """The fastbp model with the current coefs_/intercepts_ copied in
         (and a Dropout after each hidden layer when ``dropout`` > 0)."""
         net = getattr(self, "_net", None)
-        rate = float(getattr(self, "dropout", 0.0))
-        if net is None or net.dtype != dtype or net.n_features != n_features or \
-                [l.W.shape for l in self._dense(net)] != [c.shape for c in self.coefs_] or \
-                net.layers[0].activation != _ACTIVATIONS[self.activation] or \
-                (len(net.layers) != len(self.coefs_)) != (rate > 0) or \
-                any(getattr(l, "rate", rate) != rate for l in net.layers):
-            act = _ACTIVATIONS[self.activation]
-            layers = []
-            for coef in self.coefs_[:-1]:
-                layers.append(Dense(coef.shape[1], activation=act))
-                if rate > 0:
-                    layers.append(Dropout(rate))
-            layers.append(Dense(self.coefs_[-1].shape[1]))
-            net = Sequential(layers, dtype=dtype, seed=0).build(n_features)
+        if net is None or not self._fits(net, n_features, dtype):
+            net = self._new_network(n_features, dtype)
             self._net = net
-        for layer, coef, intercept in zip(self._dense(net), self.coefs_, self.intercepts_):
-            layer.W[...] = coef
-            layer.b[...] = intercept
+        self._copy_weights(net)
         if getattr(self, "_dropout_counter", None) is not None:
             net._dropout_rng[0] = self._dropout_counter
         dense_rows = [isinstance(l, Dense) for l in net.layers]
@@ -202,6 +199,48 @@ class _BaseMLP(BaseEstimator):
         net._reg[dense_rows, 0] = self.alpha
         net._reg_per_weight = True
         return net
+
+    def _fits(self, net, n_features, dtype):
+        """Whether ``net`` has the architecture of the current parameters."""
+        rate = float(getattr(self, "dropout", 0.0))
+        return not (net.dtype != dtype or net.n_features != n_features or
+                    [l.W.shape for l in self._dense(net)] != [c.shape for c in self.coefs_] or
+                    net.layers[0].activation != _ACTIVATIONS[self.activation] or
+                    (len(net.layers) != len(self.coefs_)) != (rate > 0) or
+                    any(getattr(l, "rate", rate) != rate for l in net.layers))
+
+    def _new_network(self, n_features, dtype):
+        act = _ACTIVATIONS[self.activation]
+        rate = float(getattr(self, "dropout", 0.0))
+        layers = []
+        for coef in self.coefs_[:-1]:
+            layers.append(Dense(coef.shape[1], activation=act))
+            if rate > 0:
+                layers.append(Dropout(rate))
+        layers.append(Dense(self.coefs_[-1].shape[1]))
+        return Sequential(layers, dtype=dtype, seed=0).build(n_features)
+
+    def _inference_network(self, n_features, dtype):
+        """The network predict runs: ``_net`` if it holds the current
+        coefs_ and intercepts_, else a new one loaded with them before it
+        replaces ``_net``.  Predict writes into no network, so predicts from
+        any number of threads at once read only what none of them changes."""
+        net = getattr(self, "_net", None)
+        if net is not None and self._fits(net, n_features, dtype) and all(
+                np.array_equal(layer.W, coef, equal_nan=True)
+                and np.array_equal(layer.b, intercept, equal_nan=True)
+                for layer, coef, intercept in zip(self._dense(net), self.coefs_,
+                                                  self.intercepts_)):
+            return net
+        net = self._new_network(n_features, dtype)
+        self._copy_weights(net)
+        self._net = net
+        return net
+
+    def _copy_weights(self, net):
+        for layer, coef, intercept in zip(self._dense(net), self.coefs_, self.intercepts_):
+            layer.W[...] = coef
+            layer.b[...] = intercept
 
     @staticmethod
     def _dense(net):
@@ -216,12 +255,14 @@ class _BaseMLP(BaseEstimator):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_net", None)  # rebuilt from coefs_ on demand
+        state.pop("_fit_lock", None)
         return state
 
     # -- fitting -------------------------------------------------------------
     def _dtype_of(self, X):
         return np.dtype(self.dtype) if self.dtype is not None else X.dtype
 
+    @_one_fit_at_a_time
     def _fit(self, X, y, sample_weight=None, incremental=False, X_val=None, y_val=None):
         hidden = self.hidden_layer_sizes
         if not hasattr(hidden, "__iter__"):
@@ -395,61 +436,71 @@ class _BaseMLP(BaseEstimator):
         run = _EpochRunner(net, X, Y, W, batch_size, False, self._loss_name(), opt, state)
         run.count_by_samples = True
         self.n_iter_ = 0
+        # Ctrl-C stops training as in scikit-learn (a warning, and fit returns
+        # the model as it is), but at a call boundary or the end of an
+        # iteration, so the weights, n_iter_ and loss_curve_ agree.
         try:
-            for _ in range(self.max_iter):
-                if self.shuffle:
-                    # sklearn.utils.shuffle(sample_idx, random_state=...) draws
-                    # exactly this (resample without replacement), minus its
-                    # validation overhead (~0.2 ms an epoch)
-                    perm = np.arange(n_samples)
-                    self._random_state.shuffle(perm)
-                    sample_idx = sample_idx[perm]
-                run.start_epoch(order=sample_idx if self.shuffle else None)
-                status, _ = run.run(0, run.n_batches, _NoInterrupt)
-                if status == STATUS_OK and run.steps == 0:
-                    # (scikit-learn raises ZeroDivisionError on such a batch)
-                    raise ValueError("the sample weights of every mini-batch of this epoch "
-                                     "sum to zero (positive and negative weights cancel): "
-                                     "nothing can be learned; change batch_size or the weights")
-                if status != STATUS_OK:
-                    self._store(net)
-                    raise ValueError("Solver produced non-finite parameter weights. The input "
-                                     "data may contain large values and need to be "
-                                     "preprocessed.")
-                self.n_iter_ += 1
-                self.loss_ = run.epoch_loss()
-                self.t_ += n_samples
-                self.loss_curve_.append(self.loss_)
-                if self.verbose:
-                    print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
-                if track_val or early_stopping:
-                    self._store(net)
-                if track_val:
-                    self.validation_loss_curve_.append(self._validation_loss(X_val, y_val))
-                self._update_no_improvement_count(early_stopping, X_val, y_val, sw_val)
-                if self.solver == "sgd" and self.learning_rate == "invscaling":
-                    opt.lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
-                    run.hyper[...] = opt._hyper()
-                if self._no_improvement_count > self.n_iter_no_change:
-                    what = ("Validation score" if early_stopping else "Training loss")
-                    msg = (f"{what} did not improve more than tol={self.tol:f} for "
-                           f"{self.n_iter_no_change} consecutive epochs.")
-                    if self._trigger_stopping(opt, msg):
+            with _DeferredInterrupt() as interrupt:
+                for _ in range(self.max_iter):
+                    if self.shuffle:
+                        # sklearn.utils.shuffle(sample_idx, random_state=...) draws
+                        # exactly this (resample without replacement), minus its
+                        # validation overhead (~0.2 ms an epoch)
+                        perm = np.arange(n_samples)
+                        self._random_state.shuffle(perm)
+                        sample_idx = sample_idx[perm]
+                    run.start_epoch(order=sample_idx if self.shuffle else None)
+                    status, done = run.run(0, run.n_batches, interrupt)
+                    if status == STATUS_OK and done < run.n_batches:
+                        raise KeyboardInterrupt  # mid-epoch: not counted, as in scikit-learn
+                    if status == STATUS_OK and run.steps == 0:
+                        # (scikit-learn raises ZeroDivisionError on such a batch)
+                        raise ValueError("the sample weights of every mini-batch of this epoch "
+                                         "sum to zero (positive and negative weights cancel): "
+                                         "nothing can be learned; change batch_size or the "
+                                         "weights")
+                    if status != STATUS_OK:
+                        self._store(net)
+                        raise ValueError("Solver produced non-finite parameter weights. The input "
+                                         "data may contain large values and need to be "
+                                         "preprocessed.")
+                    self.n_iter_ += 1
+                    self.loss_ = run.epoch_loss()
+                    self.t_ += n_samples
+                    self.loss_curve_.append(self.loss_)
+                    if self.verbose:
+                        print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
+                    if track_val or early_stopping:
+                        self._store(net)
+                    if track_val:
+                        self.validation_loss_curve_.append(self._validation_loss(X_val, y_val))
+                    self._update_no_improvement_count(early_stopping, X_val, y_val, sw_val)
+                    if self.solver == "sgd" and self.learning_rate == "invscaling":
+                        opt.lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
+                        run.hyper[...] = opt._hyper()
+                    if self._no_improvement_count > self.n_iter_no_change:
+                        what = ("Validation score" if early_stopping else "Training loss")
+                        msg = (f"{what} did not improve more than tol={self.tol:f} for "
+                               f"{self.n_iter_no_change} consecutive epochs.")
+                        if self._trigger_stopping(opt, msg):
+                            break
+                        run.hyper[...] = opt._hyper()
+                        self._no_improvement_count = 0
+                    if incremental:
                         break
-                    run.hyper[...] = opt._hyper()
-                    self._no_improvement_count = 0
-                if incremental:
-                    break
-                if self.n_iter_ == self.max_iter:
-                    warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and "
-                                  "the optimization hasn't converged yet." % self.max_iter,
-                                  ConvergenceWarning)
+                    if self.n_iter_ == self.max_iter:
+                        warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and "
+                                      "the optimization hasn't converged yet." % self.max_iter,
+                                      ConvergenceWarning)
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             warnings.warn("Training interrupted by user.")
         self._store(net)
         if early_stopping:
             self.coefs_ = self._best_coefs
             self.intercepts_ = self._best_intercepts
+            self._copy_weights(net)  # predict then finds them in the network
 
     def _trigger_stopping(self, opt, msg):
         """sklearn's trigger_stopping: adaptive SGD divides the rate by 5."""
@@ -502,7 +553,7 @@ class _BaseMLP(BaseEstimator):
             X = X.toarray()
         dtype = self.coefs_[0].dtype
         X = to_dtype(X, dtype, "X")
-        net = self._network(X.shape[1], dtype)
+        net = self._inference_network(X.shape[1], dtype)
         with _blas_threads(check_n_threads(self.n_threads)):
             z = net.predict(X)
         if self.out_activation_ == "softmax":
@@ -557,6 +608,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         Threads for fit and predict, BLAS's and fastbp's kernels' (1 to
         2**31 - 1; more than the CPUs this process may run on counts as
         that many).
+
+    ``predict``, ``predict_proba`` and ``score`` may be called from any
+    number of threads at once on one fitted estimator; fits of one estimator
+    run one at a time.
 
     ``fit`` also takes ``X_val, y_val``: a validation set used for early
     stopping instead of a split of X, and recorded in

@@ -666,3 +666,241 @@ def test_pool_is_capped_at_the_cpus_this_process_may_use(tmp_path, cpus):
     have, workers, distinct, same = done.stdout.split()
     assert int(workers) <= int(have) - 1
     assert distinct == "1" and same == "True"
+
+
+# -- 8. Ctrl-C is never lost (issue 13, item 6) ------------------------------------------
+# SIGINT is raised from inside the compiled call's wrapper, i.e. exactly
+# "during" that call as far as Python can tell; each scenario runs in a
+# fresh interpreter (its main thread receives the signal).
+def _run_script(script, tmp_path, timeout=TIMEOUT):
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, timeout=timeout, cwd=tmp_path)
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_SIGINT_IN_LAST_CALL = """
+    import json, signal, warnings
+    import numpy as np
+    import fastbp
+    from fastbp import model
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(256, 6))
+    y = rng.integers(0, 3, 256)
+    real = model._engine.train_batches
+    hits = []
+
+    def interrupting(last_batch, times=1):
+        def train_batches(*args):
+            done = real(*args)
+            first, count = args[6], args[7]
+            if first + count == last_batch and len(hits) < times:
+                hits.append(1)
+                signal.raise_signal(signal.SIGINT)   # handled after the call returns
+            return done
+        model._engine.train_batches = train_batches
+"""
+
+
+def test_ctrl_c_in_the_last_call_of_a_fit_raises_keyboard_interrupt(tmp_path):
+    # It was dropped: the deferred-interrupt check ran only between calls
+    # that still had work after them, so fit returned normally.
+    out = _run_script(_SIGINT_IN_LAST_CALL + """
+    results = {}
+    for epochs, checkpoint in ((1, None), (2, "run.fbp")):
+        net = fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.Dense(3)], seed=0)
+        hits.clear()
+        interrupting(last_batch=8, times=epochs)   # 256 / 32: every epoch's last call
+        try:
+            net.fit(X, y, loss="cross_entropy", epochs=epochs, verbose=0, checkpoint=checkpoint)
+            outcome = "returned"
+        except KeyboardInterrupt as exc:
+            outcome = "KeyboardInterrupt"
+        saved = None if checkpoint is None else len(fastbp.load(checkpoint).history)
+        results[epochs] = [outcome, len(net.history), net._position, net.optimizer.t,
+                           "the fit is complete" in (net.history.stop_reason or ""), saved]
+        model._engine.train_batches = real
+    print(json.dumps(results))
+    """, tmp_path)
+    # epochs=2: the first SIGINT stops the fit after epoch 1 (as before); the
+    # one-epoch fit and the last epoch are complete, and so is the checkpoint
+    assert out == {"1": ["KeyboardInterrupt", 1, None, 8, True, None],
+                   "2": ["KeyboardInterrupt", 1, None, 8, False, 1]}
+
+
+def test_ctrl_c_in_the_last_call_of_an_estimator_epoch_counts_that_epoch(tmp_path):
+    # The estimators stop on Ctrl-C with scikit-learn's warning, as
+    # scikit-learn does.  A SIGINT in the last call of an epoch used to stop
+    # it after that call, before its bookkeeping: the weights had trained
+    # one epoch more than n_iter_ and loss_curve_ said.
+    out = _run_script(_SIGINT_IN_LAST_CALL + """
+    def make(max_iter):
+        return fastbp.MLPClassifier(hidden_layer_sizes=(8,), batch_size=32, max_iter=max_iter,
+                                    random_state=0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        one = make(1).fit(X, y)
+        interrupting(last_batch=8)
+        stopped = make(3).fit(X, y)
+    print(json.dumps({"n_iter": stopped.n_iter_, "curve": len(stopped.loss_curve_),
+                      "t": stopped.t_,
+                      "same": all(np.array_equal(a, b) for a, b in zip(one.coefs_, stopped.coefs_)),
+                      "warned": any("interrupted by user" in str(w.message) for w in caught)}))
+    """, tmp_path)
+    assert out == {"n_iter": 1, "curve": 1, "t": 256, "same": True, "warned": True}
+
+
+def test_ctrl_c_in_a_levenberg_marquardt_iteration_ends_it_consistently(tmp_path):
+    # LM had no deferral: KeyboardInterrupt landed anywhere, e.g. after a
+    # step was taken but before the history recorded it, and on_train_end
+    # was skipped.  Now the iteration finishes and the fit stops.
+    out = _run_script("""
+    import json, signal
+    import numpy as np
+    import fastbp
+    from fastbp import lm
+
+    X = np.linspace(-3, 3, 200)[:, None]
+    real = lm.normal_equations
+
+    def normal_equations(*args):
+        signal.raise_signal(signal.SIGINT)
+        return real(*args)
+
+    lm.normal_equations = normal_equations
+    ended = []
+
+    class End:
+        def on_train_end(self, net):
+            ended.append(len(net.history))
+
+    net = fastbp.Sequential([fastbp.Dense(10, activation="tanh"), fastbp.Dense(1)],
+                            dtype="float64", seed=0)
+    opt = lm.LevenbergMarquardt()
+    try:
+        net.fit(X, np.sin(X), optimizer=opt, epochs=5, verbose=0, callbacks=[End()])
+        outcome = "returned"
+    except KeyboardInterrupt:
+        outcome = "KeyboardInterrupt"
+    print(json.dumps([outcome, len(net.history), opt.t, ended,
+                      "interrupted by Ctrl-C after epoch 1" in (net.history.stop_reason or "")]))
+    """, tmp_path)
+    assert out == ["KeyboardInterrupt", 1, 1, [1], True]
+
+
+def test_ctrl_c_at_random_moments_of_a_fit_is_never_lost(tmp_path):
+    # A few trials of the adversarial script (tests/adversarial/interrupts.py):
+    # SIGINT from outside at random moments of a one-epoch fit.
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
+    try:
+        import interrupts
+    finally:
+        sys.path.pop(0)
+    counts = interrupts.run("fit-sigint", trials=4, seed=1, workdir=str(tmp_path))
+    assert counts["trials"] == 4 and counts["passed"] == 4, counts
+
+
+# -- 9. a failed build leaves the model unbuilt (issue 13, item 8) ----------------------
+def _small(seed=0):
+    return fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.BatchNorm(),
+                              fastbp.Dense(3)], seed=seed)
+
+
+def _assert_unbuilt(net):
+    assert not net.built and net.n_features is None
+    assert all(layer.n_in is None for layer in net.layers)
+    with pytest.raises(ValueError, match="not built"):
+        net.predict(np.ones((2, 5)))
+
+
+@pytest.mark.parametrize("call", [2, 3])
+def test_memory_error_in_build_leaves_the_model_unbuilt(monkeypatch, call):
+    # The 2nd np.zeros (the gradient) or the 3rd (BatchNorm's buffers)
+    # failing left built=True with zero weights: predict returned zeros and
+    # fit raised AttributeError.
+    from fastbp import model
+
+    real, calls = np.zeros, []
+
+    def zeros(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise MemoryError("no memory for the test")
+        return real(*args, **kwargs)
+
+    net = _small()
+    monkeypatch.setattr(model.np, "zeros", zeros)
+    with pytest.raises(MemoryError):
+        net.build(5)
+    monkeypatch.setattr(model.np, "zeros", real)
+    _assert_unbuilt(net)
+    X, y = _data(n=64, d=5)
+    net.fit(X, y, loss="cross_entropy", epochs=2, verbose=0)   # and it builds and trains
+    fresh = _small()
+    fresh.fit(X, y, loss="cross_entropy", epochs=2, verbose=0)
+    np.testing.assert_array_equal(net.params, fresh.params)
+
+
+def test_an_initializer_error_in_build_leaves_the_model_unbuilt(monkeypatch):
+    from fastbp import initializers
+
+    def broken(rng, fan_in, fan_out):
+        raise RuntimeError("broken initializer")
+
+    net = _small()
+    monkeypatch.setitem(initializers.INITIALIZERS, "glorot_uniform", broken)
+    with pytest.raises(RuntimeError, match="broken initializer"):
+        net.fit(*_data(n=64, d=5), loss="cross_entropy", epochs=1, verbose=0)
+    _assert_unbuilt(net)
+
+
+def test_a_failed_rebuild_keeps_the_model_as_it_was(monkeypatch):
+    from fastbp import initializers
+
+    X, y = _data(n=64, d=5)
+    net = _small()
+    net.fit(X, y, loss="cross_entropy", epochs=1, verbose=0)
+    params, out, W = net.params.copy(), net.predict(X), net.layers[0].W
+
+    def broken(rng, fan_in, fan_out):
+        raise MemoryError("no memory for the test")
+
+    monkeypatch.setitem(initializers.INITIALIZERS, "glorot_uniform", broken)
+    with pytest.raises(MemoryError):
+        net.build(9)
+    assert net.n_features == 5 and net.layers[0].W is W
+    np.testing.assert_array_equal(net.params, params)
+    np.testing.assert_array_equal(net.predict(X), out)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc")
+def test_a_build_that_runs_out_of_memory_leaves_the_model_unbuilt(tmp_path):
+    # A real MemoryError under an address-space cap: room for the float32
+    # parameters and gradient (2 x 1.2 GB, allocated lazily), not for the
+    # float64 draw of the initializer on top of them.
+    out = _run_script("""
+    import json, resource
+    import numpy as np
+    import fastbp
+
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 3 * 2**30, resource.RLIM_INFINITY))
+    net = fastbp.Sequential([fastbp.Dense(20000), fastbp.Dense(1)], seed=0)
+    try:
+        net.build(15000)
+        error = None
+    except MemoryError as exc:
+        error = "MemoryError"
+    try:
+        net.predict(np.ones((1, 15000)))
+        predict = "returned"
+    except ValueError as exc:
+        predict = "not built" if "not built" in str(exc) else str(exc)
+    print(json.dumps([error, net.built, predict]))
+    """, tmp_path)
+    assert out == ["MemoryError", False, "not built"]

@@ -287,3 +287,363 @@ def test_packing_buffers_of_exiting_threads_are_freed():
         t.start()
         t.join()
     assert rss_mib() - before < 40
+
+
+# -- one model used from several Python threads (issue 13, items 2 and 7) -----------
+# Each scenario runs in a fresh interpreter: before these were fixed, two fits
+# of one model crashed the process.  The script prints one JSON line.
+def _run_script(script, tmp_path, env=None, timeout=240):
+    import json
+    import os
+    import subprocess
+    import textwrap
+
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, timeout=timeout, cwd=tmp_path,  # away from the sources
+                          env=None if env is None else {**os.environ, **env})
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_SHARED_MODEL = """
+    import json, threading
+    import numpy as np
+    import fastbp
+
+    def run_threads(n, work):
+        errors = []
+        def guarded(i):
+            try:
+                work(i)
+            except BaseException as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+        threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return errors
+
+    def same(a, b):
+        if isinstance(a, tuple):
+            return all(same(x, y) for x, y in zip(a, b))
+        return np.array_equal(a, b, equal_nan=True)
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(1200, 10))
+    y = rng.integers(0, 3, 1200)
+"""
+
+
+def test_inference_calls_from_many_threads_on_one_model_match_one_thread(tmp_path):
+    # predict, predict_proba, evaluate and loss_and_grad wrote into the
+    # model's one workspace (and BatchNorm's 1/std into its aux, and
+    # loss_and_grad into its gradient) without the GIL: 8 threads calling
+    # them on one model got wrong results.  Every result must now be
+    # bitwise the one-thread result, on inputs of different sizes.
+    out = _run_script(_SHARED_MODEL + """
+    net = fastbp.Sequential([fastbp.Dense(48, activation="relu"), fastbp.BatchNorm(),
+                             fastbp.Dropout(0.2),
+                             fastbp.Residual([fastbp.Dense(48, activation="tanh")]),
+                             fastbp.Dense(3)], seed=0)
+    net.fit(X, y, loss="cross_entropy", epochs=2, verbose=0)
+    calls = {"predict": lambda X, y: net.predict(X),
+             "predict_proba": lambda X, y: net.predict_proba(X),
+             "evaluate": lambda X, y: net.evaluate(X, y, loss="cross_entropy"),
+             "loss_and_grad": lambda X, y: net.loss_and_grad(X, y, loss="cross_entropy")}
+    pieces = [(X[s:s + m], y[s:s + m]) for s, m in ((0, 1), (1, 7), (8, 300), (308, 892))]
+    jobs = [(name, piece) for name in calls for piece in range(len(pieces))]
+    oracle = {job: calls[job[0]](*pieces[job[1]]) for job in jobs}
+    counts = {"calls": 0, "wrong": 0}
+
+    def work(i):
+        order = np.random.default_rng(i).permutation(len(jobs))
+        for _ in range(12):
+            for j in order:
+                name, piece = jobs[j]
+                counts["calls"] += 1
+                counts["wrong"] += not same(calls[name](*pieces[piece]), oracle[jobs[j]])
+
+    counts["errors"] = run_threads(8, work)
+    print(json.dumps(counts))
+    """, tmp_path)
+    assert out == {"calls": 8 * 12 * 16, "wrong": 0, "errors": []}
+
+
+def test_inference_beside_a_fit_of_the_same_model_leaves_the_fit_unchanged(tmp_path):
+    # predict and loss_and_grad in one thread while another trains the same
+    # model overwrote the fit's activations and gradient (results changed;
+    # sometimes a spurious DivergenceError).  The fit must end bitwise as
+    # it does alone.
+    out = _run_script(_SHARED_MODEL + """
+    def model():
+        return fastbp.Sequential([fastbp.Dense(64, activation="relu"), fastbp.BatchNorm(),
+                                  fastbp.Dense(64, activation="relu"), fastbp.Dense(3)], seed=1)
+
+    X, y = np.tile(X, (4, 1)), np.tile(y, 4)   # a fit of about 0.3 s
+    alone = model()
+    alone.fit(X, y, loss="cross_entropy", epochs=3, verbose=0)
+    results = {}
+    for what in ("predict", "loss_and_grad"):
+        net = model().build(10)
+        done = threading.Event()
+        calls = [0]
+
+        def work(i):
+            if i == 0:
+                try:
+                    net.fit(X, y, loss="cross_entropy", epochs=3, verbose=0)
+                finally:
+                    done.set()
+                return
+            while not done.is_set():
+                if what == "predict":
+                    net.predict(X[:32])
+                else:
+                    net.loss_and_grad(X[:32], y[:32], loss="cross_entropy")
+                calls[0] += 1
+
+        errors = run_threads(2, work)
+        results[what] = {"equal": bool(np.array_equal(net.params, alone.params)),
+                         "errors": errors, "some_calls": calls[0] > 0}
+    print(json.dumps(results))
+    """, tmp_path)
+    expected = {"equal": True, "errors": [], "some_calls": True}
+    assert out == {"predict": expected, "loss_and_grad": expected}
+
+
+def test_fits_of_one_model_from_two_threads_run_one_after_the_other(tmp_path):
+    # Two threads fitting one model crashed (SIGSEGV, abort) or raised a
+    # spurious DivergenceError.  They now run one after the other: with the
+    # same arguments the model ends as after two fits in a row.
+    out = _run_script(_SHARED_MODEL + """
+    def model():
+        return fastbp.Sequential([fastbp.Dense(64, activation="relu"),
+                                  fastbp.Dense(64, activation="tanh"), fastbp.Dense(3)], seed=2)
+
+    def fit(net):
+        net.fit(X, y, loss="cross_entropy", epochs=2, batch_size=16, verbose=0)
+
+    twice = model()
+    fit(twice)
+    fit(twice)
+    results = []
+    for trial in range(3):
+        net = model()
+        errors = run_threads(2, lambda i: fit(net))
+        results.append([bool(np.array_equal(net.params, twice.params)), len(net.history),
+                        errors])
+    print(json.dumps(results))
+    """, tmp_path)
+    assert out == [[True, 4, []]] * 3
+
+
+def test_fit_from_a_callback_of_a_fit_of_the_same_model_is_refused():
+    # It would change the model under the running fit (and waiting for the
+    # fit would deadlock): a clear error instead.
+    X = np.ones((16, 3))
+    y = np.zeros(16)
+    net = fastbp.Sequential([fastbp.Dense(4, activation="relu"), fastbp.Dense(1)], seed=0)
+
+    class Refit:
+        def on_epoch_end(self, net, epoch, logs):
+            with pytest.raises(RuntimeError, match="inside its own fit"):
+                net.fit(X, y, epochs=1, verbose=0)
+            with pytest.raises(RuntimeError, match="inside its own fit"):
+                net.build(3)
+            net.predict(X)  # inference is fine
+
+    net.fit(X, y, epochs=2, verbose=0, callbacks=[Refit()])
+    assert len(net.history) == 2
+    net.fit(X, y, epochs=1, verbose=0)  # and the model is free again afterwards
+    assert len(net.history) == 3
+
+
+def test_warnings_of_fit_still_point_at_the_caller():
+    # fit runs inside the wrapper that holds the model: one frame more
+    X = np.ones((16, 3))
+    net = fastbp.Sequential([fastbp.Dense(4, activation="relu"), fastbp.Dense(1)], seed=0)
+    net.fit(X, np.zeros(16), epochs=1, batch_size=8, verbose=0)
+    with pytest.warns(fastbp.ResumeWarning) as record:
+        net.fit(X, np.zeros(16), epochs=1, batch_size=4, verbose=0)
+    assert record[0].filename == __file__
+
+
+def test_a_model_with_its_locks_pickles_and_copies():
+    import copy
+    import pickle
+
+    net = fastbp.Sequential([fastbp.Dense(4, activation="relu"), fastbp.Dense(2)], seed=0)
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    net.fit(X, np.arange(20) % 2, loss="cross_entropy", epochs=1, verbose=0)
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        np.testing.assert_array_equal(twin.predict(X), net.predict(X))
+        twin.fit(X, np.arange(20) % 2, loss="cross_entropy", epochs=1, verbose=0)
+
+
+def test_estimator_predicts_from_many_threads_match_one_thread(tmp_path):
+    # The estimators predict through a fastbp model: the same shared
+    # workspace, and they also copied coefs_ into it on every call.
+    out = _run_script(_SHARED_MODEL + """
+    import warnings
+    warnings.simplefilter("ignore")
+    clf = fastbp.MLPClassifier(hidden_layer_sizes=(64, 32), max_iter=5,
+                               random_state=0).fit(X, y)
+    reg = fastbp.MLPRegressor(hidden_layer_sizes=(32,), max_iter=5, random_state=0).fit(X, X[:, 0])
+    calls = {"predict": lambda Xp: clf.predict(Xp), "proba": lambda Xp: clf.predict_proba(Xp),
+             "score": lambda Xp: clf.score(Xp, y[:len(Xp)]),
+             "reg": lambda Xp: reg.predict(Xp), "r2": lambda Xp: reg.score(Xp, Xp[:, 0])}
+    pieces = [X[:1], X[:40], X[:700]]
+    oracle = {(name, i): calls[name](p) for name in calls for i, p in enumerate(pieces)}
+    counts = {"calls": 0, "wrong": 0}
+
+    def work(t):
+        for _ in range(10):
+            for (name, i), want in oracle.items():
+                counts["calls"] += 1
+                counts["wrong"] += not same(calls[name](pieces[i]), want)
+
+    counts["errors"] = run_threads(6, work)
+    print(json.dumps(counts))
+    """, tmp_path)
+    assert out == {"calls": 6 * 10 * 15, "wrong": 0, "errors": []}
+
+
+def test_estimator_fits_from_two_threads_do_not_collide(tmp_path):
+    # Both fits train the estimator's one network: they now run one after
+    # the other, and each (not warm-started) ends as a fit alone does.
+    out = _run_script(_SHARED_MODEL + """
+    import warnings
+    warnings.simplefilter("ignore")
+
+    def make():
+        return fastbp.MLPClassifier(hidden_layer_sizes=(64,), max_iter=4, batch_size=16,
+                                    random_state=0)
+
+    alone = make().fit(X, y)
+    results = []
+    for solver in ("adam", "lbfgs"):
+        alone = make().set_params(solver=solver).fit(X, y)
+        est = make().set_params(solver=solver)
+        errors = run_threads(2, lambda i: est.fit(X, y))
+        results.append([all(np.array_equal(a, b) for a, b in zip(est.coefs_, alone.coefs_)),
+                        errors])
+    print(json.dumps(results))
+    """, tmp_path)
+    assert out == [[True, []], [True, []]]
+
+
+def test_n_threads_pins_each_fit_whatever_another_thread_runs(tmp_path):
+    # FASTBP_ISA=baseline sends these products to OpenBLAS (checked below),
+    # whose thread count is one for the whole process, and whose results
+    # here differ between 1 and 2 threads.  threadpoolctl's limit set by one
+    # fit changed the other's (and, from a thread other than the first to
+    # set one, was silently ignored): each fit must end bitwise as alone.
+    out = _run_script(_SHARED_MODEL + """
+    from threadpoolctl import threadpool_info
+    from fastbp._ext import dense
+
+    X = rng.normal(size=(1024, 784)).astype(np.float32)
+    y = rng.integers(0, 10, 1024)
+
+    def fit(n):
+        net = fastbp.Sequential([fastbp.Dense(256, activation="relu"),
+                                 fastbp.Dense(256, activation="tanh"), fastbp.Dense(10)], seed=1)
+        net.fit(X, y, loss="cross_entropy", epochs=2, batch_size=64, verbose=0, n_threads=n)
+        return net.params.copy()
+
+    def blas():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas()
+    kernels = sorted({dense.gemm_kernel(64, 256, 784, False, False, "float32"),
+                      dense.gemm_kernel(784, 256, 64, True, False, "float32")})
+    alone = {n: fit(n) for n in (1, 2)}
+    wrong, errors = 0, []
+    for trial in range(3):
+        got = {}
+        errors += run_threads(2, lambda i: got.__setitem__(i + 1, fit(i + 1)))
+        wrong += sum(not np.array_equal(got.get(n), alone[n]) for n in (1, 2))
+    print(json.dumps({"kernels": kernels, "wrong": wrong, "errors": errors,
+                      "blas_restored": blas() == before}))
+    """, tmp_path, env={"FASTBP_ISA": "baseline"})
+    assert out == {"kernels": ["blas"], "wrong": 0, "errors": [], "blas_restored": True}
+
+
+def test_blas_thread_counts_take_turns_in_arrival_order():
+    """Calls that want the same BLAS count run together; one that wants
+    another waits for them, and later calls wait behind it (no starving)."""
+    from fastbp import model
+
+    own = model._BLAS._read()
+    log = []
+    a_inside, release_a = threading.Event(), threading.Event()
+
+    def call(n, name, inside=None, release=None):
+        with model._blas_threads(n), model._BLAS:
+            log.append((name, model._BLAS._read()))
+            if inside is not None:
+                inside.set()
+                release.wait(30)
+
+    def queued(k):
+        for _ in range(3000):
+            if len(model._BLAS._queue) == k:
+                return True
+            threading.Event().wait(0.01)
+        return False
+
+    threads = [threading.Thread(target=call, args=(1, "A", a_inside, release_a))]
+    threads[0].start()
+    assert a_inside.wait(30)
+    for name, n in (("B", 2), ("C", 1)):   # C wants A's count, but arrives after B
+        threads.append(threading.Thread(target=call, args=(n, name)))
+        threads[-1].start()
+        assert queued(len(threads) - 1)
+    release_a.set()
+    for t in threads:
+        t.join(30)
+    n_libs = len(own)
+    assert log == [("A", [1] * n_libs), ("B", [2] * n_libs), ("C", [1] * n_libs)]
+    assert model._BLAS._read() == own   # BLAS's own setting is back
+
+
+def _predict_in_child(queue):
+    from fastbp import model
+
+    net = fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.Dense(2)], seed=0)
+    out = net.build(3).predict(np.ones((4, 3)))
+    queue.put((float(out.sum()), model._BLAS._read()))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork() does not exist on Windows")
+def test_a_child_forked_while_a_thread_holds_blas_predicts():
+    """The fork copies the BLAS lock held by a thread that is not in the
+    child: the child starts afresh, with BLAS's own thread count."""
+    from fastbp import model
+
+    own = model._BLAS._read()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with model._blas_threads(1), model._BLAS:
+            inside.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(30)
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_predict_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=60)
+        assert child.exitcode == 0, "the forked child hung or crashed"
+        total, blas = queue.get(timeout=5)
+    finally:
+        release.set()
+        holder.join(30)
+    net = fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.Dense(2)], seed=0)
+    assert total == float(net.build(3).predict(np.ones((4, 3))).sum())
+    assert blas == own
