@@ -514,40 +514,22 @@ def gemm_kernel(int m, int n, int k, bint trans_a=False, bint trans_b=False, dty
     return {GEMM_BY_SMALL: "small", GEMM_BY_PACKED: "packed"}.get(kind, "blas")
 
 
-def gemm_small_kernel(const floating[:, ::1] a, const floating[:, ::1] b,
-                      bint trans_a=False, bint trans_b=False, int isa=-1):
-    """Row-major ``op(a) @ op(b)`` through the small kernels only (test hook),
-    at instruction-set level ``isa`` (-1: the best this machine has).
-
-    Returns None when the shape is one they decline (BLAS would take it).
-    """
+def _kernel_product(const floating[:, ::1] a, const floating[:, ::1] b, bint trans_a,
+                    bint trans_b, int isa, bint packed, name):
+    """op(a) @ op(b) through the small (packed: the packed) kernels alone,
+    on one thread, at level isa; None where they decline the shape."""
     cdef int m, n, k, done
-    m, n, k = _product_shape(a, b, trans_a, trans_b, "gemm_small_kernel")
+    m, n, k = _product_shape(a, b, trans_a, trans_b, name)
     dtype = np.float32 if floating is float else np.float64
-    out = np.full((m, n), np.nan, dtype=dtype)
+    out = np.full((m, n), np.nan, dtype=dtype)   # an entry left unwritten shows
     cdef floating[:, ::1] c = out
     if m == 0 or n == 0 or k == 0:
         return None
     with nogil:
-        done = gemm_small(isa, trans_a, trans_b, m, n, k, &a[0, 0], <int>a.shape[1],
-                          &b[0, 0], <int>b.shape[1], &c[0, 0], n)
-    return out if done else None
-
-
-def gemm_packed_kernel(const floating[:, ::1] a, const floating[:, ::1] b,
-                       bint trans_a=False, bint trans_b=False, int isa=-1):
-    """Row-major ``op(a) @ op(b)`` through the packed kernels only (test
-    hook), on one thread, at instruction-set level ``isa`` (-1: this
-    process's level).  Returns None when they decline (an empty shape)."""
-    cdef int m, n, k, done
-    m, n, k = _product_shape(a, b, trans_a, trans_b, "gemm_packed_kernel")
-    dtype = np.float32 if floating is float else np.float64
-    out = np.full((m, n), np.nan, dtype=dtype)
-    cdef floating[:, ::1] c = out
-    if m == 0 or n == 0 or k == 0:
-        return None
-    with nogil:
-        if floating is float:
+        if not packed:
+            done = gemm_small(isa, trans_a, trans_b, m, n, k, &a[0, 0], <int>a.shape[1],
+                              &b[0, 0], <int>b.shape[1], &c[0, 0], n)
+        elif floating is float:
             done = fbp_gemm_packed_isa_f32(isa, trans_a, trans_b, m, n, k, &a[0, 0],
                                            <int>a.shape[1], &b[0, 0], <int>b.shape[1],
                                            &c[0, 0], n)
@@ -556,6 +538,23 @@ def gemm_packed_kernel(const floating[:, ::1] a, const floating[:, ::1] b,
                                            <int>a.shape[1], &b[0, 0], <int>b.shape[1],
                                            &c[0, 0], n)
     return out if done else None
+
+
+def gemm_small_kernel(a, b, bint trans_a=False, bint trans_b=False, int isa=-1):
+    """Row-major ``op(a) @ op(b)`` through the small kernels only (test hook),
+    at instruction-set level ``isa`` (-1: this process's level).
+
+    Returns None when the shape is one they decline (BLAS or the packed
+    kernels would take it).
+    """
+    return _kernel_product(a, b, trans_a, trans_b, isa, False, "gemm_small_kernel")
+
+
+def gemm_packed_kernel(a, b, bint trans_a=False, bint trans_b=False, int isa=-1):
+    """Row-major ``op(a) @ op(b)`` through the packed kernels only (test
+    hook), on one thread, at instruction-set level ``isa`` (-1: this
+    process's level).  Returns None when they decline (an empty shape)."""
+    return _kernel_product(a, b, trans_a, trans_b, isa, True, "gemm_packed_kernel")
 
 
 def dense_forward(const floating[:, ::1] x, const floating[:, ::1] w,
