@@ -314,6 +314,17 @@ V1 = {"adam": lambda: Adam(lr=0.01),
                                                                 momentum=0.5)}
 
 
+def _same_run(a, b):
+    """The files were written at the AVX-512 level: there a run continued
+    from them is bitwise today's run; at other levels the products round
+    differently in the last bits (float64), so the runs agree to 1e-10."""
+    a, b = np.asarray(a), np.asarray(b)
+    if fastbp._isa.level() == "avx512":
+        assert a.tobytes() == b.tobytes()
+    else:
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def _v1_run():
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(40, 4)), rng.integers(0, 3, 40)
@@ -334,15 +345,15 @@ def test_version_1_files_load_and_continue_exactly(name):
     ref = net()
     ref.fit(X, y, loss="cross_entropy", optimizer=V1[name](), epochs=2, batch_size=8,
             verbose=0, n_threads=1)
-    assert old.params.tobytes() == ref.params.tobytes()
+    _same_run(old.params, ref.params)
     assert old.optimizer.t == ref.optimizer.t == 10
-    assert old.optimizer.state.tobytes() == ref.optimizer.state.tobytes()
+    _same_run(old.optimizer.state, ref.optimizer.state)
     assert old.optimizer._extra_state() == ref.optimizer._extra_state()
     assert old._fit_settings == {"loss": "cross_entropy"}
     for model in (old, ref):
         model.fit(X, y, epochs=1, batch_size=8, verbose=0, n_threads=1)
-    assert old.params.tobytes() == ref.params.tobytes()
-    assert old.optimizer.state.tobytes() == ref.optimizer.state.tobytes()
+    _same_run(old.params, ref.params)
+    _same_run(old.optimizer.state, ref.optimizer.state)
 
 
 def test_version_1_mid_epoch_checkpoint_resumes_exactly(tmp_path):
@@ -354,7 +365,7 @@ def test_version_1_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     ref = net()
     ref.fit(X, y, loss="cross_entropy", optimizer=Adam(lr=0.01), epochs=2, batch_size=8,
             verbose=0, n_threads=1)
-    assert old.params.tobytes() == ref.params.tobytes()
+    _same_run(old.params, ref.params)
     old.save(tmp_path / "v2.fbp")  # saved again: version 2, with what it knows
     again = fastbp.load(tmp_path / "v2.fbp")
     assert_same_model(old, again)
