@@ -99,6 +99,16 @@ class _SklearnSGD(Optimizer):
         return dict(lr=_real(self.lr, "learning rate"), momentum=_real(self.momentum, "momentum"),
                     nesterov=_flag(self.nesterov, "nesterov"))
 
+    @property
+    def learning_rate(self):
+        """scikit-learn's name for the current rate (``lr``), which its
+        ``invscaling`` and ``adaptive`` schedules change."""
+        return self.lr
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        self.lr = value
+
     def _kernel_values(self, hp):
         return hp
 
@@ -126,6 +136,14 @@ class _SklearnAdam(Optimizer):
 
     def _validated(self):
         return {name: _real(getattr(self, name), name) for name in ("lr", "beta1", "beta2", "eps")}
+
+    @property
+    def learning_rate(self):
+        """scikit-learn's ``learning_rate``: the step size of the last update,
+        eta sqrt(1 - beta2^t) / (1 - beta1^t) (``lr`` before any)."""
+        if self.t == 0:
+            return self.lr
+        return self.lr * np.sqrt(1 - self.beta2 ** self.t) / (1 - self.beta1 ** self.t)
 
     def _kernel_values(self, hp):
         return hp
@@ -353,21 +371,55 @@ class _BaseMLP(BaseEstimator):
     def _loss_name(self):
         return _LOSSES[self.out_activation_]
 
+    @staticmethod
+    def _packing(net):
+        """Where each of scikit-learn's packed parameters (all coefficients,
+        then all intercepts, each row-major) sits in the network's flat
+        vector: L-BFGS sees scikit-learn's vector, so its dot products add
+        up in the same order."""
+        return np.concatenate([np.arange(r[4], r[5]) for r in net._program]
+                              + [np.arange(r[5], r[5] + r[2]) for r in net._program])
+
+    @staticmethod
+    def _packed_loss_grad(net, perm, x, X, Y, loss, sample_weight):
+        net.params[perm] = x
+        try:
+            value, grad = net.loss_and_grad(X, Y, loss=loss, sample_weight=sample_weight)
+        except _OverflowError as exc:  # a trial step too far: scipy backs off
+            value, grad = exc.value, exc.grad
+        return value, grad[perm].astype(np.float64)
+
+    def _loss_grad_lbfgs(self, packed_coef_inter, X, y, sample_weight, activations, deltas,
+                         coef_grads, intercept_grads):
+        """scikit-learn's ``_loss_grad_lbfgs``: the loss (with the L2 term) and
+        its gradient at the packed parameters, for targets ``y`` in the
+        encoding fit trains on (binarized labels for a classifier).  The
+        gradient is returned packed and also left in ``coef_grads`` and
+        ``intercept_grads``; ``activations`` and ``deltas`` are not used (the
+        engine keeps its own).  Code that checks gradients calls this."""
+        X = np.asarray(X)
+        dtype = self.coefs_[0].dtype
+        X = to_dtype(X, dtype, "X")
+        Y = to_dtype(np.asarray(y).reshape(X.shape[0], -1), dtype, "y")
+        if sample_weight is not None:
+            sample_weight = to_dtype(np.asarray(sample_weight), dtype, "sample_weight")
+        net = self._network(X.shape[1], dtype)
+        value, grad = self._packed_loss_grad(net, self._packing(net),
+                                             np.asarray(packed_coef_inter, dtype=np.float64),
+                                             X, Y, self._loss_name(), sample_weight)
+        start = 0
+        for out in list(coef_grads) + list(intercept_grads):
+            out[...] = grad[start:start + out.size].reshape(out.shape)
+            start += out.size
+        return value, grad
+
     def _fit_lbfgs(self, X, Y, sample_weight):
         net = self._network(X.shape[1], X.dtype)
-        # sklearn packs all coefficients, then all intercepts: L-BFGS sees the
-        # same vector (its dot products then add up in the same order).
-        perm = np.concatenate([np.arange(r[4], r[5]) for r in net._program]
-                              + [np.arange(r[5], r[5] + r[2]) for r in net._program])
+        perm = self._packing(net)
         loss = self._loss_name()
 
         def fun(x):
-            net.params[perm] = x
-            try:
-                value, grad = net.loss_and_grad(X, Y, loss=loss, sample_weight=sample_weight)
-            except _OverflowError as exc:  # a trial step too far: scipy backs off
-                value, grad = exc.value, exc.grad
-            return value, grad[perm].astype(np.float64)
+            return self._packed_loss_grad(net, perm, x, X, Y, loss, sample_weight)
         iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
         res = scipy.optimize.minimize(fun, net.params[perm].astype(np.float64), method="L-BFGS-B",
                                       jac=True, options={"maxfun": self.max_fun,
@@ -402,7 +454,10 @@ class _BaseMLP(BaseEstimator):
         early_stopping = self.early_stopping
         sw_val = None
         if early_stopping and X_val is None:
-            stratify = Y if (is_classifier(self) and self.n_outputs_ == 1) else None
+            # scikit-learn splits on its binarized labels as bool: a class it
+            # names in an error is 'True', not '1.0'
+            stratify = (Y.astype(bool) if (is_classifier(self) and self.n_outputs_ == 1)
+                        else None)
             if sample_weight is None:
                 X, X_val, Y, y_val = train_test_split(
                     X, Y, random_state=self._random_state, test_size=self.validation_fraction,
@@ -461,6 +516,9 @@ class _BaseMLP(BaseEstimator):
                                          "weights")
                     if status != STATUS_OK:
                         self._store(net)
+                        if early_stopping:
+                            self._diverged_epochs(n_samples, incremental)
+                            break
                         raise ValueError("Solver produced non-finite parameter weights. The input "
                                          "data may contain large values and need to be "
                                          "preprocessed.")
@@ -501,6 +559,32 @@ class _BaseMLP(BaseEstimator):
             self.coefs_ = self._best_coefs
             self.intercepts_ = self._best_intercepts
             self._copy_weights(net)  # predict then finds them in the network
+
+    def _diverged_epochs(self, n_samples, incremental):
+        """The epochs scikit-learn runs after its weights overflow, with early
+        stopping: it trains on with non-finite weights, every validation score
+        is nan (no improvement, but nan compares false, so the count of
+        epochs without one restarts), and it stops at max_iter, then restores
+        the best weights.  fastbp's engine stops at the overflow, so the
+        bookkeeping of those epochs is written here: the diverged epoch and
+        the rest record a nan loss and a nan validation score."""
+        while self.n_iter_ < self.max_iter:
+            self.n_iter_ += 1
+            self.loss_ = np.nan
+            self.t_ += n_samples
+            self.loss_curve_.append(np.nan)
+            self.validation_scores_.append(np.nan)
+            if self.verbose:
+                print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
+                print("Validation score: %f" % np.nan)
+            self._no_improvement_count = 0
+            if self.solver == "sgd" and self.learning_rate == "invscaling":
+                self._optimizer.lr = (float(self.learning_rate_init)
+                                      / (self.t_ + 1) ** self.power_t)
+            if incremental:
+                return
+        warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and the "
+                      "optimization hasn't converged yet." % self.max_iter, ConvergenceWarning)
 
     def _trigger_stopping(self, opt, msg):
         """sklearn's trigger_stopping: adaptive SGD divides the rate by 5."""

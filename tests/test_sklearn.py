@@ -1128,3 +1128,67 @@ def test_epoch_whose_every_batch_weighs_zero_is_a_value_error():
     with pytest.raises(ValueError, match="every mini-batch of this epoch sum to zero"):
         MLPRegressor(hidden_layer_sizes=(3,), batch_size=2, shuffle=False, max_iter=2,
                      random_state=0).fit(X, y.astype(float), sample_weight=w)
+
+
+def test_private_attributes_code_reads_have_scikit_learns_meaning():
+    """Code in the wild reads _loss_grad_lbfgs, _optimizer.learning_rate and
+    _no_improvement_count (scikit-learn's own tests do): the same values as
+    scikit-learn's estimator on the same data and seed."""
+    from sklearn.neural_network import MLPClassifier as SK
+    from sklearn.preprocessing import LabelBinarizer
+
+    rng = np.random.RandomState(0)
+    X = rng.rand(30, 6)
+    y = rng.randint(0, 3, 30)
+    for solver, schedule in (("sgd", "invscaling"), ("sgd", "adaptive"), ("adam", "constant")):
+        kw = dict(hidden_layer_sizes=(7,), solver=solver, learning_rate=schedule, max_iter=5,
+                  random_state=1, batch_size=10, alpha=1e-3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            ours, theirs = MLPClassifier(**kw).fit(X, y), SK(**kw).fit(X, y)
+        np.testing.assert_allclose(ours._optimizer.learning_rate,
+                                   theirs._optimizer.learning_rate, rtol=1e-12)
+        assert ours._no_improvement_count == theirs._no_improvement_count
+        Y = LabelBinarizer().fit_transform(y)
+        theta = np.hstack([c.ravel() for c in theirs.coefs_ + theirs.intercepts_])
+        # (scikit-learn's _fit_lbfgs sets these; its adam/sgd fits do not)
+        start, theirs._coef_indptr, theirs._intercept_indptr = 0, [], []
+        for c in theirs.coefs_:
+            theirs._coef_indptr.append((start, start + c.size, c.shape))
+            start += c.size
+        for b in theirs.intercepts_:
+            theirs._intercept_indptr.append((start, start + b.size))
+            start += b.size
+        bufs = [[np.empty((30, u)) for u in (7, 3)], [np.empty((30, u)) for u in (7, 3)]]
+        grads = [[np.empty((6, 7)), np.empty((7, 3))], [np.empty(7), np.empty(3)]]
+        mine = [[np.empty((6, 7)), np.empty((7, 3))], [np.empty(7), np.empty(3)]]
+        v1, g1 = ours._loss_grad_lbfgs(theta, X, Y, None, [X] + bufs[0], bufs[1], *mine)
+        v2, g2 = theirs._loss_grad_lbfgs(theta, X, Y, None, [X] + bufs[0], bufs[1], *grads)
+        np.testing.assert_allclose(v1, v2, rtol=1e-12)
+        np.testing.assert_allclose(g1, g2, rtol=1e-10, atol=1e-14)
+        for a, b in zip(mine[0] + mine[1], grads[0] + grads[1]):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_divergence_with_early_stopping_keeps_the_best_weights_as_scikit_learn():
+    # scikit-learn trains on with non-finite weights, scores nan on the
+    # validation set to max_iter, then restores the best weights.
+    from sklearn.datasets import load_iris
+    from sklearn.neural_network import MLPRegressor as SK
+
+    X, y = load_iris(return_X_y=True)
+    kw = dict(hidden_layer_sizes=100, activation="identity", solver="sgd", alpha=1e-4,
+              learning_rate_init=1.0, max_iter=20, early_stopping=True, n_iter_no_change=10,
+              random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours, theirs = MLPRegressor(**kw).fit(X, y), SK(**kw).fit(X, y)
+    assert ours.n_iter_ == theirs.n_iter_ == 20
+    assert len(ours.validation_scores_) == len(theirs.validation_scores_) == 20
+    assert np.isnan(ours.validation_scores_[-1]) and np.isnan(theirs.validation_scores_[-1])
+    first_nan = [int(np.argmax(np.isnan(m.validation_scores_))) for m in (ours, theirs)]
+    assert first_nan[0] == first_nan[1]
+    np.testing.assert_allclose(ours.validation_scores_[:first_nan[0]],
+                               theirs.validation_scores_[:first_nan[1]], rtol=1e-8)
+    for a, b in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
