@@ -1,11 +1,12 @@
-"""BatchNorm against torch.nn.BatchNorm1d and the reference."""
+"""BatchNorm against torch.nn.BatchNorm1d (its results recorded in
+tests/fixtures/torch_batchnorm.npz) and the reference."""
 import numpy as np
 import pytest
-import torch
 
 import fastbp
 from fastbp import reference
 
+import torch_cases as tc
 from helpers import DTYPES, assert_close
 
 
@@ -15,42 +16,36 @@ def _net(dtype="float64", seed=0):
                               fastbp.Dense(3)], dtype=dtype, seed=seed).build(5)
 
 
-def _torch_twin(net):
-    d = net.layers
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.BatchNorm1d(8),
-                                torch.nn.Linear(8, 6), torch.nn.Tanh(),
-                                torch.nn.BatchNorm1d(6, momentum=0.3), torch.nn.Linear(6, 3)).double()
-    with torch.no_grad():
-        for t, f in ((model[0], d[0]), (model[3], d[2]), (model[6], d[4])):
-            t.weight.copy_(torch.from_numpy(f.W.T.copy()))
-            t.bias.copy_(torch.from_numpy(f.b.copy()))
-    return model
-
-
-def test_training_and_predict_match_torch_batchnorm1d(rng):
-    X, y = rng.normal(size=(64, 5)), rng.integers(0, 3, 64)
+def test_training_and_predict_match_torch_batchnorm1d():
+    """Two epochs of SGD through Dense-ReLU-BatchNorm-Dense-Tanh-BatchNorm-Dense
+    (the first BatchNorm with each library's default momentum), then predict
+    in eval mode, against torch's recorded run from the same weights and batches."""
+    theirs = tc.load("torch_batchnorm")
+    spec = tc.BATCHNORM
+    tc.check_spec(theirs, "batchnorm", spec)
+    X, y = theirs["batchnorm/X"], theirs["batchnorm/y"]
     net = _net()
-    model = _torch_twin(net)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for epoch in range(2):
-        for s in range(0, 64, 16):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(torch.from_numpy(X[s:s + 16])),
-                                              torch.from_numpy(y[s:s + 16])).backward()
-            opt.step()
-    net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=0.1), epochs=2,
-            batch_size=16, shuffle=False, verbose=0)
-    for t, f in ((model[2], net.layers[1]), (model[5], net.layers[3])):
-        np.testing.assert_allclose(f.gamma, t.weight.detach().numpy(), rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(f.beta, t.bias.detach().numpy(), rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(f.running_mean, t.running_mean.numpy(), rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(f.running_var, t.running_var.numpy(), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(net.layers[0].W, model[0].weight.detach().numpy().T, rtol=1e-10,
+    dense, bns = net.layers[0::2], net.layers[1::2]
+    assert [(d.n_in, d.units) for d in dense] == [tuple(s) for s in spec["dense"]]
+    for layer, (W, b) in zip(dense, tc.unflatten(theirs["batchnorm/weights"], spec["dense"])):
+        layer.W[...] = W
+        layer.b[...] = b
+    for i, bn in enumerate(bns):  # fastbp starts where torch starts
+        for name in ("gamma", "beta", "running_mean", "running_var"):
+            np.testing.assert_array_equal(getattr(bn, name),
+                                          theirs[f"batchnorm/initial_bn{i}_{name}"], err_msg=name)
+    net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=spec["lr"]),
+            epochs=spec["epochs"], batch_size=spec["batch"], shuffle=False, verbose=0)
+    for i, bn in enumerate(bns):
+        for name in ("gamma", "beta", "running_mean", "running_var"):
+            np.testing.assert_allclose(getattr(bn, name), theirs[f"batchnorm/final_bn{i}_{name}"],
+                                       rtol=1e-10, atol=1e-12, err_msg=f"BatchNorm {i} {name}")
+    for i, (layer, (W, b)) in enumerate(zip(dense, tc.unflatten(theirs["batchnorm/dense"],
+                                                                 spec["dense"]))):
+        np.testing.assert_allclose(layer.W, W, rtol=1e-10, atol=1e-12, err_msg=f"Dense {i} W")
+        np.testing.assert_allclose(layer.b, b, rtol=1e-10, atol=1e-12, err_msg=f"Dense {i} b")
+    np.testing.assert_allclose(net.predict(X), theirs["batchnorm/predict"], rtol=1e-10,
                                atol=1e-12)
-    model.eval()
-    with torch.no_grad():
-        expected = model(torch.from_numpy(X)).numpy()
-    np.testing.assert_allclose(net.predict(X), expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,6 +1,7 @@
 """fastbp.callbacks and fastbp.plot_history: stopping rules, checkpoints, CSV
 logs, the progress bar, learning-rate schedules (held against
-torch.optim.lr_scheduler) and history plots."""
+torch.optim.lr_scheduler's rates, recorded in
+tests/fixtures/torch_lr_schedulers.npz) and history plots."""
 import csv
 import io
 import math
@@ -8,10 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 import fastbp
 from fastbp import callbacks as cb
+
+import torch_cases as tc
 
 FIT = dict(loss="mse", batch_size=16, verbose=0)
 
@@ -356,49 +358,25 @@ def test_progress_bar_without_tqdm_names_the_extra(monkeypatch):
 
 
 # -- learning-rate schedules against torch ------------------------------------------------
-def _torch_lrs(make, base_lr, epochs, metrics=None):
-    """lr of every epoch, stepping torch's scheduler after each; and the closed forms."""
-    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
-    opt = torch.optim.SGD([p], lr=base_lr)
-    sched = make(opt)
-    stepped, closed = [], []
-    for e in range(epochs):
-        stepped.append(opt.param_groups[0]["lr"])
-        if metrics is None:
-            closed.append(sched._get_closed_form_lr()[0])
-        opt.step()
-        if metrics is None:
-            sched.step()
-        else:
-            sched.step(metrics[e])
-    return stepped, closed
+# torch's rates (each epoch's lr while stepping its scheduler after each epoch, and
+# its _get_closed_form_lr) are recorded by tests/fixtures/make_torch_fixtures.py.
+TORCH = tc.load("torch_lr_schedulers")
 
 
-S = torch.optim.lr_scheduler
-SCHEDULES = [
-    (lambda: cb.StepLR(3, gamma=0.5), lambda o: S.StepLR(o, 3, gamma=0.5)),
-    (lambda: cb.StepLR(2), lambda o: S.StepLR(o, 2)),
-    (lambda: cb.StepLR(1, gamma=0.9), lambda o: S.StepLR(o, 1, gamma=0.9)),
-    (lambda: cb.ExponentialLR(0.9), lambda o: S.ExponentialLR(o, 0.9)),
-    (lambda: cb.ExponentialLR(0.77), lambda o: S.ExponentialLR(o, 0.77)),
-    (lambda: cb.CosineAnnealingLR(7), lambda o: S.CosineAnnealingLR(o, 7)),
-    (lambda: cb.CosineAnnealingLR(5, eta_min=1e-3), lambda o: S.CosineAnnealingLR(o, 5, 1e-3)),
-]
-
-
-@pytest.mark.parametrize("ours,theirs", SCHEDULES, ids=["step3-0.5", "step2", "step1-0.9", "exp0.9",
-                                                     "exp0.77", "cos7", "cos5-min"])
-def test_schedule_lrs_equal_torch(ours, theirs):
+@pytest.mark.parametrize("case", tc.SCHEDULES, ids=[c[0] for c in tc.SCHEDULES])
+def test_schedule_lrs_equal_torch(case):
+    cid, name, kwargs = case
+    key = f"schedule/{cid}"
+    tc.check_spec(TORCH, key, tc.schedule_spec(case))
     X, y = _data(n=16)
-    epochs, base = 20, 0.05
+    epochs, base = tc.SCHEDULE_EPOCHS, tc.SCHEDULE_LR
     rec = Record()
-    sched = ours()
+    sched = getattr(cb, name)(**kwargs)
     net = _net()
     net.fit(X, y, epochs=epochs, optimizer=fastbp.optim.SGD(lr=base), callbacks=[sched, rec],
             **FIT)
-    stepped, closed = _torch_lrs(theirs, base, epochs)
-    assert rec.lrs == closed  # bitwise: torch's _get_closed_form_lr
-    np.testing.assert_allclose(rec.lrs, stepped, rtol=1e-12, atol=1e-15 * base)
+    assert rec.lrs == TORCH[f"{key}/closed"].tolist()  # bitwise: torch's _get_closed_form_lr
+    np.testing.assert_allclose(rec.lrs, TORCH[f"{key}/stepped"], rtol=1e-12, atol=1e-15 * base)
     assert sched.lrs[:epochs] == rec.lrs and len(set(rec.lrs)) > 1
 
 
@@ -435,37 +413,19 @@ def test_schedule_needs_an_optimizer_with_a_learning_rate():
         cb.ReduceLROnPlateau(factor=1.0)
 
 
-PLATEAU = [
-    dict(),
-    dict(patience=0),
-    dict(patience=1, cooldown=2),
-    dict(patience=2, factor=0.5, threshold=0.1),
-    dict(patience=1, threshold=0.05, threshold_mode="abs", min_lr=2e-3),
-    dict(mode="max", patience=1, factor=0.3),
-    dict(mode="max", patience=0, threshold=0.01, threshold_mode="abs", cooldown=1),
-    dict(patience=1, threshold=0.0, factor=0.9),  # the 1e-13 steps count as improvements
-    dict(patience=1, threshold=0.0, factor=0.9, threshold_mode="abs", mode="max"),
-]
-
-
-@pytest.mark.parametrize("kwargs", PLATEAU)
+@pytest.mark.parametrize("kwargs", tc.PLATEAU, ids=[tc.plateau_id(k) for k in tc.PLATEAU])
 def test_reduce_lr_on_plateau_equals_torch(kwargs):
-    rng = np.random.default_rng(7)
-    # a metric that improves, stalls, jitters and improves again
-    vals = list(np.concatenate([np.linspace(1.0, 0.5, 5), 0.5 + 0.01 * rng.random(8),
-                                np.linspace(0.49, 0.3, 4), 0.3 + 0.05 * rng.random(13),
-                                0.29 - 1e-13 * np.arange(6), [0.29 - 5e-13] * 3]))
-    if kwargs.get("mode") == "max":
-        vals = [1 - v for v in vals]
+    key = f"plateau/{tc.plateau_id(kwargs)}"
+    tc.check_spec(TORCH, key, tc.plateau_spec(kwargs))
+    # a metric that improves, stalls, jitters and improves again (by 1e-13 at the end)
+    vals = TORCH[f"{key}/metric"].tolist()
     X, y = _data(n=16)
     rec = Record()
     sched = cb.ReduceLROnPlateau(**kwargs)
     net = _net()
-    net.fit(X, y, epochs=len(vals), optimizer=fastbp.optim.SGD(lr=0.1),
+    net.fit(X, y, epochs=len(vals), optimizer=fastbp.optim.SGD(lr=tc.PLATEAU_LR),
             callbacks=[Script("val_loss", vals), sched, rec], **FIT)
-    theirs = {k: v for k, v in kwargs.items()}
-    stepped, _ = _torch_lrs(lambda o: S.ReduceLROnPlateau(o, **theirs), 0.1, len(vals), vals)
-    assert rec.lrs == stepped
+    assert rec.lrs == TORCH[f"{key}/stepped"].tolist()
     assert len(set(rec.lrs)) > 1 or kwargs == {}
 
 

@@ -1,12 +1,13 @@
 """kernel_regularizer (L1/L2, Keras definitions), gradient clipping (torch's
-clip_grad_norm_ rule) and per-layer gradient norms."""
+clip_grad_norm_ rule, its results recorded in tests/fixtures/torch_clip_grad_norm.npz)
+and per-layer gradient norms."""
 import numpy as np
 import pytest
-import torch
 
 import fastbp
 from fastbp import reference, regularizers
 
+import torch_cases as tc
 from helpers import DTYPES, assert_close
 
 
@@ -54,15 +55,18 @@ def test_clipped_regularized_training_matches_reference(rng, dtype, clip):
                                rtol=1e-5 if dtype == "float32" else 1e-10)
 
 
-def test_clip_norm_is_torch_clip_grad_norm(rng):
+def test_clip_norm_is_torch_clip_grad_norm():
+    """A global norm over all layers, as torch.nn.utils.clip_grad_norm_ over one
+    tensor of all the parameters."""
+    theirs = tc.load("torch_clip_grad_norm")
+    tc.check_spec(theirs, "clip_grad_norm", tc.CLIP)
     net = _net()
-    grad = rng.normal(size=net.n_params) * 3
+    grad = theirs["clip_grad_norm/grad"]
+    assert grad.shape == (net.n_params,)
     ours = grad.copy()
-    reference.clip_and_measure(net._program, ours, 0.0, 1.5)
-    t = torch.nn.Parameter(torch.zeros(net.n_params, dtype=torch.float64))
-    t.grad = torch.from_numpy(grad.copy())
-    torch.nn.utils.clip_grad_norm_([t], max_norm=1.5)
-    np.testing.assert_allclose(ours, t.grad.numpy(), rtol=1e-14)
+    reference.clip_and_measure(net._program, ours, 0.0, tc.CLIP["max_norm"])
+    np.testing.assert_allclose(ours, theirs["clip_grad_norm/clipped"], rtol=1e-14)
+    assert np.linalg.norm(grad) > 2 * tc.CLIP["max_norm"]  # the clip had work to do
 
 
 def test_grad_norms_show_vanishing_gradients(rng):

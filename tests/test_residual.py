@@ -1,11 +1,12 @@
-"""Residual blocks: y = x + block(x), nestable, against the reference and torch."""
+"""Residual blocks: y = x + block(x), nestable, against the reference and torch
+(its results recorded in tests/fixtures/torch_residual.npz)."""
 import numpy as np
 import pytest
-import torch
 
 import fastbp
 from fastbp import reference
 
+import torch_cases as tc
 from helpers import DTYPES, assert_close
 
 
@@ -42,35 +43,27 @@ def test_training_with_dropout_inside_a_block_matches_reference(rng):
     assert_close(net.params, params, "float64")
 
 
-def test_matches_torch_residual_mlp(rng):
+def test_matches_torch_residual_mlp():
+    """One epoch of Adam on tanh(x W0) -> h + relu(h W1) W2 -> W3, against
+    torch's recorded run from the same weights and batches."""
+    theirs = tc.load("torch_residual")
+    spec = tc.RESIDUAL
+    tc.check_spec(theirs, "residual", spec)
     net = fastbp.Sequential([fastbp.Dense(5, activation="tanh"),
                              fastbp.Residual([fastbp.Dense(5, activation="relu"), fastbp.Dense(5)]),
                              fastbp.Dense(2)], dtype="float64", seed=1).build(3)
-    lins = [torch.nn.Linear(3, 5), torch.nn.Linear(5, 5), torch.nn.Linear(5, 5),
-            torch.nn.Linear(5, 2)]
     dense = [l for l in net.layers if isinstance(l, fastbp.Dense)]
-    with torch.no_grad():
-        for t, f in zip(lins, dense):
-            t.double()
-            t.weight.copy_(torch.from_numpy(f.W.T.copy()))
-            t.bias.copy_(torch.from_numpy(f.b.copy()))
-
-    def model(x):
-        h = torch.tanh(lins[0](x))
-        h = h + lins[2](torch.relu(lins[1](h)))
-        return lins[3](h)
-    params = [p for t in lins for p in t.parameters()]
-    opt = torch.optim.Adam(params, lr=0.01)
-    X, y = rng.normal(size=(32, 3)), rng.integers(0, 2, 32)
-    for s in range(0, 32, 8):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(torch.from_numpy(X[s:s + 8])),
-                                          torch.from_numpy(y[s:s + 8])).backward()
-        opt.step()
-    net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.Adam(lr=0.01), batch_size=8,
-            shuffle=False, verbose=0)
-    for t, f in zip(lins, dense):
-        np.testing.assert_allclose(f.W, t.weight.detach().numpy().T, rtol=1e-10, atol=1e-12)
+    assert [(d.n_in, d.units) for d in dense] == [tuple(s) for s in spec["dense"]]
+    for layer, (W, b) in zip(dense, tc.unflatten(theirs["residual/weights"], spec["dense"])):
+        layer.W[...] = W
+        layer.b[...] = b
+    net.fit(theirs["residual/X"], theirs["residual/y"], loss="cross_entropy",
+            optimizer=fastbp.optim.Adam(lr=spec["lr"]), batch_size=spec["batch"], shuffle=False,
+            verbose=0)
+    for i, (layer, (W, b)) in enumerate(zip(dense, tc.unflatten(theirs["residual/final"],
+                                                                 spec["dense"]))):
+        np.testing.assert_allclose(layer.W, W, rtol=1e-10, atol=1e-12, err_msg=f"Dense {i} W")
+        np.testing.assert_allclose(layer.b, b, rtol=1e-10, atol=1e-12, err_msg=f"Dense {i} b")
 
 
 def test_save_load_and_structure_errors(rng, tmp_path):
