@@ -2,6 +2,7 @@
 import numpy as np
 
 from . import losses as _losses
+from ._validation import check_X
 
 
 def gradcheck(net, X, y, loss="mse", eps=1e-5, indices=None, sample_weight=None):
@@ -42,8 +43,11 @@ def gradcheck(net, X, y, loss="mse", eps=1e-5, indices=None, sample_weight=None)
     from .model import Sequential  # local import: model imports this package's modules
 
     loss = _losses.resolve(loss)
+    X = check_X(X, np.float64, net.n_features if net.built else None, accept_sparse=True)
+    if not isinstance(X, np.ndarray):
+        X = X.toarray()  # loss_and_grad runs on all rows at once: densified once, not per call
     if not net.built:
-        net.build(np.asarray(X).shape[1])
+        net.build(X.shape[1])
     twin = Sequential([type(l)(**{k: v for k, v in l.get_config().items() if k != "type"})
                        for l in net.layers], dtype="float64")
     twin.build(net.n_features)

@@ -44,6 +44,8 @@ from .layers import (BatchNorm, Dense, Dropout, Residual, ResidualBegin, Residua
 _CALL_SECONDS = 0.05
 #: elements of activation workspace used by predict / evaluate per chunk
 _PREDICT_ELEMENTS = 1 << 22
+#: values of a sparse X made dense at a time by fit (at least one batch)
+_SPARSE_ELEMENTS = 1 << 22
 
 STATUS_OK, STATUS_LOSS_NONFINITE, STATUS_PARAMS_NONFINITE = 0, 1, 2
 
@@ -58,6 +60,16 @@ class DivergenceError(FloatingPointError):
     def __init__(self, message, epoch, batch):
         super().__init__(message)
         self.epoch, self.batch = epoch, batch
+
+
+class NotBuiltError(ValueError, AttributeError):
+    """The model has no parameters yet (call ``build`` or ``fit`` first).
+
+    A ValueError, and an AttributeError so that ``hasattr(net, "params")``
+    and ``hasattr(net, "n_params")`` are False on an unbuilt model rather
+    than raising (scikit-learn's ``NotFittedError`` is both for the same
+    reason).
+    """
 
 
 class _Workspace:
@@ -250,6 +262,7 @@ class Sequential:
 
     @property
     def n_params(self):
+        """Length of ``params`` (an AttributeError before the model is built)."""
         return self.params.shape[0]
 
     @property
@@ -438,7 +451,8 @@ class Sequential:
 
     def _require_built(self):
         if self._params is None:
-            raise ValueError("the model is not built yet: call build(n_features) or fit(X, y)")
+            raise NotBuiltError("the model is not built yet: call build(n_features) or "
+                                "fit(X, y)")
 
     def _segments(self):
         """(start, length) of each run of trainable parameters."""
@@ -462,11 +476,15 @@ class Sequential:
         return ws
 
     def _prepare(self, X, y, loss, name_x="X", name_y="y", sample_weight=None):
-        X = check_X(X, self.dtype, self.n_features if self.built else None, name=name_x)
+        """Checked X (a dense array, or a CSR matrix for a scipy.sparse X),
+        targets (n, n_outputs) and sample weights (n,), building the model
+        for X's width if it is not built yet."""
+        X = check_X(X, self.dtype, self.n_features if self.built else None, name=name_x,
+                    accept_sparse=True)
         if not self.built:
             self._build_once(X.shape[1])
             if self.n_features != X.shape[1]:  # another thread built it for other data first
-                X = check_X(X, self.dtype, self.n_features, name=name_x)
+                X = check_X(X, self.dtype, self.n_features, name=name_x, accept_sparse=True)
         Y = check_targets(y, loss, X.shape[0], self.n_outputs, self.dtype, name=name_y)
         return X, Y, check_sample_weight(sample_weight, X.shape[0], self.dtype)
 
@@ -476,7 +494,9 @@ class Sequential:
 
         Parameters
         ----------
-        X : array-like of shape (n, n_features)
+        X : array-like or scipy.sparse matrix of shape (n, n_features)
+            A sparse X (CSR, CSC, COO, ...) is made dense a chunk of rows
+            at a time, never as a whole.
 
         Returns
         -------
@@ -485,13 +505,16 @@ class Sequential:
             cross-entropy loss; see ``predict_proba``).
         """
         program, params, buffers, _, _, n_features, pool = self._inference_state()
-        X = check_X(X, self.dtype, n_features)
+        X = check_X(X, self.dtype, n_features, accept_sparse=True)
         chunk = max(1, min(X.shape[0], pool.chunk_rows))
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
         ws = pool.take(chunk)
         try:
             with _blas_threads(None), _BLAS:   # the kernels may use as many threads as BLAS
-                _engine.forward(X, program, params, ws.acts, out, chunk, ws.aux, buffers)
+                if isinstance(X, np.ndarray):
+                    _engine.forward(X, program, params, ws.acts, out, chunk, ws.aux, buffers)
+                else:
+                    _forward_sparse(X, program, params, ws, out, chunk, buffers)
         finally:
             pool.give(ws)
         return out
@@ -510,7 +533,15 @@ class Sequential:
     def predict_proba(self, X, loss=None):
         """Class probabilities: softmax of the outputs for ``cross_entropy``,
         sigmoid for ``binary_cross_entropy`` (default: the loss of the last fit)."""
-        loss = _losses.resolve(loss or self._last_loss or "")
+        if loss is None:
+            loss = self._last_loss
+            if loss is None:
+                raise NotBuiltError(
+                    "predict_proba: this model has not been fitted yet, so it has no loss to "
+                    "turn outputs into probabilities: fit it first (e.g. fit(X, y, "
+                    "loss='cross_entropy')), or pass loss='cross_entropy' or "
+                    "'binary_cross_entropy'")
+        loss = _losses.resolve(loss)
         z = self.predict(X)
         if loss == "cross_entropy":
             z = z - z.max(axis=1, keepdims=True)
@@ -536,6 +567,8 @@ class Sequential:
 
         With ``sample_weight`` (n,) the loss is the weighted mean
         sum_i w_i l_i / sum_i w_i.  Weight penalties, if any, are included.
+        A scipy.sparse X is made dense: the call runs on all rows at once
+        and holds every row's activations anyway.
 
         Returns
         -------
@@ -552,6 +585,9 @@ class Sequential:
         """
         loss = _losses.resolve(loss)
         X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
+        # One call over all rows: its scratch holds every row's activations
+        # (n x the layers' widths), so a dense X adds no more than that.
+        X = _dense_rows(X)
         program, params, buffers, reg, per_weight, n_features, pool = self._inference_state()
         if X.shape[1] != n_features:
             raise ValueError(f"X has {X.shape[1]} features but the model was rebuilt for "
@@ -588,9 +624,15 @@ class Sequential:
 
         Parameters
         ----------
-        X : array-like of shape (n, n_features)
+        X : array-like or scipy.sparse matrix of shape (n, n_features)
+            A sparse X (CSR, CSC, COO, ...) is never made dense as a whole:
+            each call into the engine densifies the rows of its run of
+            batches (at most about 4M values, or one batch), so memory is
+            bounded by that, not by n.  Training is the same, bit for bit,
+            as on ``X.toarray()``.
         y : array-like of shape (n,) or (n, n_outputs)
-            Class labels (cross_entropy) or targets.
+            Integer class labels 0 .. n_outputs - 1 (cross_entropy; encode
+            other labels with sklearn's ``LabelEncoder``) or targets.
         loss : {"mse", "binary_cross_entropy", "cross_entropy"}, default "mse"
         optimizer : Optimizer, name, or None
             None continues with the model's optimizer (``self.optimizer``,
@@ -728,8 +770,10 @@ class Sequential:
                                  f"does not support {', '.join(ignored)}")
             self.optimizer = opt
             self._last_loss, self._fit_settings = loss, fitted
+            X = _dense_rows(X)  # its Jacobian holds all rows anyway
             return opt._fit(self, X, Y, W, loss=loss, epochs=epochs, verbose=verbose,
-                            validation=(Xv, Yv) if validation_data is not None else None,
+                            validation=(_dense_rows(Xv), Yv) if validation_data is not None
+                            else None,
                             callbacks=list(callbacks or []), on_divergence=on_divergence)
         state = opt._bind(self.n_params, self.dtype)
         self.optimizer = opt
@@ -874,6 +918,24 @@ class Sequential:
         return f"Sequential({self.layers!r}, dtype={self.dtype.name!r})"
 
 
+def _dense_rows(X):
+    """X as a dense array: a checked CSR matrix made dense, an array as is."""
+    return X if isinstance(X, np.ndarray) else X.toarray()
+
+
+def _forward_sparse(X, program, params, ws, out, chunk, buffers):
+    """``engine.forward`` of a CSR matrix, made dense in pieces of at most
+    ``chunk`` rows (the workspace's) and _SPARSE_ELEMENTS values (a wide X)
+    in one buffer; the caller holds BLAS, as for a dense X."""
+    rows_at_once = max(1, min(chunk, _SPARSE_ELEMENTS // X.shape[1]))
+    block = np.empty((rows_at_once, X.shape[1]), dtype=out.dtype)
+    for start in range(0, X.shape[0], rows_at_once):
+        stop = min(start + rows_at_once, X.shape[0])
+        rows = block[:stop - start]
+        X[start:stop].toarray(out=rows)
+        _engine.forward(rows, program, params, ws.acts, out[start:stop], chunk, ws.aux, buffers)
+
+
 def _penalties(layer):
     """(l2, l1, activity l1) of a layer as the engine applies them."""
     kernel = getattr(layer, "kernel_regularizer", None)
@@ -988,6 +1050,13 @@ class _EpochRunner:
         self.clip_value = self.clip_norm = 0.0
         self.grad_norms = np.zeros(0)  # per-layer sums of batch gradient norms, if recorded
         self.ws = net._workspace(batch)
+        # A sparse X is densified a piece at a time (_train_sparse_batches):
+        # whole batches, about _SPARSE_ELEMENTS values or one batch.
+        self.sparse_rows = 0
+        if not isinstance(X, np.ndarray):
+            self.sparse_rows = batch * max(1, _SPARSE_ELEMENTS // (X.shape[1] * batch))
+            self.sparse_block = np.empty((min(self.sparse_rows, X.shape[0]), X.shape[1]),
+                                         dtype=net.dtype)
         self.segments = net._segments()
         self.loss_addr = loss_cfunc(loss, net.dtype)
         self.step_addr = step_cfunc(opt.kernel, net.dtype)
@@ -1072,6 +1141,8 @@ class _EpochRunner:
             return self._train_batches(first, count)
 
     def _train_batches(self, first, count):
+        if self.sparse_rows:
+            return self._train_sparse_batches(first, count)
         ws, net = self.ws, self.net
         done, steps, status = _engine.train_batches(
             self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
@@ -1082,6 +1153,35 @@ class _EpochRunner:
         # Batches whose weights sum to zero were skipped: t counts updates.
         self.opt.t += steps
         self.steps += steps
+        return done, status
+
+    def _train_sparse_batches(self, first, count):
+        """``_train_batches`` on a sparse X: each piece of at most
+        ``sparse_rows`` rows (whole batches) is made dense in ``sparse_block``
+        in batch order (so the engine takes its rows in place, as it would
+        have gathered them) and run as batches 0, 1, ... of that piece."""
+        ws, net, batch = self.ws, self.net, self.batch
+        per_call = self.sparse_rows // batch
+        done, b, end = 0, first, first + count
+        while b < end:
+            k = min(per_call, end - b)
+            lo, hi = b * batch, min((b + k) * batch, self.X.shape[0])
+            rows = self.order[lo:hi] if self.gather else slice(lo, hi)
+            block = self.sparse_block[:hi - lo]
+            self.X[rows].toarray(out=block)
+            got, steps, status = _engine.train_batches(
+                block, self.Y[rows], self.W[rows], self.order[:0], False, batch, 0, k,
+                net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
+                self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
+                self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng,
+                net._aux, net._buffers, self.clip_value, self.clip_norm, self.grad_norms,
+                self.batch_loss[b:b + k])
+            self.opt.t += steps
+            self.steps += steps
+            done += got
+            if status != STATUS_OK:
+                break
+            b += k
         return done, status
 
     def run(self, b, stop, interrupt):
