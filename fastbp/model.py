@@ -12,6 +12,8 @@ which runs whole runs of mini-batches (gather, forward, loss, backward,
 update) without returning to Python.  Python only shuffles the index order
 once per epoch, times the calls, and records the history.
 """
+from __future__ import annotations
+
 import collections
 import contextlib
 import functools
@@ -21,6 +23,8 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable, TypeVar, cast
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -36,8 +40,11 @@ from ._numba.optim import step_cfunc
 from ._validation import (check_dtype, check_n_threads, check_positive_int, check_sample_weight,
                           check_targets, check_values, check_X)
 from .history import History
-from .layers import (BatchNorm, Dense, Dropout, Residual, ResidualBegin, ResidualEnd, aux_size,
-                     program_row, workspace_width)
+from ._typing import ArrayLike, DTypeLike, MatrixLike, PathLike
+from .layers import (BatchNorm, Dense, Dropout, Layer, Residual, ResidualBegin, ResidualEnd,
+                     aux_size, program_row, workspace_width)
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 #: target duration of one call into the engine during fit; between calls
 #: Python handles Ctrl-C and nothing else, so this only bounds its latency.
@@ -147,13 +154,14 @@ class _ScratchPool:
             self._free.append(scratch)
 
 
-def _holding_the_model(method):
-    """Run the method holding its model (``Sequential._hold``)."""
+def _holding_the_model(method: _Method) -> _Method:
+    """Run the method holding its model (``Sequential._hold``); its
+    signature and hints stay the method's."""
     @functools.wraps(method)
     def held(self, *args, **kwargs):
         with self._hold(method.__name__):
             return method(self, *args, **kwargs)
-    return held
+    return cast(_Method, held)
 
 
 class Sequential:
@@ -196,7 +204,8 @@ class Sequential:
     (256, 2)
     """
 
-    def __init__(self, layers, dtype="float32", seed=None):
+    def __init__(self, layers: Iterable[Layer], dtype: DTypeLike = "float32",
+                 seed: int | Sequence[int] | None = None) -> None:
         flat = []
         for layer in layers:
             flat.extend(layer.flatten() if isinstance(layer, Residual) else [layer])
@@ -251,25 +260,25 @@ class Sequential:
 
     # -- structure ---------------------------------------------------------
     @property
-    def built(self):
+    def built(self) -> bool:
         return self._params is not None
 
     @property
-    def params(self):
+    def params(self) -> np.ndarray:
         """Flat 1-D parameter vector (see class docstring)."""
         self._require_built()
         return self._params
 
     @property
-    def n_params(self):
+    def n_params(self) -> int:
         """Length of ``params`` (an AttributeError before the model is built)."""
         return self.params.shape[0]
 
     @property
-    def n_outputs(self):
+    def n_outputs(self) -> int:
         return self.layers[-1].units
 
-    def build(self, n_features):
+    def build(self, n_features: int) -> Sequential:
         """Allocate and initialize the parameters for ``n_features`` inputs.
 
         All or nothing: if it fails (MemoryError, an initializer's error,
@@ -390,17 +399,17 @@ class Sequential:
             n_in = n_in if not isinstance(layer, Dense) else layer.units
         return sizes
 
-    def set_params(self, params):
+    def set_params(self, params: ArrayLike) -> None:
         """Copy a flat parameter vector (same length) into the model."""
         self._params[...] = check_values(params, self.params.shape, self.dtype, "params")
 
-    def get_weights(self):
+    def get_weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Copies of every dense layer's (W, b), in order."""
         self._require_built()
         return [(layer.W.copy(), layer.b.copy()) for layer in self.layers
                 if isinstance(layer, Dense)]
 
-    def set_weights(self, weights):
+    def set_weights(self, weights: Iterable[tuple[ArrayLike, ArrayLike]]) -> None:
         """Set every dense layer's (W, b) from a list like ``get_weights``'s."""
         self._require_built()
         dense = [layer for layer in self.layers if isinstance(layer, Dense)]
@@ -423,7 +432,8 @@ class Sequential:
             layer.W[...] = W
             layer.b[...] = b
 
-    def copy_weights_from(self, other, layers=None):
+    def copy_weights_from(self, other: Sequential,
+                          layers: Sequence[int] | None = None) -> list[int]:
         """Transfer learning: copy dense layers' weights from another model.
 
         Parameters
@@ -447,7 +457,7 @@ class Sequential:
                 raise ValueError(f"dense layer {i} does not match between the two models")
             mine[i] = theirs[i]
         self.set_weights(mine)
-        return layers
+        return list(layers)
 
     def _require_built(self):
         if self._params is None:
@@ -489,7 +499,7 @@ class Sequential:
         return X, Y, check_sample_weight(sample_weight, X.shape[0], self.dtype)
 
     # -- computation -------------------------------------------------------
-    def predict(self, X):
+    def predict(self, X: MatrixLike) -> np.ndarray:
         """Network outputs for X.
 
         Parameters
@@ -530,7 +540,7 @@ class Sequential:
             return (self._program, self._params, self._buffers, self._reg, self._reg_per_weight,
                     self.n_features, self._scratch)
 
-    def predict_proba(self, X, loss=None):
+    def predict_proba(self, X: MatrixLike, loss: str | None = None) -> np.ndarray:
         """Class probabilities: softmax of the outputs for ``cross_entropy``,
         sigmoid for ``binary_cross_entropy`` (default: the loss of the last fit)."""
         if loss is None:
@@ -551,7 +561,8 @@ class Sequential:
             return 0.5 * (1 + np.tanh(0.5 * z))
         raise ValueError(f"predict_proba needs a classification loss, not {loss!r}")
 
-    def evaluate(self, X, y, loss="mse", sample_weight=None):
+    def evaluate(self, X: MatrixLike, y: ArrayLike, loss: str = "mse",
+                 sample_weight: ArrayLike | None = None) -> float:
         """Mean loss on (X, y) (torch.nn definitions, see ``fastbp.losses``);
         a weighted mean with ``sample_weight`` (n,).  Weight penalties are
         not included (``loss_and_grad`` includes them)."""
@@ -562,7 +573,8 @@ class Sequential:
         _check_result(value, None, self.dtype)
         return value
 
-    def loss_and_grad(self, X, y, loss="mse", sample_weight=None):
+    def loss_and_grad(self, X: MatrixLike, y: ArrayLike, loss: str = "mse",
+                      sample_weight: ArrayLike | None = None) -> tuple[float, np.ndarray]:
         """Mean loss over all of (X, y) and its gradient.
 
         With ``sample_weight`` (n,) the loss is the weighted mean
@@ -606,11 +618,16 @@ class Sequential:
 
     # -- training ----------------------------------------------------------
     @_holding_the_model
-    def fit(self, X, y, loss=_resume.LAST, optimizer=None, epochs=1, batch_size=_resume.LAST,
-            shuffle=_resume.LAST, validation_data=None, verbose=1, n_threads=None,
-            on_divergence=_resume.LAST, checkpoint=None, checkpoint_every=None,
-            sample_weight=None, clip_norm=_resume.LAST, clip_value=_resume.LAST,
-            grad_norms=_resume.LAST, callbacks=None):
+    def fit(self, X: MatrixLike, y: ArrayLike, loss: str = _resume.LAST,
+            optimizer: _optim.Optimizer | str | type[_optim.Optimizer] | None = None,
+            epochs: int = 1,
+            batch_size: int | None = _resume.LAST, shuffle: bool = _resume.LAST,
+            validation_data: tuple[MatrixLike, ArrayLike] | None = None, verbose: int = 1,
+            n_threads: int | None = None, on_divergence: str = _resume.LAST,
+            checkpoint: PathLike | None = None, checkpoint_every: int | None = None,
+            sample_weight: ArrayLike | None = None, clip_norm: float | None = _resume.LAST,
+            clip_value: float | None = _resume.LAST, grad_norms: bool = _resume.LAST,
+            callbacks: Iterable[object] | None = None) -> History:
         """Train by mini-batch backpropagation.
 
         The training settings (loss, batch_size, shuffle, on_divergence,
@@ -860,7 +877,7 @@ class Sequential:
                                     "this fit had to train: the fit is complete")
         raise KeyboardInterrupt(self.history.stop_reason)
 
-    def discard_partial_epoch(self):
+    def discard_partial_epoch(self) -> None:
         """Forget an unfinished epoch, so the next fit starts a new one."""
         self._position = None
 
@@ -895,7 +912,7 @@ class Sequential:
         print(" - ".join(parts), flush=True)
 
     # -- files -------------------------------------------------------------------
-    def save(self, path):
+    def save(self, path: PathLike) -> None:
         """Write the model to ``path`` (atomically; no pickle): architecture,
         dtype, weights, optimizer and its state, RNG state, history, and the
         position in an unfinished epoch.  Read it back with ``fastbp.load``.
@@ -905,7 +922,7 @@ class Sequential:
         save_model(self, path)
 
     # -- conveniences ----------------------------------------------------------
-    def summary(self):
+    def summary(self) -> str:
         """A table of layers, shapes and parameter counts, as a string."""
         self._require_built()
         lines = [f"Sequential ({self.dtype.name}), {self.n_features} inputs"]

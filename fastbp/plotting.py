@@ -1,10 +1,21 @@
 """Plots of training histories (needs matplotlib: ``pip install "fastbp[plot]"``)."""
+from __future__ import annotations
+
 import os
 import textwrap
 import warnings
+from collections.abc import Iterable
+from typing import Any
 
 from . import _files
+from ._typing import PathLike
 from .history import History
+from .model import Sequential
+
+try:  # for the hint only: plot_history says how to install matplotlib
+    from matplotlib.figure import Figure
+except ImportError:
+    Figure = Any
 
 __all__ = ["plot_history"]
 
@@ -24,7 +35,8 @@ def _panel(name):
     return name
 
 
-def plot_history(history, path=None, metrics=None):
+def plot_history(history: History | Sequential, path: PathLike | None = None,
+                 metrics: str | Iterable[str] | None = None) -> Figure:
     """Plot per-epoch metrics of a training history with matplotlib.
 
     Draws one panel of losses (``loss`` and, when recorded, ``val_loss``)
