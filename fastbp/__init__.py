@@ -10,8 +10,6 @@ See ``Sequential`` for the model API, ``fastbp.optim`` for optimizers and
 learning-rate schedules), ``fastbp.plot_history`` to plot a history, and
 ``fastbp.MLPClassifier`` / ``MLPRegressor`` for the scikit-learn drop-ins.
 """
-import importlib
-
 from . import _isa  # first: fixes the kernels' instruction-set level (FASTBP_ISA)
 from . import activations, initializers, losses, optim, reference, regularizers
 from ._info import show_config
@@ -34,6 +32,8 @@ _LAZY = {"MLPClassifier": ("fastbp.sklearn", "MLPClassifier"),
 
 def __getattr__(name):
     if name in _LAZY:
+        import importlib  # here, not at the top: dir(fastbp) is the API
+
         module, attr = _LAZY[name]
         value = importlib.import_module(module)
         value = value if attr is None else getattr(value, attr)

@@ -5,9 +5,12 @@ FASTBP_ISA), which kernels take each product of the benchmark workloads, the
 BLAS that takes the rest, the default thread count and where Numba caches.
 Paste its output into a bug report.
 """
+from __future__ import annotations
+
 import os
 import platform
 import sys
+from typing import IO
 
 #: products printed by show_config: (what, dtype, trans_a, trans_b, m, n, k)
 _PRODUCTS = (
@@ -61,7 +64,7 @@ def config():
     }
 
 
-def show_config(file=None):
+def show_config(file: IO[str] | None = None) -> None:
     """Print the instruction-set level, kernels, BLAS and threads in use.
 
     Parameters

@@ -10,6 +10,7 @@ earlier one bit for bit.  The recorded settings are saved in model files
 (``fastbp.io``).
 """
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,8 @@ class _Last:
         return "<as last fitted>"
 
 
-LAST = _Last()
+#: typed Any so that a hint such as ``loss: str = LAST`` type-checks
+LAST: Any = _Last()
 
 
 def _same(given, recorded):

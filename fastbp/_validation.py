@@ -20,11 +20,18 @@ def check_dtype(dtype):
     return np.dtype(name)
 
 
-def _as_numeric(a, name):
-    """``a`` as a real-valued ndarray (not yet of the model's dtype)."""
-    if hasattr(a, "toarray") and hasattr(a, "nnz"):
-        raise ValueError(f"{name} is a scipy.sparse matrix; fastbp models take dense arrays: "
-                         f"pass {name}.toarray()")
+def _is_sparse(a):
+    """Whether ``a`` is a scipy.sparse matrix or array (without importing
+    scipy.sparse for the dense inputs that are the usual case)."""
+    return hasattr(a, "tocsr") and hasattr(a, "nnz")
+
+
+def _as_numeric(a, name, hint=""):
+    """``a`` as a real-valued ndarray (not yet of the model's dtype).
+    ``hint`` ends the message when ``a`` is not numeric (strings)."""
+    if _is_sparse(a):
+        raise ValueError(f"{name} is a scipy.sparse matrix; only X (fit's, predict's, "
+                         f"evaluate's) may be sparse: pass {name}.toarray()")
     if hasattr(a, "__array__") or isinstance(a, (list, tuple)):
         try:
             arr = np.asarray(a)
@@ -35,13 +42,13 @@ def _as_numeric(a, name):
     if arr.dtype.kind == "c":
         raise ValueError(f"{name} is complex ({arr.dtype}); only real numbers are accepted")
     if arr.dtype.kind == "O":
-        return _object_as_float(arr, name)
+        return _object_as_float(arr, name, hint)
     if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}{hint}")
     return arr
 
 
-def _object_as_float(arr, name):
+def _object_as_float(arr, name, hint=""):
     """An object array (pandas' nullable columns with pd.NA become one) as
     float64: missing values and non-numbers are named, numbers accepted as
     scikit-learn's check_array accepts them."""
@@ -55,7 +62,7 @@ def _object_as_float(arr, name):
         if not _is_real(v):
             at = tuple(int(j) for j in np.unravel_index(i, arr.shape))
             raise ValueError(f"{name} must be numeric, got dtype object holding {v!r} "
-                             f"({type(v).__name__}) at index {at}")
+                             f"({type(v).__name__}) at index {at}{hint}")
     try:
         with np.errstate(over="ignore", invalid="ignore"):
             return arr.astype(np.float64)
@@ -133,19 +140,101 @@ def check_values(a, shape, dtype, name):
     return to_dtype(arr, dtype, name)
 
 
-def check_X(X, dtype, n_features=None, name="X"):
-    """Return X as a C-contiguous (n, d) array of ``dtype``."""
+def check_X(X, dtype, n_features=None, name="X", accept_sparse=False):
+    """Return X as a C-contiguous (n, d) array of ``dtype``; with
+    ``accept_sparse``, a scipy.sparse X as a CSR matrix (``check_sparse_X``)."""
+    if accept_sparse and _is_sparse(X):
+        return check_sparse_X(X, dtype, n_features, name)
     arr = _as_numeric(X, name)
     if arr.ndim != 2:
-        hint = " (use X.reshape(-1, 1) for a single feature)" if arr.ndim == 1 else ""
-        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {arr.shape}{hint}")
-    if arr.shape[0] == 0:
-        raise ValueError(f"{name} is empty: it has 0 samples")
-    if arr.shape[1] == 0:
-        raise ValueError(f"{name} has 0 features")
-    if n_features is not None and arr.shape[1] != n_features:
-        raise ValueError(f"{name} has {arr.shape[1]} features, but the model expects {n_features}")
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {arr.shape}"
+                         f"{_reshape_hint(arr, n_features, name)}")
+    _check_matrix_shape(arr.shape, n_features, name)
     return to_dtype(arr, dtype, name)
+
+
+def _reshape_hint(arr, n_features, name):
+    """How a 1-D X becomes 2-D: one sample (a row) when the model takes as
+    many features as it has values, one feature (a column) when it takes
+    one; both ways while the model's width is not known yet (unbuilt)."""
+    if arr.ndim != 1:
+        return ""
+    one_sample = f"{name}.reshape(1, -1)"
+    one_feature = f"{name}.reshape(-1, 1)"
+    if n_features is None:
+        return f" (use {one_feature} if it holds one feature, {one_sample} if it is one sample)"
+    if n_features == 1:
+        return f" (use {one_feature}: the model takes one feature)"
+    if arr.shape[0] == n_features:
+        return f" (use {one_sample} for one sample of the model's {n_features} features)"
+    return f" (the model takes {n_features} features a sample)"
+
+
+def _check_matrix_shape(shape, n_features, name):
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty: it has 0 samples")
+    if shape[1] == 0:
+        raise ValueError(f"{name} has 0 features")
+    if n_features is not None and shape[1] != n_features:
+        raise ValueError(f"{name} has {shape[1]} features, but the model expects {n_features}")
+
+
+def check_sparse_X(X, dtype, n_features=None, name="X"):
+    """A scipy.sparse X (CSR, CSC, COO or any other format) as a CSR matrix
+    of ``dtype`` in canonical form (sorted indices, no duplicate entries),
+    every value finite in ``dtype``.
+
+    Never a dense copy: the result takes the memory of the non-zeros.  A
+    canonical CSR matrix of ``dtype`` is returned as it is; otherwise the
+    values (and, to make it canonical, the indices) are new arrays: the
+    user's matrix is never changed.
+    """
+    import scipy.sparse
+
+    shape = tuple(X.shape)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got a sparse array of "
+                         f"shape {shape}")
+    _check_matrix_shape(shape, n_features, name)
+    kind = np.dtype(X.dtype).kind
+    if kind == "c":
+        raise ValueError(f"{name} is complex ({X.dtype}); only real numbers are accepted")
+    if kind not in "biuf":
+        raise ValueError(f"{name} must be numeric, got a sparse matrix of dtype {X.dtype}")
+    csr = X.tocsr()  # a CSR input itself (no copy)
+    if not csr.has_canonical_format:
+        # A copy, in float64 so that duplicates (toarray adds them up) are
+        # summed without overflow or wrap-around, then checked as one value.
+        csr = scipy.sparse.csr_matrix(
+            (csr.data.astype(np.float64), csr.indices.copy(), csr.indptr.copy()), shape=shape)
+        with np.errstate(over="ignore", invalid="ignore"):
+            csr.sum_duplicates()
+    with np.errstate(over="ignore", invalid="ignore"):
+        data = csr.data.astype(dtype, copy=False)
+    _check_sparse_values(csr, data, dtype, name)
+    if data is csr.data:
+        return csr
+    # new values; the index arrays are only read (by fit and predict)
+    return scipy.sparse.csr_matrix((data, csr.indices, csr.indptr), shape=shape)
+
+
+def _check_sparse_values(csr, data, dtype, name):
+    """ValueError naming (row, column) of the first stored value of ``csr``
+    that is NaN or infinite, or finite but beyond ``dtype`` (``data``:
+    csr.data converted to ``dtype``)."""
+    at = _first_nonfinite(data)
+    if at is None:
+        return
+    k = at[0]
+    row = int(np.searchsorted(csr.indptr, k, side="right")) - 1
+    where = (row, int(csr.indices[k]))
+    value = csr.data[k]
+    if np.isfinite(value):
+        hint = "use dtype='float64' or scale it" if dtype == np.float32 else "scale it"
+        raise ValueError(f"{name} holds {float(value):.6g} at index {where}, beyond the range of "
+                         f"the model's {np.dtype(dtype).name} (magnitude at most "
+                         f"{float(np.finfo(dtype).max):.6g}): {hint}")
+    raise ValueError(f"{name} contains NaN or infinity (first at index {where})")
 
 
 def _probability_tolerance(source, dtype):
@@ -168,7 +257,7 @@ def check_targets(y, loss, n_samples, n_outputs, dtype, name="y"):
     ``_probability_tolerance``).  For the other losses a 1-D ``y`` is one
     output column.
     """
-    arr = _as_numeric(y, name)
+    arr = _as_numeric(y, name, hint=_LABELS_HINT)
     if arr.shape[:1] != (n_samples,):
         raise ValueError(f"{name} has {arr.shape[0] if arr.ndim else 0} samples, X has {n_samples}")
     if loss == "cross_entropy" and arr.ndim == 1:
@@ -177,13 +266,39 @@ def check_targets(y, loss, n_samples, n_outputs, dtype, name="y"):
         arr = arr.reshape(-1, 1)
     if arr.ndim != 2 or arr.shape[1] != n_outputs:
         raise ValueError(f"{name} must have shape ({n_samples}, {n_outputs}) to match the model's "
-                         f"{n_outputs} outputs, got {np.shape(y)}")
+                         f"{n_outputs} outputs, got {np.shape(y)}"
+                         + _labels_with_a_regression_loss(arr, loss, n_outputs, name))
     out = to_dtype(arr, dtype, name)
     if loss == "binary_cross_entropy" and (out.min() < 0 or out.max() > 1):
         raise ValueError(f"{name}: binary_cross_entropy targets must lie in [0, 1]")
     if loss == "cross_entropy":
         _check_probabilities(out, _probability_tolerance(arr.dtype, dtype), name)
     return out
+
+
+#: the end of the message for targets that are not numbers (strings)
+_LABELS_HINT = (": class labels must be integers 0 .. n_classes - 1 for loss='cross_entropy'; "
+                "encode them with sklearn.preprocessing.LabelEncoder, or use "
+                "fastbp.MLPClassifier, which takes labels of any type")
+
+
+def _labels_with_a_regression_loss(arr, loss, n_outputs, name):
+    """The end of the shape error when one column of non-negative integers
+    (class labels, by the look of them) met a loss that wants one target
+    column per output, as with fit's default loss="mse"."""
+    if loss == "cross_entropy" or arr.ndim != 2 or arr.shape[1] != 1 or n_outputs < 2:
+        return ""
+    labels = arr[:, 0]
+    if labels.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            if not (np.isfinite(labels).all() and np.all(labels == np.round(labels))):
+                return ""
+    if labels.dtype.kind not in "biuf" or labels.min() < 0:
+        return ""
+    return (f"; {name} looks like class labels (integers from {float(labels.min()):g} to "
+            f"{float(labels.max()):g}), which loss={loss!r} does not take: pass loss='cross_entropy' "
+            f"to train a classifier over the model's {n_outputs} outputs, or use "
+            "fastbp.MLPClassifier (MLPRegressor for regression)")
 
 
 def _one_hot(labels, n_outputs, dtype, name):

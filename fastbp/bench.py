@@ -405,33 +405,108 @@ def format_table(records):
     return "\n".join(lines)
 
 
-def plot(records, path):
-    try:
-        import matplotlib
+def _speedups(records):
+    """The chart's numbers, in the table's order: ``groups``, the
+    (workload, threads) pairs in the order first run; ``peers``, the
+    implementations other than fastbp, in IMPLEMENTATIONS' order; and
+    ``ratios[peer]``, for each group, that peer's epoch time / fastbp's
+    (how many times faster fastbp trains), None where it did not run."""
+    groups = list(dict.fromkeys((r["workload"], r["threads"]) for r in records))
+    ran = {r["implementation"] for r in records}
+    if "fastbp" not in ran:
+        raise ValueError("the chart shows how many times faster fastbp is than each peer: "
+                         "run fastbp too (--impl fastbp ...)")
+    peers = [i for i in IMPLEMENTATIONS if i in ran and i != "fastbp"]
+    if not peers:
+        raise ValueError("the chart compares fastbp with its peers: none ran (install "
+                         "scikit-learn or torch, or add --impl reference)")
+    ratios = {peer: [None] * len(groups) for peer in peers}
+    for r in records:
+        if r["implementation"] in ratios and "fastbp_speedup" in r:
+            ratios[r["implementation"]][groups.index((r["workload"], r["threads"]))] = \
+                r["fastbp_speedup"]
+    return groups, peers, ratios
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def _chart_title(records):
+    """What the numbers depend on: dtype, thread counts and fastbp's
+    instruction-set level (and the peers' caps, when set)."""
+    def listed(key):
+        return ", ".join(str(v) for v in dict.fromkeys(r[key] for r in records))
+    threads = list(dict.fromkeys(r["threads"] for r in records))
+    peer_isa = {k: v for r in records for k, v in r.get("peer_isa", {}).items()}
+    caps = "" if not peer_isa else " (" + ", ".join(f"{k}={v}" for k, v in peer_isa.items()) + ")"
+    return (f"How many times faster fastbp trains than each peer (epoch time, median)\n"
+            f"{listed('dtype')}, {listed('threads')} thread{'s' * (threads != [1])}, fastbp at "
+            f"instruction-set level {listed('isa')}, peers at their own levels{caps}")
+
+
+def _times(ratio):
+    """A ratio as the chart prints it: two significant digits ("0.85x",
+    "3.1x", "12x"), whole numbers from 100."""
+    return f"{ratio:.0f}x" if ratio >= 100 else f"{ratio:.2g}x"
+
+
+def figure(records):
+    """The ``--plot`` chart of ``run_workload`` records, as a matplotlib
+    Figure (Agg canvas, no pyplot state).
+
+    One group of bars per workload (and thread count), in the table's
+    order; one bar per peer, of its epoch time / fastbp's (log scale, from
+    the line at 1: a bar that rises is a peer fastbp beats, one that falls
+    a peer faster than fastbp), with the ratio printed on it.  The title
+    gives the dtype, the thread counts and the instruction-set level; the
+    legend sits below the axes, clear of the bars.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'fastbp[plot]'") from None
-    groups = sorted({(r["workload"], r["threads"]) for r in records})
-    impls = [i for i in IMPLEMENTATIONS if any(r["implementation"] == i for r in records)]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 4))
-    width = 0.8 / len(impls)
-    for j, impl in enumerate(impls):
-        xs, ys = [], []
-        for i, g in enumerate(groups):
-            for r in records:
-                if (r["workload"], r["threads"]) == g and r["implementation"] == impl:
-                    xs.append(i + j * width)
-                    ys.append(r["samples_per_s"])
-        ax.bar(xs, ys, width, label=impl)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    ax.set_xticklabels([f"{w} ({t} thr)" for w, t in groups])
+        raise ImportError("--plot needs matplotlib: pip install 'fastbp[plot]'") from None
+    groups, peers, ratios = _speedups(records)
+    several = len({t for _, t in groups}) > 1
+    # wide enough for the title, and about 0.5 inch a bar
+    fig = Figure(figsize=(max(8.0, 1.5 + 0.55 * len(groups) * (len(peers) + 0.6)), 5.0),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(peers)
+    for j, peer in enumerate(peers):
+        xs = [i - 0.4 + (j + 0.5) * width for i, v in enumerate(ratios[peer]) if v is not None]
+        vs = [v for v in ratios[peer] if v is not None]
+        bars = ax.bar(xs, [v - 1 for v in vs], width * 0.92, bottom=1, label=peer,
+                      color=f"C{IMPLEMENTATIONS.index(peer)}")
+        ax.bar_label(bars, labels=[_times(v) for v in vs], padding=2, fontsize="small")
+    values = [v for peer in peers for v in ratios[peer] if v is not None]
     ax.set_yscale("log")
-    ax.set_ylabel("training samples / s (one epoch, median)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # room for the labels above the tallest bar and below the lowest one
+    ax.set_ylim(min(min(values), 1) / 1.6, max(max(values), 1) * 1.8)
+    ax.axhline(1, color="0.3", linewidth=0.8)
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _times(v)))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{w} ({t} thr)" if several else w for w, t in groups])
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_xlabel("workload (fastbp bench's table)")
+    ax.set_ylabel("peer's time / fastbp's (x faster)")
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    fig.suptitle(_chart_title(records), fontsize="medium")
+    fig.legend(loc="outside lower center", ncols=len(peers), title="fastbp compared with")
+    return fig
+
+
+def plot(records, path):
+    """Write ``figure(records)`` to ``path`` (format from the extension,
+    PNG without one); returns ``path``."""
+    from .plotting import _save
+
+    try:
+        fig = figure(records)
+    except (ImportError, ValueError) as exc:
+        raise SystemExit(f"--plot: {exc}") from None
+    _save(fig, path)
     return path
 
 

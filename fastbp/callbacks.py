@@ -240,6 +240,7 @@ class EarlyStopping(Callback):
     def on_train_end(self, net):
         if self.restore_best_weights and self.best_weights is not None:
             net.params[...] = self.best_weights
+            net.history.weights_epoch = self.best_epoch  # for plot_history
 
 
 class StopAtLoss(Callback):

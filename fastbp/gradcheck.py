@@ -1,10 +1,16 @@
 """Check a model's backpropagated gradient against central differences."""
+from __future__ import annotations
+
 import numpy as np
 
 from . import losses as _losses
+from ._typing import ArrayLike, MatrixLike
+from ._validation import check_X
+from .model import Sequential
 
 
-def gradcheck(net, X, y, loss="mse", eps=1e-5, indices=None, sample_weight=None):
+def gradcheck(net: Sequential, X: MatrixLike, y: ArrayLike, loss: str = "mse", eps: float = 1e-5,
+              indices: ArrayLike | None = None, sample_weight: ArrayLike | None = None) -> float:
     """Largest relative error between the compiled gradient and central
     finite differences, computed in float64.
 
@@ -39,11 +45,12 @@ def gradcheck(net, X, y, loss="mse", eps=1e-5, indices=None, sample_weight=None)
     elu at 0) the finite difference straddles two slopes and the check is
     meaningless there.
     """
-    from .model import Sequential  # local import: model imports this package's modules
-
     loss = _losses.resolve(loss)
+    X = check_X(X, np.float64, net.n_features if net.built else None, accept_sparse=True)
+    if not isinstance(X, np.ndarray):
+        X = X.toarray()  # loss_and_grad runs on all rows at once: densified once, not per call
     if not net.built:
-        net.build(np.asarray(X).shape[1])
+        net.build(X.shape[1])
     twin = Sequential([type(l)(**{k: v for k, v in l.get_config().items() if k != "type"})
                        for l in net.layers], dtype="float64")
     twin.build(net.n_features)

@@ -14,14 +14,21 @@ class History:
         ``val_loss`` (plus ``val_accuracy`` for classification losses).
     stop_reason : str or None
         Why the last fit stopped early (e.g. divergence), else None.
+    weights_epoch : int or None
+        The epoch whose weights the model holds when it is not the last one
+        recorded: set by ``EarlyStopping(restore_best_weights=True)`` when it
+        restores its best epoch; None (the last epoch's weights) once
+        another epoch is recorded.  Not saved in model files.
     """
 
     def __init__(self):
         self.epoch = []
         self.history = {}
         self.stop_reason = None
+        self.weights_epoch = None
 
     def append(self, epoch, **metrics):
+        self.weights_epoch = None  # a new epoch: its weights are the model's
         self.epoch.append(epoch)
         for key, value in metrics.items():
             self.history.setdefault(key, []).append(value)

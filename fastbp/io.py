@@ -135,6 +135,8 @@ and points to the new model), and a missing folder is named in the
 ``FileNotFoundError``.  Like any atomic replace, a save gives the target a
 new inode: other hard links to the old file keep the old model.
 """
+from __future__ import annotations
+
 import json
 import math
 import os
@@ -148,6 +150,7 @@ from . import _files, _resume
 from . import layers as _layers
 from . import losses as _losses
 from . import optim as _optim
+from ._typing import PathLike
 from .history import History
 from .model import Sequential
 
@@ -735,8 +738,9 @@ def _restore_eps(net, built):
             net._buffers[at] = built[at]
 
 
-def load_model(path):
-    """Read a model written by ``save_model`` / ``Sequential.save``.
+def load(path: PathLike) -> Sequential:
+    """Read a model written by ``Sequential.save`` (or ``save_model``).
+    Also importable as ``load_model``.
 
     Parameters
     ----------
@@ -769,7 +773,8 @@ def load_model(path):
         raise ModelFormatError(f"{os.fsdecode(path)}: {exc}") from None
 
 
-load = load_model
+#: the same function, under the name beside ``save_model``
+load_model = load
 
 
 # -- writing ------------------------------------------------------------------

@@ -4,6 +4,11 @@ After ``Sequential.build``, a layer's ``W`` and ``b`` are views into the
 model's flat parameter vector (and ``dW``/``db`` into its flat gradient), so
 writing ``layer.W[...] = ...`` changes the model and the optimizer sees it.
 """
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Union
+
 import numpy as np
 
 from . import activations, initializers, regularizers
@@ -52,8 +57,11 @@ class Dense:
 
     kind = KIND_DENSE
 
-    def __init__(self, units, activation=None, kernel_init="glorot_uniform", trainable=True,
-                 kernel_regularizer=None, activity_regularizer=None, dropconnect=0.0):
+    def __init__(self, units: int, activation: str | None = None,
+                 kernel_init: str = "glorot_uniform", trainable: bool = True,
+                 kernel_regularizer: regularizers.L1L2 | dict | None = None,
+                 activity_regularizer: regularizers.L1L2 | dict | None = None,
+                 dropconnect: float = 0.0) -> None:
         self.units = check_positive_int(units, "units")
         self.activation = activations.resolve(activation)
         self.kernel_init = initializers.resolve(kernel_init)
@@ -145,7 +153,7 @@ class Dropout(_Marker):
 
     kind = KIND_DROPOUT
 
-    def __init__(self, rate):
+    def __init__(self, rate: float) -> None:
         try:
             rate = float(rate)
         except (TypeError, ValueError):
@@ -186,7 +194,7 @@ class BatchNorm:
 
     kind = KIND_BATCHNORM
 
-    def __init__(self, momentum=0.1, eps=1e-5, trainable=True):
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, trainable: bool = True) -> None:
         try:
             momentum, eps = float(momentum), float(eps)
         except (TypeError, ValueError):
@@ -263,7 +271,7 @@ class Residual:
     ...     fastbp.Dense(10)])
     """
 
-    def __init__(self, layers):
+    def __init__(self, layers: Iterable[Layer]) -> None:
         layers = list(layers)
         if not layers:
             raise ValueError("Residual needs at least one layer")
@@ -324,3 +332,7 @@ def workspace_width(layer):
 
 def empty_program():
     return np.zeros((0, 8), dtype=np.int64)
+
+
+#: what a Sequential (or a Residual block) is made of
+Layer = Union[Dense, Dropout, BatchNorm, Residual, ResidualBegin, ResidualEnd]

@@ -10,6 +10,8 @@ The Jacobian is computed here in NumPy, in float64, from the same layer math
 as ``fastbp.reference`` (the compiled engine computes summed gradients only,
 not the per-row ones LM needs).
 """
+from __future__ import annotations
+
 import contextlib
 import time
 import warnings
@@ -147,7 +149,8 @@ class LevenbergMarquardt(Optimizer):
     kernel = None
     full_batch_solver = True
 
-    def __init__(self, mu=1e-3, mu_dec=0.1, mu_inc=10.0, mu_max=1e10, block_rows=None):
+    def __init__(self, mu: float = 1e-3, mu_dec: float = 0.1, mu_inc: float = 10.0,
+                 mu_max: float = 1e10, block_rows: int | None = None) -> None:
         super().__init__()
         self.mu, self.mu_dec, self.mu_inc, self.mu_max = mu, mu_dec, mu_inc, mu_max
         self.block_rows = block_rows

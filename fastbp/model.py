@@ -12,6 +12,8 @@ which runs whole runs of mini-batches (gather, forward, loss, backward,
 update) without returning to Python.  Python only shuffles the index order
 once per epoch, times the calls, and records the history.
 """
+from __future__ import annotations
+
 import collections
 import contextlib
 import functools
@@ -21,6 +23,8 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable, TypeVar, cast
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -36,14 +40,19 @@ from ._numba.optim import step_cfunc
 from ._validation import (check_dtype, check_n_threads, check_positive_int, check_sample_weight,
                           check_targets, check_values, check_X)
 from .history import History
-from .layers import (BatchNorm, Dense, Dropout, Residual, ResidualBegin, ResidualEnd, aux_size,
-                     program_row, workspace_width)
+from ._typing import ArrayLike, DTypeLike, MatrixLike, PathLike
+from .layers import (BatchNorm, Dense, Dropout, Layer, Residual, ResidualBegin, ResidualEnd,
+                     aux_size, program_row, workspace_width)
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 #: target duration of one call into the engine during fit; between calls
 #: Python handles Ctrl-C and nothing else, so this only bounds its latency.
 _CALL_SECONDS = 0.05
 #: elements of activation workspace used by predict / evaluate per chunk
 _PREDICT_ELEMENTS = 1 << 22
+#: values of a sparse X made dense at a time by fit (at least one batch)
+_SPARSE_ELEMENTS = 1 << 22
 
 STATUS_OK, STATUS_LOSS_NONFINITE, STATUS_PARAMS_NONFINITE = 0, 1, 2
 
@@ -58,6 +67,16 @@ class DivergenceError(FloatingPointError):
     def __init__(self, message, epoch, batch):
         super().__init__(message)
         self.epoch, self.batch = epoch, batch
+
+
+class NotBuiltError(ValueError, AttributeError):
+    """The model has no parameters yet (call ``build`` or ``fit`` first).
+
+    A ValueError, and an AttributeError so that ``hasattr(net, "params")``
+    and ``hasattr(net, "n_params")`` are False on an unbuilt model rather
+    than raising (scikit-learn's ``NotFittedError`` is both for the same
+    reason).
+    """
 
 
 class _Workspace:
@@ -135,13 +154,14 @@ class _ScratchPool:
             self._free.append(scratch)
 
 
-def _holding_the_model(method):
-    """Run the method holding its model (``Sequential._hold``)."""
+def _holding_the_model(method: _Method) -> _Method:
+    """Run the method holding its model (``Sequential._hold``); its
+    signature and hints stay the method's."""
     @functools.wraps(method)
     def held(self, *args, **kwargs):
         with self._hold(method.__name__):
             return method(self, *args, **kwargs)
-    return held
+    return cast(_Method, held)
 
 
 class Sequential:
@@ -184,7 +204,8 @@ class Sequential:
     (256, 2)
     """
 
-    def __init__(self, layers, dtype="float32", seed=None):
+    def __init__(self, layers: Iterable[Layer], dtype: DTypeLike = "float32",
+                 seed: int | Sequence[int] | None = None) -> None:
         flat = []
         for layer in layers:
             flat.extend(layer.flatten() if isinstance(layer, Residual) else [layer])
@@ -239,24 +260,25 @@ class Sequential:
 
     # -- structure ---------------------------------------------------------
     @property
-    def built(self):
+    def built(self) -> bool:
         return self._params is not None
 
     @property
-    def params(self):
+    def params(self) -> np.ndarray:
         """Flat 1-D parameter vector (see class docstring)."""
         self._require_built()
         return self._params
 
     @property
-    def n_params(self):
+    def n_params(self) -> int:
+        """Length of ``params`` (an AttributeError before the model is built)."""
         return self.params.shape[0]
 
     @property
-    def n_outputs(self):
+    def n_outputs(self) -> int:
         return self.layers[-1].units
 
-    def build(self, n_features):
+    def build(self, n_features: int) -> Sequential:
         """Allocate and initialize the parameters for ``n_features`` inputs.
 
         All or nothing: if it fails (MemoryError, an initializer's error,
@@ -377,17 +399,17 @@ class Sequential:
             n_in = n_in if not isinstance(layer, Dense) else layer.units
         return sizes
 
-    def set_params(self, params):
+    def set_params(self, params: ArrayLike) -> None:
         """Copy a flat parameter vector (same length) into the model."""
         self._params[...] = check_values(params, self.params.shape, self.dtype, "params")
 
-    def get_weights(self):
+    def get_weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Copies of every dense layer's (W, b), in order."""
         self._require_built()
         return [(layer.W.copy(), layer.b.copy()) for layer in self.layers
                 if isinstance(layer, Dense)]
 
-    def set_weights(self, weights):
+    def set_weights(self, weights: Iterable[tuple[ArrayLike, ArrayLike]]) -> None:
         """Set every dense layer's (W, b) from a list like ``get_weights``'s."""
         self._require_built()
         dense = [layer for layer in self.layers if isinstance(layer, Dense)]
@@ -410,7 +432,8 @@ class Sequential:
             layer.W[...] = W
             layer.b[...] = b
 
-    def copy_weights_from(self, other, layers=None):
+    def copy_weights_from(self, other: Sequential,
+                          layers: Sequence[int] | None = None) -> list[int]:
         """Transfer learning: copy dense layers' weights from another model.
 
         Parameters
@@ -434,11 +457,12 @@ class Sequential:
                 raise ValueError(f"dense layer {i} does not match between the two models")
             mine[i] = theirs[i]
         self.set_weights(mine)
-        return layers
+        return list(layers)
 
     def _require_built(self):
         if self._params is None:
-            raise ValueError("the model is not built yet: call build(n_features) or fit(X, y)")
+            raise NotBuiltError("the model is not built yet: call build(n_features) or "
+                                "fit(X, y)")
 
     def _segments(self):
         """(start, length) of each run of trainable parameters."""
@@ -462,21 +486,27 @@ class Sequential:
         return ws
 
     def _prepare(self, X, y, loss, name_x="X", name_y="y", sample_weight=None):
-        X = check_X(X, self.dtype, self.n_features if self.built else None, name=name_x)
+        """Checked X (a dense array, or a CSR matrix for a scipy.sparse X),
+        targets (n, n_outputs) and sample weights (n,), building the model
+        for X's width if it is not built yet."""
+        X = check_X(X, self.dtype, self.n_features if self.built else None, name=name_x,
+                    accept_sparse=True)
         if not self.built:
             self._build_once(X.shape[1])
             if self.n_features != X.shape[1]:  # another thread built it for other data first
-                X = check_X(X, self.dtype, self.n_features, name=name_x)
+                X = check_X(X, self.dtype, self.n_features, name=name_x, accept_sparse=True)
         Y = check_targets(y, loss, X.shape[0], self.n_outputs, self.dtype, name=name_y)
         return X, Y, check_sample_weight(sample_weight, X.shape[0], self.dtype)
 
     # -- computation -------------------------------------------------------
-    def predict(self, X):
+    def predict(self, X: MatrixLike) -> np.ndarray:
         """Network outputs for X.
 
         Parameters
         ----------
-        X : array-like of shape (n, n_features)
+        X : array-like or scipy.sparse matrix of shape (n, n_features)
+            A sparse X (CSR, CSC, COO, ...) is made dense a chunk of rows
+            at a time, never as a whole.
 
         Returns
         -------
@@ -485,13 +515,16 @@ class Sequential:
             cross-entropy loss; see ``predict_proba``).
         """
         program, params, buffers, _, _, n_features, pool = self._inference_state()
-        X = check_X(X, self.dtype, n_features)
+        X = check_X(X, self.dtype, n_features, accept_sparse=True)
         chunk = max(1, min(X.shape[0], pool.chunk_rows))
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
         ws = pool.take(chunk)
         try:
             with _blas_threads(None), _BLAS:   # the kernels may use as many threads as BLAS
-                _engine.forward(X, program, params, ws.acts, out, chunk, ws.aux, buffers)
+                if isinstance(X, np.ndarray):
+                    _engine.forward(X, program, params, ws.acts, out, chunk, ws.aux, buffers)
+                else:
+                    _forward_sparse(X, program, params, ws, out, chunk, buffers)
         finally:
             pool.give(ws)
         return out
@@ -507,10 +540,18 @@ class Sequential:
             return (self._program, self._params, self._buffers, self._reg, self._reg_per_weight,
                     self.n_features, self._scratch)
 
-    def predict_proba(self, X, loss=None):
+    def predict_proba(self, X: MatrixLike, loss: str | None = None) -> np.ndarray:
         """Class probabilities: softmax of the outputs for ``cross_entropy``,
         sigmoid for ``binary_cross_entropy`` (default: the loss of the last fit)."""
-        loss = _losses.resolve(loss or self._last_loss or "")
+        if loss is None:
+            loss = self._last_loss
+            if loss is None:
+                raise NotBuiltError(
+                    "predict_proba: this model has not been fitted yet, so it has no loss to "
+                    "turn outputs into probabilities: fit it first (e.g. fit(X, y, "
+                    "loss='cross_entropy')), or pass loss='cross_entropy' or "
+                    "'binary_cross_entropy'")
+        loss = _losses.resolve(loss)
         z = self.predict(X)
         if loss == "cross_entropy":
             z = z - z.max(axis=1, keepdims=True)
@@ -520,7 +561,8 @@ class Sequential:
             return 0.5 * (1 + np.tanh(0.5 * z))
         raise ValueError(f"predict_proba needs a classification loss, not {loss!r}")
 
-    def evaluate(self, X, y, loss="mse", sample_weight=None):
+    def evaluate(self, X: MatrixLike, y: ArrayLike, loss: str = "mse",
+                 sample_weight: ArrayLike | None = None) -> float:
         """Mean loss on (X, y) (torch.nn definitions, see ``fastbp.losses``);
         a weighted mean with ``sample_weight`` (n,).  Weight penalties are
         not included (``loss_and_grad`` includes them)."""
@@ -531,11 +573,14 @@ class Sequential:
         _check_result(value, None, self.dtype)
         return value
 
-    def loss_and_grad(self, X, y, loss="mse", sample_weight=None):
+    def loss_and_grad(self, X: MatrixLike, y: ArrayLike, loss: str = "mse",
+                      sample_weight: ArrayLike | None = None) -> tuple[float, np.ndarray]:
         """Mean loss over all of (X, y) and its gradient.
 
         With ``sample_weight`` (n,) the loss is the weighted mean
         sum_i w_i l_i / sum_i w_i.  Weight penalties, if any, are included.
+        A scipy.sparse X is made dense: the call runs on all rows at once
+        and holds every row's activations anyway.
 
         Returns
         -------
@@ -552,6 +597,9 @@ class Sequential:
         """
         loss = _losses.resolve(loss)
         X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
+        # One call over all rows: its scratch holds every row's activations
+        # (n x the layers' widths), so a dense X adds no more than that.
+        X = _dense_rows(X)
         program, params, buffers, reg, per_weight, n_features, pool = self._inference_state()
         if X.shape[1] != n_features:
             raise ValueError(f"X has {X.shape[1]} features but the model was rebuilt for "
@@ -570,11 +618,16 @@ class Sequential:
 
     # -- training ----------------------------------------------------------
     @_holding_the_model
-    def fit(self, X, y, loss=_resume.LAST, optimizer=None, epochs=1, batch_size=_resume.LAST,
-            shuffle=_resume.LAST, validation_data=None, verbose=1, n_threads=None,
-            on_divergence=_resume.LAST, checkpoint=None, checkpoint_every=None,
-            sample_weight=None, clip_norm=_resume.LAST, clip_value=_resume.LAST,
-            grad_norms=_resume.LAST, callbacks=None):
+    def fit(self, X: MatrixLike, y: ArrayLike, loss: str = _resume.LAST,
+            optimizer: _optim.Optimizer | str | type[_optim.Optimizer] | None = None,
+            epochs: int = 1,
+            batch_size: int | None = _resume.LAST, shuffle: bool = _resume.LAST,
+            validation_data: tuple[MatrixLike, ArrayLike] | None = None, verbose: int = 1,
+            n_threads: int | None = None, on_divergence: str = _resume.LAST,
+            checkpoint: PathLike | None = None, checkpoint_every: int | None = None,
+            sample_weight: ArrayLike | None = None, clip_norm: float | None = _resume.LAST,
+            clip_value: float | None = _resume.LAST, grad_norms: bool = _resume.LAST,
+            callbacks: Iterable[object] | None = None) -> History:
         """Train by mini-batch backpropagation.
 
         The training settings (loss, batch_size, shuffle, on_divergence,
@@ -588,9 +641,15 @@ class Sequential:
 
         Parameters
         ----------
-        X : array-like of shape (n, n_features)
+        X : array-like or scipy.sparse matrix of shape (n, n_features)
+            A sparse X (CSR, CSC, COO, ...) is never made dense as a whole:
+            each call into the engine densifies the rows of its run of
+            batches (at most about 4M values, or one batch), so memory is
+            bounded by that, not by n.  Training is the same, bit for bit,
+            as on ``X.toarray()``.
         y : array-like of shape (n,) or (n, n_outputs)
-            Class labels (cross_entropy) or targets.
+            Integer class labels 0 .. n_outputs - 1 (cross_entropy; encode
+            other labels with sklearn's ``LabelEncoder``) or targets.
         loss : {"mse", "binary_cross_entropy", "cross_entropy"}, default "mse"
         optimizer : Optimizer, name, or None
             None continues with the model's optimizer (``self.optimizer``,
@@ -728,8 +787,10 @@ class Sequential:
                                  f"does not support {', '.join(ignored)}")
             self.optimizer = opt
             self._last_loss, self._fit_settings = loss, fitted
+            X = _dense_rows(X)  # its Jacobian holds all rows anyway
             return opt._fit(self, X, Y, W, loss=loss, epochs=epochs, verbose=verbose,
-                            validation=(Xv, Yv) if validation_data is not None else None,
+                            validation=(_dense_rows(Xv), Yv) if validation_data is not None
+                            else None,
                             callbacks=list(callbacks or []), on_divergence=on_divergence)
         state = opt._bind(self.n_params, self.dtype)
         self.optimizer = opt
@@ -816,7 +877,7 @@ class Sequential:
                                     "this fit had to train: the fit is complete")
         raise KeyboardInterrupt(self.history.stop_reason)
 
-    def discard_partial_epoch(self):
+    def discard_partial_epoch(self) -> None:
         """Forget an unfinished epoch, so the next fit starts a new one."""
         self._position = None
 
@@ -851,7 +912,7 @@ class Sequential:
         print(" - ".join(parts), flush=True)
 
     # -- files -------------------------------------------------------------------
-    def save(self, path):
+    def save(self, path: PathLike) -> None:
         """Write the model to ``path`` (atomically; no pickle): architecture,
         dtype, weights, optimizer and its state, RNG state, history, and the
         position in an unfinished epoch.  Read it back with ``fastbp.load``.
@@ -861,7 +922,7 @@ class Sequential:
         save_model(self, path)
 
     # -- conveniences ----------------------------------------------------------
-    def summary(self):
+    def summary(self) -> str:
         """A table of layers, shapes and parameter counts, as a string."""
         self._require_built()
         lines = [f"Sequential ({self.dtype.name}), {self.n_features} inputs"]
@@ -872,6 +933,24 @@ class Sequential:
 
     def __repr__(self):
         return f"Sequential({self.layers!r}, dtype={self.dtype.name!r})"
+
+
+def _dense_rows(X):
+    """X as a dense array: a checked CSR matrix made dense, an array as is."""
+    return X if isinstance(X, np.ndarray) else X.toarray()
+
+
+def _forward_sparse(X, program, params, ws, out, chunk, buffers):
+    """``engine.forward`` of a CSR matrix, made dense in pieces of at most
+    ``chunk`` rows (the workspace's) and _SPARSE_ELEMENTS values (a wide X)
+    in one buffer; the caller holds BLAS, as for a dense X."""
+    rows_at_once = max(1, min(chunk, _SPARSE_ELEMENTS // X.shape[1]))
+    block = np.empty((rows_at_once, X.shape[1]), dtype=out.dtype)
+    for start in range(0, X.shape[0], rows_at_once):
+        stop = min(start + rows_at_once, X.shape[0])
+        rows = block[:stop - start]
+        X[start:stop].toarray(out=rows)
+        _engine.forward(rows, program, params, ws.acts, out[start:stop], chunk, ws.aux, buffers)
 
 
 def _penalties(layer):
@@ -988,6 +1067,13 @@ class _EpochRunner:
         self.clip_value = self.clip_norm = 0.0
         self.grad_norms = np.zeros(0)  # per-layer sums of batch gradient norms, if recorded
         self.ws = net._workspace(batch)
+        # A sparse X is densified a piece at a time (_train_sparse_batches):
+        # whole batches, about _SPARSE_ELEMENTS values or one batch.
+        self.sparse_rows = 0
+        if not isinstance(X, np.ndarray):
+            self.sparse_rows = batch * max(1, _SPARSE_ELEMENTS // (X.shape[1] * batch))
+            self.sparse_block = np.empty((min(self.sparse_rows, X.shape[0]), X.shape[1]),
+                                         dtype=net.dtype)
         self.segments = net._segments()
         self.loss_addr = loss_cfunc(loss, net.dtype)
         self.step_addr = step_cfunc(opt.kernel, net.dtype)
@@ -1072,6 +1158,8 @@ class _EpochRunner:
             return self._train_batches(first, count)
 
     def _train_batches(self, first, count):
+        if self.sparse_rows:
+            return self._train_sparse_batches(first, count)
         ws, net = self.ws, self.net
         done, steps, status = _engine.train_batches(
             self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
@@ -1082,6 +1170,35 @@ class _EpochRunner:
         # Batches whose weights sum to zero were skipped: t counts updates.
         self.opt.t += steps
         self.steps += steps
+        return done, status
+
+    def _train_sparse_batches(self, first, count):
+        """``_train_batches`` on a sparse X: each piece of at most
+        ``sparse_rows`` rows (whole batches) is made dense in ``sparse_block``
+        in batch order (so the engine takes its rows in place, as it would
+        have gathered them) and run as batches 0, 1, ... of that piece."""
+        ws, net, batch = self.ws, self.net, self.batch
+        per_call = self.sparse_rows // batch
+        done, b, end = 0, first, first + count
+        while b < end:
+            k = min(per_call, end - b)
+            lo, hi = b * batch, min((b + k) * batch, self.X.shape[0])
+            rows = self.order[lo:hi] if self.gather else slice(lo, hi)
+            block = self.sparse_block[:hi - lo]
+            self.X[rows].toarray(out=block)
+            got, steps, status = _engine.train_batches(
+                block, self.Y[rows], self.W[rows], self.order[:0], False, batch, 0, k,
+                net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
+                self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
+                self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng,
+                net._aux, net._buffers, self.clip_value, self.clip_norm, self.grad_norms,
+                self.batch_loss[b:b + k])
+            self.opt.t += steps
+            self.steps += steps
+            done += got
+            if status != STATUS_OK:
+                break
+            b += k
         return done, status
 
     def run(self, b, stop, interrupt):

@@ -20,6 +20,8 @@ checked again before every run of updates.  Every optimizer's state holds
 all the vectors its update can use, whatever the settings: a vector that a
 setting turns on later starts as torch.optim starts it (see each class).
 """
+from __future__ import annotations
+
 import numpy as np
 
 from ._numba import optim as _kernels
@@ -278,7 +280,8 @@ class SGD(Optimizer):
 
     kernel = "sgd"
 
-    def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+    def __init__(self, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0) -> None:
         super().__init__()
         self.lr, self.momentum, self.dampening = lr, momentum, dampening
         self.nesterov, self.weight_decay = nesterov, weight_decay
@@ -351,7 +354,8 @@ class Adam(Optimizer):
     _decoupled = False
     _nonnegative_slots = ("v", "vmax")
 
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False) -> None:
         super().__init__()
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.amsgrad = weight_decay, amsgrad
@@ -387,7 +391,8 @@ class AdamW(Adam):
 
     _decoupled = True
 
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False):
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False) -> None:
         super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
 
@@ -421,7 +426,9 @@ class RMSprop(Optimizer):
     kernel = "rmsprop"
     _nonnegative_slots = ("square_avg",)
 
-    def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False):
+    def __init__(self, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0,
+                 centered: bool = False) -> None:
         super().__init__()
         self.lr, self.alpha, self.eps = lr, alpha, eps
         self.weight_decay, self.momentum, self.centered = weight_decay, momentum, centered
@@ -473,7 +480,8 @@ class Rprop(Optimizer):
     _nonnegative_slots = ("step_size",)
     _unchecked_slots = ("prev",)
 
-    def __init__(self, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50)):
+    def __init__(self, lr: float = 1e-2, etas: tuple[float, float] = (0.5, 1.2),
+                 step_sizes: tuple[float, float] = (1e-6, 50)) -> None:
         super().__init__()
         self.lr, self.etas, self.step_sizes = lr, etas, step_sizes
         self._set_hyperparameters()
@@ -517,8 +525,8 @@ class Adagrad(Optimizer):
     kernel = "adagrad"
     _nonnegative_slots = ("state_sum",)
 
-    def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                 eps=1e-10):
+    def __init__(self, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> None:
         super().__init__()
         self.lr, self.lr_decay, self.weight_decay = lr, lr_decay, weight_decay
         self.initial_accumulator_value, self.eps = initial_accumulator_value, eps

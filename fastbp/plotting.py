@@ -1,9 +1,21 @@
 """Plots of training histories (needs matplotlib: ``pip install "fastbp[plot]"``)."""
+from __future__ import annotations
+
 import os
+import textwrap
 import warnings
+from collections.abc import Iterable
+from typing import Any
 
 from . import _files
+from ._typing import PathLike
 from .history import History
+from .model import Sequential
+
+try:  # for the hint only: plot_history says how to install matplotlib
+    from matplotlib.figure import Figure
+except ImportError:
+    Figure = Any
 
 __all__ = ["plot_history"]
 
@@ -23,7 +35,8 @@ def _panel(name):
     return name
 
 
-def plot_history(history, path=None, metrics=None):
+def plot_history(history: History | Sequential, path: PathLike | None = None,
+                 metrics: str | Iterable[str] | None = None) -> Figure:
     """Plot per-epoch metrics of a training history with matplotlib.
 
     Draws one panel of losses (``loss`` and, when recorded, ``val_loss``)
@@ -33,8 +46,14 @@ def plot_history(history, path=None, metrics=None):
     the loss panel, names containing "acc" in the accuracy panel,
     ``grad_norm`` in a panel of its own (one line per Dense layer, log
     scale), and any other metric (``time``, ``samples_per_s``) in a panel of
-    its own.  The figure is drawn with matplotlib's Agg canvas, without
-    pyplot (no global backend change, no figure left open in pyplot).
+    its own.  A dashed line in every panel, and a ring on each curve, mark
+    the epoch whose weights the model holds: the best one when
+    ``EarlyStopping(restore_best_weights=True)`` restored it
+    (``history.weights_epoch``), else the last.  The title names that epoch
+    and, when the history records one, why the fit stopped
+    (``history.stop_reason``).  The figure is drawn with matplotlib's Agg
+    canvas, without pyplot (no global backend change, no figure left open in
+    pyplot).
 
     Parameters
     ----------
@@ -105,7 +124,8 @@ def plot_history(history, path=None, metrics=None):
         panels.setdefault(_panel(m), []).append(m)
 
     epochs = list(history.epoch)
-    fig = Figure(figsize=(6.4, 2.2 + 2.4 * len(panels)), layout="constrained")
+    held, why = _held_epoch(history)
+    fig = Figure(figsize=(6.4, 2.6 + 2.4 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (title, names) in zip(axes, panels.items()):
@@ -118,19 +138,52 @@ def plot_history(history, path=None, metrics=None):
                 xs = epochs[len(epochs) - len(values):]
             if values and isinstance(values[0], (list, tuple)):  # grad_norm: one per layer
                 for k in range(len(values[0])):
-                    ax.plot(xs, [v[k] if k < len(v) else float("nan") for v in values],
-                            marker="." if len(xs) <= 50 else None, label=f"{name} {k}")
+                    column = [v[k] if k < len(v) else float("nan") for v in values]
+                    line, = ax.plot(xs, column, marker="." if len(xs) <= 50 else None,
+                                    label=f"{name} {k}")
+                    _ring(ax, line, xs, column, held)
                 ax.set_yscale("log")
             else:
-                ax.plot(xs, values, marker="." if len(xs) <= 50 else None, label=name)
+                line, = ax.plot(xs, values, marker="." if len(xs) <= 50 else None, label=name)
+                _ring(ax, line, xs, values, held)
+        # not a Line2D (ax.get_lines() stays the metrics), not in the legend
+        ax.vlines(held, 0, 1, transform=ax.get_xaxis_transform(), colors="0.35",
+                  linestyles="dashed", linewidths=1, zorder=1)
         ax.set_ylabel(title)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")
     axes[-1].set_xlabel("epoch")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(_title(held, why, history.stop_reason), fontsize="medium")
     if path is not None:
         _save(fig, path)
     return fig
+
+
+def _held_epoch(history):
+    """(epoch, why) of the weights the model holds: the epoch EarlyStopping
+    restored (``weights_epoch``, if recorded), else the last."""
+    restored = getattr(history, "weights_epoch", None)  # absent in older pickles
+    if restored is not None and restored in history.epoch:
+        return restored, "the best, restored by EarlyStopping"
+    return history.epoch[-1], "the last"
+
+
+def _ring(ax, line, xs, values, epoch):
+    """An open ring on ``line`` at ``epoch``, if it has a value there (a
+    scatter: not one of ax.get_lines(), not in the legend)."""
+    if epoch in xs:
+        ax.scatter([epoch], [values[list(xs).index(epoch)]], s=70, facecolors="none",
+                   edgecolors=line.get_color(), linewidths=1.5, zorder=3)
+
+
+def _title(epoch, why, stop_reason):
+    """The figure's title: the epoch whose weights the model holds (the
+    dashed line) and, when recorded, why the fit stopped (wrapped)."""
+    lines = [f"Weights held: epoch {epoch} ({why}), the dashed line"]
+    if stop_reason:
+        lines += textwrap.wrap(f"Stopped: {stop_reason}", 80)
+    return "\n".join(lines)
 
 
 def _save(fig, path):

@@ -38,6 +38,8 @@ A diverging fit stops at the first non-finite loss with the last finite
 weights kept, and raises scikit-learn's "Solver produced non-finite parameter
 weights" ValueError.
 """
+from __future__ import annotations
+
 import functools
 import threading
 import warnings
@@ -60,6 +62,7 @@ from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_targ
 from sklearn.utils.optimize import _check_optimize_result
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from ._typing import ArrayLike, MatrixLike
 from ._validation import MAX_THREADS, check_n_threads, to_dtype
 from .layers import Dense, Dropout
 from .model import (STATUS_OK, Sequential, _blas_threads, _DeferredInterrupt, _EpochRunner,
@@ -754,7 +757,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return Y.reshape(len(Y), -1)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None, X_val=None, y_val=None):
+    def fit(self, X: MatrixLike, y: ArrayLike, sample_weight: ArrayLike | None = None,
+            X_val: MatrixLike | None = None, y_val: ArrayLike | None = None) -> MLPClassifier:
         """Fit the model to X, y (see ``sklearn.neural_network.MLPClassifier.fit``).
 
         Parameters
@@ -775,7 +779,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     @available_if(lambda est: est._check_solver())
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, sample_weight=None, classes=None):
+    def partial_fit(self, X: MatrixLike, y: ArrayLike, sample_weight: ArrayLike | None = None,
+                    classes: ArrayLike | None = None) -> MLPClassifier:
         """One epoch over (X, y) (see sklearn's ``MLPClassifier.partial_fit``;
         only with the stochastic solvers)."""
         if _check_partial_fit_first_call(self, classes):
@@ -792,7 +797,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             y_pred = y_pred.ravel()
         return self._label_binarizer.inverse_transform(y_pred)
 
-    def predict(self, X):
+    def predict(self, X: MatrixLike) -> np.ndarray:
         """Predicted classes, shape (n_samples,) or (n_samples, n_classes)."""
         check_is_fitted(self)
         return self._predict(X)
@@ -800,7 +805,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def _score(self, X, y, sample_weight=None):
         return self._score_with_function(X, y, sample_weight, accuracy_score)
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: MatrixLike) -> np.ndarray:
         """Class probabilities, shape (n_samples, n_classes)."""
         check_is_fitted(self)
         y_pred = self._forward_pass_fast(X)
@@ -810,7 +815,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             return np.vstack([1 - y_pred, y_pred]).T
         return y_pred
 
-    def predict_log_proba(self, X):
+    def predict_log_proba(self, X: MatrixLike) -> np.ndarray:
         """Log of ``predict_proba``."""
         y_prob = self.predict_proba(X)
         return np.log(y_prob, out=y_prob)
@@ -867,7 +872,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return y.reshape(len(y), -1)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None, X_val=None, y_val=None):
+    def fit(self, X: MatrixLike, y: ArrayLike, sample_weight: ArrayLike | None = None,
+            X_val: MatrixLike | None = None, y_val: ArrayLike | None = None) -> MLPRegressor:
         """Fit the model to X, y (see ``sklearn.neural_network.MLPRegressor.fit``);
         ``X_val, y_val`` as in :meth:`MLPClassifier.fit`."""
         return self._fit(X, y, sample_weight=sample_weight, incremental=False,
@@ -877,7 +883,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     # method itself rather than its result, so it exists for every solver.
     @available_if(lambda est: est._check_solver)
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, sample_weight=None):
+    def partial_fit(self, X: MatrixLike, y: ArrayLike,
+                    sample_weight: ArrayLike | None = None) -> MLPRegressor:
         """One iteration over (X, y) (see sklearn's ``MLPRegressor.partial_fit``)."""
         return self._fit(X, y, sample_weight=sample_weight, incremental=True)
 
@@ -887,7 +894,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             return y_pred.ravel()
         return y_pred
 
-    def predict(self, X):
+    def predict(self, X: MatrixLike) -> np.ndarray:
         """Predicted values, shape (n_samples,) or (n_samples, n_outputs)."""
         check_is_fitted(self)
         return self._predict(X)

@@ -103,3 +103,93 @@ def test_phases_account_for_the_step(monkeypatch):
     assert "of which GEMMs" in text and "optimizer" in text
     from fastbp._ext import dense
     assert dense._set_profiling(False) is False      # left off
+
+
+# -- the --plot chart ----------------------------------------------------------------
+
+def _records(order="SML", threads=(2,), ratios=None):
+    """run_workload-like records (no timing) with the given speedups."""
+    ratios = ratios or {"S": {"reference": 3.1, "sklearn": 12.4, "torch": 4.2},
+                        "M": {"reference": 2.2, "sklearn": 6.5, "torch": 1.3},
+                        "L": {"reference": 1.1, "sklearn": 2.8, "torch": 0.85}}
+    records = []
+    for t in threads:
+        for w in order:
+            for impl in ("fastbp", "reference", "sklearn", "torch"):
+                records.append({"workload": w, "threads": t, "implementation": impl,
+                                "dtype": "float32", "isa": "avx2", "peer_isa": {},
+                                "fastbp_speedup": 1.0 if impl == "fastbp" else ratios[w][impl]})
+    return records
+
+
+def _bars(ax):
+    """Bars by legend label: [(x, top)] in drawing order."""
+    return {c.get_label(): [(p.get_x() + p.get_width() / 2, p.get_y() + p.get_height())
+                            for p in c.patches] for c in ax.containers}
+
+
+def test_chart_shows_speedups_in_the_tables_order_with_values_and_a_title():
+    """The chart drew samples/s on a log scale, workloads sorted L, M, S,
+    no values, no dtype/threads/level, and the legend on the bars."""
+    fig = bench.figure(_records())
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["S", "M", "L"]
+    title = fig.get_suptitle()
+    assert "How many times faster fastbp trains than each peer" in title
+    assert "float32" in title and "2 threads" in title and "instruction-set level avx2" in title
+    bars = _bars(ax)
+    assert list(bars) == ["reference", "sklearn", "torch"]
+    for peer, expected in (("reference", [3.1, 2.2, 1.1]), ("sklearn", [12.4, 6.5, 2.8]),
+                           ("torch", [4.2, 1.3, 0.85])):
+        assert [top for _, top in bars[peer]] == pytest.approx(expected)  # from the line at 1
+        xs = [x for x, _ in bars[peer]]
+        assert xs == sorted(xs) and [round(x) for x in xs] == [0, 1, 2]  # S, M, L groups
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["3.1x", "2.2x", "1.1x", "12x", "6.5x", "2.8x", "4.2x", "1.3x", "0.85x"]
+    assert ax.get_yscale() == "log" and "fastbp's" in ax.get_ylabel()
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["reference", "sklearn", "torch"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    assert not box.overlaps(ax.get_window_extent(renderer))  # clear of the bars
+    assert not box.overlaps(fig._suptitle.get_window_extent(renderer))
+
+
+def test_chart_groups_thread_counts_in_run_order_and_labels_them():
+    fig = bench.figure(_records(order="LS", threads=(1, 2)))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "L (1 thr)", "S (1 thr)", "L (2 thr)", "S (2 thr)"]
+    assert "1, 2 threads" in fig.get_suptitle()
+
+
+def test_chart_with_one_peer_and_a_peer_missing_from_a_workload():
+    records = [r for r in _records() if r["implementation"] in ("fastbp", "reference")
+               and not (r["workload"] == "M" and r["implementation"] == "reference")]
+    ax = bench.figure(records).axes[0]
+    assert [top for _, top in _bars(ax)["reference"]] == pytest.approx([3.1, 1.1])
+    assert [t.get_text() for t in ax.texts] == ["3.1x", "1.1x"]
+
+
+@pytest.mark.parametrize("impls, message", [
+    (("reference", "sklearn"), "run fastbp too"),
+    (("fastbp",), "none ran"),
+])
+def test_chart_needs_fastbp_and_a_peer(tmp_path, impls, message):
+    records = [r for r in _records() if r["implementation"] in impls]
+    with pytest.raises(ValueError, match=message):
+        bench.figure(records)
+    with pytest.raises(SystemExit, match=message):
+        bench.plot(records, tmp_path / "chart.png")
+    assert not (tmp_path / "chart.png").exists()
+
+
+def test_cli_plot_writes_the_chart_of_a_real_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(bench.WORKLOADS, "tiny", ((5, 8, 3), 16, 256))
+    path = tmp_path / "chart.png"
+    assert bench.main(["--workload", "tiny", "--impl", "fastbp", "reference", "--threads", "1",
+                       "--rounds", "1", "--no-predict", "--pause", "0", "--plot",
+                       str(path)]) == 0
+    assert f"plot written to {path}" in capsys.readouterr().out
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -196,11 +196,115 @@ def test_numeric_object_arrays_and_nullable_columns_without_missing_values_work(
         net.predict(np.array([[1, "x"]], dtype=object))
 
 
-def test_sparse_input_is_named():
+def test_sparse_targets_are_named():
+    """X may be sparse (tests/test_sparse.py); targets and weights may not."""
     import scipy.sparse as sparse
     net = _float32_net()
-    with pytest.raises(ValueError, match=r"scipy\.sparse matrix.*toarray"):
-        net.predict(sparse.csr_matrix(np.ones((2, 2))))
+    with pytest.raises(ValueError, match=r"y is a scipy\.sparse matrix.*y\.toarray\(\)"):
+        net.fit(np.ones((2, 2)), sparse.csr_matrix(np.ones((2, 1))), verbose=0)
+
+
+# -- errors that point the right way (issue 16) ---------------------------------------
+
+@pytest.mark.parametrize("labels", [
+    np.array([0, 2, 1, 1]), np.array([0.0, 2.0, 1.0, 1.0]), np.array([[0], [2], [1], [1]]),
+    np.array([True, False, True, True])])
+@pytest.mark.parametrize("call", ["fit", "fit_bce", "evaluate"])
+def test_class_labels_with_a_regression_loss_point_to_cross_entropy(labels, call):
+    """Labels with fit's default loss="mse" used to get only "y must have
+    shape (4, 3) ..., got (4,)"."""
+    net = fastbp.Sequential([fastbp.Dense(3)], dtype="float64", seed=0).build(2)
+    X = np.ones((4, 2))
+    run = {"fit": lambda: net.fit(X, labels, verbose=0),
+           "fit_bce": lambda: net.fit(X, labels, loss="binary_cross_entropy", verbose=0),
+           "evaluate": lambda: net.evaluate(X, labels)}[call]
+    with pytest.raises(ValueError, match=r"shape \(4, 3\).* y looks like class labels "
+                                         r"\(integers from 0 to [12]\), which loss='(mse|binary_"
+                                         r"cross_entropy)' does not take: pass "
+                                         r"loss='cross_entropy'.*fastbp\.MLPClassifier"):
+        run()
+    assert len(net.history) == 0
+
+
+@pytest.mark.parametrize("targets", [np.array([0.5, 1.0, 2.0, 0.0]), np.array([-1, 0, 1, 2]),
+                                     np.ones((4, 2))])
+def test_targets_that_are_not_labels_get_no_label_hint(targets):
+    net = fastbp.Sequential([fastbp.Dense(3)], dtype="float64", seed=0).build(2)
+    with pytest.raises(ValueError, match=r"must have shape \(4, 3\)") as info:
+        net.fit(np.ones((4, 2)), targets, verbose=0)
+    assert "class labels" not in str(info.value)
+
+
+@pytest.mark.parametrize("labels", [np.array(["cat", "dog", "cat"]),
+                                    np.array(["cat", "dog", "cat"], dtype=object),
+                                    ["cat", "dog", "cat"]])
+def test_string_labels_name_label_encoder_and_mlp_classifier(labels):
+    net = fastbp.Sequential([fastbp.Dense(2)], seed=0)
+    with pytest.raises(ValueError, match=r"y must be numeric.*LabelEncoder.*fastbp\.MLPClassifier"):
+        net.fit(np.ones((3, 2)), labels, loss="cross_entropy", verbose=0)
+    assert len(net.history) == 0  # refused before any training
+
+
+def test_string_X_does_not_get_the_label_hint():
+    net = fastbp.Sequential([fastbp.Dense(2)], seed=0)
+    with pytest.raises(ValueError, match="X must be numeric") as info:
+        net.fit(np.array([["a", "b"]]), [0], loss="cross_entropy", verbose=0)
+    assert "LabelEncoder" not in str(info.value)
+
+
+@pytest.mark.parametrize("built", [False, True])
+def test_predict_proba_before_fit_says_the_model_is_not_fitted(built):
+    """It said "unknown loss ''" (the loss of a fit that never ran)."""
+    net = fastbp.Sequential([fastbp.Dense(3)], seed=0)
+    if built:
+        net.build(2)
+    with pytest.raises(ValueError, match=r"not been fitted yet.*loss='cross_entropy'"):
+        net.predict_proba(np.ones((2, 2)))
+    if built:  # naming the loss needs no fit
+        p = net.predict_proba(np.ones((2, 2)), loss="cross_entropy")
+        np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown loss ''"):  # an explicit '' is still wrong
+        net.predict_proba(np.ones((2, 2)), loss="")
+
+
+def test_one_sample_as_a_1d_array_gets_the_one_sample_hint(net):
+    """net.predict(X[0]) was told to use X.reshape(-1, 1): a column of 5
+    one-feature samples, which then fails on the feature count."""
+    X = np.ones((3, 5))
+    with pytest.raises(ValueError, match=r"got shape \(5,\) \(use X\.reshape\(1, -1\) for one "
+                                         r"sample of the model's 5 features\)") as info:
+        net.predict(X[0])
+    assert "reshape(-1, 1)" not in str(info.value)
+    assert net.predict(X[0].reshape(1, -1)).shape == (1, 3)
+
+
+def test_1d_X_hints_by_what_the_model_takes():
+    one = fastbp.Sequential([fastbp.Dense(2)], seed=0).build(1)
+    with pytest.raises(ValueError, match=r"X\.reshape\(-1, 1\): the model takes one feature"):
+        one.predict(np.ones(4))
+    wide = fastbp.Sequential([fastbp.Dense(2)], seed=0).build(3)
+    with pytest.raises(ValueError, match=r"\(the model takes 3 features a sample\)$"):
+        wide.predict(np.ones(4))
+    unbuilt = fastbp.Sequential([fastbp.Dense(2)], seed=0)
+    with pytest.raises(ValueError, match=r"X\.reshape\(-1, 1\) if it holds one feature, "
+                                         r"X\.reshape\(1, -1\) if it is one sample"):
+        unbuilt.fit(np.ones(4), np.ones(4), verbose=0)
+    with pytest.raises(ValueError, match=r"X_val must be 2-D.*X_val\.reshape\(1, -1\)"):
+        wide.fit(np.ones((4, 3)), np.ones((4, 2)), validation_data=(np.ones(3), np.ones((1, 2))),
+                 verbose=0)
+
+
+@pytest.mark.parametrize("name", ["n_params", "params"])
+def test_properties_of_an_unbuilt_model_raise_only_attribute_errors(name):
+    """hasattr(net, "n_params") raised ValueError on an unbuilt model."""
+    net = fastbp.Sequential([fastbp.Dense(2)], seed=0)
+    assert not hasattr(net, name)
+    assert getattr(net, name, "absent") == "absent"
+    with pytest.raises(ValueError, match="not built yet"):  # and still a ValueError
+        getattr(net, name)
+    net.build(3)
+    assert hasattr(net, name)
+    assert net.n_params == 8
 
 
 @pytest.mark.parametrize("dtype, source, off, ok", [
