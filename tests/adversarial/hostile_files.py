@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import select
 import struct
 import subprocess
 import sys
@@ -33,6 +32,9 @@ import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _children  # noqa: E402
 
 MAGIC = b"FASTBP\x00\x01"
 #: seconds a child may take for one file before it counts as a hang
@@ -281,6 +283,21 @@ def _refused_state(header, slot, value):
 
 
 # -- loading in children ------------------------------------------------------------------
+def _count_load(path, outcome, counts, failures):
+    """Tally one file's outcome; a loaded file named *-must-refuse* fails."""
+    if outcome.startswith("FAIL"):
+        counts["other exception (failure)"] += 1
+        failures.append(f"{path}: {outcome}")
+    elif outcome.startswith("loaded") and "-must-refuse" in path:
+        counts["loaded, but must be refused (failure)"] += 1
+        failures.append(f"{path}: loaded, but must be refused")
+    elif outcome.startswith("loaded"):
+        counts["loaded"] += 1
+        counts[outcome.replace("loaded", "after load:")] += 1
+    else:
+        counts[outcome] += 1
+
+
 def _load_all(paths, counts, failures):
     """Load every file in children; a crash or hang is pinned on its file."""
     listing = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
@@ -290,45 +307,15 @@ def _load_all(paths, counts, failures):
     first = 0
     try:
         while first < len(paths):
-            proc = subprocess.Popen([sys.executable, "-P", "-c", CHILD, listing.name, str(first)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-            current, last_output = None, time.monotonic()
-            while True:
-                ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-                if ready:
-                    line = proc.stdout.readline().decode()
-                    if not line:
-                        break
-                    last_output = time.monotonic()
-                    word, index, *rest = line.split(" ", 2)
-                    if word == "start":
-                        current = int(index)
-                        continue
-                    outcome = rest[0].strip()
-                    current = None
-                    if outcome.startswith("FAIL"):
-                        counts["other exception (failure)"] += 1
-                        failures.append(f"{paths[int(index)]}: {outcome}")
-                    elif outcome.startswith("loaded") and "-must-refuse" in paths[int(index)]:
-                        counts["loaded, but must be refused (failure)"] += 1
-                        failures.append(f"{paths[int(index)]}: loaded, but must be refused")
-                    elif outcome.startswith("loaded"):
-                        counts["loaded"] += 1
-                        counts[outcome.replace("loaded", "after load:")] += 1
-                    else:
-                        counts[outcome] += 1
-                elif time.monotonic() - last_output > HANG_SECONDS:
-                    proc.kill()
-                    break
-            proc.wait()
-            proc.stdout.close()
-            err = proc.stderr.read().decode()[-300:]
-            proc.stderr.close()
+            current, returncode, err = _children.follow(
+                CHILD, [listing.name, first], env,
+                lambda index, outcome: _count_load(paths[index], outcome, counts, failures),
+                HANG_SECONDS)
             if current is None:
-                if proc.returncode != 0:
-                    failures.append(f"child exited {proc.returncode} between files: {err}")
+                if returncode != 0:
+                    failures.append(f"child exited {returncode} between files: {err}")
                 break
-            what = "hang" if proc.returncode == -9 else f"crash (exit {proc.returncode})"
+            what = "hang" if returncode == -9 else f"crash (exit {returncode})"
             counts["crash/hang (failure)"] += 1
             failures.append(f"{paths[current]}: {what}: {err}")
             first = current + 1

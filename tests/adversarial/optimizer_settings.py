@@ -17,10 +17,11 @@ finite weights); anything else, a crash or a hang is a failure.
 """
 import argparse
 import os
-import select
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _children  # noqa: E402
 
 HANG_SECONDS = 30
 
@@ -140,38 +141,18 @@ def _child(first, count, seed, counts, failures):
     # glibc checks the heap at every free: a write past a buffer aborts the
     # child near the trial that made it, instead of corrupting it silently
     env = dict(os.environ, MALLOC_CHECK_="3", MALLOC_PERTURB_="165")
-    proc = subprocess.Popen([sys.executable, "-P", "-c", CHILD, str(first), str(count), str(seed)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    current, last = None, time.monotonic()
-    while True:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline().decode()
-            if not line:
-                break
-            last = time.monotonic()
-            word, index, *rest = line.split(" ", 2)
-            if word == "start":
-                current = int(index)
-                continue
-            current = None
-            outcome = rest[0].strip()
-            key = "failure" if outcome.startswith("FAIL") else outcome
-            counts[key] = counts.get(key, 0) + 1
-            if key == "failure":
-                failures.append(f"trial {index}: {outcome}")
-        elif time.monotonic() - last > HANG_SECONDS:
-            proc.kill()
-            break
-    proc.wait()
-    err = proc.stderr.read().decode()[-300:]
-    proc.stdout.close()
-    proc.stderr.close()
+    def done(index, outcome):
+        key = "failure" if outcome.startswith("FAIL") else outcome
+        counts[key] = counts.get(key, 0) + 1
+        if key == "failure":
+            failures.append(f"trial {index}: {outcome}")
+    current, returncode, err = _children.follow(CHILD, [first, count, seed], env, done,
+                                                HANG_SECONDS)
     if current is not None:
         counts["crash/hang"] = counts.get("crash/hang", 0) + 1
-        failures.append(f"trial {current}: crash or hang (exit {proc.returncode}): {err}")
-    elif proc.returncode != 0:
-        failures.append(f"child exited {proc.returncode}: {err}")
+        failures.append(f"trial {current}: crash or hang (exit {returncode}): {err}")
+    elif returncode != 0:
+        failures.append(f"child exited {returncode}: {err}")
     return current
 
 

@@ -37,6 +37,9 @@ import subprocess
 import sys
 from collections import Counter
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _children  # noqa: E402
+
 TIMEOUT = 300
 
 _CHILD = r"""
@@ -277,14 +280,7 @@ def main(argv=None):
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    trials = passed = 0
-    for scenario in args.scenarios:
-        counts = run(scenario, args.trials, args.seed)
-        print(json.dumps(counts), flush=True)
-        trials += counts["trials"]
-        passed += counts["passed"]
-    print(json.dumps({"total_trials": trials, "total_passed": passed}))
-    return 0 if trials == passed else 1
+    return _children.report_all(args.scenarios, run, args.trials, args.seed)
 
 
 if __name__ == "__main__":
