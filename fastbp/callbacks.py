@@ -4,8 +4,8 @@ and learning-rate schedules for ``Sequential.fit(..., callbacks=[...])``.
 The protocol
 ------------
 ``fit`` calls, on every callback that has them, these methods (a callback may
-define any subset; :class:`Callback` is a base class with all four as
-no-ops):
+define any subset; :class:`Callback` is a base class with all but
+``on_batches_end`` as no-ops):
 
 ``on_train_begin(net)``
     Once, when the fit starts (after the optimizer is set on
@@ -13,6 +13,13 @@ no-ops):
 ``on_epoch_begin(net, epoch)``
     Before each epoch.  ``epoch`` is the epoch's number in ``net.history``:
     1-based and cumulative over successive fits.
+``on_batches_end(net, epoch, batch)``
+    After each run of batches within an epoch, the last one included: each
+    run is one call into the compiled engine of about 50 ms of training (one
+    batch when a batch takes longer), so an epoch of a second has about 20.
+    ``batch`` is the number of the epoch's batches done so far, out of
+    ``net.fit_params["n_batches"]``.  Nothing is called when no callback
+    defines it.  (:class:`Callback` does not define it.)
 ``on_epoch_end(net, epoch, logs)``
     After each epoch, once its metrics are recorded in ``net.history``
     (and, with ``fit(checkpoint=...)``, saved).  ``logs`` is a dict of the
@@ -20,19 +27,30 @@ no-ops):
     for ``val_loss``, ``val_accuracy`` and ``grad_norm`` (a list, one mean
     gradient norm per Dense layer).
 ``on_train_end(net)``
-    Once, when the fit ends normally (all epochs done or stopped by
-    ``net.stop_training``).  It is not called when the fit raises (a
-    ``DivergenceError``, Ctrl-C) or returns early on divergence with
-    ``on_divergence="warn"``.
+    Once, when the fit ends, however it ends: all epochs done, stopped by
+    ``net.stop_training``, or on a divergence or Ctrl-C (before the
+    ``DivergenceError`` or ``KeyboardInterrupt`` propagates).  It is not
+    called when ``on_train_begin`` raised.
 
 Callbacks are called in list order.  Setting ``net.stop_training = True``
-ends the fit after the current epoch.  Optimizer hyperparameters
-(``net.optimizer.lr``, ``momentum``, ...) changed by a callback take effect
-from the next epoch: ``fit`` re-reads and checks them before every epoch
-(after ``on_epoch_begin``; an invalid value raises ValueError before that
-epoch runs).  A setting that uses more optimizer state (momentum, amsgrad,
-centered) may be turned on too: its state starts as torch.optim starts it.  ``net.params`` is the flat parameter vector: copy it to
-keep weights, assign into it (``net.params[...] = saved``) to restore them.
+ends the fit after the current epoch.  The callback that set it may say why
+in two attributes, read then: ``stop_reason`` (a short sentence, recorded as
+``net.history.stop_reason``; default "<ClassName> set net.stop_training")
+and ``stop_kind`` (``net.history.stopped_by``; default "callback").  With
+``fit(verbose=1)`` a line saying where and why the fit stopped, and which
+weights the model holds, is printed once the ``on_train_end`` hooks have
+run.  A callback with a true ``shows_progress`` attribute
+(:class:`ProgressBar`) shows the epochs itself: ``fit`` then prints no
+per-epoch lines.
+
+Optimizer hyperparameters (``net.optimizer.lr``, ``momentum``, ...) changed
+by a callback take effect from the next epoch: ``fit`` re-reads and checks
+them before every epoch (after ``on_epoch_begin``; an invalid value raises
+ValueError before that epoch runs).  A setting that uses more optimizer
+state (momentum, amsgrad, centered) may be turned on too: its state starts
+as torch.optim starts it.  ``net.params`` is the flat parameter vector: copy
+it to keep weights, assign into it (``net.params[...] = saved``) to restore
+them.
 
 Callback state (counters, best values) lives in the callback object and is
 reset by ``on_train_begin``: each fit starts afresh, and none of it is stored
@@ -194,7 +212,15 @@ class EarlyStopping(Callback):
         Epochs since the last improvement.
     best_weights : ndarray or None
         Copy of the best epoch's parameters (``restore_best_weights`` only).
+    stop_reason : str or None
+        Why it stopped the fit (e.g. "val_loss did not improve for 10 epochs
+        (best 0.1234 at epoch 63)"), recorded by ``fit`` as
+        ``net.history.stop_reason``; None if it did not.  When it restores
+        the best weights, ``net.history.weights_epoch`` and ``weights_note``
+        say so.
     """
+
+    stop_kind = "early_stopping"
 
     def __init__(self, monitor="val_loss", patience=0, min_delta=0.0, mode="auto",
                  restore_best_weights=False):
@@ -212,6 +238,7 @@ class EarlyStopping(Callback):
         self.stopped_epoch = 0
         self.wait = 0
         self.best_weights = None
+        self.stop_reason = None
 
     def _improved(self, current):
         if math.isnan(current):
@@ -235,12 +262,24 @@ class EarlyStopping(Callback):
             return
         if self.wait >= self.patience:
             self.stopped_epoch = epoch
+            self.stop_reason = self._why()
             net.stop_training = True
+
+    def _why(self):
+        by = f" by more than {self.min_delta:g}" if self.min_delta else ""
+        epochs = "epoch" if self.wait == 1 else "epochs"
+        best = (f"best {self.best:.4g} at epoch {self.best_epoch}" if self.best is not None
+                else "no value yet, only NaN")
+        return f"{self.monitor} did not improve{by} for {self.wait} {epochs} ({best})"
 
     def on_train_end(self, net):
         if self.restore_best_weights and self.best_weights is not None:
             net.params[...] = self.best_weights
-            net.history.weights_epoch = self.best_epoch  # for plot_history
+            # for the line fit prints and for plot_history
+            net.history.weights_epoch = self.best_epoch
+            net.history.weights_note = (
+                "restored by EarlyStopping" if self.stopped_epoch
+                else f"best {self.monitor} {self.best:.4g}, restored by EarlyStopping")
 
 
 class StopAtLoss(Callback):
@@ -265,7 +304,12 @@ class StopAtLoss(Callback):
     ----------
     stopped_epoch : int
         Epoch at which the target was reached; 0 if it was not.
+    stop_reason : str or None
+        Why it stopped the fit (``net.history.stop_reason``); None if it
+        did not.
     """
+
+    stop_kind = "target"
 
     def __init__(self, target, monitor="loss", mode="auto"):
         who = "StopAtLoss"
@@ -273,14 +317,18 @@ class StopAtLoss(Callback):
         self.monitor = _check_monitor(monitor, who)
         self.mode = _resolve_mode(mode, monitor, who)
         self.stopped_epoch = 0
+        self.stop_reason = None
 
     def on_train_begin(self, net):
         self.stopped_epoch = 0
+        self.stop_reason = None
 
     def on_epoch_end(self, net, epoch, logs):
         value = _monitored(logs, self.monitor, "StopAtLoss")
         if value <= self.target if self.mode == "min" else value >= self.target:
             self.stopped_epoch = epoch
+            self.stop_reason = (f"{self.monitor} reached the target {self.target:g} "
+                                f"({value:.4g})")
             net.stop_training = True
 
 
@@ -304,18 +352,25 @@ class StopOnSmallUpdate(Callback):
         Largest absolute change in the last epoch.
     stopped_epoch : int
         Epoch at which the fit was stopped; 0 if it was not.
+    stop_reason : str or None
+        Why it stopped the fit (``net.history.stop_reason``); None if it
+        did not.
     """
+
+    stop_kind = "small_update"
 
     def __init__(self, tol):
         self.tol = _number(tol, "tol", "StopOnSmallUpdate", low=0, low_open=True)
         self._start = None
         self.last_update = None
         self.stopped_epoch = 0
+        self.stop_reason = None
 
     def on_train_begin(self, net):
         self._start = None
         self.last_update = None
         self.stopped_epoch = 0
+        self.stop_reason = None
 
     def on_epoch_begin(self, net, epoch):
         if self._start is None or self._start.shape != net.params.shape:
@@ -330,6 +385,8 @@ class StopOnSmallUpdate(Callback):
         self.last_update = float(change)
         if self.last_update < self.tol:
             self.stopped_epoch = epoch
+            self.stop_reason = (f"no parameter changed by tol={self.tol:g} or more in epoch "
+                                f"{epoch} (largest change {self.last_update:.3g})")
             net.stop_training = True
 
 
@@ -345,18 +402,26 @@ class TerminateOnNaN(Callback):
     ----------
     stopped_epoch : int
         Epoch at which the fit was stopped; 0 if it was not.
+    stop_reason : str or None
+        Why it stopped the fit (``net.history.stop_reason``); None if it
+        did not.
     """
+
+    stop_kind = "nan"
 
     def __init__(self):
         self.stopped_epoch = 0
+        self.stop_reason = None
 
     def on_train_begin(self, net):
         self.stopped_epoch = 0
+        self.stop_reason = None
 
     def on_epoch_end(self, net, epoch, logs):
         loss = logs.get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             self.stopped_epoch = epoch
+            self.stop_reason = f"the epoch's loss is {float(loss)}"
             net.stop_training = True
 
 
@@ -517,14 +582,22 @@ class CSVLogger(Callback):
 
 
 class ProgressBar(Callback):
-    """An epoch-level tqdm progress bar showing loss and val_loss.
+    """A tqdm progress bar of the fit's epochs, showing loss and val_loss.
 
-    The bar advances once per epoch; its postfix shows the epoch's ``loss``
-    and, when present, ``val_loss`` and ``val_accuracy``.  It is created when
-    the fit begins and closed when it ends.  Use it with ``fit(verbose=0)``
-    (fit's own per-epoch lines would break the bar).  Needs tqdm
-    (``pip install "fastbp[progress]"``), imported when the callback is
-    created.
+    The bar counts epochs.  It advances after every run of batches within
+    an epoch (``on_batches_end``: about every 50 ms of training, so the bar
+    of a long epoch moves during it, e.g. 36.41/200; tqdm redraws at most
+    every ``mininterval``, 0.1 s by default), and to the whole number at
+    the end of each epoch, when its postfix shows the epoch's ``loss`` and,
+    when present, ``val_loss`` and ``val_accuracy``.  While it is among the
+    callbacks, ``fit(verbose=1)`` prints no per-epoch lines (the bar's
+    postfix carries them), but still prints its line saying why a fit
+    stopped, after the bar is closed.  When the fit stops before its last
+    epoch, the bar ends at the epochs actually run (its total becomes
+    them) with ``stopped=<history.stopped_by>`` in its postfix.  It is
+    created when the fit begins and closed when the fit ends, however it
+    ends.  Needs tqdm (``pip install "fastbp[progress]"``), imported when
+    the callback is created.
 
     Parameters
     ----------
@@ -533,7 +606,13 @@ class ProgressBar(Callback):
         of the fit (``net.fit_params``).
     **tqdm_kwargs
         Passed to ``tqdm.tqdm`` (e.g. ``file``, ``leave``, ``desc``,
-        ``disable``).
+        ``mininterval``, ``disable``).  With ``disable=True`` there is no
+        bar, and fit prints its per-epoch lines again.
+
+    Attributes
+    ----------
+    bar : tqdm or None
+        The bar of the fit under way.
     """
 
     def __init__(self, total=None, **tqdm_kwargs):
@@ -545,21 +624,52 @@ class ProgressBar(Callback):
         self.total = None if total is None else _count(total, "total", "ProgressBar")
         self.tqdm_kwargs = {"desc": "fit", "unit": "epoch", **tqdm_kwargs}
         self.bar = None
+        self._epochs = 0  # epochs finished in this fit
+        self._n_batches = 0
+        self._postfix = {}
+
+    @property
+    def shows_progress(self):
+        """True unless the bar is disabled: fit then prints no epoch lines."""
+        return self.tqdm_kwargs.get("disable") is not True
 
     def on_train_begin(self, net):
         self._close()
-        total = self.total if self.total is not None else getattr(net, "fit_params", {}).get("epochs")
+        params = getattr(net, "fit_params", None) or {}
+        total = self.total if self.total is not None else params.get("epochs")
+        self._epochs, self._n_batches, self._postfix = 0, params.get("n_batches") or 0, {}
         self.bar = self._tqdm(total=total, **self.tqdm_kwargs)
+
+    def on_batches_end(self, net, epoch, batch):
+        if self.bar is not None and self._n_batches:
+            # two decimals: tqdm prints the count as str(n)
+            self._advance(round(self._epochs + min(batch / self._n_batches, 0.99), 2))
 
     def on_epoch_end(self, net, epoch, logs):
         if self.bar is None:
             return
-        postfix = {k: f"{logs[k]:.4g}" for k in ("loss", "val_loss", "val_accuracy")
-                   if k in logs}
-        self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(1)
+        self._postfix = {k: f"{logs[k]:.4g}" for k in ("loss", "val_loss", "val_accuracy")
+                         if k in logs}
+        self.bar.set_postfix(self._postfix, refresh=False)
+        self._epochs += 1
+        self._advance(self._epochs)
+
+    def _advance(self, n):
+        """Move the bar to ``n`` epochs (exactly: not a sum of fractions),
+        redrawn as tqdm's throttling allows."""
+        if n > self.bar.n:
+            self.bar.n = n
+            self.bar.update(0)
 
     def on_train_end(self, net):
+        history = getattr(net, "history", None)
+        kind = getattr(history, "stopped_by", None)
+        if self.bar is not None and kind is not None:
+            # Stopped early: end at the epochs run, not frozen part way
+            # (a bar stopped before any progress keeps its total: 0/E).
+            if self.bar.n:
+                self.bar.total = self.bar.n
+            self.bar.set_postfix({**self._postfix, "stopped": kind}, refresh=False)
         self._close()
 
     def _close(self):

@@ -1,8 +1,19 @@
 """Training history: per-epoch metrics kept on the model and returned by fit."""
+from collections.abc import Mapping
+
+#: the values of ``History.stopped_by``
+STOP_KINDS = ("early_stopping", "target", "small_update", "nan", "callback", "no_progress",
+              "divergence", "interrupt")
 
 
-class History:
-    """Per-epoch records of training.
+class History(Mapping[str, list]):
+    """Per-epoch records of training, readable as a mapping of metric names
+    to per-epoch lists.
+
+    ``h["loss"]``, ``"val_loss" in h``, ``h.keys()``, ``dict(h)`` and
+    ``len(h)`` (the number of metrics) read ``h.history``, as a dict of
+    lists would; the epoch numbers are ``h.epoch`` (not a key, as in
+    Keras's ``History.history``) and their count ``h.n_epochs``.
 
     Attributes
     ----------
@@ -12,32 +23,65 @@ class History:
         ``loss`` (mean training loss over the epoch's batches), ``time``
         (seconds), ``samples_per_s``, and when validation data is given
         ``val_loss`` (plus ``val_accuracy`` for classification losses).
+        An epoch resumed from a checkpoint records the time and rate of the
+        part run in this process (its samples from the resumed batch on).
+    n_epochs : int
+        Epochs recorded, ``len(h.epoch)``.
     stop_reason : str or None
-        Why the last fit stopped early (e.g. divergence), else None.
+        Why the last fit stopped before running all its epochs, as a short
+        sentence (e.g. "val_loss did not improve for 10 epochs (best 0.1234
+        at epoch 63)"); None when it ran them all.  Reset when a fit begins.
+    stopped_by : str or None
+        What stopped it, for programs: "early_stopping", "target"
+        (StopAtLoss), "small_update" (StopOnSmallUpdate), "nan"
+        (TerminateOnNaN), "callback" (any other callback, or
+        ``net.stop_training`` set from elsewhere), "no_progress"
+        (Levenberg-Marquardt found no step that decreases the error),
+        "divergence" (a non-finite loss or weight) or "interrupt" (Ctrl-C);
+        None when ``stop_reason`` is.  Not saved in model files (a loaded
+        model has the ``stop_reason`` of its last fit, and None here).
     weights_epoch : int or None
         The epoch whose weights the model holds when it is not the last one
         recorded: set by ``EarlyStopping(restore_best_weights=True)`` when it
         restores its best epoch; None (the last epoch's weights) once
         another epoch is recorded.  Not saved in model files.
+    weights_note : str or None
+        Why the model holds ``weights_epoch``'s weights (e.g. "best val_loss
+        0.1234, restored by EarlyStopping"); set and cleared with it.
     """
+
+    # class defaults: a History unpickled from an older fastbp lacks them
+    stopped_by = None
+    weights_epoch = None
+    weights_note = None
 
     def __init__(self):
         self.epoch = []
         self.history = {}
         self.stop_reason = None
+        self.stopped_by = None
         self.weights_epoch = None
+        self.weights_note = None
 
     def append(self, epoch, **metrics):
-        self.weights_epoch = None  # a new epoch: its weights are the model's
+        self.weights_epoch = self.weights_note = None  # a new epoch: its weights are the model's
         self.epoch.append(epoch)
         for key, value in metrics.items():
             self.history.setdefault(key, []).append(value)
 
+    @property
+    def n_epochs(self):
+        """Epochs recorded (``len(self.epoch)``)."""
+        return len(self.epoch)
+
     def __getitem__(self, key):
         return self.history[key]
 
+    def __iter__(self):
+        return iter(self.history)
+
     def __len__(self):
-        return len(self.epoch)
+        return len(self.history)
 
     def to_dict(self):
         return {"epoch": list(self.epoch), "history": {k: list(v) for k, v in self.history.items()},

@@ -12,11 +12,12 @@ not the per-row ones LM needs).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 
 import numpy as np
+
+from ._reporting import FitReport
 
 # fastbp.optim imports this module at its end, once Optimizer is defined, and
 # ``import fastbp`` imports fastbp.optim first, so this import always finds a
@@ -232,24 +233,31 @@ class LevenbergMarquardt(Optimizer):
         Y64 = np.asarray(Y, dtype=np.float64)
         rows = self.block_rows or max(1, _BLOCK_BYTES // (8 * k * max(index.size, 1)))
 
-        first = len(net.history) + 1
+        first = net.history.n_epochs + 1
         last = first + epochs - 1
         net.stop_training = False
-        _call(callbacks, "on_train_begin", net)
+        net.fit_params = {"epochs": epochs, "first_epoch": first, "last_epoch": last,
+                          "n_samples": X64.shape[0], "batch_size": X64.shape[0], "n_batches": 1}
+        report = FitReport(net, callbacks, last, verbose)
+        report.begin()
         # Ctrl-C waits for the end of an iteration (and of on_train_end, called
         # also when it stops the fit), so the parameters, mu, t and the history
         # agree, as in Sequential.fit.
-        with _deferred_interrupt() as interrupt, _training(callbacks, net):
-            self._iterate(net, program, X64, Y64, sqrt_w, cols, index, rows, denominator, loss,
-                          first, last, verbose, validation, callbacks, on_divergence, interrupt)
+        try:
+            with _deferred_interrupt() as interrupt, report.ending():
+                self._iterate(net, program, X64, Y64, sqrt_w, cols, index, rows, denominator,
+                              loss, first, last, validation, report, on_divergence, interrupt)
+        except KeyboardInterrupt:  # one that arrived during on_train_end
+            report.interrupted()
+            raise
         return net.history
 
     def _iterate(self, net, program, X64, Y64, sqrt_w, cols, index, rows, denominator, loss,
-                 first, last, verbose, validation, callbacks, on_divergence, interrupt):
+                 first, last, validation, report, on_divergence, interrupt):
         """Epochs first .. last of ``_fit``: one LM iteration each."""
         n, dtype = X64.shape[0], net.params.dtype
         for e in range(first, last + 1):
-            _call(callbacks, "on_epoch_begin", net, e)
+            report.epoch_begin(e)
             self._checked()  # a callback may have changed them
             start = time.perf_counter()
             theta = net.params.astype(np.float64)
@@ -257,7 +265,7 @@ class LevenbergMarquardt(Optimizer):
                 A, g, error = normal_equations(program, theta, X64, Y64, sqrt_w, cols,
                                                index.size, rows)
             if not np.isfinite(error):
-                self._diverged(net, e, on_divergence)
+                self._diverged(report, e, on_divergence)
                 return
             accepted = False
             while self.mu <= self.mu_max:
@@ -284,25 +292,25 @@ class LevenbergMarquardt(Optimizer):
             if validation is not None:
                 metrics["val_loss"] = net.evaluate(validation[0], validation[1], loss=loss)
             net.history.append(e, **metrics)
-            if verbose:
-                net._print_epoch(e, last, metrics)
-            _call(callbacks, "on_epoch_end", net, e, metrics)
+            stopping = report.epoch_end(e, metrics)
             if not accepted:
-                net.history.stop_reason = (
+                report.stop("no_progress", (
                     f"Levenberg-Marquardt stopped at epoch {e}: no step decreased the error "
                     f"before mu exceeded mu_max={self.mu_max:g} (a minimum, or a flat "
-                    "region); call reset() on the optimizer to start over")
-                net.stop_training = True
+                    "region); call reset() on the optimizer to start over"), e,
+                    weights=f"epoch {e}'s weights (no step was accepted in it: the same as "
+                    "before it)")
+                stopping = True
             if interrupt.requested:
                 if accepted:
-                    net.history.stop_reason = (f"interrupted by Ctrl-C after epoch {e}; fit "
-                                               "again to continue")
+                    report.stop("interrupt", f"interrupted by Ctrl-C after epoch {e}; fit "
+                                "again to continue", e)
                 raise KeyboardInterrupt(net.history.stop_reason)
-            if net.stop_training:
+            if stopping:
                 break
 
     @staticmethod
-    def _diverged(net, epoch, on_divergence):
+    def _diverged(report, epoch, on_divergence):
         """The error at the current parameters is NaN or infinite (e.g. the
         squared residuals overflow float64): no step can be judged, so stop
         as ``Sequential.fit`` does on a non-finite loss."""
@@ -312,7 +320,9 @@ class LevenbergMarquardt(Optimizer):
                    "at the current parameters is NaN or infinite (do the targets or outputs "
                    "overflow float64 when squared? scale them); training stopped with the "
                    "parameters unchanged")
-        net.history.stop_reason = message
+        report.stop("divergence", f"Levenberg-Marquardt diverged at epoch {epoch}: the sum of "
+                    "squared errors at the current parameters is NaN or infinite", epoch,
+                    ended=False, weights=f"the weights epoch {epoch} started with")
         if on_divergence == "raise":
             raise DivergenceError(message, epoch, 1)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
@@ -322,22 +332,6 @@ def _deferred_interrupt():
     from .model import _DeferredInterrupt  # fastbp.model imports this module
 
     return _DeferredInterrupt()
-
-
-@contextlib.contextmanager
-def _training(callbacks, net):
-    """Calls on_train_end when the block ends, however it ends."""
-    try:
-        yield
-    finally:
-        _call(callbacks, "on_train_end", net)
-
-
-def _call(callbacks, hook, *args):
-    for callback in callbacks:
-        method = getattr(callback, hook, None)
-        if method is not None:
-            method(*args)
 
 
 def _damped_step(A, g, mu):

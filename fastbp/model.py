@@ -29,7 +29,7 @@ from typing import Any, Callable, TypeVar, cast
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from . import _resume
+from . import _reporting, _resume
 from . import losses as _losses
 from . import optim as _optim
 from ._ext import dense as _dense
@@ -659,7 +659,7 @@ class Sequential:
             Epochs to train.  An epoch left unfinished by an interrupted run
             (Ctrl-C, or a checkpoint saved mid-epoch) is finished first and
             counts as one: to complete a run of E epochs after loading a
-            checkpoint, pass ``epochs=E - len(net.history)``.
+            checkpoint, pass ``epochs=E - net.history.n_epochs``.
         batch_size : int or None, default 32
             None is full-batch gradient descent; 1 is per-example SGD.
         shuffle : bool, default True
@@ -668,7 +668,11 @@ class Sequential:
             Evaluated after every epoch (``val_loss``, and ``val_accuracy``
             for classification losses).
         verbose : int, default 1
-            1 prints one line per epoch; 0 is silent.
+            1 prints one line per epoch (none when a callback shows the
+            progress itself, as ``ProgressBar`` does) and, when the fit stops
+            before its last epoch (a callback, divergence, Ctrl-C) or ends
+            holding another epoch's weights, one line saying where and why
+            it stopped and which weights the model holds; 0 is silent.
         n_threads : int or None, default None
             Threads for this fit: fastbp's kernels and BLAS (None: as many
             as BLAS has, all cores unless limited), from 1 to 2**31 - 1;
@@ -711,13 +715,18 @@ class Sequential:
             batch size and sample count.  Between epochs a callback may change the
             optimizer's hyperparameters (e.g. ``net.optimizer.lr``: learning
             rate schedules; they are checked again), reset it, or set
-            ``net.stop_training = True`` to end the fit after this epoch.
+            ``net.stop_training = True`` to end the fit after this epoch
+            (``history.stop_reason`` then says why).
+            ``on_batches_end(net, epoch, batch)``, if defined, is called after
+            each run of batches within an epoch (a progress bar's steps).
             See ``fastbp.callbacks``.
 
         Returns
         -------
         History
-            ``self.history``, extended by this fit's epochs.
+            ``self.history``, extended by this fit's epochs; its
+            ``stop_reason`` and ``stopped_by`` say why this fit stopped
+            before its last epoch (None when it ran them all).
 
         Notes
         -----
@@ -796,34 +805,33 @@ class Sequential:
         self.optimizer = opt
         self._last_loss, self._fit_settings = loss, fitted
 
-        callbacks = list(callbacks or [])
         run = _EpochRunner(self, X, Y, W, batch, shuffle, loss, opt, state)
         run.clip_value, run.clip_norm = clip
         if grad_norms:
             run.grad_norms = np.zeros(len(self.layers))
-        first_epoch = len(self.history) + 1
+        first_epoch = self.history.n_epochs + 1
         last_epoch = first_epoch + epochs - 1
         self.stop_training = False
         # What callbacks may want to know about this fit.
         self.fit_params = {"epochs": epochs, "first_epoch": first_epoch, "last_epoch": last_epoch,
                            "n_samples": n, "batch_size": batch, "n_batches": run.n_batches}
-        _call(callbacks, "on_train_begin", self)
-        try:
+        report = _reporting.FitReport(self, callbacks or [], last_epoch, verbose)
+        run.after_batches = report.batches_hook()
+        report.begin()
+        # on_train_end also after a divergence or Ctrl-C, so callbacks can
+        # clean up (EarlyStopping restores its best weights, ProgressBar
+        # closes), then the line saying why the fit stopped
+        with report.ending():
             validation = (Xv, Yv) if validation_data is not None else None
-            return self._train_epochs(run, opt, callbacks, first_epoch, last_epoch, n, n_threads,
-                                      checkpoint, checkpoint_every, validation, loss, verbose,
+            return self._train_epochs(run, report, first_epoch, last_epoch, n_threads,
+                                      checkpoint, checkpoint_every, validation, loss,
                                       grad_norms, on_divergence, pending)
-        finally:
-            # also after a divergence or Ctrl-C, so callbacks can clean up
-            # (EarlyStopping restores its best weights, ProgressBar closes)
-            _call(callbacks, "on_train_end", self)
 
-    def _train_epochs(self, run, opt, callbacks, first_epoch, last_epoch, n, n_threads,
-                      checkpoint, checkpoint_every, validation, loss, verbose, grad_norms,
-                      on_divergence, pending):
+    def _train_epochs(self, run, report, first_epoch, last_epoch, n_threads, checkpoint,
+                      checkpoint_every, validation, loss, grad_norms, on_divergence, pending):
         with _blas_threads(n_threads), _DeferredInterrupt() as interrupt:
             for e in range(first_epoch, last_epoch + 1):
-                _call(callbacks, "on_epoch_begin", self, e)
+                report.epoch_begin(e)
                 run.refresh_optimizer()  # a callback may have changed it
                 start = time.perf_counter()
                 self._position = None
@@ -835,18 +843,19 @@ class Sequential:
                         stop = min(stop, (b // checkpoint_every + 1) * checkpoint_every)
                     status, b = run.run(b, stop, interrupt)
                     if status != STATUS_OK:
-                        self._diverged(status, e, b + 1, on_divergence)
+                        self._diverged(report, status, e, b, on_divergence)
                         return self.history
                     if b < run.n_batches and (interrupt.requested or b == stop):
                         self._position = run.position(e, b)
                         if checkpoint is not None:
                             self.save(checkpoint)
                         if interrupt.requested:
-                            return self._interrupted(e, b)
+                            return self._interrupted(report, e, b, run.n_batches)
                         self._position = None
                 seconds = time.perf_counter() - start
+                # a resumed epoch ran only its batches from the saved position on
                 metrics = {"loss": run.epoch_loss(), "time": seconds,
-                           "samples_per_s": n / max(seconds, 1e-9)}
+                           "samples_per_s": run.rows_run() / max(seconds, 1e-9)}
                 if grad_norms:
                     dense = [i for i, l in enumerate(self.layers) if isinstance(l, Dense)]
                     metrics["grad_norm"] = [float(run.grad_norms[i]) / max(run.steps, 1)
@@ -854,28 +863,39 @@ class Sequential:
                 if validation:
                     metrics.update(self._validation_metrics(*validation, loss))
                 self.history.append(e, **metrics)
-                if verbose:
-                    self._print_epoch(e, last_epoch, metrics)
-                _call(callbacks, "on_epoch_end", self, e, metrics)
+                stopping = report.epoch_end(e, metrics)
                 if checkpoint is not None:  # after the callbacks: holds e.g. a scheduled lr
                     self.save(checkpoint)
                 if interrupt.requested and e < last_epoch:
-                    return self._interrupted(e + 1, 0)
-                if self.stop_training:
+                    return self._interrupted(report, e, run.n_batches, run.n_batches)
+                if stopping:
                     break
             if interrupt.requested:  # during the last epoch's last call, or after it
-                self._interrupted_at_end(e)
+                self._interrupted_at_end(report, e)
         return self.history
 
-    def _interrupted(self, epoch, batch):
-        self.history.stop_reason = (f"interrupted by Ctrl-C before batch {batch + 1} of "
-                                    f"epoch {epoch}; fit again to continue")
-        raise KeyboardInterrupt(self.history.stop_reason)
+    @staticmethod
+    def _interrupted(report, epoch, batch, n_batches):
+        """Ctrl-C stopped the fit after ``batch`` batches of ``epoch`` (all of
+        them: at the epoch's end): record it and raise KeyboardInterrupt."""
+        if batch == n_batches:
+            reason = (f"interrupted by Ctrl-C before batch 1 of epoch {epoch + 1}; fit again "
+                      "to continue")
+            report.stop("interrupt", reason, epoch)
+        else:
+            reason = (f"interrupted by Ctrl-C before batch {batch + 1} of epoch {epoch}; fit "
+                      "again to continue")
+            held = (f"the weights after batch {batch} of {n_batches} of epoch {epoch}" if batch
+                    else f"the weights epoch {epoch} started with")
+            report.stop("interrupt", reason, epoch, ended=False, weights=held)
+        raise KeyboardInterrupt(reason)
 
-    def _interrupted_at_end(self, epoch):
-        self.history.stop_reason = (f"interrupted by Ctrl-C as epoch {epoch} ended, the last "
-                                    "this fit had to train: the fit is complete")
-        raise KeyboardInterrupt(self.history.stop_reason)
+    @staticmethod
+    def _interrupted_at_end(report, epoch):
+        reason = (f"interrupted by Ctrl-C as epoch {epoch} ended, the last this fit had to "
+                  "train: the fit is complete")
+        report.stop("interrupt", reason, epoch)
+        raise KeyboardInterrupt(reason)
 
     def discard_partial_epoch(self) -> None:
         """Forget an unfinished epoch, so the next fit starts a new one."""
@@ -890,26 +910,23 @@ class Sequential:
             out["val_accuracy"] = float(np.mean((Z > 0) == (Yv > 0.5)))
         return out
 
-    def _diverged(self, status, epoch, batch, on_divergence):
+    @staticmethod
+    def _diverged(report, status, epoch, failed, on_divergence):
+        """Batch ``failed`` (0-based) of ``epoch`` made the loss or a weight
+        non-finite; the model holds the weights from before it."""
         what = "the loss" if status == STATUS_LOSS_NONFINITE else "an updated weight"
+        batch = failed + 1
         message = (f"training diverged at epoch {epoch}, batch {batch}: {what} became NaN or "
                    "infinite; training stopped and the weights of the last finite step were kept "
                    "(try a smaller learning rate)")
-        self.history.stop_reason = message
+        held = (f"the weights of the last finite step, after batch {failed} of epoch {epoch}"
+                if failed else f"the weights epoch {epoch} started with")
+        report.stop("divergence", f"training diverged in batch {batch} of epoch {epoch}: {what} "
+                    "became NaN or infinite (try a smaller learning rate)", epoch, ended=False,
+                    weights=held)
         if on_divergence == "raise":
             raise DivergenceError(message, epoch, batch)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-    @staticmethod
-    def _print_epoch(e, last, metrics):
-        parts = [f"epoch {e}/{last}", f"loss {metrics['loss']:.4f}"]
-        if "val_loss" in metrics:
-            parts.append(f"val_loss {metrics['val_loss']:.4f}")
-        if "val_accuracy" in metrics:
-            parts.append(f"val_accuracy {metrics['val_accuracy']:.4f}")
-        parts.append(f"{metrics['time']:.3f} s")
-        parts.append(f"{metrics['samples_per_s']:,.0f} samples/s")
-        print(" - ".join(parts), flush=True)
 
     # -- files -------------------------------------------------------------------
     def save(self, path: PathLike) -> None:
@@ -995,13 +1012,6 @@ def _checked_hyper(opt):
     return hyper
 
 
-def _call(callbacks, hook, *args):
-    for callback in callbacks:
-        method = getattr(callback, hook, None)
-        if method is not None:
-            method(*args)
-
-
 def data_loss(loss, Z, Y, w=None):
     """Weighted mean loss of outputs Z (n, k) against targets Y (n, k), no
     penalties (w: sample weights, default ones)."""
@@ -1084,6 +1094,11 @@ class _EpochRunner:
         self.snap_state = np.empty_like(self.state)
         self.chunk = 1
         self.steps = 0
+        self.first = 0
+        # Called with the epoch's batch count after each run of batches (a
+        # progress bar's within-epoch steps), or None: once per call into the
+        # engine, not per batch.
+        self.after_batches = None
 
     def refresh_optimizer(self):
         """Take up what changed on the optimizer since the last epoch: its
@@ -1129,6 +1144,11 @@ class _EpochRunner:
         self.snap_dropout = self.net._dropout_rng.copy()
         self.snap_buffers = self.net._buffers.copy()
         return self.first
+
+    def rows_run(self):
+        """Rows of this epoch trained by this run of it: all, or a resumed
+        epoch's from its first batch on."""
+        return self.X.shape[0] - self.first * self.batch
 
     def position(self, epoch, batch):
         """Where an unfinished epoch stands (saved in checkpoints)."""
@@ -1226,6 +1246,8 @@ class _EpochRunner:
             # Grow the run of batches per call towards _CALL_SECONDS.
             per_batch = elapsed / max(done, 1)
             self.chunk = max(1, min(self.n_batches, int(_CALL_SECONDS / max(per_batch, 1e-7))))
+            if self.after_batches is not None:
+                self.after_batches(b)
         return STATUS_OK, b
 
 

@@ -103,7 +103,7 @@ def plot_history(history: History | Sequential, path: PathLike | None = None,
             raise ValueError("plot_history takes a fastbp History or a model with a history, "
                              f"got {type(history).__name__}")
         history = inner
-    if len(history) == 0:
+    if history.n_epochs == 0:
         raise ValueError("nothing to plot: the history has no epochs (fit the model first)")
     recorded = history.history
     if metrics is None:

@@ -5,6 +5,7 @@ tests/fixtures/torch_lr_schedulers.npz) and history plots."""
 import csv
 import io
 import math
+import re
 import sys
 
 import numpy as np
@@ -102,7 +103,7 @@ def test_early_stopping_stops_at_the_keras_epoch(vals, patience, min_delta, expe
     net = _net()
     es = cb.EarlyStopping(patience=patience, min_delta=min_delta)
     net.fit(X, y, epochs=len(vals), callbacks=[Script("val_loss", vals), es], **FIT)
-    assert len(net.history) == expected == es.stopped_epoch
+    assert net.history.n_epochs == expected == es.stopped_epoch
 
 
 def test_early_stopping_restores_the_best_weights_bitwise():
@@ -114,7 +115,7 @@ def test_early_stopping_restores_the_best_weights_bitwise():
     net = _net()
     es = cb.EarlyStopping(patience=3, restore_best_weights=True)
     net.fit(X, y, epochs=12, callbacks=[Script("val_loss", vals), es, rec], **FIT)
-    assert len(net.history) == 9 == es.stopped_epoch and es.best_epoch == 6 and es.best == 0.9
+    assert net.history.n_epochs == 9 == es.stopped_epoch and es.best_epoch == 6 and es.best == 0.9
     assert not np.array_equal(rec.params[-1], rec.params[5])
     assert net.params.tobytes() == rec.params[5].tobytes()
     # the run is the uninterrupted one up to the stop: same weights at each epoch
@@ -149,7 +150,7 @@ def test_early_stopping_on_real_validation_loss_and_accuracy_mode():
     net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=0.0), epochs=6,
             batch_size=16, verbose=0, validation_data=(Xv, yv), callbacks=[es])
     # lr=0: the accuracy never changes, so the second epoch is no improvement
-    assert len(net.history) == 2 and es.best_epoch == 1
+    assert net.history.n_epochs == 2 and es.best_epoch == 1
 
 
 def test_early_stopping_nan_is_never_an_improvement():
@@ -184,7 +185,7 @@ def test_stop_at_loss_stops_at_the_first_epoch_at_or_below_target():
     net = _net()
     stop = cb.StopAtLoss(target)
     net.fit(X, y, epochs=30, callbacks=[stop], optimizer=fastbp.optim.Adam(lr=0.02), **FIT)
-    assert len(net.history) == expected == stop.stopped_epoch
+    assert net.history.n_epochs == expected == stop.stopped_epoch
     assert net.history["loss"] == losses[:expected]
 
 
@@ -194,7 +195,7 @@ def test_stop_at_loss_accuracy_reaches_from_below():
     stop = cb.StopAtLoss(0.9, monitor="val_accuracy")
     net.fit(X, y, epochs=6, callbacks=[Script("val_accuracy", [0.5, 0.8, 0.9, 0.95, 1, 1]), stop],
             **FIT)
-    assert stop.mode == "max" and len(net.history) == 3
+    assert stop.mode == "max" and net.history.n_epochs == 3
 
 
 def test_stop_on_small_update_with_a_tiny_learning_rate():
@@ -210,14 +211,14 @@ def test_stop_on_small_update_with_a_tiny_learning_rate():
     small = cb.StopOnSmallUpdate(tol=1e-6)
     net.fit(X, y, epochs=10, optimizer=fastbp.optim.SGD(lr=1e-9), callbacks=[start, small, rec],
             **FIT)
-    assert len(net.history) == 1 and small.stopped_epoch == 1
+    assert net.history.n_epochs == 1 and small.stopped_epoch == 1
     assert small.last_update == np.abs(rec.params[0] - start.p).max()
     assert 0 < small.last_update < 1e-6
     # a usable learning rate moves the weights by more than tol: no stop
     net = _net()
     moving = cb.StopOnSmallUpdate(tol=1e-6)
     net.fit(X, y, epochs=5, optimizer=fastbp.optim.SGD(lr=1e-2), callbacks=[moving], **FIT)
-    assert len(net.history) == 5 and moving.stopped_epoch == 0 and moving.last_update > 1e-6
+    assert net.history.n_epochs == 5 and moving.stopped_epoch == 0 and moving.last_update > 1e-6
     with pytest.raises(ValueError, match="tol"):
         cb.StopOnSmallUpdate(0)
 
@@ -228,14 +229,14 @@ def test_terminate_on_nan():
     t = cb.TerminateOnNaN()
     net.fit(X, y, epochs=5, callbacks=[Script("loss", [1.0, 0.5, math.nan, 0.1, 0.1]), t],
             **FIT)
-    assert len(net.history) == 3 and t.stopped_epoch == 3
+    assert net.history.n_epochs == 3 and t.stopped_epoch == 3
     net = _net()
     t = cb.TerminateOnNaN()
     net.fit(X, y, epochs=3, callbacks=[Script("loss", [1.0, math.inf, 1.0]), t], **FIT)
-    assert len(net.history) == 2
+    assert net.history.n_epochs == 2
     net = _net()
     net.fit(X, y, epochs=3, callbacks=[cb.TerminateOnNaN()], **FIT)
-    assert len(net.history) == 3
+    assert net.history.n_epochs == 3
 
 
 # -- ModelCheckpoint -------------------------------------------------------------------
@@ -249,7 +250,7 @@ def test_model_checkpoint_every_epoch_files_load(tmp_path):
     for e in (1, 2, 3):
         loaded = fastbp.load(tmp_path / f"m-{e:02d}.fbp")
         assert loaded.params.tobytes() == rec.params[e - 1].tobytes()
-        assert len(loaded.history) == e
+        assert loaded.history.n_epochs == e
         np.testing.assert_array_equal(loaded.predict(X), _predict_with(net, rec.params[e - 1], X))
     single = tmp_path / "last.fbp"
     net2 = _net()
@@ -348,6 +349,84 @@ def test_progress_bar_shows_epochs_and_losses(capsys):
     net.fit(X, y, epochs=2, callbacks=[cb.ProgressBar()], **FIT)
     err = capsys.readouterr().err
     assert "2/2" in err and "loss=" in err
+
+
+def _frames(text):
+    """The successive states of a tqdm bar written to a file."""
+    return [f.strip() for f in text.replace("\n", "\r").split("\r") if f.strip()]
+
+
+def test_progress_bar_replaces_the_epoch_lines(capsys):
+    """With a bar, fit(verbose=1) prints no per-epoch lines; a disabled bar
+    gives them back."""
+    X, y = _data()
+    out = io.StringIO()
+    net = _net()
+    net.fit(X, y, loss="mse", epochs=3, callbacks=[cb.ProgressBar(file=out)])  # verbose=1
+    assert capsys.readouterr().out == ""
+    assert "3/3" in _frames(out.getvalue())[-1]
+    net.fit(X, y, epochs=2, callbacks=[cb.ProgressBar(disable=True)], verbose=1)
+    assert capsys.readouterr().out.count("samples/s") == 2
+
+
+def test_progress_bar_advances_within_a_long_epoch(monkeypatch):
+    """The bar moves after every run of batches, not only at the epoch's end.
+    An epoch is made "long" by making every call into the engine one batch
+    (as a slow epoch's calls of about 50 ms would be), not by making it slow."""
+    import fastbp.model as fm
+
+    monkeypatch.setattr(fm, "_CALL_SECONDS", 1e-12)
+    X, y = _data()
+    out = io.StringIO()
+    net = _net()
+    net.fit(X, y, loss="mse", epochs=2, batch_size=16, verbose=1,  # 4 batches an epoch
+            callbacks=[cb.ProgressBar(file=out, mininterval=0, miniters=0, ascii=True)])
+    counts = [re.search(r"\| ([\d.]+/2) \[", f).group(1) for f in _frames(out.getvalue())]
+    for n in ("0.25/2", "0.5/2", "0.75/2", "1/2", "1.25/2", "1.5/2", "1.75/2", "2/2"):
+        assert n in counts, counts
+    assert "loss=" in _frames(out.getvalue())[-1]
+
+
+def test_progress_bar_ends_at_the_epochs_run_when_a_fit_stops_early(capsys):
+    X, y = _data()
+    out = io.StringIO()
+    net = _net()
+    bar = cb.ProgressBar(file=out, ascii=True)
+    net.fit(X, y, loss="mse", epochs=20, validation_data=(X, y), verbose=1,
+            callbacks=[Script("val_loss", [0.5, 0.1, 0.2, 0.3] + [0.0] * 16),
+                       cb.EarlyStopping(patience=2), bar])
+    last = _frames(out.getvalue())[-1]
+    assert "100%" in last and "4/4" in last and "stopped=early_stopping" in last, last
+    assert bar.bar is None
+    assert capsys.readouterr().out == (
+        "Stopped at epoch 4 of 20: val_loss did not improve for 2 epochs (best 0.1 at epoch "
+        "2); the model holds epoch 4's weights, the last trained.\n")
+
+
+def test_progress_bar_stopped_before_any_progress_keeps_its_total():
+    import signal
+
+    class Interrupt(cb.Callback):
+        def on_epoch_begin(self, net, epoch):
+            signal.raise_signal(signal.SIGINT)  # deferred: no batch of epoch 1 runs
+
+    X, y = _data()
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        _net().fit(X, y, loss="mse", epochs=5, verbose=0,
+                   callbacks=[Interrupt(), cb.ProgressBar(file=out, ascii=True)])
+    last = _frames(out.getvalue())[-1]
+    assert "0/5" in last and "stopped=interrupt" in last, last
+
+
+def test_progress_bar_of_a_levenberg_marquardt_fit(capsys):
+    X, y = _data()
+    out = io.StringIO()
+    net = _net()
+    net.fit(X, y, loss="mse", optimizer=fastbp.optim.LevenbergMarquardt(), epochs=3,
+            callbacks=[cb.ProgressBar(file=out)], verbose=1)
+    assert capsys.readouterr().out == ""
+    assert "3/3" in _frames(out.getvalue())[-1]
 
 
 def test_progress_bar_without_tqdm_names_the_extra(monkeypatch):

@@ -58,7 +58,7 @@ def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path):
     # 300 batches per epoch: saves after batches 70, 140, 210, 280, end of epoch 1, 70 of epoch 2
     assert saves[4] is None and saves[3]["batch"] == 280
     resumed = fastbp.load(path)  # the 5th save: end of epoch 1
-    assert len(resumed.history) == 1 and resumed._position is None
+    assert resumed.history.n_epochs == 1 and resumed._position is None
     resumed.fit(X, y, epochs=2, **FIT)
     np.testing.assert_array_equal(resumed.params, ref.params)
 
@@ -77,7 +77,7 @@ def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path):
                        checkpoint_every=70, **FIT)
     mid = fastbp.load(path)
     assert mid._position["epoch"] == 1 and mid._position["batch"] == 140
-    mid.fit(X, y, epochs=3 - len(mid.history), **FIT)
+    mid.fit(X, y, epochs=3 - mid.history.n_epochs, **FIT)
     np.testing.assert_array_equal(mid.params, ref.params)
     assert mid.optimizer.t == ref.optimizer.t == 900
     assert mid.history["loss"] == pytest.approx(ref.history["loss"], rel=1e-12)
@@ -96,13 +96,13 @@ def test_ctrl_c_stops_at_a_step_boundary_and_fit_continues_bitwise():
     finally:
         timer.cancel()
     assert "interrupted" in net.history.stop_reason
-    done = len(net.history)
+    done = net.history.n_epochs
     assert done < epochs
     assert np.isfinite(net.params).all()
     assert net.optimizer.t == done * 300 + (net._position["batch"] if net._position else 0)
     net.fit(X, y, epochs=epochs - done, **FIT)
     np.testing.assert_array_equal(net.params, ref.params)
-    assert len(net.history) == epochs
+    assert net.history.n_epochs == epochs
 
 
 def test_resume_with_other_data_is_refused(tmp_path):
@@ -158,8 +158,8 @@ def test_sigkill_during_training_then_resume_from_the_checkpoint(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     net = fastbp.load(path)
-    assert len(net.history) < 100
-    net.fit(X, y, epochs=100 - len(net.history), **FIT)
+    assert net.history.n_epochs < 100
+    net.fit(X, y, epochs=100 - net.history.n_epochs, **FIT)
     ref = _reference(100, X, y)
     np.testing.assert_array_equal(net.params, ref.params)
 
@@ -185,7 +185,7 @@ def _crash_on_save(count, real_save):
 
 @pytest.mark.parametrize("crash_at_save", [2, 3], ids=["mid-epoch", "end-of-epoch"])
 def test_readme_resume_command_is_bitwise_exact(tmp_path, capsys, crash_at_save):
-    """``fastbp.load("run.fbp").fit(X, y, epochs=E - len(net.history))``, as the
+    """``fastbp.load("run.fbp").fit(X, y, epochs=E - net.history.n_epochs)``, as the
     README writes it, for a cross-entropy classifier trained with batch_size=64,
     clipping and shuffling: the loaded model resumes with the settings it was
     trained with (it used to raise: fit's default loss is mse; and the default
@@ -204,7 +204,7 @@ def test_readme_resume_command_is_bitwise_exact(tmp_path, capsys, crash_at_save)
     assert [c and c["batch"] for c in calls] == [6, 12, None, 6][:crash_at_save + 1]
     net = fastbp.load(path)
     assert (net._position is not None) == (crash_at_save != 3)
-    net.fit(X, y, epochs=E - len(net.history))  # the README's command, verbatim
+    net.fit(X, y, epochs=E - net.history.n_epochs)  # the README's command, verbatim
     capsys.readouterr()
     np.testing.assert_array_equal(net.params, ref.params)
     assert net.optimizer.t == ref.optimizer.t == E * 16
@@ -259,4 +259,4 @@ def test_a_resumed_unfinished_epoch_with_other_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unfinished epoch of 1000 samples in batches of 64"):
         net.fit(X, y, epochs=1, verbose=0, batch_size=100)
     net.fit(X, y, epochs=1, verbose=0)  # its own settings finish that epoch
-    assert net._position is None and len(net.history) == 1
+    assert net._position is None and net.history.n_epochs == 1

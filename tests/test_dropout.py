@@ -98,7 +98,7 @@ def test_checkpoint_resume_with_dropout_is_bitwise(rng, tmp_path):
                              checkpoint=path, checkpoint_every=7)
     net = fastbp.load(path)
     assert net._position is not None and net.layers[1].rate == 0.3
-    net.fit(X, y, loss="cross_entropy", epochs=3 - len(net.history), batch_size=10, verbose=0)
+    net.fit(X, y, loss="cross_entropy", epochs=3 - net.history.n_epochs, batch_size=10, verbose=0)
     np.testing.assert_array_equal(net.params, ref.params)
 
 

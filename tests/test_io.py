@@ -104,7 +104,7 @@ def test_round_trip_is_exact_and_training_continues_bitwise(tmp_path, dtype, opt
     loaded = fastbp.load(path)
     assert_same_model(net, loaded)
     if OPTIMIZERS[opt_name] is not None:
-        assert len(loaded.history) == 3 and "val_loss" in loaded.history.history
+        assert loaded.history.n_epochs == 3 and "val_loss" in loaded.history.history
         assert loaded.optimizer.t > 0
         n_slots = {"adam_amsgrad": 3, "sgd_no_momentum": 1, "rprop": 2}[opt_name]
         assert loaded.optimizer.state.shape == (n_slots, net.n_params)
@@ -178,9 +178,9 @@ def test_mid_epoch_position_round_trips_and_resumes_bitwise(tmp_path):
     data, position = saves[4]  # epoch 2, after batch 10
     path.write_bytes(data)
     mid = fastbp.load(path)
-    assert mid._position == position and len(mid.history) == 1
+    assert mid._position == position and mid.history.n_epochs == 1
     assert mid.optimizer.t == 13 + 10
-    mid.fit(X, y, epochs=3 - len(mid.history), **fit)
+    mid.fit(X, y, epochs=3 - mid.history.n_epochs, **fit)
     assert mid.params.tobytes() == ref.params.tobytes()
     assert mid.optimizer.state.tobytes() == ref.optimizer.state.tobytes()
     assert mid.history["loss"] == ref.history["loss"]
@@ -361,7 +361,7 @@ def test_version_1_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     old = fastbp.load(os.path.join(DATA, "v1_adam_mid_epoch.fbp"))
     assert old._position["batch"] == 4 and old._fit_settings == {
         "loss": "cross_entropy", "batch_size": 8, "shuffle": True}
-    old.fit(X, y, epochs=2 - len(old.history), verbose=0, n_threads=1)
+    old.fit(X, y, epochs=2 - old.history.n_epochs, verbose=0, n_threads=1)
     ref = net()
     ref.fit(X, y, loss="cross_entropy", optimizer=Adam(lr=0.01), epochs=2, batch_size=8,
             verbose=0, n_threads=1)

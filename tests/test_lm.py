@@ -170,18 +170,18 @@ def test_mu_max_stops_training_and_keeps_params(rng, monkeypatch):
     loss0 = net.evaluate(X, Y)
     hist = net.fit(X, Y, optimizer=opt, epochs=5, verbose=0)
     assert counter.calls == 4  # mu = 1e-3, 1e-2, 1e-1, 1; then 10 > mu_max
-    assert len(hist) == 1 and hist.stop_reason and "mu_max" in hist.stop_reason
+    assert hist.n_epochs == 1 and hist.stop_reason and "mu_max" in hist.stop_reason
     assert opt.mu > opt.mu_max and opt.t == 0
     np.testing.assert_array_equal(net.params, before)
     assert hist["loss"][0] == pytest.approx(loss0, rel=1e-12)
     # mu is kept: fitting again stops at once, without a trial; reset() starts over
     net.fit(X, Y, epochs=3, verbose=0)
-    assert counter.calls == 4 and len(net.history) == 2
+    assert counter.calls == 4 and net.history.n_epochs == 2
     opt.reset()
     assert opt.mu == 1e-3
     monkeypatch.setattr(lm, "sum_squared_error", counter.real)
     net.fit(X, Y, epochs=2, verbose=0)
-    assert len(net.history) == 4 and net.history["loss"][-1] < loss0
+    assert net.history.n_epochs == 4 and net.history["loss"][-1] < loss0
 
 
 def test_damped_step_refuses_indefinite_matrix():
@@ -286,7 +286,7 @@ def test_float32_model(rng):
     hist = net.fit(X, Y, optimizer=LevenbergMarquardt(), epochs=8, verbose=0)
     assert net.params.dtype == np.float32 and np.isfinite(net.params).all()
     assert net.layers[0].W.base is not None and np.shares_memory(net.layers[0].W, net.params)
-    assert len(hist) == 8 and np.all(np.diff(hist["loss"]) <= 0)
+    assert hist.n_epochs == 8 and np.all(np.diff(hist["loss"]) <= 0)
     assert hist["loss"][-1] < 0.5 * hist["loss"][0]
     assert hist["loss"][-1] == pytest.approx(net.evaluate(X, Y), rel=1e-4)
     # the recorded loss is the float64 mse of the float32 parameters as stored
@@ -426,7 +426,7 @@ def test_non_finite_error_is_a_divergence_not_an_inf_loss(rng, on_divergence):
     else:
         with pytest.warns(RuntimeWarning, match="NaN or infinite"):
             net.fit(X, Y * 1e160, **fit)
-    assert len(net.history) == 0
+    assert net.history.n_epochs == 0
     assert "diverged" in net.history.stop_reason
     np.testing.assert_array_equal(net.params, before)
     assert rec.calls == [("train_begin",), ("epoch_begin", 1), ("train_end",)]

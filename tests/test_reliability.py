@@ -216,7 +216,7 @@ def test_rss_does_not_grow_over_200_single_epoch_fits():
 
     _growth(one_epoch, 20)  # warm-up: workspaces, cfuncs, allocator steady state
     growth = _growth(one_epoch, 200)
-    assert len(net.history) == 220
+    assert net.history.n_epochs == 220
     assert np.isfinite(net.params).all()
     assert growth < MEMORY_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB over 200 fits"
 
@@ -719,8 +719,8 @@ def test_ctrl_c_in_the_last_call_of_a_fit_raises_keyboard_interrupt(tmp_path):
             outcome = "returned"
         except KeyboardInterrupt as exc:
             outcome = "KeyboardInterrupt"
-        saved = None if checkpoint is None else len(fastbp.load(checkpoint).history)
-        results[epochs] = [outcome, len(net.history), net._position, net.optimizer.t,
+        saved = None if checkpoint is None else fastbp.load(checkpoint).history.n_epochs
+        results[epochs] = [outcome, net.history.n_epochs, net._position, net.optimizer.t,
                            "the fit is complete" in (net.history.stop_reason or ""), saved]
         model._engine.train_batches = real
     print(json.dumps(results))
@@ -776,7 +776,7 @@ def test_ctrl_c_in_a_levenberg_marquardt_iteration_ends_it_consistently(tmp_path
 
     class End:
         def on_train_end(self, net):
-            ended.append(len(net.history))
+            ended.append(net.history.n_epochs)
 
     net = fastbp.Sequential([fastbp.Dense(10, activation="tanh"), fastbp.Dense(1)],
                             dtype="float64", seed=0)
@@ -786,7 +786,7 @@ def test_ctrl_c_in_a_levenberg_marquardt_iteration_ends_it_consistently(tmp_path
         outcome = "returned"
     except KeyboardInterrupt:
         outcome = "KeyboardInterrupt"
-    print(json.dumps([outcome, len(net.history), opt.t, ended,
+    print(json.dumps([outcome, net.history.n_epochs, opt.t, ended,
                       "interrupted by Ctrl-C after epoch 1" in (net.history.stop_reason or "")]))
     """, tmp_path)
     assert out == ["KeyboardInterrupt", 1, 1, [1], True]

@@ -217,4 +217,4 @@ def test_fit_on_sparse_X_holds_a_piece_not_the_whole_matrix_dense(rng):
         tracemalloc.stop()
     dense_bytes = n * d * 4
     assert peak < dense_bytes / 4, f"peak {peak / 1e6:.1f} MB"
-    assert len(net.history) == 2
+    assert net.history.n_epochs == 2

@@ -431,7 +431,7 @@ def test_fits_of_one_model_from_two_threads_run_one_after_the_other(tmp_path):
     for trial in range(3):
         net = model()
         errors = run_threads(2, lambda i: fit(net))
-        results.append([bool(np.array_equal(net.params, twice.params)), len(net.history),
+        results.append([bool(np.array_equal(net.params, twice.params)), net.history.n_epochs,
                         errors])
     print(json.dumps(results))
     """, tmp_path)
@@ -454,9 +454,9 @@ def test_fit_from_a_callback_of_a_fit_of_the_same_model_is_refused():
             net.predict(X)  # inference is fine
 
     net.fit(X, y, epochs=2, verbose=0, callbacks=[Refit()])
-    assert len(net.history) == 2
+    assert net.history.n_epochs == 2
     net.fit(X, y, epochs=1, verbose=0)  # and the model is free again afterwards
-    assert len(net.history) == 3
+    assert net.history.n_epochs == 3
 
 
 def test_warnings_of_fit_still_point_at_the_caller():

@@ -97,7 +97,7 @@ def test_errors_come_before_any_training(net, data):
     with pytest.raises(ValueError):
         net.fit(data[0], y, loss="cross_entropy", verbose=0)
     np.testing.assert_array_equal(net.params, before)
-    assert len(net.history) == 0
+    assert net.history.n_epochs == 0
 
 
 def test_float64_values_that_overflow_float32_are_rejected():
@@ -223,7 +223,7 @@ def test_class_labels_with_a_regression_loss_point_to_cross_entropy(labels, call
                                          r"cross_entropy)' does not take: pass "
                                          r"loss='cross_entropy'.*fastbp\.MLPClassifier"):
         run()
-    assert len(net.history) == 0
+    assert net.history.n_epochs == 0
 
 
 @pytest.mark.parametrize("targets", [np.array([0.5, 1.0, 2.0, 0.0]), np.array([-1, 0, 1, 2]),
@@ -242,7 +242,7 @@ def test_string_labels_name_label_encoder_and_mlp_classifier(labels):
     net = fastbp.Sequential([fastbp.Dense(2)], seed=0)
     with pytest.raises(ValueError, match=r"y must be numeric.*LabelEncoder.*fastbp\.MLPClassifier"):
         net.fit(np.ones((3, 2)), labels, loss="cross_entropy", verbose=0)
-    assert len(net.history) == 0  # refused before any training
+    assert net.history.n_epochs == 0  # refused before any training
 
 
 def test_string_X_does_not_get_the_label_hint():

@@ -64,7 +64,7 @@ def fit(net, epochs, **kwargs):
 
 
 def consistent(net):
-    done = len(net.history) * N_BATCHES
+    done = net.history.n_epochs * N_BATCHES
     if net._position is not None:
         done += net._position["batch"]
     return net.optimizer is None or (net.optimizer.t == done and np.isfinite(net.params).all())
@@ -103,7 +103,7 @@ def run():
         try:
             net.fit(X[:3000], X[:3000, :1] ** 2, optimizer=opt, epochs=4, verbose=0)
         finally:
-            result["consistent"] = bool(opt.t <= len(net.history)
+            result["consistent"] = bool(opt.t <= net.history.n_epochs
                                         and np.isfinite(net.params).all())
     elif mode == "save":
         net = model()
@@ -154,8 +154,8 @@ if mode == "oracle":
     fit(net, EPOCHS)
 else:
     net = fastbp.load(path) if os.path.exists(path) else model()
-    if len(net.history) < EPOCHS or net._position is not None:
-        fit(net, EPOCHS - len(net.history), checkpoint=path, checkpoint_every=EVERY)
+    if net.history.n_epochs < EPOCHS or net._position is not None:
+        fit(net, EPOCHS - net.history.n_epochs, checkpoint=path, checkpoint_every=EVERY)
 np.save(path + ".final.npy", net.params)
 print(json.dumps({"ok": True}))
 """

@@ -84,7 +84,7 @@ def trial(i):
 
     class Change:
         def on_epoch_begin(self, net, epoch):
-            if epoch == len(net.history) + 1 and not getattr(self, "done", False):
+            if epoch == net.history.n_epochs + 1 and not getattr(self, "done", False):
                 self.done = True
                 for attr, value in changes:
                     setattr(net.optimizer, attr, value)
