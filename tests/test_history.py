@@ -391,3 +391,18 @@ def test_a_history_pickled_before_stopped_by_still_works():
     net.fit(X, y, epochs=1, verbose=0, callbacks=[Halt(2)])
     assert net.history.stopped_by == "callback"
 
+
+def test_a_few_adversarial_trials():
+    """A few trials of tests/adversarial/progress.py (the full run is its
+    ``main``): random fits, stops, bars and resumes, in a child interpreter."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
+    try:
+        import progress
+    finally:
+        sys.path.pop(0)
+    counts, ended = progress.run(trials=25, seed=3)
+    assert counts["trials"] == 25 and counts["passed"] == 25, counts
+    assert len(ended) >= 3, ended  # several kinds of ending were tried
