@@ -1,19 +1,20 @@
 """Training history: per-epoch metrics kept on the model and returned by fit."""
-from collections.abc import Mapping
-
 #: the values of ``History.stopped_by``
 STOP_KINDS = ("early_stopping", "target", "small_update", "nan", "callback", "no_progress",
               "divergence", "interrupt")
 
 
-class History(Mapping[str, list]):
-    """Per-epoch records of training, readable as a mapping of metric names
-    to per-epoch lists.
+class History:
+    """Per-epoch records of training, read like a table whose columns are
+    the metrics and whose rows are the epochs (as a pandas DataFrame is).
 
-    ``h["loss"]``, ``"val_loss" in h``, ``h.keys()``, ``dict(h)`` and
-    ``len(h)`` (the number of metrics) read ``h.history``, as a dict of
-    lists would; the epoch numbers are ``h.epoch`` (not a key, as in
-    Keras's ``History.history``) and their count ``h.n_epochs``.
+    ``h["loss"]``, ``"val_loss" in h``, ``iter(h)``, ``h.keys()``,
+    ``h.values()``, ``h.items()``, ``h.get(key)`` and ``dict(h)`` read the
+    metric names and their per-epoch lists, ``h.history``; ``len(h)`` is
+    the number of epochs (rows), ``h.n_epochs``, as in earlier versions, so
+    ``epochs=E - len(net.history)`` still resumes a run.  The epoch numbers
+    are ``h.epoch`` (not a key, as in Keras's ``History.history``).  It is
+    not a ``collections.abc.Mapping``, whose ``len`` would count the keys.
 
     Attributes
     ----------
@@ -77,11 +78,26 @@ class History(Mapping[str, list]):
     def __getitem__(self, key):
         return self.history[key]
 
+    def __contains__(self, key):
+        return key in self.history
+
     def __iter__(self):
         return iter(self.history)
 
+    def keys(self):
+        return self.history.keys()
+
+    def values(self):
+        return self.history.values()
+
+    def items(self):
+        return self.history.items()
+
+    def get(self, key, default=None):
+        return self.history.get(key, default)
+
     def __len__(self):
-        return len(self.history)
+        return len(self.epoch)
 
     def to_dict(self):
         return {"epoch": list(self.epoch), "history": {k: list(v) for k, v in self.history.items()},

@@ -220,7 +220,7 @@ def check(s, net, first, pending, outcome, out, bar, callbacks):
             fails.append("bar_short")
     if dict(h) != h.history or any(len(v) != h.n_epochs for v in h.history.values()):
         fails.append("mapping")
-    if len(h) != len(h.history) or list(h) != list(h.history):
+    if len(h) != h.n_epochs or list(h) != list(h.history):
         fails.append("mapping")
     if not s["lm"]:
         n = s["n"]
