@@ -18,7 +18,7 @@ from .history import History
 from .io import ModelFormatError, load
 from .layers import BatchNorm, Dense, Dropout, Residual
 from ._resume import ResumeWarning
-from .model import DivergenceError, Sequential
+from .model import DivergenceError, NotBuiltError, Sequential
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,6 @@ def __dir__():
 
 
 __all__ = ["Sequential", "Dense", "Dropout", "BatchNorm", "Residual", "optim", "gradcheck",
-           "History", "DivergenceError", "ResumeWarning", "load", "ModelFormatError", "MLPClassifier",
+           "History", "DivergenceError", "NotBuiltError", "ResumeWarning", "load", "ModelFormatError", "MLPClassifier",
            "MLPRegressor", "activations", "callbacks", "initializers", "losses", "plot_history",
            "reference", "regularizers", "show_config", "__version__"]
