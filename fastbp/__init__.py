@@ -47,6 +47,7 @@ def __dir__():
 
 
 __all__ = ["Sequential", "Dense", "Dropout", "BatchNorm", "Residual", "optim", "gradcheck",
-           "History", "DivergenceError", "NotBuiltError", "ResumeWarning", "load", "ModelFormatError", "MLPClassifier",
-           "MLPRegressor", "activations", "callbacks", "initializers", "losses", "plot_history",
-           "reference", "regularizers", "show_config", "__version__"]
+           "History", "DivergenceError", "NotBuiltError", "ResumeWarning", "load",
+           "ModelFormatError", "MLPClassifier", "MLPRegressor", "activations", "callbacks",
+           "initializers", "losses", "plot_history", "reference", "regularizers", "show_config",
+           "__version__"]
