@@ -41,6 +41,8 @@ from libc.stdint cimport int64_t
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
+from fastbp._ext.engine cimport ELU, IDENTITY, LEAKY_RELU, RELU, SIGMOID, SOFTPLUS, TANH
+
 # Softplus follows torch.nn.Softplus(beta=1, threshold=20): linear above 20.
 cdef double SOFTPLUS_THRESHOLD = 20.0
 # torch.nn.LeakyReLU's default negative slope, torch.nn.ELU's default alpha.
@@ -142,6 +144,9 @@ cdef int gemm_rows(bint dbl, bint trans_b, int m, int lo, int hi, int n, int k,
 # (csrc/epilogue.h); they return 0 for activations they leave to the loops
 # below.
 cdef extern from "epilogue.h" nogil:
+    int FBP_ACT_IDENTITY
+    int FBP_ACT_RELU
+    int FBP_ACT_LEAKY_RELU
     int fbp_bias_act_f32(int isa, float* z, const float* b, int64_t m, int64_t n,
                          int act, float slope)
     int fbp_bias_act_f64(int isa, double* z, const double* b, int64_t m, int64_t n,
@@ -166,6 +171,14 @@ cdef inline int backward_db_vec(int isa, floating* g, const floating* a, floatin
         return fbp_act_backward_db_f32(isa, g, a, db, m, n, act, <float>LEAKY_SLOPE)
     else:
         return fbp_act_backward_db_f64(isa, g, a, db, m, n, act, LEAKY_SLOPE)
+
+
+# epilogue.h's activation codes are engine.pxd's (a build error otherwise).
+cdef extern from "interface.h":
+    void FBP_SAME(int c_value, int pxd_value)
+FBP_SAME(FBP_ACT_IDENTITY, IDENTITY)
+FBP_SAME(FBP_ACT_RELU, RELU)
+FBP_SAME(FBP_ACT_LEAKY_RELU, LEAKY_RELU)
 
 
 # How many threads the calling thread's kernels may use, as it last declared

@@ -4,7 +4,10 @@
 Design
 ------
 A model is described to this module by a *program*: an int64 table with one
-row per layer (columns below), plus flat arrays that Python allocated once:
+row per layer, whose columns (``Col``), layer kinds (``Kind``) and
+activation codes (``Act``) are declared in fastbp/_ext/engine.pxd with the
+other numbers Python and C share, plus flat arrays that Python allocated
+once:
 
 * ``params`` / ``grad``  : every weight and bias of the model, in one vector
   each; a layer's W (n_in, n_out) and b (n_out,) live at offsets in it.
@@ -16,11 +19,11 @@ row per layer (columns below), plus flat arrays that Python allocated once:
 * ``deltas`` : two ping-pong buffers of B * max_width for dL/d(activation).
 * ``xb``/``yb``/``wb``: the gathered mini-batch (inputs, targets, sample
   weights), when rows are shuffled.
-* ``reg`` (n_layers, 3) float64: each layer's (l2, l1) weight penalty,
+* ``reg`` (n_layers, N_REG) float64: each layer's (L2, L1) weight penalty,
   added as ``s * (l2/2 ||W||^2 + l1 |W|_1)`` to the loss and
   ``s * (l2 W + l1 sign W)`` to dW, where s = 1 / (sum of the batch's sample
   weights) if ``reg_per_weight`` (scikit-learn's alpha) else 1; and its L1
-  activity penalty c: ``c/m * sum |a|`` over the layer's output a (m rows),
+  activity penalty c (ACTIVITY_L1): ``c/m * sum |a|`` over the layer's output a (m rows),
   whose gradient c/m sign(a) joins dL/da in the backward pass.
 
 ``train_batches`` runs many mini-batch steps in one call without the GIL:
@@ -32,20 +35,20 @@ any number of steps whatever the depth, and nothing is allocated per step.
 
 A dense row with ``rates[l] > 0`` uses DropConnect in training: each batch
 draws a mask M on W (same stream and rule as dropout), computes with
-W_eff = W * M (M = 1/(1 - rate) or 0), kept with M at ``aux[aux_off:]``
+W_eff = W * M (M = 1/(1 - rate) or 0), kept with M at ``aux[AUX_OFF:]``
 (2 n_in n_out values), and scales dW by M on the way back.
-A ``BatchNorm`` row (kind 2) follows torch.nn.BatchNorm1d: gamma at
-``w_off`` and beta at ``b_off`` in ``params``; running mean, running
-variance and eps at ``buffers[buf_off:]`` (width, width, 1); ``rates[l]`` is
+A ``BATCHNORM`` row follows torch.nn.BatchNorm1d: gamma at
+``W_OFF`` and beta at ``B_OFF`` in ``params``; running mean, running
+variance and eps at ``buffers[BUF_OFF:]`` (width, width, 1); ``rates[l]`` is
 its momentum.  In training it normalizes with the batch mean and biased
 variance, keeps x_hat after its output in ``acts`` and 1/std in ``aux``, and
 updates the running statistics (unbiased variance); otherwise it uses them.
-Residual blocks are two rows around the block's rows: ``ResidualBegin``
-(kind 3) copies its input x to its slot, ``ResidualEnd`` (kind 4) outputs
-block(x) + x; each keeps its partner's row index in column ``w_off``.  In the
+Residual blocks are two rows around the block's rows: ``RES_BEGIN``
+copies its input x to its slot, ``RES_END`` outputs block(x) + x; each
+keeps its partner's row index in column ``W_OFF``.  In the
 backward pass the end row stashes dL/d(output) in its own slot (no longer
 needed by then) and the begin row adds it to the gradient leaving the block.
-A ``Dropout`` row (kind 1) has no parameters: in training its output is
+A ``DROPOUT`` row has no parameters: in training its output is
 x * mask with mask = 1/(1 - rate) or 0 (inverted dropout), and the mask is
 kept right after the output in ``acts`` for the backward pass; in predict it
 passes x through.  ``rates[l]`` is the drop rate of row l.  Masks come from
@@ -53,9 +56,10 @@ a counter-based splitmix64 stream whose one uint64 counter (``rng[0]``)
 lives on the model: reproducible from the seed, saved in checkpoints, and
 computed identically by ``fastbp.reference.dropout_mask``.
 
-Status codes returned by ``train_batches`` (mirrored in fastbp/model.py):
-0 ok, 1 the loss of a batch was not finite (nothing updated for that batch),
-2 an update produced a non-finite parameter (the caller restores a snapshot).
+``train_batches`` returns a ``Status``: OK, LOSS_NONFINITE (the loss of a
+batch was not finite; nothing updated for that batch) or PARAMS_NONFINITE
+(an update produced a non-finite parameter; the caller restores a
+snapshot).
 
 A batch whose sample weights sum to zero has no weighted mean loss (0/0):
 ``train_batches`` skips it (no forward pass, no update, the optimizer's
@@ -74,35 +78,6 @@ from fastbp._ext.dense cimport (floating, dense_forward_ptr, dense_backward_ptr,
                                 activation_backward, fbp_gemm_job, gemm_prepare, gemm_task,
                                 gemm_kind, gemm_rows, gemm_rm, GEMM_BY_SMALL, GEMM_BY_BLAS,
                                 now, profiling, profile_gemm_seconds)
-
-# program columns
-cdef enum:
-    KIND = 0
-    N_IN = 1
-    N_OUT = 2
-    ACT = 3
-    W_OFF = 4
-    B_OFF = 5
-    ACT_OFF = 6
-    TRAINABLE = 7
-    AUX_OFF = 8
-    BUF_OFF = 9
-    N_COLS = 10
-
-cdef enum:
-    KIND_DENSE = 0
-    KIND_DROPOUT = 1
-    KIND_BATCHNORM = 2
-    KIND_RES_BEGIN = 3
-    KIND_RES_END = 4
-
-cdef enum:
-    STATUS_OK = 0
-    STATUS_LOSS_NONFINITE = 1
-    STATUS_PARAMS_NONFINITE = 2
-
-PROGRAM_COLUMNS = ("kind", "n_in", "n_out", "act", "w_off", "b_off", "act_off", "trainable",
-                   "aux_off", "buf_off")
 
 # loss(z, y, w, g, m, k) -> weighted mean loss; writes g = dL/dz.
 # (fastbp/_numba/losses.py)
@@ -135,8 +110,8 @@ cdef double penalize(const int64_t[:, ::1] prog, const double[:, ::1] reg, bint 
     cdef floating* dW
     cdef floating c2, c1, v, v0, v1, v2, v3
     for l in range(prog.shape[0]):
-        l2 = reg[l, 0]
-        l1 = reg[l, 1]
+        l2 = reg[l, L2]
+        l1 = reg[l, L1]
         if (l2 == 0 and l1 == 0) or not prog[l, TRAINABLE]:
             continue
         if per_weight and not scaled:
@@ -402,16 +377,16 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
         out = acts + prog[l, ACT_OFF] * m
         if l == n_layers - 1 and last_out != NULL:
             out = last_out
-        if prog[l, KIND] == KIND_RES_BEGIN:
+        if prog[l, KIND] == RES_BEGIN:
             width = prog[l, N_OUT]
             out = acts + prog[l, ACT_OFF] * m
             memcpy(out, x, m * width * sizeof(floating))
-        elif prog[l, KIND] == KIND_RES_END:
+        elif prog[l, KIND] == RES_END:
             width = prog[l, N_OUT]
             skip = acts + prog[prog[l, W_OFF], ACT_OFF] * m
             for i in range(m * width):
                 out[i] = x[i] + skip[i]
-        elif prog[l, KIND] == KIND_DROPOUT:
+        elif prog[l, KIND] == DROPOUT:
             width = prog[l, N_OUT]
             mask = acts + prog[l, ACT_OFF] * m + m * width
             if counter != NULL:
@@ -424,7 +399,7 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
                     mask[i] = 1
             else:
                 continue  # predict: pass x on unchanged (never the last layer)
-        elif prog[l, KIND] == KIND_BATCHNORM:
+        elif prog[l, KIND] == BATCHNORM:
             width = prog[l, N_OUT]
             batchnorm_forward(x, out, acts + prog[l, ACT_OFF] * m + m * width,
                               aux + prog[l, AUX_OFF], params + prog[l, W_OFF],
@@ -475,16 +450,16 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
     for l in range(n_layers - 1, -1, -1):
         n_in = prog[l, N_IN]
         n_out = prog[l, N_OUT]
-        if prog[l, KIND] == KIND_RES_END:
+        if prog[l, KIND] == RES_END:
             # the skip path gets the same gradient: keep it for the begin row
             memcpy(acts + prog[l, ACT_OFF] * m, g, m * n_out * sizeof(floating))
             continue
-        if prog[l, KIND] == KIND_RES_BEGIN:
+        if prog[l, KIND] == RES_BEGIN:
             stash = acts + prog[prog[l, W_OFF], ACT_OFF] * m
             for i in range(m * n_out):
                 g[i] += stash[i]
             continue
-        if prog[l, KIND] == KIND_DROPOUT:
+        if prog[l, KIND] == DROPOUT:
             if l == 0:
                 break  # dropout on the inputs: nothing below needs a gradient
             mask = acts + prog[l, ACT_OFF] * m + m * n_out
@@ -494,7 +469,7 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
             g = other
             other = tmp
             continue
-        if prog[l, KIND] == KIND_BATCHNORM:
+        if prog[l, KIND] == BATCHNORM:
             batchnorm_backward(g, acts + prog[l, ACT_OFF] * m + m * n_out, aux + prog[l, AUX_OFF],
                                params + prog[l, W_OFF], grad + prog[l, W_OFF],
                                grad + prog[l, B_OFF], other if l > 0 else NULL, m, n_out,
@@ -507,7 +482,7 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
             continue
         x = x0 if l == 0 else acts + prog[l - 1, ACT_OFF] * m
         dx = other if l > 0 else NULL
-        c = reg[l, 2]
+        c = reg[l, ACTIVITY_L1]
         if c > 0:
             a = acts + prog[l, ACT_OFF] * m
             step = <floating>(c / m)
@@ -724,7 +699,7 @@ cdef int rows_parallel(const int64_t[:, ::1] prog, const double[:, ::1] reg,
     if parts < 2:
         return 0
     for l in range(prog.shape[0]):
-        if prog[l, KIND] != KIND_DENSE or rates[l] > 0 or reg[l, 2] > 0:
+        if prog[l, KIND] != DENSE or rates[l] > 0 or reg[l, ACTIVITY_L1] > 0:
             return 0
         if gemm_kind(dbl, False, False, <int>m, <int>prog[l, N_OUT],
                      <int>prog[l, N_IN]) != GEMM_BY_SMALL:
@@ -803,7 +778,7 @@ cdef void backward_rows(RowsJob* job, const int64_t[:, ::1] prog, floating* para
 
 
 cdef inline int64_t _n_row_params(const int64_t[:, ::1] prog, int64_t l) noexcept nogil:
-    if prog[l, KIND] == KIND_BATCHNORM:
+    if prog[l, KIND] == BATCHNORM:
         return 2 * prog[l, N_OUT]
     return prog[l, N_IN] * prog[l, N_OUT] + prog[l, N_OUT]
 
@@ -819,7 +794,7 @@ cdef void clip_and_measure(const int64_t[:, ::1] prog, floating* grad, double cl
     cdef double total = 0.0, layer, coef
     cdef floating v, hi = <floating>clip_value
     for l in range(prog.shape[0]):
-        if prog[l, KIND] == KIND_DROPOUT or not prog[l, TRAINABLE]:
+        if prog[l, KIND] == DROPOUT or not prog[l, TRAINABLE]:
             continue
         start = prog[l, W_OFF]
         size = _n_row_params(prog, l)  # W then b (gamma then beta), contiguous
@@ -837,7 +812,7 @@ cdef void clip_and_measure(const int64_t[:, ::1] prog, floating* grad, double cl
         coef = clip_norm / (sqrt(total) + 1e-6)
         if coef < 1.0:
             for l in range(prog.shape[0]):
-                if prog[l, KIND] == KIND_DROPOUT or not prog[l, TRAINABLE]:
+                if prog[l, KIND] == DROPOUT or not prog[l, TRAINABLE]:
                     continue
                 start = prog[l, W_OFF]
                 size = _n_row_params(prog, l)
@@ -946,7 +921,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
     cdef int64_t half = deltas.shape[0] // 2, n_params = params.shape[0]
     cdef int64_t last = program.shape[0] - 1
     cdef int64_t b, i, r, s, m, j, done = 0, steps = 0
-    cdef int status = STATUS_OK, ok
+    cdef int status = OK, ok
     global PHASE_STEPS
     cdef double loss, wsum, t_phase = 0.0
     cdef bint prof = profiling()
@@ -1033,7 +1008,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
             _lap(prof, 2, &t_phase)
             if not isfinite(loss):
                 batch_loss[b] = loss
-                status = STATUS_LOSS_NONFINITE
+                status = LOSS_NONFINITE
                 break
             if rows.parts:
                 backward_rows(&rows, program, &params[0], &grad[0], &acts[0], &deltas[0], half,
@@ -1053,7 +1028,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
             _lap(prof, 6, &t_phase)
             PHASE_STEPS += prof
             if not ok:
-                status = STATUS_PARAMS_NONFINITE
+                status = PARAMS_NONFINITE
                 break
             done += 1
             steps += 1

@@ -30,7 +30,8 @@
 
 #include "smallgemm.h"   /* fbp_isa_best, fbp_isa_clamp, FBP_DISPATCH, FBP_CAT */
 
-/* Activation codes (fastbp/_ext/dense.pxd, fastbp/activations.py). */
+/* Activation codes: Act in fastbp/_ext/engine.pxd (dense.pyx checks at
+ * compile time that these agree with it). */
 #define FBP_ACT_IDENTITY 0
 #define FBP_ACT_RELU 3
 #define FBP_ACT_LEAKY_RELU 4

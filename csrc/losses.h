@@ -34,6 +34,8 @@
 
 #include "smallgemm.h"   /* fbp_isa_best, FBP_ISA_*, FBP_CAT, FBP_INLINE */
 
+/* Which softmax loss: Loss in fastbp/_ext/engine.pxd (losses.pyx checks at
+ * compile time that these agree with it). */
 #define FBP_LOSS_SK_LOG 0         /* sk_log_loss: sklearn's log_loss on softmax */
 #define FBP_LOSS_CROSS_ENTROPY 1  /* cross_entropy: torch.nn.CrossEntropyLoss */
 

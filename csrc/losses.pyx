@@ -21,6 +21,7 @@ import numpy as np
 from libc.stdint cimport int64_t
 
 from fastbp._ext.dense cimport floating
+from fastbp._ext.engine cimport CROSS_ENTROPY, SK_LOG_LOSS
 
 
 cdef extern from "losses.h" nogil:
@@ -43,6 +44,13 @@ cdef extern from "losses.h" nogil:
                                 int64_t lo, int64_t hi, int64_t k, double scale, double* terms)
 
 
+# losses.h's loss ids are engine.pxd's (a build error otherwise).
+cdef extern from "interface.h":
+    void FBP_SAME(int c_value, int pxd_value)
+FBP_SAME(FBP_LOSS_SK_LOG, SK_LOG_LOSS)
+FBP_SAME(FBP_LOSS_CROSS_ENTROPY, CROSS_ENTROPY)
+
+
 _ADDRESSES = {
     ("sk_log_loss", "float32"): <size_t>&fbp_sk_log_loss_f32,
     ("sk_log_loss", "float64"): <size_t>&fbp_sk_log_loss_f64,
@@ -55,13 +63,14 @@ NAMES = ("sk_log_loss", "cross_entropy")
 
 
 cdef int softmax_which(size_t loss_addr, bint dbl) noexcept nogil:
-    """Which softmax loss (FBP_LOSS_*) an engine entry point of this module
-    computes, for the dtype (dbl: float64); -1 if it is none of them."""
+    """Which softmax loss (``Loss``, engine.pxd) an engine entry point of
+    this module computes, for the dtype (dbl: float64); -1 if it is none of
+    them."""
     if loss_addr == (<size_t>&fbp_sk_log_loss_f64 if dbl else <size_t>&fbp_sk_log_loss_f32):
-        return FBP_LOSS_SK_LOG
+        return SK_LOG_LOSS
     if loss_addr == (<size_t>&fbp_cross_entropy_f64 if dbl
                      else <size_t>&fbp_cross_entropy_f32):
-        return FBP_LOSS_CROSS_ENTROPY
+        return CROSS_ENTROPY
     return -1
 
 
@@ -133,7 +142,7 @@ def sk_log_loss_loss_grad(const floating[:, ::1] Z, const floating[:, ::1] Y,
         ``-sum_j`` of the weighted mean of ``y log p``, p = softmax(Z)
         clipped to [eps, 1 - eps].
     """
-    return _softmax_loss(FBP_LOSS_SK_LOG, Z, Y, w, G, isa)
+    return _softmax_loss(SK_LOG_LOSS, Z, Y, w, G, isa)
 
 
 def cross_entropy_loss_grad(const floating[:, ::1] Z, const floating[:, ::1] Y,
@@ -156,7 +165,7 @@ def cross_entropy_loss_grad(const floating[:, ::1] Z, const floating[:, ::1] Y,
     float
         ``sum_i w_i sum_j y_ij (logsumexp(z_i) - z_ij) / sum(w)``.
     """
-    return _softmax_loss(FBP_LOSS_CROSS_ENTROPY, Z, Y, w, G, isa)
+    return _softmax_loss(CROSS_ENTROPY, Z, Y, w, G, isa)
 
 
 def exp(x, int isa=-1):

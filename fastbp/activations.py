@@ -1,7 +1,8 @@
 """Activation functions by public name.
 
 The compiled kernels (csrc/dense.pyx) and ``fastbp.reference`` identify an
-activation by an integer code; this module maps names to codes.  Every
+activation by an integer code (``Act``, declared in fastbp/_ext/engine.pxd);
+this module maps names to codes.  Every
 derivative is computed from the activation's *output* a = f(x):
 
 =========== ================================ ===========================
@@ -21,17 +22,11 @@ Softplus beta 1 and threshold 20).
 """
 import numbers
 
+from ._ext.engine import Act
 from ._validation import resolve_name
 
-ACTIVATION_CODES = {
-    "identity": 0,
-    "sigmoid": 1,
-    "tanh": 2,
-    "relu": 3,
-    "leaky_relu": 4,
-    "elu": 5,
-    "softplus": 6,
-}
+#: name -> code, in code order; a name is its ``Act`` member's, in lower case
+ACTIVATION_CODES = {member.name.lower(): int(member) for member in Act}
 ALIASES = {"logistic": "sigmoid", "linear": "identity"}
 NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
 

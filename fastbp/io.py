@@ -150,6 +150,7 @@ from . import _files, _resume
 from . import layers as _layers
 from . import losses as _losses
 from . import optim as _optim
+from ._ext.engine import BUF_OFF
 from ._typing import PathLike
 from .history import History
 from .model import Sequential
@@ -734,7 +735,7 @@ def _restore_eps(net, built):
     """The eps entries of the buffers come from the layer configs, not the data."""
     for row, layer in zip(net._program, net.layers):
         if isinstance(layer, _layers.BatchNorm):
-            at = row[9] + 2 * layer.units
+            at = row[BUF_OFF] + 2 * layer.units
             net._buffers[at] = built[at]
 
 

@@ -9,17 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Union
 
-import numpy as np
-
 from . import activations, initializers, regularizers
+from ._ext.engine import (ACT, ACT_OFF, AUX_OFF, B_OFF, BUF_OFF, KIND, N_COLS, N_IN, N_OUT,
+                          TRAINABLE, W_OFF, Act, Kind)
 from ._validation import check_positive_int
-
-#: layer kinds understood by the engine (column ``kind`` of the program)
-KIND_DENSE = 0
-KIND_DROPOUT = 1
-KIND_BATCHNORM = 2
-KIND_RES_BEGIN = 3
-KIND_RES_END = 4
 
 
 class Dense:
@@ -55,7 +48,7 @@ class Dense:
     b : ndarray of shape (n_out,)
     """
 
-    kind = KIND_DENSE
+    kind = Kind.DENSE
 
     def __init__(self, units: int, activation: str | None = None,
                  kernel_init: str = "glorot_uniform", trainable: bool = True,
@@ -151,7 +144,7 @@ class Dropout(_Marker):
         Fraction of the inputs dropped.
     """
 
-    kind = KIND_DROPOUT
+    kind = Kind.DROPOUT
 
     def __init__(self, rate: float) -> None:
         try:
@@ -192,7 +185,7 @@ class BatchNorm:
     trainable : bool, default True
     """
 
-    kind = KIND_BATCHNORM
+    kind = Kind.BATCHNORM
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5, trainable: bool = True) -> None:
         try:
@@ -241,13 +234,13 @@ class BatchNorm:
 class ResidualBegin(_Marker):
     """Start of a residual block (created by ``Residual``): remembers x."""
 
-    kind = KIND_RES_BEGIN
+    kind = Kind.RES_BEGIN
 
 
 class ResidualEnd(_Marker):
     """End of a residual block (created by ``Residual``): outputs block(x) + x."""
 
-    kind = KIND_RES_END
+    kind = Kind.RES_END
 
 
 class Residual:
@@ -303,23 +296,33 @@ def from_config(config):
 
 
 def program_row(layer, w_off, act_off, aux_off, buf_off, partner=0):
-    """One row of the engine's program table (see csrc/engine.pyx);
-    ``partner`` is the row index of a residual marker's other end."""
-    if layer.kind in (KIND_RES_BEGIN, KIND_RES_END):
-        return [layer.kind, layer.n_in, layer.units, 0, partner, 0, act_off, 0, 0, 0]
-    if layer.kind == KIND_DROPOUT:
-        return [KIND_DROPOUT, layer.n_in, layer.units, 0, w_off, w_off, act_off, 0, 0, 0]
-    if layer.kind == KIND_BATCHNORM:
-        return [KIND_BATCHNORM, layer.n_in, layer.units, 0, w_off, w_off + layer.units, act_off,
-                int(layer.trainable), aux_off, buf_off]
-    return [layer.kind, layer.n_in, layer.units, activations.code(layer.activation),
-            w_off, w_off + layer.n_in * layer.units, act_off, int(layer.trainable), aux_off, 0]
+    """One row of the engine's program table (columns and kinds declared in
+    fastbp/_ext/engine.pxd; their meaning in csrc/engine.pyx): ``w_off``
+    is where the layer's parameters start in the flat vector, ``act_off``,
+    ``aux_off`` and ``buf_off`` where its slots start in the activation
+    workspace, aux and buffers; ``partner`` is the row index of a residual
+    marker's other end."""
+    row = [0] * N_COLS
+    row[KIND], row[N_IN], row[N_OUT] = layer.kind, layer.n_in, layer.units
+    row[ACT], row[ACT_OFF] = Act.IDENTITY, act_off
+    if layer.kind in (Kind.RES_BEGIN, Kind.RES_END):
+        row[W_OFF] = partner
+    elif layer.kind == Kind.DROPOUT:
+        row[W_OFF] = row[B_OFF] = w_off
+    elif layer.kind == Kind.BATCHNORM:
+        row[W_OFF], row[B_OFF] = w_off, w_off + layer.units
+        row[TRAINABLE], row[AUX_OFF], row[BUF_OFF] = int(layer.trainable), aux_off, buf_off
+    else:
+        row[ACT] = activations.code(layer.activation)
+        row[W_OFF], row[B_OFF] = w_off, w_off + layer.n_in * layer.units
+        row[TRAINABLE], row[AUX_OFF] = int(layer.trainable), aux_off
+    return row
 
 
 def aux_size(layer):
     """Scratch values a layer needs per step: W_eff and its mask for
     DropConnect, 1/std per feature for BatchNorm."""
-    if layer.kind == KIND_BATCHNORM:
+    if layer.kind == Kind.BATCHNORM:
         return layer.units
     return 2 * layer.n_in * layer.units if getattr(layer, "dropconnect", 0) > 0 else 0
 
@@ -327,11 +330,7 @@ def aux_size(layer):
 def workspace_width(layer):
     """Columns of the activation workspace a layer uses per row: its output,
     and for dropout also its mask."""
-    return 2 * layer.units if layer.kind in (KIND_DROPOUT, KIND_BATCHNORM) else layer.units
-
-
-def empty_program():
-    return np.zeros((0, 8), dtype=np.int64)
+    return 2 * layer.units if layer.kind in (Kind.DROPOUT, Kind.BATCHNORM) else layer.units
 
 
 #: what a Sequential (or a Residual block) is made of

@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 
+from ._ext.engine import ACT, B_OFF, KIND, N_IN, N_OUT, TRAINABLE, W_OFF, Kind
 from ._reporting import FitReport
 
 # fastbp.optim imports this module at its end, once Optimizer is defined, and
@@ -361,11 +362,11 @@ def trainable_columns(program):
     """
     cols, index, c = [], [], 0
     for row in program:
-        kind, n_in, n_out, _, w_off, b_off, _, trainable = (int(v) for v in row[:8])
-        if kind != 0:
+        n_in, n_out, w_off, b_off = (int(row[col]) for col in (N_IN, N_OUT, W_OFF, B_OFF))
+        if row[KIND] != Kind.DENSE:
             raise ValueError("LevenbergMarquardt supports Dense layers only (no Dropout or "
                              "BatchNorm): it needs a deterministic network")
-        if trainable:
+        if row[TRAINABLE]:
             cols.append(c)
             index.append(np.arange(w_off, b_off + n_out))
             c += n_in * n_out + n_out
@@ -374,10 +375,6 @@ def trainable_columns(program):
     if not index:
         raise ValueError("the model has no trainable parameters")
     return cols, np.concatenate(index).astype(np.int64)
-
-
-# Program columns read here (fastbp.layers.program_row): kind, n_in, n_out,
-# act, w_off, b_off, act_off, trainable (later columns are not used).
 
 
 def jacobian(program, params, X, Y, cols, n_cols, sqrt_w=None):
@@ -393,19 +390,19 @@ def jacobian(program, params, X, Y, cols, n_cols, sqrt_w=None):
     J = np.zeros((m, k, n_cols))
     # D[i, j, :] = d Z_ij / d (pre-activation of the current layer), row i.
     D = np.zeros((m, k, k))
-    D[:, np.arange(k), np.arange(k)] = activation_derivative(outs[L], int(program[L - 1][3]))
+    D[:, np.arange(k), np.arange(k)] = activation_derivative(outs[L], int(program[L - 1][ACT]))
     if sqrt_w is not None:
         D *= sqrt_w[:, None, None]
     lowest = min(l for l in range(L) if cols[l] >= 0)
     for l in range(L - 1, lowest - 1, -1):
-        _, n_in, n_out, _, w_off, b_off = (int(v) for v in program[l][:6])
+        n_in, n_out, w_off = (int(program[l][col]) for col in (N_IN, N_OUT, W_OFF))
         if cols[l] >= 0:
             c, n_w = cols[l], n_in * n_out
             J[:, :, c:c + n_w] = np.einsum("ia,ijb->ijab", outs[l], D).reshape(m, k, n_w)
             J[:, :, c + n_w:c + n_w + n_out] = D
         if l > lowest:
             Wl = params[w_off:w_off + n_in * n_out].reshape(n_in, n_out)
-            D = (D @ Wl.T) * activation_derivative(outs[l], int(program[l - 1][3]))[:, None, :]
+            D = (D @ Wl.T) * activation_derivative(outs[l], int(program[l - 1][ACT]))[:, None, :]
     e = outs[L] - Y
     if sqrt_w is not None:
         e = e * sqrt_w[:, None]
@@ -429,7 +426,7 @@ def normal_equations(program, params, X, Y, sqrt_w, cols, n_cols, block_rows):
 
 def sum_squared_error(program, params, X, Y, sqrt_w):
     """sum_i w_i sum_j (Z_ij - Y_ij)^2 in float64, by blocks of rows."""
-    width = X.shape[1] + int(np.sum(program[:, 2]))
+    width = X.shape[1] + int(np.sum(program[:, N_OUT]))
     rows = max(1, _EVAL_ELEMENTS // width)
     total = 0.0
     for s in range(0, X.shape[0], rows):

@@ -34,6 +34,8 @@ from . import losses as _losses
 from . import optim as _optim
 from ._ext import dense as _dense
 from ._ext import engine as _engine
+from ._ext.engine import (ACTIVITY_L1, B_OFF, L1, L2, N_OUT, N_REG, TRAINABLE, W_OFF,
+                          Status)
 from ._numba.losses import KERNELS as _LOSS_KERNELS
 from ._numba.losses import loss_cfunc
 from ._numba.optim import step_cfunc
@@ -54,7 +56,8 @@ _PREDICT_ELEMENTS = 1 << 22
 #: values of a sparse X made dense at a time by fit (at least one batch)
 _SPARSE_ELEMENTS = 1 << 22
 
-STATUS_OK, STATUS_LOSS_NONFINITE, STATUS_PARAMS_NONFINITE = 0, 1, 2
+STATUS_OK, STATUS_LOSS_NONFINITE, STATUS_PARAMS_NONFINITE = (
+    Status.OK, Status.LOSS_NONFINITE, Status.PARAMS_NONFINITE)
 
 
 class DivergenceError(FloatingPointError):
@@ -374,11 +377,11 @@ class Sequential:
                                                                getattr(layer, "momentum", 0.0)))
                                 for layer in self.layers])
         self._aux = np.zeros(aux_off, dtype=self.dtype)
-        # Per-layer (l2, l1) weight penalties; scaled by 1 / (sum of the
-        # batch's sample weights) when _reg_per_weight (scikit-learn's alpha).
-        # Per-layer (l2, l1, activity l1): see csrc/engine.pyx.
+        # Per-layer penalties (columns L2, L1, ACTIVITY_L1; see csrc/engine.pyx);
+        # the weight penalties are scaled by 1 / (sum of the batch's sample
+        # weights) when _reg_per_weight (scikit-learn's alpha).
         self._reg = np.array([_penalties(layer) for layer in self.layers],
-                             dtype=np.float64).reshape(-1, 3)
+                             dtype=np.float64).reshape(-1, N_REG)
         self._reg_per_weight = False
         self.n_features = n_features
         self._workspaces = {}
@@ -468,9 +471,9 @@ class Sequential:
         """(start, length) of each run of trainable parameters."""
         segs = []
         for row in self._program:
-            if not row[7]:
+            if not row[TRAINABLE]:
                 continue
-            start, end = row[4], row[5] + row[2]
+            start, end = row[W_OFF], row[B_OFF] + row[N_OUT]
             if segs and segs[-1][0] + segs[-1][1] == start:
                 segs[-1][1] += end - start
             else:
@@ -971,11 +974,16 @@ def _forward_sparse(X, program, params, ws, out, chunk, buffers):
 
 
 def _penalties(layer):
-    """(l2, l1, activity l1) of a layer as the engine applies them."""
+    """A layer's row of the engine's ``reg`` table (columns L2, L1,
+    ACTIVITY_L1)."""
     kernel = getattr(layer, "kernel_regularizer", None)
     activity = getattr(layer, "activity_regularizer", None)
-    l2, l1 = kernel.engine_coefficients() if kernel is not None else (0.0, 0.0)
-    return l2, l1, activity.l1 if activity is not None else 0.0
+    row = [0.0] * N_REG
+    if kernel is not None:
+        row[L2], row[L1] = kernel.engine_coefficients()
+    if activity is not None:
+        row[ACTIVITY_L1] = activity.l1
+    return row
 
 
 class _OverflowError(ValueError):

@@ -13,8 +13,9 @@ gradients (m, n_out).  Activations are given by their integer code
 import numpy as np
 
 from . import activations as _act
+from ._ext.engine import (ACT, ACTIVITY_L1, B_OFF, BUF_OFF, KIND, L1, L2, N_IN, N_OUT,
+                          TRAINABLE, W_OFF, Act, Kind)
 
-IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, ELU, SOFTPLUS = range(7)
 LEAKY_SLOPE, ELU_ALPHA, SOFTPLUS_THRESHOLD = 0.01, 1.0, 20.0
 
 
@@ -22,38 +23,38 @@ LEAKY_SLOPE, ELU_ALPHA, SOFTPLUS_THRESHOLD = 0.01, 1.0, 20.0
 
 def activation(x, act):
     act = _act.code(act)
-    if act == IDENTITY:
+    if act == Act.IDENTITY:
         return x
-    if act == SIGMOID:
+    if act == Act.SIGMOID:
         return 0.5 * (1 + np.tanh(0.5 * x))  # = 1 / (1 + e^-x), without overflow
-    if act == TANH:
+    if act == Act.TANH:
         return np.tanh(x)
-    if act == RELU:
+    if act == Act.RELU:
         return np.maximum(x, 0)
-    if act == LEAKY_RELU:
+    if act == Act.LEAKY_RELU:
         return np.where(x > 0, x, x.dtype.type(LEAKY_SLOPE) * x)
-    if act == ELU:
+    if act == Act.ELU:
         return np.where(x > 0, x, ELU_ALPHA * np.expm1(np.minimum(x, 0)))
-    if act == SOFTPLUS:
+    if act == Act.SOFTPLUS:
         return np.where(x > SOFTPLUS_THRESHOLD, x, np.log1p(np.exp(np.minimum(x, SOFTPLUS_THRESHOLD))))
     raise ValueError(act)
 
 
 def activation_derivative(a, act):
     act = _act.code(act)
-    if act == IDENTITY:
+    if act == Act.IDENTITY:
         return np.ones_like(a)
-    if act == SIGMOID:
+    if act == Act.SIGMOID:
         return a * (1 - a)
-    if act == TANH:
+    if act == Act.TANH:
         return 1 - a * a
-    if act == RELU:
+    if act == Act.RELU:
         return (a > 0).astype(a.dtype)
-    if act == LEAKY_RELU:
+    if act == Act.LEAKY_RELU:
         return np.where(a > 0, 1, LEAKY_SLOPE).astype(a.dtype)
-    if act == ELU:
+    if act == Act.ELU:
         return np.where(a > 0, 1, a + ELU_ALPHA).astype(a.dtype)
-    if act == SOFTPLUS:
+    if act == Act.SOFTPLUS:
         return np.where(a > SOFTPLUS_THRESHOLD, 1, -np.expm1(-a)).astype(a.dtype)
     raise ValueError(act)
 
@@ -309,23 +310,24 @@ def batchnorm_backward(g, xhat, inv, gamma, training):
 
 
 # --- a whole network, driven by the engine's program table ----------------------
-# program columns: kind, n_in, n_out, act, w_off, b_off, act_off, trainable, aux_off,
-# buf_off (kind 0 dense, 1 dropout, 2 batchnorm)
+# One row per layer; columns (KIND, N_IN, ...) and kinds (Kind) as declared in
+# fastbp/_ext/engine.pxd and described in csrc/engine.pyx.
 
 def _bn(row, params, buffers):
-    w, g_off, b_off, buf = row[2], row[4], row[5], row[9]
+    w, g_off, b_off, buf = row[N_OUT], row[W_OFF], row[B_OFF], row[BUF_OFF]
     return (params[g_off:g_off + w], params[b_off:b_off + w], buffers[buf:buf + w],
             buffers[buf + w:buf + 2 * w], buffers[buf + 2 * w])
 
 def _dense(row, params):
-    kind, n_in, n_out, act, w_off, b_off = row[:6]
-    return params[w_off:w_off + n_in * n_out].reshape(n_in, n_out), params[b_off:b_off + n_out], act
+    n_in, n_out, w_off, b_off = row[N_IN], row[N_OUT], row[W_OFF], row[B_OFF]
+    return (params[w_off:w_off + n_in * n_out].reshape(n_in, n_out),
+            params[b_off:b_off + n_out], row[ACT])
 
 
 def _layer_params(program, params):
     """(W, b, act) of every dense row."""
     for row in program:
-        if row[0] == 0:
+        if row[KIND] == Kind.DENSE:
             yield _dense(row, params)
 
 
@@ -338,18 +340,18 @@ def forward_all(program, X, params, rates=None, counter=None, buffers=None):
     entry is (x_hat, 1/std)."""
     outs, masks = [X], {}
     for l, row in enumerate(program):
-        if row[0] == 3:  # residual begin: remember x
+        if row[KIND] == Kind.RES_BEGIN:  # remember x
             outs.append(outs[-1])
-        elif row[0] == 4:  # residual end: block(x) + x
-            outs.append(outs[-1] + outs[row[4] + 1])
-        elif row[0] == 2:
+        elif row[KIND] == Kind.RES_END:  # block(x) + x; W_OFF holds the begin row
+            outs.append(outs[-1] + outs[row[W_OFF] + 1])
+        elif row[KIND] == Kind.BATCHNORM:
             gamma, beta, rm, rv, eps = _bn(row, params, buffers)
             y, xhat, inv = batchnorm_forward(outs[-1], gamma, beta, rm, rv, eps,
                                              rates[l] if rates is not None else 0.0,
                                              counter is not None)
             masks[l] = (xhat, inv)
             outs.append(y)
-        elif row[0] == 1:
+        elif row[KIND] == Kind.DROPOUT:
             if counter is None:
                 outs.append(outs[-1])
             else:
@@ -373,10 +375,11 @@ def penalize(program, reg, per_weight, w, params, grad):
     penalty s sum (l2/2 ||W||^2 + l1 |W|_1), s = 1/sum(w) if per_weight else 1."""
     s = 1.0 / w.sum(dtype=np.float64) if per_weight else 1.0
     total = 0.0
-    for row, (l2, l1, _) in zip(program, reg):
-        if (l2 or l1) and row[7] and row[0] == 0:
+    for row, penalties in zip(program, reg):
+        l2, l1 = penalties[L2], penalties[L1]
+        if (l2 or l1) and row[TRAINABLE] and row[KIND] == Kind.DENSE:
             W = _dense(row, params)[0]
-            dW = grad[row[4]:row[4] + W.size].reshape(W.shape)
+            dW = grad[row[W_OFF]:row[W_OFF] + W.size].reshape(W.shape)
             dW += W.dtype.type(s * l2) * W + W.dtype.type(s * l1) * np.sign(W)
             W64 = W.astype(np.float64)
             total += s * (0.5 * l2 * np.sum(W64 * W64) + l1 * np.sum(np.abs(W64)))
@@ -388,13 +391,14 @@ def clip_and_measure(program, grad, clip_value=0.0, clip_norm=0.0):
     (if > 0), then the global norm to clip_norm (if > 0) like
     torch.nn.utils.clip_grad_norm_.  Returns each row's gradient norm after
     value clipping (0 for rows without trainable parameters)."""
-    def size(r):
-        return 2 * r[2] if r[0] == 2 else r[1] * r[2] + r[2]
-    spans = [(r[4], r[4] + size(r)) for r in program if r[0] != 1 and r[7]]
+    def size(r):  # W then b, or gamma then beta, from W_OFF on
+        return 2 * r[N_OUT] if r[KIND] == Kind.BATCHNORM else r[N_IN] * r[N_OUT] + r[N_OUT]
+    spans = [(r[W_OFF], r[W_OFF] + size(r)) for r in program
+             if r[KIND] != Kind.DROPOUT and r[TRAINABLE]]
     norms = np.zeros(len(program))
     for l, r in enumerate(program):
-        if r[0] != 1 and r[7]:
-            g = grad[r[4]:r[4] + size(r)]
+        if r[KIND] != Kind.DROPOUT and r[TRAINABLE]:
+            g = grad[r[W_OFF]:r[W_OFF] + size(r)]
             if clip_value > 0:
                 np.clip(g, -g.dtype.type(clip_value), g.dtype.type(clip_value), out=g)
             norms[l] = np.sqrt(np.sum(g.astype(np.float64) ** 2))
@@ -419,37 +423,36 @@ def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=Fals
     skips = {}
     for l in range(len(program) - 1, -1, -1):
         row = program[l]
-        if row[0] == 4:  # the skip path gets the same gradient
-            skips[row[4]] = G
+        if row[KIND] == Kind.RES_END:  # the skip path gets the same gradient
+            skips[row[W_OFF]] = G
             continue
-        if row[0] == 3:
+        if row[KIND] == Kind.RES_BEGIN:
             G = G + skips.pop(l)
             continue
-        if row[0] == 2:
+        if row[KIND] == Kind.BATCHNORM:
             xhat, inv = masks[l]
             dgamma, dbeta, G = batchnorm_backward(G, xhat, inv, _bn(row, params, buffers)[0],
                                                   counter is not None)
-            if row[7]:
-                grad[row[4]:row[4] + row[2]] = dgamma
-                grad[row[5]:row[5] + row[2]] = dbeta
+            if row[TRAINABLE]:
+                grad[row[W_OFF]:row[W_OFF] + row[N_OUT]] = dgamma
+                grad[row[B_OFF]:row[B_OFF] + row[N_OUT]] = dbeta
             continue
-        if row[0] == 1:
+        if row[KIND] == Kind.DROPOUT:
             G = G * masks[l] if l in masks else G
             continue
         W, b, act = _dense(row, params)
         if l in masks:  # DropConnect: this batch used W * M
             W = W * masks[l]
-        if reg is not None and reg[l][2] > 0:  # L1 activity penalty on this layer's output
-            a = outs[l + 1]
-            value += reg[l][2] / a.shape[0] * float(np.abs(a.astype(np.float64)).sum())
-            G = G + a.dtype.type(reg[l][2] / a.shape[0]) * np.sign(a)
+        if reg is not None and reg[l][ACTIVITY_L1] > 0:  # L1 penalty on this layer's output
+            a, c = outs[l + 1], reg[l][ACTIVITY_L1]
+            value += c / a.shape[0] * float(np.abs(a.astype(np.float64)).sum())
+            G = G + a.dtype.type(c / a.shape[0]) * np.sign(a)
         dW, db, G = dense_backward(outs[l], W, outs[l + 1], G, act)
         if l in masks:
             dW = dW * masks[l]
-        kind, n_in, n_out, _, w_off, b_off, _, trainable = row[:8]
-        if trainable:
-            grad[w_off:w_off + n_in * n_out] = dW.ravel()
-            grad[b_off:b_off + n_out] = db
+        if row[TRAINABLE]:
+            grad[row[W_OFF]:row[W_OFF] + dW.size] = dW.ravel()
+            grad[row[B_OFF]:row[B_OFF] + db.size] = db
     if reg is not None:
         value += penalize(program, reg, reg_per_weight, w, params, grad)
     return value, grad

@@ -62,6 +62,7 @@ from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_targ
 from sklearn.utils.optimize import _check_optimize_result
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from ._ext.engine import B_OFF, L2, N_OUT, W_OFF
 from ._typing import ArrayLike, MatrixLike
 from ._validation import MAX_THREADS, check_n_threads, to_dtype
 from .layers import Dense, Dropout
@@ -217,7 +218,7 @@ class _BaseMLP(BaseEstimator):
             net._dropout_rng[0] = self._dropout_counter
         dense_rows = [isinstance(l, Dense) for l in net.layers]
         net._reg[:] = 0
-        net._reg[dense_rows, 0] = self.alpha
+        net._reg[dense_rows, L2] = self.alpha
         net._reg_per_weight = True
         return net
 
@@ -380,8 +381,8 @@ class _BaseMLP(BaseEstimator):
         then all intercepts, each row-major) sits in the network's flat
         vector: L-BFGS sees scikit-learn's vector, so its dot products add
         up in the same order."""
-        return np.concatenate([np.arange(r[4], r[5]) for r in net._program]
-                              + [np.arange(r[5], r[5] + r[2]) for r in net._program])
+        return np.concatenate([np.arange(r[W_OFF], r[B_OFF]) for r in net._program]
+                              + [np.arange(r[B_OFF], r[B_OFF] + r[N_OUT]) for r in net._program])
 
     @staticmethod
     def _packed_loss_grad(net, perm, x, X, Y, loss, sample_weight):

@@ -1,20 +1,11 @@
 # Declarations of the dense-layer kernels (implemented in dense.pyx), shared
-# with engine.pyx through cimport.  Activation codes must match
-# fastbp/activations.py (ACTIVATION_CODES).
+# with engine.pyx through cimport.  ``act`` arguments are activation codes
+# (``Act``, fastbp/_ext/engine.pxd).
 from libc.stdint cimport int64_t
 
 ctypedef fused floating:
     float
     double
-
-cdef enum Activation:
-    IDENTITY = 0
-    SIGMOID = 1
-    TANH = 2
-    RELU = 3
-    LEAKY_RELU = 4
-    ELU = 5
-    SOFTPLUS = 6
 
 cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
                   floating alpha, const floating* a, int lda,

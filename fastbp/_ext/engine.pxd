@@ -1,0 +1,72 @@
+# The engine's interface: the one declaration of every number that crosses
+# the Python / Cython / C boundary.  Each enum is a Cython 3 ``cpdef enum``:
+# engine.pyx uses the names as its own, dense.pyx and losses.pyx cimport them
+# (constants only, so cimporting them imports nothing at run time), and
+# Python reads them as attributes of the compiled module,
+# ``fastbp._ext.engine.N_IN`` or ``fastbp._ext.engine.Kind.DENSE``
+# (fastbp/layers.py, activations.py, model.py, reference.py, io.py, lm.py,
+# sklearn.py).  To add a code, add it here; tests/test_interface.py holds the
+# compiled modules and the C headers to it.
+#
+# The C headers cannot read a .pxd, so those that branch on a code keep a
+# #define of their own (epilogue.h: FBP_ACT_*, losses.h: FBP_LOSS_*); the
+# module that includes each header checks at compile time that the two agree
+# (csrc/interface.h, FBP_SAME), so a mismatch is a build error.
+
+# Columns of the program, an int64 table (n_layers, N_COLS), one row per
+# layer, written by fastbp.layers.program_row (see engine.pyx's docstring).
+# Column names are unnamed enums (Cython indexes memoryviews and pointers
+# only with those), so Python sees them as ints of the module:
+# ``engine.N_IN``.
+cpdef enum:
+    KIND = 0        # Kind of the row
+    N_IN = 1        # input width
+    N_OUT = 2       # output width
+    ACT = 3         # Act of a dense row (IDENTITY for the others)
+    W_OFF = 4       # dense: W's offset in params; BatchNorm: gamma's;
+                    # a residual row: the row index of its partner
+    B_OFF = 5       # dense: b's offset in params; BatchNorm: beta's
+    ACT_OFF = 6     # offset of the row's output in the activation workspace,
+                    # per batch row (the widths of the rows before it)
+    TRAINABLE = 7   # 1 if the optimizer updates the row's parameters
+    AUX_OFF = 8     # offset of its scratch in aux (DropConnect, BatchNorm)
+    BUF_OFF = 9     # BatchNorm: offset of its running statistics in buffers
+    N_COLS = 10     # the number of columns
+
+# Columns of reg, the float64 table (n_layers, N_REG) of each row's penalties.
+cpdef enum:
+    L2 = 0           # weight penalty l2/2 ||W||^2
+    L1 = 1           # weight penalty l1 |W|_1
+    ACTIVITY_L1 = 2  # activity penalty c/m sum |a| on the row's output
+    N_REG = 3
+
+# The codes are named enums: Python sees IntEnums, ``engine.Kind.DENSE``.
+
+# Layer kinds (column KIND).
+cpdef enum Kind:
+    DENSE = 0
+    DROPOUT = 1
+    BATCHNORM = 2
+    RES_BEGIN = 3
+    RES_END = 4
+
+# Activation codes (column ACT; fastbp.activations names them).
+cpdef enum Act:
+    IDENTITY = 0
+    SIGMOID = 1
+    TANH = 2
+    RELU = 3
+    LEAKY_RELU = 4
+    ELU = 5
+    SOFTPLUS = 6
+
+# The softmax losses computed in C (csrc/losses.h): which one a call means.
+cpdef enum Loss:
+    SK_LOG_LOSS = 0      # sk_log_loss: scikit-learn's log loss on softmax
+    CROSS_ENTROPY = 1    # cross_entropy: torch.nn.CrossEntropyLoss
+
+# The status train_batches returns.
+cpdef enum Status:
+    OK = 0                 # every batch done
+    LOSS_NONFINITE = 1     # a batch's loss was not finite (nothing updated for it)
+    PARAMS_NONFINITE = 2   # an update produced a non-finite parameter
