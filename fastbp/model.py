@@ -943,16 +943,47 @@ class Sequential:
 
     # -- conveniences ----------------------------------------------------------
     def summary(self) -> str:
-        """A table of layers, shapes and parameter counts, as a string."""
+        """A table of the layers: each one's trained arrays (a Dense layer's
+        W, a BatchNorm's gamma and beta), output width and parameter count
+        (the layers of a residual block indented between its
+        ``ResidualBegin`` and ``ResidualEnd`` rows), and the totals.
+
+        Returns the table as a string, which ``print(net)`` also prints
+        (``str`` of a built model); NotBuiltError before the model is built.
+        """
         self._require_built()
+        rows, depth = [], 0
+        for i, (layer, n_in) in enumerate(zip(self.layers, self._input_sizes(self.n_features))):
+            depth -= isinstance(layer, ResidualEnd)
+            rows.append((str(i), "  " * depth + repr(layer), _weights(layer), str(layer.units),
+                         str(layer.n_params(n_in))))
+            depth += isinstance(layer, ResidualBegin)
+        head = ("#", "layer", "weights", "outputs", "params")
+        w_num, w_name, w_arrays, w_out, w_size = (max(map(len, column))
+                                                  for column in zip(head, *rows))
         lines = [f"Sequential ({self.dtype.name}), {self.n_features} inputs"]
-        for i, layer in enumerate(self.layers):
-            lines.append(f"  {i}: {layer!r:<40} W {layer.W.shape}  params {layer.W.size + layer.b.size}")
-        lines.append(f"  total parameters: {self.n_params}")
+        for num, name, arrays, outputs, size in [head, *rows]:
+            lines.append(f"  {num:>{w_num}}  {name:<{w_name}}  {arrays:<{w_arrays}}  "
+                         f"{outputs:>{w_out}}  {size:>{w_size}}")
+        trainable = sum(size for _, size in self._segments())
+        lines.append(f"  total parameters: {self.n_params} ({trainable} trainable)")
         return "\n".join(lines)
+
+    def __str__(self):
+        return self.summary() if self.built else repr(self)
 
     def __repr__(self):
         return f"Sequential({self.layers!r}, dtype={self.dtype.name!r})"
+
+
+def _weights(layer):
+    """The trained arrays of a built layer, for summary: "W (n_in, n_out)",
+    "gamma, beta (n,)" or "-"."""
+    if isinstance(layer, Dense):
+        return f"W {layer.W.shape}"
+    if isinstance(layer, BatchNorm):
+        return f"gamma, beta {layer.gamma.shape}"
+    return "-"
 
 
 def _dense_rows(X):

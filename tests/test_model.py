@@ -4,7 +4,7 @@ import pytest
 
 import fastbp
 from fastbp import reference
-from fastbp.model import DivergenceError
+from fastbp.model import DivergenceError, NotBuiltError
 
 from helpers import DTYPES, assert_close
 
@@ -305,6 +305,35 @@ def test_summary_and_repr():
     text = net.summary()
     assert "total parameters: %d" % net.n_params in text and "Dense(8" in text
     assert "Sequential(" in repr(net)
+
+
+def test_summary_on_every_layer_kind(capsys):
+    """summary() used to read layer.W of every layer: AttributeError on any
+    model with Dropout, BatchNorm or a Residual block."""
+    net = fastbp.Sequential([
+        fastbp.Dense(8, activation="relu", dropconnect=0.25),
+        fastbp.Residual([fastbp.Dense(8, trainable=False),
+                         fastbp.Residual([fastbp.BatchNorm()])]),
+        fastbp.Dropout(0.1), fastbp.Dense(3)])
+    assert str(net) == repr(net)  # not built: no table yet
+    with pytest.raises(NotBuiltError):
+        net.summary()
+    net.build(4)
+    text = net.summary()
+    rows = text.splitlines()[2:-1]
+    assert [row.split()[0] for row in rows] == [str(i) for i in range(9)]
+    for row, layer in zip(rows, net.layers):
+        assert repr(layer) in row
+    # outputs and parameters of each row: Dense 4*8+8, BatchNorm 2*8, Dense 8*3+3
+    assert [row.split()[-2:] for row in rows] == [
+        ["8", "40"], ["8", "0"], ["8", "72"], ["8", "0"], ["8", "16"], ["8", "0"], ["8", "0"],
+        ["8", "0"], ["3", "27"]]
+    # a residual block's layers are indented under its begin row
+    assert rows[2].index("Dense") > rows[1].index("ResidualBegin")
+    assert rows[4].index("BatchNorm") > rows[3].index("ResidualBegin") > rows[1].index("R")
+    assert text.splitlines()[-1] == "  total parameters: 155 (83 trainable)"
+    print(net)
+    assert capsys.readouterr().out == text + "\n"
 
 
 def test_two_models_train_concurrently_in_two_threads(rng):
