@@ -172,7 +172,9 @@ class Sequential:
 
     Parameters
     ----------
-    layers : list of Dense
+    layers : list of Dense, Dropout, BatchNorm and Residual
+        A Residual block's layers are listed flat in ``self.layers``,
+        between a ``ResidualBegin`` and a ``ResidualEnd``.
     dtype : {"float32", "float64"}, default "float32"
         Dtype of parameters, workspaces and outputs; inputs are converted.
     seed : int >= 0, list of such ints, or None
@@ -182,8 +184,9 @@ class Sequential:
     Attributes
     ----------
     params : ndarray of shape (n_params,)
-        All weights and biases; ``layers[i].W`` (n_in, n_out) and
-        ``layers[i].b`` (n_out,) are views into it.
+        All trained parameters: a Dense layer's ``W`` (n_in, n_out) and
+        ``b`` (n_out,), and a BatchNorm's ``gamma`` and ``beta`` (n_in,), are
+        views into it.
     history : History
         Metrics of every epoch trained so far.
 
@@ -237,7 +240,7 @@ class Sequential:
         self._position = None  # an unfinished epoch (see fit's checkpoint)
         self.n_features = None
         self._params = self._grad = None
-        self._workspaces = {}
+        self._fit_workspace = None  # fit's _Workspace, grown by _workspace
         self._last_loss = None
         self._fit_settings = None  # what the last fit trained with (fastbp._resume)
         self._init_locks()
@@ -253,12 +256,15 @@ class Sequential:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for name in ("_train_lock", "_holder", "_state_lock", "_scratch"):
+        for name in ("_train_lock", "_holder", "_state_lock", "_scratch", "_fit_workspace"):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        state.pop("_workspaces", None)  # fit's scratch, as pickles of fastbp 0.1.0 hold it
         self.__dict__.update(state)
+        self._fit_workspace = None
         self._init_locks()
 
     # -- structure ---------------------------------------------------------
@@ -384,7 +390,7 @@ class Sequential:
                              dtype=np.float64).reshape(-1, N_REG)
         self._reg_per_weight = False
         self.n_features = n_features
-        self._workspaces = {}
+        self._fit_workspace = None
         self._scratch = None
         # Independent streams for initialization and shuffling, from one seed.
         init_seq, shuffle_seq, dropout_seq = np.random.SeedSequence(self.seed).spawn(3)
@@ -481,11 +487,11 @@ class Sequential:
         return np.array(segs, dtype=np.int64).reshape(-1, 2)
 
     def _workspace(self, rows):
-        ws = self._workspaces.get("main")
+        ws = self._fit_workspace
         if ws is None or ws.rows < rows:
             widths = [workspace_width(layer) for layer in self.layers]
             ws = _Workspace(rows, widths, self.n_features, self.n_outputs, self.dtype)
-            self._workspaces["main"] = ws
+            self._fit_workspace = ws
         return ws
 
     def _prepare(self, X, y, loss, name_x="X", name_y="y", sample_weight=None):

@@ -324,13 +324,6 @@ def _dense(row, params):
             params[b_off:b_off + n_out], row[ACT])
 
 
-def _layer_params(program, params):
-    """(W, b, act) of every dense row."""
-    for row in program:
-        if row[KIND] == Kind.DENSE:
-            yield _dense(row, params)
-
-
 def forward_all(program, X, params, rates=None, counter=None, buffers=None):
     """Outputs of every layer: [X, A_1, ..., A_L], and the masks by layer
     (dropout: on the activations; DropConnect: on W).  With ``counter`` (a
@@ -412,9 +405,10 @@ def clip_and_measure(program, grad, clip_value=0.0, clip_norm=0.0):
 
 def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=False,
               rates=None, counter=None, buffers=None):
-    """Weighted mean loss over (X, Y) (w defaults to ones) plus the weight
-    penalties ``reg`` (n_layers, 2), and the flat gradient (same layout as
-    params).  With ``rates`` and ``counter`` dropout is on (training)."""
+    """Weighted mean loss over (X, Y) (w defaults to ones) plus the
+    penalties ``reg`` (n_layers, N_REG: columns L2, L1, ACTIVITY_L1), and
+    the flat gradient (same layout as params).  With ``rates`` and
+    ``counter`` dropout is on (training)."""
     outs, masks = forward_all(program, X, params, rates, counter, buffers)
     G = np.empty_like(outs[-1])
     w = np.ones(X.shape[0], dtype=X.dtype) if w is None else w

@@ -12,11 +12,11 @@ KINKED = {"relu", "leaky_relu", "elu"}
 def _near_kink(net, X, margin=1e-4):
     """True if some pre-activation of a kinked activation is within margin of 0."""
     out = X
-    for W, b, act in reference._layer_params(net._program, net.params.astype(np.float64)):
-        pre = out @ W + b
-        if activations.NAMES[int(act)] in KINKED and np.abs(pre).min() < margin:
+    for layer in net.layers:  # Dense layers only
+        pre = out @ layer.W.astype(np.float64) + layer.b.astype(np.float64)
+        if layer.activation in KINKED and np.abs(pre).min() < margin:
             return True
-        out = reference.activation(pre, act)
+        out = reference.activation(pre, layer.activation)
     return False
 
 

@@ -336,6 +336,26 @@ def test_summary_on_every_layer_kind(capsys):
     assert capsys.readouterr().out == text + "\n"
 
 
+def test_pickles_leave_fit_scratch_behind_and_train_on(rng):
+    """fit's workspace is scratch: not pickled, remade by the next fit; a
+    pickle from fastbp 0.1.0, which held it as ``_workspaces``, loads too."""
+    import pickle
+    X, y = _classification(rng)
+    net = _net()
+    net.fit(X, y, loss="cross_entropy", epochs=1, verbose=0)
+    state = net.__getstate__()
+    assert "_fit_workspace" not in state
+    twin = pickle.loads(pickle.dumps(net))
+    old = fastbp.Sequential.__new__(fastbp.Sequential)
+    old.__setstate__(pickle.loads(pickle.dumps({**state, "_workspaces": {"main": net._workspace(8)}})))
+    assert not hasattr(old, "_workspaces")
+    for copy in (twin, old):
+        copy.fit(X, y, loss="cross_entropy", epochs=1, verbose=0)
+    net.fit(X, y, loss="cross_entropy", epochs=1, verbose=0)
+    np.testing.assert_array_equal(twin.params, net.params)
+    np.testing.assert_array_equal(old.params, net.params)
+
+
 def test_two_models_train_concurrently_in_two_threads(rng):
     """The engine releases the GIL; two threads training two models must
     neither crash nor disturb each other's results."""
