@@ -19,20 +19,28 @@ register-blocked kernels of ``smallgemm.h`` instead of BLAS, which spends
 much of its time on such operands packing them; smallgemm.h gives the
 bounds.
 
-Arrays are row-major (C order).  BLAS is column-major, so ``gemm_rm`` computes
-C = op(A) op(B) as C.T = op(B).T op(A).T by swapping the operands; no copy
-or transpose is ever made.  The ``cdef ... nogil`` kernels take raw pointers
-and never validate: callers (engine.pyx, or the ``def`` wrappers below) own
-shapes and dtypes.  The ``def`` wrappers exist for tests and for Python users,
-and mirror ``fastbp.reference`` name for name.
+Arrays are row-major (C order).  BLAS is column-major, so ``gemm_rm`` hands
+it C = op(A) op(B) as C.T = op(B).T op(A).T by swapping the operands, with
+no copy or transpose of our own (the packed kernels of packedgemm.h copy
+panels of the operands, as BLAS does inside).  The ``cdef ... nogil``
+kernels take raw pointers and never validate: callers (engine.pyx, or the
+``def`` wrappers below) own shapes and dtypes.  The ``def`` wrappers are for
+tests and for Python users: ``gemm``, ``dense_forward`` and
+``dense_backward`` have twins of the same name and signature in
+``fastbp.reference``; the ``*_kernel`` functions are test hooks that run one
+path (an instruction-set level, the small or the packed kernels) and are
+held to the reference's ``gemm``, ``bias_activation`` and
+``activation_backward``.
 
 Threads: the calling thread declares how many the kernels may use
 (``set_threads``; ``fit`` declares its ``n_threads``).  Our own GEMMs split
 large products across a persistent worker pool (csrc/pool.h, no OpenMP, safe
 across fork), bitwise the same on any thread count (csrc/gemm.h); BLAS uses
 its own threads, limited with threadpoolctl by the caller.  The elementwise
-epilogues are serial, which measured faster than threads on small layers
-(see shared/PERF_NOTES.md).
+epilogues here run on the calling thread: split on their own, the hand-off
+costs more than the pass on small layers.  engine.pyx's row-parallel steps
+run them on every thread instead, each on its own rows, in the same job as
+that range's product.
 """
 import numpy as np
 

@@ -5,13 +5,14 @@
  * training step on digits, 200 x 10 logits); here the logits of the whole
  * batch, shifted by their row maxima, go through one vector exp.
  *
- * Same contract as the Numba losses (fastbp/_numba/losses.py):
+ * The engine calls every loss with one contract (the other losses are
+ * Numba cfuncs, fastbp/_numba/losses.py):
  *     double loss(T *z, T *y, T *w, T *g, int64_t m, int64_t k)
  * returns the weighted mean loss (accumulated in double for both dtypes) and
  * writes g = dL/dz; z, y, g are row-major (m, k), w (m,).  The arithmetic
- * after the exp follows the Numba kernels operation for operation (double
- * sums, p = e / s), so results differ from them only by the exp's rounding
- * (and, at the AVX2 and AVX-512 levels, fused multiply-adds).
+ * after the exp is in double (p = e / s, sums in row order);
+ * tests/test_losses.py holds the results to fastbp.reference's
+ * sk_log_loss_loss_grad and cross_entropy_loss_grad at every level.
  *
  * The exp (losses_impl.h, LS(vexp)): n = round(x / ln 2), r = x - n ln 2 in
  * two parts (Cody-Waite), e^r by its Taylor series (error below 0.05 ulp on

@@ -105,9 +105,7 @@ static void LS(exp_array)(T *x, int64_t n)
  * weights), and each row's term of the weighted loss sum.  With terms NULL
  * the terms are added up in row order and their sum returned; otherwise
  * terms[i] receives row i's, so that row ranges computed on different
- * threads can be added up in row order afterwards, bitwise the same.  The
- * loss and gradient arithmetic is that of fastbp/_numba/losses.py's kernels
- * (double sums, p = e / s), so only the exp's rounding differs from them. */
+ * threads can be added up in row order afterwards, bitwise the same. */
 static LS_ATTR double LS(softmax_rows)(int which, T *z, T *y, T *w, T *g, int64_t lo,
                                        int64_t hi, int64_t k, double scale, double *terms)
 {

@@ -1,9 +1,10 @@
 /* A persistent worker pool that splits one kernel call across cores.
  *
  * Why not OpenMP: after a process has used OpenMP, a forked child that uses
- * it again hangs (shared/PITFALLS.md), and joblib and multiprocessing users
- * fork.  Why not BLAS's threads: the small and packed GEMMs and the
- * optimizer update are our own code.  Why persistent and spinning: a
+ * it again hangs or is killed (libgomp's worker threads do not exist in the
+ * child), and joblib and multiprocessing users fork.  Why not BLAS's
+ * threads: the small and packed GEMMs and the optimizer update are our own
+ * code.  Why persistent and spinning: a
  * training step of a medium network is a chain of ~10 products of 10-100
  * microseconds each; starting threads, or waking sleeping ones (tens of
  * microseconds on a virtual machine), would eat the gain.

@@ -3,7 +3,8 @@
 Numba options used by every kernel (never hard-coded per function):
 
 * ``error_model="numpy"``: division follows IEEE rules instead of raising, which
-  lets loops vectorize (7x on the fused Adam loop, shared/PERF_NOTES.md).
+  lets loops vectorize (the fused Adam loop ran 7x faster: 1.8 instead of
+  13.5 us a step on a small network).
 * no ``fastmath``: NaN and inf keep their meaning, so divergence checks work.
 * ``cache=True`` when a safe, writable cache folder exists; if none does we
   compile without caching rather than fail at import.

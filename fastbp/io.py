@@ -35,8 +35,15 @@ A file is four parts, back to back, with no padding:
    ``seed`` : null, int >= 0, or a non-empty list of at most 1024 ints >= 0
        The ``seed`` given to ``Sequential``.
    ``layers`` : list of objects, at least one and at most 10,000
-       Each layer's ``get_config()``: ``{"type": "Dense", "units": int >= 1,
-       "activation": str, "kernel_init": str, "trainable": bool}``.
+       Each layer's ``get_config()``, with exactly these keys by type:
+       ``{"type": "Dense", "units": int >= 1, "activation": str,
+       "kernel_init": str, "trainable": bool, "kernel_regularizer": R,
+       "activity_regularizer": R, "dropconnect": number in [0, 1)}``, R null
+       or ``{"l1": number >= 0, "l2": number >= 0}``; ``{"type": "Dropout",
+       "rate": number in [0, 1)}``; ``{"type": "BatchNorm", "momentum":
+       number in (0, 1], "eps": number > 0, "trainable": bool}``;
+       ``{"type": "ResidualBegin"}`` and ``{"type": "ResidualEnd"}``, which
+       pair up around a residual block's layers as in ``Sequential.layers``.
    ``optimizer`` : null or object
        ``{"class": str, "config": object, "t": int, "extra": object}``: the
        class name (one of ``fastbp.optim.OPTIMIZERS``), its ``get_config()``
