@@ -1,8 +1,8 @@
 """``fastbp bench``: training speed of fastbp against its peers, same run.
 
 Each workload trains one epoch (float32 by default, ReLU hidden layers,
-softmax cross-entropy, Adam lr 1e-3, shuffled mini-batches) on seeded random
-data.  Implementations are timed in interleaved rounds and reported by their
+softmax cross-entropy, Adam lr 1e-3, shuffled mini-batches) on seeded data
+(``make_data``).  Implementations are timed in interleaved rounds and reported by their
 median, so a slow spell of this shared machine hits all of them alike:
 
 * ``fastbp``      compiled engine (this package)
@@ -40,7 +40,8 @@ import warnings
 
 import numpy as np
 
-#: name -> (layer sizes, batch size, samples)
+#: name -> (layer sizes, batch size, samples); the asv suite (asv_bench/)
+#: runs these too
 WORKLOADS = {
     "S": ((20, 64, 64, 2), 32, 20_000),
     "M": ((784, 256, 128, 10), 64, 20_000),
@@ -50,10 +51,16 @@ IMPLEMENTATIONS = ("fastbp", "reference", "sklearn", "torch")
 
 
 def make_data(sizes, n, dtype="float32", seed=0):
-    """Seeded random inputs (n, sizes[0]) and integer labels in [0, sizes[-1])."""
+    """Seeded data for a network of layer ``sizes``: standard-normal inputs
+    X (n, sizes[0]) of ``dtype``, and integer labels y (n,) in
+    [0, sizes[-1]) from a fixed random linear teacher T (the argmax of
+    X @ T), so that a network has something to learn (the asv suite tracks
+    the loss it reaches)."""
     rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, sizes[0])).astype(dtype)
-    y = rng.integers(0, sizes[-1], n)
+    scalar = np.dtype(dtype).type
+    X = rng.standard_normal((n, sizes[0]), dtype=scalar)
+    teacher = rng.standard_normal((sizes[0], sizes[-1]), dtype=scalar)
+    y = np.argmax(X @ teacher, axis=1).astype(np.int64)
     return X, y
 
 

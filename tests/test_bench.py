@@ -193,3 +193,34 @@ def test_cli_plot_writes_the_chart_of_a_real_run(tmp_path, monkeypatch, capsys):
                        str(path)]) == 0
     assert f"plot written to {path}" in capsys.readouterr().out
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_asv_suite_runs_the_bench_workloads_on_the_bench_data():
+    """The asv suite had a WORKLOADS of its own (same sizes, other data):
+    now S, M and L are fastbp.bench's objects and its data make_data's.  In
+    a subprocess, because importing the suite pins BLAS to one thread."""
+    import pathlib
+    script = (
+        "import numpy as np\n"
+        "from benchmarks import common\n"
+        "from fastbp import bench\n"
+        "assert all(common.WORKLOADS[k] is bench.WORKLOADS[k] for k in bench.WORKLOADS)\n"
+        "assert set(common.WORKLOADS) == set(bench.WORKLOADS) | {'D'}\n"
+        "X, y, Y = common.dataset('S', n=64)\n"
+        "X2, y2 = bench.make_data(bench.WORKLOADS['S'][0], 64)\n"
+        "assert np.array_equal(X, X2) and np.array_equal(y, y2)\n"
+        "assert np.array_equal(Y.argmax(1), y)\n")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root / "asv_bench",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_make_data_labels_follow_a_linear_teacher():
+    X, y = bench.make_data((6, 4, 3), 500, "float64", seed=3)
+    assert X.shape == (500, 6) and X.dtype == np.float64 and y.shape == (500,)
+    assert set(np.unique(y)) == {0, 1, 2}
+    # labels are the argmax of a linear map: least squares on one-hot targets
+    # recovers most of them (of random labels, about a third)
+    W = np.linalg.lstsq(X, np.eye(3)[y], rcond=None)[0]
+    assert np.mean((X @ W).argmax(1) == y) > 0.8

@@ -2,23 +2,16 @@
 benchmark modules.  Nothing here is a benchmark.
 
 Workloads (float32, ReLU hidden layers, softmax cross-entropy, Adam(lr=1e-3),
-shuffled mini-batches), as in the project's performance notes:
+shuffled mini-batches) are ``fastbp.bench.WORKLOADS``, those ``fastbp bench``
+runs (S 20-64-64-2, M 784-256-128-10, L 1024-2048-2048-10), and D,
+64-100-10 with batch 200 and 20000 samples: the shape of scikit-learn's
+digits problem at its default batch (the drop-in comparison of the README),
+for the row-parallel benchmark only.
 
-===== ==================== ========== ========
-name  layer sizes          batch size samples
-===== ==================== ========== ========
-S     20-64-64-2           32         20000
-M     784-256-128-10       64         20000
-L     1024-2048-2048-10    256        4096
-D     64-100-10            200        20000
-===== ==================== ========== ========
-
-D has the shape of scikit-learn's digits problem at its default batch (the
-drop-in comparison of the README), for the row-parallel benchmark only.
-
-Data are standard-normal features with labels from a fixed random linear
-"teacher" (argmax of X @ T), so a network has something to learn and the
-final-loss track means something.  Everything is seeded.
+Data are ``fastbp.bench.make_data``'s: standard-normal features with labels
+from a fixed random linear "teacher" (argmax of X @ T), so a network has
+something to learn and the final-loss track means something.  Everything is
+seeded.
 
 Backends: ``"fastbp"`` trains with ``Sequential.fit`` (compiled engine);
 ``"reference"`` runs ``fastbp.reference.train_batches`` (plain NumPy) with
@@ -31,6 +24,8 @@ import numpy as np
 
 import fastbp
 from fastbp import reference
+from fastbp.bench import WORKLOADS as BENCH_WORKLOADS
+from fastbp.bench import make_data
 
 from . import limit_threads
 
@@ -38,12 +33,8 @@ from . import limit_threads
 # numpy's: make sure it runs with the pinned thread count too.
 limit_threads()
 
-WORKLOADS = {
-    "S": dict(sizes=(20, 64, 64, 2), batch_size=32, n=20000),
-    "M": dict(sizes=(784, 256, 128, 10), batch_size=64, n=20000),
-    "L": dict(sizes=(1024, 2048, 2048, 10), batch_size=256, n=4096),
-    "D": dict(sizes=(64, 100, 10), batch_size=200, n=20000),
-}
+#: name -> (layer sizes, batch size, samples)
+WORKLOADS = {**BENCH_WORKLOADS, "D": ((64, 100, 10), 200, 20000)}
 BACKENDS = ["fastbp", "reference"]
 LOSS = "cross_entropy"
 #: Adam hyperparameters (fastbp.optim.Adam's defaults, spelled out for the reference)
@@ -59,21 +50,17 @@ def dataset(workload, n=None, dtype="float32", seed=SEED):
     generating M's 20000 x 784 matrix each time would dominate the run.
     Callers must not modify the arrays.
     """
-    spec = WORKLOADS[workload]
-    d, k = spec["sizes"][0], spec["sizes"][-1]
-    n = spec["n"] if n is None else n
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, d), dtype=np.dtype(dtype).type)
-    teacher = rng.standard_normal((d, k), dtype=np.dtype(dtype).type)
-    y = np.argmax(X @ teacher, axis=1).astype(np.int64)
-    Y = np.zeros((n, k), dtype=dtype)
+    sizes, _, samples = WORKLOADS[workload]
+    n = samples if n is None else n
+    X, y = make_data(sizes, n, dtype, seed)
+    Y = np.zeros((n, sizes[-1]), dtype=dtype)
     Y[np.arange(n), y] = 1
     return X, y, Y
 
 
 def make_net(workload, dtype="float32", seed=SEED):
     """A built ``fastbp.Sequential`` for the workload (same seed, same weights)."""
-    sizes = WORKLOADS[workload]["sizes"]
+    sizes, _, _ = WORKLOADS[workload]
     layers = [fastbp.Dense(units, activation="relu") for units in sizes[1:-1]]
     layers.append(fastbp.Dense(sizes[-1]))
     net = fastbp.Sequential(layers, dtype=dtype, seed=seed)
@@ -104,7 +91,7 @@ class FastbpTrainer:
     def __init__(self, workload, dtype="float32", seed=SEED):
         self.net = make_net(workload, dtype, seed)
         self.opt = fastbp.optim.Adam(lr=LR, betas=(BETA1, BETA2), eps=EPS)
-        self.batch_size = WORKLOADS[workload]["batch_size"]
+        _, self.batch_size, _ = WORKLOADS[workload]
         self.n_threads = None   # BLAS's (pinned to one by __init__.py)
 
     def epoch(self, X, y, Y):
@@ -126,7 +113,7 @@ class ReferenceTrainer:
         self.params = net.params.copy()
         self.opt = ReferenceAdam(self.params.shape[0], self.params.dtype)
         self.rng = np.random.default_rng(seed)
-        self.batch_size = WORKLOADS[workload]["batch_size"]
+        _, self.batch_size, _ = WORKLOADS[workload]
 
     def epoch(self, X, y, Y):
         order = self.rng.permutation(X.shape[0])
