@@ -4,10 +4,11 @@
 Design
 ------
 A model is described to this module by a *program*: an int64 table with one
-row per layer, whose columns (``Col``), layer kinds (``Kind``) and
+row per layer, whose columns (KIND, N_IN, ...), layer kinds (``Kind``) and
 activation codes (``Act``) are declared in fastbp/_ext/engine.pxd with the
-other numbers Python and C share, plus flat arrays that Python allocated
-once:
+other numbers Python and C share; by ``floats``, a float64 table of each
+row's drop RATE, BatchNorm MOMENTUM and EPS (fastbp.program compiles both
+from the layers); and by flat arrays that Python allocated once:
 
 * ``params`` / ``grad``  : every weight and bias of the model, in one vector
   each; a layer's W (n_in, n_out) and b (n_out,) live at offsets in it.
@@ -23,8 +24,9 @@ once:
   added as ``s * (l2/2 ||W||^2 + l1 |W|_1)`` to the loss and
   ``s * (l2 W + l1 sign W)`` to dW, where s = 1 / (sum of the batch's sample
   weights) if ``reg_per_weight`` (scikit-learn's alpha) else 1; and its L1
-  activity penalty c (ACTIVITY_L1): ``c/m * sum |a|`` over the layer's output a (m rows),
-  whose gradient c/m sign(a) joins dL/da in the backward pass.
+  activity penalty c (ACTIVITY_L1): ``c/m * sum |a|`` over the layer's
+  output a (m rows), whose gradient c/m sign(a) joins dL/da in the backward
+  pass.
 
 ``train_batches`` runs many mini-batch steps in one call without the GIL:
 gather rows by index, forward through every layer (dense.pyx), loss and its
@@ -33,14 +35,14 @@ flat parameter vector.  The loss and the optimizer are Numba ``cfunc``s
 (fastbp/_numba), called through their C addresses, so one Python call drives
 any number of steps whatever the depth, and nothing is allocated per step.
 
-A dense row with ``rates[l] > 0`` uses DropConnect in training: each batch
+A dense row with ``floats[l, RATE] > 0`` uses DropConnect in training: each batch
 draws a mask M on W (same stream and rule as dropout), computes with
 W_eff = W * M (M = 1/(1 - rate) or 0), kept with M at ``aux[AUX_OFF:]``
 (2 n_in n_out values), and scales dW by M on the way back.
 A ``BATCHNORM`` row follows torch.nn.BatchNorm1d: gamma at
 ``W_OFF`` and beta at ``B_OFF`` in ``params``; running mean, running
-variance and eps at ``buffers[BUF_OFF:]`` (width, width, 1); ``rates[l]`` is
-its momentum.  In training it normalizes with the batch mean and biased
+variance at ``buffers[BUF_OFF:]`` (width each); its momentum and eps at
+``floats[l, MOMENTUM]`` and ``floats[l, EPS]``.  In training it normalizes with the batch mean and biased
 variance, keeps x_hat after its output in ``acts`` and 1/std in ``aux``, and
 updates the running statistics (unbiased variance); otherwise it uses them.
 Residual blocks are two rows around the block's rows: ``RES_BEGIN``
@@ -51,7 +53,7 @@ needed by then) and the begin row adds it to the gradient leaving the block.
 A ``DROPOUT`` row has no parameters: in training its output is
 x * mask with mask = 1/(1 - rate) or 0 (inverted dropout), and the mask is
 kept right after the output in ``acts`` for the backward pass; in predict it
-passes x through.  ``rates[l]`` is the drop rate of row l.  Masks come from
+passes x through.  ``floats[l, RATE]`` is the drop rate of row l.  Masks come from
 a counter-based splitmix64 stream whose one uint64 counter (``rng[0]``)
 lives on the model: reproducible from the seed, saved in checkpoints, and
 computed identically by ``fastbp.reference.dropout_mask``.
@@ -306,9 +308,9 @@ cdef void dropout_forward(const floating* x, floating* out, floating* mask, int6
 cdef void batchnorm_forward(const floating* x, floating* out, floating* xhat,
                             floating* inv_std, const floating* gamma, const floating* beta,
                             floating* buf, int64_t m, int64_t w, double momentum,
-                            bint training) noexcept nogil:
+                            double eps, bint training) noexcept nogil:
     cdef int64_t i, j
-    cdef double mean, var, d, eps = buf[2 * w]
+    cdef double mean, var, d
     cdef floating mu, inv
     for j in range(w):
         if training:
@@ -362,11 +364,12 @@ cdef void batchnorm_backward(floating* g, const floating* xhat, const floating* 
 
 cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
                       floating* params, floating* acts, floating* last_out,
-                      int64_t m, const double* rates, uint64_t* counter,
+                      int64_t m, const double[:, ::1] floats, uint64_t* counter,
                       floating* aux, floating* buffers) noexcept nogil:
     """Forward through every layer; the last one writes to ``last_out`` if it
     is not NULL (predict), else to its slot in ``acts``.  ``counter`` NULL
-    means predict: dropout layers pass their input through."""
+    means predict: dropout layers pass their input through, BatchNorm uses
+    its running statistics."""
     cdef int64_t l, i, n_layers = prog.shape[0], width
     cdef const floating* x = x0
     cdef floating* out
@@ -390,7 +393,7 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
             width = prog[l, N_OUT]
             mask = acts + prog[l, ACT_OFF] * m + m * width
             if counter != NULL:
-                dropout_forward(x, out, mask, m * width, rates[l], counter)
+                dropout_forward(x, out, mask, m * width, floats[l, RATE], counter)
             elif last_out == NULL:
                 # loss_grad without dropout: identity, with a mask of ones so
                 # that backward_all passes gradients straight through
@@ -404,12 +407,12 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
             batchnorm_forward(x, out, acts + prog[l, ACT_OFF] * m + m * width,
                               aux + prog[l, AUX_OFF], params + prog[l, W_OFF],
                               params + prog[l, B_OFF], buffers + prog[l, BUF_OFF], m, width,
-                              rates[l] if rates != NULL else 0.0, counter != NULL)
-        elif counter != NULL and rates[l] > 0:  # DropConnect
+                              floats[l, MOMENTUM], floats[l, EPS], counter != NULL)
+        elif counter != NULL and floats[l, RATE] > 0:  # DropConnect
             width = prog[l, N_IN] * prog[l, N_OUT]
             weff = aux + prog[l, AUX_OFF]
-            dropout_forward(params + prog[l, W_OFF], weff, weff + width, width, rates[l],
-                            counter)
+            dropout_forward(params + prog[l, W_OFF], weff, weff + width, width,
+                            floats[l, RATE], counter)
             dense_forward_ptr(x, weff, params + prog[l, B_OFF], out,
                               m, prog[l, N_IN], prog[l, N_OUT], <int>prog[l, ACT])
         else:
@@ -429,7 +432,7 @@ cdef inline void _zero_if_frozen(const int64_t[:, ::1] prog, int64_t l,
 cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
                          floating* params, floating* grad, floating* acts,
                          floating* deltas, int64_t half, int64_t m,
-                         const double[:, ::1] reg, const double* rates,
+                         const double[:, ::1] reg, const double[:, ::1] floats,
                          floating* aux, bint training) noexcept nogil:
     """Backward through every layer (of a training forward pass).  On entry
     deltas[0:half] holds dL/d(output of the last layer); on exit ``grad``
@@ -491,7 +494,7 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
                 total += a[i] if a[i] >= 0 else -a[i]
                 g[i] += step if a[i] > 0 else (-step if a[i] < 0 else 0)
             activity += c / m * total
-        if rates != NULL and rates[l] > 0:  # DropConnect: the batch used W_eff = W * M
+        if training and floats[l, RATE] > 0:  # DropConnect: the batch used W_eff = W * M
             weff = aux + prog[l, AUX_OFF]
             dense_backward_ptr(x, weff, acts + prog[l, ACT_OFF] * m, g,
                                grad + prog[l, W_OFF], grad + prog[l, B_OFF], dx,
@@ -684,7 +687,7 @@ def _rows_steps():
 
 
 cdef int rows_parallel(const int64_t[:, ::1] prog, const double[:, ::1] reg,
-                       const double* rates, int64_t m, bint dbl) noexcept nogil:
+                       const double[:, ::1] floats, int64_t m, bint dbl) noexcept nogil:
     """The number of row ranges a step of this program runs in (0: the
     layer-by-layer path): with more than one thread and at least
     ROWS_MIN_MNK multiply-adds in the forward products, for plain dense layers
@@ -699,7 +702,7 @@ cdef int rows_parallel(const int64_t[:, ::1] prog, const double[:, ::1] reg,
     if parts < 2:
         return 0
     for l in range(prog.shape[0]):
-        if prog[l, KIND] != DENSE or rates[l] > 0 or reg[l, ACTIVITY_L1] > 0:
+        if prog[l, KIND] != DENSE or floats[l, RATE] > 0 or reg[l, ACTIVITY_L1] > 0:
             return 0
         if gemm_kind(dbl, False, False, <int>m, <int>prog[l, N_OUT],
                      <int>prog[l, N_IN]) != GEMM_BY_SMALL:
@@ -821,7 +824,7 @@ cdef void clip_and_measure(const int64_t[:, ::1] prog, floating* grad, double cl
 
 
 def forward(const floating[:, ::1] X, const int64_t[:, ::1] program,
-            floating[::1] params, floating[::1] acts, floating[:, ::1] out,
+            const double[:, ::1] floats, floating[::1] params, floating[::1] acts, floating[:, ::1] out,
             int64_t chunk, floating[::1] aux, floating[::1] buffers):
     """Predict: out = network(X), ``chunk`` rows at a time (acts holds chunk
     rows); dropout is off."""
@@ -831,14 +834,14 @@ def forward(const floating[:, ::1] X, const int64_t[:, ::1] program,
         while start < n:
             m = chunk if n - start > chunk else n - start
             forward_all(program, &X[start, 0], _ptr(params), &acts[0], &out[start, 0], m,
-                        NULL, NULL, _ptr(aux), _ptr(buffers))
+                        floats, NULL, _ptr(aux), _ptr(buffers))
             start += m
 
 
 def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating[::1] W,
-              const int64_t[:, ::1] program, floating[::1] params,
-              floating[::1] grad, floating[::1] acts, floating[::1] deltas,
-              size_t loss_addr, const double[:, ::1] reg, bint reg_per_weight,
+              const int64_t[:, ::1] program, const double[:, ::1] floats,
+              floating[::1] params, floating[::1] grad, floating[::1] acts,
+              floating[::1] deltas, size_t loss_addr, const double[:, ::1] reg, bint reg_per_weight,
               floating[::1] aux, floating[::1] buffers):
     """Full-batch weighted mean loss over all rows of X (plus the weight
     penalties), and its gradient into ``grad``."""
@@ -846,12 +849,12 @@ def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating
     cdef int64_t last = program.shape[0] - 1
     cdef double loss
     with nogil:
-        forward_all(program, &X[0, 0], _ptr(params), &acts[0], NULL, n, NULL, NULL, _ptr(aux),
-                    _ptr(buffers))
+        forward_all(program, &X[0, 0], _ptr(params), &acts[0], NULL, n, floats, NULL,
+                    _ptr(aux), _ptr(buffers))
         loss = call_loss(loss_addr, &acts[0] + program[last, ACT_OFF] * n,
                          <floating*>&Y[0, 0], <floating*>&W[0], &deltas[0], n, k)
         loss += backward_all(program, &X[0, 0], _ptr(params), _ptr(grad), &acts[0],
-                             &deltas[0], half, n, reg, NULL, _ptr(aux), False)
+                             &deltas[0], half, n, reg, floats, _ptr(aux), False)
         loss += penalize(program, reg, reg_per_weight, &W[0], n, _ptr(params), _ptr(grad))
     return loss
 
@@ -898,7 +901,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                   floating[::1] opt_state, const double[::1] hyper,
                   const int64_t[:, ::1] segments, int64_t step0,
                   const double[:, ::1] reg, bint reg_per_weight,
-                  const double[::1] rates, uint64_t[::1] rng, floating[::1] aux,
+                  const double[:, ::1] floats, uint64_t[::1] rng, floating[::1] aux,
                   floating[::1] buffers,
                   double clip_value, double clip_norm, double[::1] grad_norms,
                   double[::1] batch_loss):
@@ -977,7 +980,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 w0 = <floating*>&W[s]
             if prof:
                 t_phase = now()
-            rows.parts = rows_parallel(program, reg, &rates[0], m, floating is double)
+            rows.parts = rows_parallel(program, reg, floats, m, floating is double)
             if rows.parts:
                 rows.m = m
                 rows.s = s
@@ -994,7 +997,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                         memcpy(&yb[r * k], &Y[order[s + r], 0], k * sizeof(floating))
                         wb[r] = W[order[s + r]]
                     _lap(prof, 0, &t_phase)
-                forward_all(program, x0, &params[0], &acts[0], NULL, m, &rates[0], &rng[0],
+                forward_all(program, x0, &params[0], &acts[0], NULL, m, floats, &rng[0],
                             _ptr(aux), _ptr(buffers))
                 _lap(prof, 1, &t_phase)
             out_last = &acts[0] + program[last, ACT_OFF] * m
@@ -1015,7 +1018,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                               x0)
             else:
                 loss += backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0],
-                                     half, m, reg, &rates[0], _ptr(aux), True)
+                                     half, m, reg, floats, _ptr(aux), True)
             _lap(prof, 3, &t_phase)
             loss += penalize(program, reg, reg_per_weight, w0, m, &params[0], &grad[0])
             _lap(prof, 4, &t_phase)

@@ -157,10 +157,11 @@ from . import _files, _resume
 from . import layers as _layers
 from . import losses as _losses
 from . import optim as _optim
-from ._ext.engine import BUF_OFF
+from ._ext.engine import BUF_OFF, EPS, KIND, N_OUT, Kind
 from ._typing import PathLike
 from .history import History
 from .model import Sequential
+from .program import plan
 
 __all__ = ["save_model", "load_model", "load", "ModelFormatError", "MAGIC", "VERSION",
            "MAX_HEADER_BYTES"]
@@ -576,12 +577,13 @@ def _check_header(header):
     expected = []
     rng_state = position = None
     if n_features is not None:
-        n_params, n_buffers, n_in = 0, 0, n_features
-        for layer in layers:
-            n_params += layer.n_params(n_in)
-            if isinstance(layer, _layers.BatchNorm):
-                n_buffers += 2 * n_in + 1
-            n_in = layer.units if isinstance(layer, _layers.Dense) else n_in
+        try:
+            _, _, sizes = plan(layers, n_features, dtype)
+        except ValueError as exc:  # residual markers that do not pair up, or change the width
+            _fail(f"invalid architecture: {exc}")
+        n_params = sizes["n_params"]
+        # the file keeps each BatchNorm's eps after its running statistics
+        n_buffers = sizes["n_buffers"] + sum(l.kind == Kind.BATCHNORM for l in layers)
         expected.append(("params", (n_params,)))
         if n_buffers:
             expected.append(("buffers", (n_buffers,)))
@@ -702,15 +704,13 @@ def _build(spec, data):
             _fail(f"cannot build the model: {exc}")
         net._params[...] = params
         if "buffers" in data:
-            eps = net._buffers.copy()  # as built: eps entries from the layer configs
-            net._buffers[...] = data["buffers"]
+            _read_buffers(net, data["buffers"])
             for layer in net.layers:
                 if isinstance(layer, _layers.BatchNorm):
                     if not (np.isfinite(layer.running_mean).all()
                             and np.isfinite(layer.running_var).all()
                             and (layer.running_var >= 0).all()):
                         _fail("BatchNorm running statistics must be finite, the variance >= 0")
-            _restore_eps(net, eps)
         net._shuffle_rng.bit_generator.state = spec["rng_state"]
         net._dropout_rng[0] = spec["dropout_state"]
         net._position = spec["position"]
@@ -738,12 +738,27 @@ def _optimizer_state(opt, saved):
     return state
 
 
-def _restore_eps(net, built):
-    """The eps entries of the buffers come from the layer configs, not the data."""
-    for row, layer in zip(net._program, net.layers):
-        if isinstance(layer, _layers.BatchNorm):
-            at = row[BUF_OFF] + 2 * layer.units
-            net._buffers[at] = built[at]
+def _file_buffers(net):
+    """The model's running statistics in the file's layout: for each
+    BatchNorm row, its running mean, running variance, then its eps."""
+    parts = []
+    for row, floats in zip(net._program, net._floats):
+        if row[KIND] == Kind.BATCHNORM:
+            at, width = row[BUF_OFF], row[N_OUT]
+            parts += [net._buffers[at:at + 2 * width], np.array([floats[EPS]], net.dtype)]
+    return np.concatenate(parts)
+
+
+def _read_buffers(net, saved):
+    """Running statistics from a file's buffers (``_file_buffers``' layout)
+    into the model's; the eps entries are not read: eps comes from the
+    layer configs."""
+    start = 0
+    for row in net._program:
+        if row[KIND] == Kind.BATCHNORM:
+            at, width = row[BUF_OFF], row[N_OUT]
+            net._buffers[at:at + 2 * width] = saved[start:start + 2 * width]
+            start += 2 * width + 1
 
 
 def load(path: PathLike) -> Sequential:
@@ -811,7 +826,7 @@ def _encode(net):
         if net._buffers.size:
             if not np.isfinite(net._buffers).all():
                 raise ValueError("cannot save a model whose BatchNorm statistics are not finite")
-            arrays.append(("buffers", net._buffers))
+            arrays.append(("buffers", _file_buffers(net)))
     opt = net.optimizer
     opt_header = None
     if opt is not None:

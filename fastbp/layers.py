@@ -10,8 +10,7 @@ from collections.abc import Iterable
 from typing import Union
 
 from . import activations, initializers, regularizers
-from ._ext.engine import (ACT, ACT_OFF, AUX_OFF, B_OFF, BUF_OFF, KIND, N_COLS, N_IN, N_OUT,
-                          TRAINABLE, W_OFF, Act, Kind)
+from ._ext.engine import Kind
 from ._validation import check_positive_int
 
 
@@ -213,15 +212,15 @@ class BatchNorm:
     def _initialize(self, rng):
         self.gamma[...] = 1
         self.beta[...] = 0
+        self.running_mean[...] = 0
+        self.running_var[...] = 1
 
     def _bind_buffers(self, buffers, offset):
+        """Make running_mean and running_var views at ``offset`` (the
+        program's BUF_OFF)."""
         w = self.units
         self.running_mean = buffers[offset:offset + w]
         self.running_var = buffers[offset + w:offset + 2 * w]
-        self.running_mean[...] = 0
-        self.running_var[...] = 1
-        buffers[offset + 2 * w] = self.eps
-        return offset + 2 * w + 1
 
     def get_config(self):
         return {"type": "BatchNorm", "momentum": self.momentum, "eps": self.eps,
@@ -293,44 +292,6 @@ def from_config(config):
         return LAYERS[kind](**config)
     except TypeError as exc:
         raise ValueError(f"invalid {kind} configuration: {exc}") from None
-
-
-def program_row(layer, w_off, act_off, aux_off, buf_off, partner=0):
-    """One row of the engine's program table (columns and kinds declared in
-    fastbp/_ext/engine.pxd; their meaning in csrc/engine.pyx): ``w_off``
-    is where the layer's parameters start in the flat vector, ``act_off``,
-    ``aux_off`` and ``buf_off`` where its slots start in the activation
-    workspace, aux and buffers; ``partner`` is the row index of a residual
-    marker's other end."""
-    row = [0] * N_COLS
-    row[KIND], row[N_IN], row[N_OUT] = layer.kind, layer.n_in, layer.units
-    row[ACT], row[ACT_OFF] = Act.IDENTITY, act_off
-    if layer.kind in (Kind.RES_BEGIN, Kind.RES_END):
-        row[W_OFF] = partner
-    elif layer.kind == Kind.DROPOUT:
-        row[W_OFF] = row[B_OFF] = w_off
-    elif layer.kind == Kind.BATCHNORM:
-        row[W_OFF], row[B_OFF] = w_off, w_off + layer.units
-        row[TRAINABLE], row[AUX_OFF], row[BUF_OFF] = int(layer.trainable), aux_off, buf_off
-    else:
-        row[ACT] = activations.code(layer.activation)
-        row[W_OFF], row[B_OFF] = w_off, w_off + layer.n_in * layer.units
-        row[TRAINABLE], row[AUX_OFF] = int(layer.trainable), aux_off
-    return row
-
-
-def aux_size(layer):
-    """Scratch values a layer needs per step: W_eff and its mask for
-    DropConnect, 1/std per feature for BatchNorm."""
-    if layer.kind == Kind.BATCHNORM:
-        return layer.units
-    return 2 * layer.n_in * layer.units if getattr(layer, "dropconnect", 0) > 0 else 0
-
-
-def workspace_width(layer):
-    """Columns of the activation workspace a layer uses per row: its output,
-    and for dropout also its mask."""
-    return 2 * layer.units if layer.kind in (Kind.DROPOUT, Kind.BATCHNORM) else layer.units
 
 
 #: what a Sequential (or a Residual block) is made of

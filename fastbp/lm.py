@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from ._ext.engine import ACT, B_OFF, KIND, N_IN, N_OUT, TRAINABLE, W_OFF, Kind
+from ._ext.engine import ACT, B_OFF, KIND, N_IN, N_OUT, RATE, TRAINABLE, W_OFF, Kind
 from ._reporting import FitReport
 
 # fastbp.optim imports this module at its end, once Optimizer is defined, and
@@ -223,8 +223,7 @@ class LevenbergMarquardt(Optimizer):
                              "(kernel_regularizer / activity_regularizer)")
         program = np.asarray(net._program)
         cols, index = trainable_columns(program)
-        rates = getattr(net, "_rates", None)
-        if rates is not None and np.any(np.asarray(rates) > 0):
+        if np.any(net._floats[:, RATE] > 0):  # trainable_columns allows Dense rows only
             raise ValueError("LevenbergMarquardt does not support DropConnect (Dense(..., "
                              "dropconnect=...)): it needs a deterministic network")
         k = Y.shape[1]

@@ -3,13 +3,15 @@ compiled call per chunk of training steps.
 
 How Python stays out of the step
 --------------------------------
-``build`` lays every layer's W and b out in one flat ``params`` vector (and
-the gradient in ``grad``) and writes a *program*: an int64 table with one row
-per layer (sizes, activation code, offsets).  ``fit`` hands the program, the
-flat vectors, workspaces sized for one mini-batch, and the C addresses of the
-Numba loss and optimizer kernels to ``fastbp._ext.engine.train_batches``,
-which runs whole runs of mini-batches (gather, forward, loss, backward,
-update) without returning to Python.  Python only shuffles the index order
+``build`` compiles the layers (``fastbp.program``) into a *program*: an
+int64 table with one row per layer (sizes, activation code, offsets), a
+table of per-row floats (rates, momentum, eps) and the sizes of the flat
+arrays, then lays every layer's W and b out in one flat ``params`` vector
+(and the gradient in ``grad``) where the program says.  ``fit`` hands the
+program, the flat vectors, workspaces sized for one mini-batch, and the C
+addresses of the Numba loss and optimizer kernels to
+``fastbp._ext.engine.train_batches``, which runs whole runs of mini-batches
+(gather, forward, loss, backward, update) without returning to Python.  Python only shuffles the index order
 once per epoch, times the calls, and records the history.
 """
 from __future__ import annotations
@@ -34,8 +36,8 @@ from . import losses as _losses
 from . import optim as _optim
 from ._ext import dense as _dense
 from ._ext import engine as _engine
-from ._ext.engine import (ACTIVITY_L1, B_OFF, L1, L2, N_OUT, N_REG, TRAINABLE, W_OFF,
-                          Status)
+from ._ext.engine import (ACTIVITY_L1, B_OFF, BUF_OFF, L1, L2, N_IN, N_OUT, N_REG, TRAINABLE,
+                          W_OFF, Status)
 from ._numba.losses import KERNELS as _LOSS_KERNELS
 from ._numba.losses import loss_cfunc
 from ._numba.optim import step_cfunc
@@ -43,8 +45,8 @@ from ._validation import (check_dtype, check_n_threads, check_positive_int, chec
                           check_targets, check_values, check_X)
 from .history import History
 from ._typing import ArrayLike, DTypeLike, MatrixLike, PathLike
-from .layers import (BatchNorm, Dense, Dropout, Layer, Residual, ResidualBegin, ResidualEnd,
-                     aux_size, program_row, workspace_width)
+from .layers import BatchNorm, Dense, Dropout, Layer, Residual, ResidualBegin, ResidualEnd
+from .program import Program, compile_program
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
@@ -86,11 +88,11 @@ class _Workspace:
     """Buffers for ``rows`` samples: every layer's output, two delta buffers,
     and the gathered batch.  Allocated once and reused for any m <= rows."""
 
-    def __init__(self, rows, widths, n_in, n_out, dtype):
+    def __init__(self, rows, program, n_out, dtype):
         self.rows = rows
-        self.acts = np.empty(rows * sum(widths), dtype=dtype)
-        self.deltas = np.empty(2 * rows * max(widths + [n_in]), dtype=dtype)
-        self.xb = np.empty(rows * n_in, dtype=dtype)
+        self.acts = np.empty(rows * program.act_width, dtype=dtype)
+        self.deltas = np.empty(2 * rows * program.delta_width, dtype=dtype)
+        self.xb = np.empty(rows * program.n_features, dtype=dtype)
         self.yb = np.empty(rows * n_out, dtype=dtype)
         self.wb = np.empty(rows, dtype=dtype)
 
@@ -121,12 +123,11 @@ class _ScratchPool:
     growing calls reallocate a few times, not every time."""
 
     def __init__(self, net):
-        widths = [workspace_width(layer) for layer in net.layers]
-        self.width = sum(widths)
-        self.delta_width = max(widths + [net.n_features])
+        self.width = net._compiled.act_width
+        self.delta_width = net._compiled.delta_width
         self.dtype = net.dtype
         self.aux = net._aux
-        self.aux_size = net._aux.shape[0]
+        self.aux_size = net._compiled.n_aux
         self.private_aux = any(isinstance(layer, BatchNorm) for layer in net.layers)
         #: rows of one predict chunk (its activations take _PREDICT_ELEMENTS)
         self.chunk_rows = max(1, _PREDICT_ELEMENTS // self.width)
@@ -261,11 +262,11 @@ class Sequential:
         return state
 
     def __setstate__(self, state):
-        state = dict(state)
-        state.pop("_workspaces", None)  # fit's scratch, as pickles of fastbp 0.1.0 hold it
         self.__dict__.update(state)
         self._fit_workspace = None
         self._init_locks()
+        if self.built:  # pickle copies views apart: make them views again
+            self._bind_layers()
 
     # -- structure ---------------------------------------------------------
     @property
@@ -282,6 +283,15 @@ class Sequential:
     def n_params(self) -> int:
         """Length of ``params`` (an AttributeError before the model is built)."""
         return self.params.shape[0]
+
+    @property
+    def program(self) -> Program:
+        """What the compiled engine runs (read-only): the program's rows and
+        per-row floats, with columns by name (``net.program["n_in"]``), and
+        the sizes of the model's flat arrays; see ``fastbp.program``.  An
+        AttributeError (NotBuiltError) before the model is built."""
+        self._require_built()
+        return self._compiled
 
     @property
     def n_outputs(self) -> int:
@@ -343,46 +353,16 @@ class Sequential:
                 raise
 
     def _lay_out(self, n_features):
-        total, n_in = 0, n_features
-        for layer in self.layers:
-            total += layer.n_params(n_in)
-            n_in = n_in if not isinstance(layer, Dense) else layer.units
-        self._params = np.zeros(total, dtype=self.dtype)
-        self._grad = np.zeros(total, dtype=self.dtype)
-        offset, rows, act_off, aux_off, buf_off, n_in = 0, [], 0, 0, 0, n_features
-        n_buffers = sum(2 * n + 1 for n, l in zip(self._input_sizes(n_features), self.layers)
-                        if isinstance(l, BatchNorm))
+        program = compile_program(self.layers, n_features, self.dtype)
+        self._compiled = program
+        # the engine's tables, under the names its callers pass them by
+        self._program, self._floats = program.rows, program.floats
+        self._params = np.zeros(program.n_params, dtype=self.dtype)
+        self._grad = np.zeros(program.n_params, dtype=self.dtype)
         # Running statistics (BatchNorm): state that is not trained.
-        self._buffers = np.zeros(n_buffers, dtype=self.dtype)
-        partners, opened = {}, []
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, ResidualBegin):
-                opened.append(i)
-            elif isinstance(layer, ResidualEnd):
-                begin = opened.pop()
-                partners[i], partners[begin] = begin, i
-        widths = {}
-        for i, layer in enumerate(self.layers):
-            start = offset
-            offset = layer._bind(n_in, self._params, self._grad, start)
-            if isinstance(layer, ResidualBegin):
-                widths[i] = n_in
-            elif isinstance(layer, ResidualEnd) and widths[partners[i]] != n_in:
-                raise ValueError(f"a Residual block must keep its width: it takes "
-                                 f"{widths[partners[i]]} features and gives {n_in}")
-            rows.append(program_row(layer, start, act_off, aux_off, buf_off, partners.get(i, 0)))
-            if isinstance(layer, BatchNorm):
-                buf_off = layer._bind_buffers(self._buffers, buf_off)
-            act_off += workspace_width(layer)
-            aux_off += aux_size(layer)
-            n_in = layer.units
-        self._program = np.array(rows, dtype=np.int64)
-        # Dropout rate of dropout rows, DropConnect rate of dense rows,
-        # momentum of BatchNorm rows.
-        self._rates = np.array([getattr(layer, "rate", getattr(layer, "dropconnect",
-                                                               getattr(layer, "momentum", 0.0)))
-                                for layer in self.layers])
-        self._aux = np.zeros(aux_off, dtype=self.dtype)
+        self._buffers = np.zeros(program.n_buffers, dtype=self.dtype)
+        self._aux = np.zeros(program.n_aux, dtype=self.dtype)
+        self._bind_layers()
         # Per-layer penalties (columns L2, L1, ACTIVITY_L1; see csrc/engine.pyx);
         # the weight penalties are scaled by 1 / (sum of the batch's sample
         # weights) when _reg_per_weight (scikit-learn's alpha).
@@ -401,12 +381,14 @@ class Sequential:
         # The counter of the engine's dropout mask stream (csrc/engine.pyx).
         self._dropout_rng = dropout_seq.generate_state(1, np.uint64)
 
-    def _input_sizes(self, n_features):
-        sizes, n_in = [], n_features
-        for layer in self.layers:
-            sizes.append(n_in)
-            n_in = n_in if not isinstance(layer, Dense) else layer.units
-        return sizes
+    def _bind_layers(self):
+        """Make every layer's parameters (and gradients, and BatchNorm's
+        running statistics) views into the model's flat arrays, where the
+        program puts them."""
+        for layer, row in zip(self.layers, self._program):
+            layer._bind(int(row[N_IN]), self._params, self._grad, int(row[W_OFF]))
+            if isinstance(layer, BatchNorm):
+                layer._bind_buffers(self._buffers, int(row[BUF_OFF]))
 
     def set_params(self, params: ArrayLike) -> None:
         """Copy a flat parameter vector (same length) into the model."""
@@ -489,8 +471,7 @@ class Sequential:
     def _workspace(self, rows):
         ws = self._fit_workspace
         if ws is None or ws.rows < rows:
-            widths = [workspace_width(layer) for layer in self.layers]
-            ws = _Workspace(rows, widths, self.n_features, self.n_outputs, self.dtype)
+            ws = _Workspace(rows, self._compiled, self.n_outputs, self.dtype)
             self._fit_workspace = ws
         return ws
 
@@ -531,7 +512,8 @@ class Sequential:
         try:
             with _blas_threads(None), _BLAS:   # the kernels may use as many threads as BLAS
                 if isinstance(X, np.ndarray):
-                    _engine.forward(X, program, params, ws.acts, out, chunk, ws.aux, buffers)
+                    _engine.forward(X, program.rows, program.floats, params, ws.acts, out, chunk,
+                                    ws.aux, buffers)
                 else:
                     _forward_sparse(X, program, params, ws, out, chunk, buffers)
         finally:
@@ -540,13 +522,13 @@ class Sequential:
 
     def _inference_state(self):
         """What an inference call reads of the built model, taken together
-        (a concurrent build publishes all of it at once): program, params,
+        (a concurrent build publishes all of it at once): the Program, params,
         buffers, reg, reg_per_weight, n_features and the scratch pool."""
         with self._state_lock:
             self._require_built()
             if self._scratch is None:
                 self._scratch = _ScratchPool(self)
-            return (self._program, self._params, self._buffers, self._reg, self._reg_per_weight,
+            return (self._compiled, self._params, self._buffers, self._reg, self._reg_per_weight,
                     self.n_features, self._scratch)
 
     def predict_proba(self, X: MatrixLike, loss: str | None = None) -> np.ndarray:
@@ -617,9 +599,9 @@ class Sequential:
         ws = pool.take(X.shape[0], deltas=True)
         try:
             with _BLAS:
-                value = _engine.loss_grad(X, Y, w, program, params, grad, ws.acts, ws.deltas,
-                                          loss_cfunc(loss, self.dtype), reg, per_weight, ws.aux,
-                                          buffers)
+                value = _engine.loss_grad(X, Y, w, program.rows, program.floats, params, grad,
+                                          ws.acts, ws.deltas, loss_cfunc(loss, self.dtype), reg,
+                                          per_weight, ws.aux, buffers)
         finally:
             pool.give(ws)
         _check_result(float(value), grad, self.dtype)
@@ -959,7 +941,7 @@ class Sequential:
         """
         self._require_built()
         rows, depth = [], 0
-        for i, (layer, n_in) in enumerate(zip(self.layers, self._input_sizes(self.n_features))):
+        for i, (layer, n_in) in enumerate(zip(self.layers, self._compiled["n_in"])):
             depth -= isinstance(layer, ResidualEnd)
             rows.append((str(i), "  " * depth + repr(layer), _weights(layer), str(layer.units),
                          str(layer.n_params(n_in))))
@@ -998,16 +980,18 @@ def _dense_rows(X):
 
 
 def _forward_sparse(X, program, params, ws, out, chunk, buffers):
-    """``engine.forward`` of a CSR matrix, made dense in pieces of at most
-    ``chunk`` rows (the workspace's) and _SPARSE_ELEMENTS values (a wide X)
-    in one buffer; the caller holds BLAS, as for a dense X."""
+    """``engine.forward`` of a CSR matrix through ``program`` (a Program),
+    made dense in pieces of at most ``chunk`` rows (the workspace's) and
+    _SPARSE_ELEMENTS values (a wide X) in one buffer; the caller holds BLAS,
+    as for a dense X."""
     rows_at_once = max(1, min(chunk, _SPARSE_ELEMENTS // X.shape[1]))
     block = np.empty((rows_at_once, X.shape[1]), dtype=out.dtype)
     for start in range(0, X.shape[0], rows_at_once):
         stop = min(start + rows_at_once, X.shape[0])
         rows = block[:stop - start]
         X[start:stop].toarray(out=rows)
-        _engine.forward(rows, program, params, ws.acts, out[start:stop], chunk, ws.aux, buffers)
+        _engine.forward(rows, program.rows, program.floats, params, ws.acts, out[start:stop],
+                        chunk, ws.aux, buffers)
 
 
 def _penalties(layer):
@@ -1230,7 +1214,7 @@ class _EpochRunner:
             self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
             net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
             self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
-            self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng, net._aux,
+            self.opt.t, net._reg, net._reg_per_weight, net._floats, net._dropout_rng, net._aux,
             net._buffers, self.clip_value, self.clip_norm, self.grad_norms, self.batch_loss)
         # Batches whose weights sum to zero were skipped: t counts updates.
         self.opt.t += steps
@@ -1255,7 +1239,7 @@ class _EpochRunner:
                 block, self.Y[rows], self.W[rows], self.order[:0], False, batch, 0, k,
                 net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
                 self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
-                self.opt.t, net._reg, net._reg_per_weight, net._rates, net._dropout_rng,
+                self.opt.t, net._reg, net._reg_per_weight, net._floats, net._dropout_rng,
                 net._aux, net._buffers, self.clip_value, self.clip_norm, self.grad_norms,
                 self.batch_loss[b:b + k])
             self.opt.t += steps

@@ -13,8 +13,8 @@ gradients (m, n_out).  Activations are given by their integer code
 import numpy as np
 
 from . import activations as _act
-from ._ext.engine import (ACT, ACTIVITY_L1, B_OFF, BUF_OFF, KIND, L1, L2, N_IN, N_OUT,
-                          TRAINABLE, W_OFF, Act, Kind)
+from ._ext.engine import (ACT, ACTIVITY_L1, B_OFF, BUF_OFF, EPS, KIND, L1, L2, MOMENTUM, N_IN,
+                          N_OUT, RATE, TRAINABLE, W_OFF, Act, Kind)
 
 LEAKY_SLOPE, ELU_ALPHA, SOFTPLUS_THRESHOLD = 0.01, 1.0, 20.0
 
@@ -311,12 +311,13 @@ def batchnorm_backward(g, xhat, inv, gamma, training):
 
 # --- a whole network, driven by the engine's program table ----------------------
 # One row per layer; columns (KIND, N_IN, ...) and kinds (Kind) as declared in
-# fastbp/_ext/engine.pxd and described in csrc/engine.pyx.
+# fastbp/_ext/engine.pxd and described in csrc/engine.pyx; ``floats`` the
+# per-row RATE, MOMENTUM and EPS (``Sequential._floats``, fastbp.program).
 
 def _bn(row, params, buffers):
     w, g_off, b_off, buf = row[N_OUT], row[W_OFF], row[B_OFF], row[BUF_OFF]
     return (params[g_off:g_off + w], params[b_off:b_off + w], buffers[buf:buf + w],
-            buffers[buf + w:buf + 2 * w], buffers[buf + 2 * w])
+            buffers[buf + w:buf + 2 * w])
 
 def _dense(row, params):
     n_in, n_out, w_off, b_off = row[N_IN], row[N_OUT], row[W_OFF], row[B_OFF]
@@ -324,13 +325,14 @@ def _dense(row, params):
             params[b_off:b_off + n_out], row[ACT])
 
 
-def forward_all(program, X, params, rates=None, counter=None, buffers=None):
+def forward_all(program, X, params, floats=None, counter=None, buffers=None):
     """Outputs of every layer: [X, A_1, ..., A_L], and the masks by layer
     (dropout: on the activations; DropConnect: on W).  With ``counter`` (a
-    1-element uint64 array, advanced in place) both are on, as in training;
-    without, dropout passes through and dense layers use W.  BatchNorm rows
-    use ``buffers`` (running statistics, updated in training); their masks
-    entry is (x_hat, 1/std)."""
+    1-element uint64 array, advanced in place) both are on, as in training,
+    at the rates of ``floats``; without, dropout passes through and dense
+    layers use W.  BatchNorm rows use ``buffers`` (running statistics,
+    updated in training) and ``floats`` (momentum, eps); their masks entry
+    is (x_hat, 1/std)."""
     outs, masks = [X], {}
     for l, row in enumerate(program):
         if row[KIND] == Kind.RES_BEGIN:  # remember x
@@ -338,22 +340,22 @@ def forward_all(program, X, params, rates=None, counter=None, buffers=None):
         elif row[KIND] == Kind.RES_END:  # block(x) + x; W_OFF holds the begin row
             outs.append(outs[-1] + outs[row[W_OFF] + 1])
         elif row[KIND] == Kind.BATCHNORM:
-            gamma, beta, rm, rv, eps = _bn(row, params, buffers)
-            y, xhat, inv = batchnorm_forward(outs[-1], gamma, beta, rm, rv, eps,
-                                             rates[l] if rates is not None else 0.0,
-                                             counter is not None)
+            gamma, beta, rm, rv = _bn(row, params, buffers)
+            y, xhat, inv = batchnorm_forward(outs[-1], gamma, beta, rm, rv, floats[l][EPS],
+                                             floats[l][MOMENTUM], counter is not None)
             masks[l] = (xhat, inv)
             outs.append(y)
         elif row[KIND] == Kind.DROPOUT:
             if counter is None:
                 outs.append(outs[-1])
             else:
-                masks[l], counter[0] = dropout_mask(counter[0], outs[-1].shape, rates[l], X.dtype)
+                masks[l], counter[0] = dropout_mask(counter[0], outs[-1].shape, floats[l][RATE],
+                                                    X.dtype)
                 outs.append(outs[-1] * masks[l])
         else:
             W, b, act = _dense(row, params)
-            if counter is not None and rates[l] > 0:  # DropConnect: W_eff = W * M
-                masks[l], counter[0] = dropout_mask(counter[0], W.shape, rates[l], W.dtype)
+            if counter is not None and floats[l][RATE] > 0:  # DropConnect: W_eff = W * M
+                masks[l], counter[0] = dropout_mask(counter[0], W.shape, floats[l][RATE], W.dtype)
                 W = W * masks[l]
             outs.append(dense_forward(outs[-1], W, b, act))
     return outs, masks
@@ -404,12 +406,12 @@ def clip_and_measure(program, grad, clip_value=0.0, clip_norm=0.0):
 
 
 def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=False,
-              rates=None, counter=None, buffers=None):
+              floats=None, counter=None, buffers=None):
     """Weighted mean loss over (X, Y) (w defaults to ones) plus the
     penalties ``reg`` (n_layers, N_REG: columns L2, L1, ACTIVITY_L1), and
-    the flat gradient (same layout as params).  With ``rates`` and
-    ``counter`` dropout is on (training)."""
-    outs, masks = forward_all(program, X, params, rates, counter, buffers)
+    the flat gradient (same layout as params).  With ``counter`` dropout is
+    on (training), at the rates of ``floats`` (as ``forward_all``)."""
+    outs, masks = forward_all(program, X, params, floats, counter, buffers)
     G = np.empty_like(outs[-1])
     w = np.ones(X.shape[0], dtype=X.dtype) if w is None else w
     value = LOSS_KERNELS[loss](outs[-1], Y, w, G)
@@ -453,11 +455,11 @@ def loss_grad(X, Y, program, params, loss, w=None, reg=None, reg_per_weight=Fals
 
 
 def train_batches(X, Y, order, batch_size, program, params, loss, optimizer_step,
-                  rates=None, counter=None, reg=None, clip_value=0.0, clip_norm=0.0,
+                  floats=None, counter=None, reg=None, clip_value=0.0, clip_norm=0.0,
                   measure=False, buffers=None):
     """One epoch of mini-batch training.  ``optimizer_step(params, grad)``
     updates params in place (e.g. ``fastbp.optim.Adam().step``).  With
-    ``rates`` and ``counter`` dropout is on; ``reg`` adds weight penalties;
+    ``counter`` dropout is on (rates in ``floats``); ``reg`` adds weight penalties;
     gradients are clipped as ``clip_and_measure``.  Returns the per-batch
     losses and (with ``measure``) the sum over batches of the per-row
     gradient norms."""
@@ -465,7 +467,7 @@ def train_batches(X, Y, order, batch_size, program, params, loss, optimizer_step
     for start in range(0, X.shape[0], batch_size):
         rows = order[start:start + batch_size]
         value, grad = loss_grad(X[rows], Y[rows], program, params, loss, reg=reg,
-                                rates=rates, counter=counter, buffers=buffers)
+                                floats=floats, counter=counter, buffers=buffers)
         if clip_value > 0 or clip_norm > 0 or measure:
             norms += clip_and_measure(program, grad, clip_value, clip_norm)
         optimizer_step(params, grad)

@@ -56,7 +56,7 @@ def test_training_matches_reference(rng, dtype):
     reference.train_batches(X, np.eye(3, dtype=dtype)[y], np.arange(48), 12, net._program, params,
                             "cross_entropy",
                             lambda p, g: reference.sgd_step(p, g, None, 1, 0.1, 0, 0, False, 0),
-                            rates=net._rates, counter=net._dropout_rng.copy(), buffers=buffers)
+                            floats=net._floats, counter=net._dropout_rng.copy(), buffers=buffers)
     net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=0.1), epochs=1,
             batch_size=12, shuffle=False, verbose=0)
     assert_close(net.params, params, dtype)
@@ -70,7 +70,8 @@ def test_eval_mode_gradient_and_reference(rng):
     X, y = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
     value, grad = net.loss_and_grad(X, y, loss="cross_entropy")
     value_ref, grad_ref = reference.loss_grad(X, np.eye(3)[y], net._program, net.params,
-                                              "cross_entropy", buffers=net._buffers.copy())
+                                              "cross_entropy", floats=net._floats,
+                                              buffers=net._buffers.copy())
     assert_close(value, value_ref, "float64")
     assert_close(grad, grad_ref, "float64")
     assert fastbp.gradcheck(net, X, y, loss="cross_entropy") < 1e-5

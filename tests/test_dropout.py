@@ -30,7 +30,7 @@ def _assert_sgd_matches_reference(net, X, y, lr, epochs, dtype):
         reference.train_batches(X, Y, np.arange(len(X)), 16, net._program, params,
                                 "cross_entropy",
                                 lambda p, g: reference.sgd_step(p, g, None, 1, lr, 0, 0, False, 0),
-                                rates=net._rates, counter=counter)
+                                floats=net._floats, counter=counter)
     net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=lr), epochs=epochs,
             batch_size=16, shuffle=False, verbose=0)
     assert net._dropout_rng[0] == counter[0]

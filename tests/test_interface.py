@@ -12,9 +12,9 @@ from helpers import assert_close
 from fastbp import activations, reference, regularizers
 from fastbp._ext import dense
 from fastbp._ext import losses as c_losses
-from fastbp._ext.engine import (ACT, ACT_OFF, ACTIVITY_L1, AUX_OFF, B_OFF, BUF_OFF, KIND, L1,
-                                L2, N_COLS, N_IN, N_OUT, N_REG, TRAINABLE, W_OFF, Act, Kind,
-                                Loss, Status)
+from fastbp._ext.engine import (ACT, ACT_OFF, ACTIVITY_L1, AUX_OFF, B_OFF, BUF_OFF, EPS, KIND,
+                                L1, L2, MOMENTUM, N_COLS, N_FLOATS, N_IN, N_OUT, N_REG, RATE,
+                                TRAINABLE, W_OFF, Act, Kind, Loss, Status)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -44,6 +44,7 @@ def test_column_names_cover_the_program():
     assert sorted([KIND, N_IN, N_OUT, ACT, W_OFF, B_OFF, ACT_OFF, TRAINABLE, AUX_OFF,
                    BUF_OFF]) == list(range(N_COLS))
     assert sorted([L2, L1, ACTIVITY_L1]) == list(range(N_REG))
+    assert sorted([RATE, MOMENTUM, EPS]) == list(range(N_FLOATS))
 
 
 def test_program_columns_by_name():
@@ -76,6 +77,11 @@ def test_program_columns_by_name():
     # BatchNorm's 1/std (6), then the DropConnect row's W_eff and mask (2 * 36)
     assert program[2, AUX_OFF] == 0 and program[4, AUX_OFF] == 6
     assert net._aux.size == 6 + 2 * 36
+    floats = net._floats
+    assert floats.shape == (8, N_FLOATS)
+    assert list(floats[:, RATE]) == [0, 0.2, 0, 0, 0.1, 0, 0, 0]
+    assert list(floats[:, MOMENTUM]) == [0, 0, 0.3, 0, 0, 0, 0, 0]
+    assert list(floats[:, EPS]) == [0, 0, 1e-3, 0, 0, 0, 0, 0]
 
 
 def test_penalty_columns_by_name():
@@ -97,10 +103,11 @@ def test_compiled_engine_reads_the_program_as_the_reference_does(dtype):
     Y = np.eye(3, dtype=dtype)[np.arange(16) % 3]
     value, grad = net.loss_and_grad(X, Y, loss="cross_entropy")
     value_ref, grad_ref = reference.loss_grad(X, Y, net._program, net.params, "cross_entropy",
-                                              reg=net._reg, buffers=net._buffers)
+                                              reg=net._reg, floats=net._floats,
+                                              buffers=net._buffers)
     assert_close(value, value_ref, dtype)
     assert_close(grad, grad_ref, dtype)
-    assert_close(net.predict(X), reference.forward_all(net._program, X, net.params,
+    assert_close(net.predict(X), reference.forward_all(net._program, X, net.params, net._floats,
                                                        buffers=net._buffers)[0][-1], dtype)
 
 

@@ -337,23 +337,36 @@ def test_summary_on_every_layer_kind(capsys):
 
 
 def test_pickles_leave_fit_scratch_behind_and_train_on(rng):
-    """fit's workspace is scratch: not pickled, remade by the next fit; a
-    pickle from fastbp 0.1.0, which held it as ``_workspaces``, loads too."""
+    """fit's workspace is scratch: not pickled, remade by the next fit."""
     import pickle
     X, y = _classification(rng)
     net = _net()
     net.fit(X, y, loss="cross_entropy", epochs=1, verbose=0)
-    state = net.__getstate__()
-    assert "_fit_workspace" not in state
+    assert "_fit_workspace" not in net.__getstate__()
     twin = pickle.loads(pickle.dumps(net))
-    old = fastbp.Sequential.__new__(fastbp.Sequential)
-    old.__setstate__(pickle.loads(pickle.dumps({**state, "_workspaces": {"main": net._workspace(8)}})))
-    assert not hasattr(old, "_workspaces")
-    for copy in (twin, old):
-        copy.fit(X, y, loss="cross_entropy", epochs=1, verbose=0)
+    twin.fit(X, y, loss="cross_entropy", epochs=1, verbose=0)
     net.fit(X, y, loss="cross_entropy", epochs=1, verbose=0)
     np.testing.assert_array_equal(twin.params, net.params)
-    np.testing.assert_array_equal(old.params, net.params)
+
+
+def test_an_unpickled_models_layers_are_views_of_its_params(rng):
+    """Pickle copies views apart: an unpickled model's layer.W, b (gamma,
+    beta, running statistics) were copies, so set_weights changed nothing
+    and get_weights went stale once it trained."""
+    import pickle
+    X, y = _classification(rng)
+    net = fastbp.Sequential([fastbp.Dense(4), fastbp.BatchNorm(), fastbp.Dense(3)], seed=0)
+    net.fit(X, y, loss="cross_entropy", epochs=1, verbose=0)
+    twin = pickle.loads(pickle.dumps(net))
+    dense, norm = twin.layers[0], twin.layers[1]
+    for view, base in [(dense.W, twin.params), (dense.b, twin.params),
+                       (norm.gamma, twin.params), (norm.running_var, twin._buffers)]:
+        assert np.shares_memory(view, base)
+    twin.set_weights([(np.ones((5, 4)), np.zeros(4)), (np.ones((4, 3)), np.zeros(3))])
+    np.testing.assert_array_equal(twin.params[:20], 1)
+    twin.fit(X, y, loss="cross_entropy", epochs=1, verbose=0)
+    np.testing.assert_array_equal(twin.get_weights()[0][0].ravel(), twin.params[:20])
+    np.testing.assert_array_equal(norm.running_mean, twin._buffers[:4])
 
 
 def test_two_models_train_concurrently_in_two_threads(rng):

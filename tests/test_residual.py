@@ -37,7 +37,7 @@ def test_training_with_dropout_inside_a_block_matches_reference(rng):
     reference.train_batches(X, np.eye(3)[y], np.arange(40), 10, net._program, params,
                             "cross_entropy",
                             lambda p, g: reference.sgd_step(p, g, None, 1, 0.1, 0, 0, False, 0),
-                            rates=net._rates, counter=counter)
+                            floats=net._floats, counter=counter)
     net.fit(X, y, loss="cross_entropy", optimizer=fastbp.optim.SGD(lr=0.1), batch_size=10,
             shuffle=False, verbose=0)
     assert_close(net.params, params, "float64")

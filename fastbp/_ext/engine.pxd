@@ -4,9 +4,9 @@
 # (constants only, so cimporting them imports nothing at run time), and
 # Python reads them as attributes of the compiled module,
 # ``fastbp._ext.engine.N_IN`` or ``fastbp._ext.engine.Kind.DENSE``
-# (fastbp/layers.py, activations.py, model.py, reference.py, io.py, lm.py,
-# sklearn.py).  To add a code, add it here; tests/test_interface.py holds the
-# compiled modules and the C headers to it.
+# (fastbp/program.py, layers.py, activations.py, model.py, reference.py,
+# io.py, lm.py, sklearn.py).  To add a code, add it here;
+# tests/test_interface.py holds the compiled modules and the C headers to it.
 #
 # The C headers cannot read a .pxd, so those that branch on a code keep a
 # #define of their own (epilogue.h: FBP_ACT_*, losses.h: FBP_LOSS_*); the
@@ -14,7 +14,8 @@
 # (csrc/interface.h, FBP_SAME), so a mismatch is a build error.
 
 # Columns of the program, an int64 table (n_layers, N_COLS), one row per
-# layer, written by fastbp.layers.program_row (see engine.pyx's docstring).
+# layer, written by fastbp.program.compile_program (their meaning: engine.pyx's
+# docstring).
 # Column names are unnamed enums (Cython indexes memoryviews and pointers
 # only with those), so Python sees them as ints of the module:
 # ``engine.N_IN``.
@@ -30,8 +31,18 @@ cpdef enum:
                     # per batch row (the widths of the rows before it)
     TRAINABLE = 7   # 1 if the optimizer updates the row's parameters
     AUX_OFF = 8     # offset of its scratch in aux (DropConnect, BatchNorm)
-    BUF_OFF = 9     # BatchNorm: offset of its running statistics in buffers
+    BUF_OFF = 9     # BatchNorm: offset of its running mean, then variance, in
+                    # buffers
     N_COLS = 10     # the number of columns
+
+# Columns of floats, the float64 table (n_layers, N_FLOATS) of each row's
+# real-valued settings (0 where its kind has none).
+cpdef enum:
+    RATE = 0         # the fraction dropped in training: of a DROPOUT row's
+                     # inputs, of a DENSE row's weights (DropConnect)
+    MOMENTUM = 1     # BATCHNORM: a batch's weight in the running statistics
+    EPS = 2          # BATCHNORM: added to the variance
+    N_FLOATS = 3
 
 # Columns of reg, the float64 table (n_layers, N_REG) of each row's penalties.
 cpdef enum:
