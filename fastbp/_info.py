@@ -45,7 +45,7 @@ def config():
     from . import __version__, _isa
     from ._config import CACHE
     from ._ext import dense
-    from .model import default_threads
+    from ._threads import default_threads
 
     blas = [{k: lib.get(k) for k in ("internal_api", "version", "architecture",
                                      "num_threads", "filepath")}

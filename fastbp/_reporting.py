@@ -21,6 +21,18 @@ import contextlib
 from .history import STOP_KINDS
 
 
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite loss or parameter.
+
+    The model keeps the weights of the last finite step.  Attributes
+    ``epoch`` and ``batch`` (both 1-based) say where it happened.
+    """
+
+    def __init__(self, message, epoch, batch):
+        super().__init__(message)
+        self.epoch, self.batch = epoch, batch
+
+
 class FitReport:
     """The hooks, the stop record and the printed lines of one fit.
 

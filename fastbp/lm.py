@@ -18,7 +18,8 @@ import warnings
 import numpy as np
 
 from ._ext.engine import ACT, B_OFF, KIND, N_IN, N_OUT, RATE, TRAINABLE, W_OFF, Kind
-from ._reporting import FitReport
+from ._reporting import DivergenceError, FitReport
+from ._threads import _DeferredInterrupt
 
 # fastbp.optim imports this module at its end, once Optimizer is defined, and
 # ``import fastbp`` imports fastbp.optim first, so this import always finds a
@@ -244,7 +245,7 @@ class LevenbergMarquardt(Optimizer):
         # also when it stops the fit), so the parameters, mu, t and the history
         # agree, as in Sequential.fit.
         try:
-            with _deferred_interrupt() as interrupt, report.ending():
+            with _DeferredInterrupt() as interrupt, report.ending():
                 self._iterate(net, program, X64, Y64, sqrt_w, cols, index, rows, denominator,
                               loss, first, last, validation, report, on_divergence, interrupt)
         except KeyboardInterrupt:  # one that arrived during on_train_end
@@ -314,8 +315,6 @@ class LevenbergMarquardt(Optimizer):
         """The error at the current parameters is NaN or infinite (e.g. the
         squared residuals overflow float64): no step can be judged, so stop
         as ``Sequential.fit`` does on a non-finite loss."""
-        from .model import DivergenceError
-
         message = (f"Levenberg-Marquardt diverged at epoch {epoch}: the sum of squared errors "
                    "at the current parameters is NaN or infinite (do the targets or outputs "
                    "overflow float64 when squared? scale them); training stopped with the "
@@ -326,12 +325,6 @@ class LevenbergMarquardt(Optimizer):
         if on_divergence == "raise":
             raise DivergenceError(message, epoch, 1)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def _deferred_interrupt():
-    from .model import _DeferredInterrupt  # fastbp.model imports this module
-
-    return _DeferredInterrupt()
 
 
 def _damped_step(A, g, mu):

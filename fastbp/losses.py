@@ -16,6 +16,9 @@ turned into one-hot rows before training).
     -sum_j y_j log softmax(z)_j, averaged over rows; dL/dz = (softmax(z) sum_j y_j - y)/m.
     Targets are integer labels (n,) or rows of class probabilities (n, k).
 """
+import numpy as np
+
+from ._numba.losses import KERNELS as _KERNELS
 from ._validation import resolve_name
 
 LOSSES = ("mse", "binary_cross_entropy", "cross_entropy")
@@ -41,3 +44,10 @@ def resolve(loss):
     if loss in SKLEARN:
         return loss
     return resolve_name(loss, "loss", LOSSES, ALIASES)
+
+
+def data_loss(loss, Z, Y, w=None):
+    """Weighted mean loss of outputs Z (n, k) against targets Y (n, k), no
+    penalties (w: sample weights (n,), default ones)."""
+    w = np.ones(Z.shape[0], dtype=Z.dtype) if w is None else w
+    return float(_KERNELS[loss](Z, Y, w, np.empty_like(Z)))

@@ -63,11 +63,13 @@ from sklearn.utils.optimize import _check_optimize_result
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ._ext.engine import B_OFF, L2, N_OUT, W_OFF
+from ._runner import STATUS_OK, _EpochRunner
+from ._threads import _blas_threads, _DeferredInterrupt
 from ._typing import ArrayLike, MatrixLike
 from ._validation import MAX_THREADS, check_n_threads, to_dtype
 from .layers import Dense, Dropout
-from .model import (STATUS_OK, Sequential, _blas_threads, _DeferredInterrupt, _EpochRunner,
-                    _OverflowError, data_loss)
+from .losses import data_loss
+from .model import Sequential, _OverflowError
 from .optim import Optimizer, _flag, _real
 
 __all__ = ["MLPClassifier", "MLPRegressor"]

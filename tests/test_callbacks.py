@@ -373,7 +373,7 @@ def test_progress_bar_advances_within_a_long_epoch(monkeypatch):
     """The bar moves after every run of batches, not only at the epoch's end.
     An epoch is made "long" by making every call into the engine one batch
     (as a slow epoch's calls of about 50 ms would be), not by making it slow."""
-    import fastbp.model as fm
+    import fastbp._runner as fm
 
     monkeypatch.setattr(fm, "_CALL_SECONDS", 1e-12)
     X, y = _data()

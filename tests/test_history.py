@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastbp
-import fastbp.model as fm
+import fastbp._runner as fm
 from fastbp import callbacks as cb
 from fastbp.optim import LevenbergMarquardt
 

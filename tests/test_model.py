@@ -219,7 +219,7 @@ def test_frozen_layer_keeps_its_parameters(rng):
 
 def test_the_engine_is_called_a_constant_number_of_times_per_epoch(rng, monkeypatch):
     """Python enters compiled code for runs of batches, not per batch or layer."""
-    from fastbp import model
+    from fastbp import _runner as model
 
     calls = []
     real = model._engine.train_batches
@@ -401,7 +401,7 @@ def test_two_models_train_concurrently_in_two_threads(rng):
 def test_n_threads_limits_blas_during_fit_and_restores_it(rng, monkeypatch):
     from threadpoolctl import threadpool_info
 
-    from fastbp import model
+    from fastbp import _runner as model
 
     seen = []
     real = model._engine.train_batches

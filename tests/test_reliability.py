@@ -508,7 +508,7 @@ def test_zero_weight_batches_in_shuffled_epochs_are_skipped(monkeypatch):
     """Half the weights zero at batch size 2: whether a batch is all zero
     depends on the shuffle.  Training completes, and the step count is the
     number of batches with weight."""
-    from fastbp import model
+    from fastbp import _runner as model
 
     spy = _EngineSpy(model._engine)
     monkeypatch.setattr(model, "_engine", spy)
@@ -685,7 +685,7 @@ _SIGINT_IN_LAST_CALL = """
     import json, signal, warnings
     import numpy as np
     import fastbp
-    from fastbp import model
+    from fastbp import _runner as model
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(256, 6))

@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sparse
 
 import fastbp
-import fastbp.model
+import fastbp._runner
 from helpers import DTYPES, assert_close
 
 FORMATS = {"csr": sparse.csr_matrix, "csc": sparse.csc_matrix, "coo": sparse.coo_matrix,
@@ -40,7 +40,7 @@ def test_fit_on_sparse_X_is_bitwise_the_fit_on_its_dense_copy(rng, monkeypatch, 
     batch = 32
     if pieces != "default":
         count = {"one batch": 1, "three batches": 3}[pieces]
-        monkeypatch.setattr(fastbp.model, "_SPARSE_ELEMENTS", count * batch * X.shape[1])
+        monkeypatch.setattr(fastbp._runner, "_SPARSE_ELEMENTS", count * batch * X.shape[1])
     w = rng.random(len(y))
     for shuffle in (True, False):
         kw = dict(loss="cross_entropy", epochs=2, batch_size=batch, shuffle=shuffle,
@@ -80,7 +80,7 @@ def test_predict_on_a_wide_sparse_X_works_in_smaller_pieces(rng, monkeypatch, dt
     differently, so the outputs agree to the dtype's rounding."""
     X, _ = _data(rng)
     net = _net(dtype).build(X.shape[1])
-    monkeypatch.setattr(fastbp.model, "_SPARSE_ELEMENTS", 7 * X.shape[1])
+    monkeypatch.setattr(fastbp._runner, "_SPARSE_ELEMENTS", 7 * X.shape[1])
     assert_close(net.predict(sparse.csr_matrix(X)), net.predict(X), dtype)
 
 
@@ -110,7 +110,7 @@ def test_divergence_in_the_update_rolls_back_across_pieces(rng, monkeypatch):
     """The replay from the epoch's snapshot runs through the sparse pieces
     too (here one batch a piece): the weights are exactly those after the
     last finite step (tests/test_model.py's dense case)."""
-    monkeypatch.setattr(fastbp.model, "_SPARSE_ELEMENTS", 10 * 5)
+    monkeypatch.setattr(fastbp._runner, "_SPARSE_ELEMENTS", 10 * 5)
     X = rng.normal(size=(40, 5))
     y = rng.integers(0, 3, 40)
     X[:30] *= 1e-12

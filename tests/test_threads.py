@@ -573,7 +573,7 @@ def test_n_threads_pins_each_fit_whatever_another_thread_runs(tmp_path):
 def test_blas_thread_counts_take_turns_in_arrival_order():
     """Calls that want the same BLAS count run together; one that wants
     another waits for them, and later calls wait behind it (no starving)."""
-    from fastbp import model
+    from fastbp import _threads as model
 
     own = model._BLAS._read()
     log = []
@@ -609,7 +609,7 @@ def test_blas_thread_counts_take_turns_in_arrival_order():
 
 
 def _predict_in_child(queue):
-    from fastbp import model
+    from fastbp import _threads as model
 
     net = fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.Dense(2)], seed=0)
     out = net.build(3).predict(np.ones((4, 3)))
@@ -620,7 +620,7 @@ def _predict_in_child(queue):
 def test_a_child_forked_while_a_thread_holds_blas_predicts():
     """The fork copies the BLAS lock held by a thread that is not in the
     child: the child starts afresh, with BLAS's own thread count."""
-    from fastbp import model
+    from fastbp import _threads as model
 
     own = model._BLAS._read()
     inside, release = threading.Event(), threading.Event()

@@ -50,7 +50,7 @@ _CHILD = r"""
 import contextlib, io, json, re, signal, sys, warnings
 import numpy as np
 import fastbp
-import fastbp.model as fm
+import fastbp._runner as fm
 from fastbp import callbacks as cb
 from fastbp.history import STOP_KINDS
 

@@ -1,0 +1,363 @@
+"""The engine runner: workspaces, scratch, and the only caller of the
+compiled engine's train entry (``fastbp._ext.engine.train_batches``).
+
+``_EpochRunner`` drives one fit's epochs through the engine: it allocates
+everything once per fit (index order, per-batch losses, snapshots), shuffles
+once per epoch, runs batches in calls of about ``_CALL_SECONDS``, densifies
+a sparse X a piece at a time, and on a non-finite weight rolls the model
+back to the epoch's snapshot and replays the finite steps.  ``_Workspace``
+holds a fit's buffers for one mini-batch; ``_ScratchPool`` lends inference
+calls (predict, loss_and_grad) scratch of their own, so calls in several
+Python threads never share a buffer.
+
+It reads the model's engine tables (``net._program``, ``net._params``, ...)
+but imports neither ``fastbp.model`` nor the fit driver (``fastbp._fit``):
+both import it.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+
+from ._ext import engine as _engine
+from ._ext.engine import Status
+from ._numba.losses import loss_cfunc
+from ._numba.optim import step_cfunc
+from ._threads import _BLAS
+from .layers import BatchNorm
+
+#: target duration of one call into the engine during fit; between calls
+#: Python handles Ctrl-C and nothing else, so this only bounds its latency.
+_CALL_SECONDS = 0.05
+#: elements of activation workspace used by predict / evaluate per chunk
+_PREDICT_ELEMENTS = 1 << 22
+#: values of a sparse X made dense at a time by fit (at least one batch)
+_SPARSE_ELEMENTS = 1 << 22
+
+STATUS_OK, STATUS_LOSS_NONFINITE, STATUS_PARAMS_NONFINITE = (
+    Status.OK, Status.LOSS_NONFINITE, Status.PARAMS_NONFINITE)
+
+
+
+class _Workspace:
+    """Buffers for ``rows`` samples: every layer's output, two delta buffers,
+    and the gathered batch.  Allocated once and reused for any m <= rows."""
+
+    def __init__(self, rows, program, n_out, dtype):
+        self.rows = rows
+        self.acts = np.empty(rows * program.act_width, dtype=dtype)
+        self.deltas = np.empty(2 * rows * program.delta_width, dtype=dtype)
+        self.xb = np.empty(rows * program.n_features, dtype=dtype)
+        self.yb = np.empty(rows * n_out, dtype=dtype)
+        self.wb = np.empty(rows, dtype=dtype)
+
+
+class _Scratch:
+    """Buffers of one inference call (predict, loss_and_grad) for up to
+    ``rows`` rows: every layer's output, the two delta buffers if the call
+    goes backward, and the aux values an inference pass writes."""
+
+    def __init__(self, rows, pool, deltas):
+        self.rows = rows
+        self.acts = np.empty(rows * pool.width, dtype=pool.dtype)
+        self.deltas = np.empty(2 * rows * pool.delta_width, dtype=pool.dtype) if deltas else None
+        # Without the GIL, an inference pass writes only its acts, deltas and
+        # BatchNorm's 1/std in aux (DropConnect's aux is training's alone):
+        # a model without BatchNorm lends its own aux, which no call writes.
+        self.aux = np.empty(pool.aux_size, dtype=pool.dtype) if pool.private_aux else pool.aux
+
+
+class _ScratchPool:
+    """The scratch of a built model's inference calls, which may run at the
+    same time in several Python threads: each call takes a ``_Scratch`` for
+    itself and gives it back, so no two calls write the same buffer and
+    back-to-back calls (a web server's one-row predicts) allocate nothing.
+    There are never more of them than calls that ran at once: a call that
+    finds none large enough replaces the largest free one.  Sizes are
+    rounded up to a power of two of rows (at most a predict chunk), so
+    growing calls reallocate a few times, not every time."""
+
+    def __init__(self, net):
+        self.width = net._compiled.act_width
+        self.delta_width = net._compiled.delta_width
+        self.dtype = net.dtype
+        self.aux = net._aux
+        self.aux_size = net._compiled.n_aux
+        self.private_aux = any(isinstance(layer, BatchNorm) for layer in net.layers)
+        #: rows of one predict chunk (its activations take _PREDICT_ELEMENTS)
+        self.chunk_rows = max(1, _PREDICT_ELEMENTS // self.width)
+        self._free = []
+        self._lock = threading.Lock()
+
+    def take(self, rows, deltas=False):
+        """A scratch for ``rows`` rows (with delta buffers if ``deltas``),
+        the calling thread's own until ``give``."""
+        with self._lock:
+            last = self._free[-1] if self._free else None
+            if last is not None and last.rows >= rows and (last.deltas is not None or not deltas):
+                return self._free.pop()  # the usual case: calls of one size
+            fits = [s for s in self._free
+                    if s.rows >= rows and (s.deltas is not None or not deltas)]
+            if fits:
+                scratch = min(fits, key=lambda s: s.rows)
+                self._free.remove(scratch)
+                return scratch
+            if self._free:
+                self._free.remove(max(self._free, key=lambda s: s.rows))
+        if rows < self.chunk_rows:
+            rows = min(self.chunk_rows, 1 << (rows - 1).bit_length())
+        return _Scratch(rows, self, deltas)
+
+    def give(self, scratch):
+        with self._lock:
+            self._free.append(scratch)
+
+
+def _dense_rows(X):
+    """X as a dense array: a checked CSR matrix made dense, an array as is."""
+    return X if isinstance(X, np.ndarray) else X.toarray()
+
+
+def _forward_sparse(X, program, params, ws, out, chunk, buffers):
+    """``engine.forward`` of a CSR matrix through ``program`` (a Program),
+    made dense in pieces of at most ``chunk`` rows (the workspace's) and
+    _SPARSE_ELEMENTS values (a wide X) in one buffer; the caller holds BLAS,
+    as for a dense X."""
+    rows_at_once = max(1, min(chunk, _SPARSE_ELEMENTS // X.shape[1]))
+    block = np.empty((rows_at_once, X.shape[1]), dtype=out.dtype)
+    for start in range(0, X.shape[0], rows_at_once):
+        stop = min(start + rows_at_once, X.shape[0])
+        rows = block[:stop - start]
+        X[start:stop].toarray(out=rows)
+        _engine.forward(rows, program.rows, program.floats, params, ws.acts, out[start:stop],
+                        chunk, ws.aux, buffers)
+
+
+
+def _checked_hyper(opt):
+    """The optimizer's packed hyperparameters, refused if a callback made
+    them non-finite or the learning rate negative."""
+    hyper = opt._hyper()
+    if not np.isfinite(hyper).all() or getattr(opt, "lr", 0.0) < 0:
+        raise ValueError(f"invalid hyperparameters for {type(opt).__name__} (set between "
+                         f"epochs?): {opt!r}")
+    return hyper
+
+
+
+def _batch_weight_sums(w, batch):
+    """Each batch's sum of the weights ``w`` (in batch order), added left to
+    right in float64 exactly as the engine adds them (np.add.reduceat may
+    add pairwise: with negative weights, its zero is not the engine's)."""
+    w = w.astype(np.float64)
+    n_full = len(w) // batch
+    sums = np.empty(math.ceil(len(w) / batch))
+    if n_full:
+        sums[:n_full] = np.add.accumulate(w[:n_full * batch].reshape(n_full, batch), axis=1)[:, -1]
+    if len(w) % batch:
+        sums[-1] = np.add.accumulate(w[n_full * batch:])[-1]
+    return sums
+
+
+class _EpochRunner:
+    """Drives the engine through epochs: everything allocated here is
+    allocated once per fit, none of it per step."""
+
+    def __init__(self, net, X, Y, W, batch, shuffle, loss, opt, state):
+        self.net, self.X, self.Y, self.W = net, X, Y, W
+        self.batch, self.shuffle = batch, bool(shuffle)
+        self.opt = opt
+        self.state = state.reshape(-1)
+        self.n_batches = math.ceil(X.shape[0] / batch)
+        self.identity = np.arange(X.shape[0], dtype=np.int64)
+        self.order = self.identity.copy()
+        self.batch_loss = np.zeros(self.n_batches)
+        # Weight of each batch in the epoch's mean loss: its sample count, or
+        # its sum of sample weights (recomputed per epoch when shuffled).
+        self.sizes = np.full(self.n_batches, batch, dtype=np.float64)
+        self.sizes[-1] = X.shape[0] - batch * (self.n_batches - 1)
+        self.counts = self.sizes.copy()
+        self.uniform = bool(np.all(W == 1))
+        self.total = float(X.shape[0]) if self.uniform else float(W.sum(dtype=np.float64))
+        # scikit-learn weighs each batch's loss by its sample count even with
+        # sample weights (fastbp.sklearn sets this).
+        self.count_by_samples = False
+        self.clip_value = self.clip_norm = 0.0
+        self.grad_norms = np.zeros(0)  # per-layer sums of batch gradient norms, if recorded
+        self.ws = net._workspace(batch)
+        # A sparse X is densified a piece at a time (_train_sparse_batches):
+        # whole batches, about _SPARSE_ELEMENTS values or one batch.
+        self.sparse_rows = 0
+        if not isinstance(X, np.ndarray):
+            self.sparse_rows = batch * max(1, _SPARSE_ELEMENTS // (X.shape[1] * batch))
+            self.sparse_block = np.empty((min(self.sparse_rows, X.shape[0]), X.shape[1]),
+                                         dtype=net.dtype)
+        self.segments = net._segments()
+        self.loss_addr = loss_cfunc(loss, net.dtype)
+        self.step_addr = step_cfunc(opt.kernel, net.dtype)
+        self.hyper = opt._hyper()
+        # Snapshot at the start of each epoch (or resume point): lets a
+        # divergence be rolled back to the last finite step by replaying.
+        self.snap_params = np.empty_like(net._params)
+        self.snap_state = np.empty_like(self.state)
+        self.chunk = 1
+        self.steps = 0
+        self.first = 0
+        # Called with the epoch's batch count after each run of batches (a
+        # progress bar's within-epoch steps), or None: once per call into the
+        # engine, not per batch.
+        self.after_batches = None
+
+    def refresh_optimizer(self):
+        """Take up what changed on the optimizer since the last epoch: its
+        hyperparameters (checked), and its state if it was reset or replaced."""
+        state = self.opt._state_for(self.net.n_params, self.net.dtype).reshape(-1)
+        if state.ctypes.data != self.state.ctypes.data:
+            self.state = state
+            self.snap_state = np.empty_like(state)
+        self.hyper[...] = _checked_hyper(self.opt)  # checked against the state's dtype
+
+    def start_epoch(self, resume=None, order=None):
+        """Shuffle for a new epoch (or use ``order``), or rebuild the order of
+        an unfinished one from its saved RNG state; returns the first batch."""
+        rng = self.net._shuffle_rng
+        if resume is not None:
+            rng.bit_generator.state = resume["rng_state"]
+        self.rng_state = rng.bit_generator.state  # before this epoch's shuffle
+        self.gather = self.shuffle or order is not None
+        if order is not None:
+            self.order[...] = order
+        elif self.shuffle:
+            # Each epoch's order depends only on the RNG, not on earlier
+            # epochs' orders, so fit(2 epochs) twice == fit(4 epochs).
+            self.order[...] = self.identity
+            rng.shuffle(self.order)
+        if not self.uniform:
+            w = self.W[self.order] if (self.shuffle or order is not None) else self.W
+            if self.count_by_samples:
+                # A batch whose weights sum to zero is skipped by the engine:
+                # it has no weight in the mean either.
+                self.sizes[...] = self.counts
+                self.sizes[_batch_weight_sums(w, self.batch) == 0] = 0
+            else:
+                self.sizes[...] = np.add.reduceat(w.astype(np.float64),
+                                                  np.arange(0, len(w), self.batch))
+        self.steps = 0  # updates applied in this epoch (this run of it)
+        self.first = 0 if resume is None else resume["batch"]
+        self.grad_norms[...] = 0
+        self.loss_before = 0.0 if resume is None else resume["loss_sum"]
+        self.snap_params[...] = self.net._params
+        self.snap_state[...] = self.state
+        self.snap_t = self.opt.t
+        self.snap_dropout = self.net._dropout_rng.copy()
+        self.snap_buffers = self.net._buffers.copy()
+        return self.first
+
+    def rows_run(self):
+        """Rows of this epoch trained by this run of it: all, or a resumed
+        epoch's from its first batch on."""
+        return self.X.shape[0] - self.first * self.batch
+
+    def position(self, epoch, batch):
+        """Where an unfinished epoch stands (saved in checkpoints)."""
+        return {"epoch": epoch, "batch": batch, "rng_state": self.rng_state,
+                "loss_sum": self._loss_sum(batch), "n_samples": self.X.shape[0],
+                "batch_size": self.batch, "shuffle": self.shuffle}
+
+    def _loss_sum(self, upto):
+        # Summed strictly left to right (add.accumulate, not dot's blocked
+        # sum), so an epoch resumed from a checkpoint at batch j gives the
+        # same last bit as one run straight through.
+        done = slice(self.first, upto)
+        terms = np.empty(upto - self.first + 1)
+        terms[0] = self.loss_before
+        np.multiply(self.batch_loss[done], self.sizes[done], out=terms[1:])
+        return float(np.add.accumulate(terms)[-1])
+
+    def epoch_loss(self):
+        """Mean training loss over the epoch's samples (weighted)."""
+        total = self.total
+        if self.count_by_samples:
+            total = float(self.X.shape[0]) if self.uniform else float(self.sizes.sum())
+        return self._loss_sum(self.n_batches) / total
+
+    def _call(self, first, count):
+        with _BLAS:  # BLAS at this fit's thread count (whatever other threads run)
+            return self._train_batches(first, count)
+
+    def _train_batches(self, first, count):
+        if self.sparse_rows:
+            return self._train_sparse_batches(first, count)
+        ws, net = self.ws, self.net
+        done, steps, status = _engine.train_batches(
+            self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
+            net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
+            self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
+            self.opt.t, net._reg, net._reg_per_weight, net._floats, net._dropout_rng, net._aux,
+            net._buffers, self.clip_value, self.clip_norm, self.grad_norms, self.batch_loss)
+        # Batches whose weights sum to zero were skipped: t counts updates.
+        self.opt.t += steps
+        self.steps += steps
+        return done, status
+
+    def _train_sparse_batches(self, first, count):
+        """``_train_batches`` on a sparse X: each piece of at most
+        ``sparse_rows`` rows (whole batches) is made dense in ``sparse_block``
+        in batch order (so the engine takes its rows in place, as it would
+        have gathered them) and run as batches 0, 1, ... of that piece."""
+        ws, net, batch = self.ws, self.net, self.batch
+        per_call = self.sparse_rows // batch
+        done, b, end = 0, first, first + count
+        while b < end:
+            k = min(per_call, end - b)
+            lo, hi = b * batch, min((b + k) * batch, self.X.shape[0])
+            rows = self.order[lo:hi] if self.gather else slice(lo, hi)
+            block = self.sparse_block[:hi - lo]
+            self.X[rows].toarray(out=block)
+            got, steps, status = _engine.train_batches(
+                block, self.Y[rows], self.W[rows], self.order[:0], False, batch, 0, k,
+                net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
+                self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
+                self.opt.t, net._reg, net._reg_per_weight, net._floats, net._dropout_rng,
+                net._aux, net._buffers, self.clip_value, self.clip_norm, self.grad_norms,
+                self.batch_loss[b:b + k])
+            self.opt.t += steps
+            self.steps += steps
+            done += got
+            if status != STATUS_OK:
+                break
+            b += k
+        return done, status
+
+    def run(self, b, stop, interrupt):
+        """Run batches b .. stop-1 in calls of about _CALL_SECONDS, stopping
+        early at a call boundary if Ctrl-C was pressed.  Returns (status, b)
+        with b the next batch to run (on divergence: the failing batch, with
+        the model rolled back to the step before it)."""
+        while b < stop and not interrupt.requested:
+            count = min(self.chunk, stop - b)
+            start = time.perf_counter()
+            done, status = self._call(b, count)
+            elapsed = time.perf_counter() - start
+            if status != STATUS_OK:
+                if status == STATUS_PARAMS_NONFINITE:
+                    # Roll back to the snapshot and replay the finite steps.
+                    self.net._params[...] = self.snap_params
+                    self.state[...] = self.snap_state
+                    self.opt.t = self.snap_t
+                    self.net._dropout_rng[...] = self.snap_dropout
+                    self.net._buffers[...] = self.snap_buffers
+                    self.steps = 0
+                    self._call(self.first, b + done - self.first)
+                return status, b + done
+            b += done
+            # Grow the run of batches per call towards _CALL_SECONDS.
+            per_batch = elapsed / max(done, 1)
+            self.chunk = max(1, min(self.n_batches, int(_CALL_SECONDS / max(per_batch, 1e-7))))
+            if self.after_batches is not None:
+                self.after_batches(b)
+        return STATUS_OK, b
+
