@@ -18,15 +18,13 @@ import warnings
 import numpy as np
 
 from ._ext.engine import ACT, B_OFF, KIND, N_IN, N_OUT, RATE, TRAINABLE, W_OFF, Kind
+# Subclassing Optimizer is what lets ``Sequential.fit(optimizer=
+# LevenbergMarquardt())`` accept it (``fastbp.optim.get`` takes Optimizer
+# instances); fastbp.optim imports this module, so the base class comes from
+# fastbp._optimizer, not from there.
+from ._optimizer import Optimizer, _check, _real
 from ._reporting import DivergenceError, FitReport
 from ._threads import _DeferredInterrupt
-
-# fastbp.optim imports this module at its end, once Optimizer is defined, and
-# ``import fastbp`` imports fastbp.optim first, so this import always finds a
-# (possibly still initializing) fastbp.optim that has Optimizer.  Subclassing
-# Optimizer is what lets ``Sequential.fit(optimizer=LevenbergMarquardt())``
-# accept it (``fastbp.optim.get`` takes Optimizer instances).
-from .optim import Optimizer, _check, _real
 from .reference import activation_derivative, forward_all
 
 __all__ = ["LevenbergMarquardt"]

@@ -37,7 +37,7 @@ from typing import Any, Callable, TypeVar, cast
 
 import numpy as np
 
-from . import _fit, _resume
+from . import _fit, _format, _resume
 from . import losses as _losses
 from . import optim as _optim
 from ._ext import engine as _engine
@@ -655,9 +655,91 @@ class Sequential:
         dtype, weights, optimizer and its state, RNG state, history, and the
         position in an unfinished epoch.  Read it back with ``fastbp.load``.
         The format is described in ``fastbp.io``."""
-        from .io import save_model
+        _format.write(self._state(), path)
 
-        save_model(self, path)
+    def _state(self):
+        """Everything the model holds, as plain values, like torch's
+        ``state_dict``: ``fastbp.io`` turns it into a file and
+        ``_from_state`` back into a model.
+
+        Keys: ``dtype`` (str), ``seed``, ``layers`` (the model's Layer
+        objects), ``n_features`` (None while not built), ``optimizer`` (the
+        Optimizer, holding its own state, or None), ``history`` (History),
+        ``position`` (a copy of an unfinished epoch's position, or None),
+        ``last_loss``, ``fit_settings``; and, None while not built,
+        ``params`` (n_params,), ``buffers`` (for each BatchNorm layer in
+        order its running mean (n,), running variance (n,) and eps (1,);
+        None without BatchNorm), ``shuffle_rng_state`` (dict) and
+        ``dropout_state`` (int).  Arrays are read-only views or new arrays.
+        """
+        built = self.built
+        params = None
+        if built:
+            params = self._params.view()
+            params.flags.writeable = False
+        return {"dtype": self.dtype.name, "seed": self.seed, "layers": self.layers,
+                "n_features": self.n_features, "optimizer": self.optimizer,
+                "history": self.history,
+                "position": None if self._position is None else dict(self._position),
+                "last_loss": self._last_loss, "fit_settings": self._fit_settings,
+                "params": params, "buffers": self._running_stats() if built else None,
+                "shuffle_rng_state": self._shuffle_rng.bit_generator.state if built else None,
+                "dropout_state": int(self._dropout_rng[0]) if built else None}
+
+    @classmethod
+    def _from_state(cls, state):
+        """The model that ``state`` (``_state``'s form) describes.  Its values
+        are checked here as far as the model needs (architecture, finite
+        parameters, running statistics): ValueError naming the problem."""
+        try:
+            net = cls(state["layers"], dtype=state["dtype"], seed=state["seed"])
+        except ValueError as exc:  # e.g. residual markers that do not pair up
+            raise ValueError(f"invalid architecture: {exc}") from None
+        if state["n_features"] is not None:
+            params = state["params"]
+            if not np.isfinite(params).all():
+                raise ValueError("params contain NaN or infinity")
+            try:
+                net.build(state["n_features"])
+            except (ValueError, TypeError, OverflowError) as exc:  # e.g. a seed numpy refuses
+                raise ValueError(f"cannot build the model: {exc}") from None
+            net._params[...] = params
+            if state["buffers"] is not None:
+                net._set_running_stats(state["buffers"])
+            net._shuffle_rng.bit_generator.state = state["shuffle_rng_state"]
+            net._dropout_rng[0] = state["dropout_state"]
+            net._position = state["position"]
+        net.history = state["history"]
+        net.optimizer = state["optimizer"]
+        net._last_loss = state["last_loss"]
+        net._fit_settings = state["fit_settings"]
+        return net
+
+    def _running_stats(self):
+        """The BatchNorm layers' running statistics in ``_state``'s layout
+        (mean, variance, eps of each, in order), or None without BatchNorm."""
+        parts = [np.concatenate([layer.running_mean, layer.running_var,
+                                 np.array([eps], self.dtype)])
+                 for layer, eps in zip(self.layers, self._compiled["eps"])
+                 if isinstance(layer, BatchNorm)]
+        return np.concatenate(parts) if parts else None
+
+    def _set_running_stats(self, saved):
+        """Running statistics from ``_running_stats``' layout into the
+        layers; the eps entries are not read: eps comes from the layers'
+        configs."""
+        start = 0
+        for layer in self.layers:
+            if isinstance(layer, BatchNorm):
+                width = layer.running_mean.shape[0]
+                layer.running_mean[...] = saved[start:start + width]
+                layer.running_var[...] = saved[start + width:start + 2 * width]
+                start += 2 * width + 1
+                if not (np.isfinite(layer.running_mean).all()
+                        and np.isfinite(layer.running_var).all()
+                        and (layer.running_var >= 0).all()):
+                    raise ValueError("BatchNorm running statistics must be finite, the variance "
+                                     ">= 0")
 
     # -- conveniences ----------------------------------------------------------
     def summary(self) -> str:

@@ -151,7 +151,7 @@ def _capture_checkpoints(net, X, y, **fit_kwargs):
     """Run fit with checkpoints and return every checkpoint file's bytes with
     the position it recorded."""
     captured = []
-    real = fastbp.io.save_model
+    real = fastbp.Sequential.save
 
     def capture(model, path):
         real(model, path)
@@ -159,7 +159,7 @@ def _capture_checkpoints(net, X, y, **fit_kwargs):
             captured.append((f.read(), model._position and dict(model._position)))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fastbp.io, "save_model", capture)
+        mp.setattr(fastbp.Sequential, "save", capture)
         net.fit(X, y, **fit_kwargs)
     return captured
 
@@ -870,3 +870,21 @@ def test_hostile_files_script_finds_no_failure():
     assert counts["ModelFormatError"] + counts["loaded"] == 200
     assert counts["ModelFormatError"] > 100 and counts["loaded"] > 0
     assert counts["save targets passed"] == 12 and counts["save targets failed"] == 0
+
+
+def test_the_model_owns_its_state():
+    """fastbp.io reads and writes a model only through Sequential._state and
+    Sequential._from_state (it used to write seven of the model's private
+    attributes): a state round trip without a file gives the same model."""
+    X, y = _data(n=64)
+    net = fastbp.Sequential([fastbp.Dense(6, activation="relu"), fastbp.BatchNorm(),
+                             fastbp.Dense(3)], seed=1)
+    net.fit(X, y, loss="cross_entropy", epochs=2, verbose=0, n_threads=1)
+    state = net._state()
+    assert not state["params"].flags.writeable
+    copy = fastbp.Sequential._from_state(state)
+    assert copy.params.tobytes() == net.params.tobytes()
+    assert np.array_equal(copy.predict(X), net.predict(X))
+    assert copy._state()["buffers"].tobytes() == state["buffers"].tobytes()
+    unbuilt = fastbp.Sequential._from_state(fastbp.Sequential([fastbp.Dense(2)])._state())
+    assert not unbuilt.built
