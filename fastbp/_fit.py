@@ -151,10 +151,7 @@ def _fit_steps(net, plan, verbose, callbacks, checkpoint):
     net._last_loss, net._fit_settings = plan.loss, plan.fitted
 
     run = _EpochRunner(net, plan.X, plan.Y, plan.W, plan.batch, plan.shuffle, plan.loss, opt,
-                       state)
-    run.clip_value, run.clip_norm = plan.clip
-    if plan.grad_norms:
-        run.grad_norms = np.zeros(len(net.layers))
+                       state, clip=plan.clip, grad_norms=plan.grad_norms)
     first_epoch = net.history.n_epochs + 1
     last_epoch = first_epoch + plan.epochs - 1
     net.stop_training = False

@@ -166,7 +166,12 @@ class _EpochRunner:
     """Drives the engine through epochs: everything allocated here is
     allocated once per fit, none of it per step."""
 
-    def __init__(self, net, X, Y, W, batch, shuffle, loss, opt, state):
+    def __init__(self, net, X, Y, W, batch, shuffle, loss, opt, state, *, clip=(0.0, 0.0),
+                 grad_norms=False, count_by_samples=False):
+        """``clip``: (clip_value, clip_norm), 0.0 for off; ``grad_norms``:
+        record each layer's summed batch gradient norms; ``count_by_samples``:
+        weigh each batch's loss in the epoch's mean by its sample count even
+        with sample weights (scikit-learn's bookkeeping)."""
         self.net, self.X, self.Y, self.W = net, X, Y, W
         self.batch, self.shuffle = batch, bool(shuffle)
         self.opt = opt
@@ -182,11 +187,10 @@ class _EpochRunner:
         self.counts = self.sizes.copy()
         self.uniform = bool(np.all(W == 1))
         self.total = float(X.shape[0]) if self.uniform else float(W.sum(dtype=np.float64))
-        # scikit-learn weighs each batch's loss by its sample count even with
-        # sample weights (fastbp.sklearn sets this).
-        self.count_by_samples = False
-        self.clip_value = self.clip_norm = 0.0
-        self.grad_norms = np.zeros(0)  # per-layer sums of batch gradient norms, if recorded
+        self.count_by_samples = bool(count_by_samples)
+        self.clip_value, self.clip_norm = clip
+        # per-layer sums of batch gradient norms, if recorded
+        self.grad_norms = np.zeros(len(net.layers) if grad_norms else 0)
         self.ws = net._workspace(batch)
         # A sparse X is densified a piece at a time (_train_sparse_batches):
         # whole batches, about _SPARSE_ELEMENTS values or one batch.

@@ -499,8 +499,8 @@ class _BaseMLP(BaseEstimator):
         W = (np.ones(n_samples, dtype=X.dtype) if sample_weight is None
              else np.ascontiguousarray(sample_weight, dtype=X.dtype))
         state = opt._bind(net.n_params, net.dtype)
-        run = _EpochRunner(net, X, Y, W, batch_size, False, self._loss_name(), opt, state)
-        run.count_by_samples = True
+        run = _EpochRunner(net, X, Y, W, batch_size, False, self._loss_name(), opt, state,
+                           count_by_samples=True)
         self.n_iter_ = 0
         # Ctrl-C stops training as in scikit-learn (a warning, and fit returns
         # the model as it is), but at a call boundary or the end of an
