@@ -14,9 +14,10 @@ float64 network for a few epochs, under one hostile condition:
 - ``isa``: ``FASTBP_ISA`` at a random level, or a value it does not know;
 - ``blas_threads``: ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` from 1 to 4;
 - ``old_cpu`` (``--qemu``, x86-64 only): the child runs in ``qemu-x86_64``
-  emulating a CPU without AVX (Nehalem, Westmere, Core 2): a module built
-  for a newer CPU (``-march=native``) dies there with SIGILL; fastbp must
-  run at its baseline level;
+  emulating a CPU without AVX (Nehalem, Westmere): a module built for a
+  newer CPU (``-march=native``) dies there with SIGILL; fastbp must run at
+  its baseline level.  (Nothing older: numpy's wheels need x86-64-v2,
+  SSE4.2 and POPCNT, and ``import numpy`` itself dies on a Core 2.)
 - ``haswell`` (``--qemu``): an emulated AVX2 + FMA CPU without AVX-512.
 
 A trial passes when the child exits 0, imported the fastbp that a clean
@@ -44,7 +45,7 @@ LEVELS = ("baseline", "avx2", "avx512")
 KINDS = ("decoy_cwd", "source_cwd", "console_script", "no_home", "missing_home",
          "relative_xdg", "no_tmp", "isa", "blas_threads")
 QEMU_KINDS = ("old_cpu", "haswell")
-OLD_CPUS = ("Nehalem", "Westmere", "core2duo")
+OLD_CPUS = ("Nehalem", "Westmere")   # x86-64-v2, numpy's floor; no AVX
 TIMEOUT = {"qemu": 600, "native": 180}
 
 CHILD = r"""
