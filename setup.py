@@ -19,7 +19,8 @@ GCC_FLAGS = ("-O3", "-fno-math-errno")
 EXTENSIONS = ("dense", "engine", "losses")
 HEADERS = ("smallgemm.h", "smallgemm_pair.h", "smallgemm_impl.h", "packedgemm.h",
            "packedgemm_impl.h", "gemm.h", "pool.h", "peak.h", "losses.h", "losses_pair.h",
-           "losses_impl.h", "epilogue.h", "epilogue_pair.h", "epilogue_impl.h", "platform.h")
+           "losses_impl.h", "epilogue.h", "epilogue_pair.h", "epilogue_impl.h", "interface.h",
+           "platform.h")
 
 
 def compile_flags(compiler_type, environ=os.environ):
