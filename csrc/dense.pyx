@@ -107,7 +107,7 @@ cdef extern from "packedgemm.h" nogil:
 
 
 cdef extern from "peak.h" nogil:
-    double fbp_fma_probe(int isa, int dbl, long iters)
+    double fbp_fma_probe(int isa, int dbl, int64_t iters)
 
 
 cdef extern from "gemm.h" nogil:
@@ -195,13 +195,23 @@ FBP_SAME(FBP_ACT_LEAKY_RELU, LEAKY_RELU)
 # see their own.
 cdef extern from *:
     """
-    #if defined(_MSC_VER)
-    static __declspec(thread) int fbp_threads = 0;
+    #include "platform.h"
+    static FBP_THREAD_LOCAL int fbp_threads = 0;
+    #ifdef FBP_VECTORS
+    #define FBP_HAS_VECTORS 1
     #else
-    static __thread int fbp_threads = 0;
+    #define FBP_HAS_VECTORS 0
     #endif
     """
     int fbp_threads
+    const int FBP_HAS_VECTORS
+
+
+def vector_kernels():
+    """True if this build has fastbp's vector kernels (GCC or Clang on
+    64-bit Linux or macOS: csrc/platform.h); False for the portable build
+    (MSVC, or -DFBP_NO_VECTORS), whose products all go to BLAS."""
+    return bool(FBP_HAS_VECTORS)
 
 
 # Phase profiling (fastbp.bench --phases; off by default): when on, gemm_rm
@@ -210,15 +220,9 @@ cdef extern from *:
 # wide and unsynchronized: meant for one fit on one Python thread.
 cdef extern from * nogil:
     """
-    #include <time.h>
+    #include "platform.h"   /* fbp_now */
     static int fbp_profile_on = 0;
     static double fbp_profile_gemm = 0.0;
-    static inline double fbp_now(void)
-    {
-        struct timespec t;
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-    }
     """
     int fbp_profile_on
     double fbp_profile_gemm
@@ -507,7 +511,7 @@ def fma_peak_gflops(dtype="float32", int isa=-1, double seconds=0.1, int repeats
     ``repeats``.  Returns GFLOP/s (2 flops a multiply-add)."""
     import time
     cdef int dbl = np.dtype(dtype) == np.float64
-    cdef long iters = 1 << 16
+    cdef int64_t iters = 1 << 16
     cdef double flops
     best = 0.0
     while True:   # calibrate: long enough to time well and reach full clock
@@ -515,7 +519,7 @@ def fma_peak_gflops(dtype="float32", int isa=-1, double seconds=0.1, int repeats
         with nogil:
             flops = fbp_fma_probe(isa, dbl, iters)
         t = time.perf_counter() - t0
-        if t >= seconds / 4 or iters > (1L << 40):
+        if t >= seconds / 4 or iters > (<int64_t>1 << 40):
             break
         iters *= 4
     for _ in range(repeats):

@@ -36,7 +36,7 @@
 #define FBP_ACT_RELU 3
 #define FBP_ACT_LEAKY_RELU 4
 
-#if !defined(__GNUC__) && !defined(__clang__)
+#ifndef FBP_VECTORS
 static inline int fbp_bias_act_f32(int isa, float *z, const float *b, int64_t m, int64_t n,
                                    int act, float slope) { return 0; }
 static inline int fbp_bias_act_f64(int isa, double *z, const double *b, int64_t m, int64_t n,

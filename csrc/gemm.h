@@ -48,6 +48,15 @@
 /* path values beyond smallgemm.h's FBP_SG_* */
 #define FBP_PACKED 16
 
+/* A packed range records that it could not get its buffer; ranges may run
+ * on several threads.  Without the vector kernels (MSVC) nothing is packed
+ * and this is never reached, but it must still compile. */
+#ifdef FBP_VECTORS
+#define FBP_SET_FAILED(j) __atomic_store_n(&(j)->failed, 1, __ATOMIC_RELAXED)
+#else
+#define FBP_SET_FAILED(j) ((j)->failed = 1)
+#endif
+
 struct fbp_gemm_job {
     int isa, path, trans_a, trans_b, m, n, k, parts, by_rows, dbl, unit;
     int failed;     /* a packed range could not get its buffer */
@@ -111,7 +120,7 @@ static void fbp_gemm_task(void *ctx, int task)
                                            (const float *)j->b + bo, j->ldb,
                                            (float *)j->c + co, j->ldc);
         if (!done)
-            __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+            FBP_SET_FAILED(j);
     } else if (j->dbl)
         fbp_small_run_f64(j->isa, j->path, j->trans_a, m, n, j->k,
                           (const double *)j->a + ao, j->lda, (const double *)j->b + bo,

@@ -40,10 +40,7 @@
 #define FBP_LOSS_SK_LOG 0         /* sk_log_loss: sklearn's log_loss on softmax */
 #define FBP_LOSS_CROSS_ENTROPY 1  /* cross_entropy: torch.nn.CrossEntropyLoss */
 
-#if !defined(__GNUC__) && !defined(__clang__)
-#define FBP_INLINE inline
-#define FBP_CAT_(a, b) a##b
-#define FBP_CAT(a, b) FBP_CAT_(a, b)
+#ifndef FBP_VECTORS
 #define LS_SCALAR 1
 #define LS_ATTR
 #define LS_ISA base

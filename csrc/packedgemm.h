@@ -32,7 +32,7 @@
 
 #include "smallgemm.h"
 
-#if !defined(__GNUC__) && !defined(__clang__)
+#ifndef FBP_VECTORS
 static inline int fbp_gemm_packed_isa_f32(int isa, int ta, int tb, int m, int n, int k,
                                           const float *a, int lda, const float *b, int ldb,
                                           float *c, int ldc) { return 0; }

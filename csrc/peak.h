@@ -17,16 +17,50 @@
 #ifndef FASTBP_PEAK_H
 #define FASTBP_PEAK_H
 
+#include <stdint.h>
+
 #include "smallgemm.h"   /* FBP_ISA_*, FBP_X86_DISPATCH, FBP_CAT */
 
 #define FBP_PEAK_CHAINS 12
 
-#if !defined(__GNUC__) && !defined(__clang__)
-static inline double fbp_fma_probe(int isa, int dbl, long iters) { return 0.0; }
+#ifndef FBP_VECTORS
+/* Without vector extensions (platform.h): the same chains over arrays of a
+ * 32-byte vector's lanes in plain C, which the compiler vectorizes as it
+ * can; the baseline level's arithmetic, and the limit of this build's own
+ * loops (its products go to BLAS). */
+#define PK_PLAIN(T, NAME)                                                       \
+    static double NAME(int64_t iters)                                           \
+    {                                                                           \
+        volatile T one_v = 1, step_v = (T)1e-7;                                 \
+        T one = one_v, step = step_v, s[FBP_PEAK_CHAINS][32 / sizeof(T)];       \
+        for (int i = 0; i < FBP_PEAK_CHAINS; i++)                               \
+            for (int j = 0; j < (int)(32 / sizeof(T)); j++)                     \
+                s[i][j] = step * (T)i;                                          \
+        for (int64_t n = 0; n < iters; n++)                                     \
+            for (int i = 0; i < FBP_PEAK_CHAINS; i++)                           \
+                for (int j = 0; j < (int)(32 / sizeof(T)); j++)                 \
+                    s[i][j] = s[i][j] * one + step;                             \
+        T total = 0;                                                            \
+        for (int i = 0; i < FBP_PEAK_CHAINS; i++)                               \
+            for (int j = 0; j < (int)(32 / sizeof(T)); j++)                     \
+                total += s[i][j];                                               \
+        return (double)total;                                                   \
+    }
+PK_PLAIN(float, fbp_peak_f32_plain)
+PK_PLAIN(double, fbp_peak_f64_plain)
+#undef PK_PLAIN
+
+static double fbp_fma_probe(int isa, int dbl, int64_t iters)
+{
+    volatile double sink = dbl ? fbp_peak_f64_plain(iters) : fbp_peak_f32_plain(iters);
+    (void)isa;
+    (void)sink;
+    return 2.0 * FBP_PEAK_CHAINS * (32 / (dbl ? 8 : 4)) * (double)iters;
+}
 #else
 
 #define PK_BODY(T, BYTES, NAME, ATTR)                                           \
-    static ATTR __attribute__((noinline)) double NAME(long iters)                \
+    static ATTR __attribute__((noinline)) double NAME(int64_t iters)             \
     {                                                                           \
         typedef T vec __attribute__((vector_size(BYTES)));                      \
         /* volatile: the compiler cannot know one is 1 and fold it away */   \
@@ -38,7 +72,7 @@ static inline double fbp_fma_probe(int isa, int dbl, long iters) { return 0.0; }
         }                                                                       \
         for (int i = 0; i < FBP_PEAK_CHAINS; i++)                               \
             s[i] = step * (T)i;                                                 \
-        for (long n = 0; n < iters; n++) {                                      \
+        for (int64_t n = 0; n < iters; n++) {                                   \
             for (int i = 0; i < FBP_PEAK_CHAINS; i++)                           \
                 s[i] = s[i] * one + step;                                       \
         }                                                                       \
@@ -64,7 +98,7 @@ PK_BODY(double, 64, fbp_peak_f64_avx512, __attribute__((target("avx512f,avx2,fma
  * caller times it.  At the baseline level on x86-64 there is no FMA
  * instruction: the probe then measures separate multiplies and adds, the
  * kernels' limit at that level too. */
-static double fbp_fma_probe(int isa, int dbl, long iters)
+static double fbp_fma_probe(int isa, int dbl, int64_t iters)
 {
     isa = fbp_isa_clamp(isa);
     int bytes = 32;

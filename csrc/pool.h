@@ -34,14 +34,18 @@
  * One caller at a time owns the pool; a concurrent (or nested) caller runs
  * its tasks serially rather than wait.  After fork() the child starts with
  * no workers (pthread_atfork) and spawns new ones when it first needs them.
- * Where pthreads are missing (MSVC) everything runs serially.
+ * On Windows, and wherever the vector kernels are not built (platform.h:
+ * the pool needs pthreads, __atomic builtins and a 64-bit long), everything
+ * runs serially.
  */
 #ifndef FASTBP_POOL_H
 #define FASTBP_POOL_H
 
+#include "platform.h"   /* FBP_VECTORS */
+
 typedef void (*fbp_task_fn)(void *ctx, int task);
 
-#if defined(_WIN32) || !(defined(__GNUC__) || defined(__clang__))
+#if defined(_WIN32) || !defined(FBP_VECTORS)
 
 static inline int fbp_pool_run(int width, fbp_task_fn fn, void *ctx, int n_tasks)
 {

@@ -38,9 +38,18 @@
 #define FBP_SG_NT_DOT 4      /* NT, dot form along the shared dimension */
 #define FBP_SG_NT_COPY 5     /* NT with a short shared dimension: B.T copied */
 
-#if !defined(__GNUC__) && !defined(__clang__)
-/* No vector extensions (MSVC): every product goes to BLAS. */
+#include "platform.h"   /* FBP_VECTORS */
+
+#ifndef FBP_VECTORS
+/* No vector kernels (MSVC, MinGW, 32-bit targets; see platform.h): every
+ * product goes to BLAS.  The level names stay defined for gemm.h. */
+#include <stddef.h>
 #define FBP_ISA_BASE 0
+#define FBP_ISA_AVX2 1
+#define FBP_ISA_AVX512 2
+#define FBP_INLINE inline
+#define FBP_CAT_(a, b) a##b
+#define FBP_CAT(a, b) FBP_CAT_(a, b)
 static inline int fbp_isa_detect(void) { return FBP_ISA_BASE; }
 static inline int fbp_isa_best(void) { return FBP_ISA_BASE; }
 static inline int fbp_small_plan_f32(int isa, int ta, int tb, int m, int n, int k)
@@ -173,11 +182,31 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #include "smallgemm_pair.h"
 #endif
 
-/* The best level this machine runs (libgcc's CPU model also checks that the
- * OS saves the wider registers). */
+#if defined(FBP_X86_DISPATCH) && defined(__APPLE__)
+/* Apple's toolchain has no runtime for __builtin_cpu_supports: a module
+ * using it would fail to import on an Intel Mac (___cpu_model, a symbol
+ * nothing provides).  macOS reports the CPU's features, as far as it
+ * enables them, through sysctl instead. */
+#include <sys/sysctl.h>
+
+static int fbp_sysctl_flag(const char *name)
+{
+    int value = 0;
+    size_t size = sizeof value;
+    return sysctlbyname(name, &value, &size, NULL, 0) == 0 && value;
+}
+#endif
+
+/* The best level this machine runs (libgcc's CPU model, and macOS's
+ * sysctl, also check that the OS saves the wider registers). */
 static int fbp_isa_detect(void)
 {
-#ifdef FBP_X86_DISPATCH
+#if defined(FBP_X86_DISPATCH) && defined(__APPLE__)
+    if (fbp_sysctl_flag("hw.optional.avx512f") && fbp_sysctl_flag("hw.optional.fma"))
+        return FBP_ISA_AVX512;
+    if (fbp_sysctl_flag("hw.optional.avx2_0") && fbp_sysctl_flag("hw.optional.fma"))
+        return FBP_ISA_AVX2;
+#elif defined(FBP_X86_DISPATCH)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
         return FBP_ISA_AVX512;

@@ -39,7 +39,10 @@ A candidate that exists but is not safe is skipped with a ``RuntimeWarning``
 naming it and why (someone may have planted it), except the package's own
 ``__pycache__``, which is skipped silently.  On platforms without
 ``os.geteuid`` (Windows) ownership is not checked: the temporary folder there
-is already per user.
+is already per user.  Nor are the permission bits on Windows, where access is
+governed by ACLs and ``os.stat`` reports every folder as writable by all
+(mode 0777): checking them there would refuse every folder, warn at each
+import and turn caching off.
 """
 import os
 import stat
@@ -48,6 +51,8 @@ import warnings
 
 #: effective user id whose folders are trusted (None: not checked, Windows)
 _EUID = os.geteuid() if hasattr(os, "geteuid") else None
+#: whether st_mode's permission bits say who may write (not on Windows: ACLs)
+_MODE_BITS = os.name != "nt"
 #: Numba's own choice for the kernels' cache, beside their modules
 _PACKAGE_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_numba", "__pycache__")
 
@@ -65,6 +70,8 @@ def _unsafe(path):
         return "is not a directory"
     if _EUID is not None and st.st_uid != _EUID:
         return f"is owned by uid {st.st_uid}, not by this user (uid {_EUID})"
+    if not _MODE_BITS:
+        return None
     if st.st_mode & 0o022:
         return f"is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
     parent = os.path.dirname(os.path.abspath(path))

@@ -56,12 +56,25 @@ def config():
         "numpy": np.__version__, "scipy": scipy.__version__, "numba": numba.__version__,
         "machine": platform.machine(), "cpu": _cpu_name(), "cores": os.cpu_count(),
         "isa": _isa.level(), "isa_hardware": _isa.hardware(), "isa_requested": _isa.requested(),
+        "vector_kernels": dense.vector_kernels(),
         "kernels": [(what, dense.gemm_kernel(m, n, k, ta, tb, dtype))
                     for what, dtype, ta, tb, m, n, k in _PRODUCTS],
         "blas": blas,
         "threads": default_threads(),
         "numba_cache": (numba.config.CACHE_DIR or "beside the package") if CACHE else "off",
     }
+
+
+def _isa_reason(c):
+    """Why fastbp runs at the level it does, for show_config."""
+    if not c["vector_kernels"]:
+        return ("this build has no vector kernels (MSVC, or -DFBP_NO_VECTORS): every product "
+                "goes to BLAS")
+    if c["isa_requested"]:
+        return f"FASTBP_ISA={c['isa_requested']}; the CPU has {c['isa_hardware']}"
+    if c["machine"].lower() not in ("x86_64", "amd64"):
+        return f"the one level built for {c['machine']}: AVX2 and AVX-512 are x86-64's"
+    return "the best this CPU has; set FASTBP_ISA=avx2 or baseline to cap it"
 
 
 def show_config(file: IO[str] | None = None) -> None:
@@ -74,8 +87,7 @@ def show_config(file: IO[str] | None = None) -> None:
     """
     c = config()
     asked = c["isa_requested"]
-    why = (f"FASTBP_ISA={asked}; the CPU has {c['isa_hardware']}" if asked
-           else "the best this CPU has; set FASTBP_ISA=avx2 or baseline to cap it")
+    why = _isa_reason(c)
     lines = [
         f"fastbp {c['fastbp']}  (Python {c['python']}, numpy {c['numpy']}, scipy {c['scipy']}, "
         f"numba {c['numba']})",

@@ -92,6 +92,36 @@ def test_unusable_package_cache_falls_back_to_a_private_user_cache(home, make):
         assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o700
 
 
+class _WindowsOs:
+    """os as fastbp/_config.py would see it on Windows, where access is
+    governed by ACLs: os.stat reports every folder as mode 0777."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def _as_windows(st):
+        if stat.S_ISDIR(st.st_mode):
+            return os.stat_result((st.st_mode | 0o777,) + tuple(st)[1:])
+        return st
+
+    def lstat(self, path):
+        return self._as_windows(os.lstat(path))
+
+    def stat(self, path):
+        return self._as_windows(os.stat(path))
+
+
+def test_windows_mode_bits_do_not_refuse_every_folder(home, monkeypatch):
+    # Checking them there refused every folder: a warning at each import and
+    # no cache (kernels compiled afresh in every process).
+    monkeypatch.setattr(_config, "os", _WindowsOs())
+    monkeypatch.setattr(_config, "_EUID", None)         # no os.geteuid on Windows
+    monkeypatch.setattr(_config, "_MODE_BITS", False, raising=False)   # os.name == "nt"
+    assert _choose() is True  # and silently
+    assert numba.config.CACHE_DIR == str(home / "xdg" / "fastbp" / "numba")
+
+
 def test_missing_parents_are_created_private(home, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / "new" / "cache"))
     assert _choose() is True

@@ -55,6 +55,7 @@ SMALL_SHAPES = [
 ISAS = list(range(dense.small_gemm_isa() + 1))
 
 
+@pytest.mark.vector_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("m,n,k", SMALL_SHAPES)
@@ -79,6 +80,7 @@ def _cpu_level():
     return 2 if "avx512f" in flags and "fma" in flags else 1 if "avx2" in flags and "fma" in flags else 0
 
 
+@pytest.mark.vector_kernels
 def test_kernels_run_the_widest_vectors_the_cpu_has_unless_capped():
     best = _cpu_level()
     assert dense.isa_hardware() == best
@@ -117,6 +119,7 @@ PACKED_SHAPES = [(1, 1, 1), (3, 5, 7), (4, 24, 9), (9, 33, 17), (17, 70, 300),
                  (150, 40, 513), (301, 1100, 65), (64, 256, 784)]
 
 
+@pytest.mark.vector_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True),
                                              (True, True)])

@@ -525,6 +525,7 @@ def test_zero_weight_batches_in_shuffled_epochs_are_skipped(monkeypatch):
     assert np.isfinite(net.params).all() and np.isfinite(net.history["loss"]).all()
 
 
+@pytest.mark.vector_kernels
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_zero_weight_batch_on_the_row_parallel_path(shuffle):
     """The row-parallel step sums the batch's weights itself: a zero batch

@@ -68,6 +68,7 @@ def test_set_threads_is_per_python_thread(declared):
     assert dense.set_threads(1) == 1    # ... and did not change this one's
 
 
+@pytest.mark.vector_kernels
 def test_split_products_start_workers(rng, declared):
     a, b, ref = _product(rng, 64, 256, 784, False, False, np.float32)
     dense.set_threads(2)
@@ -160,6 +161,7 @@ def _on_both_paths(fit, row_steps):
     return results
 
 
+@pytest.mark.vector_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_row_parallel_steps_match_the_layer_by_layer_path(rng, dtype, shuffle):
@@ -197,6 +199,7 @@ def test_small_steps_stay_on_the_layer_by_layer_path(rng):
     assert engine._rows_steps() == before
 
 
+@pytest.mark.vector_kernels
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_row_parallel_steps_match_for_the_sklearn_classifier(rng):
     # scikit-learn's log loss is computed by the row ranges too (each range
@@ -234,6 +237,7 @@ def test_fit_declares_its_thread_count_and_restores_it():
         dense.set_threads(before)
 
 
+@pytest.mark.vector_kernels
 def test_predict_uses_as_many_threads_as_blas(tmp_path):
     """predict declares BLAS's thread count to the kernels: in a fresh
     process whose only work is one large predict, the pool starts a worker
