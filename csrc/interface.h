@@ -11,11 +11,22 @@
 #ifndef FASTBP_INTERFACE_H
 #define FASTBP_INTERFACE_H
 
+#if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
 #define FBP_SAME(c_value, pxd_value)                                          \
     do {                                                                      \
         _Static_assert((c_value) == (pxd_value),                              \
                        #c_value " in a C header differs from "                \
                        "fastbp/_ext/engine.pxd (" #pxd_value ")");            \
     } while (0)
+#else
+/* A compiler without C11 (MSVC unless given /std:c11): an array of
+ * negative size is an error in any C, with a vaguer message. */
+#define FBP_SAME(c_value, pxd_value)                                          \
+    do {                                                                      \
+        typedef char fbp_c_header_differs_from_engine_pxd                     \
+            [((c_value) == (pxd_value)) ? 1 : -1];                            \
+        (void)sizeof(fbp_c_header_differs_from_engine_pxd);                   \
+    } while (0)
+#endif
 
 #endif
