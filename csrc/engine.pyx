@@ -1095,6 +1095,8 @@ def _array(name, a, dtype=None, ndim=None, like=None, writable=False):
 
 def _real(name, value, lo, hi, hi_open=False):
     """value as a float in [lo, hi] ([lo, hi) if hi_open); else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a real number, not {type(value).__name__}")
     v = float(value)
     if not (lo <= v and (v < hi if hi_open else v <= hi)):
         raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, not {value!r}")

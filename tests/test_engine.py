@@ -268,6 +268,8 @@ def _bad_calls():
         "not contiguous": lambda: engine.residual_add(np.ones((4, 6))[:, ::2], f64),
         "rate 1": lambda: engine.dropout_forward(f64, 1.0, counter),
         "rate nan": lambda: engine.dropout_forward(f64, float("nan"), counter),
+        "rate None": lambda: engine.dropout_forward(f64, None, counter),
+        "clip_norm str": lambda: engine.clip_and_measure(program, np.ones(n), 0.0, "1"),
         "counter int64": lambda: engine.dropout_forward(f64, 0.5, np.zeros(1, np.int64)),
         "counter shape": lambda: engine.dropout_forward(f64, 0.5, np.zeros(2, np.uint64)),
         "read-only g": lambda: engine.activity_penalty(f64, _read_only(f64), 0.1),
@@ -309,3 +311,14 @@ def _read_only(a):
 def test_bad_arguments_are_a_value_error(name):
     with pytest.raises(ValueError):
         _bad_calls()[name]()
+
+
+def test_hostile_calls_return_or_raise_value_error():
+    """A few trials of tests/adversarial/engine_kernels.py (in a child
+    interpreter: a crash there is a failure here, not the end of the run)."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).parent / "adversarial"))
+    import engine_kernels
+    counts, failures = engine_kernels.run(60, seed=1)
+    assert not failures and counts == {"run": 60, "passed": 60}
