@@ -74,7 +74,9 @@ from libc.string cimport memcpy, memset
 
 from libc.stdlib cimport free, malloc
 
-from fastbp._ext.losses cimport softmax_rows, softmax_which
+import numpy as np
+
+from fastbp._ext.losses cimport softmax_rows_op, softmax_which
 from fastbp._ext.dense cimport (floating, dense_forward_ptr, dense_backward_ptr,
                                 kernel_threads, pool_run, bias_activation,
                                 activation_backward, fbp_gemm_job, gemm_prepare, gemm_task,
@@ -99,9 +101,9 @@ cdef inline double call_loss(size_t addr, floating* z, floating* y, floating* w,
         return (<loss_f64>addr)(z, y, w, g, m, k)
 
 
-cdef double penalize(const int64_t[:, ::1] prog, const double[:, ::1] reg, bint per_weight,
-                     const floating* w, int64_t m, floating* params,
-                     floating* grad) noexcept nogil:
+cdef double penalize_op(const int64_t[:, ::1] prog, const double[:, ::1] reg,
+                        bint per_weight, const floating* w, int64_t m, floating* params,
+                        floating* grad) noexcept nogil:
     """Add the weight penalties of every trainable layer to ``grad``; return
     their value (0 when no layer has one)."""
     cdef int64_t l, i, size, size4
@@ -293,8 +295,8 @@ cdef inline uint64_t splitmix64(uint64_t* counter) noexcept nogil:
     return z ^ (z >> 31)
 
 
-cdef void dropout_forward(const floating* x, floating* out, floating* mask, int64_t size,
-                          double rate, uint64_t* counter) noexcept nogil:
+cdef void dropout_forward_op(const floating* x, floating* out, floating* mask, int64_t size,
+                             double rate, uint64_t* counter) noexcept nogil:
     """out = x * mask; an element is kept when the top 24 bits of its draw
     are below (1 - rate) 2^24."""
     cdef int64_t i
@@ -305,10 +307,41 @@ cdef void dropout_forward(const floating* x, floating* out, floating* mask, int6
         out[i] = x[i] * mask[i]
 
 
-cdef void batchnorm_forward(const floating* x, floating* out, floating* xhat,
-                            floating* inv_std, const floating* gamma, const floating* beta,
-                            floating* buf, int64_t m, int64_t w, double momentum,
-                            double eps, bint training) noexcept nogil:
+cdef inline void dropout_backward_op(const floating* g, const floating* mask, floating* out,
+                                     int64_t size) noexcept nogil:
+    """out = g * mask (out may be g): the gradient through a dropout mask,
+    and DropConnect's dW scaled by its mask on W."""
+    cdef int64_t i
+    for i in range(size):
+        out[i] = g[i] * mask[i]
+
+
+cdef inline void residual_add_op(const floating* x, const floating* skip, floating* out,
+                                 int64_t size) noexcept nogil:
+    """out = x + skip (out may be x): a residual block's output, and in the
+    backward pass the skip path's gradient joining the block's."""
+    cdef int64_t i
+    for i in range(size):
+        out[i] = x[i] + skip[i]
+
+
+cdef inline double activity_penalty_op(const floating* a, floating* g, int64_t m,
+                                       int64_t size, double c) noexcept nogil:
+    """Adds c/m sign(a) to g (size values, m rows); returns c/m sum |a|
+    (summed in double, left to right)."""
+    cdef int64_t i
+    cdef double total = 0.0
+    cdef floating step = <floating>(c / m)
+    for i in range(size):
+        total += a[i] if a[i] >= 0 else -a[i]
+        g[i] += step if a[i] > 0 else (-step if a[i] < 0 else 0)
+    return c / m * total
+
+
+cdef void batchnorm_forward_op(const floating* x, floating* out, floating* xhat,
+                               floating* inv_std, const floating* gamma, const floating* beta,
+                               floating* buf, int64_t m, int64_t w, double momentum,
+                               double eps, bint training) noexcept nogil:
     cdef int64_t i, j
     cdef double mean, var, d
     cdef floating mu, inv
@@ -336,9 +369,9 @@ cdef void batchnorm_forward(const floating* x, floating* out, floating* xhat,
             out[i * w + j] = gamma[j] * xhat[i * w + j] + beta[j]
 
 
-cdef void batchnorm_backward(floating* g, const floating* xhat, const floating* inv_std,
-                             const floating* gamma, floating* dgamma, floating* dbeta,
-                             floating* dx, int64_t m, int64_t w, bint training) noexcept nogil:
+cdef void batchnorm_backward_op(floating* g, const floating* xhat, const floating* inv_std,
+                                const floating* gamma, floating* dgamma, floating* dbeta,
+                                floating* dx, int64_t m, int64_t w, bint training) noexcept nogil:
     """dgamma = sum g x_hat, dbeta = sum g; dx = gamma inv/m (m g - dbeta -
     x_hat dgamma) with batch statistics, gamma inv g with running ones."""
     cdef int64_t i, j
@@ -387,13 +420,12 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
         elif prog[l, KIND] == RES_END:
             width = prog[l, N_OUT]
             skip = acts + prog[prog[l, W_OFF], ACT_OFF] * m
-            for i in range(m * width):
-                out[i] = x[i] + skip[i]
+            residual_add_op(x, skip, out, m * width)
         elif prog[l, KIND] == DROPOUT:
             width = prog[l, N_OUT]
             mask = acts + prog[l, ACT_OFF] * m + m * width
             if counter != NULL:
-                dropout_forward(x, out, mask, m * width, floats[l, RATE], counter)
+                dropout_forward_op(x, out, mask, m * width, floats[l, RATE], counter)
             elif last_out == NULL:
                 # loss_grad without dropout: identity, with a mask of ones so
                 # that backward_all passes gradients straight through
@@ -404,15 +436,15 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
                 continue  # predict: pass x on unchanged (never the last layer)
         elif prog[l, KIND] == BATCHNORM:
             width = prog[l, N_OUT]
-            batchnorm_forward(x, out, acts + prog[l, ACT_OFF] * m + m * width,
-                              aux + prog[l, AUX_OFF], params + prog[l, W_OFF],
-                              params + prog[l, B_OFF], buffers + prog[l, BUF_OFF], m, width,
-                              floats[l, MOMENTUM], floats[l, EPS], counter != NULL)
+            batchnorm_forward_op(x, out, acts + prog[l, ACT_OFF] * m + m * width,
+                                 aux + prog[l, AUX_OFF], params + prog[l, W_OFF],
+                                 params + prog[l, B_OFF], buffers + prog[l, BUF_OFF], m, width,
+                                 floats[l, MOMENTUM], floats[l, EPS], counter != NULL)
         elif counter != NULL and floats[l, RATE] > 0:  # DropConnect
             width = prog[l, N_IN] * prog[l, N_OUT]
             weff = aux + prog[l, AUX_OFF]
-            dropout_forward(params + prog[l, W_OFF], weff, weff + width, width,
-                            floats[l, RATE], counter)
+            dropout_forward_op(params + prog[l, W_OFF], weff, weff + width, width,
+                               floats[l, RATE], counter)
             dense_forward_ptr(x, weff, params + prog[l, B_OFF], out,
                               m, prog[l, N_IN], prog[l, N_OUT], <int>prog[l, ACT])
         else:
@@ -439,11 +471,9 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
     holds every dW, db.  Returns the layers' activity penalties, whose
     gradients it adds on the way."""
     cdef int64_t l, i, n_in, n_out, n_layers = prog.shape[0]
-    cdef double activity = 0.0, c, total
-    cdef const floating* a
+    cdef double activity = 0.0, c
     cdef floating* weff
     cdef const floating* stash
-    cdef floating step
     cdef floating* g = deltas
     cdef floating* other = deltas + half
     cdef floating* dx
@@ -459,24 +489,22 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
             continue
         if prog[l, KIND] == RES_BEGIN:
             stash = acts + prog[prog[l, W_OFF], ACT_OFF] * m
-            for i in range(m * n_out):
-                g[i] += stash[i]
+            residual_add_op(g, stash, g, m * n_out)
             continue
         if prog[l, KIND] == DROPOUT:
             if l == 0:
                 break  # dropout on the inputs: nothing below needs a gradient
             mask = acts + prog[l, ACT_OFF] * m + m * n_out
-            for i in range(m * n_out):
-                other[i] = g[i] * mask[i]
+            dropout_backward_op(g, mask, other, m * n_out)
             tmp = g
             g = other
             other = tmp
             continue
         if prog[l, KIND] == BATCHNORM:
-            batchnorm_backward(g, acts + prog[l, ACT_OFF] * m + m * n_out, aux + prog[l, AUX_OFF],
-                               params + prog[l, W_OFF], grad + prog[l, W_OFF],
-                               grad + prog[l, B_OFF], other if l > 0 else NULL, m, n_out,
-                               training)
+            batchnorm_backward_op(g, acts + prog[l, ACT_OFF] * m + m * n_out,
+                                  aux + prog[l, AUX_OFF], params + prog[l, W_OFF],
+                                  grad + prog[l, W_OFF], grad + prog[l, B_OFF],
+                                  other if l > 0 else NULL, m, n_out, training)
             if not prog[l, TRAINABLE]:
                 memset(grad + prog[l, W_OFF], 0, 2 * n_out * sizeof(floating))
             tmp = g
@@ -487,20 +515,14 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
         dx = other if l > 0 else NULL
         c = reg[l, ACTIVITY_L1]
         if c > 0:
-            a = acts + prog[l, ACT_OFF] * m
-            step = <floating>(c / m)
-            total = 0.0
-            for i in range(m * n_out):
-                total += a[i] if a[i] >= 0 else -a[i]
-                g[i] += step if a[i] > 0 else (-step if a[i] < 0 else 0)
-            activity += c / m * total
+            activity += activity_penalty_op(acts + prog[l, ACT_OFF] * m, g, m, m * n_out, c)
         if training and floats[l, RATE] > 0:  # DropConnect: the batch used W_eff = W * M
             weff = aux + prog[l, AUX_OFF]
             dense_backward_ptr(x, weff, acts + prog[l, ACT_OFF] * m, g,
                                grad + prog[l, W_OFF], grad + prog[l, B_OFF], dx,
                                m, n_in, n_out, <int>prog[l, ACT])
-            for i in range(n_in * n_out):
-                grad[prog[l, W_OFF] + i] *= weff[n_in * n_out + i]
+            dropout_backward_op(grad + prog[l, W_OFF], weff + n_in * n_out,
+                                grad + prog[l, W_OFF], n_in * n_out)
         else:
             dense_backward_ptr(x, params + prog[l, W_OFF], acts + prog[l, ACT_OFF] * m, g,
                                grad + prog[l, W_OFF], grad + prog[l, B_OFF], dx,
@@ -595,7 +617,7 @@ cdef void _forward_rows(RowsJob* job, floating* params, floating* acts, floating
         bias_activation(out + lo * n_out, params + row[B_OFF], hi - lo, n_out, <int>row[ACT])
         x = out
     if job.loss_which >= 0:
-        softmax_rows(job.loss_which, out, <floating*>job.y0, <floating*>job.w0,
+        softmax_rows_op(job.loss_which, out, <floating*>job.y0, <floating*>job.w0,
                      <floating*>job.g0, lo, hi, k, job.scale, job.terms)
 
 
@@ -786,8 +808,8 @@ cdef inline int64_t _n_row_params(const int64_t[:, ::1] prog, int64_t l) noexcep
     return prog[l, N_IN] * prog[l, N_OUT] + prog[l, N_OUT]
 
 
-cdef void clip_and_measure(const int64_t[:, ::1] prog, floating* grad, double clip_value,
-                           double clip_norm, double* norms) noexcept nogil:
+cdef void clip_and_measure_op(const int64_t[:, ::1] prog, floating* grad, double clip_value,
+                              double clip_norm, double* norms) noexcept nogil:
     """Clip the trainable gradients: each element to [-clip_value, clip_value]
     (if > 0), then the whole vector to global L2 norm clip_norm (if > 0) as
     torch.nn.utils.clip_grad_norm_ does (scale by clip_norm / (norm + 1e-6)
@@ -855,7 +877,7 @@ def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating
                          <floating*>&Y[0, 0], <floating*>&W[0], &deltas[0], n, k)
         loss += backward_all(program, &X[0, 0], _ptr(params), _ptr(grad), &acts[0],
                              &deltas[0], half, n, reg, floats, _ptr(aux), False)
-        loss += penalize(program, reg, reg_per_weight, &W[0], n, _ptr(params), _ptr(grad))
+        loss += penalize_op(program, reg, reg_per_weight, &W[0], n, _ptr(params), _ptr(grad))
     return loss
 
 
@@ -1020,11 +1042,11 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 loss += backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0],
                                      half, m, reg, floats, _ptr(aux), True)
             _lap(prof, 3, &t_phase)
-            loss += penalize(program, reg, reg_per_weight, w0, m, &params[0], &grad[0])
+            loss += penalize_op(program, reg, reg_per_weight, w0, m, &params[0], &grad[0])
             _lap(prof, 4, &t_phase)
             batch_loss[b] = loss
             if clip:
-                clip_and_measure(program, &grad[0], clip_value, clip_norm, norms)
+                clip_and_measure_op(program, &grad[0], clip_value, clip_norm, norms)
                 _lap(prof, 5, &t_phase)
             ok = optimizer_step(step_addr, &params[0], &grad[0], state, segments, n_params,
                                 <double*>&hyper[0], step0 + steps + 1)
@@ -1037,3 +1059,376 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
             steps += 1
     free(rows.terms)
     return done, steps, status
+
+
+# ---------------------------------------------------------------------------
+# The per-layer ops for Python: each ``def`` below checks its arguments, then
+# runs the very cdef function the interpreter above calls in a step, and is
+# named like its twin in fastbp.reference (tests/test_engine.py holds the
+# two to each other).  For tests and for reading; the engine never calls
+# them.
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _array(name, a, dtype=None, ndim=None, like=None, writable=False):
+    """a itself if it is a C-contiguous ndarray of a float dtype (``dtype``
+    if given), with ``ndim`` dimensions (if given) and ``like``'s shape (if
+    given); else a ValueError that says what to pass."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, not {type(a).__name__}")
+    if dtype is None and a.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be float32 or float64, not {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise ValueError(f"{name} is {a.dtype}; pass it as {np.dtype(dtype)} "
+                         f"(the dtype of the other arrays)")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), not shape {a.shape}")
+    if like is not None and a.shape != like.shape:
+        raise ValueError(f"{name} has shape {a.shape}; it must be {like.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (np.ascontiguousarray({name}))")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} is written in place and must be writable")
+    return a
+
+
+def _real(name, value, lo, hi, hi_open=False):
+    """value as a float in [lo, hi] ([lo, hi) if hi_open); else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a real number, not {type(value).__name__}")
+    v = float(value)
+    if not (lo <= v and (v < hi if hi_open else v <= hi)):
+        raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, not {value!r}")
+    return v
+
+
+def _counter(counter):
+    if (not isinstance(counter, np.ndarray) or counter.dtype != np.uint64
+            or counter.shape != (1,) or not counter.flags.writeable):
+        raise ValueError("counter must be a writable uint64 array of shape (1,) "
+                         "(np.zeros(1, np.uint64)); it is advanced in place")
+    return counter
+
+
+def _kernel_dropout_forward(const floating[::1] x, floating[::1] out, floating[::1] mask,
+                            double rate, uint64_t[::1] counter):
+    with nogil:
+        dropout_forward_op(&x[0], &out[0], &mask[0], x.shape[0], rate, &counter[0])
+
+
+def dropout_forward(x, rate, counter):
+    """Inverted dropout in training: ``x * mask`` (the engine's DROPOUT row,
+    and DropConnect's mask on W).
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64, any shape, C-contiguous
+    rate : float in [0, 1)
+        The fraction dropped.
+    counter : ndarray of uint64, shape (1,)
+        The splitmix64 stream's counter; advanced in place by ``x.size``.
+
+    Returns
+    -------
+    out, mask : ndarray of x's shape and dtype
+        mask is 1/(1 - rate) where the top 24 bits of an element's draw are
+        below (1 - rate) 2^24, else 0.
+    """
+    x = _array("x", x)
+    rate = _real("rate", rate, 0.0, 1.0, hi_open=True)
+    counter = _counter(counter)
+    out, mask = np.empty_like(x), np.empty_like(x)
+    if x.size:
+        _kernel_dropout_forward(x.reshape(-1), out.reshape(-1), mask.reshape(-1), rate, counter)
+    return out, mask
+
+
+def _kernel_dropout_backward(const floating[::1] g, const floating[::1] mask,
+                             floating[::1] out):
+    with nogil:
+        dropout_backward_op(&g[0], &mask[0], &out[0], g.shape[0])
+
+
+def dropout_backward(g, mask):
+    """The gradient through a dropout mask, ``g * mask`` (a DROPOUT row's
+    backward; a DropConnect row's dW scaled by its mask).
+
+    Parameters
+    ----------
+    g, mask : ndarray, same shape and dtype (float32 or float64)
+
+    Returns
+    -------
+    ndarray of g's shape and dtype
+    """
+    g = _array("g", g)
+    mask = _array("mask", mask, g.dtype, like=g)
+    out = np.empty_like(g)
+    if g.size:
+        _kernel_dropout_backward(g.reshape(-1), mask.reshape(-1), out.reshape(-1))
+    return out
+
+
+def _kernel_residual_add(const floating[::1] x, const floating[::1] skip, floating[::1] out):
+    with nogil:
+        residual_add_op(&x[0], &skip[0], &out[0], x.shape[0])
+
+
+def residual_add(x, skip):
+    """``x + skip``: a RES_END row's output (block(x) + x), and in the
+    backward pass the skip path's gradient joining the block's at RES_BEGIN.
+
+    Parameters
+    ----------
+    x, skip : ndarray, same shape and dtype (float32 or float64)
+
+    Returns
+    -------
+    ndarray of x's shape and dtype
+    """
+    x = _array("x", x)
+    skip = _array("skip", skip, x.dtype, like=x)
+    out = np.empty_like(x)
+    if x.size:
+        _kernel_residual_add(x.reshape(-1), skip.reshape(-1), out.reshape(-1))
+    return out
+
+
+def _kernel_activity_penalty(const floating[::1] a, floating[::1] g, int64_t m, double c):
+    cdef double value
+    with nogil:
+        value = activity_penalty_op(&a[0], &g[0], m, a.shape[0], c)
+    return value
+
+
+def activity_penalty(a, g, c):
+    """The L1 activity penalty of a layer's output: adds ``c/m sign(a)`` to
+    g in place and returns ``c/m sum |a|``.
+
+    Parameters
+    ----------
+    a : ndarray of shape (m, n), float32 or float64
+        The layer's output, m >= 1 rows.
+    g : ndarray of shape (m, n), a's dtype
+        dL/da, updated in place.
+    c : float >= 0
+        The penalty's coefficient (``reg[l, ACTIVITY_L1]``).
+
+    Returns
+    -------
+    float
+    """
+    a = _array("a", a, ndim=2)
+    g = _array("g", g, a.dtype, like=a, writable=True)
+    c = _real("c", c, 0.0, float("inf"), hi_open=True)
+    if a.shape[0] < 1:
+        raise ValueError("a must have at least one row")
+    if a.size == 0:
+        return 0.0
+    return _kernel_activity_penalty(a.reshape(-1), g.reshape(-1), a.shape[0], c)
+
+
+def _kernel_batchnorm_forward(const floating[:, ::1] x, floating[:, ::1] out,
+                              floating[:, ::1] xhat, floating[::1] inv_std,
+                              const floating[::1] gamma, const floating[::1] beta,
+                              floating[::1] buf, double momentum, double eps, bint training):
+    with nogil:
+        batchnorm_forward_op(&x[0, 0], &out[0, 0], &xhat[0, 0], &inv_std[0], &gamma[0], &beta[0],
+                             &buf[0], x.shape[0], x.shape[1], momentum, eps, training)
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, eps, momentum, training):
+    """A BATCHNORM row's forward (torch.nn.BatchNorm1d).
+
+    Parameters
+    ----------
+    x : ndarray of shape (m, w), float32 or float64
+        m >= 2 rows in training, m >= 1 otherwise.
+    gamma, beta : ndarray of shape (w,), x's dtype
+    running_mean, running_var : ndarray of shape (w,), x's dtype
+        Updated in place in training (momentum-weighted, the variance
+        unbiased); used instead of the batch's statistics otherwise.
+    eps : float >= 0
+        Added to the variance.
+    momentum : float in [0, 1]
+    training : bool
+
+    Returns
+    -------
+    y, x_hat : ndarray of shape (m, w)
+        ``y = gamma x_hat + beta``, ``x_hat = (x - mean) / sqrt(var + eps)``.
+    inv_std : ndarray of shape (w,)
+        ``1 / sqrt(var + eps)``.
+    """
+    x = _array("x", x, ndim=2)
+    vectors = [_array(name, v, x.dtype, ndim=1, writable=name.startswith("running"))
+               for name, v in (("gamma", gamma), ("beta", beta),
+                               ("running_mean", running_mean), ("running_var", running_var))]
+    m, w = x.shape
+    for name, v in zip(("gamma", "beta", "running_mean", "running_var"), vectors):
+        if v.shape != (w,):
+            raise ValueError(f"{name} has shape {v.shape}; it must be ({w},), x's width")
+    eps = _real("eps", eps, 0.0, float("inf"), hi_open=True)
+    momentum = _real("momentum", momentum, 0.0, 1.0)
+    if m < (2 if training else 1):
+        raise ValueError(f"batchnorm_forward needs at least {2 if training else 1} rows "
+                         f"{'in training' if training else ''}, got {m}")
+    out, xhat = np.empty_like(x), np.empty_like(x)
+    inv_std = np.empty(w, x.dtype)
+    if w == 0:
+        return out, xhat, inv_std
+    buf = np.concatenate([running_mean, running_var])   # the engine's layout
+    _kernel_batchnorm_forward(x, out, xhat, inv_std, vectors[0], vectors[1], buf, momentum,
+                              eps, bool(training))
+    if training:
+        running_mean[...] = buf[:w]
+        running_var[...] = buf[w:]
+    return out, xhat, inv_std
+
+
+def _kernel_batchnorm_backward(const floating[:, ::1] g, const floating[:, ::1] xhat,
+                               const floating[::1] inv_std, const floating[::1] gamma,
+                               floating[::1] dgamma, floating[::1] dbeta, floating[:, ::1] dx,
+                               bint training):
+    with nogil:
+        batchnorm_backward_op(<floating*>&g[0, 0], &xhat[0, 0], &inv_std[0], &gamma[0], &dgamma[0],
+                              &dbeta[0], &dx[0, 0], g.shape[0], g.shape[1], training)
+
+
+def batchnorm_backward(g, xhat, inv_std, gamma, training):
+    """A BATCHNORM row's backward.
+
+    Parameters
+    ----------
+    g : ndarray of shape (m, w), float32 or float64
+        dL/dy, m >= 1.
+    xhat : ndarray of shape (m, w)
+        The forward pass's x_hat.
+    inv_std : ndarray of shape (w,)
+        The forward pass's 1 / sqrt(var + eps).
+    gamma : ndarray of shape (w,)
+    training : bool
+        Whether the forward pass used the batch's statistics (then they
+        depend on x) or the running ones.
+
+    Returns
+    -------
+    dgamma, dbeta : ndarray of shape (w,)
+    dx : ndarray of shape (m, w)
+    """
+    g = _array("g", g, ndim=2)
+    xhat = _array("xhat", xhat, g.dtype, like=g)
+    m, w = g.shape
+    for name, v in (("inv_std", inv_std), ("gamma", gamma)):
+        _array(name, v, g.dtype, ndim=1)
+        if v.shape != (w,):
+            raise ValueError(f"{name} has shape {v.shape}; it must be ({w},), g's width")
+    if m < 1:
+        raise ValueError("g must have at least one row")
+    dgamma, dbeta, dx = np.empty(w, g.dtype), np.empty(w, g.dtype), np.empty_like(g)
+    if w:
+        _kernel_batchnorm_backward(g, xhat, inv_std, gamma, dgamma, dbeta, dx, bool(training))
+    return dgamma, dbeta, dx
+
+
+def _program(program, n_rows=None):
+    if (not isinstance(program, np.ndarray) or program.dtype != np.int64 or program.ndim != 2
+            or program.shape[1] != N_COLS or not program.flags.c_contiguous):
+        raise ValueError(f"program must be a C-contiguous int64 array of shape (n_layers, "
+                         f"{N_COLS}) (net.program.rows)")
+    return program
+
+
+def _check_span(program, l, start, size, n, what):
+    """Rows l's ``size`` values from ``start`` lie inside a vector of n."""
+    if program[l, N_IN] < 0 or program[l, N_OUT] < 0 or start < 0 or start + size > n:
+        raise ValueError(f"program row {l}: its {what} ({size} values from {start}) do not "
+                         f"fit in the {n} parameters")
+
+
+def _kernel_penalize(const int64_t[:, ::1] program, const double[:, ::1] reg, bint per_weight,
+                     const floating[::1] w, floating[::1] params, floating[::1] grad):
+    cdef double value
+    with nogil:
+        value = penalize_op(program, reg, per_weight, &w[0], w.shape[0], _ptr(params), _ptr(grad))
+    return value
+
+
+def penalize(program, reg, per_weight, w, params, grad):
+    """Adds every trainable dense row's weight penalty's gradient
+    ``s (l2 W + l1 sign W)`` to grad in place; returns the penalty
+    ``s sum (l2/2 ||W||^2 + l1 |W|_1)``.
+
+    Parameters
+    ----------
+    program : ndarray of int64, shape (n_layers, N_COLS)
+    reg : ndarray of float64, shape (n_layers, N_REG)
+        Columns L2, L1 (ACTIVITY_L1 is not read here).
+    per_weight : bool
+        s = 1 / sum(w) if true (scikit-learn's alpha), else 1.
+    w : ndarray of shape (m,), m >= 1
+        The batch's sample weights.
+    params, grad : ndarray of shape (n_params,), w's dtype
+        grad is updated in place.
+
+    Returns
+    -------
+    float
+    """
+    program = _program(program)
+    if (not isinstance(reg, np.ndarray) or reg.dtype != np.float64
+            or reg.shape != (program.shape[0], N_REG) or not reg.flags.c_contiguous):
+        raise ValueError(f"reg must be a C-contiguous float64 array of shape "
+                         f"({program.shape[0]}, {N_REG})")
+    w = _array("w", w, ndim=1)
+    params = _array("params", params, w.dtype, ndim=1)
+    grad = _array("grad", grad, w.dtype, like=params, writable=True)
+    if w.shape[0] < 1:
+        raise ValueError("w must hold at least one sample weight")
+    for l in range(program.shape[0]):
+        if (reg[l, L2] != 0 or reg[l, L1] != 0) and program[l, TRAINABLE]:
+            if program[l, KIND] != DENSE:
+                raise ValueError(f"program row {l}: weight penalties apply to DENSE rows only")
+            _check_span(program, l, int(program[l, W_OFF]),
+                        int(program[l, N_IN]) * int(program[l, N_OUT]), params.shape[0], "W")
+    return _kernel_penalize(program, reg, bool(per_weight), w, params, grad)
+
+
+def _kernel_clip_and_measure(const int64_t[:, ::1] program, floating[::1] grad,
+                             double clip_value, double clip_norm, double[::1] norms):
+    with nogil:
+        clip_and_measure_op(program, _ptr(grad), clip_value, clip_norm, &norms[0])
+
+
+def clip_and_measure(program, grad, clip_value=0.0, clip_norm=0.0):
+    """Clips the trainable rows' gradients in place: each element to
+    [-clip_value, clip_value] (if > 0), then the whole to global L2 norm
+    clip_norm (if > 0) like torch.nn.utils.clip_grad_norm_.
+
+    Parameters
+    ----------
+    program : ndarray of int64, shape (n_layers, N_COLS)
+    grad : ndarray of shape (n_params,), float32 or float64
+        Updated in place.
+    clip_value, clip_norm : float >= 0
+        0 turns that clipping off.
+
+    Returns
+    -------
+    ndarray of float64, shape (n_layers,)
+        Each row's gradient norm after value clipping, before norm clipping
+        (0 for rows without trainable parameters).
+    """
+    program = _program(program)
+    grad = _array("grad", grad, ndim=1, writable=True)
+    clip_value = _real("clip_value", clip_value, 0.0, float("inf"))
+    clip_norm = _real("clip_norm", clip_norm, 0.0, float("inf"))
+    for l in range(program.shape[0]):
+        if program[l, KIND] != DROPOUT and program[l, TRAINABLE]:
+            size = (2 * int(program[l, N_OUT]) if program[l, KIND] == BATCHNORM
+                    else int(program[l, N_IN]) * int(program[l, N_OUT]) + int(program[l, N_OUT]))
+            _check_span(program, l, int(program[l, W_OFF]), size, grad.shape[0], "parameters")
+    norms = np.zeros(max(program.shape[0], 1))
+    _kernel_clip_and_measure(program, grad, clip_value, clip_norm, norms)
+    return norms[:program.shape[0]]

@@ -81,16 +81,18 @@ static inline double fbp_softmax_loss_isa_f64(int isa, int which, double *z, dou
                                               double *w, double *g, int64_t m, int64_t k)
 { return FBP_LOSS_DISPATCH(ls_softmax_loss, f64, fbp_isa_clamp(isa), (which, z, y, w, g, m, k)); }
 
-/* Rows [lo, hi) of loss `which` at the best level (LS(softmax_rows)). */
-static inline double fbp_softmax_rows_f32(int which, float *z, float *y, float *w, float *g,
-                                          int64_t lo, int64_t hi, int64_t k, double scale,
-                                          double *terms)
-{ return FBP_LOSS_DISPATCH(ls_softmax_rows, f32, fbp_isa_best(),
+/* Rows [lo, hi) of loss `which` (LS(softmax_rows)) at level isa (-1: the
+ * best, as the engine's row-parallel steps call it; losses.softmax_rows
+ * passes others for tests). */
+static inline double fbp_softmax_rows_isa_f32(int isa, int which, float *z, float *y, float *w,
+                                              float *g, int64_t lo, int64_t hi, int64_t k,
+                                              double scale, double *terms)
+{ return FBP_LOSS_DISPATCH(ls_softmax_rows, f32, fbp_isa_clamp(isa),
                            (which, z, y, w, g, lo, hi, k, scale, terms)); }
-static inline double fbp_softmax_rows_f64(int which, double *z, double *y, double *w,
-                                          double *g, int64_t lo, int64_t hi, int64_t k,
-                                          double scale, double *terms)
-{ return FBP_LOSS_DISPATCH(ls_softmax_rows, f64, fbp_isa_best(),
+static inline double fbp_softmax_rows_isa_f64(int isa, int which, double *z, double *y,
+                                              double *w, double *g, int64_t lo, int64_t hi,
+                                              int64_t k, double scale, double *terms)
+{ return FBP_LOSS_DISPATCH(ls_softmax_rows, f64, fbp_isa_clamp(isa),
                            (which, z, y, w, g, lo, hi, k, scale, terms)); }
 
 /* The engine's entry points (their addresses go into train_batches). */

@@ -38,10 +38,12 @@ cdef extern from "losses.h" nogil:
     double fbp_sk_log_loss_f64(double*, double*, double*, double*, int64_t, int64_t)
     double fbp_cross_entropy_f32(float*, float*, float*, float*, int64_t, int64_t)
     double fbp_cross_entropy_f64(double*, double*, double*, double*, int64_t, int64_t)
-    double fbp_softmax_rows_f32(int which, float* z, float* y, float* w, float* g,
-                                int64_t lo, int64_t hi, int64_t k, double scale, double* terms)
-    double fbp_softmax_rows_f64(int which, double* z, double* y, double* w, double* g,
-                                int64_t lo, int64_t hi, int64_t k, double scale, double* terms)
+    double fbp_softmax_rows_isa_f32(int isa, int which, float* z, float* y, float* w,
+                                    float* g, int64_t lo, int64_t hi, int64_t k, double scale,
+                                    double* terms)
+    double fbp_softmax_rows_isa_f64(int isa, int which, double* z, double* y, double* w,
+                                    double* g, int64_t lo, int64_t hi, int64_t k, double scale,
+                                    double* terms)
 
 
 # losses.h's loss ids are engine.pxd's (a build error otherwise).
@@ -74,7 +76,7 @@ cdef int softmax_which(size_t loss_addr, bint dbl) noexcept nogil:
     return -1
 
 
-cdef void softmax_rows(int which, floating* z, floating* y, floating* w, floating* g,
+cdef void softmax_rows_op(int which, floating* z, floating* y, floating* w, floating* g,
                        int64_t lo, int64_t hi, int64_t k, double scale,
                        double* terms) noexcept nogil:
     """Rows lo .. hi - 1 of loss ``which``: their rows of g = dL/dz, given
@@ -82,9 +84,9 @@ cdef void softmax_rows(int which, floating* z, floating* y, floating* w, floatin
     the weighted loss sum (the loss is scale times their sum in row
     order)."""
     if floating is float:
-        fbp_softmax_rows_f32(which, z, y, w, g, lo, hi, k, scale, terms)
+        fbp_softmax_rows_isa_f32(-1, which, z, y, w, g, lo, hi, k, scale, terms)
     else:
-        fbp_softmax_rows_f64(which, z, y, w, g, lo, hi, k, scale, terms)
+        fbp_softmax_rows_isa_f64(-1, which, z, y, w, g, lo, hi, k, scale, terms)
 
 
 def isa_level():
@@ -200,3 +202,68 @@ def exp(x, int isa=-1):
         with nogil:
             fbp_exp_isa_f64(isa, &d[0], n)
     return out
+
+
+def _kernel_softmax_rows(int which, const floating[:, ::1] Z, const floating[:, ::1] Y,
+                         const floating[::1] w, floating[:, ::1] G, int64_t lo, int64_t hi,
+                         double scale, double[::1] terms, int isa):
+    cdef int64_t k = Z.shape[1]
+    with nogil:
+        if floating is float:
+            fbp_softmax_rows_isa_f32(isa, which, <float*>&Z[0, 0], <float*>&Y[0, 0],
+                                     <float*>&w[0], &G[0, 0], lo, hi, k, scale, &terms[0])
+        else:
+            fbp_softmax_rows_isa_f64(isa, which, <double*>&Z[0, 0], <double*>&Y[0, 0],
+                                     <double*>&w[0], &G[0, 0], lo, hi, k, scale, &terms[0])
+
+
+def softmax_rows(which, Z, Y, w, G, lo, hi, scale, int isa=-1):
+    """Rows lo .. hi - 1 of softmax loss ``which``: the row-parallel step's
+    form of the loss (each thread computes its rows).
+
+    Parameters
+    ----------
+    which : Loss
+        ``Loss.SK_LOG_LOSS`` or ``Loss.CROSS_ENTROPY`` (fastbp._ext.engine).
+    Z, Y : ndarray of shape (m, k), float32 or float64, k >= 1
+        Logits and targets.
+    w : ndarray of shape (m,)
+        Sample weights.
+    G : ndarray of shape (m, k)
+        Output: its rows lo .. hi - 1 become those of dL/dZ,
+        ``scale w_i (p_i - y_i)`` (sk_log_loss) or
+        ``scale w_i (p_i sum_j y_ij - y_i)`` (cross_entropy), p = softmax.
+    lo, hi : int, 0 <= lo <= hi <= m
+    scale : float
+        1 / (the sum of every row's sample weight).
+    isa : int, default=-1
+        Instruction-set level of the exp, as for ``sk_log_loss_loss_grad``.
+
+    Returns
+    -------
+    ndarray of float64, shape (hi - lo,)
+        Each row's term of the loss sum (the loss is scale times the sum of
+        all rows' terms): ``-w_i sum_j y_ij log clip(p_ij)`` or
+        ``w_i sum_j y_ij (logsumexp(z_i) - z_ij)``.
+    """
+    if which not in (SK_LOG_LOSS, CROSS_ENTROPY):
+        raise ValueError(f"which must be Loss.SK_LOG_LOSS or Loss.CROSS_ENTROPY, not {which!r}")
+    for name, a in (("Z", Z), ("Y", Y), ("w", w), ("G", G)):
+        if not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be a C-contiguous numpy array")
+        if a.dtype not in (np.float32, np.float64) or a.dtype != Z.dtype:
+            raise ValueError(f"{name} is {a.dtype}; Z, Y, w and G must all be float32 "
+                             f"or all float64")
+    if Z.ndim != 2 or Y.shape != Z.shape or G.shape != Z.shape or w.shape != (Z.shape[0],):
+        raise ValueError("Z, Y and G must have one shape (m, k) and w the shape (m,)")
+    if not G.flags.writeable:
+        raise ValueError("G is written in place and must be writable")
+    lo, hi = int(lo), int(hi)
+    if not 0 <= lo <= hi <= Z.shape[0]:
+        raise ValueError(f"need 0 <= lo <= hi <= m = {Z.shape[0]}, got lo={lo}, hi={hi}")
+    if Z.shape[1] < 1:
+        raise ValueError("Z has no columns")
+    terms = np.zeros(Z.shape[0], np.float64)
+    if hi > lo:
+        _kernel_softmax_rows(which, Z, Y, w, G, lo, hi, float(scale), terms, isa)
+    return terms[lo:hi].copy()

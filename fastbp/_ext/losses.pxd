@@ -7,6 +7,6 @@ from fastbp._ext.dense cimport floating
 
 cdef int softmax_which(size_t loss_addr, bint dbl) noexcept nogil
 
-cdef void softmax_rows(int which, floating* z, floating* y, floating* w, floating* g,
+cdef void softmax_rows_op(int which, floating* z, floating* y, floating* w, floating* g,
                        int64_t lo, int64_t hi, int64_t k, double scale,
                        double* terms) noexcept nogil

@@ -1,0 +1,324 @@
+"""The engine's per-layer ops (fastbp._ext.engine, and softmax_rows in
+fastbp._ext.losses) against their twins in fastbp.reference, name for name:
+values in float32 and float64, gradients by finite differences in float64,
+softmax_rows at every instruction-set level, and bad arguments refused with
+a ValueError before any compiled code runs.
+
+Each ``def`` tested here runs the cdef function the engine's step calls
+(engine.pyx: ``*_op``; losses.h: ``LS(softmax_rows)``), so a difference
+here is a difference in training."""
+import numpy as np
+import pytest
+
+from fastbp import reference
+from fastbp._ext import dense, engine
+from fastbp._ext import losses as c_losses
+from fastbp._ext.engine import (B_OFF, KIND, L1, L2, N_COLS, N_IN, N_OUT, N_REG, TRAINABLE,
+                                W_OFF, Kind, Loss)
+
+from helpers import DTYPES, assert_close
+
+ISAS = list(range(dense.small_gemm_isa() + 1))
+
+
+def _finite_difference(f, x, h=1e-6):
+    """d f / d x by central differences (f: array -> float, x float64)."""
+    out = np.zeros_like(x)
+    flat, grad = x.reshape(-1), out.reshape(-1)
+    for i in range(flat.size):
+        keep = flat[i]
+        flat[i] = keep + h
+        up = f(x)
+        flat[i] = keep - h
+        down = f(x)
+        flat[i] = keep
+        grad[i] = (up - down) / (2 * h)
+    return out
+
+
+def _assert_fd(analytic, numeric):
+    # central differences in float64: error about h^2 f''' + eps f / h
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7)
+
+
+# --- dropout -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.9])
+@pytest.mark.parametrize("shape", [(7, 5), (1, 1), (0, 3), (33,)])
+def test_dropout_forward_matches_reference(rng, dtype, rate, shape):
+    x = rng.normal(size=shape).astype(dtype)
+    c_kernel, c_ref = np.array([987654321], np.uint64), np.array([987654321], np.uint64)
+    for _ in range(2):   # the counter carries over from call to call
+        out, mask = engine.dropout_forward(x, rate, c_kernel)
+        out_ref, mask_ref = reference.dropout_forward(x, rate, c_ref)
+        assert out.dtype == mask.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(mask, mask_ref)
+        assert_close(out, out_ref, dtype)
+        assert c_kernel[0] == c_ref[0]
+    assert set(np.unique(mask)) <= {0, np.dtype(dtype).type(1 / (1 - rate))}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_backward_matches_reference_and_finite_differences(rng, dtype):
+    x = rng.normal(size=(6, 4)).astype(dtype)
+    g = rng.normal(size=(6, 4)).astype(dtype)
+    _, mask = engine.dropout_forward(x, 0.4, np.array([5], np.uint64))
+    assert_close(engine.dropout_backward(g, mask), reference.dropout_backward(g, mask), dtype)
+    if dtype == "float64":
+        # L(x) = sum(g * dropout(x)) with the same draws
+        loss = lambda v: float(np.sum(g * engine.dropout_forward(v, 0.4,
+                                                                 np.array([5], np.uint64))[0]))
+        _assert_fd(engine.dropout_backward(g, mask), _finite_difference(loss, x.copy()))
+
+
+# --- residual add, activity penalty -------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_add_matches_reference(rng, dtype):
+    x, skip = rng.normal(size=(2, 9, 3)).astype(dtype)
+    assert_close(engine.residual_add(x, skip), reference.residual_add(x, skip), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activity_penalty_matches_reference_and_finite_differences(rng, dtype):
+    a = rng.normal(size=(10, 7)).astype(dtype)
+    a[0, :3] = 0   # sign(0) = 0 on both sides
+    g0 = rng.normal(size=(10, 7)).astype(dtype)
+    g, g_ref = g0.copy(), g0.copy()
+    value = engine.activity_penalty(a, g, 0.3)
+    value_ref = reference.activity_penalty(a, g_ref, 0.3)
+    assert value == pytest.approx(value_ref, rel=1e-12)
+    assert_close(g, g_ref, dtype)
+    if dtype == "float64":
+        a[0, :3] = 0.5   # |a| has no derivative at 0
+        g = np.zeros_like(a)
+        engine.activity_penalty(a, g, 0.3)
+        numeric = _finite_difference(
+            lambda v: engine.activity_penalty(v, np.zeros_like(v), 0.3), a.copy())
+        _assert_fd(g, numeric)
+
+
+# --- batch normalization ---------------------------------------------------------
+
+def _bn_inputs(rng, dtype, m=9, w=5):
+    x = (rng.normal(size=(m, w)) * 3 + 1).astype(dtype)
+    gamma, beta = rng.normal(size=(2, w)).astype(dtype)
+    running = [rng.normal(size=w).astype(dtype), rng.uniform(0.5, 2, size=w).astype(dtype)]
+    return x, gamma, beta, running
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_forward_matches_reference(rng, dtype, training):
+    x, gamma, beta, (rm, rv) = _bn_inputs(rng, dtype)
+    rm_ref, rv_ref = rm.copy(), rv.copy()
+    y, xhat, inv = engine.batchnorm_forward(x, gamma, beta, rm, rv, 1e-5, 0.1, training)
+    y_ref, xhat_ref, inv_ref = reference.batchnorm_forward(x, gamma, beta, rm_ref, rv_ref, 1e-5,
+                                                           0.1, training)
+    for ours, theirs in ((y, y_ref), (xhat, xhat_ref), (inv, inv_ref), (rm, rm_ref),
+                         (rv, rv_ref)):
+        assert ours.dtype == np.dtype(dtype)
+        assert_close(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_backward_matches_reference(rng, dtype, training):
+    x, gamma, beta, (rm, rv) = _bn_inputs(rng, dtype)
+    _, xhat, inv = reference.batchnorm_forward(x, gamma, beta, rm, rv, 1e-5, 0.1, training)
+    g = rng.normal(size=x.shape).astype(dtype)
+    ours = engine.batchnorm_backward(g, xhat, inv, gamma, training)
+    theirs = reference.batchnorm_backward(g, xhat, inv, gamma, training)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_backward_is_the_gradient_of_forward(rng, training):
+    x, gamma, beta, (rm, rv) = _bn_inputs(rng, "float64", m=6, w=3)
+    r = rng.normal(size=x.shape)
+
+    def loss(x_, gamma_, beta_):   # running statistics untouched between calls
+        y = engine.batchnorm_forward(x_, gamma_, beta_, rm.copy(), rv.copy(), 1e-3, 0.1,
+                                     training)[0]
+        return float(np.sum(r * y))
+
+    _, xhat, inv = engine.batchnorm_forward(x, gamma, beta, rm.copy(), rv.copy(), 1e-3, 0.1,
+                                            training)
+    dgamma, dbeta, dx = engine.batchnorm_backward(r, xhat, inv, gamma, training)
+    _assert_fd(dx, _finite_difference(lambda v: loss(v, gamma, beta), x.copy()))
+    _assert_fd(dgamma, _finite_difference(lambda v: loss(x, v, beta), gamma.copy()))
+    _assert_fd(dbeta, _finite_difference(lambda v: loss(x, gamma, v), beta.copy()))
+
+
+# --- weight penalties and gradient clipping over a program ------------------------
+
+def _program(rows):
+    """A program of dense rows (n_in, n_out, trainable) packed W then b, and
+    optionally a BatchNorm and a Dropout row: only the columns these ops read."""
+    program, off = np.zeros((len(rows), N_COLS), np.int64), 0
+    for l, (kind, n_in, n_out, trainable) in enumerate(rows):
+        program[l, KIND], program[l, N_IN], program[l, N_OUT] = kind, n_in, n_out
+        program[l, TRAINABLE] = trainable
+        size = (n_in * n_out if kind == Kind.DENSE else n_out if kind == Kind.BATCHNORM else 0)
+        program[l, W_OFF], program[l, B_OFF] = off, off + size
+        off += size + (n_out if kind in (Kind.DENSE, Kind.BATCHNORM) else 0)
+    return program, off
+
+
+_ROWS = [(Kind.DENSE, 5, 7, 1), (Kind.BATCHNORM, 7, 7, 1), (Kind.DROPOUT, 7, 7, 0),
+         (Kind.DENSE, 7, 3, 0), (Kind.DENSE, 3, 2, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_weight", [False, True])
+@pytest.mark.parametrize("l1", [0.0, 0.02])
+def test_penalize_matches_reference_and_finite_differences(rng, dtype, per_weight, l1):
+    program, n = _program(_ROWS)
+    reg = np.zeros((len(_ROWS), N_REG))
+    reg[[0, 3, 4], L2] = 0.1   # row 3 is frozen: no penalty
+    reg[[0, 3, 4], L1] = l1
+    params = rng.normal(size=n).astype(dtype)
+    w = rng.uniform(0.5, 2, size=11).astype(dtype)
+    grad0 = rng.normal(size=n).astype(dtype)
+    grad, grad_ref = grad0.copy(), grad0.copy()
+    value = engine.penalize(program, reg, per_weight, w, params, grad)
+    value_ref = reference.penalize(program, reg, per_weight, w, params, grad_ref)
+    assert value == pytest.approx(value_ref, rel=1e-5 if dtype == "float32" else 1e-12)
+    assert_close(grad, grad_ref, dtype)
+    if dtype == "float64":
+        added = grad - grad0
+        numeric = _finite_difference(
+            lambda p: engine.penalize(program, reg, per_weight, w, p, np.zeros(n)),
+            params.copy())
+        _assert_fd(added, numeric)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clip", [(0.0, 0.0), (0.3, 0.0), (0.0, 1.5), (0.3, 1.5), (0.0, 1e6)])
+def test_clip_and_measure_matches_reference(rng, dtype, clip):
+    program, n = _program(_ROWS)
+    grad = rng.normal(size=n).astype(dtype)
+    grad_ref = grad.copy()
+    norms = engine.clip_and_measure(program, grad, *clip)
+    norms_ref = reference.clip_and_measure(program, grad_ref, *clip)
+    assert norms.dtype == np.float64 and norms.shape == (len(_ROWS),)
+    assert_close(norms, norms_ref, dtype)
+    assert_close(grad, grad_ref, dtype)
+    assert norms[2] == norms[3] == 0   # dropout, frozen
+
+
+# --- the softmax losses by row range ---------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", [Loss.SK_LOG_LOSS, Loss.CROSS_ENTROPY])
+@pytest.mark.parametrize("lo, hi", [(0, 13), (3, 11), (5, 5)])
+def test_softmax_rows_matches_reference_at_every_isa(rng, isa, dtype, which, lo, hi):
+    m, k = 13, 6
+    Z = (rng.normal(size=(m, k)) * 4).astype(dtype)
+    Y = np.eye(k, dtype=dtype)[rng.integers(0, k, m)]
+    Y[1] = rng.uniform(0, 1, k)   # soft targets, summing to other than 1
+    w = rng.uniform(0.2, 2, size=m).astype(dtype)
+    scale = 1 / w.sum(dtype=np.float64)
+    G, G_ref = np.full((m, k), 7, dtype), np.full((m, k), 7, dtype)
+    terms = c_losses.softmax_rows(which, Z, Y, w, G, lo, hi, scale, isa)
+    terms_ref = reference.softmax_rows(which, Z, Y, w, G_ref, lo, hi, scale)
+    assert terms.shape == (hi - lo,)
+    assert_close(terms, terms_ref, dtype)
+    assert_close(G, G_ref, dtype)
+    assert (G[:lo] == 7).all() and (G[hi:] == 7).all()   # other rows untouched
+
+
+@pytest.mark.parametrize("which", [Loss.SK_LOG_LOSS, Loss.CROSS_ENTROPY])
+def test_softmax_rows_gradient_is_the_losss(rng, which):
+    m, k = 5, 4
+    Z = rng.normal(size=(m, k))
+    Y = np.eye(k)[rng.integers(0, k, m)]
+    w = rng.uniform(0.2, 2, size=m)
+    scale = 1 / w.sum()
+    G = np.empty((m, k))
+    c_losses.softmax_rows(which, Z, Y, w, G, 0, m, scale)
+    loss = lambda z: scale * float(np.sum(c_losses.softmax_rows(which, z, Y, w,
+                                                               np.empty((m, k)), 0, m, scale)))
+    _assert_fd(G, _finite_difference(loss, Z.copy()))
+
+
+# --- arguments are checked before any compiled code runs ------------------------------
+
+def _bad_calls():
+    f32, f64 = np.ones((4, 3), np.float32), np.ones((4, 3))
+    counter = np.zeros(1, np.uint64)
+    program, n = _program(_ROWS)
+    reg = np.zeros((len(_ROWS), N_REG))
+    far = program.copy()
+    far[4, W_OFF] = n   # its W would run past the end of params
+    reg_far = reg.copy()
+    reg_far[4, L2] = 1.0
+    reg_bn = reg.copy()
+    reg_bn[1, L2] = 1.0
+    v3, v4 = np.ones(3), np.ones(4)
+    Y = np.eye(3)[[0, 1, 2, 0]]
+    return {
+        "list input": lambda: engine.dropout_forward([1.0, 2.0], 0.5, counter),
+        "int dtype": lambda: engine.residual_add(np.ones(3, int), np.ones(3, int)),
+        "mixed dtypes": lambda: engine.residual_add(f32, f64),
+        "shape mismatch": lambda: engine.dropout_backward(f64, np.ones((3, 4))),
+        "not contiguous": lambda: engine.residual_add(np.ones((4, 6))[:, ::2], f64),
+        "rate 1": lambda: engine.dropout_forward(f64, 1.0, counter),
+        "rate nan": lambda: engine.dropout_forward(f64, float("nan"), counter),
+        "rate None": lambda: engine.dropout_forward(f64, None, counter),
+        "clip_norm str": lambda: engine.clip_and_measure(program, np.ones(n), 0.0, "1"),
+        "counter int64": lambda: engine.dropout_forward(f64, 0.5, np.zeros(1, np.int64)),
+        "counter shape": lambda: engine.dropout_forward(f64, 0.5, np.zeros(2, np.uint64)),
+        "read-only g": lambda: engine.activity_penalty(f64, _read_only(f64), 0.1),
+        "negative c": lambda: engine.activity_penalty(f64, f64.copy(), -1.0),
+        "bn one row": lambda: engine.batchnorm_forward(np.ones((1, 3)), v3, v3, v3.copy(),
+                                                       v3.copy(), 1e-5, 0.1, True),
+        "bn width": lambda: engine.batchnorm_forward(f64, v4, v3, v3, v3, 1e-5, 0.1, False),
+        "bn momentum": lambda: engine.batchnorm_forward(f64, v3, v3, v3, v3, 1e-5, 2.0, False),
+        "bn backward width": lambda: engine.batchnorm_backward(f64, f64, v4, v3, True),
+        "program dtype": lambda: engine.clip_and_measure(program.astype(np.int32), np.ones(n)),
+        "program width": lambda: engine.clip_and_measure(program[:, :5].copy(), np.ones(n)),
+        "clip span": lambda: engine.clip_and_measure(far, np.ones(n)),
+        "short grad": lambda: engine.clip_and_measure(program, np.ones(n - 1)),
+        "penalty span": lambda: engine.penalize(far, reg_far, False, v3, np.ones(n),
+                                                np.ones(n)),
+        "penalty on batchnorm": lambda: engine.penalize(program, reg_bn, False, v3, np.ones(n),
+                                                        np.ones(n)),
+        "reg shape": lambda: engine.penalize(program, reg[:2], False, v3, np.ones(n),
+                                             np.ones(n)),
+        "no weights": lambda: engine.penalize(program, reg, True, np.ones(0), np.ones(n),
+                                              np.ones(n)),
+        "softmax which": lambda: c_losses.softmax_rows(7, f64, Y, v4, f64.copy(), 0, 4, 0.25),
+        "softmax range": lambda: c_losses.softmax_rows(Loss.CROSS_ENTROPY, f64, Y, v4,
+                                                       f64.copy(), 2, 5, 0.25),
+        "softmax w": lambda: c_losses.softmax_rows(Loss.CROSS_ENTROPY, f64, Y, v3, f64.copy(),
+                                                   0, 4, 0.25),
+        "softmax dtype": lambda: c_losses.softmax_rows(Loss.CROSS_ENTROPY, f64, Y, v4,
+                                                       f32.copy(), 0, 4, 0.25),
+    }
+
+
+def _read_only(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("name", list(_bad_calls()))
+def test_bad_arguments_are_a_value_error(name):
+    with pytest.raises(ValueError):
+        _bad_calls()[name]()
+
+
+def test_hostile_calls_return_or_raise_value_error():
+    """A few trials of tests/adversarial/engine_kernels.py (in a child
+    interpreter: a crash there is a failure here, not the end of the run)."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).parent / "adversarial"))
+    import engine_kernels
+    counts, failures = engine_kernels.run(60, seed=1)
+    assert not failures and counts == {"run": 60, "passed": 60}
