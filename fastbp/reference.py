@@ -45,6 +45,11 @@ The helpers named with a leading underscore have no twin.
 Shapes: X (m, n_in), W (n_in, n_out), b (n_out,), outputs and their
 gradients (m, n_out).  Activations are given by their integer code
 (``fastbp._ext.engine.Act``) or name.
+
+Size: about 1,100 lines, most of them numpydoc with shapes: one twin for
+each compiled kernel, kept in one module so that the whole specification
+reads in one place, in the order a step runs (split by kernel, a reader
+would follow imports to see one layer's forward beside its backward).
 """
 import numpy as np
 
