@@ -28,6 +28,15 @@ from the layers); and by flat arrays that Python allocated once:
   output a (m rows), whose gradient c/m sign(a) joins dL/da in the backward
   pass.
 
+What persists across one fit's calls (the program and tables, params,
+grad, the workspaces, aux, buffers, the dropout counter, the optimizer's
+state and hyperparameters, the loss and update addresses) is held by an
+``EngineState``, which checks every array and every program offset once,
+when it is made; its docstring says which fields the engine reads (IN),
+writes (OUT) or updates (INOUT).  ``train_batches(state, X, Y, W, order,
+first, count, gather, step0, batch_loss)`` takes it and the call's own
+values, checks those against it, and then trusts both.
+
 ``train_batches`` runs many mini-batch steps in one call without the GIL:
 gather rows by index, forward through every layer (dense.pyx), loss and its
 gradient, backward through every layer, then the optimizer update over the
@@ -881,6 +890,263 @@ def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating
     return loss
 
 
+# ---------------------------------------------------------------------------
+# The state of one fit, checked once: train_batches trusts nothing else.
+
+_INT64, _UINT64, _DOUBLE = np.dtype(np.int64), np.dtype(np.uint64), np.dtype(np.float64)
+
+
+def _field(name, a, dtype, shape=None, size=None, writable=False):
+    """a itself if it is a C-contiguous ndarray of ``dtype`` with ``shape``
+    (if given; None in it: any length) or at least ``size`` elements (if
+    given), writable if ``writable``; else a ValueError saying what to pass."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, not {type(a).__name__}")
+    if a.dtype != dtype:
+        raise ValueError(f"{name} is {a.dtype}; it must be {dtype}")
+    if shape is not None and (a.ndim != len(shape) or any(
+            s is not None and a.shape[i] != s for i, s in enumerate(shape))):
+        want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} has shape {a.shape}; it must be {want}")
+    if size is not None and (a.ndim != 1 or a.shape[0] < size):
+        raise ValueError(f"{name} has shape {a.shape}; it must be 1-D with at least "
+                         f"{size} elements")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} is written in place and must be writable")
+    return a
+
+
+def _check_row(prog, floats, reg, int64_t l, int64_t n_params, int64_t n_aux,
+               int64_t n_buffers):
+    """ValueError unless row l's codes are known and its parameters,
+    scratch, running statistics and residual partner lie inside their
+    arrays (the engine indexes them without bounds checks)."""
+    kind, n_in, n_out, act, w_off, b_off, act_off, trainable, aux_off, buf_off = (
+        int(v) for v in prog[l, :N_COLS])
+    where = f"program row {l}"
+
+    def inside(what, off, size, limit):
+        if off < 0 or size < 0 or off + size > limit:
+            raise ValueError(f"{where}: {what} [{off}, {off + size}) is outside [0, {limit})")
+
+    if kind not in (DENSE, DROPOUT, BATCHNORM, RES_BEGIN, RES_END):
+        raise ValueError(f"{where}: unknown kind {kind}")
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"{where}: widths must be >= 1, not n_in={n_in}, n_out={n_out}")
+    if act_off < 0 or trainable not in (0, 1):
+        raise ValueError(f"{where}: act_off {act_off} < 0 or trainable {trainable} not 0/1")
+    if l > 0 and n_in != prog[l - 1, N_OUT]:
+        raise ValueError(f"{where}: n_in {n_in} != the previous row's n_out {prog[l - 1, N_OUT]}")
+    rate = floats[l, RATE]
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{where}: rate {rate} is outside [0, 1)")
+    if kind == DENSE:
+        if not IDENTITY <= act <= SOFTPLUS:
+            raise ValueError(f"{where}: unknown activation {act}")
+        inside("W and b", w_off, n_in * n_out + n_out, n_params)
+        inside("b", b_off, n_out, n_params)
+        if rate > 0:
+            inside("DropConnect's scratch", aux_off, 2 * n_in * n_out, n_aux)
+        return
+    if n_in != n_out:
+        raise ValueError(f"{where}: a kind {kind} row keeps its width, not {n_in} -> {n_out}")
+    if act != IDENTITY:
+        raise ValueError(f"{where}: only a dense row has an activation, not {act}")
+    if reg[l, L2] or reg[l, L1] or reg[l, ACTIVITY_L1]:
+        # the penalties take the row as a dense W (n_in, n_out) at W_OFF
+        raise ValueError(f"{where}: only a dense row has penalties")
+    if trainable and kind != BATCHNORM:
+        # clipping would take the row as a dense W and b at W_OFF
+        raise ValueError(f"{where}: a kind {kind} row has no parameters to train")
+    if kind == BATCHNORM:
+        inside("gamma and beta", w_off, 2 * n_out, n_params)
+        inside("beta", b_off, n_out, n_params)
+        inside("1/std", aux_off, n_out, n_aux)
+        inside("running statistics", buf_off, 2 * n_out, n_buffers)
+    elif kind in (RES_BEGIN, RES_END):
+        partner = w_off
+        inside("the partner row", partner, 1, prog.shape[0])
+        want = RES_END if kind == RES_BEGIN else RES_BEGIN
+        if prog[partner, KIND] != want or (partner > l) != (kind == RES_BEGIN) \
+                or prog[partner, N_OUT] != n_out:
+            raise ValueError(f"{where}: partner row {partner} is not its residual "
+                             f"{'end' if kind == RES_BEGIN else 'begin'} of width {n_out}")
+
+
+def _act_columns(kind, n_out):
+    """Columns of the activation workspace a row uses per batch row: its
+    output, and dropout's mask or BatchNorm's x_hat after it."""
+    return 2 * n_out if kind in (DROPOUT, BATCHNORM) else n_out
+
+
+cdef class EngineState:
+    """What ``train_batches`` reads and writes across the calls of one fit,
+    checked once here so that no call can index outside an array.
+
+    Every array must be C-contiguous; the floating ones all have params'
+    dtype (float32 or float64).  The state holds a reference to each, so
+    none is freed or (by ``ndarray.resize``, which refuses a referenced
+    array unless told ``refcheck=False``, NumPy's own unsafe switch)
+    reallocated while it lives, and exposes none of them.  IN: read by the
+    engine; OUT: written (its contents on entry do not matter); INOUT: read
+    and updated in place.
+
+    Parameters
+    ----------
+    program : int64 (n_layers, N_COLS), IN
+        The program rows (fastbp.program.Program.rows).
+    floats : float64 (n_layers, N_FLOATS), IN
+        Each row's drop rate, BatchNorm momentum and eps.
+    reg : float64 (n_layers, N_REG), IN
+        Each row's L2, L1 and activity-L1 penalties.
+    reg_per_weight : bool, IN
+        Scale the weight penalties by 1 / (the batch's weight sum).
+    params : (n_params,), INOUT
+        Every weight and bias; the optimizer updates it.
+    grad : (n_params,), OUT
+        Each step's gradient.
+    acts : (batch_size * act_width,), OUT
+        Every row's output (and masks, x_hat) for a batch: workspace.
+    deltas : (2 * batch_size * max n_out,), OUT
+        The two gradient ping-pong buffers: workspace.
+    xb, yb, wb : (batch_size * n_features,), (batch_size * n_outputs,), (batch_size,), OUT
+        A gathered batch's inputs, targets and weights: workspace.
+    aux : (n_aux,), OUT
+        Per-step scratch (DropConnect's W_eff and mask, BatchNorm's 1/std).
+    buffers : (n_buffers,), INOUT
+        BatchNorm's running mean and variance.
+    rng : uint64 (1,), INOUT
+        The dropout stream's counter.
+    opt_state : (n_slots * n_params,) (or more), INOUT
+        The optimizer's state slots, slot s of parameter i at s * n_params + i.
+    n_slots, n_hyper : int, IN
+        The slots and hyperparameters the optimizer's kernel reads.
+    hyper : float64 (n_hyper,) (or more), IN
+        The optimizer's hyperparameters, in its kernel's order (the caller
+        may change their values in place between calls).
+    segments : int64 (n_segments, 2), IN
+        (start, length) of each run of trainable parameters in params.
+    loss_addr, step_addr : int, IN
+        C addresses of the loss and of the optimizer's update for params'
+        dtype (fastbp._numba.losses.loss_cfunc, fastbp._numba.optim.step_cfunc).
+        Machine code cannot be checked: they are trusted to be those.
+    batch_size : int, IN
+        The most rows of a batch (the workspaces' size).
+    clip_value, clip_norm : float, IN
+        Gradient clipping (0: off).
+    grad_norms : float64 (0,) or (n_layers,), INOUT
+        If (n_layers,), each batch's per-layer gradient norms are added to it.
+    """
+
+    def __cinit__(self, *, program, floats, reg, reg_per_weight, params, grad, acts, deltas,
+                  xb, yb, wb, aux, buffers, rng, opt_state, n_slots, hyper, n_hyper, segments,
+                  loss_addr, step_addr, batch_size, clip_value, clip_norm, grad_norms):
+        self.terms = NULL
+        self._check_program(program, floats, reg)
+        self._check_float_arrays(params, grad, acts, deltas, xb, yb, wb, aux, buffers,
+                                 opt_state, n_slots, batch_size)
+        self.rng = _field("rng", rng, _UINT64, shape=(1,), writable=True)
+        self.hyper = _field("hyper", hyper, _DOUBLE, size=int(n_hyper))
+        seg = _field("segments", segments, _INT64, shape=(None, 2))
+        if seg.size and (np.any(seg < 0) or np.any(seg[:, 0] + seg[:, 1] > self.n_params)):
+            raise ValueError(f"segments must lie inside [0, {self.n_params})")
+        self.segments = seg
+        if grad_norms.shape not in ((0,), (self.n_layers,)):
+            raise ValueError(f"grad_norms must have 0 or {self.n_layers} entries")
+        self.grad_norms = _field("grad_norms", grad_norms, _DOUBLE, writable=True)
+        self.reg_per_weight = bool(reg_per_weight)
+        self.clip_value = _real("clip_value", clip_value, 0.0, np.inf)
+        self.clip_norm = _real("clip_norm", clip_norm, 0.0, np.inf)
+        for name, addr in (("loss_addr", loss_addr), ("step_addr", step_addr)):
+            if not isinstance(addr, int) or not 0 < addr < 2 ** 64:
+                raise ValueError(f"{name} must be a C address (a positive int), not {addr!r}")
+        self.loss_addr, self.step_addr = loss_addr, step_addr
+        self.loss_which = softmax_which(self.loss_addr, self.is_double)
+        if self.loss_which >= 0:
+            # each row's loss term, for steps in row ranges
+            self.terms = <double*>malloc(self.batch_size * sizeof(double))
+            if self.terms == NULL:
+                raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.terms)
+
+    def _check_program(self, program, floats, reg):
+        prog = _field("program", program, _INT64, shape=(None, N_COLS))
+        if prog.shape[0] == 0:
+            raise ValueError("program has no rows")
+        self.n_layers = prog.shape[0]
+        self.floats = _field("floats", floats, _DOUBLE, shape=(self.n_layers, N_FLOATS))
+        self.reg = _field("reg", reg, _DOUBLE, shape=(self.n_layers, N_REG))
+        if not (np.isfinite(reg).all() and (reg >= 0).all()):
+            raise ValueError("reg's penalties must be finite and >= 0")
+        self.program = prog
+        self.n_features = prog[0, N_IN]
+        self.n_outputs = prog[self.n_layers - 1, N_OUT]
+
+    def _check_float_arrays(self, params, grad, acts, deltas, xb, yb, wb, aux, buffers,
+                            opt_state, n_slots, batch):
+        # sizes in Python ints: no product of hostile values can wrap around
+        prog = np.asarray(self.program)
+        floats = np.asarray(self.floats)
+        reg = np.asarray(self.reg)
+        if not isinstance(params, np.ndarray) or params.dtype not in _FLOATS:
+            raise ValueError("params must be a float32 or float64 numpy array")
+        dtype = params.dtype
+        self.params = _field("params", params, dtype, shape=(None,), writable=True)
+        self.n_params = params.shape[0]
+        self.grad = _field("grad", grad, dtype, shape=(self.n_params,), writable=True)
+        self.aux = _field("aux", aux, dtype, shape=(None,), writable=True)
+        self.buffers = _field("buffers", buffers, dtype, shape=(None,), writable=True)
+        n_slots, batch = int(n_slots), int(batch)
+        if batch < 1 or n_slots < 0:
+            raise ValueError(f"batch_size must be >= 1 and n_slots >= 0, not {batch}, {n_slots}")
+        act_width = delta_width = 0
+        for l in range(self.n_layers):
+            _check_row(prog, floats, reg, l, self.n_params, aux.shape[0], buffers.shape[0])
+            act_width = max(act_width, int(prog[l, ACT_OFF])
+                            + _act_columns(int(prog[l, KIND]), int(prog[l, N_OUT])))
+            delta_width = max(delta_width, int(prog[l, N_OUT]))
+        self.acts = _field("acts", acts, dtype, size=batch * act_width, writable=True)
+        self.batch_size = batch   # now at most acts' length
+        self.deltas = _field("deltas", deltas, dtype, size=2 * batch * delta_width,
+                             writable=True)
+        self.xb = _field("xb", xb, dtype, size=batch * int(self.n_features), writable=True)
+        self.yb = _field("yb", yb, dtype, size=batch * int(self.n_outputs), writable=True)
+        self.wb = _field("wb", wb, dtype, size=batch, writable=True)
+        self.opt_state = _field("opt_state", opt_state, dtype, size=n_slots * int(self.n_params),
+                                writable=True)
+        self.is_double = dtype == _DOUBLE
+
+
+cdef _check_call(EngineState state, int64_t n, int64_t d, int64_t k, int64_t y_rows,
+                 int64_t w_rows, const int64_t[::1] order, int64_t first, int64_t count,
+                 bint gather, int64_t n_losses):
+    """ValueError unless a train_batches call's arrays fit the state and its
+    batches (and, when gathering, their rows' indices) lie inside X."""
+    cdef int64_t i, hi
+    if d != state.n_features or k != state.n_outputs or y_rows != n or w_rows != n:
+        raise ValueError(f"X, Y, W must be (n, {state.n_features}), (n, {state.n_outputs}), "
+                         f"(n,); got ({n}, {d}), ({y_rows}, {k}), ({w_rows},)")
+    # (compared so that no sum or product of hostile values can wrap around)
+    if first < 0 or count < 0 or first > n_losses or count > n_losses - first or \
+            first + count > (n + state.batch_size - 1) // state.batch_size:
+        raise ValueError(f"batches {first} .. {first + count - 1} are not batches of X "
+                         f"({n} rows) with a loss slot each ({n_losses})")
+    if not gather:
+        return
+    if order.shape[0] != n:
+        raise ValueError(f"order must have one index per row of X ({n}), not {order.shape[0]}")
+    hi = (first + count) * state.batch_size
+    if hi > n:
+        hi = n
+    for i in range(first * state.batch_size, hi):
+        if order[i] < 0 or order[i] >= n:
+            raise ValueError(f"order[{i}] = {order[i]} is not a row of X ({n} rows)")
+
+
 # Phase profiling (dense._set_profiling): seconds spent in each phase of
 # train_batches' steps, and the steps timed, since the last read.
 PHASE_NAMES = ("gather", "forward", "loss", "backward", "penalty", "clip", "optimizer",
@@ -912,36 +1178,81 @@ def _phase_seconds():
     return out
 
 
-def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floating[::1] W,
-                  const int64_t[::1] order, bint gather,
-                  int64_t batch_size, int64_t first_batch, int64_t n_batches,
-                  const int64_t[:, ::1] program,
-                  floating[::1] params, floating[::1] grad,
-                  floating[::1] acts, floating[::1] deltas,
-                  floating[::1] xb, floating[::1] yb, floating[::1] wb,
-                  size_t loss_addr, size_t step_addr,
-                  floating[::1] opt_state, const double[::1] hyper,
-                  const int64_t[:, ::1] segments, int64_t step0,
-                  const double[:, ::1] reg, bint reg_per_weight,
-                  const double[:, ::1] floats, uint64_t[::1] rng, floating[::1] aux,
-                  floating[::1] buffers,
-                  double clip_value, double clip_norm, double[::1] grad_norms,
-                  double[::1] batch_loss):
-    """Run mini-batches first_batch .. first_batch + n_batches - 1 of an epoch.
+def train_batches(EngineState state, X, Y, W, order, first_batch, n_batches, gather, step0,
+                  batch_loss):
+    """Run mini-batches first_batch .. first_batch + n_batches - 1 of an epoch
+    (see ``_train_batches``), after checking every argument: a ValueError
+    names the first one that does not fit the state."""
+    dtype = state.params.dtype
+    X = _field("X", X, dtype, shape=(None, None))
+    Y = _field("Y", Y, dtype, shape=(None, None))
+    W = _field("W", W, dtype, shape=(None,))
+    order = _field("order", order, _INT64, shape=(None,))
+    batch_loss = _field("batch_loss", batch_loss, _DOUBLE, shape=(None,), writable=True)
+    return _train_batches(state, X, Y, W, order, _int64("first_batch", first_batch),
+                          _int64("n_batches", n_batches), bool(gather),
+                          _int64("step0", step0), batch_loss)
 
-    Batch b holds rows order[b*B : (b+1)*B] (the last one may be short).  With
-    ``gather`` false the rows are taken in place from X (no copy).  The
-    optimizer's step counter for batch i of this call is step0 + i + 1.
-    ``batch_loss[b]`` receives each batch's mean loss.  Gradients are
-    clipped by ``clip_and_measure`` when clip_value or clip_norm is > 0; if
-    ``grad_norms`` has one entry per layer, each batch's per-layer gradient
-    norms are added to it.  A batch whose weights sum to zero (added left to
-    right in double, as the loss kernels add them) is skipped: batch_loss 0,
-    no update, and the step counter is step0 + (updates so far) + 1.
-    Returns (batches_done, steps, status): batches_done counts the batches
-    finished (updated or skipped; on a non-OK status, those before the
-    failing one), steps the updates applied.
+
+def _int64(name, value):
+    """value as an int that fits int64; else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+            not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError(f"{name} must be an int64, not {value!r}")
+    return int(value)
+
+
+def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:, ::1] Y,
+                   const floating[::1] W, const int64_t[::1] order, int64_t first_batch,
+                   int64_t n_batches, bint gather, int64_t step0, double[::1] batch_loss):
+    """Run mini-batches first_batch .. first_batch + n_batches - 1 of an epoch
+    of X (n, d), Y (n, k), sample weights W (n,) on ``state`` (an
+    ``EngineState``: the model, its workspaces, the loss and optimizer).
+
+    Batch b holds rows order[b*B : (b+1)*B] (B: state.batch_size; the last
+    one may be short).  With ``gather`` false the rows are taken in place
+    from X (no copy) and ``order`` is not read.  The optimizer's step
+    counter for batch i of this call is step0 + i + 1.  ``batch_loss[b]``
+    (OUT) receives each batch's mean loss.  Gradients are clipped by
+    ``clip_and_measure`` when state.clip_value or clip_norm is > 0; if the
+    state's grad_norms has one entry per layer, each batch's per-layer
+    gradient norms are added to it.  A batch whose weights sum to zero
+    (added left to right in double, as the loss kernels add them) is
+    skipped: batch_loss 0, no update, and the step counter is step0 +
+    (updates so far) + 1.  Returns (batches_done, steps, status):
+    batches_done counts the batches finished (updated or skipped; on a
+    non-OK status, those before the failing one), steps the updates applied.
+    The arrays are checked against the state (ValueError) before any
+    step runs.
     """
+    cdef bint dbl = floating is double
+    if state.is_double != dbl:
+        raise ValueError(f"X is {'float64' if dbl else 'float32'} but the state's arrays are "
+                         f"{state.params.dtype}; pass X, Y and W in the model's dtype")
+    _check_call(state, X.shape[0], X.shape[1], Y.shape[1], Y.shape[0], W.shape[0], order,
+                first_batch, n_batches, gather, batch_loss.shape[0])
+    # The state's arrays as this dtype's memoryviews (checked at construction).
+    cdef const int64_t[:, ::1] program = state.program
+    cdef const double[:, ::1] reg = state.reg
+    cdef const double[:, ::1] floats = state.floats
+    cdef const int64_t[:, ::1] segments = state.segments
+    cdef const double[::1] hyper = state.hyper
+    cdef uint64_t[::1] rng = state.rng
+    cdef double[::1] grad_norms = state.grad_norms
+    cdef floating[::1] params = state.params
+    cdef floating[::1] grad = state.grad
+    cdef floating[::1] acts = state.acts
+    cdef floating[::1] deltas = state.deltas
+    cdef floating[::1] xb = state.xb
+    cdef floating[::1] yb = state.yb
+    cdef floating[::1] wb = state.wb
+    cdef floating[::1] aux = state.aux
+    cdef floating[::1] buffers = state.buffers
+    cdef floating[::1] opt_state = state.opt_state
+    cdef int64_t batch_size = state.batch_size
+    cdef size_t loss_addr = state.loss_addr, step_addr = state.step_addr
+    cdef bint reg_per_weight = state.reg_per_weight
+    cdef double clip_value = state.clip_value, clip_norm = state.clip_norm
     cdef int64_t n = X.shape[0], d = X.shape[1], k = Y.shape[1]
     cdef int64_t half = deltas.shape[0] // 2, n_params = params.shape[0]
     cdef int64_t last = program.shape[0] - 1
@@ -953,7 +1264,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
     cdef const floating* x0
     cdef floating* y0
     cdef floating* w0
-    cdef floating* state = _ptr(opt_state)
+    cdef floating* slots = _ptr(opt_state)
     cdef floating* out_last
     cdef double* norms = &grad_norms[0] if grad_norms.shape[0] == program.shape[0] else NULL
     cdef bint clip = clip_value > 0 or clip_norm > 0 or norms != NULL
@@ -973,13 +1284,8 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
     rows.params = &params[0]
     rows.acts = &acts[0]
     rows.g0 = &deltas[0]
-    rows.loss_which = softmax_which(loss_addr, floating is double)
-    rows.terms = NULL
-    if rows.loss_which >= 0:
-        # each row's loss term, for steps in row ranges (one buffer a call)
-        rows.terms = <double*>malloc(batch_size * sizeof(double))
-        if rows.terms == NULL:
-            rows.loss_which = -1
+    rows.loss_which = state.loss_which
+    rows.terms = state.terms   # each row's loss term, for steps in row ranges
     with nogil:
         for i in range(n_batches):
             b = first_batch + i
@@ -1048,7 +1354,7 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
             if clip:
                 clip_and_measure_op(program, &grad[0], clip_value, clip_norm, norms)
                 _lap(prof, 5, &t_phase)
-            ok = optimizer_step(step_addr, &params[0], &grad[0], state, segments, n_params,
+            ok = optimizer_step(step_addr, &params[0], &grad[0], slots, segments, n_params,
                                 <double*>&hyper[0], step0 + steps + 1)
             _lap(prof, 6, &t_phase)
             PHASE_STEPS += prof
@@ -1057,7 +1363,6 @@ def train_batches(const floating[:, ::1] X, const floating[:, ::1] Y, const floa
                 break
             done += 1
             steps += 1
-    free(rows.terms)
     return done, steps, status
 
 

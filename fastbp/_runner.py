@@ -203,6 +203,7 @@ class _EpochRunner:
         self.loss_addr = loss_cfunc(loss, net.dtype)
         self.step_addr = step_cfunc(opt.kernel, net.dtype)
         self.hyper = opt._hyper()
+        self.engine_state = self._engine_state()
         # Snapshot at the start of each epoch (or resume point): lets a
         # divergence be rolled back to the last finite step by replaying.
         self.snap_params = np.empty_like(net._params)
@@ -222,7 +223,23 @@ class _EpochRunner:
         if state.ctypes.data != self.state.ctypes.data:
             self.state = state
             self.snap_state = np.empty_like(state)
+            self.engine_state = self._engine_state()
         self.hyper[...] = _checked_hyper(self.opt)  # checked against the state's dtype
+
+    def _engine_state(self):
+        """The engine's view of this fit (checked once): the model's tables
+        and flat arrays, the workspace, the loss, the optimizer's update,
+        state and hyperparameters (updated in place between calls)."""
+        net, ws, opt = self.net, self.ws, self.opt
+        return _engine.EngineState(
+            program=net._program, floats=net._floats, reg=net._reg,
+            reg_per_weight=net._reg_per_weight, params=net._params, grad=net._grad,
+            acts=ws.acts, deltas=ws.deltas, xb=ws.xb, yb=ws.yb, wb=ws.wb, aux=net._aux,
+            buffers=net._buffers, rng=net._dropout_rng, opt_state=self.state,
+            n_slots=opt._n_slots(), hyper=self.hyper, n_hyper=len(opt._spec.hyper),
+            segments=self.segments, loss_addr=self.loss_addr, step_addr=self.step_addr,
+            batch_size=self.batch, clip_value=self.clip_value, clip_norm=self.clip_norm,
+            grad_norms=self.grad_norms)
 
     def start_epoch(self, resume=None, order=None):
         """Shuffle for a new epoch (or use ``order``), or rebuild the order of
@@ -295,13 +312,9 @@ class _EpochRunner:
     def _train_batches(self, first, count):
         if self.sparse_rows:
             return self._train_sparse_batches(first, count)
-        ws, net = self.ws, self.net
         done, steps, status = _engine.train_batches(
-            self.X, self.Y, self.W, self.order, self.gather, self.batch, first, count,
-            net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
-            self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
-            self.opt.t, net._reg, net._reg_per_weight, net._floats, net._dropout_rng, net._aux,
-            net._buffers, self.clip_value, self.clip_norm, self.grad_norms, self.batch_loss)
+            self.engine_state, self.X, self.Y, self.W, self.order, first, count, self.gather,
+            self.opt.t, self.batch_loss)
         # Batches whose weights sum to zero were skipped: t counts updates.
         self.opt.t += steps
         self.steps += steps
@@ -312,7 +325,7 @@ class _EpochRunner:
         ``sparse_rows`` rows (whole batches) is made dense in ``sparse_block``
         in batch order (so the engine takes its rows in place, as it would
         have gathered them) and run as batches 0, 1, ... of that piece."""
-        ws, net, batch = self.ws, self.net, self.batch
+        batch = self.batch
         per_call = self.sparse_rows // batch
         done, b, end = 0, first, first + count
         while b < end:
@@ -322,12 +335,8 @@ class _EpochRunner:
             block = self.sparse_block[:hi - lo]
             self.X[rows].toarray(out=block)
             got, steps, status = _engine.train_batches(
-                block, self.Y[rows], self.W[rows], self.order[:0], False, batch, 0, k,
-                net._program, net._params, net._grad, ws.acts, ws.deltas, ws.xb, ws.yb, ws.wb,
-                self.loss_addr, self.step_addr, self.state, self.hyper, self.segments,
-                self.opt.t, net._reg, net._reg_per_weight, net._floats, net._dropout_rng,
-                net._aux, net._buffers, self.clip_value, self.clip_norm, self.grad_norms,
-                self.batch_loss[b:b + k])
+                self.engine_state, block, self.Y[rows], self.W[rows], self.order[:0], 0, k,
+                False, self.opt.t, self.batch_loss[b:b + k])
             self.opt.t += steps
             self.steps += steps
             done += got

@@ -6,9 +6,10 @@ How Python stays out of the step
 int64 table with one row per layer (sizes, activation code, offsets), a
 table of per-row floats (rates, momentum, eps) and the sizes of the flat
 arrays, then lays every layer's W and b out in one flat ``params`` vector
-(and the gradient in ``grad``) where the program says.  ``fit`` hands the
+(and the gradient in ``grad``) where the program says.  ``fit`` gathers the
 program, the flat vectors, workspaces sized for one mini-batch, and the C
-addresses of the Numba loss and optimizer kernels to
+addresses of the Numba loss and optimizer kernels into one checked
+``fastbp._ext.engine.EngineState`` and hands it to
 ``fastbp._ext.engine.train_batches``, which runs whole runs of mini-batches
 (gather, forward, loss, backward, update) without returning to Python.
 Python only shuffles the index order once per epoch, times the calls, and

@@ -225,7 +225,7 @@ def test_the_engine_is_called_a_constant_number_of_times_per_epoch(rng, monkeypa
     real = model._engine.train_batches
 
     def counting(*args):
-        calls.append(args[7])  # number of batches in this call
+        calls.append(args[6])  # number of batches in this call
         return real(*args)
 
     monkeypatch.setattr(model, "_engine", _Proxy(model._engine, counting))

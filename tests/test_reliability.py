@@ -497,7 +497,7 @@ class _EngineSpy:
 
     def train_batches(self, *args):
         out = self._module.train_batches(*args)
-        self.calls.append((args[3].copy(), args[6], args[7], out))
+        self.calls.append((args[4].copy(), args[5], args[6], out))
         return out
 
     def __getattr__(self, name):
@@ -697,7 +697,7 @@ _SIGINT_IN_LAST_CALL = """
     def interrupting(last_batch, times=1):
         def train_batches(*args):
             done = real(*args)
-            first, count = args[6], args[7]
+            first, count = args[5], args[6]
             if first + count == last_batch and len(hits) < times:
                 hits.append(1)
                 signal.raise_signal(signal.SIGINT)   # handled after the call returns

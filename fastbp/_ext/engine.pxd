@@ -81,3 +81,25 @@ cpdef enum Status:
     OK = 0                 # every batch done
     LOSS_NONFINITE = 1     # a batch's loss was not finite (nothing updated for it)
     PARAMS_NONFINITE = 2   # an update produced a non-finite parameter
+
+
+# What persists across train_batches calls for one fit (engine.pyx documents
+# each field IN / OUT / INOUT).  Declared here because a module with a .pxd
+# declares its extension types in it.
+from libc.stdint cimport int64_t, uint64_t
+
+cdef class EngineState:
+    cdef readonly int64_t n_layers, n_params, n_features, n_outputs, batch_size
+    cdef readonly bint is_double, reg_per_weight
+    cdef readonly double clip_value, clip_norm
+    cdef size_t loss_addr, step_addr
+    cdef int loss_which
+    cdef const int64_t[:, ::1] program
+    cdef const double[:, ::1] floats
+    cdef const double[:, ::1] reg
+    cdef const int64_t[:, ::1] segments
+    cdef const double[::1] hyper
+    cdef uint64_t[::1] rng
+    cdef double[::1] grad_norms
+    cdef object params, grad, acts, deltas, xb, yb, wb, aux, buffers, opt_state
+    cdef double* terms
