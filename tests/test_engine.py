@@ -322,3 +322,134 @@ def test_hostile_calls_return_or_raise_value_error():
     import engine_kernels
     counts, failures = engine_kernels.run(60, seed=1)
     assert not failures and counts == {"run": 60, "passed": 60}
+
+
+# ---------------------------------------------------------------------------
+# EngineState: what train_batches reads and writes across a fit, checked once.
+
+def _state_args(dtype=np.float64, batch=8):
+    """A valid EngineState's keyword arguments (a model with every row
+    kind: dense with DropConnect, dropout, BatchNorm, a residual block) and
+    a valid train_batches call on it (4 shuffled batches)."""
+    import fastbp
+    from fastbp._numba.losses import loss_cfunc
+    from fastbp._numba.optim import step_cfunc
+    net = fastbp.Sequential([fastbp.Dense(6, activation="relu", dropconnect=0.2),
+                             fastbp.Dropout(0.3), fastbp.BatchNorm(),
+                             fastbp.Residual([fastbp.Dense(6, activation="tanh")]),
+                             fastbp.Dense(3)], seed=0, dtype=dtype)
+    net.build(5)
+    opt = fastbp.optim.Adam()
+    ws = net._workspace(batch)
+    kw = dict(program=net._program.copy(), floats=net._floats.copy(), reg=net._reg.copy(),
+              reg_per_weight=False, params=net._params, grad=net._grad, acts=ws.acts,
+              deltas=ws.deltas, xb=ws.xb, yb=ws.yb, wb=ws.wb, aux=net._aux,
+              buffers=net._buffers, rng=net._dropout_rng,
+              opt_state=opt._bind(net.n_params, dtype).reshape(-1), n_slots=opt._n_slots(),
+              hyper=opt._hyper(), n_hyper=len(opt._spec.hyper), segments=net._segments(),
+              loss_addr=loss_cfunc("cross_entropy", dtype), step_addr=step_cfunc(opt.kernel, dtype),
+              batch_size=batch, clip_value=0.0, clip_norm=0.0, grad_norms=np.zeros(0))
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(30, 5)).astype(dtype)
+    Y = np.eye(3, dtype=dtype)[rng.integers(0, 3, 30)]
+    call = [X, Y, np.ones(30, dtype), rng.permutation(30), 0, 4, True, 0, np.zeros(4)]
+    return net, kw, call
+
+
+def test_engine_state_trains_like_the_fit_it_was_built_for():
+    net, kw, call = _state_args()
+    state = engine.EngineState(**kw)
+    before = net._params.copy()
+    done, steps, status = engine.train_batches(state, *call)
+    assert (done, steps, status) == (4, 4, engine.Status.OK)
+    assert not np.array_equal(net._params, before)   # params are the model's, updated in place
+    assert np.all(call[8] > 0)                      # batch_loss written
+
+
+def _corrupt_row(col, value, row=0):
+    def corrupt(kw):
+        kw["program"][row, col] = value
+    return corrupt
+
+
+_BAD_STATES = {
+    "unknown kind": _corrupt_row(KIND, 9),
+    "W beyond params": _corrupt_row(engine.W_OFF, 10 ** 6),
+    "negative b offset": _corrupt_row(B_OFF, -1),
+    "width chain broken": _corrupt_row(N_IN, 7, row=1),
+    "act offset beyond acts": _corrupt_row(engine.ACT_OFF, 2 ** 61),
+    "DropConnect scratch beyond aux": _corrupt_row(engine.AUX_OFF, 10 ** 6),
+    "BatchNorm statistics beyond buffers": _corrupt_row(engine.BUF_OFF, 10 ** 6, row=2),
+    "residual partner out of range": _corrupt_row(engine.W_OFF, 99, row=3),
+    "trainable dropout": _corrupt_row(TRAINABLE, 1, row=1),
+    "penalty on a BatchNorm row": lambda kw: kw["reg"].__setitem__((2, L2), 1.0),
+    "rate of 1": lambda kw: kw["floats"].__setitem__((1, engine.RATE), 1.0),
+    "float32 grad": lambda kw: kw.update(grad=kw["grad"].astype(np.float32)),
+    "short acts": lambda kw: kw.update(acts=kw["acts"][:-1].copy()),
+    "read-only params": lambda kw: kw.update(params=_read_only(kw["params"])),
+    "strided buffers": lambda kw: kw.update(buffers=np.repeat(kw["buffers"], 2)[::2]),
+    "state for fewer slots": lambda kw: kw.update(n_slots=kw["n_slots"] + 1),
+    "segment beyond params": lambda kw: kw.update(segments=np.array([[0, 10 ** 6]])),
+    "grad_norms of the wrong length": lambda kw: kw.update(grad_norms=np.zeros(2)),
+    "batch larger than the workspace": lambda kw: kw.update(batch_size=9),
+    "null loss address": lambda kw: kw.update(loss_addr=0),
+}
+
+
+@pytest.mark.parametrize("name", list(_BAD_STATES))
+def test_engine_state_refuses_what_would_index_outside_an_array(name):
+    _, kw, _ = _state_args()
+    _BAD_STATES[name](kw)
+    with pytest.raises(ValueError):
+        engine.EngineState(**kw)
+
+
+_BAD_CALLS = {
+    "X of another width": (0, lambda c: c[0][:, :4].copy()),
+    "float32 X": (0, lambda c: c[0].astype(np.float32)),
+    "X not an array": (0, lambda c: c[0].tolist()),
+    "Y of fewer rows": (1, lambda c: c[1][:29].copy()),
+    "order with a row beyond X": (3, lambda c: np.where(c[3] == 0, 30, c[3])),
+    "short order": (3, lambda c: c[3][:20].copy()),
+    "batches beyond X": (5, lambda c: 5),
+    "negative first batch": (4, lambda c: -1),
+    "huge count": (5, lambda c: 2 ** 62),
+    "too few loss slots": (8, lambda c: np.zeros(3)),
+    "read-only batch_loss": (8, lambda c: _read_only(c[8])),
+}
+
+
+@pytest.mark.parametrize("name", list(_BAD_CALLS))
+def test_train_batches_refuses_arguments_that_do_not_fit_the_state(name):
+    net, kw, call = _state_args()
+    state = engine.EngineState(**kw)
+    before = net._params.copy()
+    i, bad = _BAD_CALLS[name]
+    call[i] = bad(call)
+    with pytest.raises(ValueError):
+        engine.train_batches(state, *call)
+    np.testing.assert_array_equal(net._params, before)   # refused before any step
+
+
+def test_engine_state_keeps_its_arrays_alive_and_unresizable():
+    import gc
+    net, kw, call = _state_args()
+    kw = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    acts = kw["acts"]
+    state = engine.EngineState(**kw)
+    with pytest.raises(ValueError, match="resize"):
+        acts.resize(acts.size * 1000)    # the state holds a reference
+    del kw, acts
+    gc.collect()
+    assert engine.train_batches(state, *call)[:2] == (4, 4)
+
+
+def test_hostile_engine_states_return_or_raise_value_error():
+    """A few trials of tests/adversarial/engine_state.py (in a child
+    interpreter: a crash there is a failure here, not the end of the run)."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).parent / "adversarial"))
+    import engine_state
+    counts, failures = engine_state.run(60, seed=1)
+    assert not failures and counts == {"run": 60, "passed": 60}
