@@ -134,7 +134,7 @@ def run(trials, seed=0, chunk=100, timeout=240):
     while first < trials:
         count = min(chunk, trials - first)
         try:
-            proc = subprocess.run([sys.executable, "-c", CHILD, str(seed), str(first),
+            proc = subprocess.run([sys.executable, "-P", "-c", CHILD, str(seed), str(first),
                                    str(count)], capture_output=True, text=True, timeout=timeout)
             out, rc, err = proc.stdout, proc.returncode, proc.stderr
         except subprocess.TimeoutExpired as exc:
