@@ -232,7 +232,10 @@ def _trial(kind, delay, workdir, index, oracle):
             # the signal landed between the fit and the child's check
             return None if "KeyboardInterrupt" in err else f"crash: {err[-300:]}"
         if result["outcome"] == "returned" and mode != "save":
-            return "lost", err[-300:]
+            # what a rare lost signal looked like: when it was sent, what
+            # the child saw, and its last words
+            return "lost", (f"signal after {delay:.4f} s; child: {json.dumps(result)}; "
+                            f"stderr: {err[-600:]}")
         if not result.get("consistent", True):
             return "inconsistent"
     if mode in ("ckpt", "save"):
