@@ -33,7 +33,11 @@ class _DeferredInterrupt:
         self.requested = False
         self._armed = True
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        # A process that ignores SIGINT (a background job of a shell, nohup)
+        # keeps ignoring it: holding it would turn it into a
+        # KeyboardInterrupt the process asked not to get.
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
             self._previous = signal.signal(signal.SIGINT, self._handler)
         return self
 

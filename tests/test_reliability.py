@@ -907,3 +907,31 @@ def test_a_build_that_runs_out_of_memory_leaves_the_model_unbuilt(tmp_path):
     print(json.dumps([error, net.built, predict]))
     """, tmp_path)
     assert out == ["MemoryError", False, "not built"]
+
+
+def test_a_process_that_ignores_sigint_keeps_ignoring_it_during_fit(tmp_path):
+    # A background job of a shell (and nohup) starts with SIGINT ignored:
+    # fit must not turn a Ctrl-C the process asked to ignore into a
+    # KeyboardInterrupt, and must leave SIGINT ignored afterwards.
+    script = textwrap.dedent("""
+        import os, signal, threading, time
+        import numpy as np
+        import fastbp
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        rng = np.random.default_rng(0)
+        X, y = rng.normal(size=(20000, 20)), rng.integers(0, 3, 20000)
+        net = fastbp.Sequential([fastbp.Dense(64, activation="relu"), fastbp.Dense(3)], seed=0)
+        net.fit(X[:64], y[:64], loss="cross_entropy", epochs=1, verbose=0)
+        def send():
+            for _ in range(50):
+                time.sleep(0.002)
+                os.kill(os.getpid(), signal.SIGINT)
+        threading.Thread(target=send).start()
+        net.fit(X, y, loss="cross_entropy", epochs=8, verbose=0)  # ~0.1 s: signals land in it
+        time.sleep(0.2)
+        print(net.history.n_epochs, signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+    """)
+    proc = subprocess.run([sys.executable, "-P", "-c", script], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["9", "True"], proc.stdout  # 1 warm-up epoch + 8

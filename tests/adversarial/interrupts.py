@@ -43,7 +43,10 @@ import _children  # noqa: E402
 TIMEOUT = 120
 
 _COMMON = r"""
-import json, os, sys, time, warnings
+import json, os, signal, sys, time, warnings
+# Ctrl-C as a terminal delivers it: a child of a shell's background job
+# starts with SIGINT ignored (POSIX), which would make every trial moot
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 import fastbp
 
