@@ -279,16 +279,26 @@ def _check_optimizer(obj, version, dtype):
                   f"numbers, got {_describe(value)}")
     try:
         opt = cls(**config)
-        opt._args(np.dtype(dtype))  # as fit checks them: valid, and within the dtype's range
+        opt.check_hyperparameters(dtype)  # as fit checks them: valid, and within dtype's range
     except (ValueError, TypeError, OverflowError) as exc:
         _fail(f"optimizer.config is not valid for {name}: {exc}")
-    opt.t = _int_in(obj["t"], 0, _optim.MAX_STEPS, "optimizer.t")
+    state = opt.state_dict()  # a new optimizer's: the keys of its extra integers
+    state["t"] = _int_in(obj["t"], 0, _optim.MAX_STEPS, "optimizer.t")
     if version >= 2:
-        extra = _object(obj["extra"], tuple(opt._extra_state()), "optimizer.extra")
+        extra = _object(obj["extra"], tuple(state["extra"]), "optimizer.extra")
         # each is the step count at which a state vector was created: at most t + 1
-        opt._set_extra_state({key: _int_in(value, 0, opt.t + 2, f"optimizer.extra.{key}")
-                              for key, value in extra.items()})
+        state["extra"] = {key: _int_in(value, 0, state["t"] + 2, f"optimizer.extra.{key}")
+                          for key, value in extra.items()}
+    _load_optimizer_state(opt, state, "optimizer")
     return opt
+
+
+def _load_optimizer_state(opt, state, where):
+    """``opt.load_state_dict(state)``, its refusal a ModelFormatError."""
+    try:
+        opt.load_state_dict(state)
+    except ValueError as exc:
+        _fail(f"{where}: {exc}")
 
 
 def _v1_slots(opt):
@@ -300,7 +310,7 @@ def _v1_slots(opt):
         return 3 if opt.amsgrad else 2
     if isinstance(opt, _optim.RMSprop):
         return 3 if opt.momentum > 0 else (2 if opt.centered else 1)
-    return opt._n_slots()
+    return len(opt.slot_names)
 
 
 def _v1_extra(opt, has_state):
@@ -465,10 +475,12 @@ def _check_header(header):
     entries = _list(header["arrays"], "arrays", max_len=len(expected) + 1)
     has_state = n_features is not None and opt is not None and len(entries) == len(expected) + 1
     if has_state:
-        n_slots = opt._n_slots() if version >= 2 else _v1_slots(opt)
+        n_slots = len(opt.slot_names) if version >= 2 else _v1_slots(opt)
         expected.append(("optimizer_state", (n_slots, n_params)))
     if opt is not None and version < 2:
-        opt._set_extra_state(_v1_extra(opt, has_state))
+        state = opt.state_dict()
+        state["extra"] = _v1_extra(opt, has_state)
+        _load_optimizer_state(opt, state, "optimizer")
     names = [e.get("name") if isinstance(e, dict) else None for e in entries]
     if names != [name for name, _ in expected]:
         _fail(f"arrays must be {[name for name, _ in expected]} for this header, got "
@@ -558,7 +570,9 @@ def _state_of_file(spec, data):
     opt = spec["optimizer"]
     built = spec["n_features"] is not None
     if built and "optimizer_state" in data:
-        opt.state = _optimizer_state(opt, data["optimizer_state"])
+        state = opt.state_dict()
+        state["state"] = _optimizer_state(opt, data["optimizer_state"])
+        _load_optimizer_state(opt, state, "optimizer_state")
     return {"dtype": spec["dtype"], "seed": spec["seed"], "layers": spec["layers"],
             "n_features": spec["n_features"], "optimizer": opt, "history": spec["history"],
             "position": spec["position"], "last_loss": spec["last_loss"],
@@ -570,17 +584,13 @@ def _state_of_file(spec, data):
 
 
 def _optimizer_state(opt, saved):
-    """The state in today's layout (a version 1 file may hold only the
-    leading slots its settings used: the others start at zero, as allocated),
-    refused if it holds values the optimizer cannot produce."""
-    state = saved
-    if saved.shape[0] < opt._n_slots():
-        state = np.zeros((opt._n_slots(), saved.shape[1]), dtype=saved.dtype)
-        state[:saved.shape[0]] = saved
-    try:
-        opt._check_state(state)
-    except ValueError as exc:
-        _fail(f"optimizer_state: {exc}")
+    """The state in today's layout: a version 1 file may hold only the
+    leading slots its settings used; the others start at zero, as allocated."""
+    n_slots = len(opt.slot_names)
+    if saved.shape[0] == n_slots:
+        return saved
+    state = np.zeros((n_slots, saved.shape[1]), dtype=saved.dtype)
+    state[:saved.shape[0]] = saved
     return state
 
 
@@ -636,19 +646,21 @@ def _encode(state):
         if type(opt) is not cls:
             raise ValueError(f"cannot save optimizer {type(opt).__name__}: model files hold the "
                              f"optimizers of fastbp.optim.OPTIMIZERS only")
-        opt_header = {"class": type(opt).__name__, "config": opt.get_config(), "t": int(opt.t),
-                      "extra": opt._extra_state()}
-        if opt.state is not None:
-            expect = (opt._n_slots(), params.shape[0] if built else None)
-            if not built or opt.state.shape != expect or opt.state.dtype != dtype:
+        held = opt.state_dict()
+        try:
+            opt.validate_state_dict(held)  # what a load of the file would refuse
+        except ValueError as exc:
+            raise ValueError(f"cannot save: the optimizer's {exc}") from None
+        opt_header = {"class": type(opt).__name__, "config": opt.get_config(), "t": held["t"],
+                      "extra": held["extra"]}
+        slots = held["state"]
+        if slots is not None:
+            expect = (len(opt.slot_names), params.shape[0] if built else None)
+            if not built or slots.shape != expect or slots.dtype != dtype:
                 raise ValueError(
-                    f"cannot save: the optimizer holds {opt.state.dtype} state of shape "
-                    f"{opt.state.shape}, not {dtype} of shape {expect} for this model")
-            try:
-                opt._check_state(opt.state)
-            except ValueError as exc:
-                raise ValueError(f"cannot save: the optimizer's {exc}") from None
-            arrays.append(("optimizer_state", opt.state))
+                    f"cannot save: the optimizer holds {slots.dtype} state of shape "
+                    f"{slots.shape}, not {dtype} of shape {expect} for this model")
+            arrays.append(("optimizer_state", slots))
     position = state["position"]
     header = {
         "format": FORMAT,

@@ -42,6 +42,19 @@ def _flag(value, name):
     raise ValueError(f"invalid {name}: {value!r} (True or False)")
 
 
+def _is_count(value):
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _short(value):
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer of more than 4300 digits, deep nesting
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _pair(value, name):
     """Two real numbers, from a tuple or list."""
     _check(isinstance(value, (tuple, list)) and len(value) == 2, f"invalid {name}: {value!r}")
@@ -60,13 +73,20 @@ class Optimizer:
     """Base class: state handling shared by every optimizer.
 
     Subclasses set ``kernel`` (the name of the compiled update, a key of
-    ``fastbp._numba.optim.SPECS``, which declares the state slots and
-    hyperparameters the kernel reads) and implement ``_validated`` (the
-    constructor's hyperparameters, checked) and ``_kernel_values`` (the
-    kernel's scalar arguments by name).  Hyperparameters are checked again
-    before every run of compiled updates, so changing one after construction
-    (a learning rate schedule, momentum turned on later) either works or
-    raises ValueError before anything runs.
+    ``fastbp._numba.optim.SPECS``: the kernel's declaration of its state
+    slots and hyperparameters) and implement ``_validated`` (the
+    constructor's hyperparameters, checked, by name); ``_kernel_values``
+    maps them to the kernel's hyperparameters by name where the names
+    differ.  The packed ``hyper`` vector the engine passes to the compiled
+    update is built from the declaration by name, so no class writes its
+    order.  Hyperparameters are checked again before every run of compiled
+    updates, so changing one after construction (a learning rate schedule,
+    momentum turned on later) either works or raises ValueError before
+    anything runs.
+
+    The state (``t``, the slot vectors, and ``step_marks``) is read and
+    restored as plain values by ``state_dict`` and ``load_state_dict``,
+    which is all that model files use.
     """
 
     kernel = None
@@ -81,6 +101,11 @@ class Optimizer:
         return _kernels.SPECS[self.kernel]
 
     @property
+    def slot_names(self):
+        """Names of the state's rows (the kernel's slots), in order."""
+        return () if self.kernel is None else self._spec.slots
+
+    @property
     def uses_step(self):
         """Whether the kernel takes the step count t."""
         return self._spec.uses_step
@@ -88,7 +113,7 @@ class Optimizer:
     def _n_slots(self):
         """State vectors the kernel reads: all of its slots, whatever the
         hyperparameters (a slot that is off is kept for when it turns on)."""
-        return len(self._spec.slots)
+        return len(self.slot_names)
 
     def _validated(self):
         """The constructor's hyperparameters, checked and normalised, by name
@@ -97,8 +122,8 @@ class Optimizer:
 
     def _kernel_values(self, hp):
         """The kernel's scalar arguments by name (``self._spec.hyper``), from
-        the checked hyperparameters ``hp``."""
-        raise NotImplementedError
+        the checked hyperparameters ``hp`` (extra names are ignored)."""
+        return hp
 
     def _set_hyperparameters(self):
         """Check the hyperparameters and store them normalised."""
@@ -107,18 +132,23 @@ class Optimizer:
         return hp
 
     def _args(self, dtype=None):
-        """The kernel's hyperparameters in its order, checked now (a callback
-        or the user may have changed them since construction); ``dtype``: the
-        parameters' dtype, which every value must fit."""
+        """The kernel's hyperparameters by name, in the order its declaration
+        gives them, checked now (a callback or the user may have changed them
+        since construction); ``dtype``: the parameters' dtype, which every
+        value must fit."""
         try:
             hp = self._set_hyperparameters()
         except ValueError as exc:
             raise ValueError(f"invalid hyperparameters for {type(self).__name__}: {exc}") from None
         values = self._kernel_values(hp)
-        args = tuple(values[name] for name in self._spec.hyper)
+        missing = [name for name in self._spec.hyper if name not in values]
+        if missing:  # a defect of the class, not of the user's values
+            raise TypeError(f"{type(self).__name__} gives no value for its kernel's "
+                            f"hyperparameter(s) {missing}")
+        args = {name: values[name] for name in self._spec.hyper}
         if dtype is not None:
             top = _LARGEST[np.dtype(dtype)]
-            for name, value in zip(self._spec.hyper, args):
+            for name, value in args.items():
                 if not abs(float(value)) <= top:
                     raise ValueError(f"invalid hyperparameters for {type(self).__name__}: "
                                      f"{name}={value!r} overflows the parameters' dtype "
@@ -126,9 +156,26 @@ class Optimizer:
         return args
 
     def _hyper(self):
-        """Hyperparameters packed as float64, the order the C wrappers read."""
+        """Hyperparameters packed as float64 in the order of the kernel's
+        declaration, which its C entry point reads (flags as 0.0 or 1.0)."""
         dtype = None if self.state is None else self.state.dtype
-        return np.array([float(a) for a in self._args(dtype)], dtype=np.float64)
+        return np.array([float(a) for a in self._args(dtype).values()], dtype=np.float64)
+
+    def check_hyperparameters(self, dtype=None):
+        """Check the hyperparameters as ``fit`` and ``step`` do.
+
+        Parameters
+        ----------
+        dtype : {"float32", "float64"} or None
+            The parameters' dtype: every value the kernel reads must be
+            finite in it.
+
+        Raises
+        ------
+        ValueError
+            Naming the first invalid hyperparameter.
+        """
+        self._args(None if dtype is None else np.dtype(dtype))
 
     def _init_state(self, state):
         """Fill a freshly allocated state (zeros) where torch starts elsewhere."""
@@ -216,7 +263,8 @@ class Optimizer:
         head = (params, np.ascontiguousarray(grad), *state)
         if self.uses_step:
             head = head + (self.t,)
-        return bool(getattr(_kernels, self.kernel + "_step")(*head, *args))
+        # positional, in the declared order: the declaration is the kernel's signature
+        return bool(_kernels.step_function(self.kernel)(*head, *args.values()))
 
     # -- persistence -----------------------------------------------------
     def get_config(self):
@@ -224,12 +272,84 @@ class Optimizer:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()
                 if k not in ("state", "t") and not k.startswith("_")}
 
-    def _extra_state(self):
-        """Integers that belong to the state besides ``t`` (saved in model files)."""
-        return {}
+    #: integers the state holds besides t, by name: each is the step at
+    #: which one of its vectors was created (0: not yet), so at most t + 1;
+    #: held as the attribute ``_<name>`` (SGD: ``momentum_start``)
+    _step_marks = ()
 
-    def _set_extra_state(self, extra):
-        """Restore what ``_extra_state`` gave (values already range-checked)."""
+    def state_dict(self):
+        """The optimizer's state as plain values (copies), for saving.
+
+        Returns
+        -------
+        dict
+            ``{"t": int, "extra": {name: int}, "state": ndarray or None}``:
+            the step count; the other integers of the state (SGD:
+            ``momentum_start``, the step that created its momentum buffer,
+            0 before; ``{}`` for the others); and the slot vectors, of shape
+            ``(len(slot_names), n_params)``, row j holding ``slot_names[j]``
+            (None until the first update allocates them).  The
+            hyperparameters are ``get_config()``.
+        """
+        # As held, unconverted: ``validate_state_dict`` says what is wrong
+        # with a value a user set (a step count that is not an integer).
+        state = self.state
+        if isinstance(state, np.ndarray):
+            state = np.array(state, order="C", copy=True)
+        return {"t": self.t,
+                "extra": {name: getattr(self, "_" + name) for name in self._step_marks},
+                "state": state}
+
+    def validate_state_dict(self, state_dict):
+        """ValueError, naming the entry, unless ``load_state_dict`` accepts
+        ``state_dict``: the keys of ``state_dict()``, ``t`` an integer in
+        [0, 2**53), each ``extra`` integer in [0, t + 1], and ``state`` None
+        or a float32/float64 array of shape ``(len(slot_names), n)`` holding
+        only values this optimizer can produce (finite; second moments and
+        step sizes >= 0)."""
+        name = type(self).__name__
+        keys = ("t", "extra", "state")
+        if not isinstance(state_dict, dict) or set(state_dict) != set(keys):
+            got = sorted(map(repr, state_dict)) if isinstance(state_dict, dict) else \
+                type(state_dict).__name__
+            raise ValueError(f"a {name} state dict has exactly the keys {keys}, got {got}")
+        t = state_dict["t"]
+        _check(_is_count(t) and 0 <= t < MAX_STEPS,
+               f"{name} state 't' must be an integer in [0, 2**53), got {_short(t)}")
+        extra = state_dict["extra"]
+        _check(isinstance(extra, dict) and set(extra) == set(self._step_marks),
+               f"{name} state 'extra' must be a dict with exactly the keys "
+               f"{self._step_marks}, got {_short(extra)}")
+        for key, value in extra.items():
+            # the step that created a vector: at most the next one, t + 1
+            _check(_is_count(value) and 0 <= value <= t + 1,
+                   f"{name} state extra {key!r} must be an integer in [0, t + 1] = "
+                   f"[0, {t + 1}], got {_short(value)}")
+        state = state_dict["state"]
+        if state is None:
+            return
+        _check(isinstance(state, np.ndarray) and state.dtype in (np.float32, np.float64)
+               and state.ndim == 2 and state.shape[0] == len(self.slot_names),
+               f"{name} state 'state' must be None or a float32/float64 array of shape "
+               f"({len(self.slot_names)}, n_params) (rows {', '.join(self.slot_names)}), got "
+               + (f"{state.dtype} array of shape {state.shape}" if isinstance(state, np.ndarray)
+                  else type(state).__name__))
+        self._check_state(state)
+
+    def load_state_dict(self, state_dict):
+        """Restore a state that ``state_dict`` gave (the values are copied).
+
+        Raises
+        ------
+        ValueError
+            As ``validate_state_dict``, before anything changes.
+        """
+        self.validate_state_dict(state_dict)
+        state = state_dict["state"]
+        self.state = None if state is None else np.array(state, order="C", copy=True)
+        self.t = int(state_dict["t"])
+        for key, value in state_dict["extra"].items():
+            setattr(self, "_" + key, int(value))
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())

@@ -236,7 +236,7 @@ class _EpochRunner:
             reg_per_weight=net._reg_per_weight, params=net._params, grad=net._grad,
             acts=ws.acts, deltas=ws.deltas, xb=ws.xb, yb=ws.yb, wb=ws.wb, aux=net._aux,
             buffers=net._buffers, rng=net._dropout_rng, opt_state=self.state,
-            n_slots=opt._n_slots(), hyper=self.hyper, n_hyper=len(opt._spec.hyper),
+            n_slots=len(opt.slot_names), hyper=self.hyper, n_hyper=self.hyper.shape[0],
             segments=self.segments, loss_addr=self.loss_addr, step_addr=self.step_addr,
             batch_size=self.batch, clip_value=self.clip_value, clip_norm=self.clip_norm,
             grad_norms=self.grad_norms)

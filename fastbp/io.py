@@ -49,7 +49,7 @@ A file is four parts, back to back, with no padding:
        class name (one of ``fastbp.optim.OPTIMIZERS``), its ``get_config()``
        (constructor keyword arguments; tuples as lists; every value valid,
        and within the range of ``dtype``), its step count in [0, 2**53),
-       and the integers of its state besides ``t`` (``_extra_state()``):
+       and the integers of its state besides ``t`` (``state_dict()["extra"]``):
        ``{"momentum_start": int}`` for SGD, the step that created its
        momentum buffer (0: none yet; at most t + 1), ``{}`` for the others.
    ``history`` : object

@@ -196,6 +196,12 @@ class LevenbergMarquardt(Optimizer):
         raise TypeError("LevenbergMarquardt cannot step from a gradient: train with "
                         "Sequential.fit(X, y, loss='mse', optimizer=LevenbergMarquardt())")
 
+    def state_dict(self, *args):
+        """Not available: this solver's state is its damping mu (TypeError)."""
+        raise TypeError("LevenbergMarquardt has no state dict: its damping mu is its state")
+
+    load_state_dict = validate_state_dict = state_dict
+
     def reset(self):
         """Start over: mu back to its initial value, step count 0."""
         self.mu = self.mu_initial

@@ -55,6 +55,7 @@ class SGD(Optimizer):
     """
 
     kernel = "sgd"
+    _step_marks = ("momentum_start",)
 
     def __init__(self, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0) -> None:
@@ -88,11 +89,6 @@ class SGD(Optimizer):
         super().reset()
         self._momentum_start = 0
 
-    def _extra_state(self):
-        return {"momentum_start": self._momentum_start}
-
-    def _set_extra_state(self, extra):
-        self._momentum_start = extra["momentum_start"]
 
 
 class Adam(Optimizer):
@@ -222,9 +218,6 @@ class RMSprop(Optimizer):
         return dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                     centered=centered)
 
-    def _kernel_values(self, hp):
-        return hp
-
 
 class Rprop(Optimizer):
     r"""Resilient backpropagation (torch.optim.Rprop).
@@ -320,9 +313,6 @@ class Adagrad(Optimizer):
         # initial_accumulator_value only fills the state when it is allocated (as in torch)
         return dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                     initial_accumulator_value=initial, eps=eps)
-
-    def _kernel_values(self, hp):
-        return hp
 
     def _init_state(self, state):
         state[0] = self.initial_accumulator_value

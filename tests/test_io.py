@@ -348,7 +348,7 @@ def test_version_1_files_load_and_continue_exactly(name):
     _same_run(old.params, ref.params)
     assert old.optimizer.t == ref.optimizer.t == 10
     _same_run(old.optimizer.state, ref.optimizer.state)
-    assert old.optimizer._extra_state() == ref.optimizer._extra_state()
+    assert old.optimizer.state_dict()["extra"] == ref.optimizer.state_dict()["extra"]
     assert old._fit_settings == {"loss": "cross_entropy"}
     for model in (old, ref):
         model.fit(X, y, epochs=1, batch_size=8, verbose=0, n_threads=1)

@@ -11,20 +11,30 @@ updated parameter is finite; the engine stops on False.
 ``int(T* p, T* g, T* state, int64 n, int64 stride, double* hyper, int64 t)``:
 ``state`` holds the optimizer's per-parameter vectors as slots
 ``state[j * stride : j * stride + n]`` and ``hyper`` the packed
-hyperparameters.  The same ``<name>_step`` kernels are called directly from
-Python by ``Optimizer.step``.
+hyperparameters.  ``step_function(name)``, the same kernel, is called
+directly from Python by ``Optimizer.step``.
 
-``SPECS`` below is the one declaration of what each kernel reads: its state
-slots (rows of ``state``, in order), whether it takes the step count ``t``,
-and its hyperparameters (entries of ``hyper``, in order), named as the
-kernel's own arguments (tests/test_optim.py holds the two together).
-fastbp/optim.py sizes every optimizer's state and packs ``hyper`` from it,
-and the C entry points below read exactly that many slots and entries.  A
-kernel's slots do not depend on its hyperparameters, so no hyperparameter
-value can make it index outside the state: an optimizer always holds all
-of them (a slot that is off, such as Adam's ``vmax`` without amsgrad, is
-left as allocated until it is turned on).
+Each kernel is declared where it is defined, by ``@update_kernel(name,
+slots=..., flags=...)``: its signature is ``(p, g, *slots, [t], *hyper)``,
+the parameters and gradient, its state slots (rows of ``state``, in order),
+the step count ``t`` if it takes one (1 at the first update), and its
+hyperparameters (entries of ``hyper``, in order); ``flags`` names the
+hyperparameters that are yes/no (packed as 0.0 or 1.0).  The decorator
+checks the signature against the slots and records the declaration in
+``SPECS``; everything else follows from it: the C entry point that unpacks
+``state`` and ``hyper`` for the kernel is generated from it (``_wrapper_source``),
+fastbp/_optimizer.py sizes every optimizer's state from ``slots`` and packs
+``hyper`` from ``hyper`` by name.  A kernel's slots do not depend on its
+hyperparameters, so no hyperparameter value can make it index outside the
+state: an optimizer always holds all of them (a slot that is off, such as
+Adam's ``vmax`` without amsgrad, is left as allocated until it is turned on).
+
+Adding an optimizer: write ``<name>_step`` here under ``@update_kernel``, its
+arguments named as above; then a ``fastbp.optim`` class with ``kernel =
+"<name>"`` whose checked hyperparameters (``_validated``, or
+``_kernel_values``) give every name of the kernel's ``hyper``.
 """
+import inspect
 from typing import NamedTuple
 
 import numpy as np
@@ -40,37 +50,42 @@ class KernelSpec(NamedTuple):
     slots: tuple     # names of its state vectors (rows of ``state``), in order
     uses_step: bool  # whether it takes the step count t (1 at the first update)
     hyper: tuple     # names of its scalar arguments (entries of ``hyper``), in order
+    flags: tuple = ()  # those of ``hyper`` that are yes/no: read as ``hyper[i] != 0``
 
 
-SPECS = {
-    "sgd": KernelSpec(("buf",), True,
-                      ("lr", "momentum", "dampening", "nesterov", "weight_decay",
-                       "momentum_start")),
-    "adam": KernelSpec(("m", "v", "vmax"), True,
-                       ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "decoupled")),
-    "rmsprop": KernelSpec(("square_avg", "grad_avg", "buf"), False,
-                          ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")),
-    "rprop": KernelSpec(("prev", "step_size"), False,
-                        ("etaminus", "etaplus", "step_min", "step_max")),
-    "adagrad": KernelSpec(("state_sum",), True, ("lr", "lr_decay", "weight_decay", "eps")),
-    "sk_sgd": KernelSpec(("velocity",), False, ("lr", "momentum", "nesterov")),
-    "sk_adam": KernelSpec(("m", "v"), True, ("lr", "beta1", "beta2", "eps")),
-}
+#: every kernel's declaration, by name, filled by ``update_kernel``
+SPECS = {}
+_KERNELS = {}  # the kernels, by the same names
+_C_WRAPPERS = {}  # their C entry points, generated at first use
 
 
-def _sizes(name):
-    return len(SPECS[name].slots), len(SPECS[name].hyper)
+def update_kernel(name, slots, flags=()):
+    """Declare the compiled kernel below as the update ``name``.
 
+    The kernel's arguments must be ``p, g``, then ``slots`` in order, then
+    optionally ``t``, then its hyperparameters; ``flags`` names the
+    hyperparameters that are booleans.  TypeError (at import) otherwise.
+    """
+    if not name.isidentifier():
+        raise TypeError(f"update kernel name {name!r} must be a Python identifier")
 
-# (slots, hyperparameters) of each kernel: compile-time constants of the
-# entry points at the end of this module.
-_SGD_SLOTS, _SGD_HYPER = _sizes("sgd")
-_ADAM_SLOTS, _ADAM_HYPER = _sizes("adam")
-_RMSPROP_SLOTS, _RMSPROP_HYPER = _sizes("rmsprop")
-_RPROP_SLOTS, _RPROP_HYPER = _sizes("rprop")
-_ADAGRAD_SLOTS, _ADAGRAD_HYPER = _sizes("adagrad")
-_SK_SGD_SLOTS, _SK_SGD_HYPER = _sizes("sk_sgd")
-_SK_ADAM_SLOTS, _SK_ADAM_HYPER = _sizes("sk_adam")
+    def declare(kernel):
+        args = tuple(inspect.signature(kernel.py_func).parameters)
+        n = len(slots)
+        if args[:2] != ("p", "g") or args[2:2 + n] != tuple(slots):
+            raise TypeError(f"update kernel {name!r}: its arguments {args} must start with "
+                            f"p, g and its slots {tuple(slots)}")
+        rest = args[2 + n:]
+        uses_step = rest[:1] == ("t",)
+        hyper = rest[1:] if uses_step else rest
+        unknown = [f for f in flags if f not in hyper]
+        if unknown or name in SPECS:
+            raise TypeError(f"update kernel {name!r}: declared twice, or flags {unknown} "
+                            f"are not among its hyperparameters {hyper}")
+        SPECS[name] = KernelSpec(tuple(slots), uses_step, hyper, tuple(flags))
+        _KERNELS[name] = kernel
+        return kernel
+    return declare
 
 
 @njit(**NJIT)
@@ -82,6 +97,7 @@ def _lerp(start, end, weight, one_minus_weight):
     return end - (end - start) * one_minus_weight
 
 
+@update_kernel("sgd", slots=("buf",), flags=("nesterov",))
 @njit(**NJIT)
 def sgd_step(p, g, buf, t, lr, momentum, dampening, nesterov, weight_decay, momentum_start=1):
     # momentum_start: the step that creates the buffer, as a copy of its
@@ -106,6 +122,7 @@ def sgd_step(p, g, buf, t, lr, momentum, dampening, nesterov, weight_decay, mome
     return finite
 
 
+@update_kernel("adam", slots=("m", "v", "vmax"), flags=("amsgrad", "decoupled"))
 @njit(**NJIT)
 def adam_step(p, g, m, v, vmax, t, lr, beta1, beta2, eps, weight_decay, amsgrad,
               decoupled):
@@ -140,6 +157,7 @@ def adam_step(p, g, m, v, vmax, t, lr, beta1, beta2, eps, weight_decay, amsgrad,
     return finite
 
 
+@update_kernel("rmsprop", slots=("square_avg", "grad_avg", "buf"), flags=("centered",))
 @njit(**NJIT)
 def rmsprop_step(p, g, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay,
                  momentum, centered):
@@ -170,6 +188,7 @@ def rmsprop_step(p, g, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay,
     return finite
 
 
+@update_kernel("rprop", slots=("prev", "step_size"))
 @njit(**NJIT)
 def rprop_step(p, g, prev, step_size, etaminus, etaplus, step_min, step_max):
     T = p.dtype.type
@@ -196,6 +215,7 @@ def rprop_step(p, g, prev, step_size, etaminus, etaplus, step_min, step_max):
     return finite
 
 
+@update_kernel("adagrad", slots=("state_sum",))
 @njit(**NJIT)
 def adagrad_step(p, g, state_sum, t, lr, lr_decay, weight_decay, eps):
     T = p.dtype.type
@@ -217,6 +237,7 @@ def adagrad_step(p, g, state_sum, t, lr, lr_decay, weight_decay, eps):
 # scikit-learn's optimizers (sklearn/neural_network/_stochastic_optimizers.py):
 # used by fastbp.MLPClassifier / MLPRegressor to reproduce sklearn's numbers.
 
+@update_kernel("sk_sgd", slots=("velocity",), flags=("nesterov",))
 @njit(**NJIT)
 def sk_sgd_step(p, g, velocity, lr, momentum, nesterov):
     T = p.dtype.type
@@ -231,6 +252,7 @@ def sk_sgd_step(p, g, velocity, lr, momentum, nesterov):
     return finite
 
 
+@update_kernel("sk_adam", slots=("m", "v"))
 @njit(**NJIT)
 def sk_adam_step(p, g, m, v, t, lr, beta1, beta2, eps):
     T = p.dtype.type
@@ -251,59 +273,37 @@ def sk_adam_step(p, g, m, v, t, lr, beta1, beta2, eps):
     return finite
 
 
-# C entry points: unpack slots and hyperparameters, then call the kernel.
-# Each reads exactly the slots and entries SPECS declares for its kernel.
-def _sgd_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (_SGD_SLOTS, stride))
-    h = carray(hyper, (_SGD_HYPER,))
-    return sgd_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], t,
-                    h[0], h[1], h[2], h[3] != 0, h[4], h[5])
+# C entry points: generated from each kernel's declaration, so that they read
+# exactly the slots and entries SPECS declares, in its order.
+def _wrapper_source(name):
+    """Source of the C entry point of kernel ``name``: ``state`` viewed as its
+    slots, ``hyper`` as its hyperparameters (flags compared with 0), passed
+    to the kernel in the order of its arguments."""
+    spec = SPECS[name]
+    args = ["carray(p, (n,))", "carray(g, (n,))"]
+    args += [f"s[{j}, :n]" for j in range(len(spec.slots))]
+    args += ["t"] if spec.uses_step else []
+    args += [f"h[{i}] != 0" if h in spec.flags else f"h[{i}]" for i, h in enumerate(spec.hyper)]
+    return (f"def _{name}_c(p, g, state, n, stride, hyper, t):\n"
+            f"    s = carray(state, ({len(spec.slots)}, stride))\n"
+            f"    h = carray(hyper, ({len(spec.hyper)},))\n"
+            f"    return {name}_step({', '.join(args)})\n")
 
 
-def _adam_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (_ADAM_SLOTS, stride))
-    h = carray(hyper, (_ADAM_HYPER,))
-    return adam_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], s[2, :n], t,
-                     h[0], h[1], h[2], h[3], h[4], h[5] != 0, h[6] != 0)
-
-
-def _rmsprop_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (_RMSPROP_SLOTS, stride))
-    h = carray(hyper, (_RMSPROP_HYPER,))
-    return rmsprop_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], s[2, :n],
-                        h[0], h[1], h[2], h[3], h[4], h[5] != 0)
-
-
-def _rprop_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (_RPROP_SLOTS, stride))
-    h = carray(hyper, (_RPROP_HYPER,))
-    return rprop_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n],
-                      h[0], h[1], h[2], h[3])
-
-
-def _adagrad_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (_ADAGRAD_SLOTS, stride))
-    h = carray(hyper, (_ADAGRAD_HYPER,))
-    return adagrad_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], t,
-                        h[0], h[1], h[2], h[3])
-
-
-def _sk_sgd_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (_SK_SGD_SLOTS, stride))
-    h = carray(hyper, (_SK_SGD_HYPER,))
-    return sk_sgd_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], h[0], h[1], h[2] != 0)
-
-
-def _sk_adam_c(p, g, state, n, stride, hyper, t):
-    s = carray(state, (_SK_ADAM_SLOTS, stride))
-    h = carray(hyper, (_SK_ADAM_HYPER,))
-    return sk_adam_step(carray(p, (n,)), carray(g, (n,)), s[0, :n], s[1, :n], t,
-                        h[0], h[1], h[2], h[3])
-
-
-_C_WRAPPERS = {"sgd": _sgd_c, "adam": _adam_c, "rmsprop": _rmsprop_c,
-               "rprop": _rprop_c, "adagrad": _adagrad_c,
-               "sk_sgd": _sk_sgd_c, "sk_adam": _sk_adam_c}
+def _make_wrapper(name):
+    # Compiled under the kernel's file name: Numba's cache locates, names and
+    # invalidates a function's cache by its file (its time stamp and size),
+    # and does not notice a change in a function it calls from another file,
+    # so the wrapper's cache must go stale whenever the kernel's does (here
+    # the declaration, the kernels and this generator share one file).  Slot
+    # and entry counts and indices are literals in the generated source:
+    # Numba compiles them as constants, as in hand-written wrappers.
+    kernel = _KERNELS[name]
+    namespace = {"carray": carray, f"{name}_step": kernel}
+    exec(compile(_wrapper_source(name), inspect.getfile(kernel.py_func), "exec"), namespace)
+    wrapper = namespace[f"_{name}_c"]
+    wrapper.__module__ = kernel.py_func.__module__
+    return wrapper
 
 
 def _signature(t):
@@ -312,6 +312,14 @@ def _signature(t):
                        types.int64)
 
 
+def step_function(name):
+    """The update kernel declared as ``name`` (an njit function, called from Python)."""
+    return _KERNELS[name]
+
+
 def step_cfunc(name, dtype):
     """C address of the cached update cfunc for optimizer kernel ``name``."""
-    return c_entry_point(_C_WRAPPERS[name], dtype, _signature)
+    wrapper = _C_WRAPPERS.get(name)
+    if wrapper is None:  # generated at first use: a kernel may be declared after import
+        wrapper = _C_WRAPPERS.setdefault(name, _make_wrapper(name))  # one wins a race
+    return c_entry_point(wrapper, dtype, _signature)
