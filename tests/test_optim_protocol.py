@@ -310,3 +310,18 @@ def test_levenberg_marquardt_has_no_state_dict():
                    lambda: lm.validate_state_dict({})):
         with pytest.raises(TypeError, match="no state dict"):
             method()
+
+
+def test_optimizer_state_script_finds_no_failure():
+    """A few trials of tests/adversarial/optimizer_state.py (the full run is its
+    own command): hostile state dicts loaded, trained, saved and loaded, in
+    child processes with glibc's heap checks on."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
+    try:
+        import optimizer_state
+    finally:
+        sys.path.pop(0)
+    counts, failures = optimizer_state.run(trials=120, seed=7)
+    assert not failures, failures[:10]
+    assert sum(counts.values()) == 120 and counts.get("ok", 0) >= 5
+    assert counts.get("ValueError", 0) > 50
