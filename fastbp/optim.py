@@ -10,6 +10,16 @@ batches, a float64 run matches torch step for step to rounding.
 An optimizer object keeps its state (moments, step count ``t``) between
 calls, so fitting again with the same object continues where it stopped.
 It is bound to the size and dtype of the first parameter vector it updates.
+``state_dict()`` gives that state as plain values (copies) and
+``load_state_dict()`` restores it, refusing with ValueError a state the
+optimizer could not have produced; model files hold exactly that.
+
+Adding an optimizer: declare its update kernel in fastbp/_numba/optim.py
+with ``@update_kernel(name, slots=..., flags=...)`` (its arguments name its
+state slots and hyperparameters), then subclass ``Optimizer`` with
+``kernel = name`` and a ``_validated`` that checks the hyperparameters and
+returns them by the kernel's names; the engine's entry point and the
+packing of its hyperparameters follow from the declaration.
 
 Notation: p parameters, g gradient, t step count (1 at the first update),
 lr learning rate, lambda weight decay.
