@@ -15,6 +15,7 @@ It works on a ``Sequential`` passed in as ``net`` and imports neither
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 import warnings
 
 import numpy as np
@@ -108,8 +109,6 @@ def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_da
         batch = _sharded_batch(ranks, plan, batch_size)
     else:
         batch = n if batch_size is None else min(check_positive_int(batch_size, "batch_size"), n)
-    if ranks is not None:
-        ranks.check_data(plan.X, plan.Y, plan.W, batch)
     if any(isinstance(l, BatchNorm) for l in net.layers):
         _check_batchnorm_rows(n, batch, ranks)
     plan.batch = batch
@@ -205,8 +204,18 @@ def _fit_steps(net, plan, verbose, callbacks, checkpoint):
     net.optimizer = opt
     net._last_loss, net._fit_settings = plan.loss, plan.fitted
 
-    if plan.ranks is not None:
+    if plan.ranks is None:
+        return _run_steps(net, plan, verbose, callbacks, checkpoint, opt, state, None)
+    # From the first collective on, Ctrl-C is held (and agreed on) so that
+    # no rank leaves a collective the others are in.
+    with _DeferredInterrupt() as interrupt:
+        plan.ranks.check_data(plan.X, plan.Y, plan.W, plan.batch)
+        plan.ranks.check_settings(net, plan, opt)
         plan.ranks.broadcast_model(net, state, opt)
+        return _run_steps(net, plan, verbose, callbacks, checkpoint, opt, state, interrupt)
+
+
+def _run_steps(net, plan, verbose, callbacks, checkpoint, opt, state, interrupt):
     run = _EpochRunner(net, plan.X, plan.Y, plan.W, plan.batch, plan.shuffle, plan.loss, opt,
                        state, clip=plan.clip, grad_norms=plan.grad_norms, ranks=plan.ranks)
     first_epoch = net.history.n_epochs + 1
@@ -225,13 +234,17 @@ def _fit_steps(net, plan, verbose, callbacks, checkpoint):
     with report.ending():
         return _train_epochs(net, run, report, first_epoch, last_epoch, plan.n_threads,
                              checkpoint, plan.checkpoint_every, plan.validation, plan.loss,
-                             plan.grad_norms, plan.on_divergence, plan.pending)
+                             plan.grad_norms, plan.on_divergence, plan.pending, interrupt)
 
 
 def _train_epochs(net, run, report, first_epoch, last_epoch, n_threads, checkpoint,
-                  checkpoint_every, validation, loss, grad_norms, on_divergence, pending):
+                  checkpoint_every, validation, loss, grad_norms, on_divergence, pending,
+                  held=None):
+    """The epoch loop; ``held``: the _DeferredInterrupt already holding
+    Ctrl-C (data-parallel fits hold it from their first collective)."""
     ranks = run.ranks
-    with _blas_threads(n_threads), _DeferredInterrupt() as interrupt:
+    with _blas_threads(n_threads), (nullcontext(held) if held else _DeferredInterrupt()) \
+            as interrupt:
         if ranks is not None:
             from .distributed import AgreedInterrupt
             interrupt = AgreedInterrupt(interrupt, ranks)
@@ -280,6 +293,7 @@ def _train_epochs(net, run, report, first_epoch, last_epoch, n_threads, checkpoi
             if ranks is not None:
                 stopping = ranks.any(stopping)
                 interrupt.agree()
+                ranks.check_in_step(net, run.opt)
             if checkpoint is not None:  # after the callbacks: holds e.g. a scheduled lr
                 net.save(checkpoint)
             if interrupt.requested and e < last_epoch:

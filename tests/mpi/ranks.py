@@ -62,7 +62,7 @@ def _snapshot(net):
     opt = net.optimizer
     return dict(params=net._params, buffers=net._buffers,
                 opt_state=opt._state_for(net.n_params, net.dtype), t=opt.t,
-                loss=np.array(net.history["loss"]),
+                loss=np.array(net.history["loss"] if "loss" in net.history else []),
                 val_loss=np.array(net.history["val_loss"] if "val_loss" in net.history else []))
 
 
@@ -139,6 +139,54 @@ def mismatch(comm, a, out):
     except ValueError as exc:
         return str(exc)
     return "no error"
+
+
+def mismatch_settings(comm, a, out):
+    """Rank 1 asks for one more epoch (or another model): every rank must
+    get the ValueError before any step (the extra epoch would wait forever)."""
+    X, y, _ = data(100, 8, 3)
+    kind = "dropout_residual" if a["what"] == "model" and comm.rank == 1 else "dense"
+    net = build(kind, np.float64)
+    epochs = 2 + (a["what"] == "epochs" and comm.rank == 1)
+    try:
+        net.fit(X, y, comm=comm, **fit_args(dict(a, epochs=epochs, batch=10)))
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+class _LrOnRankOne(fastbp.callbacks.Callback):
+    def on_epoch_end(self, net, epoch, logs):
+        from mpi4py import MPI
+        if MPI.COMM_WORLD.rank == 1:
+            net.optimizer.lr *= 0.5
+
+
+def one_rank_callback(comm, a, out):
+    """A callback changes the learning rate on rank 1 only: the ranks would
+    drift apart silently; they must all stop with the RuntimeError."""
+    X, y, _ = data(100, 8, 3)
+    net = build("dense", np.float64)
+    try:
+        net.fit(X, y, comm=comm, callbacks=[_LrOnRankOne()],
+                **fit_args(dict(a, epochs=3, batch=10)))
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def long_fit(comm, a, out):
+    """Trains until Ctrl-C (tests send SIGINT to mpiexec): every rank must
+    stop at the same batch, rank 0 having written the checkpoint."""
+    X, y, _ = data(2000, 8, 3)
+    net = build("dense", np.float64)
+    open(os.path.join(out, f"started{comm.rank}"), "w").close()
+    try:
+        net.fit(X, y, optimizer=optimizer("adam"), comm=comm, checkpoint=a["path"],
+                **fit_args(dict(a, epochs=100000, batch=4)))
+    except KeyboardInterrupt:
+        return net
+    raise AssertionError("the fit ended without Ctrl-C")
 
 
 def main():
