@@ -20,7 +20,7 @@ EXTENSIONS = ("dense", "engine", "losses")
 HEADERS = ("smallgemm.h", "smallgemm_pair.h", "smallgemm_impl.h", "packedgemm.h",
            "packedgemm_impl.h", "gemm.h", "pool.h", "peak.h", "losses.h", "losses_pair.h",
            "losses_impl.h", "epilogue.h", "epilogue_pair.h", "epilogue_impl.h", "interface.h",
-           "platform.h")
+           "platform.h", "comm.h")
 
 
 def compile_flags(compiler_type, environ=os.environ):

@@ -110,15 +110,31 @@ cdef inline double call_loss(size_t addr, floating* z, floating* y, floating* w,
         return (<loss_f64>addr)(z, y, w, g, m, k)
 
 
+cdef inline double weight_sum(const floating* w, int64_t m) noexcept nogil:
+    """w[0] + ... + w[m-1] in double, left to right (as the loss kernels add them)."""
+    cdef double total = 0.0
+    cdef int64_t i
+    for i in range(m):
+        total += w[i]
+    return total
+
+
+cdef struct Share:
+    # A rank's part of a global batch in data-parallel training: its rows
+    # are rows row0 .. row0 + m - 1 of the batch's ``rows`` rows.
+    int64_t row0
+    int64_t rows
+
+
 cdef double penalize_op(const int64_t[:, ::1] prog, const double[:, ::1] reg,
-                        bint per_weight, const floating* w, int64_t m, floating* params,
+                        bint per_weight, double wsum, floating* params,
                         floating* grad) noexcept nogil:
     """Add the weight penalties of every trainable layer to ``grad``; return
-    their value (0 when no layer has one)."""
+    their value (0 when no layer has one).  With ``per_weight`` they are
+    divided by ``wsum``, the batch's weight sum."""
     cdef int64_t l, i, size, size4
-    cdef double s = 1.0, total = 0.0, l2, l1, sq, ab, wsum
+    cdef double s = 1.0 / wsum if per_weight else 1.0, total = 0.0, l2, l1, sq, ab
     cdef double sq0, sq1, sq2, sq3, ab0, ab1, ab2, ab3
-    cdef bint scaled = False
     cdef floating* W
     cdef floating* dW
     cdef floating c2, c1, v, v0, v1, v2, v3
@@ -127,12 +143,6 @@ cdef double penalize_op(const int64_t[:, ::1] prog, const double[:, ::1] reg,
         l1 = reg[l, L1]
         if (l2 == 0 and l1 == 0) or not prog[l, TRAINABLE]:
             continue
-        if per_weight and not scaled:
-            wsum = 0.0
-            for i in range(m):
-                wsum += w[i]
-            s = 1.0 / wsum
-            scaled = True
         size = prog[l, N_IN] * prog[l, N_OUT]
         W = params + prog[l, W_OFF]
         dW = grad + prog[l, W_OFF]
@@ -295,9 +305,13 @@ cdef inline floating* _ptr(floating[::1] a) noexcept nogil:
     return &a[0] if a.shape[0] > 0 else NULL
 
 
+# splitmix64's counter step: draw i of a stream is the one after counter + i * GOLDEN.
+cdef uint64_t GOLDEN = <uint64_t>0x9E3779B97F4A7C15
+
+
 cdef inline uint64_t splitmix64(uint64_t* counter) noexcept nogil:
     cdef uint64_t z
-    counter[0] += <uint64_t>0x9E3779B97F4A7C15
+    counter[0] += GOLDEN
     z = counter[0]
     z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EB
@@ -407,12 +421,16 @@ cdef void batchnorm_backward_op(floating* g, const floating* xhat, const floatin
 cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
                       floating* params, floating* acts, floating* last_out,
                       int64_t m, const double[:, ::1] floats, uint64_t* counter,
-                      floating* aux, floating* buffers) noexcept nogil:
+                      floating* aux, floating* buffers, const Share* share=NULL) noexcept nogil:
     """Forward through every layer; the last one writes to ``last_out`` if it
     is not NULL (predict), else to its slot in ``acts``.  ``counter`` NULL
     means predict: dropout layers pass their input through, BatchNorm uses
-    its running statistics."""
+    its running statistics.  ``share`` (data-parallel training): these m
+    rows are rows share.row0 .. share.row0 + m - 1 of a global batch of
+    share.rows rows, so a dropout layer draws the masks those rows get in
+    one process and leaves the counter where the whole batch leaves it."""
     cdef int64_t l, i, n_layers = prog.shape[0], width
+    cdef uint64_t c0
     cdef const floating* x = x0
     cdef floating* out
     cdef floating* mask
@@ -433,7 +451,12 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
         elif prog[l, KIND] == DROPOUT:
             width = prog[l, N_OUT]
             mask = acts + prog[l, ACT_OFF] * m + m * width
-            if counter != NULL:
+            if counter != NULL and share != NULL:
+                c0 = counter[0]
+                counter[0] = c0 + <uint64_t>(share.row0 * width) * GOLDEN
+                dropout_forward_op(x, out, mask, m * width, floats[l, RATE], counter)
+                counter[0] = c0 + <uint64_t>(share.rows * width) * GOLDEN
+            elif counter != NULL:
                 dropout_forward_op(x, out, mask, m * width, floats[l, RATE], counter)
             elif last_out == NULL:
                 # loss_grad without dropout: identity, with a mask of ones so
@@ -474,11 +497,12 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
                          floating* params, floating* grad, floating* acts,
                          floating* deltas, int64_t half, int64_t m,
                          const double[:, ::1] reg, const double[:, ::1] floats,
-                         floating* aux, bint training) noexcept nogil:
+                         floating* aux, bint training, int64_t act_rows=0) noexcept nogil:
     """Backward through every layer (of a training forward pass).  On entry
     deltas[0:half] holds dL/d(output of the last layer); on exit ``grad``
     holds every dW, db.  Returns the layers' activity penalties, whose
-    gradients it adds on the way."""
+    gradients it adds on the way: means over ``act_rows`` rows (0: the m
+    rows here; data-parallel training: the global batch's)."""
     cdef int64_t l, i, n_in, n_out, n_layers = prog.shape[0]
     cdef double activity = 0.0, c
     cdef floating* weff
@@ -524,7 +548,8 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
         dx = other if l > 0 else NULL
         c = reg[l, ACTIVITY_L1]
         if c > 0:
-            activity += activity_penalty_op(acts + prog[l, ACT_OFF] * m, g, m, m * n_out, c)
+            activity += activity_penalty_op(acts + prog[l, ACT_OFF] * m, g,
+                                            act_rows if act_rows else m, m * n_out, c)
         if training and floats[l, RATE] > 0:  # DropConnect: the batch used W_eff = W * M
             weff = aux + prog[l, AUX_OFF]
             dense_backward_ptr(x, weff, acts + prog[l, ACT_OFF] * m, g,
@@ -886,7 +911,8 @@ def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating
                          <floating*>&Y[0, 0], <floating*>&W[0], &deltas[0], n, k)
         loss += backward_all(program, &X[0, 0], _ptr(params), _ptr(grad), &acts[0],
                              &deltas[0], half, n, reg, floats, _ptr(aux), False)
-        loss += penalize_op(program, reg, reg_per_weight, &W[0], n, _ptr(params), _ptr(grad))
+        loss += penalize_op(program, reg, reg_per_weight, weight_sum(&W[0], n), _ptr(params),
+                            _ptr(grad))
     return loss
 
 
@@ -1073,6 +1099,46 @@ cdef class EngineState:
     def __dealloc__(self):
         free(self.terms)
 
+    def set_comm(self, *, allreduce, ptr_handles, comm, op_sum, type_float, type_double,
+                 in_place, success, rank, n_ranks, sharded):
+        """Train data-parallel over ``n_ranks`` MPI ranks, as rank ``rank``:
+        each step adds the ranks' shares of the gradient and loss with one
+        MPI_Allreduce(SUM) at ``allreduce`` (its C address in the MPI library
+        the process loaded; trusted, like loss_addr) on the communicator
+        ``comm``, with the library's handles and constants (ints; pointer
+        handles when ``ptr_handles``: see csrc/comm.h).  Replicated data
+        (``sharded`` false): every rank has every row and trains its
+        contiguous slice of each batch.  Sharded: each rank's X holds its own
+        rows and batch_size is its share of a global batch; a rank whose
+        rows are done contributes nothing."""
+        values = dict(allreduce=allreduce, comm=comm, op_sum=op_sum, type_float=type_float,
+                      type_double=type_double, in_place=in_place, success=success)
+        for name, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, int) or not -2 ** 63 <= v < 2 ** 64:
+                raise ValueError(f"{name} must be an int (a C handle or address), not {v!r}")
+        if not 0 < allreduce < 2 ** 64:
+            raise ValueError("allreduce must be a C address")
+        if not isinstance(n_ranks, int) or not isinstance(rank, int) or \
+                not 0 <= rank < n_ranks < 2 ** 31:
+            raise ValueError(f"rank must be in [0, n_ranks): {rank!r}, {n_ranks!r}")
+        def word(v):   # the bits of a C handle (int or pointer) as intptr_t
+            return v - 2 ** 64 if v >= 2 ** 63 else v
+        self.comm.allreduce = <void*><size_t>allreduce
+        self.comm.ptr_handles = bool(ptr_handles)
+        self.comm.comm = word(comm)
+        self.comm.op_sum = word(op_sum)
+        self.comm.type_float = word(type_float)
+        self.comm.type_double = word(type_double)
+        self.comm.in_place = word(in_place)
+        self.comm.success = success
+        self.comm.error = 0
+        self.rank, self.n_ranks, self.sharded = rank, n_ranks, bool(sharded)
+
+    @property
+    def comm_error(self):
+        """The MPI error code of the first failed allreduce (0: none)."""
+        return self.comm.error
+
     def _check_program(self, program, floats, reg):
         prog = _field("program", program, _INT64, shape=(None, N_COLS))
         if prog.shape[0] == 0:
@@ -1132,7 +1198,8 @@ cdef _check_call(EngineState state, int64_t n, int64_t d, int64_t k, int64_t y_r
                          f"(n,); got ({n}, {d}), ({y_rows}, {k}), ({w_rows},)")
     # (compared so that no sum or product of hostile values can wrap around)
     if first < 0 or count < 0 or first > n_losses or count > n_losses - first or \
-            first + count > (n + state.batch_size - 1) // state.batch_size:
+            (first + count > (n + state.batch_size - 1) // state.batch_size
+             and not state.sharded):
         raise ValueError(f"batches {first} .. {first + count - 1} are not batches of X "
                          f"({n} rows) with a loss slot each ({n_losses})")
     if not gather:
@@ -1150,8 +1217,8 @@ cdef _check_call(EngineState state, int64_t n, int64_t d, int64_t k, int64_t y_r
 # Phase profiling (dense._set_profiling): seconds spent in each phase of
 # train_batches' steps, and the steps timed, since the last read.
 PHASE_NAMES = ("gather", "forward", "loss", "backward", "penalty", "clip", "optimizer",
-               "row-parallel forward")
-cdef double PHASE_SECONDS[8]
+               "row-parallel forward", "allreduce")
+cdef double PHASE_SECONDS[9]
 cdef int64_t PHASE_STEPS = 0
 
 
@@ -1259,7 +1326,12 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
     cdef int64_t b, i, r, s, m, j, done = 0, steps = 0
     cdef int status = OK, ok
     global PHASE_STEPS
-    cdef double loss, wsum, t_phase = 0.0
+    cdef double loss, wsum, wl, scale, t_phase = 0.0
+    cdef double red[2]
+    cdef Share share
+    cdef int64_t m_all
+    cdef bint dist = state.comm.allreduce != NULL, sharded = state.sharded
+    cdef int64_t rank = state.rank, n_ranks = state.n_ranks
     cdef bint prof = profiling()
     cdef const floating* x0
     cdef floating* y0
@@ -1291,9 +1363,38 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
             b = first_batch + i
             s = b * batch_size
             m = batch_size if n - s > batch_size else n - s
-            wsum = 0.0
-            for r in range(m):
-                wsum += W[order[s + r]] if gather else W[s + r]
+            if sharded:
+                # this rank's next rows (none once its shard is done); the
+                # global batch's rows and weight sum are the ranks' sums
+                if m < 0:
+                    m = 0
+                wl = 0.0
+                for r in range(m):
+                    wl += W[order[s + r]] if gather else W[s + r]
+                red[0] = m
+                red[1] = wl
+                if fbp_allreduce_sum(&state.comm, red, 2, 1):
+                    status = COMM_FAILED
+                    break
+                share.rows = n_ranks * batch_size   # a slot of batch_size rows per rank
+                share.row0 = rank * batch_size
+                m_all = <int64_t>red[0]
+                wsum = red[1]
+            else:
+                wsum = 0.0
+                for r in range(m):
+                    wsum += W[order[s + r]] if gather else W[s + r]
+                m_all = m
+                wl = wsum
+                if dist:
+                    # this rank's contiguous slice of the global batch
+                    share.rows = m
+                    share.row0 = m * rank // n_ranks
+                    s += share.row0
+                    m = m * (rank + 1) // n_ranks - share.row0
+                    wl = 0.0
+                    for r in range(m):
+                        wl += W[order[s + r]] if gather else W[s + r]
             if wsum == 0:
                 batch_loss[b] = 0
                 done += 1
@@ -1303,12 +1404,13 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
                 y0 = &yb[0]
                 w0 = &wb[0]
             else:
-                x0 = &X[s, 0]
-                y0 = <floating*>&Y[s, 0]
-                w0 = <floating*>&W[s]
+                x0 = &X[s, 0] if m else &X[0, 0]
+                y0 = <floating*>&Y[s, 0] if m else <floating*>&Y[0, 0]
+                w0 = <floating*>&W[s] if m else <floating*>&W[0]
             if prof:
                 t_phase = now()
-            rows.parts = rows_parallel(program, reg, floats, m, floating is double)
+            rows.parts = 0 if dist else rows_parallel(program, reg, floats, m,
+                                                        floating is double)
             if rows.parts:
                 rows.m = m
                 rows.s = s
@@ -1318,37 +1420,63 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
                 if not forward_rows(&rows, program, &W[0]):
                     rows.parts = 0   # a product could not run here: the whole step again
                 _lap(prof, 7, &t_phase)
-            if not rows.parts:
-                if gather:
+            loss = 0.0
+            if m == 0:
+                memset(&grad[0], 0, n_params * sizeof(floating))   # nothing to add here
+            else:
+                if not rows.parts:
+                    if gather:
+                        for r in range(m):
+                            memcpy(&xb[r * d], &X[order[s + r], 0], d * sizeof(floating))
+                            memcpy(&yb[r * k], &Y[order[s + r], 0], k * sizeof(floating))
+                            wb[r] = W[order[s + r]]
+                        _lap(prof, 0, &t_phase)
+                    forward_all(program, x0, &params[0], &acts[0], NULL, m, floats, &rng[0],
+                                _ptr(aux), _ptr(buffers), &share if dist else NULL)
+                    _lap(prof, 1, &t_phase)
+                out_last = &acts[0] + program[last, ACT_OFF] * m
+                if rows.parts and rows.loss_which >= 0:
                     for r in range(m):
-                        memcpy(&xb[r * d], &X[order[s + r], 0], d * sizeof(floating))
-                        memcpy(&yb[r * k], &Y[order[s + r], 0], k * sizeof(floating))
-                        wb[r] = W[order[s + r]]
-                    _lap(prof, 0, &t_phase)
-                forward_all(program, x0, &params[0], &acts[0], NULL, m, floats, &rng[0],
-                            _ptr(aux), _ptr(buffers))
-                _lap(prof, 1, &t_phase)
-            out_last = &acts[0] + program[last, ACT_OFF] * m
-            if rows.parts and rows.loss_which >= 0:
-                loss = 0.0
-                for r in range(m):
-                    loss += rows.terms[r]
-                loss *= rows.scale
-            else:
-                loss = call_loss(loss_addr, out_last, y0, w0, &deltas[0], m, k)
-            _lap(prof, 2, &t_phase)
-            if not isfinite(loss):
-                batch_loss[b] = loss
-                status = LOSS_NONFINITE
-                break
-            if rows.parts:
-                backward_rows(&rows, program, &params[0], &grad[0], &acts[0], &deltas[0], half,
-                              x0)
-            else:
-                loss += backward_all(program, x0, &params[0], &grad[0], &acts[0], &deltas[0],
-                                     half, m, reg, floats, _ptr(aux), True)
-            _lap(prof, 3, &t_phase)
-            loss += penalize_op(program, reg, reg_per_weight, w0, m, &params[0], &grad[0])
+                        loss += rows.terms[r]
+                    loss *= rows.scale
+                elif wl != 0:
+                    loss = call_loss(loss_addr, out_last, y0, w0, &deltas[0], m, k)
+                else:
+                    # every weight of this rank's rows is 0 (the batch's are not)
+                    memset(&deltas[0], 0, m * k * sizeof(floating))
+                if dist and wl != 0 and wl != wsum:
+                    # this rank's share of the batch's weighted mean
+                    scale = wl / wsum
+                    loss *= scale
+                    for r in range(m * k):
+                        deltas[r] = <floating>(deltas[r] * scale)
+                _lap(prof, 2, &t_phase)
+                if not dist and not isfinite(loss):
+                    batch_loss[b] = loss
+                    status = LOSS_NONFINITE
+                    break
+                if rows.parts:
+                    backward_rows(&rows, program, &params[0], &grad[0], &acts[0], &deltas[0],
+                                  half, x0)
+                else:
+                    loss += backward_all(program, x0, &params[0], &grad[0], &acts[0],
+                                         &deltas[0], half, m, reg, floats, _ptr(aux), True,
+                                         m_all)
+                _lap(prof, 3, &t_phase)
+            if dist:
+                # the one collective of a step: the ranks' shares summed
+                red[0] = loss
+                if fbp_allreduce_sum(&state.comm, red, 1, 1) or \
+                        fbp_allreduce_sum(&state.comm, &grad[0], n_params, floating is double):
+                    status = COMM_FAILED
+                    break
+                loss = red[0]
+                _lap(prof, 8, &t_phase)
+                if not isfinite(loss):
+                    batch_loss[b] = loss
+                    status = LOSS_NONFINITE
+                    break
+            loss += penalize_op(program, reg, reg_per_weight, wsum, &params[0], &grad[0])
             _lap(prof, 4, &t_phase)
             batch_loss[b] = loss
             if clip:
@@ -1656,7 +1784,8 @@ def _kernel_penalize(const int64_t[:, ::1] program, const double[:, ::1] reg, bi
                      const floating[::1] w, floating[::1] params, floating[::1] grad):
     cdef double value
     with nogil:
-        value = penalize_op(program, reg, per_weight, &w[0], w.shape[0], _ptr(params), _ptr(grad))
+        value = penalize_op(program, reg, per_weight, weight_sum(&w[0], w.shape[0]),
+                            _ptr(params), _ptr(grad))
     return value
 
 

@@ -15,6 +15,7 @@ It works on a ``Sequential`` passed in as ``net`` and imports neither
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 import warnings
 
 import numpy as np
@@ -37,26 +38,47 @@ class _Plan:
 
     __slots__ = ("X", "Y", "W", "validation", "n", "epochs", "batch", "checkpoint_every",
                  "n_threads", "clip", "pending",
-                 "opt", "loss", "shuffle", "on_divergence", "grad_norms", "fitted", "ignored")
+                 "opt", "loss", "shuffle", "on_divergence", "grad_norms", "fitted", "ignored",
+                 "ranks")
 
 
 def fit(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data, verbose,
         n_threads, on_divergence, checkpoint, checkpoint_every, sample_weight, clip_norm,
-        clip_value, grad_norms, callbacks):
+        clip_value, grad_norms, callbacks, comm=None, shard=False):
     """``Sequential.fit``'s work (its docstring says what each argument
     means); the caller holds the model."""
+    ranks = _ranks(comm, shard)
     plan = _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data,
                  n_threads, on_divergence, checkpoint, checkpoint_every, sample_weight,
-                 clip_norm, clip_value, grad_norms)
+                 clip_norm, clip_value, grad_norms, ranks)
     callbacks = list(callbacks or [])
     if getattr(plan.opt, "full_batch_solver", False):
+        if ranks is not None:
+            raise ValueError(f"{type(plan.opt).__name__} trains on the whole data in one "
+                             "process: it does not support comm")
         return _fit_full_batch(net, plan, verbose, callbacks)
+    if ranks is not None and ranks.rank != 0:
+        # rank 0 prints and writes; every rank runs the rest, so that
+        # histories and stopping decisions agree
+        verbose, checkpoint = 0, None
+        callbacks = [c for c in callbacks if ranks.keeps(c)]
     return _fit_steps(net, plan, verbose, callbacks, checkpoint)
+
+
+def _ranks(comm, shard):
+    """A ``fastbp.distributed.Ranks`` for ``comm`` (importing MPI only
+    then), or None."""
+    if comm is None:
+        if shard is not False:
+            raise ValueError("shard=True needs comm (the ranks the shards belong to)")
+        return None
+    from .distributed import Ranks
+    return Ranks(comm, shard)
 
 
 def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data, n_threads,
           on_divergence, checkpoint, checkpoint_every, sample_weight, clip_norm, clip_value,
-          grad_norms):
+          grad_norms, ranks=None):
     """Resolve the settings (``fastbp._resume``: a setting not passed is the
     last fit's), check every argument and the data, and issue the
     ResumeWarning: a ``_Plan``, or ValueError before the model changes
@@ -82,15 +104,22 @@ def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_da
         Xv, Yv, _ = net._prepare(*validation_data, loss, name_x="X_val", name_y="y_val")
         plan.validation = (Xv, Yv)
     n = plan.n = plan.X.shape[0]
-    batch = n if batch_size is None else min(check_positive_int(batch_size, "batch_size"), n)
-    if any(isinstance(l, BatchNorm) for l in net.layers) and (batch == 1 or n % batch == 1):
-        raise ValueError(f"BatchNorm needs at least 2 rows in every batch: {n} samples in "
-                         f"batches of {batch} leave a batch of 1 (as torch, which refuses "
-                         "one-row batches in training); change batch_size")
+    plan.ranks = ranks
+    if ranks is not None and ranks.shard:
+        batch = _sharded_batch(ranks, plan, batch_size)
+    else:
+        batch = n if batch_size is None else min(check_positive_int(batch_size, "batch_size"), n)
+    if any(isinstance(l, BatchNorm) for l in net.layers):
+        _check_batchnorm_rows(n, batch, ranks)
     plan.batch = batch
     plan.n_threads = check_n_threads(n_threads)
     plan.clip = [_checked_clip(name, value)
                  for name, value in (("clip_value", clip_value), ("clip_norm", clip_norm))]
+    if ranks is not None:
+        net._position = ranks.comm.bcast(net._position, root=0)
+        if ranks.shard and net._position is not None:
+            raise ValueError("a sharded fit cannot resume an unfinished epoch: resume with "
+                             "shard=False, or call discard_partial_epoch()")
     pending = plan.pending = net._position
     if pending is not None and (pending["n_samples"], pending["batch_size"],
                                 pending["shuffle"]) != (n, batch, bool(shuffle)):
@@ -114,6 +143,31 @@ def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_da
         ("grad_norms", grad_norms), ("n_threads", plan.n_threads))
         if value and given.get(name, None) is not _resume.LAST]
     return plan
+
+
+def _sharded_batch(ranks, plan, batch_size):
+    """This rank's rows of each global batch (shard=True)."""
+    if batch_size is None:
+        raise ValueError("shard=True needs a batch_size (the global batch)")
+    if not isinstance(plan.X, np.ndarray):
+        raise ValueError("shard=True needs a dense X; pass X.toarray() or shard=False")
+    return ranks.local_batch(check_positive_int(batch_size, "batch_size"))
+
+
+def _check_batchnorm_rows(n, batch, ranks):
+    """BatchNorm's batch statistics need 2 rows in each batch, and with
+    comm in each rank's part of it (its statistics are the rank's own)."""
+    sizes = {batch, n % batch or batch}
+    if ranks is not None and not ranks.shard:
+        sizes = {m * (r + 1) // ranks.size - m * r // ranks.size
+                 for m in sizes for r in range(ranks.size)}
+    elif ranks is not None:
+        sizes |= {0} if ranks.any(n < batch * ranks.n_batches(n, batch)) else set()
+    if min(sizes) < 2:
+        raise ValueError(f"BatchNorm needs at least 2 rows in every batch"
+                         f"{' on every rank' if ranks is not None else ''}: {n} samples in "
+                         f"batches of {batch} leave a batch of {min(sizes)} (as torch, which "
+                         "refuses one-row batches in training); change batch_size")
 
 
 def _checked_clip(name, value):
@@ -150,8 +204,20 @@ def _fit_steps(net, plan, verbose, callbacks, checkpoint):
     net.optimizer = opt
     net._last_loss, net._fit_settings = plan.loss, plan.fitted
 
+    if plan.ranks is None:
+        return _run_steps(net, plan, verbose, callbacks, checkpoint, opt, state, None)
+    # From the first collective on, Ctrl-C is held (and agreed on) so that
+    # no rank leaves a collective the others are in.
+    with _DeferredInterrupt() as interrupt:
+        plan.ranks.check_data(plan.X, plan.Y, plan.W, plan.batch)
+        plan.ranks.check_settings(net, plan, opt)
+        plan.ranks.broadcast_model(net, state, opt)
+        return _run_steps(net, plan, verbose, callbacks, checkpoint, opt, state, interrupt)
+
+
+def _run_steps(net, plan, verbose, callbacks, checkpoint, opt, state, interrupt):
     run = _EpochRunner(net, plan.X, plan.Y, plan.W, plan.batch, plan.shuffle, plan.loss, opt,
-                       state, clip=plan.clip, grad_norms=plan.grad_norms)
+                       state, clip=plan.clip, grad_norms=plan.grad_norms, ranks=plan.ranks)
     first_epoch = net.history.n_epochs + 1
     last_epoch = first_epoch + plan.epochs - 1
     net.stop_training = False
@@ -168,12 +234,20 @@ def _fit_steps(net, plan, verbose, callbacks, checkpoint):
     with report.ending():
         return _train_epochs(net, run, report, first_epoch, last_epoch, plan.n_threads,
                              checkpoint, plan.checkpoint_every, plan.validation, plan.loss,
-                             plan.grad_norms, plan.on_divergence, plan.pending)
+                             plan.grad_norms, plan.on_divergence, plan.pending, interrupt)
 
 
 def _train_epochs(net, run, report, first_epoch, last_epoch, n_threads, checkpoint,
-                  checkpoint_every, validation, loss, grad_norms, on_divergence, pending):
-    with _blas_threads(n_threads), _DeferredInterrupt() as interrupt:
+                  checkpoint_every, validation, loss, grad_norms, on_divergence, pending,
+                  held=None):
+    """The epoch loop; ``held``: the _DeferredInterrupt already holding
+    Ctrl-C (data-parallel fits hold it from their first collective)."""
+    ranks = run.ranks
+    with _blas_threads(n_threads), (nullcontext(held) if held else _DeferredInterrupt()) \
+            as interrupt:
+        if ranks is not None:
+            from .distributed import AgreedInterrupt
+            interrupt = AgreedInterrupt(interrupt, ranks)
         for e in range(first_epoch, last_epoch + 1):
             report.epoch_begin(e)
             run.refresh_optimizer()  # a callback may have changed it
@@ -197,9 +271,17 @@ def _train_epochs(net, run, report, first_epoch, last_epoch, n_threads, checkpoi
                         return _interrupted(report, e, b, run.n_batches)
                     net._position = None
             seconds = time.perf_counter() - start
+            rows = run.rows_run()
+            if ranks is not None:
+                # the same history on every rank: the slowest rank's time,
+                # every rank's rows (rank 0's BatchNorm statistics, as DDP)
+                ranks.bcast(net._buffers)
+                seconds = float(ranks.max([seconds])[0])
+                if ranks.shard:
+                    rows = float(ranks.sum([rows])[0])
             # a resumed epoch ran only its batches from the saved position on
             metrics = {"loss": run.epoch_loss(), "time": seconds,
-                       "samples_per_s": run.rows_run() / max(seconds, 1e-9)}
+                       "samples_per_s": rows / max(seconds, 1e-9)}
             if grad_norms:
                 dense = [i for i, l in enumerate(net.layers) if isinstance(l, Dense)]
                 metrics["grad_norm"] = [float(run.grad_norms[i]) / max(run.steps, 1)
@@ -208,6 +290,10 @@ def _train_epochs(net, run, report, first_epoch, last_epoch, n_threads, checkpoi
                 metrics.update(_validation_metrics(net, *validation, loss))
             net.history.append(e, **metrics)
             stopping = report.epoch_end(e, metrics)
+            if ranks is not None:
+                stopping = ranks.any(stopping)
+                interrupt.agree()
+                ranks.check_in_step(net, run.opt)
             if checkpoint is not None:  # after the callbacks: holds e.g. a scheduled lr
                 net.save(checkpoint)
             if interrupt.requested and e < last_epoch:

@@ -37,8 +37,8 @@ _PREDICT_ELEMENTS = 1 << 22
 #: values of a sparse X made dense at a time by fit (at least one batch)
 _SPARSE_ELEMENTS = 1 << 22
 
-STATUS_OK, STATUS_LOSS_NONFINITE, STATUS_PARAMS_NONFINITE = (
-    Status.OK, Status.LOSS_NONFINITE, Status.PARAMS_NONFINITE)
+STATUS_OK, STATUS_LOSS_NONFINITE, STATUS_PARAMS_NONFINITE, STATUS_COMM_FAILED = (
+    Status.OK, Status.LOSS_NONFINITE, Status.PARAMS_NONFINITE, Status.COMM_FAILED)
 
 
 
@@ -167,26 +167,35 @@ class _EpochRunner:
     allocated once per fit, none of it per step."""
 
     def __init__(self, net, X, Y, W, batch, shuffle, loss, opt, state, *, clip=(0.0, 0.0),
-                 grad_norms=False, count_by_samples=False):
+                 grad_norms=False, count_by_samples=False, ranks=None):
         """``clip``: (clip_value, clip_norm), 0.0 for off; ``grad_norms``:
         record each layer's summed batch gradient norms; ``count_by_samples``:
         weigh each batch's loss in the epoch's mean by its sample count even
-        with sample weights (scikit-learn's bookkeeping)."""
+        with sample weights (scikit-learn's bookkeeping); ``ranks``: a
+        ``fastbp.distributed.Ranks`` to train data-parallel (sharded: ``batch``
+        is this rank's share of a global batch)."""
         self.net, self.X, self.Y, self.W = net, X, Y, W
         self.batch, self.shuffle = batch, bool(shuffle)
         self.opt = opt
         self.state = state.reshape(-1)
-        self.n_batches = math.ceil(X.shape[0] / batch)
+        self.ranks = ranks
+        self.sharded = ranks is not None and ranks.shard
+        self.n_batches = (ranks.n_batches(X.shape[0], batch) if self.sharded
+                          else math.ceil(X.shape[0] / batch))
         self.identity = np.arange(X.shape[0], dtype=np.int64)
         self.order = self.identity.copy()
         self.batch_loss = np.zeros(self.n_batches)
         # Weight of each batch in the epoch's mean loss: its sample count, or
         # its sum of sample weights (recomputed per epoch when shuffled).
-        self.sizes = np.full(self.n_batches, batch, dtype=np.float64)
-        self.sizes[-1] = X.shape[0] - batch * (self.n_batches - 1)
-        self.counts = self.sizes.copy()
+        self.sizes = np.clip(X.shape[0] - batch * np.arange(self.n_batches), 0,
+                             batch).astype(np.float64)
         self.uniform = bool(np.all(W == 1))
         self.total = float(X.shape[0]) if self.uniform else float(W.sum(dtype=np.float64))
+        if self.sharded:   # a global batch's rows are every rank's
+            self.sizes = ranks.sum(self.sizes)
+            self.uniform = ranks.min([self.uniform])[0] == 1
+            self.total = float(ranks.sum([self.total])[0])
+        self.counts = self.sizes.copy()
         self.count_by_samples = bool(count_by_samples)
         self.clip_value, self.clip_norm = clip
         # per-layer sums of batch gradient norms, if recorded
@@ -206,6 +215,11 @@ class _EpochRunner:
         self.engine_state = self._engine_state()
         # Snapshot at the start of each epoch (or resume point): lets a
         # divergence be rolled back to the last finite step by replaying.
+        if self.sharded:
+            # each rank shuffles its shard: seeded by the ranks' common
+            # generator (the same state on every rank) and its rank
+            seed = int(net._shuffle_rng.integers(2 ** 62))
+            self.shard_rng = np.random.default_rng([seed, ranks.rank])
         self.snap_params = np.empty_like(net._params)
         self.snap_state = np.empty_like(self.state)
         self.chunk = 1
@@ -231,7 +245,7 @@ class _EpochRunner:
         and flat arrays, the workspace, the loss, the optimizer's update,
         state and hyperparameters (updated in place between calls)."""
         net, ws, opt = self.net, self.ws, self.opt
-        return _engine.EngineState(
+        state = _engine.EngineState(
             program=net._program, floats=net._floats, reg=net._reg,
             reg_per_weight=net._reg_per_weight, params=net._params, grad=net._grad,
             acts=ws.acts, deltas=ws.deltas, xb=ws.xb, yb=ws.yb, wb=ws.wb, aux=net._aux,
@@ -240,11 +254,14 @@ class _EpochRunner:
             segments=self.segments, loss_addr=self.loss_addr, step_addr=self.step_addr,
             batch_size=self.batch, clip_value=self.clip_value, clip_norm=self.clip_norm,
             grad_norms=self.grad_norms)
+        if self.ranks is not None:
+            self.ranks.attach(state)
+        return state
 
     def start_epoch(self, resume=None, order=None):
         """Shuffle for a new epoch (or use ``order``), or rebuild the order of
         an unfinished one from its saved RNG state; returns the first batch."""
-        rng = self.net._shuffle_rng
+        rng = self.shard_rng if self.sharded else self.net._shuffle_rng
         if resume is not None:
             rng.bit_generator.state = resume["rng_state"]
         self.rng_state = rng.bit_generator.state  # before this epoch's shuffle
@@ -264,8 +281,12 @@ class _EpochRunner:
                 self.sizes[...] = self.counts
                 self.sizes[_batch_weight_sums(w, self.batch) == 0] = 0
             else:
-                self.sizes[...] = np.add.reduceat(w.astype(np.float64),
-                                                  np.arange(0, len(w), self.batch))
+                sums = np.add.reduceat(w.astype(np.float64), np.arange(0, len(w), self.batch))
+                if self.sharded:
+                    local = np.zeros(self.n_batches)
+                    local[:len(sums)] = sums
+                    sums = self.ranks.sum(local)
+                self.sizes[...] = sums
         self.steps = 0  # updates applied in this epoch (this run of it)
         self.first = 0 if resume is None else resume["batch"]
         self.grad_norms[...] = 0
@@ -352,9 +373,17 @@ class _EpochRunner:
         the model rolled back to the step before it)."""
         while b < stop and not interrupt.requested:
             count = min(self.chunk, stop - b)
+            if self.ranks is not None:
+                # every rank runs the same batches per call, and all stop at
+                # the same call if Ctrl-C reached any
+                count = interrupt.agree(count)
+                if not count:
+                    break
             start = time.perf_counter()
             done, status = self._call(b, count)
             elapsed = time.perf_counter() - start
+            if status == STATUS_COMM_FAILED:
+                raise self.ranks.error(self.engine_state.comm_error)
             if status != STATUS_OK:
                 if status == STATUS_PARAMS_NONFINITE:
                     # Roll back to the snapshot and replay the finite steps.

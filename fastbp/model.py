@@ -529,7 +529,8 @@ class Sequential:
             checkpoint: PathLike | None = None, checkpoint_every: int | None = None,
             sample_weight: ArrayLike | None = None, clip_norm: float | None = _resume.LAST,
             clip_value: float | None = _resume.LAST, grad_norms: bool = _resume.LAST,
-            callbacks: Iterable[object] | None = None) -> History:
+            callbacks: Iterable[object] | None = None, comm: object | None = None,
+            shard: bool = False) -> History:
         """Train by mini-batch backpropagation.
 
         The training settings (loss, batch_size, shuffle, on_divergence,
@@ -622,6 +623,22 @@ class Sequential:
             ``on_batches_end(net, epoch, batch)``, if defined, is called after
             each run of batches within an epoch (a progress bar's steps).
             See ``fastbp.callbacks``.
+        comm : mpi4py.MPI.Intracomm or None, default None
+            Train data-parallel over these MPI ranks (launched as ``mpiexec
+            -n 4 python -m mpi4py train.py``): ``batch_size`` is the global
+            batch, each rank computes its share of each step's gradient, and
+            one MPI_Allreduce per step inside the compiled step adds them;
+            every rank applies the same update and ends with bitwise the same
+            weights.  Every rank must call fit with the same model and
+            settings; rank 0's weights, optimizer state and generators are
+            sent to the others at the start.  Only rank 0 prints and writes
+            (checkpoint, ModelCheckpoint, CSVLogger, ProgressBar).  None
+            trains in this process and imports nothing from MPI.  See
+            ``fastbp.distributed`` for what each mode equals.
+        shard : bool, default False
+            With ``comm``: False, every rank passes the same X and y (one
+            process's training, split); True, each rank passes its own rows,
+            and a global batch is each rank's next ``batch_size // size``.
 
         Returns
         -------
@@ -644,7 +661,7 @@ class Sequential:
         return _fit.fit(self, X, y, loss, optimizer, epochs, batch_size, shuffle,
                         validation_data, verbose, n_threads, on_divergence, checkpoint,
                         checkpoint_every, sample_weight, clip_norm, clip_value,
-                        grad_norms, callbacks)
+                        grad_norms, callbacks, comm, shard)
 
     def discard_partial_epoch(self) -> None:
         """Forget an unfinished epoch, so the next fit starts a new one."""

@@ -81,12 +81,21 @@ cpdef enum Status:
     OK = 0                 # every batch done
     LOSS_NONFINITE = 1     # a batch's loss was not finite (nothing updated for it)
     PARAMS_NONFINITE = 2   # an update produced a non-finite parameter
+    COMM_FAILED = 3        # an MPI call failed (EngineState.comm_error has its code)
 
 
 # What persists across train_batches calls for one fit (engine.pyx documents
 # each field IN / OUT / INOUT).  Declared here because a module with a .pxd
 # declares its extension types in it.
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint64_t, intptr_t
+
+cdef extern from "comm.h":
+    ctypedef struct fbp_comm:
+        void* allreduce
+        int ptr_handles
+        intptr_t comm, op_sum, type_float, type_double, in_place
+        int success, error
+    int fbp_allreduce_sum(fbp_comm* c, void* buf, int64_t count, int is_double) nogil
 
 cdef class EngineState:
     cdef readonly int64_t n_layers, n_params, n_features, n_outputs, batch_size
@@ -103,3 +112,8 @@ cdef class EngineState:
     cdef double[::1] grad_norms
     cdef object params, grad, acts, deltas, xb, yb, wb, aux, buffers, opt_state
     cdef double* terms
+    # Data-parallel training (set_comm): the allreduce, this rank, the ranks,
+    # and whether each rank holds its own shard of the rows.
+    cdef fbp_comm comm
+    cdef readonly int rank, n_ranks
+    cdef readonly bint sharded
