@@ -27,6 +27,8 @@ _spec = importlib.util.spec_from_file_location("mpi_ranks", SCRIPT)
 ranks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ranks)
 
+pytestmark = pytest.mark.mpi
+
 TOL = {"float64": 1e-10, "float32": 2e-5}
 
 
