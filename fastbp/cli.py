@@ -16,6 +16,21 @@ def _widths(text):
     return widths * 2 if len(widths) == 1 else widths
 
 
+def _aborting_on_error(run):
+    """Run ``run()`` on an MPI rank; an exception aborts the whole job (as
+    ``python -m mpi4py`` does) instead of leaving the other ranks waiting."""
+    try:
+        return run()
+    except BaseException:
+        import traceback
+
+        from mpi4py import MPI
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastbp", description=__doc__)
     from . import __version__
@@ -31,6 +46,14 @@ def main(argv=None):
                       help="hidden widths: 64 (two layers of 64, the default) or e.g. 128,64")
     demo.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     demo.add_argument("--seed", type=int, default=0)
+    sub.add_parser("mpi-demo", help="data-parallel training on digits over MPI ranks: "
+                   "mpiexec -n 2 fastbp mpi-demo (needs fastbp[mpich] or fastbp[mpi])")
+    mpi_bench = sub.add_parser("mpi-bench", help="samples/s of N ranks against one process, "
+                               "and the allreduce's share: mpiexec -n 2 fastbp mpi-bench")
+    mpi_bench.add_argument("--workload", choices=["S", "M", "L"], default="M")
+    mpi_bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    mpi_bench.add_argument("--rounds", type=int, default=3)
+    mpi_bench.add_argument("--epochs", type=int, default=1)
     sub.add_parser("bench", help="training speed against the NumPy reference, scikit-learn "
                    "and PyTorch (see fastbp bench --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -46,6 +69,14 @@ def main(argv=None):
         return 0
     if args.command is None:
         parser.error("a command is required (demo, bench) or --info")
+    if args.command in ("mpi-demo", "mpi-bench"):
+        from .examples import mpi_digits, mpi_scaling
+
+        if args.command == "mpi-demo":
+            return _aborting_on_error(mpi_digits.main)
+        return _aborting_on_error(lambda: mpi_scaling.main(
+            ["--workload", args.workload, "--dtype", args.dtype, "--rounds", str(args.rounds),
+             "--epochs", str(args.epochs)]))
     if args.command == "demo":
         from .demo import run
 

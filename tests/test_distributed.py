@@ -314,3 +314,14 @@ def test_ctrl_c_to_mpiexec_stops_every_rank_at_the_same_step(tmp_path, delay):
     assert_ranks_identical(results)
     saved = fastbp.load(path)
     assert np.array_equal(saved._params, results[0]["params"])
+
+
+def test_the_readme_mpi_demo_prints_that_the_ranks_agree(tmp_path):
+    cmd = [*MPIEXEC, "-n", "2", sys.executable, "-P", "-c",
+           "import sys; from fastbp.cli import main; sys.exit(main(['mpi-demo']))"]
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all ranks hold the same weights: True" in proc.stdout
+    assert proc.stdout.count("test accuracy") == 3   # two ranks and the one-process fit

@@ -3,7 +3,8 @@ holding the whole data (replicated), each training its slice of every batch.
 
 Run (after ``pip install "fastbp[mpich]"``, or ``fastbp[mpi]`` on a cluster)::
 
-    mpiexec -n 2 python -m mpi4py -m fastbp.examples.mpi_digits
+    mpiexec -n 2 fastbp mpi-demo
+    mpiexec -n 2 python -m mpi4py -m fastbp.examples.mpi_digits   # the same
 
 Every rank prints its test accuracy and a fingerprint of its weights (they
 agree bit for bit), and rank 0 the same fit run in one process.

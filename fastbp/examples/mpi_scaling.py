@@ -3,7 +3,8 @@ process at one thread, on the same global batch (fastbp.bench's workloads).
 
 Run::
 
-    mpiexec -n 2 python -m mpi4py -m fastbp.examples.mpi_scaling --workload L
+    mpiexec -n 2 fastbp mpi-bench --workload L
+    mpiexec -n 2 python -m mpi4py -m fastbp.examples.mpi_scaling --workload L   # the same
 
 Rank 0 first trains alone (the other ranks wait), then every rank trains
 together; each fit is timed ``--rounds`` times after a warm-up and the
