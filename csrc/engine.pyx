@@ -152,8 +152,14 @@ cdef double penalize_op(const int64_t[:, ::1] prog, const double[:, ::1] reg,
         # chain of adds would wait on each add's latency.  dW is computed
         # element by element as before; only the penalty's value depends on
         # the summation order.
-        sq0 = sq1 = sq2 = sq3 = 0.0
-        ab0 = ab1 = ab2 = ab3 = 0.0
+        sq0 = 0.0
+        sq1 = 0.0
+        sq2 = 0.0
+        sq3 = 0.0
+        ab0 = 0.0
+        ab1 = 0.0
+        ab2 = 0.0
+        ab3 = 0.0
         size4 = size - size % 4
         if l1 == 0:  # L2 alone (scikit-learn's alpha): no sign, no |W|
             for i in range(0, size4, 4):
@@ -1169,7 +1175,10 @@ cdef class EngineState:
         n_slots, batch = int(n_slots), int(batch)
         if batch < 1 or n_slots < 0:
             raise ValueError(f"batch_size must be >= 1 and n_slots >= 0, not {batch}, {n_slots}")
-        act_width = delta_width = 0
+        # (two statements: Cython 3.3.0 compiles ``a = b = 0`` of untyped
+        # names leaving b NULL, a segfault; tests/test_packaging.py)
+        act_width = 0
+        delta_width = 0
         for l in range(self.n_layers):
             _check_row(prog, floats, reg, l, self.n_params, aux.shape[0], buffers.shape[0])
             act_width = max(act_width, int(prog[l, ACT_OFF])

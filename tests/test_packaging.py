@@ -165,3 +165,21 @@ def test_installed_script_finds_no_failure():
     counts, failures = installed.run(trials=3, verbose=False)
     assert not failures, failures
     assert counts["trials"] == counts["passed"] == 3
+
+
+def test_no_cython_release_that_crashes_the_engine_can_build_it():
+    """Cython 3.3.0 compiles a chained assignment of untyped names
+    (``a = b = 0``) leaving the last name NULL: EngineState's checks
+    segfaulted at the first fit of a build made with it (seen on a Python
+    3.12 machine with Cython 3.3.0 preinstalled).  The sources have no such
+    assignment, and the build requirements exclude that release."""
+    chained = re.compile(r"^\s*[A-Za-z_]\w*\s*=\s*[A-Za-z_]\w*\s*=(?!=)")
+    found = []
+    for name in sorted(os.listdir(CSRC)):
+        if name.endswith((".pyx", ".pxd", ".pxi")):
+            with open(os.path.join(CSRC, name)) as f:
+                found += [f"{name}:{i}: {line.strip()}" for i, line in enumerate(f, 1)
+                          if chained.match(line)]
+    assert not found, found
+    cython = [r for r in _pyproject()["build-system"]["requires"] if r.startswith("Cython")]
+    assert cython and "!=3.3.0" in cython[0].replace(" ", "")
