@@ -13,9 +13,10 @@ the fit's setup) are compared.  Printed: samples/s of both, the ratio and the
 scaling efficiency (ratio / N), the allreduce's share of a step (the
 engine's phase timers), and, from the measured compute per sample, a ring
 allreduce cost model for more machines: a step on N machines takes
-B t / N + 2 (N - 1) / N * P * bytes / bandwidth (t: compute per sample, P:
-parameters), and communication dominates below a global batch of
-N * (allreduce time) / t.
+B t / N + u + 2 (N - 1) / N * P * bytes / bandwidth (t: forward and backward
+per sample, u: the optimizer's update, which every rank runs in full, P:
+parameters), and communication outweighs the computation below a global
+batch of N * (allreduce time) / t.
 """
 import argparse
 import statistics
@@ -81,18 +82,21 @@ def main(argv=None):
     print(f"  allreduce: {reduce_ms:.3f} ms of a {total:.3f} ms step "
           f"({100 * reduce_ms / max(total, 1e-12):.1f}%); rank 0's step: "
           + ", ".join(f"{k} {v:.2f}" for k, v in step_ms.items() if v > 0.005 * total) + " ms")
-    t_sample = 1.0 / one   # seconds of compute per sample, one thread
-    print(f"  model, ring allreduce of {n_params * width / 1e6:.1f} MB per step "
-          f"(compute {1e3 * t_sample:.3f} ms per sample):")
+    # the optimizer's update runs on every rank over every parameter: it
+    # does not shrink with N (each rank keeps the whole state, as DDP)
+    t_opt = step_ms.get("optimizer", 0.0) / 1e3
+    t_sample = max(batch / one - t_opt, 1e-12) / batch   # forward + backward per sample
+    print(f"  model: a step on N machines = B t / N + (update {1e3 * t_opt:.2f} ms) + ring "
+          f"allreduce of {n_params * width / 1e6:.1f} MB (2 (N-1)/N P bytes / bandwidth); "
+          f"t = {1e3 * t_sample:.3f} ms per sample")
     print(f"  {'N':>4} {'Gbit/s':>7} {'step ms':>9} {'comm ms':>9} {'samples/s':>10} "
           f"{'comm-bound below batch':>24}")
     for gbit in (10, 100):
         for machines in (2, 8, 64):
             comm_s = 2 * (machines - 1) / machines * n_params * width * 8 / (gbit * 1e9)
-            step = batch * t_sample / machines + comm_s
+            step = batch * t_sample / machines + t_opt + comm_s
             print(f"  {machines:>4} {gbit:>7} {1e3 * step:>9.2f} {1e3 * comm_s:>9.2f} "
                   f"{batch / step:>10.0f} {machines * comm_s / t_sample:>24.0f}")
-
 
 if __name__ == "__main__":
     main()
