@@ -69,8 +69,10 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from ._ext.engine import B_OFF, L2, N_OUT, W_OFF
 from ._optimizer import Optimizer, _flag, _real
-from ._runner import STATUS_OK, _EpochRunner
-from ._threads import _blas_threads, _DeferredInterrupt
+from . import _loop
+from ._loop import MiniBatch
+from ._runner import _EpochRunner
+from ._threads import _blas_threads
 from ._typing import ArrayLike, MatrixLike
 from ._validation import MAX_THREADS, check_n_threads, to_dtype
 from .layers import Dense, Dropout
@@ -158,6 +160,67 @@ class _SklearnAdam(Optimizer):
 
     def _kernel_values(self, hp):
         return hp
+
+
+class _SklearnOrder:
+    """Each iteration's sample order, drawn as scikit-learn draws it:
+    ``sklearn.utils.shuffle(sample_idx, random_state=...)`` of the running
+    index permutation (a resample without replacement), minus its
+    validation overhead (~0.2 ms an epoch)."""
+
+    def __init__(self, random_state, n_samples):
+        self.random_state = random_state
+        self.sample_idx = np.arange(n_samples, dtype=int)
+
+    def __call__(self):
+        perm = np.arange(len(self.sample_idx))
+        self.random_state.shuffle(perm)
+        self.sample_idx = self.sample_idx[perm]
+        return self.sample_idx
+
+
+class _StochasticFront:
+    """What an estimator's sgd/adam fit does around the epochs of the shared
+    loop (``fastbp._loop.train``): scikit-learn's bookkeeping after each
+    iteration (``_BaseMLP._epoch_end``), its ValueError on divergence (or,
+    with early stopping, its epochs of nan scores), a KeyboardInterrupt on
+    Ctrl-C (which ``_fit_stochastic`` turns into scikit-learn's warning),
+    and, however the fit ends, the network's weights copied back into
+    ``coefs_`` and ``intercepts_`` (scikit-learn trains those in place)."""
+
+    def __init__(self, estimator, runner, n_samples, incremental, early_stopping, validation):
+        self.estimator, self.runner, self.net = estimator, runner, runner.net
+        self.n_samples, self.incremental = n_samples, incremental
+        self.early_stopping, self.validation = early_stopping, validation
+
+    def begin(self):
+        pass
+
+    def epoch_begin(self, epoch):
+        pass
+
+    def epoch_end(self, epoch, result, seconds):
+        return self.estimator._epoch_end(self.runner, self.n_samples,
+                                         self.incremental, self.early_stopping,
+                                         self.validation)
+
+    def diverged(self, epoch, divergence):
+        if not self.early_stopping:
+            raise ValueError("Solver produced non-finite parameter weights. The input data may "
+                             "contain large values and need to be preprocessed.")
+        self.estimator._diverged_epochs(self.n_samples, self.incremental)
+
+    def interrupted_in(self, epoch, stop):
+        raise KeyboardInterrupt  # mid-epoch: not counted, as in scikit-learn
+
+    def interrupted_after(self, epoch, reason):
+        raise KeyboardInterrupt
+
+    def interrupted(self):
+        pass
+
+    def end(self):
+        self.estimator._store(self.net)
 
 
 def _one_fit_at_a_time(method):
@@ -488,7 +551,6 @@ class _BaseMLP(BaseEstimator):
                           (incremental or self.warm_start)):
             self.validation_loss_curve_ = []
         n_samples = X.shape[0]
-        sample_idx = np.arange(n_samples, dtype=int)
         if self.batch_size == "auto":
             batch_size = min(200, n_samples)
         else:
@@ -499,77 +561,59 @@ class _BaseMLP(BaseEstimator):
         W = (np.ones(n_samples, dtype=X.dtype) if sample_weight is None
              else np.ascontiguousarray(sample_weight, dtype=X.dtype))
         state = opt._bind(net.n_params, net.dtype)
-        run = _EpochRunner(net, X, Y, W, batch_size, False, self._loss_name(), opt, state,
-                           count_by_samples=True)
+        runner = _EpochRunner(net, X, Y, W, batch_size, False, self._loss_name(), opt, state,
+                              count_by_samples=True)
+        order = _SklearnOrder(self._random_state, n_samples) if self.shuffle else None
+        front = _StochasticFront(self, runner, n_samples, incremental, early_stopping,
+                                 (X_val, y_val, sw_val) if X_val is not None else None)
         self.n_iter_ = 0
         # Ctrl-C stops training as in scikit-learn (a warning, and fit returns
         # the model as it is), but at a call boundary or the end of an
         # iteration, so the weights, n_iter_ and loss_curve_ agree.
         try:
-            with _DeferredInterrupt() as interrupt:
-                for _ in range(self.max_iter):
-                    if self.shuffle:
-                        # sklearn.utils.shuffle(sample_idx, random_state=...) draws
-                        # exactly this (resample without replacement), minus its
-                        # validation overhead (~0.2 ms an epoch)
-                        perm = np.arange(n_samples)
-                        self._random_state.shuffle(perm)
-                        sample_idx = sample_idx[perm]
-                    run.start_epoch(order=sample_idx if self.shuffle else None)
-                    status, done = run.run(0, run.n_batches, interrupt)
-                    if status == STATUS_OK and done < run.n_batches:
-                        raise KeyboardInterrupt  # mid-epoch: not counted, as in scikit-learn
-                    if status == STATUS_OK and run.steps == 0:
-                        # (scikit-learn raises ZeroDivisionError on such a batch)
-                        raise ValueError("the sample weights of every mini-batch of this epoch "
-                                         "sum to zero (positive and negative weights cancel): "
-                                         "nothing can be learned; change batch_size or the "
-                                         "weights")
-                    if status != STATUS_OK:
-                        self._store(net)
-                        if early_stopping:
-                            self._diverged_epochs(n_samples, incremental)
-                            break
-                        raise ValueError("Solver produced non-finite parameter weights. The input "
-                                         "data may contain large values and need to be "
-                                         "preprocessed.")
-                    self.n_iter_ += 1
-                    self.loss_ = run.epoch_loss()
-                    self.t_ += n_samples
-                    self.loss_curve_.append(self.loss_)
-                    if self.verbose:
-                        print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
-                    if track_val or early_stopping:
-                        self._store(net)
-                    if track_val:
-                        self.validation_loss_curve_.append(self._validation_loss(X_val, y_val))
-                    self._update_no_improvement_count(early_stopping, X_val, y_val, sw_val)
-                    if self.solver == "sgd" and self.learning_rate == "invscaling":
-                        opt.lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
-                        run.hyper[...] = opt._hyper()
-                    if self._no_improvement_count > self.n_iter_no_change:
-                        what = ("Validation score" if early_stopping else "Training loss")
-                        msg = (f"{what} did not improve more than tol={self.tol:f} for "
-                               f"{self.n_iter_no_change} consecutive epochs.")
-                        if self._trigger_stopping(opt, msg):
-                            break
-                        run.hyper[...] = opt._hyper()
-                        self._no_improvement_count = 0
-                    if incremental:
-                        break
-                    if self.n_iter_ == self.max_iter:
-                        warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and "
-                                      "the optimization hasn't converged yet." % self.max_iter,
-                                      ConvergenceWarning)
-                    if interrupt.requested:
-                        raise KeyboardInterrupt
+            # need_steps: an epoch of zero-weight batches is a ValueError
+            # (scikit-learn raises ZeroDivisionError on such a batch)
+            _loop.train(MiniBatch(runner, order=order, need_steps=True), front, range(1, self.max_iter + 1))
         except KeyboardInterrupt:
             warnings.warn("Training interrupted by user.")
-        self._store(net)
         if early_stopping:
             self.coefs_ = self._best_coefs
             self.intercepts_ = self._best_intercepts
             self._copy_weights(net)  # predict then finds them in the network
+
+    def _epoch_end(self, runner, n_samples, incremental, early_stopping, validation):
+        """scikit-learn's bookkeeping after an iteration of ``_fit_stochastic``;
+        True when training stops."""
+        opt = self._optimizer
+        self.n_iter_ += 1
+        self.loss_ = runner.epoch_loss()
+        self.t_ += n_samples
+        self.loss_curve_.append(self.loss_)
+        if self.verbose:
+            print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
+        X_val, y_val, sw_val = validation or (None, None, None)
+        if validation is not None or early_stopping:
+            self._store(runner.net)
+        if validation is not None:
+            self.validation_loss_curve_.append(self._validation_loss(X_val, y_val))
+        self._update_no_improvement_count(early_stopping, X_val, y_val, sw_val)
+        if self.solver == "sgd" and self.learning_rate == "invscaling":
+            # taken up by the runner before the next iteration (refresh)
+            opt.lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
+        if self._no_improvement_count > self.n_iter_no_change:
+            what = "Validation score" if early_stopping else "Training loss"
+            msg = (f"{what} did not improve more than tol={self.tol:f} for "
+                   f"{self.n_iter_no_change} consecutive epochs.")
+            if self._trigger_stopping(opt, msg):
+                return True
+            self._no_improvement_count = 0
+        if incremental:
+            return True
+        if self.n_iter_ == self.max_iter:
+            warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and the "
+                          "optimization hasn't converged yet." % self.max_iter,
+                          ConvergenceWarning)
+        return False
 
     def _diverged_epochs(self, n_samples, incremental):
         """The epochs scikit-learn runs after its weights overflow, with early
