@@ -15,8 +15,6 @@ not the per-row ones LM needs).
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from ._ext.engine import ACT, B_OFF, KIND, N_IN, N_OUT, RATE, TRAINABLE, W_OFF, Kind
