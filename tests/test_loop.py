@@ -12,7 +12,7 @@ import pytest
 
 import fastbp
 from fastbp import _loop
-from fastbp import sklearn as fsk
+from fastbp import _sklearn_stochastic as fsk
 from fastbp.callbacks import Callback
 from fastbp.lm import LevenbergMarquardt
 
@@ -196,7 +196,7 @@ def _regression():
 
 def _count_epochs_then(monkeypatch, after, action):
     """Make the estimators' bookkeeping do ``action`` after ``after`` epochs."""
-    real = fsk._BaseMLP._epoch_end
+    real = fsk._StochasticSolvers._epoch_end
     seen = []
 
     def epoch_end(self, *args):
@@ -207,7 +207,7 @@ def _count_epochs_then(monkeypatch, after, action):
             else:
                 raise RuntimeError("from the bookkeeping")
         return real(self, *args)
-    monkeypatch.setattr(fsk._BaseMLP, "_epoch_end", epoch_end)
+    monkeypatch.setattr(fsk._StochasticSolvers, "_epoch_end", epoch_end)
 
 
 @pytest.mark.parametrize("path", ["max_iter", "no improvement", "early stopping", "divergence",
@@ -226,7 +226,7 @@ def test_an_estimator_fit_ends_once_on_every_path(monkeypatch, estimator_ends, p
                   max_iter=20, early_stopping=path.endswith("stopping"))
     elif path in ("Ctrl-C", "exception"):
         _count_epochs_then(monkeypatch, 2, "sigint" if path == "Ctrl-C" else "raise")
-    est = fsk.MLPRegressor(**kw)
+    est = fastbp.MLPRegressor(**kw)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if path == "divergence":
