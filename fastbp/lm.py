@@ -125,6 +125,14 @@ class LevenbergMarquardt(Solver):
     options (batch_size, shuffle, clipping, grad_norms, checkpoint, ...)
     do not apply to this solver.
 
+    It is a full-batch ``Solver`` (``fastbp._loop``), not an
+    ``fastbp.optim.Optimizer``: it has no ``step(params, grad)`` (LM needs
+    the Jacobian, not a gradient).  ``fit(optimizer=LevenbergMarquardt())``
+    (or the class) runs it through the epoch loop every fit shares, so
+    callbacks, the history, stop records, divergence and Ctrl-C behave as
+    in a mini-batch fit; ``on_batches_end`` is not called (an epoch is one
+    iteration, not batches).
+
     A model whose optimizer is a LevenbergMarquardt cannot be saved:
     ``net.save`` raises ValueError (model files hold the optimizers of
     ``fastbp.optim.OPTIMIZERS`` only, and ``fastbp.load`` does not know this
