@@ -20,11 +20,12 @@ estimators' stochastic solvers.  It talks to two parties:
   the fit) and ``end``.
 
 The contract kept here, once for every front and run: Ctrl-C is held
-until a call boundary (``_DeferredInterrupt``); once ``front.begin()`` has
-returned, ``front.end()`` runs exactly once, in a ``finally``, however the
-fit ends (all epochs, a stop, a divergence, Ctrl-C, an exception), with
-Ctrl-C still held; a Ctrl-C that arrives during it raises KeyboardInterrupt
-once it has run.
+from ``front.begin()`` on until a call boundary (``_DeferredInterrupt``; a
+second Ctrl-C interrupts at once); once ``front.begin()`` has returned,
+``front.end()`` runs exactly once, in a ``finally``, however the fit ends
+(all epochs, a stop, a divergence, Ctrl-C, an exception), with Ctrl-C
+still held; a Ctrl-C that arrives during it raises KeyboardInterrupt once
+it has run.
 
 It imports neither the model nor the fronts (they import it).
 """
@@ -126,9 +127,12 @@ def train(run, front, epochs, held=None):
     caller's object already holding Ctrl-C, used instead of a new
     ``_DeferredInterrupt`` (a data-parallel fit holds it from its first
     collective, and agrees on it across ranks)."""
-    front.begin()
     try:
         with nullcontext(held) if held is not None else _DeferredInterrupt() as interrupt:
+            # A Ctrl-C during on_train_begin is held too: the first epoch
+            # then stops before its first call (mini-batch) or after its
+            # iteration (a solver), recorded like any other.
+            front.begin()
             try:
                 _epochs(run, front, epochs, interrupt)
             except KeyboardInterrupt:
@@ -136,7 +140,7 @@ def train(run, front, epochs, held=None):
                 raise
             finally:
                 front.end()
-    except KeyboardInterrupt:  # one that arrived during front.end()
+    except KeyboardInterrupt:  # one that arrived during front.begin() or front.end()
         front.interrupted()
         raise
 

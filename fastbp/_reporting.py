@@ -160,7 +160,12 @@ class FitReport:
         says why (the fit's own handling of Ctrl-C records where)."""
         if self.net.history.stopped_by is not None:
             return
-        epoch = self.epoch if self.epoch is not None else self.last_epoch
+        if self.epoch is None:  # during on_train_begin: no epoch began
+            first = getattr(self.net, "fit_params", {}).get("first_epoch", self.last_epoch)
+            self.stop("interrupt", "interrupted by Ctrl-C", first, False,
+                      "the weights it started with")
+            return
+        epoch = self.epoch
         ended = bool(self.net.history.epoch) and self.net.history.epoch[-1] == epoch
         weights = None if ended else f"the weights it had when interrupted, within epoch {epoch}"
         self.stop("interrupt", "interrupted by Ctrl-C", epoch, ended, weights)

@@ -256,3 +256,20 @@ def test_solver_protocol():
     X, Y = _data()
     with pytest.raises(ValueError, match="does not support checkpoint"):
         _net().fit(X, Y, optimizer=LevenbergMarquardt(), checkpoint="x.fbp", verbose=0)
+
+
+def test_a_few_adversarial_trials():
+    """A few trials of tests/adversarial/fit_endings.py (the full run is its
+    ``main``): random fits through each front, ended by random events, in a
+    child interpreter."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
+    try:
+        import fit_endings
+    finally:
+        sys.path.pop(0)
+    counts, ended = fit_endings.run(trials=40, seed=5)
+    assert counts["trials"] == 40 and counts["passed"] == 40, counts
+    assert len(ended) >= 4, ended  # several kinds of ending were tried
