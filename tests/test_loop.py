@@ -79,6 +79,7 @@ PATHS = {
     "an exception in a hook": ({"on_epoch_end": "raise"}, RuntimeError),
     "invalid hyperparameters": ({"on_epoch_end": "nan_lr"}, ValueError),
     "Ctrl-C during on_train_end": ({"on_train_end": "sigint"}, KeyboardInterrupt),
+    "Ctrl-C during on_train_begin": ({"on_train_begin": "sigint"}, KeyboardInterrupt),
 }
 
 
@@ -103,6 +104,12 @@ def test_on_train_end_runs_once_on_every_path(kind, path):
         assert callback.calls["on_train_end"] == 1, path
         # a Ctrl-C during on_train_end waits for it: no hook is cut short
         assert callback.calls["ended_fully"] == 1, path
+    if raises is KeyboardInterrupt:
+        assert net.history.stopped_by == "interrupt", path
+    if path == "Ctrl-C during on_train_begin":
+        # held until the first call boundary: the mini-batch fit stops before
+        # its first batch, LM after its first iteration
+        assert net.history.n_epochs == (1 if kind == "lm" else 0)
 
 
 def test_on_train_end_runs_once_after_ctrl_c_within_an_epoch():
