@@ -27,7 +27,11 @@ drives the engine through
 count and the deferred Ctrl-C.
 
 Size: about 850 lines for one public class: its docstrings (``fit``'s
-alone is 120 lines) are 320 of them.
+alone is 130 lines) are 330 of them.  Its code is already only the model's
+own: argument checks and the epoch loop are ``fastbp._fit`` and
+``fastbp._loop``, engine buffers ``fastbp._runner``, bytes ``fastbp._format``;
+what remains (structure, parameters, inference, state) shares one built
+model's tables and locks, which mixins in several files would scatter.
 """
 from __future__ import annotations
 
