@@ -126,9 +126,10 @@ def model_trial(spec):
     fails = []
     sigints = [p for p in probes if p.fired and p.action == "sigint"]
     # who began: those before the first probe whose on_train_begin raised
+    # (its action, or a second Ctrl-C, which interrupts at once)
     begun = True
     for p in probes:
-        if p.hook == "on_train_begin" and p.action == "raise" and p.fired:
+        if begun and not p.began:
             begun = False
             if p.ended:
                 fails.append("ended_without_begin")
