@@ -1,32 +1,34 @@
-"""The fit driver: ``Sequential.fit``'s argument checks, its epoch loop, and
-what happens between calls into the engine.
+"""The fit driver of ``Sequential.fit``: its argument checks (a ``_Plan``),
+the run it trains with, and what the model API does around each epoch.
 
-``fit`` resolves the settings (``fastbp._resume``), checks them, and either
-hands a full-batch solver (Levenberg-Marquardt) the whole data or builds an
-``_EpochRunner`` (``fastbp._runner``) and runs ``_train_epochs``: per epoch,
-the callbacks' hooks (through a ``FitReport``), runs of batches until the
-epoch ends, a checkpoint is due or Ctrl-C was pressed, then the epoch's
-metrics into the history.  Divergence and Ctrl-C stop the fit with the model
-consistent and recorded (``_diverged``, ``_interrupted``).
+``fit`` resolves the settings (``fastbp._resume``), checks them and the
+data, then starts a run: a full-batch ``Solver``'s (Levenberg-Marquardt,
+given as ``optimizer=``), or an optimizer's mini-batch steps through an
+``_EpochRunner`` (``fastbp._loop.MiniBatch``).  The epoch loop itself is
+``fastbp._loop.train``, shared with the scikit-learn estimators; the
+``_ModelFront`` here is what the model API does around it: the callbacks'
+hooks and printed lines (a ``FitReport``), the history and validation
+metrics, checkpoints after epochs, and DivergenceError or KeyboardInterrupt
+with the stop recorded.
 
 It works on a ``Sequential`` passed in as ``net`` and imports neither
 ``fastbp.model`` (which imports it) nor anything that imports the model.
 """
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
+import functools
 import warnings
 
 import numpy as np
 
-from . import _reporting, _resume
+from . import _loop, _reporting, _resume
 from . import optim as _optim
+from ._loop import MiniBatch, is_solver
 from ._reporting import DivergenceError
-from ._runner import STATUS_LOSS_NONFINITE, STATUS_OK, _dense_rows, _EpochRunner
+from ._runner import _dense_rows, _EpochRunner
 from ._threads import _blas_threads, _DeferredInterrupt
 from ._validation import check_n_threads, check_positive_int
-from .layers import BatchNorm, Dense
+from .layers import BatchNorm
 from .losses import data_loss
 
 
@@ -52,17 +54,70 @@ def fit(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data
                  n_threads, on_divergence, checkpoint, checkpoint_every, sample_weight,
                  clip_norm, clip_value, grad_norms, ranks)
     callbacks = list(callbacks or [])
-    if getattr(plan.opt, "full_batch_solver", False):
-        if ranks is not None:
+    first_epoch = net.history.n_epochs + 1
+    last_epoch = first_epoch + plan.epochs - 1
+    if ranks is not None:
+        if is_solver(plan.opt):
             raise ValueError(f"{type(plan.opt).__name__} trains on the whole data in one "
                              "process: it does not support comm")
-        return _fit_full_batch(net, plan, verbose, callbacks)
-    if ranks is not None and ranks.rank != 0:
-        # rank 0 prints and writes; every rank runs the rest, so that
-        # histories and stopping decisions agree
-        verbose, checkpoint = 0, None
-        callbacks = [c for c in callbacks if ranks.keeps(c)]
-    return _fit_steps(net, plan, verbose, callbacks, checkpoint)
+        if ranks.rank != 0:
+            # rank 0 prints and writes; every rank runs the rest, so that
+            # histories and stopping decisions agree
+            verbose, checkpoint = 0, None
+            callbacks = [c for c in callbacks if ranks.keeps(c)]
+        return _fit_ranks(net, plan, verbose, callbacks, checkpoint, first_epoch, last_epoch)
+    run = _start(net, plan, checkpoint, last_epoch)
+    _record_settings(net, plan)
+    front = _model_front(net, plan, run, callbacks, verbose, checkpoint, first_epoch,
+                         last_epoch)
+    with _blas_threads(plan.n_threads):
+        _loop.train(run, front, range(first_epoch, last_epoch + 1))
+    return net.history
+
+
+def _fit_ranks(net, plan, verbose, callbacks, checkpoint, first_epoch, last_epoch):
+    """A data-parallel fit (``comm``): from the first collective on, Ctrl-C
+    is held (and agreed on: ``AgreedInterrupt``) so that no rank leaves a
+    collective the others are in; the ranks check their data and settings
+    against each other and take rank 0's model before the runner is made."""
+    from .distributed import AgreedInterrupt
+
+    opt, ranks = plan.opt, plan.ranks
+    state = opt._bind(net.n_params, net.dtype)
+    _record_settings(net, plan)
+    with _DeferredInterrupt() as interrupt:
+        ranks.check_data(plan.X, plan.Y, plan.W, plan.batch)
+        ranks.check_settings(net, plan, opt)
+        ranks.broadcast_model(net, state, opt)
+        run = _minibatch(net, plan, state, checkpoint, last_epoch)
+        agreed = AgreedInterrupt(interrupt, ranks)
+        front = _model_front(net, plan, run, callbacks, verbose, checkpoint, first_epoch,
+                             last_epoch, agreed)
+        with _blas_threads(plan.n_threads):
+            _loop.train(run, front, range(first_epoch, last_epoch + 1), held=agreed)
+    return net.history
+
+
+def _record_settings(net, plan):
+    """What the model keeps of this fit: its optimizer, loss and settings."""
+    net.optimizer = plan.opt
+    net._last_loss, net._fit_settings = plan.loss, plan.fitted
+
+
+def _model_front(net, plan, run, callbacks, verbose, checkpoint, first_epoch, last_epoch,
+                 agreed=None):
+    """The fit's ``_ModelFront``, with ``net.fit_params`` set for callbacks."""
+    net.stop_training = False
+    batch, n_batches = ((plan.n, 1) if is_solver(plan.opt)
+                        else (plan.batch, run.runner.n_batches))
+    # What callbacks may want to know about this fit.
+    net.fit_params = {"epochs": plan.epochs, "first_epoch": first_epoch, "last_epoch": last_epoch,
+                      "n_samples": plan.n, "batch_size": batch, "n_batches": n_batches}
+    report = _reporting.FitReport(net, callbacks, last_epoch, verbose)
+    if isinstance(run, MiniBatch):
+        run.runner.after_batches = report.batches_hook()
+    return _ModelFront(net, report, plan.validation, plan.loss, plan.on_divergence, checkpoint,
+                       plan.ranks, agreed)
 
 
 def _ranks(comm, shard):
@@ -133,7 +188,7 @@ def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_da
                                       clip_value=clip_value, clip_norm=clip_norm),
                                  sample_weight is not None)
     plan.opt = (net.optimizer if optimizer is None and net.optimizer is not None
-                else _optim.get(optimizer))
+                else _optimizer_or_solver(optimizer))
     plan.loss, plan.shuffle = loss, shuffle
     plan.on_divergence, plan.grad_norms = on_divergence, grad_norms
     # What a full-batch solver cannot do, if asked for in this call (settings
@@ -170,6 +225,14 @@ def _check_batchnorm_rows(n, batch, ranks):
                          "refuses one-row batches in training); change batch_size")
 
 
+def _optimizer_or_solver(optimizer):
+    """``fit``'s optimizer argument as an object: a Solver instance or class
+    (Levenberg-Marquardt), or what ``fastbp.optim.get`` makes of it."""
+    if is_solver(optimizer):
+        return optimizer() if isinstance(optimizer, type) else optimizer
+    return _optim.get(optimizer)
+
+
 def _checked_clip(name, value):
     """clip_value or clip_norm as the engine takes it (0.0: off)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -178,153 +241,109 @@ def _checked_clip(name, value):
     return 0.0 if value is None else float(value)
 
 
-def _fit_full_batch(net, plan, verbose, callbacks):
-    """A solver that needs the whole data at once (Levenberg-Marquardt): it
-    runs its own iterations, one per epoch, and records the history."""
+def _start(net, plan, checkpoint, last_epoch):
+    """The run of this fit: a Solver's (checked by it, on the whole data made
+    dense: its Jacobian holds all rows anyway) or an optimizer's mini-batch
+    steps (its state bound).  ValueError before the model changes."""
     opt = plan.opt
-    if plan.ignored:
-        raise ValueError(f"{type(opt).__name__} trains on the whole data at once and "
-                         f"does not support {', '.join(plan.ignored)}")
-    net.optimizer = opt
-    net._last_loss, net._fit_settings = plan.loss, plan.fitted
-    X = _dense_rows(plan.X)  # its Jacobian holds all rows anyway
-    validation = plan.validation
-    if validation is not None:
-        validation = (_dense_rows(validation[0]), validation[1])
-    return opt._fit(net, X, plan.Y, plan.W, loss=plan.loss, epochs=plan.epochs, verbose=verbose,
-                    validation=validation, callbacks=callbacks,
-                    on_divergence=plan.on_divergence)
+    if is_solver(opt):
+        if plan.ignored:
+            raise ValueError(f"{type(opt).__name__} trains on the whole data at once and "
+                             f"does not support {', '.join(plan.ignored)}")
+        if plan.validation is not None:
+            plan.validation = (_dense_rows(plan.validation[0]), plan.validation[1])
+        return opt._start(net, _dense_rows(plan.X), plan.Y, plan.W, plan.loss)
+    return _minibatch(net, plan, opt._bind(net.n_params, net.dtype), checkpoint, last_epoch)
 
 
-def _fit_steps(net, plan, verbose, callbacks, checkpoint):
-    """Mini-batch training: bind the optimizer, make the runner, and run the
-    epochs with on_train_end called however they end."""
-    opt = plan.opt
-    state = opt._bind(net.n_params, net.dtype)
-    net.optimizer = opt
-    net._last_loss, net._fit_settings = plan.loss, plan.fitted
-
-    if plan.ranks is None:
-        return _run_steps(net, plan, verbose, callbacks, checkpoint, opt, state, None)
-    # From the first collective on, Ctrl-C is held (and agreed on) so that
-    # no rank leaves a collective the others are in.
-    with _DeferredInterrupt() as interrupt:
-        plan.ranks.check_data(plan.X, plan.Y, plan.W, plan.batch)
-        plan.ranks.check_settings(net, plan, opt)
-        plan.ranks.broadcast_model(net, state, opt)
-        return _run_steps(net, plan, verbose, callbacks, checkpoint, opt, state, interrupt)
+def _minibatch(net, plan, state, checkpoint, last_epoch):
+    """The optimizer's mini-batch steps, its state bound as ``state``."""
+    runner = _EpochRunner(net, plan.X, plan.Y, plan.W, plan.batch, plan.shuffle, plan.loss,
+                          plan.opt, state, clip=plan.clip, grad_norms=plan.grad_norms,
+                          ranks=plan.ranks)
+    save = None if checkpoint is None else functools.partial(net.save, checkpoint)
+    return MiniBatch(runner, pending=plan.pending, resumable=True, save=save,
+                     checkpoint_every=plan.checkpoint_every, grad_norms=plan.grad_norms,
+                     last_epoch=last_epoch)
 
 
-def _run_steps(net, plan, verbose, callbacks, checkpoint, opt, state, interrupt):
-    run = _EpochRunner(net, plan.X, plan.Y, plan.W, plan.batch, plan.shuffle, plan.loss, opt,
-                       state, clip=plan.clip, grad_norms=plan.grad_norms, ranks=plan.ranks)
-    first_epoch = net.history.n_epochs + 1
-    last_epoch = first_epoch + plan.epochs - 1
-    net.stop_training = False
-    # What callbacks may want to know about this fit.
-    net.fit_params = {"epochs": plan.epochs, "first_epoch": first_epoch, "last_epoch": last_epoch,
-                      "n_samples": plan.n, "batch_size": plan.batch,
-                      "n_batches": run.n_batches}
-    report = _reporting.FitReport(net, callbacks, last_epoch, verbose)
-    run.after_batches = report.batches_hook()
-    report.begin()
-    # on_train_end also after a divergence or Ctrl-C, so callbacks can
-    # clean up (EarlyStopping restores its best weights, ProgressBar
-    # closes), then the line saying why the fit stopped
-    with report.ending():
-        return _train_epochs(net, run, report, first_epoch, last_epoch, plan.n_threads,
-                             checkpoint, plan.checkpoint_every, plan.validation, plan.loss,
-                             plan.grad_norms, plan.on_divergence, plan.pending, interrupt)
+class _ModelFront:
+    """What ``Sequential.fit`` does around the epochs of the loop
+    (``fastbp._loop.train``): the callbacks' hooks and printed lines (a
+    ``FitReport``), the history, validation metrics, checkpoints after
+    epochs, and what divergence and Ctrl-C raise; with ``ranks`` (a
+    data-parallel fit) the same history and stopping decisions on every
+    rank, Ctrl-C agreed on through ``agreed``."""
 
+    def __init__(self, net, report, validation, loss, on_divergence, checkpoint, ranks=None,
+                 agreed=None):
+        self.net, self.report = net, report
+        self.validation, self.loss = validation, loss
+        self.on_divergence, self.checkpoint = on_divergence, checkpoint
+        self.ranks, self.agreed = ranks, agreed
+        # past diverged, _epochs, train, fit (and _fit_ranks), Sequential.fit
+        # and its wrapper: the caller
+        self.stacklevel = 7 if ranks is None else 8
 
-def _train_epochs(net, run, report, first_epoch, last_epoch, n_threads, checkpoint,
-                  checkpoint_every, validation, loss, grad_norms, on_divergence, pending,
-                  held=None):
-    """The epoch loop; ``held``: the _DeferredInterrupt already holding
-    Ctrl-C (data-parallel fits hold it from their first collective)."""
-    ranks = run.ranks
-    with _blas_threads(n_threads), (nullcontext(held) if held else _DeferredInterrupt()) \
-            as interrupt:
+    def begin(self):
+        self.report.begin()
+
+    def epoch_begin(self, epoch):
+        self.report.epoch_begin(epoch)
+
+    def epoch_end(self, epoch, result, seconds):
+        """Record the epoch, run on_epoch_end, checkpoint; True: stop."""
+        net, ranks = self.net, self.ranks
+        rows = result.rows
         if ranks is not None:
-            from .distributed import AgreedInterrupt
-            interrupt = AgreedInterrupt(interrupt, ranks)
-        for e in range(first_epoch, last_epoch + 1):
-            report.epoch_begin(e)
-            run.refresh_optimizer()  # a callback may have changed it
-            start = time.perf_counter()
-            net._position = None
-            b = run.start_epoch(pending)
-            pending = None
-            while b < run.n_batches:
-                stop = run.n_batches
-                if checkpoint_every:
-                    stop = min(stop, (b // checkpoint_every + 1) * checkpoint_every)
-                status, b = run.run(b, stop, interrupt)
-                if status != STATUS_OK:
-                    _diverged(report, status, e, b, on_divergence)
-                    return net.history
-                if b < run.n_batches and (interrupt.requested or b == stop):
-                    net._position = run.position(e, b)
-                    if checkpoint is not None:
-                        net.save(checkpoint)
-                    if interrupt.requested:
-                        return _interrupted(report, e, b, run.n_batches)
-                    net._position = None
-            seconds = time.perf_counter() - start
-            rows = run.rows_run()
-            if ranks is not None:
-                # the same history on every rank: the slowest rank's time,
-                # every rank's rows (rank 0's BatchNorm statistics, as DDP)
-                ranks.bcast(net._buffers)
-                seconds = float(ranks.max([seconds])[0])
-                if ranks.shard:
-                    rows = float(ranks.sum([rows])[0])
-            # a resumed epoch ran only its batches from the saved position on
-            metrics = {"loss": run.epoch_loss(), "time": seconds,
-                       "samples_per_s": rows / max(seconds, 1e-9)}
-            if grad_norms:
-                dense = [i for i, l in enumerate(net.layers) if isinstance(l, Dense)]
-                metrics["grad_norm"] = [float(run.grad_norms[i]) / max(run.steps, 1)
-                                        for i in dense]
-            if validation:
-                metrics.update(_validation_metrics(net, *validation, loss))
-            net.history.append(e, **metrics)
-            stopping = report.epoch_end(e, metrics)
-            if ranks is not None:
-                stopping = ranks.any(stopping)
-                interrupt.agree()
-                ranks.check_in_step(net, run.opt)
-            if checkpoint is not None:  # after the callbacks: holds e.g. a scheduled lr
-                net.save(checkpoint)
-            if interrupt.requested and e < last_epoch:
-                return _interrupted(report, e, run.n_batches, run.n_batches)
-            if stopping:
-                break
-        if interrupt.requested:  # during the last epoch's last call, or after it
-            _interrupted_at_end(report, e)
-    return net.history
+            # the same history on every rank: the slowest rank's time,
+            # every rank's rows (rank 0's BatchNorm statistics, as DDP)
+            ranks.bcast(net._buffers)
+            seconds = float(ranks.max([seconds])[0])
+            if ranks.shard:
+                rows = float(ranks.sum([rows])[0])
+        metrics = {"loss": result.loss, "time": seconds,
+                   "samples_per_s": rows / max(seconds, 1e-9), **result.metrics}
+        if self.validation:
+            metrics.update(_validation_metrics(net, *self.validation, self.loss))
+        net.history.append(epoch, **metrics)
+        stopping = self.report.epoch_end(epoch, metrics)
+        if result.stop is not None:
+            self.report.stop(result.stop.kind, result.stop.reason, epoch,
+                             weights=result.stop.weights)
+            stopping = True
+        if ranks is not None:
+            stopping = ranks.any(stopping)
+            self.agreed.agree()
+            ranks.check_in_step(net, net.optimizer)
+        if self.checkpoint is not None:  # after the callbacks: holds e.g. a scheduled lr
+            net.save(self.checkpoint)
+        return stopping
 
+    def diverged(self, epoch, divergence):
+        """Record the divergence, then raise DivergenceError or warn."""
+        self.report.stop("divergence", divergence.reason, epoch, ended=False,
+                         weights=divergence.weights)
+        if self.on_divergence == "raise":
+            raise DivergenceError(divergence.message, epoch, divergence.batch)
+        warnings.warn(divergence.message, RuntimeWarning, stacklevel=self.stacklevel)
 
-def _interrupted(report, epoch, batch, n_batches):
-    """Ctrl-C stopped the fit after ``batch`` batches of ``epoch`` (all of
-    them: at the epoch's end): record it and raise KeyboardInterrupt."""
-    if batch == n_batches:
-        reason = (f"interrupted by Ctrl-C before batch 1 of epoch {epoch + 1}; fit again "
-                  "to continue")
-        report.stop("interrupt", reason, epoch)
-    else:
-        reason = (f"interrupted by Ctrl-C before batch {batch + 1} of epoch {epoch}; fit "
-                  "again to continue")
-        held = (f"the weights after batch {batch} of {n_batches} of epoch {epoch}" if batch
-                else f"the weights epoch {epoch} started with")
-        report.stop("interrupt", reason, epoch, ended=False, weights=held)
-    raise KeyboardInterrupt(reason)
+    def interrupted_in(self, epoch, stop):
+        self.report.stop(stop.kind, stop.reason, epoch, ended=False, weights=stop.weights)
+        raise KeyboardInterrupt(stop.reason)
 
-def _interrupted_at_end(report, epoch):
-    reason = (f"interrupted by Ctrl-C as epoch {epoch} ended, the last this fit had to "
-              "train: the fit is complete")
-    report.stop("interrupt", reason, epoch)
-    raise KeyboardInterrupt(reason)
+    def interrupted_after(self, epoch, reason):
+        """Ctrl-C noticed after ``epoch``: recorded with ``reason`` (None:
+        the stop already recorded stands), then KeyboardInterrupt."""
+        if reason is not None:
+            self.report.stop("interrupt", reason, epoch)
+        raise KeyboardInterrupt(self.net.history.stop_reason)
+
+    def interrupted(self):
+        self.report.interrupted()
+
+    def end(self):
+        self.report.end()
 
 
 def _validation_metrics(net, Xv, Yv, loss):
@@ -336,22 +355,4 @@ def _validation_metrics(net, Xv, Yv, loss):
         out["val_accuracy"] = float(np.mean((Z > 0) == (Yv > 0.5)))
     return out
 
-
-def _diverged(report, status, epoch, failed, on_divergence):
-    """Batch ``failed`` (0-based) of ``epoch`` made the loss or a weight
-    non-finite; the model holds the weights from before it."""
-    what = "the loss" if status == STATUS_LOSS_NONFINITE else "an updated weight"
-    batch = failed + 1
-    message = (f"training diverged at epoch {epoch}, batch {batch}: {what} became NaN or "
-               "infinite; training stopped and the weights of the last finite step were kept "
-               "(try a smaller learning rate)")
-    held = (f"the weights of the last finite step, after batch {failed} of epoch {epoch}"
-            if failed else f"the weights epoch {epoch} started with")
-    report.stop("divergence", f"training diverged in batch {batch} of epoch {epoch}: {what} "
-                "became NaN or infinite (try a smaller learning rate)", epoch, ended=False,
-                weights=held)
-    if on_divergence == "raise":
-        raise DivergenceError(message, epoch, batch)
-    # past _train_epochs, _fit_steps, fit, Sequential.fit and its wrapper: the caller
-    warnings.warn(message, RuntimeWarning, stacklevel=7)
 

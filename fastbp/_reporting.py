@@ -1,12 +1,16 @@
 """What a fit tells its callbacks and its user.
 
-``Sequential.fit`` and the Levenberg-Marquardt loop (``fastbp.lm``) each make
-one ``FitReport`` per fit, so callbacks, stop reasons and printed lines
-follow one contract whatever trains the model:
+``Sequential.fit`` (``fastbp._fit``) makes one ``FitReport`` per fit, whatever
+trains the model (a mini-batch optimizer or a full-batch solver such as
+Levenberg-Marquardt), so callbacks, stop reasons and printed lines follow one
+contract:
 
 * the callbacks' hooks run in list order, and the report notes which
   callback set ``net.stop_training`` (its ``stop_reason`` and ``stop_kind``
   attributes, when it has them, say why);
+* ``on_train_end`` runs once for each callback whose ``on_train_begin``
+  returned, however the fit ends (the epoch loop, ``fastbp._loop.train``,
+  calls ``end`` in a ``finally``);
 * at ``verbose`` >= 1 one line is printed per epoch, unless a callback shows
   the progress itself (a true ``shows_progress``: the ProgressBar);
 * every stop before the last epoch (a callback, a target, a divergence,
@@ -16,8 +20,6 @@ follow one contract whatever trains the model:
   weights) saying where and why it stopped and which weights the model
   holds.
 """
-import contextlib
-
 from .history import STOP_KINDS
 
 
@@ -59,25 +61,39 @@ class FitReport:
         self.epoch = None  # the epoch under way, or the last one begun
         self._stopper = None  # the callback that set net.stop_training
         self._stop = None  # (epoch, whether it ended, what weights the model holds)
+        self._begun = []  # the callbacks whose on_train_begin returned: owed on_train_end
         net.history.stop_reason = None
         net.history.stopped_by = None
 
     # -- hooks -------------------------------------------------------------------------
     def _call(self, hook, *args):
         for callback in self.callbacks:
-            method = getattr(callback, hook, None)
-            if method is None:
-                continue
-            asked = self.net.stop_training
-            method(self.net, *args)
-            if not self.net.stop_training:
-                self._stopper = None  # (un)set again: no one's request stands
-            elif not asked:
-                self._stopper = callback
+            self._call_one(callback, hook, *args)
+
+    def _call_one(self, callback, hook, *args):
+        method = getattr(callback, hook, None)
+        if method is None:
+            return
+        asked = self.net.stop_training
+        method(self.net, *args)
+        if not self.net.stop_training:
+            self._stopper = None  # (un)set again: no one's request stands
+        elif not asked:
+            self._stopper = callback
 
     def begin(self):
-        """``on_train_begin`` of every callback."""
-        self._call("on_train_begin")
+        """``on_train_begin`` of every callback.  When one raises, the
+        callbacks before it (whose ``on_train_begin`` returned) get their
+        ``on_train_end`` before the exception propagates: each callback that
+        began ends, once."""
+        self._begun = []
+        try:
+            for callback in self.callbacks:
+                self._call_one(callback, "on_train_begin")
+                self._begun.append(callback)
+        except BaseException:
+            self._end_hooks()
+            raise
 
     def epoch_begin(self, epoch):
         """``on_epoch_begin`` of every callback."""
@@ -144,31 +160,38 @@ class FitReport:
         says why (the fit's own handling of Ctrl-C records where)."""
         if self.net.history.stopped_by is not None:
             return
-        epoch = self.epoch if self.epoch is not None else self.last_epoch
+        if self.epoch is None:  # during on_train_begin: no epoch began
+            first = getattr(self.net, "fit_params", {}).get("first_epoch", self.last_epoch)
+            self.stop("interrupt", "interrupted by Ctrl-C", first, False,
+                      "the weights it started with")
+            return
+        epoch = self.epoch
         ended = bool(self.net.history.epoch) and self.net.history.epoch[-1] == epoch
         weights = None if ended else f"the weights it had when interrupted, within epoch {epoch}"
         self.stop("interrupt", "interrupted by Ctrl-C", epoch, ended, weights)
 
-    @contextlib.contextmanager
-    def ending(self):
-        """The fit's body: a KeyboardInterrupt is recorded and raised on, and
-        however it ends, ``end`` runs."""
-        try:
-            yield self
-        except KeyboardInterrupt:
-            self.interrupted()
-            raise
-        finally:
-            self.end()
-
     def end(self):
         """``on_train_end`` of every callback, then (verbose) the line that
         says how the fit ended."""
-        self._call("on_train_end")
+        self._end_hooks()
         if self.verbose:
             line = self.summary()
             if line is not None:
                 print(line, flush=True)
+
+    def _end_hooks(self):
+        """``on_train_end`` of each callback that began, once: every one of
+        them runs even if an earlier one raises (the first exception then
+        propagates once they all ran)."""
+        begun, self._begun = self._begun, []
+        error = None
+        for callback in begun:
+            try:
+                self._call_one(callback, "on_train_end")
+            except BaseException as exc:  # noqa: PERF203  (the others still end)
+                error = error or exc
+        if error is not None:
+            raise error
 
     def summary(self):
         """The line printed when the fit ends: where and why it stopped and

@@ -1,10 +1,13 @@
 """Levenberg-Marquardt: a full-batch second-order solver for the mse loss.
 
-``LevenbergMarquardt`` is used like an optimizer,
-``net.fit(X, y, loss="mse", optimizer=LevenbergMarquardt(), epochs=30)``,
-but it does not update the parameters from mini-batch gradients: ``fit``
-hands it the whole training set (it has ``full_batch_solver = True``) and
-every epoch is one Levenberg-Marquardt iteration over all of it.
+``LevenbergMarquardt`` is a ``Solver`` (``fastbp._loop``), not an optimizer:
+it does not update the parameters from mini-batch gradients.
+``net.fit(X, y, loss="mse", optimizer=LevenbergMarquardt(), epochs=30)``
+hands it the whole training set; it checks that it can train the model and
+makes a run (``_LMRun``) whose every epoch is one Levenberg-Marquardt
+iteration over all of it, and the shared epoch loop (``fastbp._loop.train``)
+drives that run with the same callbacks, history, stop records and Ctrl-C
+handling as a mini-batch fit.
 
 The Jacobian is computed here in NumPy, in float64, from the same layer math
 as ``fastbp.reference`` (the compiled engine computes summed gradients only,
@@ -12,19 +15,11 @@ not the per-row ones LM needs).
 """
 from __future__ import annotations
 
-import time
-import warnings
-
 import numpy as np
 
 from ._ext.engine import ACT, B_OFF, KIND, N_IN, N_OUT, RATE, TRAINABLE, W_OFF, Kind
-# Subclassing Optimizer is what lets ``Sequential.fit(optimizer=
-# LevenbergMarquardt())`` accept it (``fastbp.optim.get`` takes Optimizer
-# instances); fastbp.optim imports this module, so the base class comes from
-# fastbp._optimizer, not from there.
-from ._optimizer import Optimizer, _check, _real
-from ._reporting import DivergenceError, FitReport
-from ._threads import _DeferredInterrupt
+from ._loop import Divergence, Epoch, Solver, Stop
+from ._optimizer import _check, _real
 from .reference import activation_derivative, forward_all
 
 __all__ = ["LevenbergMarquardt"]
@@ -37,7 +32,7 @@ _EVAL_ELEMENTS = 1 << 21
 _MU_FLOOR = 1e-20
 
 
-class LevenbergMarquardt(Optimizer):
+class LevenbergMarquardt(Solver):
     r"""Levenberg-Marquardt for the mse loss (the schedule of MATLAB's trainlm).
 
     With the residuals :math:`e = Z - Y` of all :math:`n k` outputs of the
@@ -130,6 +125,14 @@ class LevenbergMarquardt(Optimizer):
     options (batch_size, shuffle, clipping, grad_norms, checkpoint, ...)
     do not apply to this solver.
 
+    It is a full-batch ``Solver`` (``fastbp._loop``), not an
+    ``fastbp.optim.Optimizer``: it has no ``step(params, grad)`` (LM needs
+    the Jacobian, not a gradient).  ``fit(optimizer=LevenbergMarquardt())``
+    (or the class) runs it through the epoch loop every fit shares, so
+    callbacks, the history, stop records, divergence and Ctrl-C behave as
+    in a mini-batch fit; ``on_batches_end`` is not called (an epoch is one
+    iteration, not batches).
+
     A model whose optimizer is a LevenbergMarquardt cannot be saved:
     ``net.save`` raises ValueError (model files hold the optimizers of
     ``fastbp.optim.OPTIMIZERS`` only, and ``fastbp.load`` does not know this
@@ -147,15 +150,12 @@ class LevenbergMarquardt(Optimizer):
     True
     """
 
-    kernel = None
-    full_batch_solver = True
-
     def __init__(self, mu: float = 1e-3, mu_dec: float = 0.1, mu_inc: float = 10.0,
                  mu_max: float = 1e10, block_rows: int | None = None) -> None:
-        super().__init__()
         self.mu, self.mu_dec, self.mu_inc, self.mu_max = mu, mu_dec, mu_inc, mu_max
         self.block_rows = block_rows
-        self._set_hyperparameters()
+        self.t = 0
+        vars(self).update(self._validated())
         self.mu_initial = self.mu
 
     def _validated(self):
@@ -176,31 +176,12 @@ class LevenbergMarquardt(Optimizer):
         return dict(mu=mu, mu_dec=mu_dec, mu_inc=mu_inc, mu_max=mu_max, block_rows=block_rows)
 
     def _checked(self):
+        """Check the hyperparameters (a callback may have changed them) and
+        store them normalised."""
         try:
-            self._set_hyperparameters()
+            vars(self).update(self._validated())
         except ValueError as exc:
             raise ValueError(f"invalid hyperparameters for LevenbergMarquardt: {exc}") from None
-
-    # -- the Optimizer interface that does not apply ------------------------
-    def _args(self):
-        raise TypeError("LevenbergMarquardt is a full-batch solver without a compiled kernel")
-
-    def _n_slots(self):
-        return 0
-
-    def _bind(self, n_params, dtype):
-        raise TypeError("LevenbergMarquardt is a full-batch solver: train with Sequential.fit")
-
-    def step(self, params, grad):
-        """Not available: LM needs the Jacobian, not a gradient (TypeError)."""
-        raise TypeError("LevenbergMarquardt cannot step from a gradient: train with "
-                        "Sequential.fit(X, y, loss='mse', optimizer=LevenbergMarquardt())")
-
-    def state_dict(self, *args):
-        """Not available: this solver's state is its damping mu (TypeError)."""
-        raise TypeError("LevenbergMarquardt has no state dict: its damping mu is its state")
-
-    load_state_dict = validate_state_dict = state_dict
 
     def reset(self):
         """Start over: mu back to its initial value, step count 0."""
@@ -213,9 +194,10 @@ class LevenbergMarquardt(Optimizer):
                 "mu_max": self.mu_max, "block_rows": self.block_rows}
 
     # -- training ------------------------------------------------------------
-    def _fit(self, net, X, Y, W, loss="mse", epochs=1, verbose=0, validation=None,
-             callbacks=(), on_divergence="raise"):
-        """Run ``epochs`` LM iterations on ``net`` (called by ``Sequential.fit``)."""
+    def _start(self, net, X, Y, W, loss):
+        """The run of one ``Sequential.fit`` on dense X (n, n_features),
+        targets Y (n, k) and sample weights W (n,), after checking that LM
+        can train ``net`` (ValueError before anything changes)."""
         if loss != "mse":
             raise ValueError(f"LevenbergMarquardt minimises the mse loss only, not {loss!r}")
         self._checked()
@@ -231,104 +213,86 @@ class LevenbergMarquardt(Optimizer):
         if np.any(net._floats[:, RATE] > 0):  # trainable_columns allows Dense rows only
             raise ValueError("LevenbergMarquardt does not support DropConnect (Dense(..., "
                              "dropconnect=...)): it needs a deterministic network")
+        return _LMRun(self, net, program, X, Y, W, cols, index)
+
+
+class _LMRun:
+    """One fit's Levenberg-Marquardt iterations, one per epoch (a run of
+    ``fastbp._loop.train``): the data in float64, J's columns, and the
+    block size, prepared once."""
+
+    def __init__(self, solver, net, program, X, Y, W, cols, index):
+        self.solver, self.net, self.program = solver, net, program
+        self.cols, self.index = cols, index
         k = Y.shape[1]
-        sqrt_w = np.sqrt(np.asarray(W, dtype=np.float64))
-        denominator = float(np.sum(W, dtype=np.float64)) * k
-        X64 = np.asarray(X, dtype=np.float64)
-        Y64 = np.asarray(Y, dtype=np.float64)
-        rows = self.block_rows or max(1, _BLOCK_BYTES // (8 * k * max(index.size, 1)))
+        self.sqrt_w = np.sqrt(np.asarray(W, dtype=np.float64))
+        self.denominator = float(np.sum(W, dtype=np.float64)) * k
+        self.X = np.asarray(X, dtype=np.float64)
+        self.Y = np.asarray(Y, dtype=np.float64)
+        self.rows = solver.block_rows or max(1, _BLOCK_BYTES // (8 * k * max(index.size, 1)))
 
-        first = net.history.n_epochs + 1
-        last = first + epochs - 1
-        net.stop_training = False
-        net.fit_params = {"epochs": epochs, "first_epoch": first, "last_epoch": last,
-                          "n_samples": X64.shape[0], "batch_size": X64.shape[0], "n_batches": 1}
-        report = FitReport(net, callbacks, last, verbose)
-        report.begin()
-        # Ctrl-C waits for the end of an iteration (and of on_train_end, called
-        # also when it stops the fit), so the parameters, mu, t and the history
-        # agree, as in Sequential.fit.
-        try:
-            with _DeferredInterrupt() as interrupt, report.ending():
-                self._iterate(net, program, X64, Y64, sqrt_w, cols, index, rows, denominator,
-                              loss, first, last, validation, report, on_divergence, interrupt)
-        except KeyboardInterrupt:  # one that arrived during on_train_end
-            report.interrupted()
-            raise
-        return net.history
+    def refresh(self):
+        self.solver._checked()  # a callback may have changed them
 
-    def _iterate(self, net, program, X64, Y64, sqrt_w, cols, index, rows, denominator, loss,
-                 first, last, validation, report, on_divergence, interrupt):
-        """Epochs first .. last of ``_fit``: one LM iteration each."""
-        n, dtype = X64.shape[0], net.params.dtype
-        for e in range(first, last + 1):
-            report.epoch_begin(e)
-            self._checked()  # a callback may have changed them
-            start = time.perf_counter()
-            theta = net.params.astype(np.float64)
-            with np.errstate(over="ignore", invalid="ignore"):
-                A, g, error = normal_equations(program, theta, X64, Y64, sqrt_w, cols,
-                                               index.size, rows)
-            if not np.isfinite(error):
-                self._diverged(report, e, on_divergence)
-                return
-            accepted = False
-            while self.mu <= self.mu_max:
-                step = _damped_step(A, g, self.mu)
-                if step is not None:
-                    trial = theta.copy()
-                    trial[index] += step
-                    trial = trial.astype(dtype)
-                    if np.isfinite(trial).all():
-                        with np.errstate(over="ignore", invalid="ignore"):
-                            trial_error = sum_squared_error(program, trial.astype(np.float64),
-                                                            X64, Y64, sqrt_w)
-                        if trial_error < error:  # False for NaN
-                            net.params[...] = trial
-                            error = trial_error
-                            self.mu = max(self.mu * self.mu_dec, _MU_FLOOR)
-                            self.t += 1
-                            accepted = True
-                            break
-                self.mu *= self.mu_inc
-            seconds = time.perf_counter() - start
-            metrics = {"loss": error / denominator, "time": seconds,
-                       "samples_per_s": n / max(seconds, 1e-9)}
-            if validation is not None:
-                metrics["val_loss"] = net.evaluate(validation[0], validation[1], loss=loss)
-            net.history.append(e, **metrics)
-            stopping = report.epoch_end(e, metrics)
-            if not accepted:
-                report.stop("no_progress", (
-                    f"Levenberg-Marquardt stopped at epoch {e}: no step decreased the error "
-                    f"before mu exceeded mu_max={self.mu_max:g} (a minimum, or a flat "
-                    "region); call reset() on the optimizer to start over"), e,
-                    weights=f"epoch {e}'s weights (no step was accepted in it: the same as "
-                    "before it)")
-                stopping = True
-            if interrupt.requested:
-                if accepted:
-                    report.stop("interrupt", f"interrupted by Ctrl-C after epoch {e}; fit "
-                                "again to continue", e)
-                raise KeyboardInterrupt(net.history.stop_reason)
-            if stopping:
-                break
+    def run_epoch(self, epoch, interrupt):
+        """One iteration; a Ctrl-C waits for its end, so the parameters, mu,
+        t and the history agree."""
+        opt, net = self.solver, self.net
+        dtype = net.params.dtype
+        theta = net.params.astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            A, g, error = normal_equations(self.program, theta, self.X, self.Y, self.sqrt_w,
+                                           self.cols, self.index.size, self.rows)
+        if not np.isfinite(error):
+            return Epoch(divergence=_divergence(epoch))
+        accepted = False
+        while opt.mu <= opt.mu_max:
+            step = _damped_step(A, g, opt.mu)
+            if step is not None:
+                trial = theta.copy()
+                trial[self.index] += step
+                trial = trial.astype(dtype)
+                if np.isfinite(trial).all():
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        trial_error = sum_squared_error(self.program, trial.astype(np.float64),
+                                                        self.X, self.Y, self.sqrt_w)
+                    if trial_error < error:  # False for NaN
+                        net.params[...] = trial
+                        error = trial_error
+                        opt.mu = max(opt.mu * opt.mu_dec, _MU_FLOOR)
+                        opt.t += 1
+                        accepted = True
+                        break
+            opt.mu *= opt.mu_inc
+        stop = None
+        if not accepted:
+            stop = Stop("no_progress", (
+                f"Levenberg-Marquardt stopped at epoch {epoch}: no step decreased the error "
+                f"before mu exceeded mu_max={opt.mu_max:g} (a minimum, or a flat region); "
+                "call reset() on the optimizer to start over"),
+                f"epoch {epoch}'s weights (no step was accepted in it: the same as before it)")
+        return Epoch(loss=error / self.denominator, rows=self.X.shape[0], steps=int(accepted),
+                     stop=stop)
 
-    @staticmethod
-    def _diverged(report, epoch, on_divergence):
-        """The error at the current parameters is NaN or infinite (e.g. the
-        squared residuals overflow float64): no step can be judged, so stop
-        as ``Sequential.fit`` does on a non-finite loss."""
-        message = (f"Levenberg-Marquardt diverged at epoch {epoch}: the sum of squared errors "
-                   "at the current parameters is NaN or infinite (do the targets or outputs "
-                   "overflow float64 when squared? scale them); training stopped with the "
-                   "parameters unchanged")
-        report.stop("divergence", f"Levenberg-Marquardt diverged at epoch {epoch}: the sum of "
-                    "squared errors at the current parameters is NaN or infinite", epoch,
-                    ended=False, weights=f"the weights epoch {epoch} started with")
-        if on_divergence == "raise":
-            raise DivergenceError(message, epoch, 1)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+    def interrupt_reason(self, epoch, result):
+        """A Ctrl-C during an iteration that took a step stops the fit after
+        it; after one that took none, its no-progress stop stands."""
+        if result.stop is not None:
+            return None
+        return f"interrupted by Ctrl-C after epoch {epoch}; fit again to continue"
+
+
+def _divergence(epoch):
+    """The error at the current parameters is NaN or infinite (e.g. the
+    squared residuals overflow float64): no step can be judged, so the fit
+    stops as ``Sequential.fit`` does on a non-finite loss."""
+    message = (f"Levenberg-Marquardt diverged at epoch {epoch}: the sum of squared errors "
+               "at the current parameters is NaN or infinite (do the targets or outputs "
+               "overflow float64 when squared? scale them); training stopped with the "
+               "parameters unchanged")
+    reason = (f"Levenberg-Marquardt diverged at epoch {epoch}: the sum of squared errors at "
+              "the current parameters is NaN or infinite")
+    return Divergence(message, reason, f"the weights epoch {epoch} started with", 1)
 
 
 def _damped_step(A, g, mu):

@@ -19,14 +19,19 @@ Who does what
 -------------
 This module holds the model: layers, build, parameters, predict, evaluate,
 loss_and_grad, save and summary.  ``fit`` is a thin method over the fit
-driver ``fastbp._fit`` (argument checks, the epoch loop, callbacks,
-checkpoints, divergence and Ctrl-C), which drives the engine through
+driver ``fastbp._fit`` (argument checks, callbacks, checkpoints, divergence
+and Ctrl-C) and the epoch loop every fit shares (``fastbp._loop``), which
+drives the engine through
 ``fastbp._runner`` (workspaces, scratch, the only caller of
 ``train_batches``, rollback); ``fastbp._threads`` holds the BLAS thread
 count and the deferred Ctrl-C.
 
 Size: about 850 lines for one public class: its docstrings (``fit``'s
-alone is 120 lines) are 320 of them.
+alone is 130 lines) are 330 of them.  Its code is already only the model's
+own: argument checks and the epoch loop are ``fastbp._fit`` and
+``fastbp._loop``, engine buffers ``fastbp._runner``, bytes ``fastbp._format``;
+what remains (structure, parameters, inference, state) shares one built
+model's tables and locks, which mixins in several files would scatter.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from . import _fit, _format, _resume
 from . import losses as _losses
 from . import optim as _optim
 from ._ext import engine as _engine
+from ._loop import Solver
 from ._ext.engine import (ACTIVITY_L1, B_OFF, BUF_OFF, L1, L2, N_IN, N_OUT, N_REG, TRAINABLE,
                           W_OFF)
 from ._numba.losses import loss_cfunc
@@ -521,7 +527,8 @@ class Sequential:
     # -- training ----------------------------------------------------------
     @_holding_the_model
     def fit(self, X: MatrixLike, y: ArrayLike, loss: str = _resume.LAST,
-            optimizer: _optim.Optimizer | str | type[_optim.Optimizer] | None = None,
+            optimizer: (_optim.Optimizer | Solver | str | type[_optim.Optimizer] | type[Solver]
+                        | None) = None,
             epochs: int = 1,
             batch_size: int | None = _resume.LAST, shuffle: bool = _resume.LAST,
             validation_data: tuple[MatrixLike, ArrayLike] | None = None, verbose: int = 1,
@@ -554,10 +561,15 @@ class Sequential:
             Integer class labels 0 .. n_outputs - 1 (cross_entropy; encode
             other labels with sklearn's ``LabelEncoder``) or targets.
         loss : {"mse", "binary_cross_entropy", "cross_entropy"}, default "mse"
-        optimizer : Optimizer, name, or None
+        optimizer : Optimizer, name, Solver, or None
             None continues with the model's optimizer (``self.optimizer``,
             from an earlier fit or a loaded checkpoint), else Adam(lr=1e-3).
             Its state is kept: fitting again with the same object continues.
+            A full-batch solver (``fastbp.optim.LevenbergMarquardt()``, or
+            the class) trains on the whole data, one iteration per epoch,
+            through the same epoch loop, callbacks and history; the
+            mini-batch options (batch_size, shuffle, clipping, grad_norms,
+            checkpoint, n_threads) do not apply to it (ValueError if given).
         epochs : int
             Epochs to train.  An epoch left unfinished by an interrupted run
             (Ctrl-C, or a checkpoint saved mid-epoch) is finished first and
@@ -613,8 +625,8 @@ class Sequential:
             Objects with any of the methods ``on_train_begin(net)``,
             ``on_epoch_begin(net, epoch)``, ``on_epoch_end(net, epoch, logs)``
             (logs: this epoch's metrics, as recorded in the history) and
-            ``on_train_end(net)`` (called even when the fit stops on a
-            divergence or Ctrl-C); ``net.fit_params`` holds this fit's epochs,
+            ``on_train_end(net)`` (called once however the fit ends: a
+            divergence, Ctrl-C or an exception included); ``net.fit_params`` holds this fit's epochs,
             batch size and sample count.  Between epochs a callback may change the
             optimizer's hyperparameters (e.g. ``net.optimizer.lr``: learning
             rate schedules; they are checked again), reset it, or set

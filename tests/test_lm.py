@@ -15,6 +15,7 @@ import pytest
 
 import fastbp
 from fastbp import lm, optim
+from fastbp._loop import Solver
 from fastbp.optim import LevenbergMarquardt
 from fastbp.reference import forward_all
 
@@ -333,8 +334,10 @@ def test_refusals(rng, tmp_path):
     assert isinstance(net.optimizer, LevenbergMarquardt)
     with pytest.raises(ValueError, match="cannot save optimizer LevenbergMarquardt"):
         net.save(tmp_path / "m.fbp")
-    with pytest.raises(TypeError):
-        net.optimizer.step(net.params, net.params.copy())
+    # a solver, not an optimizer: it has no step() from a gradient (it used
+    # to subclass Optimizer with a step() that only raised TypeError)
+    assert not isinstance(net.optimizer, optim.Optimizer)
+    assert not hasattr(net.optimizer, "step")
 
 
 @pytest.mark.parametrize("kwargs", [dict(mu=0), dict(mu=-1), dict(mu=float("nan")),
@@ -355,12 +358,13 @@ def test_config_and_exports():
     assert opt.get_config()["mu"] == 0.01 and "LevenbergMarquardt(mu=0.01" in repr(opt)
     assert LevenbergMarquardt.full_batch_solver is True and LevenbergMarquardt.kernel is None
     assert "LevenbergMarquardt" in optim.__all__ and optim.LevenbergMarquardt is lm.LevenbergMarquardt
-    assert isinstance(opt, optim.Optimizer)
+    # a full-batch Solver that fit accepts, not an Optimizer subclass
+    assert isinstance(opt, Solver) and not isinstance(opt, optim.Optimizer)
 
 
 def test_import_order(tmp_path):
-    """fastbp.optim imports fastbp.lm, which subclasses fastbp.optim.Optimizer:
-    importing fastbp.lm first, in a fresh interpreter, works too.  (Run from
+    """fastbp.optim imports fastbp.lm (for the name
+    fastbp.optim.LevenbergMarquardt): importing fastbp.lm first, in a fresh interpreter, works too.  (Run from
     an empty folder so the installed package is imported, not the sources.)"""
     subprocess.run([sys.executable, "-c", "import fastbp.lm, fastbp.optim; "
                     "assert fastbp.optim.LevenbergMarquardt is fastbp.lm.LevenbergMarquardt"],
