@@ -220,6 +220,17 @@ def test_a_callback_that_changes_one_rank_stops_every_rank(tmp_path):
         assert "a callback changed them on some ranks only" in str(res["message"])
 
 
+def test_a_failing_allreduce_stops_every_rank_with_mpis_message(tmp_path):
+    """An MPI error code from the engine's allreduce (here: the null
+    communicator) is Status.COMM_FAILED: every rank raises a RuntimeError that
+    carries MPI's own message."""
+    results = run_ok(2, "bad_handle", dict(dtype="float64"), tmp_path)
+    for res in results:
+        message = str(res["message"])
+        assert message.startswith("MPI_Allreduce failed on rank"), message
+        assert "training stopped" in message
+
+
 def test_without_comm_nothing_from_mpi_is_imported():
     code = ("import sys, numpy as np, fastbp\n"
             "net = fastbp.Sequential([fastbp.Dense(2)])\n"

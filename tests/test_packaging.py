@@ -66,10 +66,12 @@ def test_cibuildwheel_builds_every_supported_python_and_runs_the_suite():
     # the README's test command, on the installed wheel
     assert cibw["test-command"][0] == "pytest {project}/tests"
     windows = cibw["windows"]["test-command"]
-    assert windows[0] == 'pytest {project}/tests -m "not vector_kernels"'
+    # Windows: the portable build (no vector kernels) and no MPI wheel
+    assert windows[0] == 'pytest {project}/tests -m "not vector_kernels and not mpi"'
     assert windows[1:] == cibw["test-command"][1:]
     markers = config["tool"]["pytest"]["ini_options"]["markers"]
     assert any(m.startswith("vector_kernels:") for m in markers)
+    assert any(m.startswith("mpi:") for m in markers)
 
 
 def test_the_workflow_builds_the_wheels_of_every_platform():

@@ -189,6 +189,29 @@ def long_fit(comm, a, out):
     raise AssertionError("the fit ended without Ctrl-C")
 
 
+def bad_handle(comm, a, out):
+    """The engine's allreduce is given the null communicator: MPI returns
+    an error code, and every rank must stop with MPI's message, not hang."""
+    from fastbp import distributed
+
+    attach = distributed.Ranks.attach
+
+    def broken(self, engine_state):
+        attach(self, engine_state)
+        self._handles = dict(self._handles, comm=int(self.MPI.COMM_NULL.handle))
+        engine_state.set_comm(rank=self.rank, n_ranks=self.size, sharded=self.shard,
+                              **self._handles)
+
+    distributed.Ranks.attach = broken
+    X, y, _ = data(100, 8, 3)
+    net = build("dense", np.float64)
+    try:
+        net.fit(X, y, comm=comm, **fit_args(dict(a, epochs=1, batch=10)))
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
 def main():
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
