@@ -16,7 +16,7 @@ import os
 #: with a warning (D9002).
 GCC_FLAGS = ("-O3", "-fno-math-errno")
 
-EXTENSIONS = ("dense", "engine", "losses")
+EXTENSIONS = ("dense", "engine", "engine_ops", "engine_rows", "engine_optim", "losses")
 HEADERS = ("smallgemm.h", "smallgemm_pair.h", "smallgemm_impl.h", "packedgemm.h",
            "packedgemm_impl.h", "gemm.h", "pool.h", "peak.h", "losses.h", "losses_pair.h",
            "losses_impl.h", "epilogue.h", "epilogue_pair.h", "epilogue_impl.h", "interface.h",

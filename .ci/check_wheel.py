@@ -1,7 +1,7 @@
 """Check a repaired Linux x86-64 wheel before it is installed (.ci/run).
 
 - a manylinux wheel (auditwheel repair gave it its tag);
-- it holds the package only: fastbp/ with its three compiled modules and
+- it holds the package only: fastbp/ with its compiled modules (MODULES) and
   py.typed, and its dist-info; no tests, sources or data (the sdist has
   those);
 - no compiled module targets the build machine's CPU: GCC records its
@@ -15,7 +15,7 @@ import re
 import sys
 import zipfile
 
-MODULES = ("dense", "engine", "losses")
+MODULES = ("dense", "engine", "engine_ops", "engine_rows", "engine_optim", "losses")
 
 
 def _problems(wheel):

@@ -23,7 +23,7 @@ Arrays are row-major (C order).  BLAS is column-major, so ``gemm_rm`` hands
 it C = op(A) op(B) as C.T = op(B).T op(A).T by swapping the operands, with
 no copy or transpose of our own (the packed kernels of packedgemm.h copy
 panels of the operands, as BLAS does inside).  The ``cdef ... nogil``
-kernels take raw pointers and never validate: callers (engine.pyx, or the
+kernels take raw pointers and never validate: callers (the engine's modules, or the
 ``def`` wrappers below) own shapes and dtypes.  The ``def`` wrappers are for
 tests and for Python users: ``gemm``, ``dense_forward`` and
 ``dense_backward`` have twins of the same name and signature in
@@ -38,7 +38,7 @@ large products across a persistent worker pool (csrc/pool.h, no OpenMP, safe
 across fork), bitwise the same on any thread count (csrc/gemm.h); BLAS uses
 its own threads, limited with threadpoolctl by the caller.  The elementwise
 epilogues here run on the calling thread: split on their own, the hand-off
-costs more than the pass on small layers.  engine.pyx's row-parallel steps
+costs more than the pass on small layers.  engine_rows.pyx's row-parallel steps
 run them on every thread instead, each on its own rows, in the same job as
 that range's product.
 """

@@ -1,17 +1,17 @@
-"""The engine's per-layer ops (fastbp._ext.engine, and softmax_rows in
+"""The engine's per-layer ops (fastbp._ext.engine_ops, and softmax_rows in
 fastbp._ext.losses) against their twins in fastbp.reference, name for name:
 values in float32 and float64, gradients by finite differences in float64,
 softmax_rows at every instruction-set level, and bad arguments refused with
 a ValueError before any compiled code runs.
 
 Each ``def`` tested here runs the cdef function the engine's step calls
-(engine.pyx: ``*_op``; losses.h: ``LS(softmax_rows)``), so a difference
+(engine_ops.pyx: ``*_op``; losses.h: ``LS(softmax_rows)``), so a difference
 here is a difference in training."""
 import numpy as np
 import pytest
 
 from fastbp import reference
-from fastbp._ext import dense, engine
+from fastbp._ext import dense, engine, engine_ops
 from fastbp._ext import losses as c_losses
 from fastbp._ext.engine import (B_OFF, KIND, L1, L2, N_COLS, N_IN, N_OUT, N_REG, TRAINABLE,
                                 W_OFF, Kind, Loss)
@@ -50,7 +50,7 @@ def test_dropout_forward_matches_reference(rng, dtype, rate, shape):
     x = rng.normal(size=shape).astype(dtype)
     c_kernel, c_ref = np.array([987654321], np.uint64), np.array([987654321], np.uint64)
     for _ in range(2):   # the counter carries over from call to call
-        out, mask = engine.dropout_forward(x, rate, c_kernel)
+        out, mask = engine_ops.dropout_forward(x, rate, c_kernel)
         out_ref, mask_ref = reference.dropout_forward(x, rate, c_ref)
         assert out.dtype == mask.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(mask, mask_ref)
@@ -63,13 +63,13 @@ def test_dropout_forward_matches_reference(rng, dtype, rate, shape):
 def test_dropout_backward_matches_reference_and_finite_differences(rng, dtype):
     x = rng.normal(size=(6, 4)).astype(dtype)
     g = rng.normal(size=(6, 4)).astype(dtype)
-    _, mask = engine.dropout_forward(x, 0.4, np.array([5], np.uint64))
-    assert_close(engine.dropout_backward(g, mask), reference.dropout_backward(g, mask), dtype)
+    _, mask = engine_ops.dropout_forward(x, 0.4, np.array([5], np.uint64))
+    assert_close(engine_ops.dropout_backward(g, mask), reference.dropout_backward(g, mask), dtype)
     if dtype == "float64":
         # L(x) = sum(g * dropout(x)) with the same draws
-        loss = lambda v: float(np.sum(g * engine.dropout_forward(v, 0.4,
+        loss = lambda v: float(np.sum(g * engine_ops.dropout_forward(v, 0.4,
                                                                  np.array([5], np.uint64))[0]))
-        _assert_fd(engine.dropout_backward(g, mask), _finite_difference(loss, x.copy()))
+        _assert_fd(engine_ops.dropout_backward(g, mask), _finite_difference(loss, x.copy()))
 
 
 # --- residual add, activity penalty -------------------------------------------
@@ -77,7 +77,7 @@ def test_dropout_backward_matches_reference_and_finite_differences(rng, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_residual_add_matches_reference(rng, dtype):
     x, skip = rng.normal(size=(2, 9, 3)).astype(dtype)
-    assert_close(engine.residual_add(x, skip), reference.residual_add(x, skip), dtype)
+    assert_close(engine_ops.residual_add(x, skip), reference.residual_add(x, skip), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -86,16 +86,16 @@ def test_activity_penalty_matches_reference_and_finite_differences(rng, dtype):
     a[0, :3] = 0   # sign(0) = 0 on both sides
     g0 = rng.normal(size=(10, 7)).astype(dtype)
     g, g_ref = g0.copy(), g0.copy()
-    value = engine.activity_penalty(a, g, 0.3)
+    value = engine_ops.activity_penalty(a, g, 0.3)
     value_ref = reference.activity_penalty(a, g_ref, 0.3)
     assert value == pytest.approx(value_ref, rel=1e-12)
     assert_close(g, g_ref, dtype)
     if dtype == "float64":
         a[0, :3] = 0.5   # |a| has no derivative at 0
         g = np.zeros_like(a)
-        engine.activity_penalty(a, g, 0.3)
+        engine_ops.activity_penalty(a, g, 0.3)
         numeric = _finite_difference(
-            lambda v: engine.activity_penalty(v, np.zeros_like(v), 0.3), a.copy())
+            lambda v: engine_ops.activity_penalty(v, np.zeros_like(v), 0.3), a.copy())
         _assert_fd(g, numeric)
 
 
@@ -113,7 +113,7 @@ def _bn_inputs(rng, dtype, m=9, w=5):
 def test_batchnorm_forward_matches_reference(rng, dtype, training):
     x, gamma, beta, (rm, rv) = _bn_inputs(rng, dtype)
     rm_ref, rv_ref = rm.copy(), rv.copy()
-    y, xhat, inv = engine.batchnorm_forward(x, gamma, beta, rm, rv, 1e-5, 0.1, training)
+    y, xhat, inv = engine_ops.batchnorm_forward(x, gamma, beta, rm, rv, 1e-5, 0.1, training)
     y_ref, xhat_ref, inv_ref = reference.batchnorm_forward(x, gamma, beta, rm_ref, rv_ref, 1e-5,
                                                            0.1, training)
     for ours, theirs in ((y, y_ref), (xhat, xhat_ref), (inv, inv_ref), (rm, rm_ref),
@@ -128,7 +128,7 @@ def test_batchnorm_backward_matches_reference(rng, dtype, training):
     x, gamma, beta, (rm, rv) = _bn_inputs(rng, dtype)
     _, xhat, inv = reference.batchnorm_forward(x, gamma, beta, rm, rv, 1e-5, 0.1, training)
     g = rng.normal(size=x.shape).astype(dtype)
-    ours = engine.batchnorm_backward(g, xhat, inv, gamma, training)
+    ours = engine_ops.batchnorm_backward(g, xhat, inv, gamma, training)
     theirs = reference.batchnorm_backward(g, xhat, inv, gamma, training)
     for a, b in zip(ours, theirs):
         assert_close(a, b, dtype)
@@ -140,13 +140,13 @@ def test_batchnorm_backward_is_the_gradient_of_forward(rng, training):
     r = rng.normal(size=x.shape)
 
     def loss(x_, gamma_, beta_):   # running statistics untouched between calls
-        y = engine.batchnorm_forward(x_, gamma_, beta_, rm.copy(), rv.copy(), 1e-3, 0.1,
+        y = engine_ops.batchnorm_forward(x_, gamma_, beta_, rm.copy(), rv.copy(), 1e-3, 0.1,
                                      training)[0]
         return float(np.sum(r * y))
 
-    _, xhat, inv = engine.batchnorm_forward(x, gamma, beta, rm.copy(), rv.copy(), 1e-3, 0.1,
+    _, xhat, inv = engine_ops.batchnorm_forward(x, gamma, beta, rm.copy(), rv.copy(), 1e-3, 0.1,
                                             training)
-    dgamma, dbeta, dx = engine.batchnorm_backward(r, xhat, inv, gamma, training)
+    dgamma, dbeta, dx = engine_ops.batchnorm_backward(r, xhat, inv, gamma, training)
     _assert_fd(dx, _finite_difference(lambda v: loss(v, gamma, beta), x.copy()))
     _assert_fd(dgamma, _finite_difference(lambda v: loss(x, v, beta), gamma.copy()))
     _assert_fd(dbeta, _finite_difference(lambda v: loss(x, gamma, v), beta.copy()))
@@ -183,14 +183,14 @@ def test_penalize_matches_reference_and_finite_differences(rng, dtype, per_weigh
     w = rng.uniform(0.5, 2, size=11).astype(dtype)
     grad0 = rng.normal(size=n).astype(dtype)
     grad, grad_ref = grad0.copy(), grad0.copy()
-    value = engine.penalize(program, reg, per_weight, w, params, grad)
+    value = engine_ops.penalize(program, reg, per_weight, w, params, grad)
     value_ref = reference.penalize(program, reg, per_weight, w, params, grad_ref)
     assert value == pytest.approx(value_ref, rel=1e-5 if dtype == "float32" else 1e-12)
     assert_close(grad, grad_ref, dtype)
     if dtype == "float64":
         added = grad - grad0
         numeric = _finite_difference(
-            lambda p: engine.penalize(program, reg, per_weight, w, p, np.zeros(n)),
+            lambda p: engine_ops.penalize(program, reg, per_weight, w, p, np.zeros(n)),
             params.copy())
         _assert_fd(added, numeric)
 
@@ -201,7 +201,7 @@ def test_clip_and_measure_matches_reference(rng, dtype, clip):
     program, n = _program(_ROWS)
     grad = rng.normal(size=n).astype(dtype)
     grad_ref = grad.copy()
-    norms = engine.clip_and_measure(program, grad, *clip)
+    norms = engine_ops.clip_and_measure(program, grad, *clip)
     norms_ref = reference.clip_and_measure(program, grad_ref, *clip)
     assert norms.dtype == np.float64 and norms.shape == (len(_ROWS),)
     assert_close(norms, norms_ref, dtype)
@@ -261,35 +261,35 @@ def _bad_calls():
     v3, v4 = np.ones(3), np.ones(4)
     Y = np.eye(3)[[0, 1, 2, 0]]
     return {
-        "list input": lambda: engine.dropout_forward([1.0, 2.0], 0.5, counter),
-        "int dtype": lambda: engine.residual_add(np.ones(3, int), np.ones(3, int)),
-        "mixed dtypes": lambda: engine.residual_add(f32, f64),
-        "shape mismatch": lambda: engine.dropout_backward(f64, np.ones((3, 4))),
-        "not contiguous": lambda: engine.residual_add(np.ones((4, 6))[:, ::2], f64),
-        "rate 1": lambda: engine.dropout_forward(f64, 1.0, counter),
-        "rate nan": lambda: engine.dropout_forward(f64, float("nan"), counter),
-        "rate None": lambda: engine.dropout_forward(f64, None, counter),
-        "clip_norm str": lambda: engine.clip_and_measure(program, np.ones(n), 0.0, "1"),
-        "counter int64": lambda: engine.dropout_forward(f64, 0.5, np.zeros(1, np.int64)),
-        "counter shape": lambda: engine.dropout_forward(f64, 0.5, np.zeros(2, np.uint64)),
-        "read-only g": lambda: engine.activity_penalty(f64, _read_only(f64), 0.1),
-        "negative c": lambda: engine.activity_penalty(f64, f64.copy(), -1.0),
-        "bn one row": lambda: engine.batchnorm_forward(np.ones((1, 3)), v3, v3, v3.copy(),
+        "list input": lambda: engine_ops.dropout_forward([1.0, 2.0], 0.5, counter),
+        "int dtype": lambda: engine_ops.residual_add(np.ones(3, int), np.ones(3, int)),
+        "mixed dtypes": lambda: engine_ops.residual_add(f32, f64),
+        "shape mismatch": lambda: engine_ops.dropout_backward(f64, np.ones((3, 4))),
+        "not contiguous": lambda: engine_ops.residual_add(np.ones((4, 6))[:, ::2], f64),
+        "rate 1": lambda: engine_ops.dropout_forward(f64, 1.0, counter),
+        "rate nan": lambda: engine_ops.dropout_forward(f64, float("nan"), counter),
+        "rate None": lambda: engine_ops.dropout_forward(f64, None, counter),
+        "clip_norm str": lambda: engine_ops.clip_and_measure(program, np.ones(n), 0.0, "1"),
+        "counter int64": lambda: engine_ops.dropout_forward(f64, 0.5, np.zeros(1, np.int64)),
+        "counter shape": lambda: engine_ops.dropout_forward(f64, 0.5, np.zeros(2, np.uint64)),
+        "read-only g": lambda: engine_ops.activity_penalty(f64, _read_only(f64), 0.1),
+        "negative c": lambda: engine_ops.activity_penalty(f64, f64.copy(), -1.0),
+        "bn one row": lambda: engine_ops.batchnorm_forward(np.ones((1, 3)), v3, v3, v3.copy(),
                                                        v3.copy(), 1e-5, 0.1, True),
-        "bn width": lambda: engine.batchnorm_forward(f64, v4, v3, v3, v3, 1e-5, 0.1, False),
-        "bn momentum": lambda: engine.batchnorm_forward(f64, v3, v3, v3, v3, 1e-5, 2.0, False),
-        "bn backward width": lambda: engine.batchnorm_backward(f64, f64, v4, v3, True),
-        "program dtype": lambda: engine.clip_and_measure(program.astype(np.int32), np.ones(n)),
-        "program width": lambda: engine.clip_and_measure(program[:, :5].copy(), np.ones(n)),
-        "clip span": lambda: engine.clip_and_measure(far, np.ones(n)),
-        "short grad": lambda: engine.clip_and_measure(program, np.ones(n - 1)),
-        "penalty span": lambda: engine.penalize(far, reg_far, False, v3, np.ones(n),
+        "bn width": lambda: engine_ops.batchnorm_forward(f64, v4, v3, v3, v3, 1e-5, 0.1, False),
+        "bn momentum": lambda: engine_ops.batchnorm_forward(f64, v3, v3, v3, v3, 1e-5, 2.0, False),
+        "bn backward width": lambda: engine_ops.batchnorm_backward(f64, f64, v4, v3, True),
+        "program dtype": lambda: engine_ops.clip_and_measure(program.astype(np.int32), np.ones(n)),
+        "program width": lambda: engine_ops.clip_and_measure(program[:, :5].copy(), np.ones(n)),
+        "clip span": lambda: engine_ops.clip_and_measure(far, np.ones(n)),
+        "short grad": lambda: engine_ops.clip_and_measure(program, np.ones(n - 1)),
+        "penalty span": lambda: engine_ops.penalize(far, reg_far, False, v3, np.ones(n),
                                                 np.ones(n)),
-        "penalty on batchnorm": lambda: engine.penalize(program, reg_bn, False, v3, np.ones(n),
+        "penalty on batchnorm": lambda: engine_ops.penalize(program, reg_bn, False, v3, np.ones(n),
                                                         np.ones(n)),
-        "reg shape": lambda: engine.penalize(program, reg[:2], False, v3, np.ones(n),
+        "reg shape": lambda: engine_ops.penalize(program, reg[:2], False, v3, np.ones(n),
                                              np.ones(n)),
-        "no weights": lambda: engine.penalize(program, reg, True, np.ones(0), np.ones(n),
+        "no weights": lambda: engine_ops.penalize(program, reg, True, np.ones(0), np.ones(n),
                                               np.ones(n)),
         "softmax which": lambda: c_losses.softmax_rows(7, f64, Y, v4, f64.copy(), 0, 4, 0.25),
         "softmax range": lambda: c_losses.softmax_rows(Loss.CROSS_ENTROPY, f64, Y, v4,

@@ -531,7 +531,7 @@ def test_zero_weight_batches_in_shuffled_epochs_are_skipped(monkeypatch):
 def test_zero_weight_batch_on_the_row_parallel_path(shuffle):
     """The row-parallel step sums the batch's weights itself: a zero batch
     must be skipped before it, on both paths, with the same bits."""
-    from fastbp._ext import engine
+    from fastbp._ext import engine_rows
 
     rng = np.random.default_rng(7)
     X = rng.normal(size=(203, 60)).astype(np.float32)
@@ -551,16 +551,16 @@ def test_zero_weight_batch_on_the_row_parallel_path(shuffle):
                                  dtype="float32", seed=1)
     results = []
     for rows in (False, True):
-        previous = engine._set_rows_parallel(rows)
-        before = engine._rows_steps()
+        previous = engine_rows._set_rows_parallel(rows)
+        before = engine_rows._rows_steps()
         try:
             net = make_net()
             opt = fastbp.optim.Adam(lr=1e-2)
             net.fit(X, y, loss="cross_entropy", optimizer=opt, sample_weight=w, epochs=1,
                     batch_size=64, shuffle=shuffle, verbose=0, n_threads=2)
         finally:
-            engine._set_rows_parallel(previous)
-        steps = engine._rows_steps() - before
+            engine_rows._set_rows_parallel(previous)
+        steps = engine_rows._rows_steps() - before
         assert steps == (2 if rows else 0)  # batches 1 and 3 of 64; not the zero one
         assert opt.t == 3
         results.append(net.params.copy())

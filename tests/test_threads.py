@@ -1,5 +1,5 @@
 """The kernels' worker pool (csrc/pool.h) and how products and optimizer
-updates are split across it (csrc/gemm.h, engine.optimizer_step): results
+updates are split across it (csrc/gemm.h, engine_optim.optimizer_step): results
 must not depend on the thread count, and the pool must survive concurrent
 callers and fork()."""
 import multiprocessing
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastbp
-from fastbp._ext import dense, engine
+from fastbp._ext import dense, engine_rows
 
 from helpers import DTYPES, assert_close
 
@@ -151,13 +151,13 @@ def _on_both_paths(fit, row_steps):
     returns both results."""
     results = []
     for rows in (False, True):
-        previous = engine._set_rows_parallel(rows)
-        before = engine._rows_steps()
+        previous = engine_rows._set_rows_parallel(rows)
+        before = engine_rows._rows_steps()
         try:
             results.append(fit())
         finally:
-            engine._set_rows_parallel(previous)
-        assert engine._rows_steps() - before == (row_steps if rows else 0)
+            engine_rows._set_rows_parallel(previous)
+        assert engine_rows._rows_steps() - before == (row_steps if rows else 0)
     return results
 
 
@@ -166,7 +166,7 @@ def _on_both_paths(fit, row_steps):
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_row_parallel_steps_match_the_layer_by_layer_path(rng, dtype, shuffle):
     # On two threads a stack of plain dense layers runs each step in row
-    # ranges (engine.rows_parallel), with its rows gathered inside the ranges
+    # ranges (engine_rows.rows_parallel), with its rows gathered inside the ranges
     # when shuffled; the layer-by-layer path must give the same bits.  203
     # rows at batch 64 end with an 11-row batch, too short to split; the
     # frozen layer still passes its gradient down.
@@ -194,9 +194,9 @@ def test_small_steps_stay_on_the_layer_by_layer_path(rng):
     y = rng.integers(0, 2, 256)
     net = fastbp.Sequential([fastbp.Dense(64, activation="relu"),
                              fastbp.Dense(64, activation="relu"), fastbp.Dense(2)], seed=0)
-    before = engine._rows_steps()
+    before = engine_rows._rows_steps()
     net.fit(X, y, loss="cross_entropy", epochs=1, batch_size=32, verbose=0, n_threads=2)
-    assert engine._rows_steps() == before
+    assert engine_rows._rows_steps() == before
 
 
 @pytest.mark.vector_kernels
@@ -250,7 +250,7 @@ def test_predict_uses_as_many_threads_as_blas(tmp_path):
         import numpy as np
         from threadpoolctl import threadpool_limits
         import fastbp
-        from fastbp._ext import dense, engine
+        from fastbp._ext import dense
         # 200 x 64 x 64: our kernels take it at every instruction-set
         # level (BLAS would at the baseline level if it were larger), and
         # split it (above 2**17 multiply-adds)

@@ -4,7 +4,7 @@ training faster but wrong is caught too), and peak memory of a fit.
 
 Workloads and backends: see ``common.py``.
 """
-from fastbp._ext import engine
+from fastbp._ext import engine_rows
 
 from .common import (BACKENDS, TRAINERS, FastbpTrainer, ReferenceTrainer, dataset,
                      interleaved_medians, warm_up)
@@ -61,7 +61,7 @@ class TrainSpeedup:
 
 class RowParallelSpeedup:
     """On two threads: the layer-by-layer step's epoch time / the
-    row-parallel step's (csrc/engine.pyx ``rows_parallel``: each thread
+    row-parallel step's (csrc/engine_rows.pyx ``rows_parallel``: each thread
     takes its rows of the batch through every layer), medians of ``runs``
     interleaved epochs of the same network in the same process.  Above 1:
     cutting the batch's rows across threads pays.  The only benchmark that
@@ -83,11 +83,11 @@ class RowParallelSpeedup:
         warm_up(self.trainer, *self.data)
 
     def _epoch(self, rows):
-        previous = engine._set_rows_parallel(rows)
+        previous = engine_rows._set_rows_parallel(rows)
         try:
             self.trainer.epoch(*self.data)
         finally:
-            engine._set_rows_parallel(previous)
+            engine_rows._set_rows_parallel(previous)
 
     def track_rows_speedup(self, workload):
         t_layers, t_rows = interleaved_medians(

@@ -1,5 +1,5 @@
 # Declarations of the dense-layer kernels (implemented in dense.pyx), shared
-# with engine.pyx through cimport.  ``act`` arguments are activation codes
+# with engine.pyx, engine_rows.pyx and engine_optim.pyx through cimport.  ``act`` arguments are activation codes
 # (``Act``, fastbp/_ext/engine.pxd).
 from libc.stdint cimport int64_t
 
@@ -27,8 +27,8 @@ cdef void dense_backward_ptr(const floating* x, const floating* w, const floatin
                              int64_t m, int64_t n_in, int64_t n_out,
                              int act) noexcept nogil
 
-# The kernels' worker pool (csrc/pool.h), one per process, shared with
-# engine.pyx: run fn(ctx, i) for i < n_tasks on up to kernel_threads()
+# The kernels' worker pool (csrc/pool.h), one per process, shared with the
+# engine's modules: run fn(ctx, i) for i < n_tasks on up to kernel_threads()
 # threads, the caller included.
 ctypedef void (*task_fn)(void* ctx, int task) noexcept nogil
 

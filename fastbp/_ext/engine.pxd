@@ -1,7 +1,8 @@
 # The engine's interface: the one declaration of every number that crosses
 # the Python / Cython / C boundary.  Each enum is a Cython 3 ``cpdef enum``:
-# engine.pyx uses the names as its own, dense.pyx and losses.pyx cimport them
-# (constants only, so cimporting them imports nothing at run time), and
+# engine.pyx uses the names as its own, the other compiled modules (dense,
+# losses, engine_ops, engine_rows) cimport them (constants only, so
+# cimporting them imports nothing at run time), and
 # Python reads them as attributes of the compiled module,
 # ``fastbp._ext.engine.N_IN`` or ``fastbp._ext.engine.Kind.DENSE``
 # (fastbp/program.py, layers.py, activations.py, model.py, reference.py,

@@ -1,6 +1,7 @@
 # Declarations of the C softmax losses (implemented in losses.pyx), shared
-# with engine.pyx through cimport: the row-range form of a loss, for steps
-# whose rows are split across threads.
+# through cimport: which softmax loss a loss address is (engine.pyx), and the
+# row-range form of a loss, for steps whose rows are split across threads
+# (engine_rows.pyx).
 from libc.stdint cimport int64_t
 
 from fastbp._ext.dense cimport floating

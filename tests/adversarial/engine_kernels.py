@@ -1,5 +1,5 @@
 """Hostile calls of the engine's per-layer def entry points
-(fastbp._ext.engine: dropout_forward, dropout_backward, residual_add,
+(fastbp._ext.engine_ops: dropout_forward, dropout_backward, residual_add,
 activity_penalty, batchnorm_forward, batchnorm_backward, penalize,
 clip_and_measure; fastbp._ext.losses.softmax_rows): random shapes, dtypes,
 layouts, program offsets and scalars, in a child interpreter.  Each trial
@@ -15,7 +15,7 @@ import sys
 CHILD = r'''
 import sys
 import numpy as np
-from fastbp._ext import engine, losses
+from fastbp._ext import engine_ops, losses
 from fastbp._ext.engine import N_COLS, N_REG
 
 seed, first, count = map(int, sys.argv[1:4])
@@ -53,29 +53,29 @@ def trial(rng):
     s2 = shape(rng, 2)
     if which == 0:
         c = np.zeros(rng.integers(0, 3), [np.uint64, np.int64][rng.integers(0, 2)])
-        return engine.dropout_forward(arr(rng, shape(rng)), scalar(rng), c)
+        return engine_ops.dropout_forward(arr(rng, shape(rng)), scalar(rng), c)
     if which == 1:
-        return engine.dropout_backward(arr(rng, s2), arr(rng, s2 if rng.random() < .7 else shape(rng)))
+        return engine_ops.dropout_backward(arr(rng, s2), arr(rng, s2 if rng.random() < .7 else shape(rng)))
     if which == 2:
-        return engine.residual_add(arr(rng, s2), arr(rng, s2 if rng.random() < .7 else shape(rng)))
+        return engine_ops.residual_add(arr(rng, s2), arr(rng, s2 if rng.random() < .7 else shape(rng)))
     if which == 3:
-        return engine.activity_penalty(arr(rng, s2), arr(rng, s2), scalar(rng))
+        return engine_ops.activity_penalty(arr(rng, s2), arr(rng, s2), scalar(rng))
     w = s2[1] if len(s2) > 1 else 0
     vec = lambda: arr(rng, (w if rng.random() < .8 else int(rng.integers(0, 6)),))
     if which == 4:
-        return engine.batchnorm_forward(arr(rng, s2), vec(), vec(), vec(), vec(), scalar(rng),
+        return engine_ops.batchnorm_forward(arr(rng, s2), vec(), vec(), vec(), vec(), scalar(rng),
                                         scalar(rng), bool(rng.integers(0, 2)))
     if which == 5:
-        return engine.batchnorm_backward(arr(rng, s2), arr(rng, s2), vec(), vec(),
+        return engine_ops.batchnorm_backward(arr(rng, s2), arr(rng, s2), vec(), vec(),
                                          bool(rng.integers(0, 2)))
     p = program(rng)
     n = int(rng.integers(0, 60))
     if which == 6:
         reg = np.abs(rng.normal(size=(p.shape[0], N_REG))) * (rng.random() < .7)
-        return engine.penalize(p, reg, bool(rng.integers(0, 2)), arr(rng, (int(rng.integers(0, 4)),)),
+        return engine_ops.penalize(p, reg, bool(rng.integers(0, 2)), arr(rng, (int(rng.integers(0, 4)),)),
                                arr(rng, (n,)), arr(rng, (n,)))
     if which == 7:
-        return engine.clip_and_measure(p, arr(rng, (n,)), scalar(rng), scalar(rng))
+        return engine_ops.clip_and_measure(p, arr(rng, (n,)), scalar(rng), scalar(rng))
     m, k = s2
     lo, hi = sorted(int(v) for v in rng.integers(-1, m + 2, 2))
     return losses.softmax_rows(int(rng.integers(-1, 3)), arr(rng, s2), arr(rng, s2),
