@@ -321,7 +321,8 @@ def test_hostile_calls_return_or_raise_value_error():
     sys.path.insert(0, str(pathlib.Path(__file__).parent / "adversarial"))
     import engine_kernels
     counts, failures = engine_kernels.run(60, seed=1)
-    assert not failures and counts == {"run": 60, "passed": 60}
+    assert not failures, failures[:10]
+    assert sum(counts.values()) == 60 and set(counts) <= {"returned", "refused"}
 
 
 # ---------------------------------------------------------------------------
@@ -452,4 +453,6 @@ def test_hostile_engine_states_return_or_raise_value_error():
     sys.path.insert(0, str(pathlib.Path(__file__).parent / "adversarial"))
     import engine_state
     counts, failures = engine_state.run(60, seed=1)
-    assert not failures and counts == {"run": 60, "passed": 60}
+    assert not failures, failures[:10]
+    assert sum(counts.values()) == 60 and set(counts) <= {"returned", "refused"}
+    assert counts.get("returned", 0) > 0 and counts.get("refused", 0) > 0

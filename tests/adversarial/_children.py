@@ -6,7 +6,13 @@ after it; a child that dies or falls silent for ``hang_seconds`` leaves the
 last ``start`` without its ``done``, and that trial is the culprit.  The
 scripts run as ``python -P script.py``, which does not put their folder on
 ``sys.path``, so each inserts it before importing this module.
+
+Scripts whose trials are numbered and independent give ``run_trials`` the
+code of a ``trial(i)`` that returns an outcome ("FAIL ..." for a failure);
+it runs them many per child, restarts a child after the trial it crashed or
+hung in, and counts outcomes; ``print_summary`` reports them.
 """
+import os
 import select
 import subprocess
 import sys
@@ -66,3 +72,73 @@ def report_all(names, run, trials, seed):
         passed += counts["passed"]
     print(json.dumps({"total_trials": total, "total_passed": passed}))
     return 0 if total == passed else 1
+
+
+#: The end of every ``run_trials`` child: trials first .. first + count - 1
+#: of the ``trial(i)`` defined above it, each reported as it happens; an
+#: exception out of a trial is a failure.
+_TRIAL_LOOP = r"""
+import sys as _sys
+first, count, seed = (int(a) for a in _sys.argv[1:4])
+for i in range(first, first + count):
+    print(f"start {i}", flush=True)
+    try:
+        outcome = trial(i)
+    except Exception as exc:
+        outcome = f"FAIL {type(exc).__name__}: {str(exc)[:150]!r}"
+    print(f"done {i} {outcome}", flush=True)
+"""
+
+
+def run_trials(code, trials, seed, per_child, hang_seconds):
+    """Run trials 0 .. trials - 1 of ``code`` (which defines ``trial(i)``,
+    returning an outcome string, and may read the global ``seed``) in child
+    processes of ``per_child`` trials each, with glibc's heap checks on so
+    that a write past a buffer aborts the child near the trial that made it.
+
+    Returns
+    -------
+    counts : dict
+        Trials per outcome; every "FAIL ..." outcome counts as "failure",
+        and each crash or hang as "crash/hang" (the child then restarts at
+        the trial after it).
+    failures : list of str
+        A line per failure, naming its trial.
+    """
+    env = dict(os.environ, MALLOC_CHECK_="3", MALLOC_PERTURB_="165")
+    counts, failures = {}, []
+
+    def done(index, outcome):
+        key = "failure" if outcome.startswith("FAIL") else outcome
+        counts[key] = counts.get(key, 0) + 1
+        if key == "failure":
+            failures.append(f"trial {index}: {outcome}")
+
+    start = 0
+    while start < trials:
+        count = min(per_child, trials - start)
+        current, returncode, err = follow(code + _TRIAL_LOOP, [start, count, seed], env, done,
+                                          hang_seconds)
+        if current is not None:
+            counts["crash/hang"] = counts.get("crash/hang", 0) + 1
+            failures.append(f"trial {current}: crash or hang (exit {returncode}): {err}")
+            start = current + 1
+            continue
+        if returncode != 0:
+            failures.append(f"child exited {returncode}: {err}")
+        start += count
+    return counts, failures
+
+
+def print_summary(counts, failures, seconds):
+    """Print a ``run_trials`` run's trials run, passed and failed, its
+    counts by outcome and its first 30 failures; the exit status: 0 when
+    nothing failed."""
+    done = sum(counts.values())
+    bad = counts.get("failure", 0) + counts.get("crash/hang", 0)
+    print(f"trials run: {done}, passed: {done - bad}, failures: {bad} ({seconds:.1f} s)")
+    for key, value in sorted(counts.items()):
+        print(f"  {key}: {value}")
+    for line in failures[:30]:
+        print("FAILURE", line)
+    return 1 if failures else 0

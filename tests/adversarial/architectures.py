@@ -41,7 +41,7 @@ import io, os, pickle, random, sys, tempfile, warnings, numpy as np, fastbp
 from fastbp import reference, regularizers
 from fastbp._ext.engine import ACTIVITY_L1, Act, Kind
 warnings.simplefilter("ignore")
-first, count, seed = (int(a) for a in sys.argv[1:4])
+# seed: set by the trial loop _children.run_trials appends
 ACTS = [a.name.lower() for a in Act]
 TMP = tempfile.mkdtemp()
 
@@ -204,46 +204,12 @@ def trial(i):
             return "FAIL fit != reference"
         return "ok, fit checked"
     return "ok"
-
-for i in range(first, first + count):
-    print(f"start {i}", flush=True)
-    try:
-        outcome = trial(i)
-    except Exception as exc:
-        outcome = f"FAIL {type(exc).__name__}: {str(exc)[:150]!r}"
-    print(f"done {i} {outcome}", flush=True)
 """
 
 
 def run(trials=1000, seed=0, per_child=250):
-    """Returns (counts, failures)."""
-    counts, failures = {}, []
-    start = 0
-    while start < trials:
-        count = min(per_child, trials - start)
-        current = _child(start, count, seed, counts, failures)
-        start = start + count if current is None else current + 1
-    return counts, failures
-
-
-def _child(first, count, seed, counts, failures):
-    """Run trials first .. first + count - 1 in one child; the trial it
-    crashed or hung in, or None."""
-    env = dict(os.environ, MALLOC_CHECK_="3", MALLOC_PERTURB_="165")
-
-    def done(index, outcome):
-        key = "failure" if outcome.startswith("FAIL") else outcome
-        counts[key] = counts.get(key, 0) + 1
-        if key == "failure":
-            failures.append(f"trial {index}: {outcome}")
-    current, returncode, err = _children.follow(CHILD, [first, count, seed], env, done,
-                                                HANG_SECONDS)
-    if current is not None:
-        counts["crash/hang"] = counts.get("crash/hang", 0) + 1
-        failures.append(f"trial {current}: crash or hang (exit {returncode}): {err}")
-    elif returncode != 0:
-        failures.append(f"child exited {returncode}: {err}")
-    return current
+    """Returns (counts, failures) (``_children.run_trials``)."""
+    return _children.run_trials(CHILD, trials, seed, per_child, HANG_SECONDS)
 
 
 def main(argv=None):
@@ -253,15 +219,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     start = time.perf_counter()
     counts, failures = run(args.trials, args.seed)
-    done = sum(counts.values())
-    bad = counts.get("failure", 0) + counts.get("crash/hang", 0)
-    print(f"trials run: {done}, passed: {done - bad}, failures: {bad} "
-          f"({time.perf_counter() - start:.1f} s)")
-    for key, value in sorted(counts.items()):
-        print(f"  {key}: {value}")
-    for line in failures[:30]:
-        print("FAILURE", line)
-    return 1 if failures else 0
+    return _children.print_summary(counts, failures, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,21 @@ a hang) is a failure.
 Usage: python -P tests/adversarial/engine_kernels.py --trials 300 [--seed 0]
 """
 import argparse
-import subprocess
+import os
 import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _children  # noqa: E402
+
+HANG_SECONDS = 60
 
 CHILD = r'''
-import sys
 import numpy as np
 from fastbp._ext import engine_ops, losses
 from fastbp._ext.engine import N_COLS, N_REG
 
-seed, first, count = map(int, sys.argv[1:4])
+# seed: set by the trial loop _children.run_trials appends
 
 def arr(rng, shape):
     kind = rng.integers(0, 8)
@@ -48,7 +53,7 @@ def program(rng):
         p = p.astype(np.int32)
     return p
 
-def trial(rng):
+def attack(rng):
     which = rng.integers(0, 9)
     s2 = shape(rng, 2)
     if which == 0:
@@ -82,52 +87,19 @@ def trial(rng):
                                arr(rng, (m,)), arr(rng, s2), lo, hi, 1.0,
                                int(rng.integers(-1, 4)))
 
-for i in range(first, first + count):
-    rng = np.random.default_rng([seed, i])
-    print("start", i, flush=True)
+def trial(i):
+    """Trial i: "returned" or "refused" (a ValueError) pass."""
     try:
-        trial(rng)
-        outcome = "returned"
+        attack(np.random.default_rng([seed, i]))
     except ValueError:
-        outcome = "refused"
-    except Exception as exc:
-        outcome = "other:" + type(exc).__name__
-    print("done", i, outcome, flush=True)
+        return "refused"
+    return "returned"
 '''
 
 
-def run(trials, seed=0, chunk=100, timeout=120):
-    """Run the trials in child interpreters; returns (counts, failures)."""
-    counts, failures, first = {"run": 0, "passed": 0}, {}, 0
-    while first < trials:
-        count = min(chunk, trials - first)
-        try:
-            proc = subprocess.run([sys.executable, "-P", "-c", CHILD, str(seed), str(first),
-                                   str(count)], capture_output=True, text=True, timeout=timeout)
-            out, rc, err = proc.stdout, proc.returncode, proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            out, rc, err = (exc.stdout or b"").decode(), "hang", ""
-        started = None
-        for line in out.splitlines():
-            word, index, *rest = line.split()
-            if word == "start":
-                started = int(index)
-                continue
-            started = None
-            counts["run"] += 1
-            if rest[0] in ("returned", "refused"):
-                counts["passed"] += 1
-            else:
-                failures[rest[0]] = failures.get(rest[0], 0) + 1
-        if rc != 0:
-            counts["run"] += 1
-            kind = f"crash or hang ({rc})"
-            failures[kind] = failures.get(kind, 0) + 1
-            print(f"trial {started} crashed: {err[-300:]}", file=sys.stderr)
-            first = (started if started is not None else first + count - 1) + 1
-        else:
-            first += count
-    return counts, failures
+def run(trials, seed=0, per_child=100):
+    """Returns (counts, failures) (``_children.run_trials``)."""
+    return _children.run_trials(CHILD, trials, seed, per_child, HANG_SECONDS)
 
 
 def main(argv=None):
@@ -135,9 +107,9 @@ def main(argv=None):
     parser.add_argument("--trials", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     counts, failures = run(args.trials, args.seed)
-    print(f"trials run {counts['run']}, passed {counts['passed']}, failures {failures or 'none'}")
-    return 1 if failures else 0
+    return _children.print_summary(counts, failures, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

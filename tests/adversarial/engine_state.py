@@ -12,11 +12,16 @@ failure.  One trial in eight breaks nothing and must train.
 Usage: python -P tests/adversarial/engine_state.py --trials 300 [--seed 0]
 """
 import argparse
-import subprocess
+import os
 import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _children  # noqa: E402
+
+HANG_SECONDS = 60
 
 CHILD = r'''
-import sys
 import numpy as np
 import fastbp
 from fastbp._ext import engine
@@ -24,7 +29,7 @@ from fastbp._ext.engine import N_COLS
 from fastbp._numba.losses import loss_cfunc
 from fastbp._numba.optim import step_cfunc
 
-seed, first, count = map(int, sys.argv[1:4])
+# seed: set by the trial loop _children.run_trials appends
 BATCH, N, D, K = 8, 30, 5, 3
 
 
@@ -74,7 +79,7 @@ def broken(rng, a):
     return np.empty((0,) + a.shape[1:], a.dtype)
 
 
-def trial(rng):
+def attack(rng):
     dtype = [np.float32, np.float64][rng.integers(0, 2)]
     kw, call = valid(dtype, rng)
     which = rng.integers(0, 8)
@@ -114,52 +119,20 @@ def trial(rng):
     if which == 0 and (done, steps) != (4, 4):
         raise RuntimeError(f"a valid call ran {done} batches, {steps} steps")
 
-for i in range(first, first + count):
-    rng = np.random.default_rng([seed, i])
-    print("start", i, flush=True)
+
+def trial(i):
+    """Trial i: "returned" or "refused" (a ValueError) pass."""
     try:
-        trial(rng)
-        outcome = "returned"
+        attack(np.random.default_rng([seed, i]))
     except ValueError:
-        outcome = "refused"
-    except Exception as exc:
-        outcome = "other:" + type(exc).__name__
-    print("done", i, outcome, flush=True)
+        return "refused"
+    return "returned"
 '''
 
 
-def run(trials, seed=0, chunk=100, timeout=240):
-    """Run the trials in child interpreters; returns (counts, failures)."""
-    counts, failures, first = {"run": 0, "passed": 0}, {}, 0
-    while first < trials:
-        count = min(chunk, trials - first)
-        try:
-            proc = subprocess.run([sys.executable, "-P", "-c", CHILD, str(seed), str(first),
-                                   str(count)], capture_output=True, text=True, timeout=timeout)
-            out, rc, err = proc.stdout, proc.returncode, proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            out, rc, err = (exc.stdout or b"").decode(), "hang", ""
-        started = None
-        for line in out.splitlines():
-            word, index, *rest = line.split()
-            if word == "start":
-                started = int(index)
-                continue
-            started = None
-            counts["run"] += 1
-            if rest[0] in ("returned", "refused"):
-                counts["passed"] += 1
-            else:
-                failures[rest[0]] = failures.get(rest[0], 0) + 1
-        if rc != 0:
-            counts["run"] += 1
-            kind = f"crash or hang ({rc})"
-            failures[kind] = failures.get(kind, 0) + 1
-            print(f"trial {started} crashed: {err[-300:]}", file=sys.stderr)
-            first = (started if started is not None else first + count - 1) + 1
-        else:
-            first += count
-    return counts, failures
+def run(trials, seed=0, per_child=100):
+    """Returns (counts, failures) (``_children.run_trials``)."""
+    return _children.run_trials(CHILD, trials, seed, per_child, HANG_SECONDS)
 
 
 def main(argv=None):
@@ -167,9 +140,9 @@ def main(argv=None):
     parser.add_argument("--trials", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     counts, failures = run(args.trials, args.seed)
-    print(f"trials run {counts['run']}, passed {counts['passed']}, failures {failures or 'none'}")
-    return 1 if failures else 0
+    return _children.print_summary(counts, failures, time.perf_counter() - start)
 
 
 if __name__ == "__main__":
