@@ -32,8 +32,13 @@ def follow(code, args, env, on_done, hang_seconds):
     stderr : str
         The last 300 characters of its standard error.
     """
+    # Unbuffered (bufsize=0): select() sees only the pipe, so a buffered
+    # reader that took several lines at once would wait on an empty pipe
+    # with a "done" and the next "start" unread, and blame the hang or crash
+    # on the trial before.
     proc = subprocess.Popen([sys.executable, "-P", "-c", code, *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            bufsize=0)
     current, last = None, time.monotonic()
     while True:
         ready, _, _ = select.select([proc.stdout], [], [], 1.0)
