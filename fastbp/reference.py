@@ -18,9 +18,9 @@ together):
   ``dense_forward``, ``dense_backward`` (tests/test_dense.py).
 * ``dropout_forward``, ``dropout_backward``, ``residual_add``,
   ``activity_penalty``, ``batchnorm_forward``, ``batchnorm_backward``,
-  ``penalize``, ``clip_and_measure`` -- ``fastbp._ext.engine``, the same
-  names: the per-layer ops outside the GEMMs that the engine's step applies
-  (tests/test_engine.py).
+  ``penalize``, ``clip_and_measure`` -- ``fastbp._ext.engine_ops``, the
+  same names: the per-layer ops outside the GEMMs that the engine's step
+  applies (tests/test_engine.py).
 * ``softmax_rows``, ``sk_log_loss_loss_grad``, ``cross_entropy_loss_grad``
   -- ``fastbp._ext.losses``, the same names (csrc/losses.h, at every
   instruction-set level; tests/test_engine.py, tests/test_losses.py).
@@ -32,13 +32,18 @@ together):
   ``adagrad_step``, ``sk_sgd_step``, ``sk_adam_step`` --
   ``fastbp._numba.optim``, the same names (tests/test_optim.py).
 * ``splitmix64``, ``dropout_mask`` -- the stream and mask rule inside
-  ``fastbp._ext.engine.dropout_forward`` (tests/test_dropout.py,
+  ``fastbp._ext.engine_ops.dropout_forward`` (tests/test_dropout.py,
   tests/test_engine.py).
 * ``forward_all`` / ``forward``, ``loss_grad``, ``train_batches`` -- the
   whole-network loops ``fastbp._ext.engine``: ``forward``, ``loss_grad``,
   ``train_batches``, which take the model's flat workspaces instead
   (tests/test_model.py, test_dropout.py, test_batchnorm.py,
-  test_regularization.py, test_residual.py, test_interface.py).
+  test_regularization.py, test_residual.py, test_interface.py).  The
+  engine's other two modules have no twins of their own: a row-parallel
+  step (``fastbp._ext.engine_rows``) computes bitwise what the
+  layer-by-layer one does (tests/test_threads.py), and the threaded update
+  (``fastbp._ext.engine_optim``) applies the ``*_step`` rules above to
+  ranges of the parameter vector (tests/test_threads.py).
 
 The helpers named with a leading underscore have no twin.
 

@@ -56,6 +56,22 @@ def test_compile_flags_never_target_the_build_machine():
     assert flags("msvc", {}) == flags("msvc", {"FASTBP_NATIVE": "1"}) == []
 
 
+def test_every_compiled_module_is_built_checked_and_says_what_it_owns():
+    # One list per place that names the compiled modules: a module missing
+    # from setup.py is not built, one missing from .ci/check_wheel.py is not
+    # required in the wheel.
+    sources = sorted(f[:-len(".pyx")] for f in os.listdir(CSRC) if f.endswith(".pyx"))
+    assert sorted(_setup_module().EXTENSIONS) == sources
+    spec = importlib.util.spec_from_file_location(
+        "check_wheel", os.path.join(ROOT, ".ci", "check_wheel.py"))
+    check_wheel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_wheel)
+    assert sorted(check_wheel.MODULES) == sources
+    for name in sources:
+        doc = importlib.import_module(f"fastbp._ext.{name}").__doc__
+        assert doc and len(doc.split()) >= 30, f"fastbp._ext.{name} has no design docstring"
+
+
 def test_cibuildwheel_builds_every_supported_python_and_runs_the_suite():
     config = _pyproject()
     cibw = config["tool"]["cibuildwheel"]
