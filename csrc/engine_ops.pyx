@@ -240,7 +240,9 @@ cdef void clip_and_measure_op(const int64_t[:, ::1] prog, floating* grad, double
 
 
 # ---------------------------------------------------------------------------
-# The checked twins.
+# The checked twins: each ``def`` below checks its arguments, then runs the
+# very ``*_op`` a training step runs (its ``_kernel_*`` holds the GIL-free
+# call).
 
 def _counter(counter):
     if (not isinstance(counter, np.ndarray) or counter.dtype != np.uint64
