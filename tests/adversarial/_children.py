@@ -10,8 +10,10 @@ scripts run as ``python -P script.py``, which does not put their folder on
 Scripts whose trials are numbered and independent give ``run_trials`` the
 code of a ``trial(i)`` that returns an outcome ("FAIL ..." for a failure);
 it runs them many per child, restarts a child after the trial it crashed or
-hung in, and counts outcomes; ``print_summary`` reports them.
+hung in, and counts outcomes; ``print_summary`` reports them, and
+``command_line`` is such a script's ``main``.
 """
+import argparse
 import os
 import select
 import subprocess
@@ -90,7 +92,10 @@ for i in range(first, first + count):
     try:
         outcome = trial(i)
     except Exception as exc:
-        outcome = f"FAIL {type(exc).__name__}: {str(exc)[:150]!r}"
+        import os as _os, traceback as _tb
+        _where = _tb.extract_tb(exc.__traceback__)[-1]
+        outcome = (f"FAIL {type(exc).__name__}: {str(exc)[:150]!r} at "
+                   f"{_os.path.basename(_where.filename)}:{_where.lineno}")
     print(f"done {i} {outcome}", flush=True)
 """
 
@@ -147,3 +152,15 @@ def print_summary(counts, failures, seconds):
     for line in failures[:30]:
         print("FAILURE", line)
     return 1 if failures else 0
+
+
+def command_line(run, doc, default_trials, argv=None):
+    """The ``main`` of a ``run_trials`` script: ``--trials N --seed S``, then
+    ``run(trials, seed)``'s summary; the exit status."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=default_trials)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    counts, failures = run(args.trials, args.seed)
+    return print_summary(counts, failures, time.perf_counter() - start)

@@ -26,10 +26,8 @@ a crash or a hang is a failure.
 
     python tests/adversarial/architectures.py --trials 1000
 """
-import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _children  # noqa: E402
@@ -213,13 +211,7 @@ def run(trials=1000, seed=0, per_child=250):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    counts, failures = run(args.trials, args.seed)
-    return _children.print_summary(counts, failures, time.perf_counter() - start)
+    return _children.command_line(run, __doc__, 1000, argv)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,8 @@ failure.  One trial in eight breaks nothing and must train.
 
 Usage: python -P tests/adversarial/engine_state.py --trials 300 [--seed 0]
 """
-import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _children  # noqa: E402
@@ -136,13 +134,7 @@ def run(trials, seed=0, per_child=100):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    counts, failures = run(args.trials, args.seed)
-    return _children.print_summary(counts, failures, time.perf_counter() - start)
+    return _children.command_line(run, __doc__, 300, argv)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,8 @@ finite weights); anything else, a crash or a hang is a failure.
 
     python tests/adversarial/optimizer_settings.py --trials 2000
 """
-import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _children  # noqa: E402
@@ -122,13 +120,7 @@ def run(trials=2000, seed=0, per_child=500):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    counts, failures = run(args.trials, args.seed)
-    return _children.print_summary(counts, failures, time.perf_counter() - start)
+    return _children.command_line(run, __doc__, 2000, argv)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ hang) is a failure.
 
     python tests/adversarial/optimizer_state.py --trials 2000
 """
-import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _children  # noqa: E402
@@ -32,7 +30,7 @@ CHILD = r"""
 import os, random, sys, tempfile, warnings, numpy as np, fastbp
 from fastbp import optim
 warnings.simplefilter("ignore")
-first, count, seed = (int(a) for a in sys.argv[1:4])
+# seed: set by the trial loop _children.run_trials appends
 X = np.random.default_rng(0).normal(size=(30, 4))
 y = np.random.default_rng(1).integers(0, 3, 30)
 NAMES = ["SGD", "Adam", "AdamW", "RMSprop", "Rprop", "Adagrad"]
@@ -123,68 +121,16 @@ def trial(i):
             back["state"].tobytes() != mine["state"].tobytes():
         return "FAIL save/load round trip differs"
     return "ok"
-
-for i in range(first, first + count):
-    print(f"start {i}", flush=True)
-    try:
-        outcome = trial(i)
-    except Exception as exc:
-        import traceback
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        outcome = (f"FAIL {type(exc).__name__}: {str(exc)[:150]!r} at "
-                   f"{os.path.basename(where.filename)}:{where.lineno}")
-    print(f"done {i} {outcome}", flush=True)
 """
 
 
 def run(trials=2000, seed=0, per_child=500):
-    """Returns (counts, failures)."""
-    counts, failures = {}, []
-    start = 0
-    while start < trials:
-        count = min(per_child, trials - start)
-        current = _child(start, count, seed, counts, failures)
-        start = start + count if current is None else current + 1
-    return counts, failures
-
-
-def _child(first, count, seed, counts, failures):
-    """Run trials first .. first + count - 1 in one child; the trial it
-    crashed or hung in, or None."""
-    # glibc checks the heap at every free: a write past a buffer aborts the
-    # child near the trial that made it, instead of corrupting it silently
-    env = dict(os.environ, MALLOC_CHECK_="3", MALLOC_PERTURB_="165")
-    def done(index, outcome):
-        key = "failure" if outcome.startswith("FAIL") else outcome
-        counts[key] = counts.get(key, 0) + 1
-        if key == "failure":
-            failures.append(f"trial {index}: {outcome}")
-    current, returncode, err = _children.follow(CHILD, [first, count, seed], env, done,
-                                                HANG_SECONDS)
-    if current is not None:
-        counts["crash/hang"] = counts.get("crash/hang", 0) + 1
-        failures.append(f"trial {current}: crash or hang (exit {returncode}): {err}")
-    elif returncode != 0:
-        failures.append(f"child exited {returncode}: {err}")
-    return current
+    """Returns (counts, failures) (``_children.run_trials``)."""
+    return _children.run_trials(CHILD, trials, seed, per_child, HANG_SECONDS)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    counts, failures = run(args.trials, args.seed)
-    done = sum(counts.values())
-    bad = counts.get("failure", 0) + counts.get("crash/hang", 0)
-    print(f"trials run: {done}, passed: {done - bad}, failures: {bad} "
-          f"({time.perf_counter() - start:.1f} s)")
-    for key, value in sorted(counts.items()):
-        print(f"  {key}: {value}")
-    for line in failures[:30]:
-        print("FAILURE", line)
-    return 1 if failures else 0
+    return _children.command_line(run, __doc__, 2000, argv)
 
 
 if __name__ == "__main__":
