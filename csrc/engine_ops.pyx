@@ -107,10 +107,15 @@ cdef void batchnorm_backward_op(floating* g, const floating* xhat, const floatin
         if dx == NULL:
             continue
         c = gamma[j] * inv_std[j]
-        for i in range(m):
-            if training:
+        # the test outside the loop: inlined into its caller (before the
+        # engine was split by module) the compiler hoisted it; called across
+        # modules it did not, and BatchNorm's backward ran 6% more
+        # instructions
+        if training:
+            for i in range(m):
                 dx[i * w + j] = <floating>(c / m * (m * g[i * w + j] - sg - xhat[i * w + j] * sgx))
-            else:
+        else:
+            for i in range(m):
                 dx[i * w + j] = c * g[i * w + j]
 
 
