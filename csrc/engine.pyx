@@ -454,9 +454,11 @@ cdef class EngineState:
         if seg.size and (np.any(seg < 0) or np.any(seg[:, 0] + seg[:, 1] > self.n_params)):
             raise ValueError(f"segments must lie inside [0, {self.n_params})")
         self.segments = seg
+        # an array first: a list has no shape to compare (an AttributeError)
+        grad_norms = field("grad_norms", grad_norms, _DOUBLE, writable=True)
         if grad_norms.shape not in ((0,), (self.n_layers,)):
             raise ValueError(f"grad_norms must have 0 or {self.n_layers} entries")
-        self.grad_norms = field("grad_norms", grad_norms, _DOUBLE, writable=True)
+        self.grad_norms = grad_norms
         self.reg_per_weight = bool(reg_per_weight)
         self.clip_value = real("clip_value", clip_value, 0.0, np.inf)
         self.clip_norm = real("clip_norm", clip_norm, 0.0, np.inf)

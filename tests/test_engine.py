@@ -392,6 +392,8 @@ _BAD_STATES = {
     "state for fewer slots": lambda kw: kw.update(n_slots=kw["n_slots"] + 1),
     "segment beyond params": lambda kw: kw.update(segments=np.array([[0, 10 ** 6]])),
     "grad_norms of the wrong length": lambda kw: kw.update(grad_norms=np.zeros(2)),
+    # (tests/adversarial/engine_state.py, trials 418 and 636: an AttributeError)
+    "grad_norms a list": lambda kw: kw.update(grad_norms=kw["grad_norms"].tolist()),
     "batch larger than the workspace": lambda kw: kw.update(batch_size=9),
     "null loss address": lambda kw: kw.update(loss_addr=0),
 }
