@@ -138,9 +138,10 @@ def test_batchnorm_uses_each_ranks_statistics(tmp_path):
 
 def test_batchnorm_refuses_a_rank_slice_of_one_row(tmp_path):
     args = dict(dtype="float64", opt="adam", model="batchnorm", n=200, batch=3, epochs=1)
-    code, _, output, _ = launch(2, "replicated", args, tmp_path)
-    assert code != 0
-    assert "BatchNorm needs at least 2 rows in every batch on every rank" in output
+    results = run_ok(2, "refused", args, tmp_path)
+    for res in results:
+        assert "BatchNorm needs at least 2 rows in every batch on every rank" in \
+            str(res["message"])
 
 
 @pytest.mark.parametrize("n_ranks", [2, 3])

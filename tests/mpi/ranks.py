@@ -76,6 +76,16 @@ def replicated(comm, a, out):
     return net
 
 
+def refused(comm, a, out):
+    """``replicated``, returning the ValueError's message (every rank must
+    refuse, before any collective)."""
+    try:
+        replicated(comm, a, out)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
 def sharded(comm, a, out):
     """Rank r's shard: rows r, r + size, ... of the data (or a_sizes[r]
     rows of its own), in order."""
