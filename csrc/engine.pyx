@@ -103,7 +103,7 @@ import numpy as np
 from fastbp._ext.losses cimport softmax_which
 from fastbp._ext.dense cimport (floating, dense_forward_ptr, dense_backward_ptr,
                                 now, profiling, profile_gemm_seconds)
-from fastbp._ext.engine_ops cimport (GOLDEN, activity_penalty_op, batchnorm_backward_op,
+from fastbp._ext.engine_ops cimport (BNSync, GOLDEN, activity_penalty_op, batchnorm_backward_op,
                                      batchnorm_forward_op, clip_and_measure_op,
                                      dropout_backward_op, dropout_forward_op, penalize_op,
                                      ptr_or_null, residual_add_op, weight_sum, zero_if_frozen)
@@ -128,9 +128,11 @@ cdef inline double call_loss(size_t addr, floating* z, floating* y, floating* w,
 
 cdef struct Share:
     # A rank's part of a global batch in data-parallel training: its rows
-    # are rows row0 .. row0 + m - 1 of the batch's ``rows`` rows.
+    # are rows row0 .. row0 + m - 1 of the batch's ``rows`` rows; ``bn``:
+    # BatchNorm's statistics over the global batch (NULL: each rank's own).
     int64_t row0
     int64_t rows
+    BNSync* bn
 
 
 
@@ -187,7 +189,8 @@ cdef void forward_all(const int64_t[:, ::1] prog, const floating* x0,
             batchnorm_forward_op(x, out, acts + prog[l, ACT_OFF] * m + m * width,
                                  aux + prog[l, AUX_OFF], params + prog[l, W_OFF],
                                  params + prog[l, B_OFF], buffers + prog[l, BUF_OFF], m, width,
-                                 floats[l, MOMENTUM], floats[l, EPS], counter != NULL)
+                                 floats[l, MOMENTUM], floats[l, EPS], counter != NULL,
+                                 share.bn if share != NULL else NULL)
         elif counter != NULL and floats[l, RATE] > 0:  # DropConnect
             width = prog[l, N_IN] * prog[l, N_OUT]
             weff = aux + prog[l, AUX_OFF]
@@ -205,12 +208,14 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
                          floating* params, floating* grad, floating* acts,
                          floating* deltas, int64_t half, int64_t m,
                          const double[:, ::1] reg, const double[:, ::1] floats,
-                         floating* aux, bint training, int64_t act_rows=0) noexcept nogil:
+                         floating* aux, bint training, int64_t act_rows=0,
+                         BNSync* bn=NULL) noexcept nogil:
     """Backward through every layer (of a training forward pass).  On entry
     deltas[0:half] holds dL/d(output of the last layer); on exit ``grad``
     holds every dW, db.  Returns the layers' activity penalties, whose
     gradients it adds on the way: means over ``act_rows`` rows (0: the m
-    rows here; data-parallel training: the global batch's)."""
+    rows here; data-parallel training: the global batch's).  ``bn``:
+    BatchNorm with the global batch's statistics (see forward_all)."""
     cdef int64_t l, i, n_in, n_out, n_layers = prog.shape[0]
     cdef double activity = 0.0, c
     cdef floating* weff
@@ -245,7 +250,7 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
             batchnorm_backward_op(g, acts + prog[l, ACT_OFF] * m + m * n_out,
                                   aux + prog[l, AUX_OFF], params + prog[l, W_OFF],
                                   grad + prog[l, W_OFF], grad + prog[l, B_OFF],
-                                  other if l > 0 else NULL, m, n_out, training)
+                                  other if l > 0 else NULL, m, n_out, training, bn)
             if not prog[l, TRAINABLE]:
                 memset(grad + prog[l, W_OFF], 0, 2 * n_out * sizeof(floating))
             tmp = g
@@ -475,9 +480,10 @@ cdef class EngineState:
 
     def __dealloc__(self):
         free(self.terms)
+        free(self.bn_scratch)
 
     def set_comm(self, *, allreduce, ptr_handles, comm, op_sum, type_float, type_double,
-                 in_place, success, rank, n_ranks, sharded):
+                 in_place, success, rank, n_ranks, sharded, sync_batchnorm=False):
         """Train data-parallel over ``n_ranks`` MPI ranks, as rank ``rank``:
         each step adds the ranks' shares of the gradient and loss with one
         MPI_Allreduce(SUM) at ``allreduce`` (its C address in the MPI library
@@ -510,6 +516,13 @@ cdef class EngineState:
         self.comm.success = success
         self.comm.error = 0
         self.rank, self.n_ranks, self.sharded = rank, n_ranks, bool(sharded)
+        self.sync_bn = bool(sync_batchnorm)
+        if self.sync_bn and self.bn_scratch == NULL:
+            prog = np.asarray(self.program)
+            widest = max([int(r[N_OUT]) for r in prog if r[KIND] == BATCHNORM] + [1])
+            self.bn_scratch = <double*>malloc(2 * widest * sizeof(double))
+            if self.bn_scratch == NULL:
+                raise MemoryError()
 
     @property
     def comm_error(self):
@@ -709,6 +722,7 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
     cdef double loss, wsum, wl, scale, t_phase = 0.0
     cdef double red[2]
     cdef Share share
+    cdef BNSync bn
     cdef int64_t m_all
     cdef bint dist = state.comm.allreduce != NULL, sharded = state.sharded
     cdef int64_t rank = state.rank, n_ranks = state.n_ranks
@@ -738,6 +752,13 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
     rows.g0 = &deltas[0]
     rows.loss_which = state.loss_which
     rows.terms = state.terms   # each row's loss term, for steps in row ranges
+    share.bn = NULL
+    if dist and state.sync_bn:
+        # BatchNorm's statistics over the global batch: every rank has rows
+        # in every batch (fastbp.distributed checks), so all take part
+        bn.comm = &state.comm
+        bn.scratch = state.bn_scratch
+        share.bn = &bn
     with nogil:
         for i in range(n_batches):
             b = first_batch + i
@@ -760,11 +781,13 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
                 share.row0 = rank * batch_size
                 m_all = <int64_t>red[0]
                 wsum = red[1]
+                bn.rows = m_all
             else:
                 wsum = 0.0
                 for r in range(m):
                     wsum += W[order[s + r]] if gather else W[s + r]
                 m_all = m
+                bn.rows = m
                 wl = wsum
                 if dist:
                     # this rank's contiguous slice of the global batch
@@ -841,13 +864,14 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
                 else:
                     loss += backward_all(program, x0, &params[0], &grad[0], &acts[0],
                                          &deltas[0], half, m, reg, floats, ptr_or_null(aux), True,
-                                         m_all)
+                                         m_all, share.bn if dist else NULL)
                 _lap(prof, 3, &t_phase)
             if dist:
                 # the one collective of a step: the ranks' shares summed
                 red[0] = loss
                 if fbp_allreduce_sum(&state.comm, red, 1, 1) or \
-                        fbp_allreduce_sum(&state.comm, &grad[0], n_params, floating is double):
+                        fbp_allreduce_sum(&state.comm, &grad[0], n_params, floating is double) \
+                        or state.comm.error:   # (also BatchNorm's, with sync_bn)
                     status = COMM_FAILED
                     break
                 loss = red[0]

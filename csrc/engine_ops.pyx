@@ -30,6 +30,7 @@ from libc.stdint cimport int64_t, uint64_t
 import numpy as np
 
 from fastbp._ext.dense cimport floating
+from fastbp._ext.engine cimport fbp_allreduce_sum
 from fastbp._ext.engine cimport (BATCHNORM, DENSE, DROPOUT, KIND, L1, L2, N_COLS, N_IN,
                                  N_OUT, N_REG, TRAINABLE, W_OFF)
 
@@ -60,10 +61,23 @@ cdef void dropout_forward_op(const floating* x, floating* out, floating* mask, i
 cdef void batchnorm_forward_op(const floating* x, floating* out, floating* xhat,
                                floating* inv_std, const floating* gamma, const floating* beta,
                                floating* buf, int64_t m, int64_t w, double momentum,
-                               double eps, bint training) noexcept nogil:
+                               double eps, bint training, BNSync* sync=NULL) noexcept nogil:
+    """out = gamma x_hat + beta, x_hat = (x - mean) / sqrt(var + eps), with
+    the batch's (biased) statistics in training, updating the running ones
+    (unbiased variance), else with the running ones.  ``sync`` (training
+    only): the batch is the ranks' rows together (sync.rows of them)."""
     cdef int64_t i, j
     cdef double mean, var, d
     cdef floating mu, inv
+    if training and sync != NULL:
+        _batchnorm_sync_stats(x, inv_std, buf, m, w, momentum, eps, sync)
+        for j in range(w):
+            mu = <floating>sync.scratch[j]
+            inv = inv_std[j]
+            for i in range(m):
+                xhat[i * w + j] = (x[i * w + j] - mu) * inv
+                out[i * w + j] = gamma[j] * xhat[i * w + j] + beta[j]
+        return
     for j in range(w):
         if training:
             mean = 0.0
@@ -88,14 +102,70 @@ cdef void batchnorm_forward_op(const floating* x, floating* out, floating* xhat,
             out[i * w + j] = gamma[j] * xhat[i * w + j] + beta[j]
 
 
+cdef void _batchnorm_sync_stats(const floating* x, floating* inv_std, floating* buf,
+                                int64_t m, int64_t w, double momentum, double eps,
+                                BNSync* sync) noexcept nogil:
+    """The global batch's mean (into sync.scratch[0:w]) and 1/std (into
+    inv_std), each rank's column sums added by two allreduces (as one
+    process: the mean, then the squared deviations from it); the running
+    statistics updated with them.  An MPI error is kept in sync.comm.error
+    (the step then stops)."""
+    cdef int64_t i, j, n = sync.rows
+    cdef double* s = sync.scratch
+    cdef double* sq = sync.scratch + w
+    cdef double d, mean, var
+    for j in range(w):
+        s[j] = 0.0
+        for i in range(m):
+            s[j] += x[i * w + j]
+    fbp_allreduce_sum(sync.comm, s, w, 1)
+    for j in range(w):
+        s[j] /= n
+        sq[j] = 0.0
+        for i in range(m):
+            d = x[i * w + j] - s[j]
+            sq[j] += d * d
+    fbp_allreduce_sum(sync.comm, sq, w, 1)
+    for j in range(w):
+        mean = s[j]
+        var = sq[j] / n
+        buf[j] = <floating>((1 - momentum) * buf[j] + momentum * mean)
+        buf[w + j] = <floating>((1 - momentum) * buf[w + j] + momentum * var * n / (n - 1))
+        inv_std[j] = <floating>(1.0 / sqrt(var + eps))
+
+
 cdef void batchnorm_backward_op(floating* g, const floating* xhat, const floating* inv_std,
                                 const floating* gamma, floating* dgamma, floating* dbeta,
-                                floating* dx, int64_t m, int64_t w, bint training) noexcept nogil:
+                                floating* dx, int64_t m, int64_t w, bint training,
+                                BNSync* sync=NULL) noexcept nogil:
     """dgamma = sum g x_hat, dbeta = sum g; dx = gamma inv/m (m g - dbeta -
-    x_hat dgamma) with batch statistics, gamma inv g with running ones."""
+    x_hat dgamma) with batch statistics, gamma inv g with running ones.
+    ``sync`` (training only): dx with the global batch's sums and rows;
+    dgamma and dbeta stay this rank's sums (the step's allreduce adds them)."""
     cdef int64_t i, j
     cdef double sg, sgx
     cdef floating c
+    if training and sync != NULL:
+        for j in range(w):
+            sg = 0.0
+            sgx = 0.0
+            for i in range(m):
+                sg += g[i * w + j]
+                sgx += g[i * w + j] * xhat[i * w + j]
+            dgamma[j] = <floating>sgx
+            dbeta[j] = <floating>sg
+            sync.scratch[j] = sg
+            sync.scratch[w + j] = sgx
+        fbp_allreduce_sum(sync.comm, sync.scratch, 2 * w, 1)
+        if dx != NULL:
+            for j in range(w):
+                sg = sync.scratch[j]
+                sgx = sync.scratch[w + j]
+                c = gamma[j] * inv_std[j]
+                for i in range(m):
+                    dx[i * w + j] = <floating>(c / sync.rows * (sync.rows * g[i * w + j] - sg
+                                                               - xhat[i * w + j] * sgx))
+        return
     for j in range(w):
         sg = 0.0
         sgx = 0.0

@@ -46,10 +46,10 @@ class _Plan:
 
 def fit(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data, verbose,
         n_threads, on_divergence, checkpoint, checkpoint_every, sample_weight, clip_norm,
-        clip_value, grad_norms, callbacks, comm=None, shard=False):
+        clip_value, grad_norms, callbacks, comm=None, shard=False, sync_batchnorm=False):
     """``Sequential.fit``'s work (its docstring says what each argument
     means); the caller holds the model."""
-    ranks = _ranks(comm, shard)
+    ranks = _ranks(comm, shard, sync_batchnorm)
     plan = _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data,
                  n_threads, on_divergence, checkpoint, checkpoint_every, sample_weight,
                  clip_norm, clip_value, grad_norms, ranks)
@@ -120,15 +120,16 @@ def _model_front(net, plan, run, callbacks, verbose, checkpoint, first_epoch, la
                        plan.ranks, agreed)
 
 
-def _ranks(comm, shard):
+def _ranks(comm, shard, sync_batchnorm):
     """A ``fastbp.distributed.Ranks`` for ``comm`` (importing MPI only
     then), or None."""
     if comm is None:
-        if shard is not False:
-            raise ValueError("shard=True needs comm (the ranks the shards belong to)")
+        if shard is not False or sync_batchnorm is not False:
+            raise ValueError("shard and sync_batchnorm need comm (the ranks that train "
+                             "together)")
         return None
     from .distributed import Ranks
-    return Ranks(comm, shard)
+    return Ranks(comm, shard, sync_batchnorm)
 
 
 def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data, n_threads,
@@ -211,8 +212,19 @@ def _sharded_batch(ranks, plan, batch_size):
 
 def _check_batchnorm_rows(n, batch, ranks):
     """BatchNorm's batch statistics need 2 rows in each batch, and with
-    comm in each rank's part of it (its statistics are the rank's own)."""
+    comm in each rank's part of it (its statistics are the rank's own); with
+    sync_batchnorm, 2 in each batch and 1 in each rank's part (every rank
+    takes part in the statistics' sums)."""
     sizes = {batch, n % batch or batch}
+    if ranks is not None and ranks.sync_batchnorm:
+        parts = {m * (r + 1) // ranks.size - m * r // ranks.size
+                 for m in sizes for r in range(ranks.size)}
+        if min(sizes) < 2 or min(parts) < 1:
+            raise ValueError(f"sync_batchnorm needs at least 2 rows in every batch and 1 in "
+                             f"every rank's part of it: {n} samples in batches of {batch} on "
+                             f"{ranks.size} ranks leave a batch of {min(sizes)} or a part of "
+                             f"{min(parts)}; change batch_size")
+        return
     if ranks is not None and not ranks.shard:
         sizes = {m * (r + 1) // ranks.size - m * r // ranks.size
                  for m in sizes for r in range(ranks.size)}

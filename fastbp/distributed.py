@@ -26,10 +26,13 @@ stay bitwise identical without being sent again.
 Dropout masks follow the global batch's rows: rank r's rows draw the masks
 those rows get in one process (sharded: each rank owns a slot of
 ``batch_size // size`` rows of the stream).  BatchNorm normalises with each
-rank's own batch statistics, as torch DDP does without SyncBatchNorm (so a
-model with BatchNorm trains like one process only on one rank); rank 0's
-running statistics are sent to every rank at the end of each epoch, as DDP
-broadcasts its buffers.
+rank's own batch statistics by default, as torch DDP does without
+SyncBatchNorm (so a model with BatchNorm trains like one process only on one
+rank); rank 0's running statistics are sent to every rank at the end of each
+epoch, as DDP broadcasts its buffers.  With ``sync_batchnorm=True``
+(replicated data) the statistics are the global batch's, as torch's
+SyncBatchNorm: two allreduces of each BatchNorm's column sums in the forward
+pass and one in the backward, and the training is one process's again.
 
 The MPI library is the one mpi4py loaded: ``MPI_Allreduce`` is looked up in
 it (ctypes, ``RTLD_NOLOAD``), and every handle and constant comes from
@@ -83,16 +86,24 @@ class Ranks:
         The ranks that train together (e.g. ``MPI.COMM_WORLD``).
     shard : bool
         Each rank passes its own rows (True) or every rank the same (False).
+    sync_batchnorm : bool
+        BatchNorm normalises with the global batch's statistics (replicated
+        data only), as torch's SyncBatchNorm, instead of each rank's own.
     """
 
-    def __init__(self, comm, shard=False):
+    def __init__(self, comm, shard=False, sync_batchnorm=False):
         MPI = _mpi()
         if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
             raise TypeError(f"comm must be an mpi4py intracommunicator such as "
                             f"MPI.COMM_WORLD, not {comm!r}")
-        if not isinstance(shard, (bool, np.bool_)):
-            raise ValueError(f"shard must be True or False, not {shard!r}")
+        for name, flag in (("shard", shard), ("sync_batchnorm", sync_batchnorm)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, not {flag!r}")
+        if shard and sync_batchnorm:
+            raise ValueError("sync_batchnorm needs replicated data (shard=False): a rank whose "
+                             "shard is done would miss the statistics' sums")
         self.MPI, self.comm, self.shard = MPI, comm, bool(shard)
+        self.sync_batchnorm = bool(sync_batchnorm)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._handles = None
 
@@ -110,7 +121,7 @@ class Ranks:
                 type_float=int(MPI.FLOAT.handle), type_double=int(MPI.DOUBLE.handle),
                 in_place=int(MPI.IN_PLACE) % 2 ** 64, success=int(MPI.SUCCESS))
         engine_state.set_comm(rank=self.rank, n_ranks=self.size, sharded=self.shard,
-                              **self._handles)
+                              sync_batchnorm=self.sync_batchnorm, **self._handles)
 
     def error(self, code):
         """The RuntimeError for a failed MPI call of the engine."""
@@ -178,7 +189,7 @@ class Ranks:
         rank that ran more epochs or steps than another would wait forever
         in a collective the others never call."""
         text = repr((net.dtype.str, plan.loss, plan.shuffle, plan.clip, plan.grad_norms,
-                     type(opt).__name__, opt.kernel))
+                     type(opt).__name__, opt.kernel, self.shard, self.sync_batchnorm))
         local = [net.n_params, plan.epochs, zlib.crc32(text.encode()),
                  _checksum(np.asarray(opt._hyper(), dtype=np.float64))]
         if not np.array_equal(self.min(local), self.max(local), equal_nan=True):

@@ -537,7 +537,7 @@ class Sequential:
             sample_weight: ArrayLike | None = None, clip_norm: float | None = _resume.LAST,
             clip_value: float | None = _resume.LAST, grad_norms: bool = _resume.LAST,
             callbacks: Iterable[object] | None = None, comm: object | None = None,
-            shard: bool = False) -> History:
+            shard: bool = False, sync_batchnorm: bool = False) -> History:
         """Train by mini-batch backpropagation.
 
         The training settings (loss, batch_size, shuffle, on_divergence,
@@ -651,6 +651,11 @@ class Sequential:
             With ``comm``: False, every rank passes the same X and y (one
             process's training, split); True, each rank passes its own rows,
             and a global batch is each rank's next ``batch_size // size``.
+        sync_batchnorm : bool, default False
+            With ``comm`` and replicated data: BatchNorm normalises with the
+            global batch's statistics (as torch's SyncBatchNorm; the same
+            training as one process) instead of each rank's own (as torch's
+            DistributedDataParallel; cheaper, no extra collectives).
 
         Returns
         -------
@@ -673,7 +678,7 @@ class Sequential:
         return _fit.fit(self, X, y, loss, optimizer, epochs, batch_size, shuffle,
                         validation_data, verbose, n_threads, on_divergence, checkpoint,
                         checkpoint_every, sample_weight, clip_norm, clip_value,
-                        grad_norms, callbacks, comm, shard)
+                        grad_norms, callbacks, comm, shard, sync_batchnorm)
 
     def discard_partial_epoch(self) -> None:
         """Forget an unfinished epoch, so the next fit starts a new one."""

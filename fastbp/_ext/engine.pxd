@@ -117,4 +117,5 @@ cdef class EngineState:
     # and whether each rank holds its own shard of the rows.
     cdef fbp_comm comm
     cdef readonly int rank, n_ranks
-    cdef readonly bint sharded
+    cdef readonly bint sharded, sync_bn
+    cdef double* bn_scratch   # BatchNorm's column sums (sync_bn)

@@ -8,7 +8,15 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset
 
 from fastbp._ext.dense cimport floating
-from fastbp._ext.engine cimport B_OFF, N_IN, N_OUT, TRAINABLE, W_OFF
+from fastbp._ext.engine cimport B_OFF, N_IN, N_OUT, TRAINABLE, W_OFF, fbp_comm
+
+
+cdef struct BNSync:
+    # BatchNorm with the statistics of the global batch (data-parallel
+    # training, sync_batchnorm): the ranks' column sums are added by MPI.
+    fbp_comm* comm
+    double* scratch     # 2 * (the widest BatchNorm) doubles
+    int64_t rows        # the global batch's rows
 
 
 # splitmix64's counter step: draw i of a stream is the one after counter +
@@ -83,11 +91,12 @@ cdef void dropout_forward_op(const floating* x, floating* out, floating* mask, i
 cdef void batchnorm_forward_op(const floating* x, floating* out, floating* xhat,
                                floating* inv_std, const floating* gamma, const floating* beta,
                                floating* buf, int64_t m, int64_t w, double momentum,
-                               double eps, bint training) noexcept nogil
+                               double eps, bint training, BNSync* sync=*) noexcept nogil
 
 cdef void batchnorm_backward_op(floating* g, const floating* xhat, const floating* inv_std,
                                 const floating* gamma, floating* dgamma, floating* dbeta,
-                                floating* dx, int64_t m, int64_t w, bint training) noexcept nogil
+                                floating* dx, int64_t m, int64_t w, bint training,
+                                BNSync* sync=*) noexcept nogil
 
 cdef double penalize_op(const int64_t[:, ::1] prog, const double[:, ::1] reg,
                         bint per_weight, double wsum, floating* params,

@@ -42,6 +42,11 @@ def build(kind, dtype):
                   L.Dense(3)]
     elif kind == "batchnorm":
         layers = [L.Dense(16), L.BatchNorm(), L.Dense(16, activation="relu"), L.Dense(3)]
+    elif kind == "everything":
+        # Dropout, BatchNorm and a residual block together
+        layers = [L.Dense(16, activation="relu"), L.BatchNorm(), L.Dropout(0.2),
+                  L.Residual([L.Dense(16, activation="tanh"), L.BatchNorm(), L.Dense(16)]),
+                  L.Dense(3)]
     else:
         raise ValueError(kind)
     return L.Sequential(layers, dtype=dtype, seed=3)
@@ -72,6 +77,7 @@ def replicated(comm, a, out):
     net = build(a["model"], dtype)
     sw = w if a.get("weights") else None
     net.fit(X, y, optimizer=optimizer(a["opt"]), sample_weight=sw, comm=comm,
+            sync_batchnorm=a.get("sync_batchnorm", False),
             validation_data=(X[:40], y[:40]), **fit_args(a))
     return net
 
