@@ -325,7 +325,7 @@ class _ModelFront:
                              weights=result.stop.weights)
             stopping = True
         if ranks is not None:
-            stopping = ranks.any(stopping)
+            stopping = ranks.agree_stop(stopping, self.report, epoch)
             self.agreed.agree()
             ranks.check_in_step(net, net.optimizer)
         if self.checkpoint is not None:  # after the callbacks: holds e.g. a scheduled lr

@@ -151,6 +151,19 @@ class Ranks:
         """True on every rank if ``flag`` is true on one."""
         return bool(self.max([bool(flag)])[0])
 
+    def agree_stop(self, stopping, report, epoch):
+        """True on every rank if a callback stopped the fit on one; a rank
+        that did not stop records the lowest stopping rank's reason, so the
+        histories say the same (a ``FitReport``'s ``stop``)."""
+        first = int(self.min([self.rank if stopping else self.size])[0])
+        if first == self.size:
+            return False
+        history = report.net.history
+        why = self.comm.bcast((history.stopped_by, history.stop_reason), root=first)
+        if not stopping and why[0] is not None:
+            report.stop(why[0], why[1], epoch)
+        return True
+
     def bcast(self, array):
         """Rank 0's ``array`` into every rank's (in place)."""
         if array.size:

@@ -255,6 +255,14 @@ def test_ranks_with_different_settings_all_get_the_error(tmp_path, what):
         assert "the ranks fit different models, settings or optimizers" in str(res["message"])
 
 
+def test_a_callback_that_stops_one_rank_stops_every_rank_with_its_reason(tmp_path):
+    results = run_ok(3, "one_rank_stops", dict(dtype="float64"), tmp_path)
+    assert_ranks_identical(results)
+    assert len(results[0]["loss"]) == 2
+    for res in results:
+        assert list(res["stop"]) == ["callback", "rank 1 had seen enough"], res["stop"]
+
+
 def test_a_callback_that_changes_one_rank_stops_every_rank(tmp_path):
     results = run_ok(2, "one_rank_callback", dict(dtype="float64"), tmp_path)
     for res in results:

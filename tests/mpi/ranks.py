@@ -68,7 +68,8 @@ def _snapshot(net):
     return dict(params=net._params, buffers=net._buffers,
                 opt_state=opt._state_for(net.n_params, net.dtype), t=opt.t,
                 loss=np.array(net.history["loss"] if "loss" in net.history else []),
-                val_loss=np.array(net.history["val_loss"] if "val_loss" in net.history else []))
+                val_loss=np.array(net.history["val_loss"] if "val_loss" in net.history else []),
+                stop=np.array([str(net.history.stopped_by), str(net.history.stop_reason)]))
 
 
 def replicated(comm, a, out):
@@ -226,6 +227,23 @@ def bad_handle(comm, a, out):
     except RuntimeError as exc:
         return str(exc)
     return "no error"
+
+
+class _StopOnRankOne(fastbp.callbacks.Callback):
+    def on_epoch_end(self, net, epoch, logs):
+        from mpi4py import MPI
+        if epoch == 2 and MPI.COMM_WORLD.rank == 1:
+            net.stop_training = True
+            self.stop_reason = "rank 1 had seen enough"
+
+
+def one_rank_stops(comm, a, out):
+    """A callback stops the fit on rank 1 only: every rank stops after the
+    same epoch, with the same history and stop reason."""
+    X, y, _ = data(100, 8, 3)
+    net = build("dense", np.float64)
+    net.fit(X, y, comm=comm, callbacks=[_StopOnRankOne()], **fit_args(dict(a, epochs=5, batch=10)))
+    return net
 
 
 def main():
