@@ -387,3 +387,39 @@ def test_the_readme_mpi_demo_prints_that_the_ranks_agree(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all ranks hold the same weights: True" in proc.stdout
     assert proc.stdout.count("test accuracy") == 3   # two ranks and the one-process fit
+
+
+def test_one_rank_trains_bitwise_as_one_process(tmp_path):
+    """comm=MPI.COMM_SELF (a singleton MPI process, no mpiexec): the
+    data-parallel step with one rank is the one-process step, bit for bit."""
+    code = """if True:
+        import sys, numpy as np
+        sys.path.insert(0, sys.argv[1])
+        from mpi4py import MPI
+        import ranks
+        X, y, w = ranks.data(157, 8, 3)
+        out = []
+        for comm in (None, MPI.COMM_SELF):
+            net = ranks.build("dropout_residual", np.float64)
+            net.fit(X, y, optimizer=ranks.optimizer("adam"), sample_weight=w, comm=comm,
+                    **ranks.fit_args(dict(epochs=2, batch=16)))
+            out.append(net._params.copy())
+        print(np.array_equal(out[0], out[1]))
+    """
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run([sys.executable, "-P", "-c", code, str(SCRIPT.parent)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_ranks_with_two_threads_each_equal_one_process(tmp_path):
+    """Each rank may run several threads (its GEMMs split across them):
+    still one process's training."""
+    args = dict(dtype="float64", opt="adam", model="dense", n=203, batch=40, epochs=2,
+                weights=True, n_threads=2)
+    results = run_ok(2, "replicated", args, tmp_path)
+    assert_ranks_identical(results)
+    X, y, w = ranks.data(args["n"], 8, 3)
+    net = single(args, X, y, sample_weight=w, validation_data=(X[:40], y[:40]))
+    assert rel_err(results[0]["params"], net._params) < 1e-10

@@ -78,7 +78,7 @@ def replicated(comm, a, out):
     net = build(a["model"], dtype)
     sw = w if a.get("weights") else None
     net.fit(X, y, optimizer=optimizer(a["opt"]), sample_weight=sw, comm=comm,
-            sync_batchnorm=a.get("sync_batchnorm", False),
+            sync_batchnorm=a.get("sync_batchnorm", False), n_threads=a.get("n_threads"),
             validation_data=(X[:40], y[:40]), **fit_args(a))
     return net
 
