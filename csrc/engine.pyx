@@ -483,7 +483,8 @@ cdef class EngineState:
         free(self.bn_scratch)
 
     def set_comm(self, *, allreduce, ptr_handles, comm, op_sum, type_float, type_double,
-                 in_place, success, rank, n_ranks, sharded, sync_batchnorm=False):
+                 in_place, success, rank, n_ranks, sharded, sync_batchnorm=False,
+                 sync_every=1):
         """Train data-parallel over ``n_ranks`` MPI ranks, as rank ``rank``:
         each step adds the ranks' shares of the gradient and loss with one
         MPI_Allreduce(SUM) at ``allreduce`` (its C address in the MPI library
@@ -517,6 +518,10 @@ cdef class EngineState:
         self.comm.error = 0
         self.rank, self.n_ranks, self.sharded = rank, n_ranks, bool(sharded)
         self.sync_bn = bool(sync_batchnorm)
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or \
+                not 1 <= sync_every < 2 ** 62:
+            raise ValueError(f"sync_every must be a positive int, not {sync_every!r}")
+        self.sync_every = sync_every
         if self.sync_bn and self.bn_scratch == NULL:
             prog = np.asarray(self.program)
             widest = max([int(r[N_OUT]) for r in prog if r[KIND] == BATCHNORM] + [1])
@@ -662,6 +667,18 @@ def _int64(name, value):
     return int(value)
 
 
+cdef int _average(EngineState state, floating* params, int64_t n, int64_t n_ranks) noexcept nogil:
+    """params = the ranks' mean params (local SGD's averaging); an MPI
+    error code, or 0."""
+    cdef int64_t i
+    cdef floating inv = <floating>(1.0 / n_ranks)
+    if fbp_allreduce_sum(&state.comm, params, n, floating is double):
+        return 1
+    for i in range(n):
+        params[i] *= inv
+    return 0
+
+
 def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:, ::1] Y,
                    const floating[::1] W, const int64_t[::1] order, int64_t first_batch,
                    int64_t n_batches, bint gather, int64_t step0, double[::1] batch_loss):
@@ -725,6 +742,10 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
     cdef BNSync bn
     cdef int64_t m_all
     cdef bint dist = state.comm.allreduce != NULL, sharded = state.sharded
+    # local SGD (sync_every = H > 1): each rank steps on its own rows, and
+    # the ranks average their weights every H updates and at the call's end
+    cdef bint local = dist and state.sync_every > 1
+    cdef int64_t sync_every = state.sync_every
     cdef int64_t rank = state.rank, n_ranks = state.n_ranks
     cdef bint prof = profiling()
     cdef const floating* x0
@@ -847,7 +868,7 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
                 else:
                     # every weight of this rank's rows is 0 (the batch's are not)
                     memset(&deltas[0], 0, m * k * sizeof(floating))
-                if dist and wl != 0 and wl != wsum:
+                if dist and wl != 0 and wl != wsum and not local:
                     # this rank's share of the batch's weighted mean
                     scale = wl / wsum
                     loss *= scale
@@ -864,8 +885,41 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
                 else:
                     loss += backward_all(program, x0, &params[0], &grad[0], &acts[0],
                                          &deltas[0], half, m, reg, floats, ptr_or_null(aux), True,
-                                         m_all, share.bn if dist else NULL)
+                                         m if local else m_all, share.bn if dist else NULL)
                 _lap(prof, 3, &t_phase)
+            if local:
+                # this rank's own step; the batch's loss for the history is
+                # the ranks' losses weighted by their share of its weight
+                loss += penalize_op(program, reg, reg_per_weight, wl if wl != 0 else wsum,
+                                    &params[0], &grad[0])
+                red[0] = loss * wl / wsum
+                if fbp_allreduce_sum(&state.comm, red, 1, 1) or state.comm.error:
+                    status = COMM_FAILED
+                    break
+                if not isfinite(red[0]):
+                    batch_loss[b] = red[0]
+                    status = LOSS_NONFINITE
+                    _average(state, &params[0], n_params, n_ranks)
+                    break
+                batch_loss[b] = red[0]
+                if clip:
+                    clip_and_measure_op(program, &grad[0], clip_value, clip_norm, norms)
+                ok = optimizer_step(step_addr, &params[0], &grad[0], slots, segments, n_params,
+                                    <double*>&hyper[0], step0 + steps + 1)
+                red[1] = 0.0 if ok else 1.0
+                if fbp_allreduce_sum(&state.comm, &red[1], 1, 1):
+                    status = COMM_FAILED
+                    break
+                if red[1] != 0:
+                    status = PARAMS_NONFINITE
+                    break
+                done += 1
+                steps += 1
+                if steps % sync_every == 0 or i == n_batches - 1:
+                    if _average(state, &params[0], n_params, n_ranks):
+                        status = COMM_FAILED
+                        break
+                continue
             if dist:
                 # the one collective of a step: the ranks' shares summed
                 red[0] = loss

@@ -46,10 +46,11 @@ class _Plan:
 
 def fit(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data, verbose,
         n_threads, on_divergence, checkpoint, checkpoint_every, sample_weight, clip_norm,
-        clip_value, grad_norms, callbacks, comm=None, shard=False, sync_batchnorm=False):
+        clip_value, grad_norms, callbacks, comm=None, shard=False, sync_batchnorm=False,
+        sync_every=1):
     """``Sequential.fit``'s work (its docstring says what each argument
     means); the caller holds the model."""
-    ranks = _ranks(comm, shard, sync_batchnorm)
+    ranks = _ranks(comm, shard, sync_batchnorm, sync_every)
     plan = _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data,
                  n_threads, on_divergence, checkpoint, checkpoint_every, sample_weight,
                  clip_norm, clip_value, grad_norms, ranks)
@@ -120,16 +121,16 @@ def _model_front(net, plan, run, callbacks, verbose, checkpoint, first_epoch, la
                        plan.ranks, agreed)
 
 
-def _ranks(comm, shard, sync_batchnorm):
+def _ranks(comm, shard, sync_batchnorm, sync_every=1):
     """A ``fastbp.distributed.Ranks`` for ``comm`` (importing MPI only
     then), or None."""
     if comm is None:
-        if shard is not False or sync_batchnorm is not False:
-            raise ValueError("shard and sync_batchnorm need comm (the ranks that train "
-                             "together)")
+        if shard is not False or sync_batchnorm is not False or sync_every != 1:
+            raise ValueError("shard, sync_batchnorm and sync_every need comm (the ranks that "
+                             "train together)")
         return None
     from .distributed import Ranks
-    return Ranks(comm, shard, sync_batchnorm)
+    return Ranks(comm, shard, sync_batchnorm, sync_every)
 
 
 def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data, n_threads,

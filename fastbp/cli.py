@@ -46,8 +46,12 @@ def main(argv=None):
                       help="hidden widths: 64 (two layers of 64, the default) or e.g. 128,64")
     demo.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     demo.add_argument("--seed", type=int, default=0)
-    sub.add_parser("mpi-demo", help="data-parallel training on digits over MPI ranks: "
-                   "mpiexec -n 2 fastbp mpi-demo (needs fastbp[mpich] or fastbp[mpi])")
+    mpi_demo = sub.add_parser("mpi-demo", help="data-parallel training on digits over MPI "
+                              "ranks: mpiexec -n 2 fastbp mpi-demo (needs fastbp[mpich] or "
+                              "fastbp[mpi])")
+    mpi_demo.add_argument("--sync-every", type=int, default=1,
+                          help="1: synchronous (default); H > 1: local SGD, weights averaged "
+                          "every H steps")
     mpi_bench = sub.add_parser("mpi-bench", help="samples/s of N ranks against one process, "
                                "and the allreduce's share: mpiexec -n 2 fastbp mpi-bench")
     mpi_bench.add_argument("--workload", choices=["S", "M", "L"], default="M")
@@ -73,7 +77,7 @@ def main(argv=None):
         from .examples import mpi_digits, mpi_scaling
 
         if args.command == "mpi-demo":
-            return _aborting_on_error(mpi_digits.main)
+            return _aborting_on_error(lambda: mpi_digits.main(args.sync_every))
         return _aborting_on_error(lambda: mpi_scaling.main(
             ["--workload", args.workload, "--dtype", args.dtype, "--rounds", str(args.rounds),
              "--epochs", str(args.epochs)]))

@@ -34,6 +34,18 @@ epoch, as DDP broadcasts its buffers.  With ``sync_batchnorm=True``
 SyncBatchNorm: two allreduces of each BatchNorm's column sums in the forward
 pass and one in the backward, and the training is one process's again.
 
+``sync_every=H`` (H > 1) is local SGD (periodic model averaging), for
+networks too slow for an allreduce of the gradient every step: each rank
+steps on its own rows (its slice, or its shard) with its own optimizer
+state, and the ranks average their weights every H steps and at the end of
+each run of batches (so between runs, and after fit, every rank holds the
+same weights).  Per step only two numbers cross the network (the loss and a
+finite flag).  It is a different algorithm, with no equivalence to one
+process: convergence only (the README compares its accuracy on digits
+with synchronous training).  The history's loss is the ranks' losses
+weighted by their share of each batch's weight.  Checkpoints hold rank 0's
+optimizer state.
+
 The MPI library is the one mpi4py loaded: ``MPI_Allreduce`` is looked up in
 it (ctypes, ``RTLD_NOLOAD``), and every handle and constant comes from
 mpi4py, so fastbp builds without ``mpi.h`` and runs on MPICH, Intel MPI and
@@ -89,9 +101,13 @@ class Ranks:
     sync_batchnorm : bool
         BatchNorm normalises with the global batch's statistics (replicated
         data only), as torch's SyncBatchNorm, instead of each rank's own.
+    sync_every : int
+        1: one step on the global batch's gradient (synchronous, the
+        default).  H > 1: local SGD, each rank steps on its own rows and the
+        ranks average their weights every H steps and at each call's end.
     """
 
-    def __init__(self, comm, shard=False, sync_batchnorm=False):
+    def __init__(self, comm, shard=False, sync_batchnorm=False, sync_every=1):
         MPI = _mpi()
         if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
             raise TypeError(f"comm must be an mpi4py intracommunicator such as "
@@ -104,6 +120,11 @@ class Ranks:
                              "shard is done would miss the statistics' sums")
         self.MPI, self.comm, self.shard = MPI, comm, bool(shard)
         self.sync_batchnorm = bool(sync_batchnorm)
+        if isinstance(sync_every, bool) or not isinstance(sync_every, (int, np.integer)) or \
+                not 1 <= sync_every < 2 ** 62:
+            raise ValueError(f"sync_every must be a positive int (1: every step), not "
+                             f"{sync_every!r}")
+        self.sync_every = int(sync_every)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._handles = None
 
@@ -121,7 +142,8 @@ class Ranks:
                 type_float=int(MPI.FLOAT.handle), type_double=int(MPI.DOUBLE.handle),
                 in_place=int(MPI.IN_PLACE) % 2 ** 64, success=int(MPI.SUCCESS))
         engine_state.set_comm(rank=self.rank, n_ranks=self.size, sharded=self.shard,
-                              sync_batchnorm=self.sync_batchnorm, **self._handles)
+                              sync_batchnorm=self.sync_batchnorm, sync_every=self.sync_every,
+                              **self._handles)
 
     def error(self, code):
         """The RuntimeError for a failed MPI call of the engine."""
@@ -202,7 +224,8 @@ class Ranks:
         rank that ran more epochs or steps than another would wait forever
         in a collective the others never call."""
         text = repr((net.dtype.str, plan.loss, plan.shuffle, plan.clip, plan.grad_norms,
-                     type(opt).__name__, opt.kernel, self.shard, self.sync_batchnorm))
+                     type(opt).__name__, opt.kernel, self.shard, self.sync_batchnorm,
+                     self.sync_every))
         local = [net.n_params, plan.epochs, zlib.crc32(text.encode()),
                  _checksum(np.asarray(opt._hyper(), dtype=np.float64))]
         if not np.array_equal(self.min(local), self.max(local), equal_nan=True):

@@ -537,7 +537,7 @@ class Sequential:
             sample_weight: ArrayLike | None = None, clip_norm: float | None = _resume.LAST,
             clip_value: float | None = _resume.LAST, grad_norms: bool = _resume.LAST,
             callbacks: Iterable[object] | None = None, comm: object | None = None,
-            shard: bool = False, sync_batchnorm: bool = False) -> History:
+            shard: bool = False, sync_batchnorm: bool = False, sync_every: int = 1) -> History:
         """Train by mini-batch backpropagation.
 
         The training settings (loss, batch_size, shuffle, on_divergence,
@@ -656,6 +656,12 @@ class Sequential:
             global batch's statistics (as torch's SyncBatchNorm; the same
             training as one process) instead of each rank's own (as torch's
             DistributedDataParallel; cheaper, no extra collectives).
+        sync_every : int, default 1
+            With ``comm``: 1 steps on the global batch's gradient (one
+            allreduce per step). H > 1 is local SGD for slow networks: each
+            rank steps on its own rows, and the ranks average their weights
+            every H steps (convergence only: not one process's training;
+            see ``fastbp.distributed``).
 
         Returns
         -------
@@ -678,7 +684,7 @@ class Sequential:
         return _fit.fit(self, X, y, loss, optimizer, epochs, batch_size, shuffle,
                         validation_data, verbose, n_threads, on_divergence, checkpoint,
                         checkpoint_every, sample_weight, clip_norm, clip_value,
-                        grad_norms, callbacks, comm, shard, sync_batchnorm)
+                        grad_norms, callbacks, comm, shard, sync_batchnorm, sync_every)
 
     def discard_partial_epoch(self) -> None:
         """Forget an unfinished epoch, so the next fit starts a new one."""

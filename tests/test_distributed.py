@@ -73,9 +73,10 @@ def run_ok(n, scenario, args, tmp_path):
     return results
 
 
-def assert_ranks_identical(results):
+def assert_ranks_identical(results, keys=("params", "buffers", "opt_state", "t", "loss",
+                                           "val_loss")):
     for r, res in enumerate(results[1:], 1):
-        for key in ("params", "buffers", "opt_state", "t", "loss", "val_loss"):
+        for key in keys:
             assert np.array_equal(res[key], results[0][key]), (key, r)
 
 
@@ -280,6 +281,45 @@ def test_a_failing_allreduce_stops_every_rank_with_mpis_message(tmp_path):
         assert "training stopped" in message
 
 
+@pytest.mark.parametrize("sync_every", [3, 1000])
+def test_local_sgd_keeps_the_ranks_identical_and_trains(tmp_path, sync_every):
+    """sync_every=H: each rank steps on its own slice, and the ranks average
+    their weights every H steps and at each run's end (1000: only there).
+    Not one process's training (no equivalence is claimed): the ranks end
+    identical, the loss falls, and the result differs from synchronous
+    training."""
+    args = dict(dtype="float64", opt="adam", model="dropout_residual", n=203, batch=20,
+                epochs=6, weights=True, sync_every=sync_every)
+    results = run_ok(3, "replicated", args, tmp_path)
+    # each rank keeps its own optimizer state (averaged: the weights only)
+    assert_ranks_identical(results, keys=("params", "buffers", "t", "loss", "val_loss"))
+    assert not np.array_equal(results[0]["opt_state"], results[1]["opt_state"])
+    loss = results[0]["loss"]
+    assert np.isfinite(results[0]["params"]).all()
+    assert loss[-1] < 0.9 * loss[0], loss
+    X, y, w = ranks.data(args["n"], 8, 3)
+    synchronous = single(args, X, y, sample_weight=w, validation_data=(X[:40], y[:40]))
+    assert rel_err(results[0]["params"], synchronous._params) > 1e-6
+
+
+def test_local_sgd_on_digits_reaches_synchronous_accuracy(tmp_path):
+    """The README's comparison: 2 ranks, local SGD every 16 steps, within 3
+    points of the synchronous fit's test accuracy."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    accuracy = {}
+    for h in (1, 16):
+        cmd = [*MPIEXEC, "-n", "2", sys.executable, "-P", "-c",
+               f"import sys; from fastbp.cli import main; "
+               f"sys.exit(main(['mpi-demo', '--sync-every', '{h}']))"]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "all ranks hold the same weights: True" in proc.stdout
+        line = next(l for l in proc.stdout.splitlines() if l.startswith("rank 0 of 2"))
+        accuracy[h] = float(line.split("test accuracy ")[1].split(",")[0])
+    assert accuracy[16] > accuracy[1] - 0.03, accuracy
+
+
 def test_without_comm_nothing_from_mpi_is_imported():
     code = ("import sys, numpy as np, fastbp\n"
             "net = fastbp.Sequential([fastbp.Dense(2)])\n"
@@ -297,10 +337,9 @@ def test_bad_comm_and_shard_arguments_are_refused():
     X, y = np.ones((8, 3)), np.ones((8, 2))
     with pytest.raises(TypeError, match="mpi4py intracommunicator"):
         net.fit(X, y, comm="world", verbose=0)
-    with pytest.raises(ValueError, match="shard and sync_batchnorm need comm"):
-        net.fit(X, y, shard=True, verbose=0)
-    with pytest.raises(ValueError, match="shard and sync_batchnorm need comm"):
-        net.fit(X, y, sync_batchnorm=True, verbose=0)
+    for kwargs in (dict(shard=True), dict(sync_batchnorm=True), dict(sync_every=4)):
+        with pytest.raises(ValueError, match="shard, sync_batchnorm and sync_every need comm"):
+            net.fit(X, y, verbose=0, **kwargs)
 
 
 def test_grid_search_on_a_dask_cluster_equals_the_default_backend():

@@ -118,4 +118,5 @@ cdef class EngineState:
     cdef fbp_comm comm
     cdef readonly int rank, n_ranks
     cdef readonly bint sharded, sync_bn
+    cdef readonly int64_t sync_every   # 1: synchronous; H > 1: local SGD
     cdef double* bn_scratch   # BatchNorm's column sums (sync_bn)

@@ -79,6 +79,7 @@ def replicated(comm, a, out):
     sw = w if a.get("weights") else None
     net.fit(X, y, optimizer=optimizer(a["opt"]), sample_weight=sw, comm=comm,
             sync_batchnorm=a.get("sync_batchnorm", False), n_threads=a.get("n_threads"),
+            sync_every=a.get("sync_every", 1),
             validation_data=(X[:40], y[:40]), **fit_args(a))
     return net
 
