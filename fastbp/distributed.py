@@ -48,9 +48,10 @@ optimizer state.
 
 The MPI library is the one mpi4py loaded: ``MPI_Allreduce`` is looked up in
 it (ctypes, ``RTLD_NOLOAD``), and every handle and constant comes from
-mpi4py, so fastbp builds without ``mpi.h`` and runs on MPICH, Intel MPI and
-Open MPI (int or pointer handles, chosen at run time).  Nothing here is
-imported unless ``comm`` is given.
+mpi4py, so fastbp builds without ``mpi.h`` and runs on MPICH and Open MPI
+(both tested; int or pointer handles, chosen at run time; Intel MPI shares
+MPICH's handles, untried).  Nothing here is imported unless ``comm`` is
+given.
 """
 from __future__ import annotations
 
