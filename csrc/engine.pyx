@@ -892,40 +892,9 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
                 # the ranks' losses weighted by their share of its weight
                 loss += penalize_op(program, reg, reg_per_weight, wl if wl != 0 else wsum,
                                     &params[0], &grad[0])
+                _lap(prof, 4, &t_phase)
                 red[0] = loss * wl / wsum
                 if fbp_allreduce_sum(&state.comm, red, 1, 1) or state.comm.error:
-                    status = COMM_FAILED
-                    break
-                if not isfinite(red[0]):
-                    batch_loss[b] = red[0]
-                    status = LOSS_NONFINITE
-                    _average(state, &params[0], n_params, n_ranks)
-                    break
-                batch_loss[b] = red[0]
-                if clip:
-                    clip_and_measure_op(program, &grad[0], clip_value, clip_norm, norms)
-                ok = optimizer_step(step_addr, &params[0], &grad[0], slots, segments, n_params,
-                                    <double*>&hyper[0], step0 + steps + 1)
-                red[1] = 0.0 if ok else 1.0
-                if fbp_allreduce_sum(&state.comm, &red[1], 1, 1):
-                    status = COMM_FAILED
-                    break
-                if red[1] != 0:
-                    status = PARAMS_NONFINITE
-                    break
-                done += 1
-                steps += 1
-                if steps % sync_every == 0 or i == n_batches - 1:
-                    if _average(state, &params[0], n_params, n_ranks):
-                        status = COMM_FAILED
-                        break
-                continue
-            if dist:
-                # the one collective of a step: the ranks' shares summed
-                red[0] = loss
-                if fbp_allreduce_sum(&state.comm, red, 1, 1) or \
-                        fbp_allreduce_sum(&state.comm, &grad[0], n_params, floating is double) \
-                        or state.comm.error:   # (also BatchNorm's, with sync_bn)
                     status = COMM_FAILED
                     break
                 loss = red[0]
@@ -933,9 +902,26 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
                 if not isfinite(loss):
                     batch_loss[b] = loss
                     status = LOSS_NONFINITE
+                    _average(state, &params[0], n_params, n_ranks)
                     break
-            loss += penalize_op(program, reg, reg_per_weight, wsum, &params[0], &grad[0])
-            _lap(prof, 4, &t_phase)
+            else:
+                if dist:
+                    # the one collective of a step: the ranks' shares summed
+                    red[0] = loss
+                    if fbp_allreduce_sum(&state.comm, red, 1, 1) or \
+                            fbp_allreduce_sum(&state.comm, &grad[0], n_params,
+                                              floating is double) \
+                            or state.comm.error:   # (also BatchNorm's, with sync_bn)
+                        status = COMM_FAILED
+                        break
+                    loss = red[0]
+                    _lap(prof, 8, &t_phase)
+                    if not isfinite(loss):
+                        batch_loss[b] = loss
+                        status = LOSS_NONFINITE
+                        break
+                loss += penalize_op(program, reg, reg_per_weight, wsum, &params[0], &grad[0])
+                _lap(prof, 4, &t_phase)
             batch_loss[b] = loss
             if clip:
                 clip_and_measure_op(program, &grad[0], clip_value, clip_norm, norms)
@@ -944,9 +930,21 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
                                 <double*>&hyper[0], step0 + steps + 1)
             _lap(prof, 6, &t_phase)
             PHASE_STEPS += prof
+            if local:
+                # each rank updated its own weights: a non-finite one on any
+                # rank stops every rank
+                red[1] = 0.0 if ok else 1.0
+                if fbp_allreduce_sum(&state.comm, &red[1], 1, 1):
+                    status = COMM_FAILED
+                    break
+                ok = red[1] == 0
             if not ok:
                 status = PARAMS_NONFINITE
                 break
             done += 1
             steps += 1
+            if local and (steps % sync_every == 0 or i == n_batches - 1):
+                if _average(state, &params[0], n_params, n_ranks):
+                    status = COMM_FAILED
+                    break
     return done, steps, status
