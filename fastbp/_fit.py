@@ -217,9 +217,11 @@ def _check_batchnorm_rows(n, batch, ranks):
     sync_batchnorm, 2 in each batch and 1 in each rank's part (every rank
     takes part in the statistics' sums)."""
     sizes = {batch, n % batch or batch}
-    if ranks is not None and ranks.sync_batchnorm:
+    if ranks is not None and not ranks.shard:
+        # each rank's contiguous slice of a batch of m rows
         parts = {m * (r + 1) // ranks.size - m * r // ranks.size
                  for m in sizes for r in range(ranks.size)}
+    if ranks is not None and ranks.sync_batchnorm:
         if min(sizes) < 2 or min(parts) < 1:
             raise ValueError(f"sync_batchnorm needs at least 2 rows in every batch and 1 in "
                              f"every rank's part of it: {n} samples in batches of {batch} on "
@@ -227,8 +229,7 @@ def _check_batchnorm_rows(n, batch, ranks):
                              f"{min(parts)}; change batch_size")
         return
     if ranks is not None and not ranks.shard:
-        sizes = {m * (r + 1) // ranks.size - m * r // ranks.size
-                 for m in sizes for r in range(ranks.size)}
+        sizes = parts
     elif ranks is not None:
         sizes |= {0} if ranks.any(n < batch * ranks.n_batches(n, batch)) else set()
     if min(sizes) < 2:
