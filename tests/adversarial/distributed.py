@@ -18,11 +18,8 @@ Run: ``python -P tests/adversarial/distributed.py --trials 40`` (prints the
 counts of trials run, passed, and failures by kind).
 """
 import argparse
-import json
-import os
 import pathlib
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,24 +29,13 @@ import time
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
-SCRIPT = HERE.parent / "mpi" / "ranks.py"
-
-
-def _mpiexec():
-    local = pathlib.Path(sys.executable).parent / "mpiexec"
-    path = str(local) if local.exists() else shutil.which("mpiexec")
-    version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
-    return [path, "--oversubscribe"] if "Open MPI" in version else [path]
-
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
-           OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+sys.path.insert(0, str(HERE.parent / "mpi"))
+import launch  # noqa: E402  (tests/mpi/launch.py: mpiexec and its environment)
 
 
 def _start(n, scenario, args, out):
-    cmd = [*_mpiexec(), "-n", str(n), sys.executable, "-P", str(SCRIPT), scenario, str(out),
-           json.dumps(args)]
-    return subprocess.Popen(cmd, cwd=out, env=ENV, stdout=subprocess.PIPE,
+    return subprocess.Popen(launch.command(n, scenario, out, args), cwd=out,
+                            env=launch.env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -82,7 +68,7 @@ def trial_ctrl_c(rng, out):
     code, output = _finish(proc)
     if code is None or time.monotonic() - start > 60:
         return "hang after Ctrl-C"
-    if "--oversubscribe" in _mpiexec():
+    if "--oversubscribe" in launch.MPIEXEC:
         return None  # Open MPI ends the job on Ctrl-C: only a hang is a failure
     results = _results(out, 2)
     if code != 0 or len(results) != 2:
