@@ -31,7 +31,12 @@ scikit-learn's on scikit-learn's digits data (100 hidden units, adam,
 float64, 200 epochs; ``--batch`` sizes), interleaved, and prints both
 medians, their ratio and how far the two fits' weights differ.
 
-Size: about 570 lines: one command (``fastbp bench``): its workloads, the
+``fastbp bench --phases`` instead prints where fastbp's step spends its
+time, phase by phase from timers in the engine, and the step it would take
+with its products at the FMA peak and everything else as measured (what
+the rest of the step holds back); with ``--digits``, for the digits fit.
+
+Size: about 630 lines: one command (``fastbp bench``): its workloads, the
 peers' training loops, the interleaved timing and the table, which only
 make sense together.
 """
@@ -281,34 +286,81 @@ def run_phases(name, threads, dtype="float32"):
     engine's phase timers (gather, forward, loss, backward, penalty, clip,
     optimizer, and the row-parallel forward), with the products computed
     through the layer-by-layer path's GEMM entry point counted apart
-    ("gemm", a part of forward and backward).  Returns a record."""
-    import fastbp
-    from ._ext import dense, engine
-
+    ("gemm", a part of forward and backward), and the step's bound (see
+    ``_phase_record``).  Returns a record."""
     sizes, batch, n = WORKLOADS[name]
     X, y = make_data(sizes, n, dtype)
     with _Threads(threads):
         train, _ = _fastbp(sizes, batch, X, y, dtype)
-        engine._phase_seconds()
-        previous = dense._set_profiling(True)
-        try:
-            t0 = time.perf_counter()
-            train()
-            wall = time.perf_counter() - t0
-        finally:
-            dense._set_profiling(previous)
-        phases = engine._phase_seconds()
+        wall, phases = _profiled(train)
         peak = fma_peak_gflops(dtype, threads)
-    steps = phases.pop("steps")
+    return _phase_record(name, sizes, batch, dtype, threads, wall, phases,
+                         train_flops(sizes, batch) * phases["steps"], peak)
+
+
+def run_digits_phases(batch=200, threads=None, epochs=20):
+    """``run_phases`` for the digits drop-in (``run_digits``' fit of
+    ``fastbp.MLPClassifier``, float64, ``epochs`` epochs in full): its steps
+    include the estimator's own work between epochs."""
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+
+    import fastbp
+
+    X, y = load_digits(return_X_y=True)
+    X = X / 16.0
+    threads = threads or os.cpu_count() or 1
+    kw = dict(hidden_layer_sizes=(100,), solver="adam", max_iter=epochs, random_state=0,
+              batch_size=batch, tol=0, n_iter_no_change=10 ** 9)
+    with warnings.catch_warnings(), _Threads(threads):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fastbp.MLPClassifier(**{**kw, "max_iter": 1}).fit(X, y)   # first-use compiles
+        wall, phases = _profiled(lambda: fastbp.MLPClassifier(**kw).fit(X, y))
+        peak = fma_peak_gflops("float64", threads)
+    sizes = (X.shape[1], 100, 10)
+    return _phase_record("digits", sizes, batch, "float64", threads, wall, phases,
+                         train_flops(sizes, len(X)) * epochs, peak)
+
+
+def _profiled(train):
+    """Runs ``train()`` with the engine's phase timers on (and off again
+    after); returns its wall time and the timers' counts."""
+    from ._ext import dense, engine
+
+    engine._phase_seconds()
+    previous = dense._set_profiling(True)
+    try:
+        t0 = time.perf_counter()
+        train()
+        wall = time.perf_counter() - t0
+    finally:
+        dense._set_profiling(previous)
+    return wall, engine._phase_seconds()
+
+
+def _phase_record(name, sizes, batch, dtype, threads, wall, phases, flops, peak):
+    """run_phases' record from the timers (``phases``), the wall time and
+    the GEMM flops of the steps timed.
+
+    ``bound_step_ms`` is the step with its products at the FMA peak and
+    every other phase as measured: how fast the step could be with perfect
+    GEMMs, so what the rest of the step holds back.  None on the
+    row-parallel path, whose products are not timed apart."""
+    phases = dict(phases)
+    steps = max(phases.pop("steps"), 1)
     gemm = phases.pop("gemm")
-    flops = train_flops(sizes, batch)
+    at_peak = flops / steps / (peak * 1e9)
+    step = wall / steps
+    bound = None if phases.get("row-parallel forward") else step - gemm / steps + at_peak
     return {"workload": name, "layers": "-".join(map(str, sizes)), "batch": batch,
             "dtype": dtype, "threads": threads, "isa": _isa_level(), "steps": steps,
-            "step_ms": 1e3 * wall / max(steps, 1),
-            "phase_ms": {k: 1e3 * v / max(steps, 1) for k, v in phases.items() if v},
-            "gemm_ms": 1e3 * gemm / max(steps, 1),
-            "gemm_percent_of_peak": 100 * flops * steps / max(gemm, 1e-12) / 1e9 / peak,
-            "step_percent_of_peak": 100 * flops * steps / wall / 1e9 / peak,
+            "step_ms": 1e3 * step,
+            "phase_ms": {k: 1e3 * v / steps for k, v in phases.items() if v},
+            "gemm_ms": 1e3 * gemm / steps,
+            "gemm_percent_of_peak": 100 * flops / max(gemm, 1e-12) / 1e9 / peak,
+            "step_percent_of_peak": 100 * flops / wall / 1e9 / peak,
+            "gemm_at_peak_ms": 1e3 * at_peak,
+            "bound_step_ms": None if bound is None else 1e3 * bound,
             "fma_peak_gflops": peak}
 
 
@@ -326,6 +378,10 @@ def format_phases(records):
             lines.append(f"  {'of which GEMMs':<22}{r['gemm_ms']:>10.3f} ms"
                          f"{100 * r['gemm_ms'] / total:>7.1f}%  "
                          f"({r['gemm_percent_of_peak']:.0f}% of the FMA peak)")
+        if r["bound_step_ms"] is not None:
+            lines.append(f"  with its products at the FMA peak ({r['gemm_at_peak_ms']:.3f} ms) "
+                         f"and the rest as measured: {r['bound_step_ms']:.3f} ms a step, "
+                         f"{r['step_ms'] / r['bound_step_ms']:.2f}x this one's speed")
     return "\n".join(lines)
 
 
@@ -545,8 +601,14 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=200, help="epochs for --digits (default 200)")
     parser.add_argument("--phases", action="store_true",
                         help="instead: where fastbp's training step spends its time, phase by "
-                             "phase, for each --workload and --threads")
+                             "phase, for each --workload and --threads (with --digits: for the "
+                             "digits fit, at each --batch, for --epochs)")
     args = parser.parse_args(argv)
+    if args.phases and args.digits:
+        records = [run_digits_phases(batch, threads, args.epochs)
+                   for threads in args.threads for batch in args.batch]
+        print(json.dumps(records, indent=1) if args.json else format_phases(records))
+        return 0
     if args.phases:
         records = [run_phases(name, threads, args.dtype)
                    for threads in args.threads for name in args.workload]

@@ -99,10 +99,38 @@ def test_phases_account_for_the_step(monkeypatch):
     # the phases are parts of the step, and the GEMMs parts of the phases
     assert sum(r["phase_ms"].values()) <= r["step_ms"]
     assert 0 < r["gemm_ms"] <= r["phase_ms"]["forward"] + r["phase_ms"]["backward"]
+    # the bound: the step with its products at the FMA peak, the rest as
+    # measured
+    at_peak = bench.train_flops((5, 64, 3), 16) / (r["fma_peak_gflops"] * 1e9) * 1e3
+    assert r["gemm_at_peak_ms"] == pytest.approx(at_peak)
+    assert r["bound_step_ms"] == pytest.approx(r["step_ms"] - r["gemm_ms"] + at_peak)
     text = bench.format_phases([r])
     assert "of which GEMMs" in text and "optimizer" in text
+    assert "with its products at the FMA peak" in text
     from fastbp._ext import dense
     assert dense._set_profiling(False) is False      # left off
+
+
+def test_phases_of_the_row_parallel_step_give_no_bound():
+    # its products are not timed apart, so the bound cannot be computed
+    r = bench._phase_record("x", (4, 3), 8, "float64", 2, 1.0,
+                            {"steps": 10, "gemm": 0.0, "row-parallel forward": 0.5,
+                             "backward": 0.3}, 1e6, 50.0)
+    assert r["bound_step_ms"] is None
+    assert "at the FMA peak" not in bench.format_phases([r])
+
+
+def test_phases_of_the_digits_fit(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastbp", "bench", "--phases", "--digits", "--batch", "200",
+         "--epochs", "2", "--threads", "1", "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (r,) = json.loads(proc.stdout)
+    # 1797 rows in batches of 200: 9 steps an epoch
+    assert r["workload"] == "digits" and r["dtype"] == "float64" and r["steps"] == 18
+    assert {"forward", "backward", "optimizer"} <= set(r["phase_ms"])
+    assert r["bound_step_ms"] is not None and 0 < r["gemm_ms"] < r["step_ms"]
 
 
 # -- the --plot chart ----------------------------------------------------------------
