@@ -192,10 +192,20 @@ PEER_ISA_VARIABLES = ("OPENBLAS_CORETYPE", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_IN
 
 def fma_peak_gflops(dtype="float32", threads=1):
     """The multiply-add peak of ``threads`` cores at fastbp's instruction-set
-    level: one core's, measured now by csrc/peak.h, times the core count."""
+    level: one core's, measured now by csrc/peak.h, times the core count
+    (at most the CPUs this process may run on, as fastbp's own threads
+    are)."""
     from ._ext import dense
 
-    return threads * dense.fma_peak_gflops(dtype)
+    return min(threads, _cpus()) * dense.fma_peak_gflops(dtype)
+
+
+def _cpus():
+    """The CPUs this process may run on (its affinity), the default thread
+    count."""
+    from ._validation import available_cpus
+
+    return available_cpus()
 
 
 def isa_note():
@@ -309,7 +319,7 @@ def run_digits_phases(batch=200, threads=None, epochs=20):
 
     X, y = load_digits(return_X_y=True)
     X = X / 16.0
-    threads = threads or os.cpu_count() or 1
+    threads = threads or _cpus()
     kw = dict(hidden_layer_sizes=(100,), solver="adam", max_iter=epochs, random_state=0,
               batch_size=batch, tol=0, n_iter_no_change=10 ** 9)
     with warnings.catch_warnings(), _Threads(threads):
@@ -409,7 +419,7 @@ def run_digits(batch_sizes=(200,), rounds=7, epochs=200, threads=None, pause=0.2
     X, y = load_digits(return_X_y=True)
     X = X / 16.0
     records = []
-    with warnings.catch_warnings(), _Threads(threads or os.cpu_count() or 1):
+    with warnings.catch_warnings(), _Threads(threads or _cpus()):
         warnings.simplefilter("ignore", ConvergenceWarning)
         for batch in batch_sizes:
             kw = dict(hidden_layer_sizes=(100,), solver="adam", max_iter=epochs,
@@ -430,7 +440,7 @@ def run_digits(batch_sizes=(200,), rounds=7, epochs=200, threads=None, pause=0.2
                        for a, b in zip(fits["sklearn"].coefs_, fits["fastbp"].coefs_))
             records.append({
                 "batch": batch, "epochs": epochs, "rounds": rounds,
-                "threads": threads or os.cpu_count() or 1,
+                "threads": threads or _cpus(),
                 "sklearn_seconds": float(np.median(t_sk)),
                 "fastbp_seconds": float(np.median(t_fb)),
                 "speedup": float(np.median(t_sk) / np.median(t_fb)),
@@ -577,18 +587,43 @@ def plot(records, path):
     return path
 
 
+def _at_least(low):
+    """An argparse type: an integer of at least ``low``, else a usage error
+    that says so (rather than a traceback from deep in a run)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds >= 0")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastbp bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--impl", nargs="+", default=None, choices=IMPLEMENTATIONS,
                         help="implementations to run (default: all that are installed)")
-    parser.add_argument("--threads", nargs="+", type=int, default=[os.cpu_count() or 1],
+    parser.add_argument("--threads", nargs="+", type=_at_least(1), default=[_cpus()],
                         help="thread counts to run at (default: all cores)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=_at_least(1), default=5)
     parser.add_argument("--no-predict", action="store_true", help="skip predict timings")
-    parser.add_argument("--pause", type=float, default=0.25,
+    parser.add_argument("--pause", type=_seconds, default=0.25,
                         help="seconds of idle before each timed run, so that thread pools of "
                              "the previous implementation stop spinning (default 0.25)")
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
@@ -596,9 +631,9 @@ def main(argv=None):
     parser.add_argument("--digits", action="store_true",
                         help="instead: fastbp.MLPClassifier against scikit-learn's on the digits "
                              "data (100 hidden units, adam, float64), at --batch")
-    parser.add_argument("--batch", nargs="+", type=int, default=[200],
+    parser.add_argument("--batch", nargs="+", type=_at_least(1), default=[200],
                         help="batch sizes for --digits (default 200, scikit-learn's 'auto')")
-    parser.add_argument("--epochs", type=int, default=200, help="epochs for --digits (default 200)")
+    parser.add_argument("--epochs", type=_at_least(1), default=200, help="epochs for --digits (default 200)")
     parser.add_argument("--phases", action="store_true",
                         help="instead: where fastbp's training step spends its time, phase by "
                              "phase, for each --workload and --threads (with --digits: for the "

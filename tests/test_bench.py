@@ -111,6 +111,32 @@ def test_phases_account_for_the_step(monkeypatch):
     assert dense._set_profiling(False) is False      # left off
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--rounds", "0"], "--rounds: 0 is less than 1"),
+    (["--threads", "1", "0"], "--threads: 0 is less than 1"),
+    (["--digits", "--epochs", "0"], "--epochs: 0 is less than 1"),
+    (["--digits", "--batch", "-5"], "--batch: -5 is less than 1"),
+    (["--phases", "--threads", "x"], "--threads: 'x' is not an integer"),
+    (["--pause", "nan"], "--pause: nan is not a finite number of seconds"),
+    (["--pause", "-1"], "--pause: -1 is not a finite number of seconds"),
+])
+def test_bench_refuses_counts_it_cannot_run_before_running(capsys, args, message):
+    # a usage error naming the argument, not a traceback from deep in a run
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_peak_counts_no_more_cores_than_the_process_may_run_on(monkeypatch):
+    from fastbp._ext import dense
+    from fastbp._validation import available_cpus
+
+    monkeypatch.setattr(dense, "fma_peak_gflops", lambda dtype: 10.0)
+    assert bench.fma_peak_gflops("float32", 1) == 10.0
+    assert bench.fma_peak_gflops("float32", 10 ** 6) == 10.0 * available_cpus()
+
+
 def test_phases_of_the_row_parallel_step_give_no_bound():
     # its products are not timed apart, so the bound cannot be computed
     r = bench._phase_record("x", (4, 3), 8, "float64", 2, 1.0,
