@@ -27,7 +27,7 @@ from ._loop import MiniBatch, is_solver
 from ._reporting import DivergenceError
 from ._runner import _dense_rows, _EpochRunner
 from ._threads import _blas_threads, _DeferredInterrupt
-from ._validation import check_n_threads, check_positive_int
+from ._validation import check_kernel_dim, check_n_threads, check_positive_int
 from .layers import BatchNorm
 from .losses import data_loss
 
@@ -166,6 +166,9 @@ def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_da
         batch = _sharded_batch(ranks, plan, batch_size)
     else:
         batch = n if batch_size is None else min(check_positive_int(batch_size, "batch_size"), n)
+    check_kernel_dim(batch, "the batch size (batch_size=None: all rows)" if batch_size is None
+                     else "batch_size",
+                     "pass a smaller batch_size")
     if any(isinstance(l, BatchNorm) for l in net.layers):
         _check_batchnorm_rows(n, batch, ranks)
     plan.batch = batch

@@ -438,7 +438,8 @@ def check_header(header):
     if n_features is not None:
         try:
             _, _, sizes = plan(layers, n_features, dtype)
-        except ValueError as exc:  # residual markers that do not pair up, or change the width
+        except ValueError as exc:  # residual markers that do not pair up or change the
+            # width, or a width or feature count beyond the kernels
             fail(f"invalid architecture: {exc}")
         n_params = sizes["n_params"]
         # the file keeps each BatchNorm's eps after its running statistics

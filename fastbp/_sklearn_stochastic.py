@@ -19,6 +19,7 @@ from . import _loop
 from ._loop import MiniBatch
 from ._optimizer import Optimizer, _flag, _real
 from ._runner import _EpochRunner
+from ._validation import check_kernel_dim
 from .losses import data_loss
 
 
@@ -205,6 +206,7 @@ class _StochasticSolvers:
                 warnings.warn("Got `batch_size` less than 1 or larger than sample size. "
                               "It is going to be clipped")
             batch_size = int(np.clip(self.batch_size, 1, n_samples))
+        check_kernel_dim(batch_size, "batch_size", "pass a smaller batch_size")
         W = (np.ones(n_samples, dtype=X.dtype) if sample_weight is None
              else np.ascontiguousarray(sample_weight, dtype=X.dtype))
         state = opt._bind(net.n_params, net.dtype)

@@ -349,6 +349,21 @@ def check_sample_weight(sample_weight, n_samples, dtype):
     return out
 
 
+#: the most rows, columns or depth a product of the compiled kernels takes:
+#: they index them with C ints, as BLAS does (a batch's rows, a layer's
+#: width, the number of features).
+MAX_DIM = 2 ** 31 - 1
+
+
+def check_kernel_dim(value, what, fix):
+    """ValueError naming ``what`` and ``fix`` when ``value`` is more than
+    the kernels take (``MAX_DIM``, read at call time); else ``value``."""
+    if value > MAX_DIM:
+        raise ValueError(f"{what} is {value}, more than fastbp's kernels take (2**31 - 1); "
+                         f"{fix}")
+    return value
+
+
 #: the largest ``n_threads`` accepted (the kernels take a C int); larger
 #: counts than the CPUs this process may run on are treated as that many.
 MAX_THREADS = 2 ** 31 - 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import activations
+from ._validation import check_kernel_dim
 from ._ext.engine import (ACT, ACT_OFF, AUX_OFF, B_OFF, BUF_OFF, EPS, KIND, MOMENTUM, N_COLS,
                           N_FLOATS, N_IN, N_OUT, RATE, TRAINABLE, W_OFF, Act, Kind)
 
@@ -108,8 +109,12 @@ def plan(layers, n_features, dtype="float64"):
     rows, floats = [], []
     w_off = act_off = aux_off = buf_off = 0
     n_in, widths = n_features, [n_features]
+    check_kernel_dim(n_features, "the number of features",
+                     "select or project fewer features first")
     for i, layer in enumerate(layers):
         n_out = layer.units if layer.kind == Kind.DENSE else n_in
+        check_kernel_dim(n_out, f"the width of layer {i} ({type(layer).__name__})",
+                         "use fewer units")
         if layer.kind == Kind.RES_END and rows[partners[i]][N_IN] != n_in:
             raise ValueError(f"a Residual block must keep its width: it takes "
                              f"{rows[partners[i]][N_IN]} features and gives {n_in}")

@@ -75,8 +75,13 @@ def test_plan_is_compile_in_python_integers():
     assert sizes == {"n_params": program.n_params, "n_buffers": program.n_buffers,
                      "n_aux": program.n_aux, "act_width": program.act_width,
                      "delta_width": program.delta_width}
-    _, _, huge = fp.plan([fastbp.Dense(2 ** 62), fastbp.Dense(2 ** 62)], 2 ** 62)
-    assert huge["n_params"] == 2 ** 124 + 2 ** 62 + 2 ** 124 + 2 ** 62
+    # the widest layers the kernels take: n_params is past int64 (3 * 2**62)
+    w = 2 ** 31 - 1
+    _, _, huge = fp.plan([fastbp.Dense(w), fastbp.Dense(w), fastbp.Dense(w)], w)
+    assert huge["n_params"] == 3 * (w * w + w) > 2 ** 63
+    # and no wider: the kernels index widths with C ints
+    with pytest.raises(ValueError, match="width of layer 1"):
+        fp.plan([fastbp.Dense(w), fastbp.Dense(w + 1)], 4)
 
 
 def test_architectures_script_finds_no_failure():

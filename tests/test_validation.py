@@ -400,3 +400,41 @@ def test_python_ints_beyond_float64_are_a_value_error():
     for X in ([[10 ** 400, 1]], np.array([[1, -10 ** 400]], dtype=object)):
         with pytest.raises(ValueError, match="integer at index .* beyond the range of float64"):
             net.predict(X)
+
+
+# -- sizes the compiled kernels cannot index -----------------------------------
+# They take a product's rows, columns and depth as C ints (as BLAS does); a
+# larger width, feature count or batch was cut to its low 32 bits there
+# (a 2**32 + 5 row batch computed 5 rows, the rest left as they were).
+
+def test_layer_widths_beyond_the_kernels_are_refused_before_allocating():
+    net = fastbp.Sequential([fastbp.Dense(2 ** 31, activation="relu"), fastbp.Dense(2)])
+    with pytest.raises(ValueError, match=r"width of layer 0 \(Dense\) is 2147483648.*"
+                                         r"use fewer units"):
+        net.build(3)
+    assert not net.built
+
+
+def test_feature_counts_beyond_the_kernels_are_refused_before_allocating():
+    net = fastbp.Sequential([fastbp.Dense(2)])
+    with pytest.raises(ValueError, match="number of features is 2147483648"):
+        net.build(2 ** 31)
+    assert not net.built
+
+
+@pytest.mark.parametrize("batch_size", [None, 150])
+def test_batches_beyond_the_kernels_are_refused_before_training(monkeypatch, batch_size):
+    # (a batch of 2**31 rows needs gigabytes: the limit is lowered to show
+    # that every way to a batch is checked against it)
+    from fastbp import _validation
+
+    monkeypatch.setattr(_validation, "MAX_DIM", 100)
+    X = np.random.default_rng(0).random((300, 4))
+    y = np.arange(300) % 2
+    net = fastbp.Sequential([fastbp.Dense(2)])
+    with pytest.raises(ValueError, match="pass a smaller batch_size"):
+        net.fit(X, y, batch_size=batch_size, epochs=1, loss="cross_entropy", verbose=0)
+    assert not net.built or not net.history
+    net.fit(X, y, batch_size=100, epochs=1, loss="cross_entropy", verbose=0)   # at the limit
+    with pytest.raises(ValueError, match="batch_size is 150"):
+        fastbp.MLPClassifier(batch_size=150, max_iter=1).fit(X, y)
