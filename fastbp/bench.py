@@ -49,6 +49,8 @@ import warnings
 
 import numpy as np
 
+from .cli import _at_least, _seconds
+
 #: name -> (layer sizes, batch size, samples); the asv suite (asv_bench/)
 #: runs these too
 WORKLOADS = {
@@ -585,31 +587,6 @@ def plot(records, path):
         raise SystemExit(f"--plot: {exc}") from None
     _save(fig, path)
     return path
-
-
-def _at_least(low):
-    """An argparse type: an integer of at least ``low``, else a usage error
-    that says so (rather than a traceback from deep in a run)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds >= 0")
-    return value
 
 
 def main(argv=None):

@@ -10,10 +10,39 @@ def _widths(text):
         widths = [int(w) for w in text.split(",")]
     except ValueError:
         widths = []
-    if not widths or min(widths) < 1:
+    if not widths or min(widths) < 1 or max(widths) > 2 ** 31 - 1:
         raise argparse.ArgumentTypeError(
-            f"--hidden takes a width or comma-separated widths such as 128,64, got {text!r}")
+            f"--hidden takes a width or comma-separated widths such as 128,64 (each from 1 to "
+            f"2**31 - 1), got {text!r}")
     return widths * 2 if len(widths) == 1 else widths
+
+
+def _at_least(low, high=None):
+    """An argparse type: an integer from ``low`` (to ``high``), else a usage
+    error that says so (rather than a traceback from deep in a run)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is more than {high}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _seconds(text):
+    """An argparse type: a finite number of seconds, at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds >= 0")
+    return value
 
 
 def _aborting_on_error(run):
@@ -40,24 +69,24 @@ def main(argv=None):
                         help="print the instruction-set level, kernels, BLAS and threads in use")
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="train a network on scikit-learn's bundled digits data")
-    demo.add_argument("--epochs", type=int, default=30)
-    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--epochs", type=_at_least(1), default=30)
+    demo.add_argument("--batch-size", type=_at_least(1), default=32)
     demo.add_argument("--hidden", type=_widths, default=[64, 64],
                       help="hidden widths: 64 (two layers of 64, the default) or e.g. 128,64")
     demo.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_at_least(0, 2 ** 32 - 1), default=0)
     mpi_demo = sub.add_parser("mpi-demo", help="data-parallel training on digits over MPI "
                               "ranks: mpiexec -n 2 fastbp mpi-demo (needs fastbp[mpich] or "
                               "fastbp[mpi])")
-    mpi_demo.add_argument("--sync-every", type=int, default=1,
+    mpi_demo.add_argument("--sync-every", type=_at_least(1), default=1,
                           help="1: synchronous (default); H > 1: local SGD, weights averaged "
                           "every H steps")
     mpi_bench = sub.add_parser("mpi-bench", help="samples/s of N ranks against one process, "
                                "and the allreduce's share: mpiexec -n 2 fastbp mpi-bench")
     mpi_bench.add_argument("--workload", choices=["S", "M", "L"], default="M")
     mpi_bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    mpi_bench.add_argument("--rounds", type=int, default=3)
-    mpi_bench.add_argument("--epochs", type=int, default=1)
+    mpi_bench.add_argument("--rounds", type=_at_least(1), default=3)
+    mpi_bench.add_argument("--epochs", type=_at_least(1), default=1)
     sub.add_parser("bench", help="training speed against the NumPy reference, scikit-learn "
                    "and PyTorch (see fastbp bench --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -2,6 +2,10 @@
 import subprocess
 import sys
 
+import pytest
+
+from fastbp import cli
+
 
 def test_demo_trains_and_reports_accuracy_and_speed(tmp_path):
     # Run from an empty folder so the installed package is what gets imported.
@@ -39,3 +43,23 @@ def test_demo_takes_a_list_of_hidden_widths(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fastbp", "demo", "--hidden", "32,x"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "comma-separated widths such as 128,64" in bad.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["demo", "--epochs", "0"], "--epochs: 0 is less than 1"),
+    (["demo", "--batch-size", "-3"], "--batch-size: -3 is less than 1"),
+    (["demo", "--seed", "-1"], "--seed: -1 is less than 0"),
+    (["demo", "--seed", str(2 ** 32)], "--seed: 4294967296 is more than 4294967295"),
+    (["demo", "--hidden", "100000000000"], "each from 1 to 2**31 - 1"),
+    (["demo", "--epochs", "x"], "--epochs: 'x' is not an integer"),
+    (["mpi-demo", "--sync-every", "0"], "--sync-every: 0 is less than 1"),
+    (["mpi-bench", "--rounds", "0"], "--rounds: 0 is less than 1"),
+    (["mpi-bench", "--epochs", "-1"], "--epochs: -1 is less than 1"),
+])
+def test_counts_out_of_range_are_usage_errors_before_anything_runs(capsys, args, message):
+    # they were tracebacks from inside the run (scikit-learn's seed check,
+    # an empty median, the model's own checks), or MPI_Abort on every rank
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
