@@ -49,7 +49,7 @@ import warnings
 
 import numpy as np
 
-from .cli import _at_least, _seconds
+from ._argtypes import at_least as _at_least, seconds as _seconds
 
 #: name -> (layer sizes, batch size, samples); the asv suite (asv_bench/)
 #: runs these too

@@ -2,6 +2,8 @@
 import argparse
 import sys
 
+from ._argtypes import at_least as _at_least
+
 
 def _widths(text):
     """--hidden: "64" (two hidden layers of 64, the default network) or a
@@ -15,34 +17,6 @@ def _widths(text):
             f"--hidden takes a width or comma-separated widths such as 128,64 (each from 1 to "
             f"2**31 - 1), got {text!r}")
     return widths * 2 if len(widths) == 1 else widths
-
-
-def _at_least(low, high=None):
-    """An argparse type: an integer from ``low`` (to ``high``), else a usage
-    error that says so (rather than a traceback from deep in a run)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{value} is more than {high}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _seconds(text):
-    """An argparse type: a finite number of seconds, at least 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds >= 0")
-    return value
 
 
 def _aborting_on_error(run):
