@@ -59,7 +59,7 @@ static inline int fbp_act_backward_db_f64(int isa, double *g, const double *a, d
 #else
 
 #define EP_ATTR
-#define EP_BYTES 32
+#define EP_BYTES FBP_BASE_BYTES
 #define EP_ISA base
 #include "epilogue_pair.h"
 

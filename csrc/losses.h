@@ -49,7 +49,7 @@
 #else
 
 #define LS_ATTR
-#define LS_BYTES 32
+#define LS_BYTES FBP_BASE_BYTES
 #define LS_ISA base
 #include "losses_pair.h"
 

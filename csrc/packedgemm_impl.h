@@ -91,39 +91,11 @@ typedef T PG(h8) __attribute__((vector_size(8 * sizeof(T))));
 #define PG_LOAD8(v, p) memcpy(&(v), (p), sizeof(v))
 #define PG_STORE8(p, v) memcpy((p), &(v), sizeof(v))
 
-/* Transposes 8 rows of 8 (r0..r7 -> columns 0..7 in r0..r7) in the
- * pattern of the classic AVX transpose: unpacks, 4-lane shuffles, then
- * half swaps, each one instruction on 8 floats (vunpcklps/vunpckhps,
- * vshufps, vperm2f128).  Written with named vectors: a loop over an array
- * of them was compiled to scalar moves (0.63 TSC ticks an element packing
- * A @ B.T's B at AVX2, 10-20% of M's and L's such products). */
-#define PG_T8(r0, r1, r2, r3, r4, r5, r6, r7)                                      \
-    do {                                                                          \
-        PG(h8) t0 = FBP_SHUFFLE(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13);                 \
-        PG(h8) t1 = FBP_SHUFFLE(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);               \
-        PG(h8) t2 = FBP_SHUFFLE(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13);                 \
-        PG(h8) t3 = FBP_SHUFFLE(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15);               \
-        PG(h8) t4 = FBP_SHUFFLE(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13);                 \
-        PG(h8) t5 = FBP_SHUFFLE(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15);               \
-        PG(h8) t6 = FBP_SHUFFLE(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13);                 \
-        PG(h8) t7 = FBP_SHUFFLE(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);               \
-        PG(h8) u0 = FBP_SHUFFLE(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);                 \
-        PG(h8) u1 = FBP_SHUFFLE(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);               \
-        PG(h8) u2 = FBP_SHUFFLE(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);                 \
-        PG(h8) u3 = FBP_SHUFFLE(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);               \
-        PG(h8) u4 = FBP_SHUFFLE(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);                 \
-        PG(h8) u5 = FBP_SHUFFLE(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);               \
-        PG(h8) u6 = FBP_SHUFFLE(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);                 \
-        PG(h8) u7 = FBP_SHUFFLE(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);               \
-        r0 = FBP_SHUFFLE(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);                        \
-        r1 = FBP_SHUFFLE(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);                        \
-        r2 = FBP_SHUFFLE(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);                        \
-        r3 = FBP_SHUFFLE(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);                        \
-        r4 = FBP_SHUFFLE(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);                      \
-        r5 = FBP_SHUFFLE(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);                      \
-        r6 = FBP_SHUFFLE(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);                      \
-        r7 = FBP_SHUFFLE(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);                      \
-    } while (0)
+/* 8 x 8 transposes in registers: smallgemm.h's FBP_T8 (a loop over an
+ * array of vectors was compiled to scalar moves: 0.63 TSC ticks an
+ * element packing A @ B.T's B at AVX2, 10-20% of M's and L's such
+ * products). */
+#define PG_T8(r0, r1, r2, r3, r4, r5, r6, r7) FBP_T8(PG(h8), r0, r1, r2, r3, r4, r5, r6, r7)
 #endif
 
 /* One W-wide panel of a kc-deep block of op(X), p-major:

@@ -83,8 +83,8 @@ static double fbp_fma_probe(int isa, int dbl, int64_t iters)
         return (double)total;                                                   \
     }
 
-PK_BODY(float, 32, fbp_peak_f32_base, )
-PK_BODY(double, 32, fbp_peak_f64_base, )
+PK_BODY(float, FBP_BASE_BYTES, fbp_peak_f32_base, )
+PK_BODY(double, FBP_BASE_BYTES, fbp_peak_f64_base, )
 #ifdef FBP_X86_DISPATCH
 PK_BODY(float, 32, fbp_peak_f32_avx2, __attribute__((target("avx2,fma"))))
 PK_BODY(double, 32, fbp_peak_f64_avx2, __attribute__((target("avx2,fma"))))
@@ -101,15 +101,16 @@ PK_BODY(double, 64, fbp_peak_f64_avx512, __attribute__((target("avx512f,avx2,fma
 static double fbp_fma_probe(int isa, int dbl, int64_t iters)
 {
     isa = fbp_isa_clamp(isa);
-    int bytes = 32;
+    int bytes = FBP_BASE_BYTES;
     volatile double sink;
 #ifdef FBP_X86_DISPATCH
     if (isa >= FBP_ISA_AVX512) {
         bytes = 64;
         sink = dbl ? fbp_peak_f64_avx512(iters) : fbp_peak_f32_avx512(iters);
-    } else if (isa == FBP_ISA_AVX2)
+    } else if (isa == FBP_ISA_AVX2) {
+        bytes = 32;
         sink = dbl ? fbp_peak_f64_avx2(iters) : fbp_peak_f32_avx2(iters);
-    else
+    } else
 #endif
         sink = dbl ? fbp_peak_f64_base(iters) : fbp_peak_f32_base(iters);
     (void)sink;

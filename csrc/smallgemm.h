@@ -20,7 +20,7 @@
  *
  * Written with GCC/Clang vector extensions and compiled three times on
  * x86-64: 64-byte vectors for AVX-512, 32-byte vectors for AVX2 + FMA, and
- * 32-byte vectors in the baseline instruction set; the first call picks
+ * 16-byte vectors in the baseline instruction set; the first call picks
  * the best the CPU supports (fbp_isa_best), so a portable wheel still gets
  * the wide FMAs.  (On the project machine, an AMD EPYC whose OpenBLAS runs
  * its AVX2 "Haswell" kernels, AVX-512 doubles the multiply-add rate.)
@@ -133,15 +133,57 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #define FBP_SHUFFLE __builtin_shufflevector
 #endif
 
+#ifdef FBP_SHUFFLE
+/* Transposes 8 vectors of 8 elements of type V (r0..r7 rows in, columns
+ * out) in the pattern of the classic AVX transpose: unpacks, 4-lane
+ * shuffles, then half swaps, each one instruction on 8 floats (vunpcklps /
+ * vunpckhps, vshufps, vperm2f128).  Written with named vectors, for the
+ * compiler to keep them in registers. */
+#define FBP_T8(V, r0, r1, r2, r3, r4, r5, r6, r7)                                  \
+    do {                                                                           \
+        V t0 = FBP_SHUFFLE(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13);                      \
+        V t1 = FBP_SHUFFLE(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);                    \
+        V t2 = FBP_SHUFFLE(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13);                      \
+        V t3 = FBP_SHUFFLE(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15);                    \
+        V t4 = FBP_SHUFFLE(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13);                      \
+        V t5 = FBP_SHUFFLE(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15);                    \
+        V t6 = FBP_SHUFFLE(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13);                      \
+        V t7 = FBP_SHUFFLE(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);                    \
+        V u0 = FBP_SHUFFLE(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);                      \
+        V u1 = FBP_SHUFFLE(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);                    \
+        V u2 = FBP_SHUFFLE(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);                      \
+        V u3 = FBP_SHUFFLE(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);                    \
+        V u4 = FBP_SHUFFLE(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);                      \
+        V u5 = FBP_SHUFFLE(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);                    \
+        V u6 = FBP_SHUFFLE(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);                      \
+        V u7 = FBP_SHUFFLE(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);                    \
+        r0 = FBP_SHUFFLE(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);                        \
+        r1 = FBP_SHUFFLE(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);                        \
+        r2 = FBP_SHUFFLE(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);                        \
+        r3 = FBP_SHUFFLE(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);                        \
+        r4 = FBP_SHUFFLE(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);                      \
+        r5 = FBP_SHUFFLE(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);                      \
+        r6 = FBP_SHUFFLE(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);                      \
+        r7 = FBP_SHUFFLE(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);                      \
+    } while (0)
+#endif
+
 /* Instruction-set levels, best last.  fbp_gemm_small_* pick the best one
  * the CPU (and OS) supports, once; the _isa entry points take it explicitly
  * (tests run every level the machine has). */
-#define FBP_ISA_BASE 0     /* 32-byte vectors in the baseline instruction set */
+#define FBP_ISA_BASE 0     /* 16-byte vectors in the baseline instruction set */
 #define FBP_ISA_AVX2 1     /* 32-byte vectors, AVX2 + FMA */
 #define FBP_ISA_AVX512 2   /* 64-byte vectors, AVX-512F + FMA */
 
 #define FBP_CAT_(a, b) a##b
 #define FBP_CAT(a, b) FBP_CAT_(a, b)
+
+/* Bytes of a vector at the baseline level: 16, the native width of both
+ * x86-64's SSE2 and ARM64's NEON.  Vectors twice that wide had to be split
+ * by the compiler, which on x86-64 went through memory: the small kernels
+ * ran a 32 x 64 x 64 float32 product at 2.3 GFLOP/s (38 at 16 bytes), and
+ * the peak probe, epilogues and losses likewise. */
+#define FBP_BASE_BYTES 16
 
 /* Each block instantiates the kernels for float and double at one level
  * (smallgemm_pair.h reads and then undefines these settings). */
@@ -151,7 +193,7 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #define SG_SWEEP_CAP FBP_WIDE_SWEEP
 #define SG_ROW_CAP FBP_NO_CAP
 #define SG_ROWS 4
-#define SG_BYTES 32
+#define SG_BYTES FBP_BASE_BYTES
 #define SG_ISA base
 #include "smallgemm_pair.h"
 
