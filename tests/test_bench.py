@@ -63,13 +63,17 @@ def test_the_reference_runner_trains(monkeypatch):
     assert loss() < 0.8 * before
 
 
-def test_cli_json(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastbp", "bench", "--workload", "S", "--impl", "fastbp",
-         "--threads", "1", "--rounds", "1", "--no-predict", "--json"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+def _bench_json(tmp_path, *args):
+    """``fastbp bench *args --json`` in a child interpreter: its records."""
+    proc = subprocess.run([sys.executable, "-m", "fastbp", "bench", *args, "--json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    records = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_cli_json(tmp_path):
+    records = _bench_json(tmp_path, "--workload", "S", "--impl", "fastbp", "--threads", "1",
+                          "--rounds", "1", "--no-predict")
     assert len(records) == 1 and records[0]["workload"] == "S"
     assert records[0]["layers"] == "20-64-64-2" and records[0]["threads"] == 1
 
@@ -77,12 +81,8 @@ def test_cli_json(tmp_path):
 def test_cli_digits_compares_with_sklearn(tmp_path):
     # The drop-in comparison (README, issue 4): both estimators fit the same
     # digits problem; their weights must agree, and each round is timed.
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastbp", "bench", "--digits", "--batch", "200", "64",
-         "--epochs", "2", "--rounds", "2", "--json"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    records = json.loads(proc.stdout)
+    records = _bench_json(tmp_path, "--digits", "--batch", "200", "64", "--epochs", "2",
+                          "--rounds", "2")
     assert [r["batch"] for r in records] == [200, 64]
     for r in records:
         assert r["epochs"] == 2 and len(r["round_speedups"]) == 2
@@ -147,12 +147,8 @@ def test_phases_of_the_row_parallel_step_give_no_bound():
 
 
 def test_phases_of_the_digits_fit(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastbp", "bench", "--phases", "--digits", "--batch", "200",
-         "--epochs", "2", "--threads", "1", "--json"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    (r,) = json.loads(proc.stdout)
+    (r,) = _bench_json(tmp_path, "--phases", "--digits", "--batch", "200", "--epochs", "2",
+                       "--threads", "1")
     # 1797 rows in batches of 200: 9 steps an epoch
     assert r["workload"] == "digits" and r["dtype"] == "float64" and r["steps"] == 18
     assert {"forward", "backward", "optimizer"} <= set(r["phase_ms"])
