@@ -11,14 +11,19 @@ Scripts whose trials are numbered and independent give ``run_trials`` the
 code of a ``trial(i)`` that returns an outcome ("FAIL ..." for a failure);
 it runs them many per child, restarts a child after the trial it crashed or
 hung in, and counts outcomes; ``print_summary`` reports them, and
-``command_line`` is such a script's ``main``.
+``command_line`` is such a script's ``main``.  Scripts that draw a spec per
+trial up front and whose child reports each trial's failures and how its
+fit ended give the specs to ``run_specs``, and ``specs_command_line`` is
+their ``main``.
 """
 import argparse
+import json
 import os
 import select
 import subprocess
 import sys
 import time
+from collections import Counter
 
 
 def follow(code, args, env, on_done, hang_seconds):
@@ -69,8 +74,6 @@ def report_all(names, run, trials, seed):
     """Run ``run(name, trials, seed)`` for each name, print each one's counts
     (a dict with ``trials`` and ``passed``) and the totals as JSON lines;
     the exit status: 0 when every trial passed."""
-    import json
-
     total = passed = 0
     for name in names:
         counts = run(name, trials, seed)
@@ -164,3 +167,67 @@ def command_line(run, doc, default_trials, argv=None):
     start = time.perf_counter()
     counts, failures = run(args.trials, args.seed)
     return print_summary(counts, failures, time.perf_counter() - start)
+
+
+def run_specs(code, specs, per_child, hang_seconds, show=False):
+    """Run one trial per spec in children of ``code``, ``per_child`` specs
+    each (the child gets the first trial's index and the specs as JSON, and
+    reports each trial's outcome as JSON ``{"fails": [...], "ended": ...}``);
+    a child that crashed or hung restarts after the trial it was in.
+
+    Returns
+    -------
+    counts : Counter
+        ``trials``, ``passed``, and the failures by kind (``crash/hang``,
+        ``child_failed`` and the kinds the children name).
+    ended : Counter
+        How the trials' fits ended.
+    """
+    counts, ended = Counter(trials=0, passed=0), Counter()
+
+    def done(index, outcome):
+        result = json.loads(outcome)
+        counts["trials"] += 1
+        ended[result["ended"]] += 1
+        if not result["fails"]:
+            counts["passed"] += 1
+            return
+        for kind in set(result["fails"]):
+            counts[kind] += 1
+        if show:
+            print(json.dumps({"spec": specs[index], "fails": result["fails"]}))
+
+    start = 0
+    while start < len(specs):
+        batch = specs[start:start + per_child]
+        current, returncode, err = follow(code, [start, json.dumps(batch)], dict(os.environ),
+                                          done, hang_seconds)
+        if current is not None:  # it crashed or hung in this trial: go on after it
+            counts["trials"] += 1
+            counts["crash/hang"] += 1
+            print(f"trial {current}: crash or hang (exit {returncode}): {err}", file=sys.stderr)
+            start = current + 1
+        elif returncode != 0:
+            counts["child_failed"] += 1
+            print(f"child exited {returncode}: {err}", file=sys.stderr)
+            start += len(batch)
+        else:
+            start += len(batch)
+    return counts, ended
+
+
+def specs_command_line(run, doc, argv=None):
+    """The ``main`` of a ``run_specs`` script: ``--trials N --seed S
+    [--show]``, then ``run(trials, seed, show)``'s counts and endings; the
+    exit status: 0 when every trial ran and passed."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show", action="store_true", help="print each failing trial")
+    args = parser.parse_args(argv)
+    counts, ended = run(args.trials, args.seed, args.show)
+    failures = {k: v for k, v in counts.items() if k not in ("trials", "passed")}
+    print(f"trials {counts['trials']}, passed {counts['passed']}, failures by kind: "
+          f"{failures or 'none'}")
+    print(f"fits ended by: {dict(ended.most_common())}")
+    return 0 if counts["passed"] == counts["trials"] == args.trials else 1

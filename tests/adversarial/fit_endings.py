@@ -34,12 +34,9 @@ Usage::
 
 Prints the trials run, passed and failures by kind.
 """
-import argparse
-import json
 import os
 import random
 import sys
-from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _children  # noqa: E402
@@ -268,51 +265,11 @@ def run(trials=100, seed=0, show=False):
     by kind, and a Counter of how the fits ended."""
     rng = random.Random(seed)
     specs = [_spec(rng) for _ in range(trials)]
-    counts, ended = Counter(trials=0, passed=0), Counter()
-
-    def done(index, outcome):
-        result = json.loads(outcome)
-        counts["trials"] += 1
-        ended[result["ended"]] += 1
-        if not result["fails"]:
-            counts["passed"] += 1
-            return
-        for kind in set(result["fails"]):
-            counts[kind] += 1
-        if show:
-            print(json.dumps({"spec": specs[index], "fails": result["fails"]}))
-
-    start = 0
-    while start < trials:
-        batch = specs[start:start + PER_CHILD]
-        current, returncode, err = _children.follow(_CHILD, [start, json.dumps(batch)],
-                                                    dict(os.environ), done, HANG_SECONDS)
-        if current is not None:  # it crashed or hung in this trial: go on after it
-            counts["trials"] += 1
-            counts["crash/hang"] += 1
-            print(f"trial {current}: crash or hang (exit {returncode}): {err}", file=sys.stderr)
-            start = current + 1
-        elif returncode != 0:
-            counts["child_failed"] += 1
-            print(f"child exited {returncode}: {err}", file=sys.stderr)
-            start += len(batch)
-        else:
-            start += len(batch)
-    return counts, ended
+    return _children.run_specs(_CHILD, specs, PER_CHILD, HANG_SECONDS, show)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--show", action="store_true", help="print each failing trial")
-    args = parser.parse_args()
-    counts, ended = run(args.trials, args.seed, args.show)
-    failures = {k: v for k, v in counts.items() if k not in ("trials", "passed")}
-    print(f"trials {counts['trials']}, passed {counts['passed']}, failures by kind: "
-          f"{failures or 'none'}")
-    print(f"fits ended by: {dict(ended.most_common())}")
-    return 0 if counts["passed"] == counts["trials"] == args.trials else 1
+    return _children.specs_command_line(run, __doc__)
 
 
 if __name__ == "__main__":
