@@ -7,7 +7,7 @@ import argparse
 
 def at_least(low, high=None):
     """An argparse type: an integer from ``low`` (to ``high``), else a usage
-    error that says so (rather than a traceback from deep in a run)."""
+    error that says which bound it broke."""
     def parse(text):
         try:
             value = int(text)

@@ -166,9 +166,8 @@ def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_da
         batch = _sharded_batch(ranks, plan, batch_size)
     else:
         batch = n if batch_size is None else min(check_positive_int(batch_size, "batch_size"), n)
-    check_kernel_dim(batch, "the batch size (batch_size=None: all rows)" if batch_size is None
-                     else "batch_size",
-                     "pass a smaller batch_size")
+    what = "batch_size" if batch_size is not None else "the batch size (batch_size=None: all rows)"
+    check_kernel_dim(batch, what, "pass a smaller batch_size")
     if any(isinstance(l, BatchNorm) for l in net.layers):
         _check_batchnorm_rows(n, batch, ranks)
     plan.batch = batch

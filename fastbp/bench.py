@@ -50,6 +50,7 @@ import warnings
 import numpy as np
 
 from ._argtypes import at_least as _at_least, seconds as _seconds
+from ._validation import available_cpus
 
 #: name -> (layer sizes, batch size, samples); the asv suite (asv_bench/)
 #: runs these too
@@ -199,15 +200,7 @@ def fma_peak_gflops(dtype="float32", threads=1):
     are)."""
     from ._ext import dense
 
-    return min(threads, _cpus()) * dense.fma_peak_gflops(dtype)
-
-
-def _cpus():
-    """The CPUs this process may run on (its affinity), the default thread
-    count."""
-    from ._validation import available_cpus
-
-    return available_cpus()
+    return min(threads, available_cpus()) * dense.fma_peak_gflops(dtype)
 
 
 def isa_note():
@@ -314,16 +307,13 @@ def run_digits_phases(batch=200, threads=None, epochs=20):
     """``run_phases`` for the digits drop-in (``run_digits``' fit of
     ``fastbp.MLPClassifier``, float64, ``epochs`` epochs in full): its steps
     include the estimator's own work between epochs."""
-    from sklearn.datasets import load_digits
     from sklearn.exceptions import ConvergenceWarning
 
     import fastbp
 
-    X, y = load_digits(return_X_y=True)
-    X = X / 16.0
-    threads = threads or _cpus()
-    kw = dict(hidden_layer_sizes=(100,), solver="adam", max_iter=epochs, random_state=0,
-              batch_size=batch, tol=0, n_iter_no_change=10 ** 9)
+    X, y = _digits()
+    threads = threads or available_cpus()
+    kw = _digits_settings(batch, epochs)
     with warnings.catch_warnings(), _Threads(threads):
         warnings.simplefilter("ignore", ConvergenceWarning)
         fastbp.MLPClassifier(**{**kw, "max_iter": 1}).fit(X, y)   # first-use compiles
@@ -359,16 +349,17 @@ def _phase_record(name, sizes, batch, dtype, threads, wall, phases, flops, peak)
     GEMMs, so what the rest of the step holds back.  None on the
     row-parallel path, whose products are not timed apart."""
     phases = dict(phases)
-    steps = max(phases.pop("steps"), 1)
+    steps = phases.pop("steps")
+    per = max(steps, 1)
     gemm = phases.pop("gemm")
-    at_peak = flops / steps / (peak * 1e9)
-    step = wall / steps
-    bound = None if phases.get("row-parallel forward") else step - gemm / steps + at_peak
+    at_peak = flops / per / (peak * 1e9)
+    step = wall / per
+    bound = None if phases.get("row-parallel forward") else step - gemm / per + at_peak
     return {"workload": name, "layers": "-".join(map(str, sizes)), "batch": batch,
             "dtype": dtype, "threads": threads, "isa": _isa_level(), "steps": steps,
             "step_ms": 1e3 * step,
-            "phase_ms": {k: 1e3 * v / steps for k, v in phases.items() if v},
-            "gemm_ms": 1e3 * gemm / steps,
+            "phase_ms": {k: 1e3 * v / per for k, v in phases.items() if v},
+            "gemm_ms": 1e3 * gemm / per,
             "gemm_percent_of_peak": 100 * flops / max(gemm, 1e-12) / 1e9 / peak,
             "step_percent_of_peak": 100 * flops / wall / 1e9 / peak,
             "gemm_at_peak_ms": 1e3 * at_peak,
@@ -403,6 +394,21 @@ def _isa_level():
     return _isa.level()
 
 
+def _digits():
+    """scikit-learn's digits data, X scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    return X / 16.0, y
+
+
+def _digits_settings(batch, epochs):
+    """The drop-in comparison's estimator settings: 100 hidden units, adam,
+    ``epochs`` epochs run in full, a fixed ``random_state``."""
+    return dict(hidden_layer_sizes=(100,), solver="adam", max_iter=epochs, random_state=0,
+                batch_size=batch, tol=0, n_iter_no_change=10 ** 9)
+
+
 def run_digits(batch_sizes=(200,), rounds=7, epochs=200, threads=None, pause=0.25):
     """fastbp.MLPClassifier against scikit-learn's on its bundled digits data.
 
@@ -412,20 +418,17 @@ def run_digits(batch_sizes=(200,), rounds=7, epochs=200, threads=None, pause=0.2
     record per batch size with both medians, their ratio, every round's
     ratio, and the largest difference between the two fits' ``coefs_``.
     """
-    from sklearn.datasets import load_digits
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier as SKMLPClassifier
 
     import fastbp
 
-    X, y = load_digits(return_X_y=True)
-    X = X / 16.0
+    X, y = _digits()
     records = []
-    with warnings.catch_warnings(), _Threads(threads or _cpus()):
+    with warnings.catch_warnings(), _Threads(threads or available_cpus()):
         warnings.simplefilter("ignore", ConvergenceWarning)
         for batch in batch_sizes:
-            kw = dict(hidden_layer_sizes=(100,), solver="adam", max_iter=epochs,
-                      random_state=0, batch_size=batch, tol=0, n_iter_no_change=10 ** 9)
+            kw = _digits_settings(batch, epochs)
             fastbp.MLPClassifier(**{**kw, "max_iter": 1}).fit(X, y)   # first-use compiles
             t_sk, t_fb, fits = [], [], {}
 
@@ -442,7 +445,7 @@ def run_digits(batch_sizes=(200,), rounds=7, epochs=200, threads=None, pause=0.2
                        for a, b in zip(fits["sklearn"].coefs_, fits["fastbp"].coefs_))
             records.append({
                 "batch": batch, "epochs": epochs, "rounds": rounds,
-                "threads": threads or _cpus(),
+                "threads": threads or available_cpus(),
                 "sklearn_seconds": float(np.median(t_sk)),
                 "fastbp_seconds": float(np.median(t_fb)),
                 "speedup": float(np.median(t_sk) / np.median(t_fb)),
@@ -595,7 +598,7 @@ def main(argv=None):
     parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--impl", nargs="+", default=None, choices=IMPLEMENTATIONS,
                         help="implementations to run (default: all that are installed)")
-    parser.add_argument("--threads", nargs="+", type=_at_least(1), default=[_cpus()],
+    parser.add_argument("--threads", nargs="+", type=_at_least(1), default=[available_cpus()],
                         help="thread counts to run at (default: all cores)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--rounds", type=_at_least(1), default=5)
@@ -610,7 +613,8 @@ def main(argv=None):
                              "data (100 hidden units, adam, float64), at --batch")
     parser.add_argument("--batch", nargs="+", type=_at_least(1), default=[200],
                         help="batch sizes for --digits (default 200, scikit-learn's 'auto')")
-    parser.add_argument("--epochs", type=_at_least(1), default=200, help="epochs for --digits (default 200)")
+    parser.add_argument("--epochs", type=_at_least(1), default=200,
+                        help="epochs for --digits (default 200)")
     parser.add_argument("--phases", action="store_true",
                         help="instead: where fastbp's training step spends its time, phase by "
                              "phase, for each --workload and --threads (with --digits: for the "

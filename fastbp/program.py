@@ -26,9 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import activations
-from ._validation import check_kernel_dim
 from ._ext.engine import (ACT, ACT_OFF, AUX_OFF, B_OFF, BUF_OFF, EPS, KIND, MOMENTUM, N_COLS,
                           N_FLOATS, N_IN, N_OUT, RATE, TRAINABLE, W_OFF, Act, Kind)
+from ._validation import check_kernel_dim
 
 #: name -> column of ``Program.rows``
 COLUMNS = {"kind": KIND, "n_in": N_IN, "n_out": N_OUT, "act": ACT, "w_off": W_OFF,
