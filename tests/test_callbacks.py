@@ -488,6 +488,8 @@ def test_schedule_needs_an_optimizer_with_a_learning_rate():
                    **FIT)
     with pytest.raises(ValueError, match="step_size"):
         cb.StepLR(0)
+    with pytest.raises(ValueError, match="T_max must be an integer >= 1, got 0"):
+        cb.CosineAnnealingLR(0)
     with pytest.raises(ValueError, match="factor"):
         cb.ReduceLROnPlateau(factor=1.0)
 

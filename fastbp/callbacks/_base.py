@@ -38,9 +38,9 @@ def _check_monitor(monitor, who):
     return monitor
 
 
-def _count(value, name, who):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{who}: {name} must be an integer >= 0, got {value!r}")
+def _count(value, name, who, low=0):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{who}: {name} must be an integer >= {low}, got {value!r}")
     return int(value)
 
 

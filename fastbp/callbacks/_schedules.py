@@ -87,9 +87,7 @@ class StepLR(_LRSchedule):
 
     def __init__(self, step_size, gamma=0.1):
         super().__init__()
-        self.step_size = _count(step_size, "step_size", "StepLR")
-        if self.step_size < 1:
-            raise ValueError(f"StepLR: step_size must be >= 1, got {step_size!r}")
+        self.step_size = _count(step_size, "step_size", "StepLR", low=1)
         self.gamma = _number(gamma, "gamma", "StepLR", low=0)
 
     def _closed_form(self, base_lr, t):
@@ -139,9 +137,7 @@ class CosineAnnealingLR(_LRSchedule):
 
     def __init__(self, T_max, eta_min=0):
         super().__init__()
-        self.T_max = _count(T_max, "T_max", "CosineAnnealingLR")
-        if self.T_max < 1:
-            raise ValueError(f"CosineAnnealingLR: T_max must be >= 1, got {T_max!r}")
+        self.T_max = _count(T_max, "T_max", "CosineAnnealingLR", low=1)
         self.eta_min = _number(eta_min, "eta_min", "CosineAnnealingLR", low=0)
 
     def _closed_form(self, base_lr, t):
