@@ -1,4 +1,9 @@
-"""Shared test helpers: dtypes and the tolerance of compiled-vs-reference checks."""
+"""Shared test helpers: dtypes, the tolerance of compiled-vs-reference
+checks, and the adversarial scripts as modules."""
+import importlib
+import os
+import sys
+
 import numpy as np
 
 DTYPES = ["float32", "float64"]
@@ -18,3 +23,15 @@ def assert_close(actual, expected, dtype, scale=None):
     assert err <= RTOL[np.dtype(dtype).name], f"max relative error {err:.3g} ({dtype})"
 
 
+
+
+def adversarial(name):
+    """The module of ``tests/adversarial/<name>.py``, whose ``run`` the tests
+    call for a few trials (the full runs are the scripts' own commands).
+    Its folder is on ``sys.path`` while it is imported."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adversarial")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)

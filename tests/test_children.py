@@ -1,14 +1,9 @@
 """The adversarial scripts' child runner (tests/adversarial/_children.py):
 a crash or hang is pinned on the trial it happened in, whatever the pipe
 delivered at once."""
-import os
-import sys
+from helpers import adversarial
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
-try:
-    import _children
-finally:
-    sys.path.pop(0)
+_children = adversarial("_children")
 
 # Trial 0 finishes, trial 1 hangs; the three lines reach the pipe in one
 # write, so a reader that buffers them and then waits on the pipe for more

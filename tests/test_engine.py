@@ -16,7 +16,7 @@ from fastbp._ext import losses as c_losses
 from fastbp._ext.engine import (B_OFF, KIND, L1, L2, N_COLS, N_IN, N_OUT, N_REG, TRAINABLE,
                                 W_OFF, Kind, Loss)
 
-from helpers import DTYPES, assert_close
+from helpers import DTYPES, adversarial, assert_close
 
 ISAS = list(range(dense.small_gemm_isa() + 1))
 
@@ -316,10 +316,7 @@ def test_bad_arguments_are_a_value_error(name):
 def test_hostile_calls_return_or_raise_value_error():
     """A few trials of tests/adversarial/engine_kernels.py (in a child
     interpreter: a crash there is a failure here, not the end of the run)."""
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).parent / "adversarial"))
-    import engine_kernels
+    engine_kernels = adversarial("engine_kernels")
     counts, failures = engine_kernels.run(60, seed=1)
     assert not failures, failures[:10]
     assert sum(counts.values()) == 60 and set(counts) <= {"returned", "refused"}
@@ -450,10 +447,7 @@ def test_engine_state_keeps_its_arrays_alive_and_unresizable():
 def test_hostile_engine_states_return_or_raise_value_error():
     """A few trials of tests/adversarial/engine_state.py (in a child
     interpreter: a crash there is a failure here, not the end of the run)."""
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).parent / "adversarial"))
-    import engine_state
+    engine_state = adversarial("engine_state")
     counts, failures = engine_state.run(60, seed=1)
     assert not failures, failures[:10]
     assert sum(counts.values()) == 60 and set(counts) <= {"returned", "refused"}

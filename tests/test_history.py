@@ -14,6 +14,8 @@ import fastbp._runner as fm
 from fastbp import callbacks as cb
 from fastbp.optim import LevenbergMarquardt
 
+from helpers import adversarial
+
 
 def _data(n=64, seed=0):
     rng = np.random.default_rng(seed)
@@ -405,14 +407,7 @@ def test_a_history_pickled_before_stopped_by_still_works():
 def test_a_few_adversarial_trials():
     """A few trials of tests/adversarial/progress.py (the full run is its
     ``main``): random fits, stops, bars and resumes, in a child interpreter."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
-    try:
-        import progress
-    finally:
-        sys.path.pop(0)
+    progress = adversarial("progress")
     counts, ended = progress.run(trials=25, seed=3)
     assert counts["trials"] == 25 and counts["passed"] == 25, counts
     assert len(ended) >= 3, ended  # several kinds of ending were tried

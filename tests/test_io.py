@@ -22,7 +22,7 @@ from fastbp import ModelFormatError
 from fastbp.io import MAGIC, MAX_HEADER_BYTES, load_model, save_model
 from fastbp.optim import SGD, Adam, Rprop
 
-from helpers import DTYPES
+from helpers import DTYPES, adversarial
 
 OPTIMIZERS = {
     "none": None,  # built, never trained: no optimizer in the file
@@ -860,11 +860,7 @@ def test_hostile_files_script_finds_no_failure():
     """A few trials of tests/adversarial/hostile_files.py (the full run is its
     own command): every file loads or raises ModelFormatError, every loaded
     model predicts and fits, every save target behaves as documented."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
-    try:
-        import hostile_files
-    finally:
-        sys.path.pop(0)
+    hostile_files = adversarial("hostile_files")
     counts, failures = hostile_files.run(trials=200, seed=1, verbose=False)
     assert not failures, failures[:10]
     assert counts["ModelFormatError"] + counts["loaded"] == 200

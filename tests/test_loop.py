@@ -16,6 +16,8 @@ from fastbp import _sklearn_stochastic as fsk
 from fastbp.callbacks import Callback
 from fastbp.lm import LevenbergMarquardt
 
+from helpers import adversarial
+
 
 def _data(n=64, seed=0):
     rng = np.random.default_rng(seed)
@@ -269,14 +271,7 @@ def test_a_few_adversarial_trials():
     """A few trials of tests/adversarial/fit_endings.py (the full run is its
     ``main``): random fits through each front, ended by random events, in a
     child interpreter."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
-    try:
-        import fit_endings
-    finally:
-        sys.path.pop(0)
+    fit_endings = adversarial("fit_endings")
     counts, ended = fit_endings.run(trials=40, seed=5)
     assert counts["trials"] == 40 and counts["passed"] == 40, counts
     assert len(ended) >= 4, ended  # several kinds of ending were tried

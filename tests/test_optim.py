@@ -16,6 +16,8 @@ import fastbp
 from fastbp import optim, reference
 from fastbp._numba.optim import SPECS, step_cfunc
 
+from helpers import adversarial
+
 DTYPES = ["float32", "float64"]
 #: compiled vs reference tolerance, relative to the compared array's scale
 #: (as tests/helpers.assert_close): an entry that is a small difference of
@@ -761,14 +763,7 @@ def test_optimizer_settings_script_finds_no_failure():
     """A few trials of tests/adversarial/optimizer_settings.py (the full run is
     its own command): hostile settings changed after the state exists, in
     child processes with glibc's heap checks on."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
-    try:
-        import optimizer_settings
-    finally:
-        sys.path.pop(0)
+    optimizer_settings = adversarial("optimizer_settings")
     counts, failures = optimizer_settings.run(trials=150, seed=5)
     assert not failures, failures[:10]
     assert sum(counts.values()) == 150 and counts.get("ok", 0) > 20

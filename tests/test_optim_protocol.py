@@ -19,6 +19,8 @@ from fastbp._numba import optim as kernels
 from fastbp._numba.optim import SPECS, KernelSpec, update_kernel
 from fastbp.optim import LevenbergMarquardt
 
+from helpers import adversarial
+
 # A new optimizer, written as the module docstring of fastbp/_numba/optim.py
 # says: one declared kernel and a class naming its hyperparameters.  With
 # beta = momentum it computes torch's SGD with momentum operation for
@@ -316,11 +318,7 @@ def test_optimizer_state_script_finds_no_failure():
     """A few trials of tests/adversarial/optimizer_state.py (the full run is its
     own command): hostile state dicts loaded, trained, saved and loaded, in
     child processes with glibc's heap checks on."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
-    try:
-        import optimizer_state
-    finally:
-        sys.path.pop(0)
+    optimizer_state = adversarial("optimizer_state")
     counts, failures = optimizer_state.run(trials=120, seed=7)
     assert not failures, failures[:10]
     assert sum(counts.values()) == 120 and counts.get("ok", 0) >= 5

@@ -16,6 +16,8 @@ import pytest
 
 from fastbp._ext import dense
 
+from helpers import adversarial
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:
@@ -175,11 +177,7 @@ def test_installed_script_finds_no_failure():
     emulated old CPUs, is its own command): a decoy package in the current
     folder, the source folder and the console script all leave the
     installed fastbp in charge."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
-    try:
-        import installed
-    finally:
-        sys.path.pop(0)
+    installed = adversarial("installed")
     counts, failures = installed.run(trials=3, verbose=False)
     assert not failures, failures
     assert counts["trials"] == counts["passed"] == 3

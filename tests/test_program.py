@@ -7,6 +7,8 @@ from fastbp import program as fp
 from fastbp._ext.engine import N_COLS, N_FLOATS, Kind
 from fastbp.model import NotBuiltError
 
+from helpers import adversarial
+
 
 def _layers():
     return [fastbp.Dense(6, activation="relu", dropconnect=0.25), fastbp.Dropout(0.5),
@@ -88,13 +90,7 @@ def test_architectures_script_finds_no_failure():
     """A few trials of tests/adversarial/architectures.py (the full run is its
     own command): random networks of every layer kind, checked by name
     against their program, the reference, save/load and pickle."""
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
-    try:
-        import architectures
-    finally:
-        sys.path.pop(0)
+    architectures = adversarial("architectures")
     counts, failures = architectures.run(trials=60, seed=1)
     assert not failures, failures[:10]
     ok = sum(v for key, v in counts.items() if key.startswith("ok"))

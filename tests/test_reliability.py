@@ -26,6 +26,8 @@ from joblib import Parallel, delayed
 import fastbp
 from fastbp import reference
 
+from helpers import adversarial
+
 # -- workers that child processes import by name ------------------------------
 # pytest imports this file as ``tests.test_reliability``, a name that a spawned
 # or loky worker cannot always import (the repository root is on sys.path only
@@ -797,11 +799,7 @@ def test_ctrl_c_in_a_levenberg_marquardt_iteration_ends_it_consistently(tmp_path
 def test_ctrl_c_at_random_moments_of_a_fit_is_never_lost(tmp_path):
     # A few trials of the adversarial script (tests/adversarial/interrupts.py):
     # SIGINT from outside at random moments of a one-epoch fit.
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adversarial"))
-    try:
-        import interrupts
-    finally:
-        sys.path.pop(0)
+    interrupts = adversarial("interrupts")
     counts = interrupts.run("fit-sigint", trials=4, seed=1, workdir=str(tmp_path))
     # the whole record as the message (pytest shortens a dict's repr)
     assert counts["trials"] == 4 and counts["passed"] == 4, json.dumps(counts)
