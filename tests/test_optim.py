@@ -234,6 +234,36 @@ def test_float32_step_rounds_like_reference(config):
             np.testing.assert_array_equal(opt.state[j], S[j], err_msg=f"slot {j} after step {t}")
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c[1] in ("Adam", "AdamW")],
+                         ids=lambda c: c[0])
+def test_float32_adam_rounds_like_reference_at_every_magnitude(config):
+    """Adam divides sqrt(v) by its bias correction without a division
+    (fastbp/_numba/exact.py); the bits must still be the reference's when
+    the gradients span float32's range: v subnormal, tiny, huge and inf
+    (a gradient above about 1e21 gives inf), and exact zeros."""
+    rng = np.random.default_rng(8)
+    n = 4096
+    # parameters the size of an update, so that a last-bit difference in
+    # an update shows in them
+    p = (rng.normal(size=n) * 0.01).astype(np.float32)
+    p_ref = p.copy()
+    S = _initial_state(config, n, "float32")
+    opt = _make(config)
+    coupled_decay = config[2].get("weight_decay", 0) if config[1] == "Adam" else 0
+    for t in range(1, 6):
+        g = (rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-44, 25, n)).astype(np.float32)
+        g[rng.random(n) < 0.1] = 0.0
+        opt.step(p, g)
+        _reference_step(config, p_ref, g, S, t)
+        assert np.isinf(S[1]).any()
+        if coupled_decay == 0:   # (weight decay added to g keeps v away from 0)
+            assert (S[1][S[1] > 0] < np.finfo(np.float32).tiny).any()
+        np.testing.assert_array_equal(p, p_ref, err_msg=f"params after step {t}")
+        for j in range(_n_slots(config)):
+            np.testing.assert_array_equal(opt.state[j], S[j], err_msg=f"slot {j} after step {t}")
+
+
 def test_step_float32_hyperparameters_cast_like_torch():
     # lr = 0.1 is not a float32 number: the update must use float32(0.1) * g
     # in float32 arithmetic, exactly as torch does on a float32 tensor.
