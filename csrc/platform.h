@@ -27,6 +27,15 @@
 #define FBP_THREAD_LOCAL __thread
 #endif
 
+/* A hint to bring the cache line holding *p into the caches, to be read
+ * soon; it never faults, whatever p is.  Nothing where the compiler has no
+ * such builtin. */
+#if defined(__GNUC__) || defined(__clang__)
+#define fbp_prefetch(p) __builtin_prefetch((p), 0, 3)
+#else
+#define fbp_prefetch(p) ((void)(p))
+#endif
+
 /* Seconds on a clock for timing phases (fastbp bench --phases).  MSVC has
  * no clock_gettime; its C11 timespec_get is a wall clock, good enough for
  * timings that are only ever reported. */
