@@ -122,6 +122,11 @@ static inline int fbp_gemm_small_isa_f64(int isa, int ta, int tb, int m, int n, 
 #define FBP_AVX2_ROW 1024L          /* bytes of a row of C */
 #endif
 #define FBP_NO_CAP (1L << 62)
+/* The most bytes of A that the narrow A.T @ B path takes above the caps
+ * (small_plan in smallgemm_impl.h). */
+#ifndef FBP_NARROW_SWEEP
+#define FBP_NARROW_SWEEP (8L << 20)
+#endif
 /* Everything is inlined into the entry points, so each instruction-set
  * variant gets its own vector code. */
 #define FBP_INLINE inline __attribute__((always_inline))

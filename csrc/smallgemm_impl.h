@@ -318,7 +318,7 @@ static FBP_INLINE SG_ATTR void SG(dot)(int m, int n, int k,
  * in, so a caller that splits C into column (or, for the narrow paths, row)
  * ranges and runs each range on the whole product's path gets bitwise the
  * result of one call. */
-static SG_ATTR int SG(small_plan)(int trans_a, int trans_b, int m, int n, int k)
+static SG_ATTR int SG(small_plan_capped)(int trans_a, int trans_b, int m, int n, int k)
 {
     long mnk = (long)m * n * k;
     if (mnk > (trans_a || trans_b ? SG_T_MNK_CAP : SG_MNK_CAP) || m <= 0 || n <= 0 || k <= 0)
@@ -352,6 +352,28 @@ static SG_ATTR int SG(small_plan)(int trans_a, int trans_b, int m, int n, int k)
      * reductions across lanes cost about as much as the multiply-adds at
      * k ~ 8 vectors, so BLAS keeps the larger ones. */
     return mnk > FBP_SMALL_MNK ? FBP_SG_NONE : FBP_SG_NT_DOT;
+}
+
+static SG_ATTR int SG(small_plan)(int trans_a, int trans_b, int m, int n, int k)
+{
+    int path = SG(small_plan_capped)(trans_a, trans_b, m, n, k);
+#if SG_BYTES >= 32
+    /* A.T @ B with 4 to 12 columns, above the caps: a layer's weight
+     * gradient into a narrow output layer (L's 2048 x 10 over 256 rows).
+     * The packed kernels, the alternative at these levels, copy A.T whole
+     * and pad C's few columns to a tile of 24-32, and ran such products at
+     * 15% of the peak; the narrow path sweeps A once per 4 columns of C,
+     * and ran them 1.3-8x faster with A up to 8 MiB (both types, both
+     * levels, m 256-8192, k 64-2048; 2048 x 10 x 256 float32 at AVX2:
+     * 0.58 -> 0.19 ms).  It lost with a 16 MiB A (float64, 2048 x 8 x
+     * 1024: 1.75x slower), with 2 columns of float64 (1.1x), and came out
+     * even at 20-24 columns of float32.  Every entry is still one chain of
+     * multiply-adds in k order, the packed kernels' bits. */
+    if (path == FBP_SG_NONE && trans_a && !trans_b && m > 0 && k > 0 && n >= 4 && n <= 12 &&
+        (long)k * m * (long)sizeof(T) <= FBP_NARROW_SWEEP)
+        path = FBP_SG_TN_NARROW;
+#endif
+    return path;
 }
 
 /* dst[c * rows + r] = src[r * ld + c] for r < rows, c < cols: the

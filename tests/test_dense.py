@@ -111,6 +111,34 @@ def test_small_gemm_declines_large_and_tt_and_blas_takes_over(rng, dtype):
             assert_close(dense.gemm(a, b, ta, tb), reference.gemm(a, b, ta, tb), dtype)
 
 
+@pytest.mark.vector_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(2048, 10, 256), (1000, 4, 300), (600, 12, 1030)])
+def test_narrow_weight_gradients_above_the_caps_run_the_narrow_path(rng, dtype, m, n, k):
+    """A.T @ B with 4-12 columns above the small kernels' caps (a weight
+    gradient into a 10-class output layer) runs the narrow small path at
+    AVX2 and AVX-512, not the packed kernels, with the packed kernels' bits
+    (each entry one chain of multiply-adds in k order); 13 columns or an A
+    of more than 8 MiB stay packed."""
+    a = rng.normal(size=(k, m)).astype(dtype)
+    b = rng.normal(size=(k, n)).astype(dtype)
+    exact = reference.gemm(a.astype(np.float64), b.astype(np.float64), True, False)
+    for isa in ISAS[1:]:
+        out = dense.gemm_small_kernel(a, b, True, False, isa)
+        assert out is not None, f"isa {isa} left {m} x {n} x {k} to the packed kernels"
+        assert_close(out, exact, dtype, scale=max(np.sqrt(k) * 4, 1.0))
+        np.testing.assert_array_equal(out, dense.gemm_packed_kernel(a, b, True, False, isa))
+    if ISAS[-1] >= 1:
+        assert dense.gemm_kernel(m, n, k, True, False, dtype) == "small"
+        # beyond the caps (2048 x 13 x 256 = 2**22.7 multiply-adds) but too
+        # wide, or with an A of just over 8 MiB: packed
+        assert dense.gemm_kernel(2048, 13, 256, True, False, dtype) == "packed"
+        deep = (8 << 20) // (2048 * np.dtype(dtype).itemsize) + 1
+        assert dense.gemm_kernel(2048, n, deep, True, False, dtype) == "packed"
+    else:
+        assert dense.gemm_kernel(m, n, k, True, False, dtype) == "blas"
+
+
 # Shapes for the packed kernels: whole register tiles, edge tiles in rows
 # and columns at every level's tile (8 x 32 and 4 x 32 at AVX-512, 4 x 24
 # and 4 x 12 at AVX2, 4 x 8 baseline), several cache blocks of the shared
