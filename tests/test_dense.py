@@ -130,6 +130,14 @@ def test_narrow_weight_gradients_above_the_caps_run_the_narrow_path(rng, dtype, 
         np.testing.assert_array_equal(out, dense.gemm_packed_kernel(a, b, True, False, isa))
     if ISAS[-1] >= 1:
         assert dense.gemm_kernel(m, n, k, True, False, dtype) == "small"
+        # split into row ranges on two threads: the same bits
+        previous = dense.set_threads(1)
+        try:
+            one = dense.gemm(a, b, True, False)
+            dense.set_threads(2)
+            np.testing.assert_array_equal(dense.gemm(a, b, True, False), one)
+        finally:
+            dense.set_threads(previous)
         # beyond the caps (2048 x 13 x 256 = 2**22.7 multiply-adds) but too
         # wide, or with an A of just over 8 MiB: packed
         assert dense.gemm_kernel(2048, 13, 256, True, False, dtype) == "packed"
