@@ -114,8 +114,9 @@ def update_kernel(name, slots, flags=()):
 # and special values in both dtypes.
 #
 # Only where multiply-add is one instruction: elsewhere (an x86-64 CPU
-# without FMA, or Numba told to compile for a named CPU) LLVM would call the
-# C library's fma, slower than the division it replaces, so it divides.
+# without FMA, or Numba told to compile without it: NUMBA_CPU_NAME=generic,
+# NUMBA_CPU_FEATURES) LLVM would call the C library's fma, slower than the
+# division it replaces, so it divides.
 #
 # It lives here rather than in a module of its own because Numba's cache of
 # a kernel is keyed to the file that defines the kernel: a change to a
