@@ -2,7 +2,9 @@
 
 The instruction-set level in use (and why: the CPU's best, capped by
 FASTBP_ISA), which kernels take each product of the benchmark workloads, the
-BLAS that takes the rest, the default thread count and where Numba caches.
+BLAS that takes the rest, the default thread count, the CPU Numba compiles
+the optimizers and losses for (FASTBP_ISA does not cap it) and where Numba
+caches.
 Paste its output into a bug report.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ _PRODUCTS = (
     ("L layer, x @ W (256 x 2048 x 2048)", "float32", False, False, 256, 2048, 2048),
     ("L layer, g @ W.T (256 x 2048 x 2048)", "float32", False, True, 256, 2048, 2048),
     ("L layer, x.T @ g (2048 x 2048 x 256)", "float64", True, False, 2048, 2048, 256),
+    ("L last layer, x.T @ g (2048 x 10 x 256)", "float32", True, False, 2048, 10, 256),
 )
 
 
@@ -45,6 +48,7 @@ def config():
     from . import __version__, _isa
     from ._config import CACHE
     from ._ext import dense
+    from ._numba import optim
     from ._threads import default_threads
 
     blas = [{k: lib.get(k) for k in ("internal_api", "version", "architecture",
@@ -61,6 +65,8 @@ def config():
                     for what, dtype, ta, tb, m, n, k in _PRODUCTS],
         "blas": blas,
         "threads": default_threads(),
+        "numba_target": numba.config.CPU_NAME or "host",
+        "numba_fma": optim.FUSED,
         "numba_cache": (numba.config.CACHE_DIR or "beside the package") if CACHE else "off",
     }
 
@@ -102,5 +108,8 @@ def show_config(file: IO[str] | None = None) -> None:
         lines.append(f"BLAS: {lib['internal_api']} {lib['version']} ({lib['architecture']} "
                      f"kernels, {lib['num_threads']} threads) {lib['filepath']}")
     lines.append(f"threads: {c['threads']} by default (fit/predict n_threads=None)")
+    lines.append(f"Numba kernels (optimizers, losses): compiled for {c['numba_target']}, "
+                 f"not capped by FASTBP_ISA; fused multiply-add: "
+                 f"{'yes' if c['numba_fma'] else 'no (Adam divides; the same bits)'}")
     lines.append(f"Numba cache: {c['numba_cache']}")
     print("\n".join(lines), file=file or sys.stdout)

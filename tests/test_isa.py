@@ -95,6 +95,10 @@ def test_show_config_names_the_level_the_kernels_and_blas():
     if _isa.level() != "baseline":
         assert "blas" not in kinds            # our kernels take every product
     assert "BLAS: " in text and "threads:" in text
+    from fastbp._numba import optim
+    assert fastbp._info.config()["numba_fma"] is optim.FUSED
+    assert "Numba kernels (optimizers, losses): compiled for " in text
+    assert ("fused multiply-add: yes" in text) == optim.FUSED
 
 
 def test_fastbp_info_command(tmp_path):
