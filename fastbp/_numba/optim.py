@@ -227,7 +227,7 @@ def adam_step(p, g, m, v, vmax, t, lr, beta1, beta2, eps, weight_decay, amsgrad,
             vm = vmax[i]
             vi = vi if (vi > vm or vi != vi) else vm
             vmax[i] = vi
-        # sqrt(vi) / bc2_sqrt to the last bit, without a division (exact.py)
+        # sqrt(vi) / bc2_sqrt to the last bit, without a division (div_by_constant)
         denom = div_by_constant(np.sqrt(vi), bc2_sqrt, inv_bc2_sqrt) + eps
         q = q - (step_size * mi) / denom  # torch addcdiv: (value * t1) / t2
         p[i] = q
