@@ -3,6 +3,7 @@ import argparse
 import sys
 
 from ._argtypes import at_least as _at_least
+from ._validation import MAX_DIM
 
 
 def _widths(text):
@@ -12,7 +13,7 @@ def _widths(text):
         widths = [int(w) for w in text.split(",")]
     except ValueError:
         widths = []
-    if not widths or min(widths) < 1 or max(widths) > 2 ** 31 - 1:
+    if not widths or min(widths) < 1 or max(widths) > MAX_DIM:
         raise argparse.ArgumentTypeError(
             f"--hidden takes a width or comma-separated widths such as 128,64 (each from 1 to "
             f"2**31 - 1), got {text!r}")
