@@ -239,7 +239,7 @@ def test_float32_step_rounds_like_reference(config):
                          ids=lambda c: c[0])
 def test_float32_adam_rounds_like_reference_at_every_magnitude(config):
     """Adam divides sqrt(v) by its bias correction without a division
-    (fastbp/_numba/exact.py); the bits must still be the reference's when
+    (div_by_constant in fastbp/_numba/optim.py); the bits must still be the reference's when
     the gradients span float32's range: v subnormal, tiny, huge and inf
     (a gradient above about 1e21 gives inf), and exact zeros."""
     rng = np.random.default_rng(8)
