@@ -48,7 +48,7 @@ def config():
     from . import __version__, _isa
     from ._config import CACHE
     from ._ext import dense
-    from ._numba import optim
+    from ._numba import optim, target_level
     from ._threads import default_threads
 
     blas = [{k: lib.get(k) for k in ("internal_api", "version", "architecture",
@@ -66,6 +66,10 @@ def config():
         "blas": blas,
         "threads": default_threads(),
         "numba_target": numba.config.CPU_NAME or "host",
+        "numba_features": ("NUMBA_CPU_FEATURES" if os.environ.get("NUMBA_CPU_FEATURES")
+                           else "host's" if numba.config.CPU_FEATURES is None
+                           else f"{numba.config.CPU_NAME}'s"),
+        "numba_level": target_level(),
         "numba_fma": optim.FUSED,
         "numba_cache": (numba.config.CACHE_DIR or "beside the package") if CACHE else "off",
     }
@@ -108,8 +112,10 @@ def show_config(file: IO[str] | None = None) -> None:
         lines.append(f"BLAS: {lib['internal_api']} {lib['version']} ({lib['architecture']} "
                      f"kernels, {lib['num_threads']} threads) {lib['filepath']}")
     lines.append(f"threads: {c['threads']} by default (fit/predict n_threads=None)")
-    lines.append(f"Numba kernels (optimizers, losses): compiled for {c['numba_target']}, "
-                 f"not capped by FASTBP_ISA; fused multiply-add: "
+    level = f", {c['numba_level']} vectors" if c["numba_level"] else ""
+    lines.append(f"Numba kernels (optimizers, losses): compiled for {c['numba_target']} "
+                 f"(features: {c['numba_features']}{level}), not capped by FASTBP_ISA "
+                 f"(NUMBA_CPU_FEATURES is: fastbp._isa.numba_features); fused multiply-add: "
                  f"{'yes' if c['numba_fma'] else 'no (Adam divides; the same bits)'}")
     lines.append(f"Numba cache: {c['numba_cache']}")
     print("\n".join(lines), file=file or sys.stdout)

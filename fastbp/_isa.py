@@ -13,6 +13,7 @@ warning.  The C side parses it in ``fbp_isa_requested`` (csrc/smallgemm.h);
 this module checks that every compiled module agreed.
 """
 import os
+import platform
 import warnings
 
 from ._ext import dense as _dense
@@ -37,6 +38,43 @@ def hardware():
 def level():
     """The level fastbp's kernels run at in this process (a name)."""
     return LEVELS[_dense.small_gemm_isa()]
+
+
+#: LLVM CPU features (by name prefix) a CPU of each level lacks: the
+#: AVX-512 family and what came with or after it for "avx2", everything from
+#: AVX on for "baseline" (AMD's FMA4 and XOP too)
+_ABOVE = {"avx512": (),
+          "avx2": ("avx512", "avx10", "evex512", "amx"),
+          "baseline": ("avx", "fma", "f16c", "vaes", "vpclmulqdq", "xop", "evex512", "amx")}
+
+
+def numba_features(level):
+    """A NUMBA_CPU_FEATURES value under which Numba compiles fastbp's
+    optimizers and losses as it would on a CPU of ``level`` ("avx512",
+    "avx2" or "baseline"): this CPU's features without those above it.
+
+    FASTBP_ISA caps the C kernels only; Numba takes its target from the
+    environment when it is imported, for every Numba function in the
+    process, so fastbp does not change it.  To run all of fastbp as on an
+    AVX2 machine (tests, benchmarks)::
+
+        export FASTBP_ISA=avx2
+        export NUMBA_CPU_FEATURES=$(python -c "import fastbp._isa as i; print(i.numba_features('avx2'))")
+
+    Numba caches the kernels per feature set, so each level compiles them
+    once.  ValueError for another level, or on a CPU that is not x86-64.
+    """
+    from llvmlite import binding
+
+    from ._numba import _X86
+    if level not in _ABOVE:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+    if platform.machine().lower() not in _X86:
+        raise ValueError(f"instruction-set levels are x86-64's; this CPU is "
+                         f"{platform.machine()}")
+    drop = _ABOVE[level]
+    return ",".join(("+" if on and not name.startswith(drop) else "-") + name
+                    for name, on in sorted(binding.get_host_cpu_features().items()))
 
 
 def _check():

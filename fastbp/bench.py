@@ -208,8 +208,12 @@ def isa_note():
     from . import _isa
 
     peers = ", ".join(f"{v}={os.environ[v]}" for v in PEER_ISA_VARIABLES if os.environ.get(v))
+    numba = _numba_level()
+    numba = "" if numba is None else (
+        f", its Numba kernels at {numba}"
+        + (" (NUMBA_CPU_FEATURES)" if os.environ.get("NUMBA_CPU_FEATURES") else ""))
     return (f"fastbp ran at instruction-set level {_isa.level()} (this CPU has "
-            f"{_isa.hardware()}); peers at their own" + (f" ({peers})" if peers else ""))
+            f"{_isa.hardware()}{numba}); peers at their own" + (f" ({peers})" if peers else ""))
 
 
 class _Threads:
@@ -271,7 +275,7 @@ def run_workload(name, impls, threads, rounds=5, dtype="float32", predict=True, 
                "dtype": dtype, "threads": threads, "implementation": impl,
                "train_seconds": t, "samples_per_s": n / t, "gflops": flops / t / 1e9,
                "fma_peak_gflops": peak, "percent_of_peak": 100 * flops / t / 1e9 / peak,
-               "isa": _isa_level(), "rounds": rounds,
+               "isa": _isa_level(), "numba_isa": _numba_level(), "rounds": rounds,
                "peer_isa": {v: os.environ[v] for v in PEER_ISA_VARIABLES if os.environ.get(v)}}
         if predict:
             rec["predict_samples_per_s"] = n / float(np.median(pred_t[impl]))
@@ -356,7 +360,8 @@ def _phase_record(name, sizes, batch, dtype, threads, wall, phases, flops, peak)
     step = wall / per
     bound = None if phases.get("row-parallel forward") else step - gemm / per + at_peak
     return {"workload": name, "layers": "-".join(map(str, sizes)), "batch": batch,
-            "dtype": dtype, "threads": threads, "isa": _isa_level(), "steps": steps,
+            "dtype": dtype, "threads": threads, "isa": _isa_level(),
+            "numba_isa": _numba_level(), "steps": steps,
             "step_ms": 1e3 * step,
             "phase_ms": {k: 1e3 * v / per for k, v in phases.items() if v},
             "gemm_ms": 1e3 * gemm / per,
@@ -392,6 +397,14 @@ def _isa_level():
     from . import _isa
 
     return _isa.level()
+
+
+def _numba_level():
+    """The level of the code Numba compiles fastbp's optimizers and losses
+    to (FASTBP_ISA does not cap it: fastbp._isa.numba_features)."""
+    from ._numba import target_level
+
+    return target_level()
 
 
 def _digits():

@@ -26,6 +26,8 @@ def test_run_workload_records(monkeypatch):
         assert r["gflops"] == pytest.approx(bench.train_flops((5, 8, 3), 256) / r["train_seconds"] / 1e9)
         assert r["percent_of_peak"] == pytest.approx(100 * r["gflops"] / r["fma_peak_gflops"])
         assert r["isa"] == fastbp._isa.level()
+        from fastbp._numba import target_level
+        assert r["numba_isa"] == target_level()
         assert r["predict_samples_per_s"] > 0
     fast, ref = records
     assert fast["fastbp_speedup"] == 1.0
@@ -33,6 +35,8 @@ def test_run_workload_records(monkeypatch):
     table = bench.format_table(records)
     assert "tiny" in table and "reference" in table
     assert f"instruction-set level {fastbp._isa.level()}" in table
+    if target_level() is not None:
+        assert f"its Numba kernels at {target_level()}" in table
     assert "float32" in table and " 16 " in table         # dtype and batch, by name
 
 

@@ -106,3 +106,77 @@ def test_fastbp_info_command(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "instruction set in use:" in r.stdout and "kernels by product:" in r.stdout
+
+
+X86 = dense.isa_hardware() > 0 or os.uname().machine.lower() in ("x86_64", "amd64")
+
+
+def _features_on(value):
+    return {f[1:] for f in value.split(",") if f.startswith("+")}
+
+
+@pytest.mark.parametrize("level", _isa.LEVELS)
+def test_numba_features_drop_what_is_above_the_level(level):
+    from llvmlite import binding
+    if not X86:
+        with pytest.raises(ValueError, match="x86-64's"):
+            _isa.numba_features(level)
+        return
+    host = {name for name, on in binding.get_host_cpu_features().items() if on}
+    on = _features_on(_isa.numba_features(level))
+    assert on <= host
+    if level == "avx512":
+        assert on == host
+    if level in ("avx2", "baseline"):
+        assert not {f for f in on if f.startswith(("avx512", "amx", "avx10", "evex512"))}
+        assert host - on >= {f for f in host if f.startswith("avx512")}
+    if level == "baseline":
+        assert not {f for f in on if f.startswith(("avx", "fma", "f16c"))}
+    if level == "avx2" and dense.isa_hardware() >= 1:
+        assert {"avx2", "fma"} <= on
+
+
+def test_numba_features_refuse_an_unknown_level_or_cpu(monkeypatch):
+    with pytest.raises(ValueError, match="level must be one of"):
+        _isa.numba_features("sse4")
+    monkeypatch.setattr(_isa.platform, "machine", lambda: "aarch64")
+    with pytest.raises(ValueError, match="x86-64's"):
+        _isa.numba_features("avx2")
+
+
+# Compiles fastbp's Adam under each level's features in a child (its own
+# Numba cache): the code must use no register wider than the level's, Adam
+# must still give the reference's bits, and show_config must say so.
+_COMPILED_AT = """
+import re, numpy as np, fastbp
+from fastbp import reference
+from fastbp._numba import optim
+rng = np.random.default_rng(0)
+p = rng.standard_normal(1000).astype(np.float32); g = rng.standard_normal(1000).astype(np.float32)
+m, v, vm = np.zeros_like(p), np.zeros_like(p), np.zeros_like(p)
+ours = [a.copy() for a in (p, m, v, vm)]
+for t in range(1, 4):
+    optim.adam_step(ours[0], g, ours[1], ours[2], ours[3], t, 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                    False, False)
+    reference.adam_step(p, g, m, v, vm, t, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False)
+assert all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(ours, (p, m, v)))
+asm = "".join(optim.adam_step.inspect_asm().values())
+c = fastbp._info.config()
+print(c["numba_level"], c["numba_features"], optim.FUSED, "zmm" in asm, "ymm" in asm)
+"""
+
+
+@pytest.mark.parametrize("level", LEVELS if X86 else [])
+def test_numba_features_compile_the_kernels_for_the_level(level, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")}
+    env.update(NUMBA_CPU_FEATURES=_isa.numba_features(level), NUMBA_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", _COMPILED_AT], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got_level, source, fused, zmm, ymm = r.stdout.split()
+    assert (got_level, source) == (level, "NUMBA_CPU_FEATURES")
+    assert fused == str(level != "baseline")
+    if level != "avx512":      # (at AVX-512 LLVM may still prefer 32-byte vectors)
+        assert zmm == "False"
+    if level == "baseline":
+        assert ymm == "False"

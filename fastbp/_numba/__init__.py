@@ -1,11 +1,39 @@
 """Numba kernels.  Each kernel module also exposes cached C entry points
 (``cfunc``s) for the engine, built lazily by ``c_entry_point``."""
+import platform
+
 import numpy as np
-from numba import cfunc, types
+from llvmlite import binding
+from numba import cfunc, config, types
 
 from .._config import NJIT
 
 _CFUNCS = {}
+
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def target_features():
+    """The CPU features Numba compiles for, as a set of names ("fma",
+    "avx2", ...): NUMBA_CPU_FEATURES where set (Numba sets none for
+    NUMBA_CPU_NAME=generic), else the host's.  Numba's own rule
+    (numba.core.codegen), so what this says is what the kernels use."""
+    features = config.CPU_FEATURES
+    if features is None:
+        features = binding.get_host_cpu_features().flatten()
+    return {f[1:] for f in features.split(",") if f.startswith("+")}
+
+
+def target_level():
+    """The vector level of the code Numba generates on x86-64, in
+    fastbp._isa's names: "avx512" (AVX-512F and FMA), "avx2" (AVX2 and FMA)
+    or "baseline"; None on other CPUs."""
+    if platform.machine().lower() not in _X86:
+        return None
+    have = target_features()
+    if "fma" not in have or "avx2" not in have:
+        return "baseline"
+    return "avx512" if "avx512f" in have else "avx2"
 
 
 def c_entry_point(wrapper, dtype, make_signature):

@@ -39,12 +39,11 @@ import platform
 from typing import NamedTuple
 
 import numpy as np
-from llvmlite import binding
-from numba import carray, config, njit, types
+from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from .._config import NJIT
-from . import c_entry_point
+from . import _X86, c_entry_point, target_features
 
 
 class KernelSpec(NamedTuple):
@@ -126,12 +125,9 @@ def fused_multiply_add_instruction():
     """Whether the CPU Numba compiles for has a multiply-add instruction
     (x86-64: the FMA extension; AArch64, POWER and z: always)."""
     machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+    if machine not in _X86:
         return machine in ("aarch64", "arm64", "ppc64le", "ppc64", "s390x")
-    features = config.CPU_FEATURES   # as Numba chooses them (None: the host's)
-    if features is None:
-        features = binding.get_host_cpu_features().flatten()
-    return "+fma" in features.split(",")
+    return "fma" in target_features()
 
 
 #: read once, at import; compiled into the kernels as a constant
