@@ -36,6 +36,7 @@ CONFIGS = [
     ("sgd-nesterov-wd", "SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), 1),
     ("adam", "Adam", dict(lr=0.01), 2),
     ("adam-betas-wd", "Adam", dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1), 2),
+    ("adam-amsgrad", "Adam", dict(lr=0.01, amsgrad=True), 3),
     ("adam-amsgrad-wd", "Adam", dict(lr=0.01, weight_decay=0.01, amsgrad=True), 3),
     ("adamw", "AdamW", dict(lr=0.01), 2),
     ("adamw-amsgrad", "AdamW", dict(lr=0.02, betas=(0.7, 0.95), weight_decay=0.2, amsgrad=True), 3),
@@ -798,3 +799,65 @@ def test_optimizer_settings_script_finds_no_failure():
     assert not failures, failures[:10]
     assert sum(counts.values()) == 150 and counts.get("ok", 0) > 20
     assert counts.get("ValueError", 0) > 20
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_kernels_finiteness_flag_agrees_with_isfinite(dtype):
+    """or_nonfinite / all_finite (the kernels' return value) on every kind of
+    value: zeros, subnormals, the extremes, infinities, NaNs of any sign and
+    payload, and random bit patterns."""
+    from numba import njit
+
+    from fastbp._numba.optim import all_finite, no_nonfinite, or_nonfinite
+
+    @njit
+    def flags(x):
+        out = np.empty(x.shape[0], dtype=np.bool_)
+        for i in range(x.shape[0]):
+            out[i] = all_finite(or_nonfinite(no_nonfinite(x[0]), x[i]))
+        return out
+
+    @njit
+    def whole(x):
+        acc = no_nonfinite(x[0])
+        for i in range(x.shape[0]):
+            acc = or_nonfinite(acc, x[i])
+        return all_finite(acc)
+
+    info = np.finfo(dtype)
+    uint = np.uint32 if dtype == "float32" else np.uint64
+    special = np.array([0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal,
+                        info.tiny, info.max, -info.max, np.inf, -np.inf, np.nan, -np.nan,
+                        1.0, -3.5], dtype=dtype)
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, np.iinfo(uint).max, size=200_000, dtype=uint, endpoint=True)
+    # the exponent field all ones (inf, NaN payloads) and all zeros (subnormals)
+    width = 8 * np.dtype(dtype).itemsize
+    mant = 23 if dtype == "float32" else 52
+    exp = uint(((1 << (width - 1 - mant)) - 1) << mant)
+    bits[::4] |= exp
+    bits[1::4] &= ~exp
+    x = np.concatenate([special, bits.view(dtype)])
+    np.testing.assert_array_equal(flags(x), np.isfinite(x))
+    for v in special:
+        arr = np.full(37, 1.0, dtype=dtype)
+        arr[rng.integers(37)] = v
+        assert whole(arr) == bool(np.isfinite(v)), v
+
+
+def test_sk_adam_reports_a_float32_overflow():
+    """scikit-learn's Adam computes its update in float64: an update that is
+    finite there but beyond float32's range leaves an inf in float32
+    parameters, and the kernel must say so (it checked the float64 value,
+    and said all was finite)."""
+    from fastbp._numba.optim import sk_adam_step
+
+    p = np.array([-3.0e38, 1.0], dtype=np.float32)
+    g = np.array([1.0, 1.0], dtype=np.float32)
+    m, v = np.zeros(2, np.float32), np.zeros(2, np.float32)
+    p_ref, m_ref, v_ref = p.copy(), m.copy(), v.copy()
+    with np.errstate(over="ignore"):
+        assert sk_adam_step(p, g, m, v, 1, 1e38, 0.9, 0.999, 1e-8) is False
+        reference.sk_adam_step(p_ref, g, m_ref, v_ref, 1, 1e38, 0.9, 0.999, 1e-8)
+    assert p[0] == -np.inf
+    np.testing.assert_array_equal(p, p_ref)
