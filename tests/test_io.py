@@ -314,12 +314,15 @@ V1 = {"adam": lambda: Adam(lr=0.01),
                                                                 momentum=0.5)}
 
 
-def _same_run(a, b):
+def _same_run(a, b, exact=True):
     """The files were written at the AVX-512 level: there a run continued
     from them is bitwise today's run; at other levels the products round
-    differently in the last bits (float64), so the runs agree to 1e-10."""
+    differently in the last bits (float64), so the runs agree to 1e-10.
+    Runs with Adam are not ``exact`` since 22e4f7c, whose Adam takes its
+    bias corrections from the C library's pow as torch does: the files'
+    Adam steps differ from today's in the last bits."""
     a, b = np.asarray(a), np.asarray(b)
-    if fastbp._isa.level() == "avx512":
+    if fastbp._isa.level() == "avx512" and exact:
         assert a.tobytes() == b.tobytes()
     else:
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -345,15 +348,16 @@ def test_version_1_files_load_and_continue_exactly(name):
     ref = net()
     ref.fit(X, y, loss="cross_entropy", optimizer=V1[name](), epochs=2, batch_size=8,
             verbose=0, n_threads=1)
-    _same_run(old.params, ref.params)
+    exact = name != "adam"
+    _same_run(old.params, ref.params, exact)
     assert old.optimizer.t == ref.optimizer.t == 10
-    _same_run(old.optimizer.state, ref.optimizer.state)
+    _same_run(old.optimizer.state, ref.optimizer.state, exact)
     assert old.optimizer.state_dict()["extra"] == ref.optimizer.state_dict()["extra"]
     assert old._fit_settings == {"loss": "cross_entropy"}
     for model in (old, ref):
         model.fit(X, y, epochs=1, batch_size=8, verbose=0, n_threads=1)
-    _same_run(old.params, ref.params)
-    _same_run(old.optimizer.state, ref.optimizer.state)
+    _same_run(old.params, ref.params, exact)
+    _same_run(old.optimizer.state, ref.optimizer.state, exact)
 
 
 def test_version_1_mid_epoch_checkpoint_resumes_exactly(tmp_path):
@@ -365,7 +369,7 @@ def test_version_1_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     ref = net()
     ref.fit(X, y, loss="cross_entropy", optimizer=Adam(lr=0.01), epochs=2, batch_size=8,
             verbose=0, n_threads=1)
-    _same_run(old.params, ref.params)
+    _same_run(old.params, ref.params, exact=False)
     old.save(tmp_path / "v2.fbp")  # saved again: version 2, with what it knows
     again = fastbp.load(tmp_path / "v2.fbp")
     assert_same_model(old, again)
