@@ -2,6 +2,7 @@
 fastbp.show_config / fastbp --info (fastbp/_info.py)."""
 import io
 import os
+import platform
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import fastbp
 from fastbp import _isa
 from fastbp._ext import dense, losses
+from fastbp._numba import _X86
 
 LEVELS = _isa.LEVELS[:dense.isa_hardware() + 1]   # the levels this CPU can run
 
@@ -108,7 +110,7 @@ def test_fastbp_info_command(tmp_path):
     assert "instruction set in use:" in r.stdout and "kernels by product:" in r.stdout
 
 
-X86 = dense.isa_hardware() > 0 or os.uname().machine.lower() in ("x86_64", "amd64")
+X86 = platform.machine().lower() in _X86
 
 
 def _features_on(value):
@@ -148,7 +150,7 @@ def test_numba_features_refuse_an_unknown_level_or_cpu(monkeypatch):
 # Numba cache): the code must use no register wider than the level's, Adam
 # must still give the reference's bits, and show_config must say so.
 _COMPILED_AT = """
-import re, numpy as np, fastbp
+import numpy as np, fastbp
 from fastbp import reference
 from fastbp._numba import optim
 rng = np.random.default_rng(0)

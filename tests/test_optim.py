@@ -832,9 +832,7 @@ def test_the_kernels_finiteness_flag_agrees_with_isfinite(dtype):
     rng = np.random.default_rng(0)
     bits = rng.integers(0, np.iinfo(uint).max, size=200_000, dtype=uint, endpoint=True)
     # the exponent field all ones (inf, NaN payloads) and all zeros (subnormals)
-    width = 8 * np.dtype(dtype).itemsize
-    mant = 23 if dtype == "float32" else 52
-    exp = uint(((1 << (width - 1 - mant)) - 1) << mant)
+    exp = uint(((1 << info.nexp) - 1) << info.nmant)
     bits[::4] |= exp
     bits[1::4] &= ~exp
     x = np.concatenate([special, bits.view(dtype)])

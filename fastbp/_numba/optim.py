@@ -163,9 +163,10 @@ def fma(typingctx, a, b, c):
 # NaN) plus its lowest bit carries into the sign bit; no other value's
 # does.  The OR is done here too: Numba would widen a uint32 | uint32.
 
-def _word(x):
-    """(width, significand bits) of float type x, or None."""
-    return {"float32": (32, 23), "float64": (64, 52)}.get(str(x))
+#: float type name -> (its width, its significand bits, the unsigned
+#: integer type of its width)
+_WORDS = {"float32": (32, 23, types.uint32), "float64": (64, 52, types.uint64)}
+_WIDTHS = {str(uint): width for width, _, uint in _WORDS.values()}
 
 
 def _carry_into_sign(builder, x, width, mant):
@@ -179,22 +180,22 @@ def _carry_into_sign(builder, x, width, mant):
 def no_nonfinite(typingctx, x):
     """The starting value of ``or_nonfinite``'s accumulator for floats of
     x's type (x's value is not read)."""
-    if _word(x) is None:
+    if str(x) not in _WORDS:
         return None
-    width = _word(x)[0]
+    width, _, uint = _WORDS[str(x)]
 
     def codegen(context, builder, signature, args):
         return ir.Constant(ir.IntType(width), 0)
-    return (types.uint32 if width == 32 else types.uint64)(x), codegen
+    return uint(x), codegen
 
 
 @intrinsic
 def or_nonfinite(typingctx, acc, x):
     """``acc`` with its top bit set if x (float32 or float64) is inf or NaN;
     acc is an unsigned integer of x's width (from ``no_nonfinite``)."""
-    if _word(x) is None or str(acc) != ("uint32" if _word(x)[0] == 32 else "uint64"):
+    if str(x) not in _WORDS or acc != _WORDS[str(x)][2]:
         return None
-    width, mant = _word(x)
+    width, mant, _ = _WORDS[str(x)]
 
     def codegen(context, builder, signature, args):
         return builder.or_(args[0], _carry_into_sign(builder, args[1], width, mant))
@@ -205,9 +206,9 @@ def or_nonfinite(typingctx, acc, x):
 def all_finite(typingctx, nonfinite):
     """True when the top bit of ``nonfinite`` (``or_nonfinite``'s
     accumulator) is clear."""
-    if str(nonfinite) not in ("uint32", "uint64"):
+    if str(nonfinite) not in _WIDTHS:
         return None
-    width = 32 if str(nonfinite) == "uint32" else 64
+    width = _WIDTHS[str(nonfinite)]
 
     def codegen(context, builder, signature, args):
         top = ir.Constant(ir.IntType(width), 1 << (width - 1))
@@ -232,8 +233,8 @@ def div_by_constant(a, c, inv_c):
 @njit(**NJIT)
 def _pow(x, y):
     """x ** y for a finite float x and a float (or integer) y as Python
-    computes it, with
-    the C library's pow: torch.optim and the reference compute their bias
+    computes it, with the C library's pow: torch.optim and the reference
+    compute their bias
     corrections in Python.  Numba computes x ** (an integer) by repeated
     multiplication, and x ** 0.5 as sqrt(x), which differed from Python in
     the last bit for 55% of beta ** t (t up to 20,000) and for 1 in 1,150
