@@ -10,7 +10,7 @@ See ``Sequential`` for the model API, ``fastbp.optim`` for optimizers and
 learning-rate schedules), ``fastbp.plot_history`` to plot a history, and
 ``fastbp.MLPClassifier`` / ``MLPRegressor`` for the scikit-learn drop-ins.
 """
-from . import _isa  # first: fixes the kernels' instruction-set level (FASTBP_ISA)
+from . import _isa  # noqa: F401 (imported first: it fixes the kernels' level, FASTBP_ISA)
 from . import activations, initializers, losses, optim, reference, regularizers
 from ._info import show_config
 from .gradcheck import gradcheck

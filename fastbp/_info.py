@@ -96,7 +96,6 @@ def show_config(file: IO[str] | None = None) -> None:
         Where to print (default ``sys.stdout``).
     """
     c = config()
-    asked = c["isa_requested"]
     why = _isa_reason(c)
     lines = [
         f"fastbp {c['fastbp']}  (Python {c['python']}, numpy {c['numpy']}, scipy {c['scipy']}, "

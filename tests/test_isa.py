@@ -11,7 +11,7 @@ import pytest
 
 import fastbp
 from fastbp import _isa
-from fastbp._ext import dense, losses
+from fastbp._ext import dense
 from fastbp._numba import _X86
 
 LEVELS = _isa.LEVELS[:dense.isa_hardware() + 1]   # the levels this CPU can run

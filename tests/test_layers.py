@@ -1,7 +1,6 @@
 """fastbp.layers: each kind's parameter count, initial values, config round
 trip and argument checks (their math: test_engine.py, test_dense.py and the
 per-feature suites)."""
-import numpy as np
 import pytest
 
 import fastbp

@@ -9,7 +9,6 @@ tolerance: any difference means state leaked between concurrent runs, a
 buffer was shared, or a kernel read something it should not have.
 """
 import gc
-import hashlib
 import json
 import multiprocessing
 import os

@@ -3,7 +3,6 @@ the code layer makes most code units silent for any one image.
 
 Run: ``python -m fastbp.examples.sparse_autoencoder``
 """
-import numpy as np
 
 
 def train(activity_l1, epochs=60, seed=0, verbose=0):

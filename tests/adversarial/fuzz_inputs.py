@@ -449,7 +449,6 @@ def _snapshot(obj):
 
 
 def _unchanged(obj, snap):
-    import numpy as np
     if snap[0] == "skip":
         return True
     if snap[0] == "ndarray":
