@@ -20,9 +20,12 @@ where others could rename it away (writable by others without the sticky
 bit).  Folders fastbp creates are made with mode 0700 and checked after
 creation like any other (an existing one may have been planted).  In order:
 
-1. ``NUMBA_CACHE_DIR`` (or ``numba.config.CACHE_DIR`` set before import):
-   the user's explicit choice, which applies to all of the process's Numba
-   code, is kept; a ``RuntimeWarning`` says so if it exists and is not safe.
+1. ``NUMBA_CACHE_DIR`` (or ``numba.config.CACHE_DIR`` set before import,
+   which a ``.numba_config.yaml`` in the working folder also does): the
+   user's choice, which applies to all of the process's Numba code, if it
+   is safe or does not exist yet.  If it exists and is not safe, fastbp's
+   kernels are not cached at all, with a ``RuntimeWarning`` (the setting may
+   come from a file someone else planted in a shared folder).
 2. ``fastbp/_numba/__pycache__`` beside the modules, if it exists, is safe
    and writable.  It is never created here.  Its owner is whoever installed
    the package; a group-writable shared install (or one owned by another
@@ -34,6 +37,14 @@ creation like any other (an existing one may have been planted).  In order:
 4. ``<temporary folder>/fastbp-numba-<uid>``: a predictable name in a folder
    everyone can write, so the check matters most here.
 5. None: no caching (kernels compile at first use in every process).
+
+The folder is decided once, at import, but Numba picks each kernel's cache
+folder again when the kernel is created, from its configuration at that
+moment, which it re-reads whenever the environment changes (and from the
+working folder's ``.numba_config.yaml``).  fastbp's C entry points are
+created at first use, so every kernel is checked when it is created
+(``pin``): its cache must lie in the folder chosen here, and that folder
+must still be safe; otherwise that kernel is compiled without a cache.
 
 A candidate that exists but is not safe is skipped with a ``RuntimeWarning``
 naming it and why (someone may have planted it), except the package's own
@@ -47,6 +58,7 @@ import and turn caching off.
 import os
 import stat
 import tempfile
+import threading
 import warnings
 
 #: effective user id whose folders are trusted (None: not checked, Windows)
@@ -166,20 +178,23 @@ def _warn(path, why):
 
 def _choose_cache():
     """Decide where Numba caches (see the module docstring); sets
-    ``numba.config.CACHE_DIR`` for a fallback folder.  Returns True if
-    kernels are cached."""
+    ``numba.config.CACHE_DIR`` for a fallback folder.  Returns the folder
+    fastbp's kernels are cached in, or None for no caching."""
     import numba
 
     chosen = os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR
     if chosen:
+        chosen = os.path.abspath(chosen)
         why = _unsafe(chosen) if os.path.lexists(chosen) else None
         if why is not None:
-            warnings.warn(f"fastbp: NUMBA_CACHE_DIR={chosen} {why}; Numba loads code from "
-                          "it, so other users may be able to run code in this process",
-                          RuntimeWarning, stacklevel=2)
-        return True
+            warnings.warn(f"fastbp: not caching compiled kernels in NUMBA_CACHE_DIR={chosen}: "
+                          f"it {why}. Numba loads code from its cache folder, so other users "
+                          "could run code in this process (use a folder of your own that no "
+                          "one else can write)", RuntimeWarning, stacklevel=2)
+            return None
+        return chosen
     if _unsafe(_PACKAGE_CACHE) is None and _writable(_PACKAGE_CACHE):
-        return True
+        return _PACKAGE_CACHE
     for folder, top in _candidates():
         created = _create_private(folder)
         if created is None:
@@ -189,11 +204,68 @@ def _choose_cache():
             _warn(folder, why)
         elif _writable(folder):
             numba.config.CACHE_DIR = folder
-            return True
-    return False
+            return folder
+    return None
 
 
-CACHE = _choose_cache()
+def _inside(path, root):
+    try:
+        return os.path.commonpath([os.path.abspath(path), root]) == root
+    except ValueError:  # different drives (Windows)
+        return False
+
+
+_PIN_LOCK = threading.Lock()
+
+
+def pin(kernel):
+    """Keep the cache of ``kernel`` (a Numba dispatcher or cfunc, just
+    created) only if it lies in the folder chosen at import and that folder
+    is still safe; otherwise compile it without a cache.  Numba chose the
+    kernel's folder when the kernel was created, from its configuration at
+    that moment (see the module docstring).  Returns ``kernel``."""
+    from numba.core.caching import NullCache
+
+    cache = getattr(kernel, "_cache", None)
+    if cache is None or isinstance(cache, NullCache):
+        return kernel
+    path = getattr(cache, "_cache_path", None)  # Numba's Cache: where it reads and writes
+    if not (isinstance(path, str) and ROOT is not None and _inside(path, ROOT)
+            and _unsafe(ROOT) is None):
+        kernel._cache = NullCache()
+    return kernel
+
+
+def pin_module(namespace):
+    """``pin`` every Numba dispatcher in a kernel module's namespace."""
+    from numba.core.dispatcher import Dispatcher
+
+    for obj in list(namespace.values()):
+        if isinstance(obj, Dispatcher):
+            pin(obj)
+
+
+def make_pinned(make):
+    """``pin(make())``, with ``numba.config.CACHE_DIR`` set back to what was
+    chosen at import while ``make`` creates the kernel (the environment may
+    have changed since, and Numba re-reads it), so that a kernel created
+    late is still cached in the chosen folder.  One at a time: the setting
+    is the process's."""
+    import numba
+
+    with _PIN_LOCK:
+        before = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = "" if ROOT == _PACKAGE_CACHE else (ROOT or "")
+        try:
+            kernel = make()
+        finally:
+            numba.config.CACHE_DIR = before
+    return pin(kernel)
+
+
+#: the folder fastbp's kernels are cached in (None: not cached)
+ROOT = _choose_cache()
+CACHE = ROOT is not None
 
 #: keyword arguments of every ``numba.njit`` / ``numba.cfunc`` in fastbp.
 NJIT = dict(cache=CACHE, error_model="numpy", nogil=True)

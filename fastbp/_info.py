@@ -46,7 +46,7 @@ def config():
     from threadpoolctl import threadpool_info
 
     from . import __version__, _isa
-    from ._config import CACHE
+    from ._config import ROOT
     from ._ext import dense
     from ._numba import optim, target_level
     from ._threads import default_threads
@@ -71,7 +71,7 @@ def config():
                            else f"{numba.config.CPU_NAME}'s"),
         "numba_level": target_level(),
         "numba_fma": optim.FUSED,
-        "numba_cache": (numba.config.CACHE_DIR or "beside the package") if CACHE else "off",
+        "numba_cache": ROOT or "off",
     }
 
 

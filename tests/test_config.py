@@ -66,7 +66,7 @@ def _choose(expect_warning=None):
         assert not messages
     else:
         assert any(expect_warning in m for m in messages), messages
-    return cached
+    return cached is not None  # the folder chosen, or None
 
 
 def test_safe_package_cache_is_used_beside_the_modules(home):
@@ -230,15 +230,73 @@ def test_nothing_writable_disables_caching_instead_of_failing(home, monkeypatch)
 def test_explicit_numba_cache_dir_is_respected(home, monkeypatch):
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(home / "somewhere"))
     monkeypatch.setattr(_config, "_writable", lambda path: pytest.fail("no probing needed"))
-    assert _choose() is True
+    assert _config._choose_cache() == str(home / "somewhere")
 
 
-def test_unsafe_explicit_numba_cache_dir_is_kept_with_a_warning(home, monkeypatch):
+def test_unsafe_explicit_numba_cache_dir_is_refused_with_a_warning(home, monkeypatch):
+    """NUMBA_CACHE_DIR (or a .numba_config.yaml planted in a shared working
+    folder, which sets the same) naming a folder others can write: fastbp's
+    kernels are not cached there."""
     shared = home / "shared"
     shared.mkdir()
     shared.chmod(0o777)
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(shared))
-    assert _choose(expect_warning="NUMBA_CACHE_DIR") is True
+    assert _choose(expect_warning=f"not caching compiled kernels in NUMBA_CACHE_DIR={shared}") \
+        is False
+
+
+def _kernel(numba_cache_dir):
+    """A cached Numba kernel created while Numba's cache folder is
+    ``numba_cache_dir`` (as after Numba re-read its configuration)."""
+    before = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = str(numba_cache_dir)
+    try:
+        return numba.njit(cache=True)(_config._inside)
+    finally:
+        numba.config.CACHE_DIR = before
+
+
+def test_pin_keeps_a_cache_in_the_chosen_folder_only(tmp_path, monkeypatch):
+    from numba.core.caching import NullCache
+
+    chosen = tmp_path / "chosen"
+    chosen.mkdir(mode=0o700)
+    monkeypatch.setattr(_config, "ROOT", str(chosen))
+    kept = _config.pin(_kernel(chosen))
+    assert not isinstance(kept._cache, NullCache)
+    assert _config._inside(kept._cache._cache_path, str(chosen))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    assert isinstance(_config.pin(_kernel(elsewhere))._cache, NullCache)
+    monkeypatch.setattr(_config, "ROOT", None)  # nothing chosen: nothing cached
+    assert isinstance(_config.pin(_kernel(chosen))._cache, NullCache)
+
+
+def test_pin_refuses_the_chosen_folder_once_it_is_unsafe(tmp_path, monkeypatch):
+    from numba.core.caching import NullCache
+
+    chosen = tmp_path / "chosen"
+    chosen.mkdir(mode=0o700)
+    monkeypatch.setattr(_config, "ROOT", str(chosen))
+    kernel = _kernel(chosen)
+    chosen.chmod(0o777)
+    assert isinstance(_config.pin(kernel)._cache, NullCache)
+
+
+def test_make_pinned_creates_kernels_with_the_chosen_folder(tmp_path, monkeypatch):
+    """Numba's setting is put back to the chosen folder while the kernel is
+    created, and restored after."""
+    chosen = tmp_path / "chosen"
+    chosen.mkdir(mode=0o700)
+    monkeypatch.setattr(_config, "ROOT", str(chosen))
+    before = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = str(tmp_path / "changed-since-import")
+    try:
+        kernel = _config.make_pinned(lambda: numba.njit(cache=True)(_config._inside))
+        assert numba.config.CACHE_DIR == str(tmp_path / "changed-since-import")
+    finally:
+        numba.config.CACHE_DIR = before
+    assert _config._inside(kernel._cache._cache_path, str(chosen))
 
 
 def test_writable_probe(tmp_path):
@@ -333,6 +391,47 @@ def test_a_planted_pickle_does_not_run(primed, tmp_path, plant):
     assert not marker.exists(), "a pickle planted by another user ran"
     assert done.stdout.split() == ["False"], done.stdout  # and no CACHE_DIR
     assert f"not caching compiled kernels in {planted}" in done.stderr
+
+
+@pytest.mark.parametrize("through", ["fastbp", "numba_alone"])
+def test_a_kernel_created_after_numba_rereads_its_settings_ignores_a_planted_folder(
+        primed, tmp_path, through):
+    """Numba re-reads its settings (the environment, and the working folder's
+    .numba_config.yaml, which anyone can plant in a shared folder) when it
+    compiles, and picks a kernel's cache folder when the kernel is created.
+    fastbp's C entry points are created at first use: after import, a
+    setting pointing at a planted folder of index files that run code.
+    Created through fastbp, the kernel does not look there; the control
+    ("numba_alone": the same wrapper made a cached cfunc by Numba itself)
+    shows that the planted files are found and run."""
+    root, cache, index = primed
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    tmp.chmod(0o1777)
+    planted = tmp_path / "planted"
+    shutil.copytree(cache, planted)
+    marker = tmp_path / "payload-ran"
+    for name in index:
+        (planted / name).write_bytes(pickle.dumps(_Payload(str(marker))))
+    for folder in [planted, *(p for p in planted.rglob("*") if p.is_dir())]:
+        folder.chmod(0o777)
+    make = ("loss_cfunc('mse', 'float64')" if through == "fastbp" else
+            "numba.cfunc(L._signature(numba.types.float64), cache=True, "
+            "error_model='numpy')(L._C_WRAPPERS['mse'])")
+    code = ("import numba, fastbp._config as c\n"
+            "import fastbp._numba.losses as L\n"
+            "from fastbp._numba.losses import loss_cfunc\n"
+            f"numba.config.CACHE_DIR = {str(planted)!r}  # what Numba's re-read would set\n"
+            f"{make}\n"
+            "print(c.CACHE, numba.config.CACHE_DIR)\n")
+    done = _run(root, tmp, code)
+    assert done.returncode == 0, done.stderr
+    if through == "numba_alone":
+        assert marker.exists(), "the control: Numba loads the planted index"
+        return
+    assert not marker.exists(), "a pickle planted in a folder named by Numba's settings ran"
+    # the setting is left as it was found; the kernel went to fastbp's folder
+    assert done.stdout.split() == ["True", str(planted)], done.stdout
 
 
 def test_import_and_fit_with_nothing_writable(primed, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 from llvmlite import binding
 from numba import cfunc, config, types
 
-from .._config import NJIT
+from .._config import NJIT, make_pinned
 
 _CFUNCS = {}
 
@@ -46,5 +46,7 @@ def c_entry_point(wrapper, dtype, make_signature):
     key = (wrapper, np.dtype(dtype).name)
     if key not in _CFUNCS:
         t = types.float32 if key[1] == "float32" else types.float64
-        _CFUNCS[key] = cfunc(make_signature(t), **NJIT)(wrapper)
+        # Created now, long after import: Numba picks its cache folder again
+        # (fastbp._config.make_pinned keeps it in the one checked at import).
+        _CFUNCS[key] = make_pinned(lambda: cfunc(make_signature(t), **NJIT)(wrapper))
     return _CFUNCS[key].address

@@ -20,7 +20,7 @@ list them with the others, so callers need one registry.
 import numpy as np
 from numba import carray, njit, types
 
-from .._config import NJIT
+from .._config import NJIT, pin_module
 from .._ext import losses as _softmax
 from .._ext.losses import cross_entropy_loss_grad, sk_log_loss_loss_grad
 from . import c_entry_point
@@ -182,3 +182,7 @@ def loss_cfunc(name, dtype):
     if name in _softmax.NAMES:
         return _softmax.loss_address(name, dtype)
     return c_entry_point(_C_WRAPPERS[name], dtype, _signature)
+
+
+# Each kernel keeps its cache only in the folder fastbp checked (fastbp._config).
+pin_module(globals())

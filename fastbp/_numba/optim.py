@@ -48,7 +48,7 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from .._config import NJIT
+from .._config import NJIT, pin_module
 from . import _X86, c_entry_point, target_features
 
 
@@ -534,3 +534,7 @@ def step_cfunc(name, dtype):
     if wrapper is None:  # generated at first use: a kernel may be declared after import
         wrapper = _C_WRAPPERS.setdefault(name, _make_wrapper(name))  # one wins a race
     return c_entry_point(wrapper, dtype, _signature)
+
+
+# Each kernel keeps its cache only in the folder fastbp checked (fastbp._config).
+pin_module(globals())
