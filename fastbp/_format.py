@@ -241,6 +241,15 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
+def _temporary_prefix(target):
+    """The start of the temporary file's name: the target's name, cut to 64
+    bytes (file names are limited in bytes, 255 on most file systems, and a
+    character may take four; cut by characters, a legal name of 252 bytes
+    made the temporary name too long), so a leftover is easy to place."""
+    name = os.path.basename(target).encode("utf-8", "surrogateescape")[:64]
+    return "." + name.decode("utf-8", "ignore") + "."
+
+
 def write(state, path):
     """Write a model state (``Sequential._state``'s form) to ``path``
     atomically; the errors are ``fastbp.io.save_model``'s."""
@@ -250,8 +259,7 @@ def write(state, path):
     mode = _new_file_mode() if st is None else stat.S_IMODE(st.st_mode)
     try:
         tmp = tempfile.NamedTemporaryFile(mode="wb", dir=directory, delete=False,
-                                          prefix="." + os.path.basename(target)[:100] + ".",
-                                          suffix=".tmp")
+                                          prefix=_temporary_prefix(target), suffix=".tmp")
     except OSError as exc:
         raise _files.folder_error(exc, directory, "a model file") from None
     try:

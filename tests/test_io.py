@@ -194,6 +194,19 @@ def test_pathlike_str_and_overwrite(tmp_path):
     assert os.listdir(tmp_path) == ["x.fbp"]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("char", ["\U0001F600", "\u6a21", "e"])
+def test_a_name_of_the_longest_legal_length_saves(tmp_path, char):
+    """A name of up to 255 bytes is legal; the temporary file's name is cut
+    by bytes, not characters (62 four-byte characters made it too long)."""
+    stem = char * ((251 // len(char.encode())))
+    path = tmp_path / (stem + ".fbp")
+    assert len(path.name.encode()) <= 255
+    a = _trained("float32", "none")
+    a.save(path)
+    assert_same_model(a, fastbp.load(path))
+    assert os.listdir(tmp_path) == [path.name]
+
+
 # -- the layout on disk, and no pickle ------------------------------------------
 def test_file_is_exactly_the_documented_layout(tmp_path):
     net = _trained("float32", "adam_amsgrad")
