@@ -229,6 +229,13 @@ class _BaseMLP(_StochasticSolvers, BaseEstimator):
         y_val = np.asarray(y_val)
         if y_val.shape[0] != X_val.shape[0]:
             raise ValueError(f"X_val has {X_val.shape[0]} samples, y_val has {y_val.shape[0]}")
+        if self.early_stopping and X_val.shape[0] < 2:
+            # scikit-learn's rule for its own split: a one-sample score (r2
+            # is nan) never improves, and the initial weights would be kept.
+            raise ValueError("The validation set is too small: early stopping scores the "
+                             f"model on X_val, which has {X_val.shape[0]} sample; give at "
+                             "least 2.")
+        self._check_validation_targets(y_val)
         to_dtype(np.asarray(self._encode_targets(y_val)), dtype, "y_val")  # NaN, inf, range
         return X_val, y_val
 

@@ -145,6 +145,28 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         cw = compute_sample_weight(self.class_weight, np.asarray(y)).astype(X.dtype)
         return cw if sample_weight is None else sample_weight * cw
 
+    def _check_validation_targets(self, y_val):
+        """y_val in the encoding of y: labels the model knows (a label
+        binarizer maps any other to a row of zeros, or to the first class)."""
+        n_classes = len(self.classes_)
+        if self._label_binarizer.y_type_.startswith("multilabel"):
+            if (y_val.ndim != 2 or y_val.shape[1] != n_classes
+                    or not np.isin(y_val, (0, 1)).all()):
+                raise ValueError(f"y_val must be a label indicator matrix with {n_classes} "
+                                 f"columns of 0 and 1, as y was; got shape {y_val.shape}")
+            return
+        if y_val.ndim == 2 and y_val.shape[1] == 1:
+            y_val = y_val[:, 0]
+        if y_val.ndim != 1:
+            raise ValueError(f"y_val must be 1-D (one label per sample), as y was; got shape "
+                             f"{y_val.shape}")
+        known = set(self.classes_.tolist())
+        unknown = [v for v in dict.fromkeys(y_val.tolist()) if v not in known]
+        if unknown:
+            raise ValueError(f"y_val has labels the model was not trained on: {unknown[:5]}"
+                             f"{' ...' if len(unknown) > 5 else ''}; its classes are "
+                             f"{self.classes_.tolist()}")
+
     def _encode_targets(self, y):
         Y = self._label_binarizer.transform(np.asarray(y))
         return Y.reshape(len(Y), -1)
@@ -259,6 +281,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             raise ValueError("Some value(s) of y are negative which is not allowed for "
                              "Poisson regression.")
         return X, y
+
+    def _check_validation_targets(self, y_val):
+        outputs = 1 if y_val.ndim == 1 else y_val.shape[1] if y_val.ndim == 2 else None
+        if outputs != self.n_outputs_:
+            raise ValueError(f"y_val must have {self.n_outputs_} output(s) per sample, as y "
+                             f"had; got shape {y_val.shape}")
 
     def _encode_targets(self, y):
         y = np.asarray(y, dtype=np.float64)

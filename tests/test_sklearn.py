@@ -795,6 +795,40 @@ def test_validation_data_is_recorded_without_early_stopping(kind):
     assert_rel(fb.validation_loss_curve_, losses, RTOL, "validation_loss_curve_")
 
 
+@pytest.mark.parametrize("case", ["unknown_labels", "labels_of_another_type", "indicator_width",
+                                  "outputs", "one_row_early_stopping"])
+def test_validation_targets_that_do_not_fit_the_model_are_refused(case):
+    """y_val must be in y's terms: labels the classifier was trained on (a
+    label binarizer maps others to zero rows, which scored a loss of 0), a
+    multi-label matrix of the same width, the regressor's number of
+    outputs; and early stopping needs 2 rows (one row's r2 is nan, so the
+    initial weights were kept)."""
+    kind = "reg" if case in ("outputs", "one_row_early_stopping") else "clf"
+    X, y, X_val, y_val = _split_val(kind, seed=23)
+    params = dict(hidden_layer_sizes=(4,), max_iter=3, random_state=0)
+    if case == "unknown_labels":
+        y_val = y_val.copy()
+        y_val[0] = 7
+        match = r"y_val has labels the model was not trained on: \[7\]"
+    elif case == "labels_of_another_type":
+        y_val = np.array(["a", "b"])[y_val % 2]
+        match = "not trained on"
+    elif case == "indicator_width":
+        y = np.stack([y % 2, (y + 1) % 2, y % 2], axis=1)
+        y_val = np.stack([y_val % 2, y_val % 2], axis=1)
+        match = "indicator matrix with 3 columns"
+    elif case == "outputs":
+        y_val = np.stack([y_val] * 3, axis=1)
+        match = r"1 output\(s\) per sample"
+    else:
+        X_val, y_val = X_val[:1], y_val[:1]
+        params["early_stopping"] = True
+        match = "validation set is too small"
+    est = (MLPClassifier if kind == "clf" else MLPRegressor)(**params)
+    with pytest.raises(ValueError, match=match):
+        est.fit(X, y, X_val=X_val, y_val=y_val)
+
+
 @pytest.mark.parametrize("kind", ["clf", "reg"])
 def test_validation_data_drives_early_stopping(kind):
     X, y, X_val, y_val = _split_val(kind, seed=22)
