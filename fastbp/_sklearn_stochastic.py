@@ -37,10 +37,20 @@ class _SklearnSGD(Optimizer):
 
     kernel = "sk_sgd"
 
-    def __init__(self, lr=0.1, momentum=0.9, nesterov=True):
+    def __init__(self, lr=0.1, momentum=0.9, nesterov=True, schedule="constant", power_t=0.5):
         super().__init__()
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+        # scikit-learn's SGDOptimizer keeps the schedule it was made with
+        # (and its initial rate and power_t) until fit makes a new one, so a
+        # set_params between partial_fit calls leaves them as they were.
+        self.schedule, self.lr_init, self.power_t = schedule, float(lr), power_t
         self._set_hyperparameters()
+
+    def iteration_ends(self, time_step):
+        """scikit-learn's ``iteration_ends``: the ``invscaling`` rate after
+        ``time_step`` samples."""
+        if self.schedule == "invscaling":
+            self.lr = self.lr_init / (time_step + 1) ** self.power_t
 
     def _validated(self):
         return dict(lr=_real(self.lr, "learning rate"), momentum=_real(self.momentum, "momentum"),
@@ -163,7 +173,8 @@ class _StochasticSolvers:
 
     def _make_optimizer(self):
         if self.solver == "sgd":
-            return _SklearnSGD(self.learning_rate_init, self.momentum, self.nesterovs_momentum)
+            return _SklearnSGD(self.learning_rate_init, self.momentum, self.nesterovs_momentum,
+                               self.learning_rate, self.power_t)
         return _SklearnAdam(self.learning_rate_init, self.beta_1, self.beta_2, self.epsilon)
 
     def _fit_stochastic(self, X, Y, sample_weight, incremental, X_val, y_val):
@@ -246,9 +257,8 @@ class _StochasticSolvers:
         if validation is not None:
             self.validation_loss_curve_.append(self._validation_loss(X_val, y_val))
         self._update_no_improvement_count(early_stopping, X_val, y_val, sw_val)
-        if self.solver == "sgd" and self.learning_rate == "invscaling":
-            # taken up by the runner before the next iteration (refresh)
-            opt.lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
+        if isinstance(opt, _SklearnSGD):  # taken up by the runner before the next iteration
+            opt.iteration_ends(self.t_)
         if self._no_improvement_count > self.n_iter_no_change:
             what = "Validation score" if early_stopping else "Training loss"
             msg = (f"{what} did not improve more than tol={self.tol:f} for "
@@ -282,9 +292,8 @@ class _StochasticSolvers:
                 print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
                 print("Validation score: %f" % np.nan)
             self._no_improvement_count = 0
-            if self.solver == "sgd" and self.learning_rate == "invscaling":
-                self._optimizer.lr = (float(self.learning_rate_init)
-                                      / (self.t_ + 1) ** self.power_t)
+            if isinstance(self._optimizer, _SklearnSGD):
+                self._optimizer.iteration_ends(self.t_)
             if incremental:
                 return
         warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and the "
@@ -292,7 +301,7 @@ class _StochasticSolvers:
 
     def _trigger_stopping(self, opt, msg):
         """sklearn's trigger_stopping: adaptive SGD divides the rate by 5."""
-        if self.solver != "sgd" or self.learning_rate != "adaptive":
+        if not isinstance(opt, _SklearnSGD) or opt.schedule != "adaptive":
             if self.verbose:
                 print(msg + " Stopping.")
             return True

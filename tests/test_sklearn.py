@@ -743,6 +743,34 @@ def test_pickle_keeps_training_state():
     assert_same_state(fb, sk, what="partial_fit after unpickling")
 
 
+@pytest.mark.parametrize("first, change", [
+    ("partial_fit", dict(learning_rate="invscaling")),
+    ("partial_fit", dict(learning_rate="adaptive", tol=10.0, n_iter_no_change=1)),
+    ("partial_fit", dict(solver="adam")),
+    ("partial_fit", dict(power_t=0.9, learning_rate_init=0.5)),
+    ("fit", dict(learning_rate="invscaling")),
+])
+def test_settings_changed_between_partial_fits_act_as_in_sklearn(first, change):
+    """scikit-learn's partial_fit keeps the optimizer it made first, with its
+    schedule, initial rate and power_t, until fit makes a new one: a
+    set_params in between does not change them (fastbp read the live
+    settings, so its rate and weights drifted from scikit-learn's)."""
+    X, y = make_regression(n=80, seed=24)
+    params = dict(hidden_layer_sizes=(5,), solver="sgd", learning_rate_init=0.05, max_iter=3,
+                  learning_rate="invscaling" if "solver" in change else "constant",
+                  random_state=0)
+    fb, sk = MLPRegressor(**params), SkR(**params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for est in (fb, sk):
+            getattr(est, first)(X, y)
+            est.set_params(**change)
+            for _ in range(4):
+                est.partial_fit(X, y)
+    assert fb._optimizer.learning_rate == sk._optimizer.learning_rate
+    assert_same_state(fb, sk, what=f"partial_fit after set_params({change})")
+
+
 # ------------------------------------------------------------ 8. fastbp extras
 def _split_val(kind, seed):
     if kind == "clf":
