@@ -582,12 +582,26 @@ def gemm_packed_kernel(a, b, bint trans_a=False, bint trans_b=False, int isa=-1)
     return _kernel_product(a, b, trans_a, trans_b, isa, True, "gemm_packed_kernel")
 
 
+def _check_layer_call(name, int64_t activation, dims):
+    """ValueError unless ``activation`` is a known code and every dimension
+    fits the kernels' C int (an unknown code fell through every branch and
+    left the output unactivated; a dimension of 2**32 + 3 was cut to 3)."""
+    if activation < <int64_t>IDENTITY or activation > <int64_t>SOFTPLUS:
+        raise ValueError(f"{name}: unknown activation code {activation}; the codes are "
+                         "fastbp.activations.ACTIVATION_CODES' values")
+    for d in dims:
+        if d > 2 ** 31 - 1:
+            raise ValueError(f"{name}: a dimension of {d} is more than the kernels' limit "
+                             f"(2**31 - 1)")
+
+
 def dense_forward(const floating[:, ::1] x, const floating[:, ::1] w,
-                  const floating[::1] b, int activation):
+                  const floating[::1] b, int64_t activation):
     """out = act(x @ w + b).  x: (m, n_in), w: (n_in, n_out), b: (n_out,)."""
     cdef int64_t m = x.shape[0], n_in = x.shape[1], n_out = w.shape[1]
     if w.shape[0] != n_in or b.shape[0] != n_out:
         raise ValueError("dense_forward: shapes of x, w, b do not agree")
+    _check_layer_call("dense_forward", activation, (m, n_in, n_out))
     dtype = np.float32 if floating is float else np.float64
     out = np.empty((m, n_out), dtype=dtype)
     cdef floating[:, ::1] o = out
@@ -599,7 +613,7 @@ def dense_forward(const floating[:, ::1] x, const floating[:, ::1] w,
 
 
 def dense_backward(const floating[:, ::1] x, const floating[:, ::1] w,
-                   const floating[:, ::1] a, const floating[:, ::1] g, int activation):
+                   const floating[:, ::1] a, const floating[:, ::1] g, int64_t activation):
     """Backward pass of one dense layer.
 
     Parameters: x (m, n_in) input, w (n_in, n_out), a (m, n_out) the layer's
@@ -610,6 +624,7 @@ def dense_backward(const floating[:, ::1] x, const floating[:, ::1] w,
     if (w.shape[0] != n_in or a.shape[0] != m or a.shape[1] != n_out
             or g.shape[0] != m or g.shape[1] != n_out):
         raise ValueError("dense_backward: shapes of x, w, a, g do not agree")
+    _check_layer_call("dense_backward", activation, (m, n_in, n_out))
     dtype = np.float32 if floating is float else np.float64
     gd = np.array(g, dtype=dtype, order="C", copy=True)
     dw = np.empty((n_in, n_out), dtype=dtype)
@@ -627,7 +642,7 @@ def dense_backward(const floating[:, ::1] x, const floating[:, ::1] w,
     return dw, db, dx
 
 
-def bias_activation_kernel(const floating[:, ::1] z, const floating[::1] b, int activation,
+def bias_activation_kernel(const floating[:, ::1] z, const floating[::1] b, int64_t activation,
                            int isa=-1):
     """``act(z + b)`` as the forward epilogue computes it (test hook):
     identity, relu and leaky_relu through csrc/epilogue.h at instruction-set
@@ -649,6 +664,7 @@ def bias_activation_kernel(const floating[:, ::1] z, const floating[::1] b, int 
     cdef int64_t m = z.shape[0], n = z.shape[1]
     if b.shape[0] != n:
         raise ValueError("bias_activation_kernel: shapes of z and b do not agree")
+    _check_layer_call("bias_activation_kernel", activation, (m, n))
     out = np.array(z, copy=True, order="C")
     cdef floating[:, ::1] o = out
     if m == 0 or n == 0:
@@ -659,7 +675,7 @@ def bias_activation_kernel(const floating[:, ::1] z, const floating[::1] b, int 
 
 
 def activation_backward_db_kernel(const floating[:, ::1] g, const floating[:, ::1] a,
-                                  int activation, int isa=-1):
+                                  int64_t activation, int isa=-1):
     """The backward epilogue (test hook): ``d = g * act'(a)`` and its column
     sums ``db``, summed row by row, as ``dense_backward`` computes them;
     identity, relu and leaky_relu in one pass of csrc/epilogue.h at level
@@ -681,6 +697,7 @@ def activation_backward_db_kernel(const floating[:, ::1] g, const floating[:, ::
     cdef int64_t m = g.shape[0], n = g.shape[1]
     if a.shape[0] != m or a.shape[1] != n:
         raise ValueError("activation_backward_db_kernel: shapes of g and a do not agree")
+    _check_layer_call("activation_backward_db_kernel", activation, (m, n))
     d = np.array(g, copy=True, order="C")
     db = np.zeros(n, dtype=d.dtype)
     cdef floating[:, ::1] dv = d

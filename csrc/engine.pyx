@@ -478,7 +478,9 @@ cdef class EngineState:
         self.rng = field("rng", rng, _UINT64, shape=(1,), writable=True)
         self.hyper = field("hyper", hyper, _DOUBLE, size=int(n_hyper))
         seg = field("segments", segments, _INT64, shape=(None, 2))
-        if seg.size and (np.any(seg < 0) or np.any(seg[:, 0] + seg[:, 1] > self.n_params)):
+        # start > n_params - length, not start + length > n_params: the sum
+        # of two hostile int64s wraps around (2**63 - 1 passed as negative)
+        if seg.size and (np.any(seg < 0) or np.any(seg[:, 0] > self.n_params - seg[:, 1])):
             raise ValueError(f"segments must lie inside [0, {self.n_params})")
         self.segments = seg
         # an array first: a list has no shape to compare (an AttributeError)

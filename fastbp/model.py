@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, TypeVar, cast
 
@@ -48,8 +49,8 @@ from . import losses as _losses
 from . import optim as _optim
 from ._ext import engine as _engine
 from ._loop import Solver
-from ._ext.engine import (ACTIVITY_L1, B_OFF, BUF_OFF, L1, L2, N_IN, N_OUT, N_REG, TRAINABLE,
-                          W_OFF)
+from ._ext.engine import (ACT_OFF, ACTIVITY_L1, B_OFF, BUF_OFF, KIND, L1, L2, N_IN,
+                          N_OUT, N_REG, TRAINABLE, W_OFF)
 from ._numba.losses import loss_cfunc
 from ._reporting import DivergenceError  # noqa: F401  (fastbp.model.DivergenceError)
 from ._runner import _dense_rows, _forward_sparse, _ScratchPool, _Workspace
@@ -58,11 +59,26 @@ from ._typing import ArrayLike, DTypeLike, MatrixLike, PathLike
 from ._validation import (check_dtype, check_positive_int, check_sample_weight, check_targets,
                           check_values, check_X)
 from .history import History
-from .layers import BatchNorm, Dense, Dropout, Layer, Residual, ResidualBegin, ResidualEnd
+from .layers import (BatchNorm, Dense, Dropout, Layer, Residual, ResidualBegin, ResidualEnd,
+                     from_config)
 from .losses import data_loss
 from .program import Program, compile_program
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
+
+#: the model each layer object was last built into (a layer's W and b are
+#: views into that model's parameters, so it cannot serve two models)
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: program columns that place the parameters and activations: a change of
+#: settings after build that moves any of them needs a new build
+_LAYOUT_COLUMNS = (KIND, N_IN, N_OUT, W_OFF, B_OFF, ACT_OFF, BUF_OFF)
+
+
+def _owned(layer):
+    """Whether ``layer`` is part of a built model that is still alive."""
+    owner = _OWNERS.get(layer)
+    return owner is not None and owner() is not None
 
 
 class NotBuiltError(ValueError, AttributeError):
@@ -212,6 +228,8 @@ class Sequential:
 
     @property
     def n_outputs(self) -> int:
+        if self._params is not None:  # what the engine writes, whatever the layers say now
+            return int(self._program[-1][N_OUT])
         return self.layers[-1].units
 
     def build(self, n_features: int) -> Sequential:
@@ -270,6 +288,16 @@ class Sequential:
                 raise
 
     def _lay_out(self, n_features):
+        seen = set()
+        for i, layer in enumerate(self.layers):
+            if id(layer) in seen:
+                raise ValueError(f"layer {i} ({layer!r}) appears twice in the model: each layer "
+                                 "owns its weights; use two layer objects")
+            seen.add(id(layer))
+            if _owned(layer) and _OWNERS[layer]() is not self:
+                raise ValueError(f"layer {i} ({layer!r}) belongs to another built model (its W "
+                                 "and b are views into that model's parameters); use a new "
+                                 "layer, or copy.deepcopy(layer)")
         program = compile_program(self.layers, n_features, self.dtype)
         self._compiled = program
         # the engine's tables, under the names its callers pass them by
@@ -306,6 +334,58 @@ class Sequential:
             layer._bind(int(row[N_IN]), self._params, self._grad, int(row[W_OFF]))
             if isinstance(layer, BatchNorm):
                 layer._bind_buffers(self._buffers, int(row[BUF_OFF]))
+            _OWNERS[layer] = weakref.ref(self)
+        self._layout = (list(self.layers), [layer.get_config() for layer in self.layers])
+
+    def _sync_layout(self):
+        """Take up settings of the layers changed since the build (a frozen
+        layer, an activation, a penalty, a dropout rate...) by compiling
+        the program again, keeping the weights; a ValueError if the layers
+        changed so that the weights no longer fit (units, layers added or
+        removed), or a layer now serves another model.  The engine runs the
+        program compiled at build, so without this it trained and predicted
+        with the old settings while save and summary used the new ones, and
+        a narrower last layer made predict write past its output.  The
+        caller holds the state lock."""
+        if self._params is None:
+            return
+        layers, configs = self._layout
+        if len(self.layers) != len(layers) or any(a is not b for a, b in zip(self.layers, layers)):
+            raise ValueError("the model's list of layers changed after it was built; the "
+                             "weights are laid out for the old one. Call build(n_features) "
+                             "again (new weights), or make a new model")
+        for i, layer in enumerate(self.layers):
+            owner = _OWNERS.get(layer)
+            if owner is None or owner() is not self:
+                raise ValueError(f"layer {i} ({layer!r}) was built into another model since; "
+                                 "its W and b are that model's now. Use a new layer for each "
+                                 "model")
+        now = [layer.get_config() for layer in self.layers]
+        if now == configs:
+            return
+        changed = [i for i, (a, b) in enumerate(zip(now, configs)) if a != b]
+        try:
+            program = compile_program(self.layers, self.n_features, self.dtype)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"the settings of layer(s) {changed} changed after build and are "
+                             f"not valid: {exc}") from None
+        old = self._compiled
+        if (program.rows.shape != old.rows.shape or program.n_params != old.n_params
+                or program.n_buffers != old.n_buffers
+                or not np.array_equal(program.rows[:, _LAYOUT_COLUMNS],
+                                      old.rows[:, _LAYOUT_COLUMNS])):
+            raise ValueError(f"the settings of layer(s) {changed} changed after build so that "
+                             "the weights no longer fit (units, say): call build(n_features) "
+                             "again (new weights), or set them back")
+        self._compiled = program
+        self._program, self._floats = program.rows, program.floats
+        if program.n_aux != self._aux.shape[0]:
+            self._aux = np.zeros(program.n_aux, dtype=self.dtype)
+        self._reg = np.array([_penalties(layer) for layer in self.layers],
+                             dtype=np.float64).reshape(-1, N_REG)
+        self._fit_workspace = None
+        self._scratch = None
+        self._layout = (list(self.layers), now)
 
     def set_params(self, params: ArrayLike) -> None:
         """Copy a flat parameter vector (same length) into the model."""
@@ -402,6 +482,8 @@ class Sequential:
             self._build_once(X.shape[1])
             if self.n_features != X.shape[1]:  # another thread built it for other data first
                 X = check_X(X, self.dtype, self.n_features, name=name_x, accept_sparse=True)
+        with self._state_lock:
+            self._sync_layout()
         Y = check_targets(y, loss, X.shape[0], self.n_outputs, self.dtype, name=name_y)
         return X, Y, check_sample_weight(sample_weight, X.shape[0], self.dtype)
 
@@ -443,6 +525,7 @@ class Sequential:
         buffers, reg, reg_per_weight, n_features and the scratch pool."""
         with self._state_lock:
             self._require_built()
+            self._sync_layout()
             if self._scratch is None:
                 self._scratch = _ScratchPool(self)
             return (self._compiled, self._params, self._buffers, self._reg, self._reg_per_weight,
@@ -716,6 +799,8 @@ class Sequential:
         built = self.built
         params = None
         if built:
+            with self._state_lock:
+                self._sync_layout()  # the file holds the settings the weights were trained with
             params = self._params.view()
             params.flags.writeable = False
         return {"dtype": self.dtype.name, "seed": self.seed, "layers": self.layers,
@@ -732,8 +817,12 @@ class Sequential:
         """The model that ``state`` (``_state``'s form) describes.  Its values
         are checked here as far as the model needs (architecture, finite
         parameters, running statistics): ValueError naming the problem."""
+        # a state taken from a live model names its layer objects, which
+        # belong to that model: the new one gets copies
+        layers = [from_config(layer.get_config()) if _owned(layer) else layer
+                  for layer in state["layers"]]
         try:
-            net = cls(state["layers"], dtype=state["dtype"], seed=state["seed"])
+            net = cls(layers, dtype=state["dtype"], seed=state["seed"])
         except ValueError as exc:  # e.g. residual markers that do not pair up
             raise ValueError(f"invalid architecture: {exc}") from None
         if state["n_features"] is not None:
@@ -793,6 +882,8 @@ class Sequential:
         (``str`` of a built model); NotBuiltError before the model is built.
         """
         self._require_built()
+        with self._state_lock:
+            self._sync_layout()
         rows, depth = [], 0
         for i, (layer, n_in) in enumerate(zip(self.layers, self._compiled["n_in"])):
             depth -= isinstance(layer, ResidualEnd)

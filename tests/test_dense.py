@@ -326,3 +326,28 @@ def test_relu_epilogues_keep_the_scalar_nan_and_zero_rules(dtype, isa):
     d, db = dense.activation_backward_db_kernel(g, z, relu, isa)
     np.testing.assert_array_equal(d, np.where(z > 0, g, 0))
     np.testing.assert_array_equal(db, d[0])
+
+
+@pytest.mark.parametrize("code", [-1, 7, 99, 2 ** 31 - 1, 2 ** 40])
+def test_unknown_activation_codes_are_refused(code):
+    """An unknown code fell through every branch: the bias and activation
+    were silently skipped."""
+    x, w, b = np.ones((2, 3)), np.ones((3, 2)), np.ones(2)
+    for call in (lambda: dense.dense_forward(x, w, b, code),
+                 lambda: dense.dense_backward(x, w, np.ones((2, 2)), np.ones((2, 2)), code),
+                 lambda: dense.bias_activation_kernel(np.ones((2, 2)), b, code),
+                 lambda: dense.activation_backward_db_kernel(np.ones((2, 2)), np.ones((2, 2)),
+                                                             code)):
+        with pytest.raises(ValueError, match="unknown activation code"):
+            call()
+
+
+def test_dimensions_beyond_the_kernels_int_are_refused():
+    """The kernels take C ints: a width of 2**31 was cut (2**32 + 3 became 3,
+    a wrong answer).  np.zeros maps untouched pages lazily: 8 GiB each of
+    address space, next to nothing resident."""
+    n = 2 ** 31
+    x = np.zeros((1, n), dtype=np.float32)
+    w = np.zeros((n, 1), dtype=np.float32)
+    with pytest.raises(ValueError, match="limit"):
+        dense.dense_forward(x, w, np.zeros(1, dtype=np.float32), 0)

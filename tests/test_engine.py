@@ -388,6 +388,9 @@ _BAD_STATES = {
     "strided buffers": lambda kw: kw.update(buffers=np.repeat(kw["buffers"], 2)[::2]),
     "state for fewer slots": lambda kw: kw.update(n_slots=kw["n_slots"] + 1),
     "segment beyond params": lambda kw: kw.update(segments=np.array([[0, 10 ** 6]])),
+    # start + length wrapped around in int64 and passed (a segfault)
+    "segment whose end wraps around": lambda kw: kw.update(
+        segments=np.array([[1, 2 ** 63 - 1]], dtype=np.int64)),
     "grad_norms of the wrong length": lambda kw: kw.update(grad_norms=np.zeros(2)),
     # (tests/adversarial/engine_state.py, trials 418 and 636: an AttributeError)
     "grad_norms a list": lambda kw: kw.update(grad_norms=kw["grad_norms"].tolist()),
