@@ -17,6 +17,7 @@ It works on a ``Sequential`` passed in as ``net`` and imports neither
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 
 import numpy as np
@@ -251,7 +252,9 @@ def _optimizer_or_solver(optimizer):
 
 def _checked_clip(name, value):
     """clip_value or clip_norm as the engine takes it (0.0: off)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+    # numbers.Real: NumPy's scalars too (np.float32(1.0) was refused)
+    if value is not None and (isinstance(value, (bool, np.bool_))
+                              or not isinstance(value, numbers.Real)
                               or not value > 0 or not np.isfinite(value)):
         raise ValueError(f"{name} must be a positive number or None, got {value!r}")
     return 0.0 if value is None else float(value)

@@ -473,7 +473,9 @@ def test_settings_changed_after_build_are_taken_up_with_the_weights_kept(tmp_pat
     assert np.array_equal(net.predict(X), twin.predict(X))
     net.save(tmp_path / "m.fbp")
     assert np.array_equal(fastbp.load(tmp_path / "m.fbp").predict(X), net.predict(X))
-    assert "trainable" in net.summary() or "(" in net.summary()
+    table = net.summary()
+    assert "trainable=False" in table
+    assert "(27 trainable)" in table  # the frozen layer's 40 are not counted
 
 
 def test_a_layer_serves_one_model():
@@ -493,3 +495,17 @@ def test_a_layer_serves_one_model():
     import gc
     gc.collect()
     fastbp.Sequential([d1, d2]).build(4)  # and a layer of a model that is gone is free
+
+
+@pytest.mark.parametrize("value", [np.float32(1.0), np.int64(2), np.float16(0.5), 1, 0.5])
+def test_clip_settings_take_numpy_scalars(value):
+    X = np.ones((8, 4))
+    net = _built()
+    net.fit(X, np.zeros((8, 3)), epochs=1, verbose=0, clip_norm=value, clip_value=value)
+
+
+@pytest.mark.parametrize("value", [np.bool_(True), True, 0, -1.0, np.float32("nan"), "1"])
+def test_clip_settings_refuse_what_is_not_a_positive_number(value):
+    net = _built()
+    with pytest.raises(ValueError, match="clip_norm must be a positive number"):
+        net.fit(np.ones((8, 4)), np.zeros((8, 3)), epochs=1, verbose=0, clip_norm=value)
