@@ -303,41 +303,145 @@ cdef double backward_all(const int64_t[:, ::1] prog, const floating* x0,
     return activity
 
 
-def forward(const floating[:, ::1] X, const int64_t[:, ::1] program,
-            const double[:, ::1] floats, floating[::1] params, floating[::1] acts, floating[:, ::1] out,
-            int64_t chunk, floating[::1] aux, floating[::1] buffers):
+def forward(Network net, const floating[:, ::1] X, floating[::1] acts, floating[:, ::1] out,
+            int64_t chunk, floating[::1] aux):
     """Predict: out = network(X), ``chunk`` rows at a time (acts holds chunk
-    rows); dropout is off."""
+    rows); dropout is off.  ``net`` is the checked program and its arrays;
+    what varies per call is checked here."""
     cdef int64_t n = X.shape[0], start, m
+    net._check_dtype(floating is double)
+    if X.shape[1] != net.n_features or out.shape[0] != n or out.shape[1] != net.n_outputs:
+        raise ValueError(f"X and out must be (n, {net.n_features}) and (n, {net.n_outputs}); "
+                         f"got ({n}, {X.shape[1]}) and ({out.shape[0]}, {out.shape[1]})")
+    if chunk < 1 or chunk > acts.shape[0] // net.act_width:
+        raise ValueError(f"chunk must be from 1 to acts' rows ({acts.shape[0] // net.act_width}),"
+                         f" not {chunk}")
+    if aux.shape[0] < net.n_aux:
+        raise ValueError(f"aux must have at least {net.n_aux} elements, not {aux.shape[0]}")
+    cdef floating[::1] params = net.params
+    cdef floating[::1] buffers = net.buffers
     with nogil:
         start = 0
         while start < n:
             m = chunk if n - start > chunk else n - start
-            forward_all(program, &X[start, 0], ptr_or_null(params), &acts[0], &out[start, 0], m,
-                        floats, NULL, ptr_or_null(aux), ptr_or_null(buffers))
+            forward_all(net.program, &X[start, 0], ptr_or_null(params), &acts[0],
+                        &out[start, 0], m, net.floats, NULL, ptr_or_null(aux),
+                        ptr_or_null(buffers))
             start += m
 
 
-def loss_grad(const floating[:, ::1] X, const floating[:, ::1] Y, const floating[::1] W,
-              const int64_t[:, ::1] program, const double[:, ::1] floats,
-              floating[::1] params, floating[::1] grad, floating[::1] acts,
-              floating[::1] deltas, size_t loss_addr, const double[:, ::1] reg, bint reg_per_weight,
-              floating[::1] aux, floating[::1] buffers):
+def loss_grad(Network net, const floating[:, ::1] X, const floating[:, ::1] Y,
+              const floating[::1] W, floating[::1] grad, floating[::1] acts,
+              floating[::1] deltas, size_t loss_addr, const double[:, ::1] reg,
+              bint reg_per_weight, floating[::1] aux):
     """Full-batch weighted mean loss over all rows of X (plus the weight
-    penalties), and its gradient into ``grad``."""
+    penalties ``reg``, which the caller may change between calls), and its
+    gradient into ``grad``.  ``net`` as for ``forward``."""
     cdef int64_t n = X.shape[0], k = Y.shape[1], half = deltas.shape[0] // 2
-    cdef int64_t last = program.shape[0] - 1
+    cdef int64_t last = net.n_layers - 1
     cdef double loss
+    net._check_dtype(floating is double)
+    if n < 1 or X.shape[1] != net.n_features or Y.shape[0] != n or k != net.n_outputs \
+            or W.shape[0] != n:
+        raise ValueError(f"X, Y, W must be (n, {net.n_features}), (n, {net.n_outputs}), (n,) "
+                         f"with n >= 1; got ({n}, {X.shape[1]}), ({Y.shape[0]}, {k}), "
+                         f"({W.shape[0]},)")
+    if grad.shape[0] != net.n_params:
+        raise ValueError(f"grad must have {net.n_params} elements, not {grad.shape[0]}")
+    if n > acts.shape[0] // net.act_width or n > half // net.delta_width:
+        raise ValueError(f"acts and deltas must hold {n} rows ({n} x {net.act_width} and "
+                         f"2 x {n} x {net.delta_width} elements)")
+    if aux.shape[0] < net.n_aux:
+        raise ValueError(f"aux must have at least {net.n_aux} elements, not {aux.shape[0]}")
+    if loss_addr == 0:
+        raise ValueError("loss_addr must be a C address (the loss's cfunc), not 0")
+    net._check_reg(reg)
+    cdef floating[::1] params = net.params
+    cdef floating[::1] buffers = net.buffers
     with nogil:
-        forward_all(program, &X[0, 0], ptr_or_null(params), &acts[0], NULL, n, floats, NULL,
-                    ptr_or_null(aux), ptr_or_null(buffers))
-        loss = call_loss(loss_addr, &acts[0] + program[last, ACT_OFF] * n,
+        forward_all(net.program, &X[0, 0], ptr_or_null(params), &acts[0], NULL, n, net.floats,
+                    NULL, ptr_or_null(aux), ptr_or_null(buffers))
+        loss = call_loss(loss_addr, &acts[0] + net.program[last, ACT_OFF] * n,
                          <floating*>&Y[0, 0], <floating*>&W[0], &deltas[0], n, k)
-        loss += backward_all(program, &X[0, 0], ptr_or_null(params), ptr_or_null(grad), &acts[0],
-                             &deltas[0], half, n, reg, floats, ptr_or_null(aux), False)
-        loss += penalize_op(program, reg, reg_per_weight, weight_sum(&W[0], n),
+        loss += backward_all(net.program, &X[0, 0], ptr_or_null(params), ptr_or_null(grad),
+                             &acts[0], &deltas[0], half, n, reg, net.floats, ptr_or_null(aux),
+                             False)
+        loss += penalize_op(net.program, reg, reg_per_weight, weight_sum(&W[0], n),
                             ptr_or_null(params), ptr_or_null(grad))
     return loss
+
+
+cdef class Network:
+    """A built model's program and the arrays its rows index (parameters,
+    running statistics), checked once, for ``forward`` and ``loss_grad``:
+    those check only what varies per call (X, out, the scratch), so a
+    one-row predict pays a few comparisons, not a check of every row.
+
+    The program and per-row floats are copied here (a caller changing its
+    own array after the check cannot move an offset), and params and
+    buffers are held, so they cannot be resized while the network lives.
+
+    Parameters
+    ----------
+    program : int64 (n_layers, N_COLS)
+    floats : float64 (n_layers, N_FLOATS)
+    params : float32 or float64 (n_params,)
+    buffers : (n_buffers,), params' dtype
+    n_aux : int
+        The scratch's size (aux of each call must have at least this many).
+    """
+    cdef readonly int64_t n_layers, n_features, n_outputs, n_params, n_aux
+    cdef readonly int64_t act_width, delta_width
+    cdef readonly bint is_double
+    cdef readonly object params, buffers
+    cdef const int64_t[:, ::1] program
+    cdef const double[:, ::1] floats
+
+    def __cinit__(self, *, program, floats, params, buffers, n_aux):
+        prog = field("program", program, _INT64, shape=(None, N_COLS)).copy()
+        if prog.shape[0] == 0:
+            raise ValueError("program has no rows")
+        n_layers = prog.shape[0]
+        fl = field("floats", floats, _DOUBLE, shape=(n_layers, N_FLOATS)).copy()
+        if not isinstance(params, np.ndarray) or params.dtype not in FLOATS:
+            raise ValueError("params must be a float32 or float64 numpy array")
+        params = field("params", params, params.dtype, shape=(None,))
+        buffers = field("buffers", buffers, params.dtype, shape=(None,))
+        if isinstance(n_aux, bool) or not isinstance(n_aux, int) or not 0 <= n_aux < 2 ** 62:
+            raise ValueError(f"n_aux must be an int >= 0, not {n_aux!r}")
+        no_reg = np.zeros((n_layers, N_REG))
+        act_width = 0
+        delta_width = 0
+        for l in range(n_layers):
+            _check_row(prog, fl, no_reg, l, params.shape[0], n_aux, buffers.shape[0])
+            act_width = max(act_width, int(prog[l, ACT_OFF])
+                            + _act_columns(int(prog[l, KIND]), int(prog[l, N_OUT])))
+            delta_width = max(delta_width, int(prog[l, N_OUT]))
+        self.program, self.floats = prog, fl
+        self.n_layers = n_layers
+        self.n_features, self.n_outputs = prog[0, N_IN], prog[n_layers - 1, N_OUT]
+        self.params, self.buffers = params, buffers
+        self.n_params, self.n_aux = params.shape[0], n_aux
+        self.act_width, self.delta_width = act_width, delta_width
+        self.is_double = params.dtype == _DOUBLE
+
+    def _check_dtype(self, bint double):
+        if double != self.is_double:
+            raise ValueError(f"the arrays must be {'float64' if self.is_double else 'float32'},"
+                             " as the network's parameters")
+
+    def _check_reg(self, const double[:, ::1] reg):
+        """ValueError unless ``reg`` has a row per layer of finite penalties
+        >= 0, on dense rows only (the penalties take a row as a dense W)."""
+        cdef int64_t l, j
+        if reg.shape[0] != self.n_layers or reg.shape[1] != N_REG:
+            raise ValueError(f"reg must have shape ({self.n_layers}, {N_REG})")
+        for l in range(self.n_layers):
+            for j in range(N_REG):
+                if not (isfinite(reg[l, j]) and reg[l, j] >= 0):
+                    raise ValueError("reg's penalties must be finite and >= 0")
+                if reg[l, j] != 0 and self.program[l, KIND] != DENSE:
+                    raise ValueError(f"program row {l}: only a dense row has penalties")
 
 
 # ---------------------------------------------------------------------------
@@ -559,12 +663,15 @@ cdef class EngineState:
         return self.comm.error
 
     def _check_program(self, program, floats, reg):
-        prog = field("program", program, _INT64, shape=(None, N_COLS))
+        # Copies: a caller changing its own arrays after the check cannot move
+        # an offset or put a penalty on a row that is not dense.
+        prog = field("program", program, _INT64, shape=(None, N_COLS)).copy()
         if prog.shape[0] == 0:
             raise ValueError("program has no rows")
         self.n_layers = prog.shape[0]
-        self.floats = field("floats", floats, _DOUBLE, shape=(self.n_layers, N_FLOATS))
-        self.reg = field("reg", reg, _DOUBLE, shape=(self.n_layers, N_REG))
+        self.floats = field("floats", floats, _DOUBLE, shape=(self.n_layers, N_FLOATS)).copy()
+        reg = field("reg", reg, _DOUBLE, shape=(self.n_layers, N_REG)).copy()
+        self.reg = reg
         if not (np.isfinite(reg).all() and (reg >= 0).all()):
             raise ValueError("reg's penalties must be finite and >= 0")
         self.program = prog

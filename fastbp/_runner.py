@@ -121,8 +121,8 @@ def _dense_rows(X):
     return X if isinstance(X, np.ndarray) else X.toarray()
 
 
-def _forward_sparse(X, program, params, ws, out, chunk, buffers):
-    """``engine.forward`` of a CSR matrix through ``program`` (a Program),
+def _forward_sparse(X, network, ws, out, chunk):
+    """``engine.forward`` of a CSR matrix through ``network`` (engine.Network),
     made dense in pieces of at most ``chunk`` rows (the workspace's) and
     _SPARSE_ELEMENTS values (a wide X) in one buffer; the caller holds BLAS,
     as for a dense X."""
@@ -132,8 +132,7 @@ def _forward_sparse(X, program, params, ws, out, chunk, buffers):
         stop = min(start + rows_at_once, X.shape[0])
         rows = block[:stop - start]
         X[start:stop].toarray(out=rows)
-        _engine.forward(rows, program.rows, program.floats, params, ws.acts, out[start:stop],
-                        chunk, ws.aux, buffers)
+        _engine.forward(network, rows, ws.acts, out[start:stop], chunk, ws.aux)
 
 
 

@@ -190,7 +190,8 @@ class Sequential:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for name in ("_train_lock", "_holder", "_state_lock", "_scratch", "_fit_workspace"):
+        for name in ("_train_lock", "_holder", "_state_lock", "_scratch", "_fit_workspace",
+                     "_network"):
             state.pop(name, None)
         return state
 
@@ -200,6 +201,7 @@ class Sequential:
         self._init_locks()
         if self.built:  # pickle copies views apart: make them views again
             self._bind_layers()
+            self._network = self._checked_network()
 
     # -- structure ---------------------------------------------------------
     @property
@@ -314,6 +316,7 @@ class Sequential:
         self._reg = np.array([_penalties(layer) for layer in self.layers],
                              dtype=np.float64).reshape(-1, N_REG)
         self._reg_per_weight = False
+        self._network = self._checked_network()
         self.n_features = n_features
         self._fit_workspace = None
         self._scratch = None
@@ -336,6 +339,12 @@ class Sequential:
                 layer._bind_buffers(self._buffers, int(row[BUF_OFF]))
             _OWNERS[layer] = weakref.ref(self)
         self._layout = (list(self.layers), [layer.get_config() for layer in self.layers])
+
+    def _checked_network(self):
+        """The engine's checked view of the built program and the arrays it
+        indexes, for predict and loss_and_grad (engine.Network)."""
+        return _engine.Network(program=self._program, floats=self._floats, params=self._params,
+                               buffers=self._buffers, n_aux=int(self._compiled.n_aux))
 
     def _sync_layout(self):
         """Take up settings of the layers changed since the build (a frozen
@@ -383,6 +392,7 @@ class Sequential:
             self._aux = np.zeros(program.n_aux, dtype=self.dtype)
         self._reg = np.array([_penalties(layer) for layer in self.layers],
                              dtype=np.float64).reshape(-1, N_REG)
+        self._network = self._checked_network()
         self._fit_workspace = None
         self._scratch = None
         self._layout = (list(self.layers), now)
@@ -503,33 +513,33 @@ class Sequential:
             Raw outputs of the last layer (logits when trained with a
             cross-entropy loss; see ``predict_proba``).
         """
-        program, params, buffers, _, _, n_features, pool = self._inference_state()
+        network, _, _, n_features, pool = self._inference_state()
         X = check_X(X, self.dtype, n_features, accept_sparse=True)
         chunk = max(1, min(X.shape[0], pool.chunk_rows))
-        out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
+        out = np.empty((X.shape[0], network.n_outputs), dtype=self.dtype)
         ws = pool.take(chunk)
         try:
             with _blas_threads(None), _BLAS:   # the kernels may use as many threads as BLAS
                 if isinstance(X, np.ndarray):
-                    _engine.forward(X, program.rows, program.floats, params, ws.acts, out, chunk,
-                                    ws.aux, buffers)
+                    _engine.forward(network, X, ws.acts, out, chunk, ws.aux)
                 else:
-                    _forward_sparse(X, program, params, ws, out, chunk, buffers)
+                    _forward_sparse(X, network, ws, out, chunk)
         finally:
             pool.give(ws)
         return out
 
     def _inference_state(self):
         """What an inference call reads of the built model, taken together
-        (a concurrent build publishes all of it at once): the Program, params,
-        buffers, reg, reg_per_weight, n_features and the scratch pool."""
+        (a concurrent build publishes all of it at once): the checked
+        network (engine.Network: the program, params and buffers), reg,
+        reg_per_weight, n_features and the scratch pool."""
         with self._state_lock:
             self._require_built()
             self._sync_layout()
             if self._scratch is None:
                 self._scratch = _ScratchPool(self)
-            return (self._compiled, self._params, self._buffers, self._reg, self._reg_per_weight,
-                    self.n_features, self._scratch)
+            return (self._network, self._reg, self._reg_per_weight, self.n_features,
+                    self._scratch)
 
     def predict_proba(self, X: MatrixLike, loss: str | None = None) -> np.ndarray:
         """Class probabilities: softmax of the outputs for ``cross_entropy``,
@@ -591,17 +601,16 @@ class Sequential:
         # One call over all rows: its scratch holds every row's activations
         # (n x the layers' widths), so a dense X adds no more than that.
         X = _dense_rows(X)
-        program, params, buffers, reg, per_weight, n_features, pool = self._inference_state()
+        network, reg, per_weight, n_features, pool = self._inference_state()
         if X.shape[1] != n_features:
             raise ValueError(f"X has {X.shape[1]} features but the model was rebuilt for "
                              f"{n_features} by another thread during this call")
-        grad = np.zeros_like(params)
+        grad = np.zeros_like(network.params)
         ws = pool.take(X.shape[0], deltas=True)
         try:
             with _BLAS:
-                value = _engine.loss_grad(X, Y, w, program.rows, program.floats, params, grad,
-                                          ws.acts, ws.deltas, loss_cfunc(loss, self.dtype), reg,
-                                          per_weight, ws.aux, buffers)
+                value = _engine.loss_grad(network, X, Y, w, grad, ws.acts, ws.deltas,
+                                          loss_cfunc(loss, self.dtype), reg, per_weight, ws.aux)
         finally:
             pool.give(ws)
         _check_result(float(value), grad, self.dtype)

@@ -455,3 +455,127 @@ def test_hostile_engine_states_return_or_raise_value_error():
     assert not failures, failures[:10]
     assert sum(counts.values()) == 60 and set(counts) <= {"returned", "refused"}
     assert counts.get("returned", 0) > 0 and counts.get("refused", 0) > 0
+
+
+def test_engine_state_keeps_its_own_copy_of_the_program():
+    """The tables are checked once; changing the caller's arrays afterwards
+    (a row's offset beyond params, a penalty on a BatchNorm row) must not
+    reach the engine: it trains as an untouched twin does."""
+    net, kw, call = _state_args()
+    state = engine.EngineState(**kw)
+    kw["program"][0, engine.W_OFF] = 10 ** 9
+    kw["reg"][2, L2] = 1.0
+    assert engine.train_batches(state, *call)[2] == engine.Status.OK
+    twin, twin_kw, twin_call = _state_args()
+    engine.train_batches(engine.EngineState(**twin_kw), *twin_call)
+    assert net._params.tobytes() == twin._params.tobytes()
+
+
+# ---------------------------------------------------------------------------
+# Network: the checked program of predict and loss_and_grad.
+
+def _network_args(dtype=np.float64, rows=8):
+    net, kw, _ = _state_args(dtype)
+    ws = net._inference_state()[4].take(rows, deltas=True)
+    network = engine.Network(program=kw["program"], floats=kw["floats"], params=net._params,
+                             buffers=net._buffers, n_aux=int(net._compiled.n_aux))
+    X = np.random.default_rng(1).normal(size=(rows, 5)).astype(dtype)
+    return net, network, ws, X
+
+
+def test_network_predicts_and_takes_gradients_like_the_model():
+    from fastbp._numba.losses import loss_cfunc
+    net, network, ws, X = _network_args()
+    out = np.empty((8, 3))
+    engine.forward(network, X, ws.acts, out, 8, ws.aux)
+    assert np.array_equal(out, net.predict(X))
+    Y = np.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1]]
+    grad = np.zeros(net.n_params)
+    value = engine.loss_grad(network, X, Y, np.ones(8), grad, ws.acts, ws.deltas,
+                             loss_cfunc("cross_entropy", "float64"), net._reg, False, ws.aux)
+    want, want_grad = net.loss_and_grad(X, Y, loss="cross_entropy")
+    assert value == want and grad.tobytes() == want_grad.tobytes()
+
+
+_BAD_NETWORKS = {
+    "W beyond params": lambda kw: kw["program"].__setitem__((0, engine.W_OFF), 10 ** 12),
+    "unknown kind": lambda kw: kw["program"].__setitem__((0, KIND), 9),
+    "running statistics beyond buffers": lambda kw: kw["program"].__setitem__(
+        (2, engine.BUF_OFF), 10 ** 6),
+    "scratch too small": lambda kw: kw.update(n_aux=0),
+    "negative scratch": lambda kw: kw.update(n_aux=-1),
+    "buffers of another dtype": lambda kw: kw.update(buffers=kw["buffers"].astype(np.float32)),
+}
+
+
+@pytest.mark.parametrize("name", list(_BAD_NETWORKS))
+def test_network_refuses_a_program_that_indexes_outside_its_arrays(name):
+    net, network, _, _ = _network_args()
+    kw = dict(program=net._program.copy(), floats=net._floats.copy(), params=net._params,
+              buffers=net._buffers, n_aux=int(net._compiled.n_aux))
+    _BAD_NETWORKS[name](kw)
+    with pytest.raises(ValueError):
+        engine.Network(**kw)
+
+
+_BAD_FORWARDS = {
+    # out narrower than the network's outputs: written past (found by an attack)
+    "out too narrow": lambda a: a.update(out=np.empty((8, 1))),
+    "out too short": lambda a: a.update(out=np.empty((2, 3))),
+    "X too narrow": lambda a: a.update(X=a["X"][:, :2].copy()),
+    "acts too small": lambda a: a.update(acts=a["acts"][:3].copy()),
+    "chunk 0": lambda a: a.update(chunk=0),  # looped forever with the GIL released
+    "negative chunk": lambda a: a.update(chunk=-5),
+    "chunk beyond acts": lambda a: a.update(chunk=10 ** 6),
+    "aux too small": lambda a: a.update(aux=a["aux"][:0].copy()),
+    "float32 X": lambda a: a.update(X=a["X"].astype(np.float32),
+                                    acts=a["acts"].astype(np.float32),
+                                    out=a["out"].astype(np.float32),
+                                    aux=a["aux"].astype(np.float32)),
+}
+
+
+@pytest.mark.parametrize("name", list(_BAD_FORWARDS))
+def test_forward_refuses_arrays_that_do_not_fit_the_network(name):
+    _, network, ws, X = _network_args()
+    args = dict(X=X, acts=ws.acts, out=np.empty((8, 3)), chunk=8, aux=ws.aux)
+    _BAD_FORWARDS[name](args)
+    with pytest.raises(ValueError):
+        engine.forward(network, args["X"], args["acts"], args["out"], args["chunk"], args["aux"])
+
+
+_BAD_LOSS_GRADS = {
+    "grad too short": lambda a: a.update(grad=np.zeros(2)),
+    "W shorter than X": lambda a: a.update(W=np.ones(3)),
+    "Y too narrow": lambda a: a.update(Y=a["Y"][:, :1].copy()),
+    "deltas too small": lambda a: a.update(deltas=a["deltas"][:4].copy()),
+    "no rows": lambda a: a.update(X=a["X"][:0].copy(), Y=a["Y"][:0].copy(), W=np.ones(0)),
+    "penalty on a BatchNorm row": lambda a: a["reg"].__setitem__((2, L2), 1.0),
+    "negative penalty": lambda a: a["reg"].__setitem__((0, L2), -1.0),
+    "reg of the wrong shape": lambda a: a.update(reg=np.zeros((2, 3))),
+    "null loss address": lambda a: a.update(loss_addr=0),
+}
+
+
+@pytest.mark.parametrize("name", list(_BAD_LOSS_GRADS))
+def test_loss_grad_refuses_arrays_that_do_not_fit_the_network(name):
+    from fastbp._numba.losses import loss_cfunc
+    net, network, ws, X = _network_args()
+    args = dict(X=X, Y=np.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1]], W=np.ones(8),
+                grad=np.zeros(net.n_params), acts=ws.acts, deltas=ws.deltas,
+                loss_addr=loss_cfunc("cross_entropy", "float64"), reg=net._reg.copy(), aux=ws.aux)
+    _BAD_LOSS_GRADS[name](args)
+    with pytest.raises(ValueError):
+        engine.loss_grad(network, args["X"], args["Y"], args["W"], args["grad"], args["acts"],
+                         args["deltas"], args["loss_addr"], args["reg"], False, args["aux"])
+
+
+def test_network_keeps_its_own_copy_of_the_program():
+    net, network, ws, X = _network_args()
+    program = net._program.copy()
+    network = engine.Network(program=program, floats=net._floats, params=net._params,
+                             buffers=net._buffers, n_aux=int(net._compiled.n_aux))
+    program[0, engine.W_OFF] = 10 ** 12  # after the check: must not reach the engine
+    out = np.empty((8, 3))
+    engine.forward(network, X, ws.acts, out, 8, ws.aux)
+    assert np.array_equal(out, net.predict(X))

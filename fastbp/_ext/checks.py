@@ -1,9 +1,10 @@
 """Argument checks of the compiled modules' Python entry points.
 
 The engine's kernels index raw pointers without bounds checks, so each
-``def`` of ``fastbp._ext.engine`` (``EngineState``, ``train_batches``) and
-of ``fastbp._ext.engine_ops`` (the per-layer ops' checked twins) passes its
-arrays through one of these first.  Each returns what it was given (never a
+``def`` of ``fastbp._ext.engine`` (``EngineState`` and ``Network``, checked
+once, then ``train_batches``, ``forward`` and ``loss_grad``, which check
+only what varies per call) and of ``fastbp._ext.engine_ops`` (the per-layer
+ops' checked twins) passes its arrays through one of these first.  Each returns what it was given (never a
 converted copy: the kernels write into the caller's arrays) or raises a
 ValueError that names the argument and says what to pass.
 """
