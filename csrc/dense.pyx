@@ -361,7 +361,7 @@ cdef void bias_activation_at(int isa, floating* z, const floating* b, int64_t m,
             row = z + i * n
             for j in range(n):
                 v = row[j] + b[j]
-                row[j] = v if v > 0 else 0
+                row[j] = 0 if v <= 0 else v  # NaN stays NaN, as np.maximum
     elif act == SIGMOID:
         for i in range(m):
             row = z + i * n

@@ -19,12 +19,14 @@ static FBP_INLINE EP_ATTR void EP(store)(T *p, EP(vec) v)
 }
 
 /* The activation of v (RELU or LEAKY_RELU, else identity), lane by lane
- * exactly as the scalar `v if v > 0 else 0` / `else slope * v`. */
+ * exactly as the scalar `0 if v <= 0 else v` / `v if v > 0 else slope * v`.
+ * ReLU keeps NaN (as np.maximum and torch.relu do; `v > 0 ? v : 0` made it
+ * 0, hiding an overflow upstream): its mask is "not <= 0". */
 static FBP_INLINE EP_ATTR EP(vec) EP(act)(EP(vec) v, int act, T slope)
 {
     EP(ivec) pos = v > (EP(vec)){0};
     if (act == FBP_ACT_RELU)
-        return (EP(vec))(pos & (EP(ivec))v);
+        return (EP(vec))(~(v <= (EP(vec)){0}) & (EP(ivec))v);
     if (act == FBP_ACT_LEAKY_RELU)
         return (EP(vec))((pos & (EP(ivec))v) | (~pos & (EP(ivec))(v * slope)));
     return v;
@@ -33,7 +35,7 @@ static FBP_INLINE EP_ATTR EP(vec) EP(act)(EP(vec) v, int act, T slope)
 static FBP_INLINE EP_ATTR T EP(act1)(T v, int act, T slope)
 {
     if (act == FBP_ACT_RELU)
-        return v > 0 ? v : 0;
+        return v <= 0 ? 0 : v;
     if (act == FBP_ACT_LEAKY_RELU)
         return v > 0 ? v : slope * v;
     return v;

@@ -310,15 +310,17 @@ def test_epilogues_are_bitwise_the_scalar_loops(rng, dtype, act, n):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_relu_epilogues_keep_the_scalar_nan_and_zero_rules(dtype, isa):
-    # `v if v > 0 else 0`: NaN and -0 give +0, and so do their derivatives
+    # `0 if v <= 0 else v`: -0 gives +0 and NaN stays NaN (np.maximum's and
+    # torch.relu's rule; it was `v if v > 0 else 0`, which hid NaN); the
+    # derivative is g where a > 0, else 0 (torch's threshold_backward)
     relu, leaky = activations.ACTIVATION_CODES["relu"], activations.ACTIVATION_CODES["leaky_relu"]
     z = np.array([[np.nan, -0.0, 0.0, 2.0, -2.0, np.inf, -np.inf, 1e-30, -1e-30] * 3],
                  dtype=dtype)
     b = np.zeros(z.shape[1], dtype=dtype)
     out = dense.bias_activation_kernel(z, b, relu, isa)
-    expected = np.where(z > 0, z, 0).astype(dtype)
+    expected = np.where(z <= 0, 0, z).astype(dtype)
     np.testing.assert_array_equal(out, expected)
-    assert not np.signbit(out).any()
+    assert np.isnan(out[0, 0]) and not np.signbit(out[~np.isnan(out)]).any()
     slope = np.asarray(0.01, dtype)
     np.testing.assert_array_equal(dense.bias_activation_kernel(z, b, leaky, isa),
                                   np.where(z > 0, z, slope * z))
@@ -351,3 +353,20 @@ def test_dimensions_beyond_the_kernels_int_are_refused():
     w = np.zeros((n, 1), dtype=np.float32)
     with pytest.raises(ValueError, match="limit"):
         dense.dense_forward(x, w, np.zeros(1, dtype=np.float32), 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "identity"])
+def test_non_finite_values_pass_the_epilogue_as_in_the_reference(dtype, act):
+    """NaN, inf and signed zeros through the forward epilogue at every level
+    and in the scalar loop, against the reference bit for bit (NaN as NaN):
+    ReLU made NaN 0 (`v > 0 ? v : 0`) where np.maximum and torch keep it."""
+    special = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1.5, -1.5], dtype=dtype)
+    z = np.tile(special, (9, 3)).reshape(9, -1)  # wide enough for the vector loop and its tail
+    b = np.zeros(z.shape[1], dtype=dtype)
+    want = reference.bias_activation(z, b, act)
+    for isa in ISAS:
+        got = dense.bias_activation_kernel(z, b, activations.code(act), isa)
+        np.testing.assert_array_equal(got, want, err_msg=f"{act} at level {isa}")
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+        assert np.array_equal(np.signbit(got[~np.isnan(got)]), np.signbit(want[~np.isnan(want)]))
