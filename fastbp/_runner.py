@@ -384,8 +384,12 @@ class _EpochRunner:
             if status == STATUS_COMM_FAILED:
                 raise self.ranks.error(self.engine_state.comm_error)
             if status != STATUS_OK:
-                if status == STATUS_PARAMS_NONFINITE:
-                    # Roll back to the snapshot and replay the finite steps.
+                if status == STATUS_PARAMS_NONFINITE or (status == STATUS_LOSS_NONFINITE
+                                                         and self.net._buffers.size):
+                    # Roll back to the snapshot and replay the finite steps
+                    # (a non-finite loss leaves the weights as they were, but
+                    # the failing batch's forward pass had already moved
+                    # BatchNorm's running statistics).
                     self.net._params[...] = self.snap_params
                     self.state[...] = self.snap_state
                     self.opt.t = self.snap_t

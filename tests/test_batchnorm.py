@@ -1,5 +1,7 @@
 """BatchNorm against torch.nn.BatchNorm1d (its results recorded in
 tests/fixtures/torch_batchnorm.npz) and the reference."""
+import re
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,29 @@ def test_running_statistics_are_saved_and_one_row_batches_refused(rng, tmp_path)
     for bad in (dict(momentum=0), dict(eps=-1), dict(momentum="x")):
         with pytest.raises(ValueError, match="BatchNorm"):
             fastbp.BatchNorm(**bad)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_diverged_fit_leaves_the_running_statistics_of_the_last_finite_step(dtype):
+    """A non-finite loss leaves the weights as they were, but the failing
+    batch's forward pass had already moved the running statistics (left
+    NaN or infinite): they are rolled back with the rest of the model."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 4)), rng.normal(size=(200, 1)) * 1e3
+
+    def model():
+        return fastbp.Sequential([fastbp.Dense(16, activation="relu"), fastbp.BatchNorm(),
+                                  fastbp.Dense(1)], seed=0, dtype=dtype)
+    net = model()
+    with pytest.raises(fastbp.DivergenceError, match=r"batch (\d+)") as info:
+        net.fit(X, y, loss="mse", optimizer=fastbp.optim.SGD(lr=1e3, momentum=0.9),
+                epochs=5, batch_size=16, verbose=0, n_threads=1, shuffle=False)
+    failed = int(re.search(r"batch (\d+)", str(info.value)).group(1))
+    assert "loss became NaN or infinite" in str(info.value)
+    assert np.isfinite(net._buffers).all()
+    twin = model()  # the batches before the failing one, and nothing else
+    twin.fit(X[:16 * (failed - 1)], y[:16 * (failed - 1)], loss="mse",
+             optimizer=fastbp.optim.SGD(lr=1e3, momentum=0.9), epochs=1, batch_size=16,
+             verbose=0, n_threads=1, shuffle=False)
+    assert net._buffers.tobytes() == twin._buffers.tobytes()
+    assert net.params.tobytes() == twin.params.tobytes()

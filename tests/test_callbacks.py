@@ -125,6 +125,33 @@ def test_early_stopping_restores_the_best_weights_bitwise():
     assert all(np.array_equal(a, b) for a, b in zip(rec.params, rec_ref.params))
 
 
+def test_early_stopping_restores_the_best_epochs_running_statistics_too():
+    """With BatchNorm the best epoch's validation loss was computed with its
+    running statistics: they are restored with the parameters (only the
+    parameters were), so evaluate gives the best val_loss again."""
+    X, y = _data(n=96)
+    X_val, y_val = X[64:], y[64:]
+    vals = [3.0, 2.0, 1.0, 1.5, 1.2, 1.1]
+
+    class Keep(cb.Callback):
+        def __init__(self):
+            self.buffers = []
+
+        def on_epoch_end(self, net, epoch, logs):
+            self.buffers.append(net._buffers.copy())
+
+    keep = Keep()
+    net = fastbp.Sequential([fastbp.Dense(8, activation="tanh"), fastbp.BatchNorm(),
+                             fastbp.Dense(1)], seed=0, dtype="float64")
+    es = cb.EarlyStopping(patience=3, restore_best_weights=True)
+    net.fit(X[:64], y[:64], epochs=6, validation_data=(X_val, y_val),
+            callbacks=[Script("val_loss", vals), es, keep], **FIT)
+    assert es.best_epoch == 3 and net.history.n_epochs == 6
+    assert not np.array_equal(keep.buffers[-1], keep.buffers[2])
+    assert net._buffers.tobytes() == keep.buffers[2].tobytes()
+    assert net.evaluate(X_val, y_val) == net.history["val_loss"][2]
+
+
 def test_early_stopping_without_restore_keeps_last_weights_and_restores_when_not_stopped():
     X, y = _data()
     vals = [3.0, 2.0, 2.5]

@@ -20,9 +20,10 @@ class EarlyStopping(Callback):
     so the fit ends ``max(patience, 1)`` epochs after the best one
     (``patience`` 0 and 1 both stop at the first epoch without improvement:
     Keras's counter, which this follows).  With ``restore_best_weights`` it
-    copies the parameters at every improvement and writes the best copy back
-    into ``net.params`` when the fit ends (whether or not it stopped early),
-    as Keras 3 does; the optimizer state and history are left as they are.
+    copies the parameters, and BatchNorm's running statistics, at every
+    improvement and writes the best copies back when the fit ends (whether
+    or not it stopped early), as Keras 3 does (its moving mean and variance
+    are weights); the optimizer state and history are left as they are.
 
     Parameters
     ----------
@@ -53,6 +54,9 @@ class EarlyStopping(Callback):
         Epochs since the last improvement.
     best_weights : ndarray or None
         Copy of the best epoch's parameters (``restore_best_weights`` only).
+    best_buffers : ndarray or None
+        Copy of the best epoch's running statistics (BatchNorm's; empty
+        without BatchNorm; ``restore_best_weights`` only).
     stop_reason : str or None
         Why it stopped the fit (e.g. "val_loss did not improve for 10 epochs
         (best 0.1234 at epoch 63)"), recorded by ``fit`` as
@@ -79,6 +83,7 @@ class EarlyStopping(Callback):
         self.stopped_epoch = 0
         self.wait = 0
         self.best_weights = None
+        self.best_buffers = None
         self.stop_reason = None
 
     def _improved(self, current):
@@ -100,6 +105,7 @@ class EarlyStopping(Callback):
             self.best, self.best_epoch, self.wait = current, epoch, 0
             if self.restore_best_weights:
                 self.best_weights = net.params.copy()
+                self.best_buffers = net._buffers.copy()
             return
         if self.wait >= self.patience:
             self.stopped_epoch = epoch
@@ -116,6 +122,8 @@ class EarlyStopping(Callback):
     def on_train_end(self, net):
         if self.restore_best_weights and self.best_weights is not None:
             net.params[...] = self.best_weights
+            # the statistics the best epoch's validation loss was computed with
+            net._buffers[...] = self.best_buffers
             # for the line fit prints and for plot_history
             net.history.weights_epoch = self.best_epoch
             net.history.weights_note = (
