@@ -239,11 +239,23 @@ class Sequential:
 
         All or nothing: if it fails (MemoryError, an initializer's error,
         Ctrl-C), the model and its layers are as they were before the call.
-        It waits for a fit of this model running in another thread.
+        It waits for a fit of this model running in another thread.  On a
+        built model it starts afresh: new weights, and no optimizer (its
+        state was for the old ones), history or unfinished epoch.
         """
         n_features = check_positive_int(n_features, "n_features")
         with self._hold("build"):
+            rebuilt = self.built
             self._build(n_features)
+            if rebuilt:
+                # The old weights are gone: so is what trained them (a fit
+                # without an optimizer went on with the old Adam's moments
+                # and step count, or refused for another size).
+                self.optimizer = None
+                self.history = History()
+                self._position = None
+                self._last_loss = None
+                self._fit_settings = None
         return self
 
     @contextlib.contextmanager

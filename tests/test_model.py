@@ -509,3 +509,26 @@ def test_clip_settings_refuse_what_is_not_a_positive_number(value):
     net = _built()
     with pytest.raises(ValueError, match="clip_norm must be a positive number"):
         net.fit(np.ones((8, 4)), np.zeros((8, 3)), epochs=1, verbose=0, clip_norm=value)
+
+
+def test_building_a_fitted_model_again_starts_afresh():
+    """New weights, so no optimizer state, history or settings of the old
+    ones: a fit without an optimizer then starts a new Adam (it went on with
+    the old one's moments and step count, or refused another size)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(16, 4)), rng.normal(size=(16, 3))
+    net = fastbp.Sequential([fastbp.Dense(8, activation="tanh"), fastbp.Dense(3)],
+                            dtype="float64", seed=0)
+    net.fit(X, y, epochs=2, batch_size=4, verbose=0)
+    assert net.optimizer.t == 8 and net.history.n_epochs == 2
+    net.build(5)  # another width: the old Adam refused this model's size
+    assert net.optimizer is None and net.history.n_epochs == 0
+    net.fit(np.hstack([X, X[:, :1]]), y, epochs=1, batch_size=4, verbose=0)
+    assert net.optimizer.t == 4
+    net.build(4)
+    net.fit(X, y, epochs=1, batch_size=4, verbose=0)
+    fresh = fastbp.Sequential([fastbp.Dense(8, activation="tanh"), fastbp.Dense(3)],
+                              dtype="float64", seed=0)
+    fresh.fit(X, y, epochs=1, batch_size=4, verbose=0)
+    assert net.params.tobytes() == fresh.params.tobytes()
+    assert net.history["loss"] == fresh.history["loss"]
