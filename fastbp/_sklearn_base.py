@@ -324,7 +324,9 @@ class _BaseMLP(_StochasticSolvers, BaseEstimator):
         def fun(x):
             return self._packed_loss_grad(net, perm, x, X, Y, loss, sample_weight)
         iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
-        res = scipy.optimize.minimize(fun, net.params[perm].astype(np.float64), method="L-BFGS-B",
+        # x0 in the network's dtype, as scikit-learn packs it: scipy then
+        # evaluates in that dtype (its ScalarFunction keeps x0's dtype)
+        res = scipy.optimize.minimize(fun, net.params[perm], method="L-BFGS-B",
                                       jac=True, options={"maxfun": self.max_fun,
                                                          "maxiter": self.max_iter,
                                                          "gtol": self.tol, "iprint": iprint}
@@ -335,6 +337,20 @@ class _BaseMLP(_StochasticSolvers, BaseEstimator):
         self.loss_ = res.fun
         net.params[perm] = res.x
         self._store(net)
+        if self.dtype is None and res.x.dtype != net.dtype:
+            # scikit-learn unpacks scipy's last iterate, a float64 vector,
+            # into coefs_: a float32 fit returns float64 weights (and then
+            # predicts in float64), unrounded
+            flat = np.empty(res.x.shape[0], dtype=res.x.dtype)
+            flat[perm] = res.x  # the network's order (lbfgs has no dropout: all rows dense)
+            self.coefs_ = [flat[r[W_OFF]:r[B_OFF]].reshape(c.shape)
+                           for r, c in zip(net._program, self.coefs_)]
+            self.intercepts_ = [flat[r[B_OFF]:r[B_OFF] + r[N_OUT]].copy() for r in net._program]
+        if not np.isfinite(self.loss_):
+            # scikit-learn returns it as the loss; fastbp does not hand back
+            # a silent NaN (scipy stopped at once: the start already overflowed)
+            raise ValueError(f"lbfgs stopped with a non-finite loss ({self.loss_}). The input "
+                             "data may contain large values and need to be preprocessed.")
 
     def _check_solver(self):
         if self.solver not in ("sgd", "adam"):

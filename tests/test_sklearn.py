@@ -617,6 +617,49 @@ def test_float32_input_stays_float32_like_sklearn(kind):
 
 
 @ignore_convergence
+@pytest.mark.parametrize("kind", ["clf", "reg"])
+def test_lbfgs_on_float32_returns_float64_like_sklearn(kind):
+    """scikit-learn's lbfgs evaluates in float32 (scipy keeps x0's dtype) but
+    unpacks scipy's last iterate, a float64 vector, into coefs_: its
+    weights and predictions come back float64 (fastbp's were float32)."""
+    if kind == "clf":
+        (X, y), fb_cls, sk_cls = make_classification(), MLPClassifier, SkC
+    else:
+        (X, y), fb_cls, sk_cls = make_regression(), MLPRegressor, SkR
+    X32 = X.astype(np.float32)
+    params = dict(hidden_layer_sizes=(6,), solver="lbfgs", max_iter=5, random_state=0)
+    fb, sk = fb_cls(**params).fit(X32, y), sk_cls(**params).fit(X32, y)
+    assert fb.n_iter_ == sk.n_iter_
+    for a, e in zip(fb.coefs_ + fb.intercepts_, sk.coefs_ + sk.intercepts_):
+        assert a.dtype == e.dtype == np.float64
+        assert_rel(a, e, 1e-4, "parameters")
+    out = fb.predict_proba(X32) if kind == "clf" else fb.predict(X32)
+    ref = sk.predict_proba(X32) if kind == "clf" else sk.predict(X32)
+    assert out.dtype == ref.dtype == np.float64
+    assert_rel(out, ref, 1e-4, "outputs")
+    assert_rel(fb.loss_, sk.loss_, 1e-5, "loss_")
+
+
+def test_poisson_refuses_negative_targets():
+    """scikit-learn fits them, to a loss of NaN; fastbp says why not."""
+    X, y = make_poisson()
+    with pytest.raises(ValueError, match="negative which is not allowed for Poisson"):
+        MLPRegressor(loss="poisson", hidden_layer_sizes=(4,), max_iter=2,
+                     random_state=0).fit(X, y - 1)
+
+
+@ignore_convergence
+@pytest.mark.parametrize("dtype, scale", [(np.float32, 1e25), (np.float64, 1e200)])
+def test_lbfgs_refuses_to_return_a_non_finite_loss(dtype, scale):
+    """Data so large that the loss overflows at the start: scipy stops at
+    once, and loss_ was NaN with only a ConvergenceWarning."""
+    X, y = make_regression()
+    est = MLPRegressor(hidden_layer_sizes=(4,), solver="lbfgs", max_iter=5, random_state=0)
+    with pytest.raises(ValueError, match="non-finite loss"):
+        est.fit((X * scale).astype(dtype), y)
+
+
+@ignore_convergence
 @pytest.mark.parametrize("x_dtype", [np.float64, np.int64])
 def test_float64_is_the_default(x_dtype):
     X, y = make_classification()
