@@ -353,8 +353,7 @@ def loss_grad(Network net, const floating[:, ::1] X, const floating[:, ::1] Y,
                          f"2 x {n} x {net.delta_width} elements)")
     if aux.shape[0] < net.n_aux:
         raise ValueError(f"aux must have at least {net.n_aux} elements, not {aux.shape[0]}")
-    if loss_addr == 0:
-        raise ValueError("loss_addr must be a C address (the loss's cfunc), not 0")
+    _check_address(loss_addr, "loss", floating is double)
     net._check_reg(reg)
     cdef floating[::1] params = net.params
     cdef floating[::1] buffers = net.buffers
@@ -507,6 +506,22 @@ def _check_row(prog, floats, reg, int64_t l, int64_t n_params, int64_t n_aux,
                              f"{'end' if kind == RES_BEGIN else 'begin'} of width {n_out}")
 
 
+def _check_address(address, kind, bint double):
+    """ValueError unless ``address`` is a C entry point fastbp handed out
+    (fastbp._numba: loss_cfunc, step_cfunc) of that kind and dtype: the
+    engine calls whatever it points at.  Returns the update kernel's
+    declaration (its slots and hyperparameters) for a step."""
+    from fastbp._numba import ADDRESSES
+    from fastbp._numba.optim import SPECS
+    dtype = "float64" if double else "float32"
+    known = ADDRESSES.get(address) if isinstance(address, int) else None
+    if known is None or known[0] != kind or known[2] != dtype:
+        where = "losses.loss_cfunc" if kind == "loss" else "optim.step_cfunc"
+        raise ValueError(f"{kind}_addr must be an address from fastbp._numba.{where}(name, "
+                         f"{dtype!r}), not {address!r}")
+    return SPECS[known[1]] if kind == "step" else None
+
+
 def _act_columns(kind, n_out):
     """Columns of the activation workspace a row uses per batch row: its
     output, and dropout's mask or BatchNorm's x_hat after it."""
@@ -563,7 +578,9 @@ cdef class EngineState:
     loss_addr, step_addr : int, IN
         C addresses of the loss and of the optimizer's update for params'
         dtype (fastbp._numba.losses.loss_cfunc, fastbp._numba.optim.step_cfunc).
-        Machine code cannot be checked: they are trusted to be those.
+        Machine code cannot be checked, so only addresses those handed out
+        are taken (fastbp._numba.ADDRESSES), of this kind and params'
+        dtype, and n_slots and n_hyper must be the update's own.
     batch_size : int, IN
         The most rows of a batch (the workspaces' size).
     clip_value, clip_norm : float, IN
@@ -598,6 +615,11 @@ cdef class EngineState:
         for name, addr in (("loss_addr", loss_addr), ("step_addr", step_addr)):
             if not isinstance(addr, int) or not 0 < addr < 2 ** 64:
                 raise ValueError(f"{name} must be a C address (a positive int), not {addr!r}")
+        _check_address(loss_addr, "loss", self.is_double)
+        spec = _check_address(step_addr, "step", self.is_double)
+        if n_slots != len(spec.slots) or n_hyper != len(spec.hyper):
+            raise ValueError(f"n_slots and n_hyper must be the update kernel's ("
+                             f"{len(spec.slots)}, {len(spec.hyper)}), not {n_slots}, {n_hyper}")
         self.loss_addr, self.step_addr = loss_addr, step_addr
         self.loss_which = softmax_which(self.loss_addr, self.is_double)
         if self.loss_which >= 0:

@@ -327,8 +327,21 @@ def _counter(counter):
     return counter
 
 
+# Each _kernel_* runs one op on raw pointers for its checked twin below.
+# They are Python-callable too, so each refuses arrays too short for what
+# it touches (the twins' checks say more; these only keep memory safe).
+
+def _too_short(what):
+    raise ValueError(f"{what}: an array is too short for the op (call the checked function "
+                     "without the _kernel_ prefix)")
+
+
 def _kernel_dropout_forward(const floating[::1] x, floating[::1] out, floating[::1] mask,
                             double rate, uint64_t[::1] counter):
+    if out.shape[0] < x.shape[0] or mask.shape[0] < x.shape[0] or counter.shape[0] < 1:
+        _too_short("dropout_forward")
+    if x.shape[0] == 0:
+        return
     with nogil:
         dropout_forward_op(&x[0], &out[0], &mask[0], x.shape[0], rate, &counter[0])
 
@@ -373,6 +386,10 @@ def _elementwise(kernel, a_name, a, b_name, b):
 
 def _kernel_dropout_backward(const floating[::1] g, const floating[::1] mask,
                              floating[::1] out):
+    if mask.shape[0] < g.shape[0] or out.shape[0] < g.shape[0]:
+        _too_short("dropout_backward")
+    if g.shape[0] == 0:
+        return
     with nogil:
         dropout_backward_op(&g[0], &mask[0], &out[0], g.shape[0])
 
@@ -393,6 +410,10 @@ def dropout_backward(g, mask):
 
 
 def _kernel_residual_add(const floating[::1] x, const floating[::1] skip, floating[::1] out):
+    if skip.shape[0] < x.shape[0] or out.shape[0] < x.shape[0]:
+        _too_short("residual_add")
+    if x.shape[0] == 0:
+        return
     with nogil:
         residual_add_op(&x[0], &skip[0], &out[0], x.shape[0])
 
@@ -414,6 +435,10 @@ def residual_add(x, skip):
 
 def _kernel_activity_penalty(const floating[::1] a, floating[::1] g, int64_t m, double c):
     cdef double value
+    if g.shape[0] < a.shape[0] or m < 1:
+        _too_short("activity_penalty")
+    if a.shape[0] == 0:
+        return 0.0
     with nogil:
         value = activity_penalty_op(&a[0], &g[0], m, a.shape[0], c)
     return value
@@ -450,6 +475,13 @@ def _kernel_batchnorm_forward(const floating[:, ::1] x, floating[:, ::1] out,
                               floating[:, ::1] xhat, floating[::1] inv_std,
                               const floating[::1] gamma, const floating[::1] beta,
                               floating[::1] buf, double momentum, double eps, bint training):
+    cdef int64_t m = x.shape[0], w = x.shape[1]
+    if (out.shape[0] != m or out.shape[1] != w or xhat.shape[0] != m or xhat.shape[1] != w
+            or inv_std.shape[0] < w or gamma.shape[0] < w or beta.shape[0] < w
+            or buf.shape[0] < 2 * w or m < 1):
+        _too_short("batchnorm_forward")
+    if w == 0:
+        return
     with nogil:
         batchnorm_forward_op(&x[0, 0], &out[0, 0], &xhat[0, 0], &inv_std[0], &gamma[0], &beta[0],
                              &buf[0], x.shape[0], x.shape[1], momentum, eps, training)
@@ -508,6 +540,13 @@ def _kernel_batchnorm_backward(const floating[:, ::1] g, const floating[:, ::1] 
                                const floating[::1] inv_std, const floating[::1] gamma,
                                floating[::1] dgamma, floating[::1] dbeta, floating[:, ::1] dx,
                                bint training):
+    cdef int64_t m = g.shape[0], w = g.shape[1]
+    if (xhat.shape[0] != m or xhat.shape[1] != w or dx.shape[0] != m or dx.shape[1] != w
+            or inv_std.shape[0] < w or gamma.shape[0] < w or dgamma.shape[0] < w
+            or dbeta.shape[0] < w or m < 1):
+        _too_short("batchnorm_backward")
+    if w == 0:
+        return
     with nogil:
         batchnorm_backward_op(<floating*>&g[0, 0], &xhat[0, 0], &inv_std[0], &gamma[0], &dgamma[0],
                               &dbeta[0], &dx[0, 0], g.shape[0], g.shape[1], training)
@@ -564,9 +603,33 @@ def _check_span(program, l, start, size, n, what):
                          f"fit in the {n} parameters")
 
 
+def _check_penalized_rows(program, reg, int64_t n):
+    """The rows penalize_op reads lie inside n parameters."""
+    for l in range(program.shape[0]):
+        if (reg[l, L2] != 0 or reg[l, L1] != 0) and program[l, TRAINABLE]:
+            if program[l, KIND] != DENSE:
+                raise ValueError(f"program row {l}: weight penalties apply to DENSE rows only")
+            _check_span(program, l, int(program[l, W_OFF]),
+                        int(program[l, N_IN]) * int(program[l, N_OUT]), n, "W")
+
+
+def _check_trainable_rows(program, int64_t n):
+    """The rows clip_and_measure_op reads lie inside n gradients."""
+    for l in range(program.shape[0]):
+        if program[l, KIND] != DROPOUT and program[l, TRAINABLE]:
+            size = (2 * int(program[l, N_OUT]) if program[l, KIND] == BATCHNORM
+                    else int(program[l, N_IN]) * int(program[l, N_OUT]) + int(program[l, N_OUT]))
+            _check_span(program, l, int(program[l, W_OFF]), size, n, "parameters")
+
+
 def _kernel_penalize(const int64_t[:, ::1] program, const double[:, ::1] reg, bint per_weight,
                      const floating[::1] w, floating[::1] params, floating[::1] grad):
     cdef double value
+    prog = np.asarray(program)
+    if (reg.shape[0] != program.shape[0] or reg.shape[1] != N_REG or program.shape[1] != N_COLS
+            or grad.shape[0] < params.shape[0] or w.shape[0] < 1):
+        _too_short("penalize")
+    _check_penalized_rows(prog, np.asarray(reg), params.shape[0])
     with nogil:
         value = penalize_op(program, reg, per_weight, weight_sum(&w[0], w.shape[0]),
                             ptr_or_null(params), ptr_or_null(grad))
@@ -604,17 +667,14 @@ def penalize(program, reg, per_weight, w, params, grad):
     grad = array("grad", grad, w.dtype, like=params, writable=True)
     if w.shape[0] < 1:
         raise ValueError("w must hold at least one sample weight")
-    for l in range(program.shape[0]):
-        if (reg[l, L2] != 0 or reg[l, L1] != 0) and program[l, TRAINABLE]:
-            if program[l, KIND] != DENSE:
-                raise ValueError(f"program row {l}: weight penalties apply to DENSE rows only")
-            _check_span(program, l, int(program[l, W_OFF]),
-                        int(program[l, N_IN]) * int(program[l, N_OUT]), params.shape[0], "W")
     return _kernel_penalize(program, reg, bool(per_weight), w, params, grad)
 
 
 def _kernel_clip_and_measure(const int64_t[:, ::1] program, floating[::1] grad,
                              double clip_value, double clip_norm, double[::1] norms):
+    if program.shape[1] != N_COLS or norms.shape[0] < program.shape[0] or norms.shape[0] < 1:
+        _too_short("clip_and_measure")
+    _check_trainable_rows(np.asarray(program), grad.shape[0])
     with nogil:
         clip_and_measure_op(program, ptr_or_null(grad), clip_value, clip_norm, &norms[0])
 
@@ -642,11 +702,6 @@ def clip_and_measure(program, grad, clip_value=0.0, clip_norm=0.0):
     grad = array("grad", grad, ndim=1, writable=True)
     clip_value = real("clip_value", clip_value, 0.0, float("inf"))
     clip_norm = real("clip_norm", clip_norm, 0.0, float("inf"))
-    for l in range(program.shape[0]):
-        if program[l, KIND] != DROPOUT and program[l, TRAINABLE]:
-            size = (2 * int(program[l, N_OUT]) if program[l, KIND] == BATCHNORM
-                    else int(program[l, N_IN]) * int(program[l, N_OUT]) + int(program[l, N_OUT]))
-            _check_span(program, l, int(program[l, W_OFF]), size, grad.shape[0], "parameters")
     norms = np.zeros(max(program.shape[0], 1))
     _kernel_clip_and_measure(program, grad, clip_value, clip_norm, norms)
     return norms[:program.shape[0]]

@@ -207,7 +207,16 @@ def exp(x, int isa=-1):
 def _kernel_softmax_rows(int which, const floating[:, ::1] Z, const floating[:, ::1] Y,
                          const floating[::1] w, floating[:, ::1] G, int64_t lo, int64_t hi,
                          double scale, double[::1] terms, int isa):
-    cdef int64_t k = Z.shape[1]
+    cdef int64_t k = Z.shape[1], m = Z.shape[0]
+    # Python-callable: it refuses what would reach outside an array (the
+    # checked softmax_rows says more)
+    if (which not in (SK_LOG_LOSS, CROSS_ENTROPY) or k < 1 or Y.shape[0] != m
+            or Y.shape[1] != k or G.shape[0] != m or G.shape[1] != k or w.shape[0] < m
+            or terms.shape[0] < m or not 0 <= lo <= hi <= m):
+        raise ValueError("_kernel_softmax_rows: arrays or rows that do not fit (call "
+                         "softmax_rows)")
+    if hi == lo:
+        return
     with nogil:
         if floating is float:
             fbp_softmax_rows_isa_f32(isa, which, <float*>&Z[0, 0], <float*>&Y[0, 0],

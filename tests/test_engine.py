@@ -396,6 +396,17 @@ _BAD_STATES = {
     "grad_norms a list": lambda kw: kw.update(grad_norms=kw["grad_norms"].tolist()),
     "batch larger than the workspace": lambda kw: kw.update(batch_size=9),
     "null loss address": lambda kw: kw.update(loss_addr=0),
+    # the engine calls what an address points at: only fastbp's own entry
+    # points, of the right kind and dtype, with the kernel's own slot count
+    "an address fastbp did not hand out": lambda kw: kw.update(step_addr=kw["step_addr"] + 16),
+    "a loss's address as the update": lambda kw: kw.update(step_addr=kw["loss_addr"]),
+    "the float32 update on float64 parameters": lambda kw: kw.update(
+        step_addr=__import__("fastbp._numba.optim", fromlist=["x"]).step_cfunc("adam",
+                                                                              "float32")),
+    "fewer slots than the update reads": lambda kw: kw.update(
+        n_slots=kw["n_slots"] - 1, opt_state=kw["opt_state"][:-1].copy()),
+    "fewer hyperparameters than the update reads": lambda kw: kw.update(
+        n_hyper=0, hyper=np.zeros(0)),
 }
 
 
@@ -554,6 +565,10 @@ _BAD_LOSS_GRADS = {
     "negative penalty": lambda a: a["reg"].__setitem__((0, L2), -1.0),
     "reg of the wrong shape": lambda a: a.update(reg=np.zeros((2, 3))),
     "null loss address": lambda a: a.update(loss_addr=0),
+    "an address fastbp did not hand out": lambda a: a.update(loss_addr=a["loss_addr"] + 8),
+    "the float32 loss on float64 arrays": lambda a: a.update(
+        loss_addr=__import__("fastbp._numba.losses", fromlist=["x"]).loss_cfunc(
+            "cross_entropy", "float32")),
 }
 
 
@@ -579,3 +594,64 @@ def test_network_keeps_its_own_copy_of_the_program():
     out = np.empty((8, 3))
     engine.forward(network, X, ws.acts, out, 8, ws.aux)
     assert np.array_equal(out, net.predict(X))
+
+
+# ---------------------------------------------------------------------------
+# The unchecked kernels behind the checked ops are Python-callable too: each
+# refuses arrays too short for what it touches (they wrote past them).
+
+def _bad_kernel_calls():
+    from fastbp._ext import engine_ops as eo
+    from fastbp._ext import losses as ls
+    one, u = np.ones(1000), np.zeros(1, np.uint64)
+    net, _, _ = _state_args()
+    prog = net._program.copy()
+    reg = np.zeros((prog.shape[0], engine.N_REG))
+    reg[0, L2] = 1.0
+    return {
+        "residual_add, short out": lambda: eo._kernel_residual_add(one, one, np.empty(4)),
+        "residual_add, short skip": lambda: eo._kernel_residual_add(one, np.ones(3), np.empty(1000)),
+        "dropout_forward, short out": lambda: eo._kernel_dropout_forward(
+            one, np.empty(4), np.empty(1000), 0.5, u),
+        "dropout_forward, no counter": lambda: eo._kernel_dropout_forward(
+            one, np.empty(1000), np.empty(1000), 0.5, np.zeros(0, np.uint64)),
+        "dropout_backward, short mask": lambda: eo._kernel_dropout_backward(
+            one, np.ones(2), np.empty(1000)),
+        "activity_penalty, short g": lambda: eo._kernel_activity_penalty(one, np.empty(3), 10, 0.1),
+        "activity_penalty, no rows": lambda: eo._kernel_activity_penalty(one, np.empty(1000), 0, 0.1),
+        "batchnorm_forward, small out": lambda: eo._kernel_batchnorm_forward(
+            np.ones((50, 20)), np.empty((1, 1)), np.empty((1, 1)), np.empty(1), np.ones(1),
+            np.ones(1), np.empty(1), 0.1, 1e-5, True),
+        "batchnorm_backward, short dgamma": lambda: eo._kernel_batchnorm_backward(
+            np.ones((5, 20)), np.ones((5, 20)), np.ones(20), np.ones(20), np.empty(1),
+            np.empty(20), np.empty((5, 20)), True),
+        "penalize, W beyond params": lambda: eo._kernel_penalize(
+            prog, reg, False, np.ones(4), np.ones(5), np.zeros(5)),
+        "clip_and_measure, grad too short": lambda: eo._kernel_clip_and_measure(
+            prog, np.ones(5), 1.0, 0.0, np.zeros(prog.shape[0])),
+        "softmax_rows, hi beyond the rows": lambda: ls._kernel_softmax_rows(
+            0, np.ones((4, 3)), np.ones((4, 3)), np.ones(4), np.empty((4, 3)), 0, 10 ** 6, 1.0,
+            np.empty(4), -1),
+        "softmax_rows, lo below 0": lambda: ls._kernel_softmax_rows(
+            0, np.ones((4, 3)), np.ones((4, 3)), np.ones(4), np.empty((4, 3)), -20, 2, 1.0,
+            np.empty(4), -1),
+        "softmax_rows, unknown loss": lambda: ls._kernel_softmax_rows(
+            7, np.ones((4, 3)), np.ones((4, 3)), np.ones(4), np.empty((4, 3)), 0, 4, 1.0,
+            np.empty(4), -1),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_kernel_calls()))
+def test_unchecked_kernels_refuse_arrays_too_short(name):
+    with pytest.raises(ValueError):
+        _bad_kernel_calls()[name]()
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float16, "complex128"])
+def test_entry_points_exist_for_float32_and_float64_only(dtype):
+    from fastbp._numba.losses import loss_cfunc
+    from fastbp._numba.optim import step_cfunc
+    with pytest.raises(ValueError, match="float32 and float64"):
+        loss_cfunc("mse", dtype)
+    with pytest.raises(ValueError, match="float32 and float64"):
+        step_cfunc("adam", dtype)

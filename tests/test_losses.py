@@ -222,3 +222,22 @@ def test_float32_terms_that_overflow_float32_give_the_float64_loss(loss, case):
                                                   w.astype(np.float64), G_ref.astype(np.float64))
     assert np.isfinite(value) and value == pytest.approx(want, rel=1e-5)
     assert np.isfinite(G).all()
+
+
+@pytest.mark.parametrize("name", ["mse", "binary_cross_entropy", "sk_squared_error",
+                                  "sk_binary_log_loss", "sk_poisson"])
+@pytest.mark.parametrize("bad", ["G", "Y", "w"])
+def test_numba_kernels_called_from_python_refuse_mismatched_shapes(name, bad):
+    """fastbp._numba.losses' kernels are Python-callable: a G smaller than
+    Z was written past, a short Y or w read past."""
+    from fastbp._numba import losses as kernels
+    kernel = getattr(kernels, f"{name}_loss_grad")
+    Z, Y, w, G = np.ones((50, 3)), np.ones((50, 3)), np.ones(50), np.empty((50, 3))
+    if bad == "G":
+        G = np.empty((1, 3))
+    elif bad == "Y":
+        Y = np.ones((2, 3))
+    else:
+        w = np.ones(1)
+    with pytest.raises(ValueError, match="Z's shape"):
+        kernel(Z, Y, w, G)

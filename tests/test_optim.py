@@ -886,3 +886,26 @@ def test_bias_corrections_are_pythons_to_the_last_bit(kernel):
             kernels.sk_adam_step(ours[0], g, ours[1], ours[2], *args)
             reference.sk_adam_step(p, g, m, v, *args)
         assert np.array_equal(ours[0], p), f"step {t}: {ours[0] - p}"
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "rmsprop", "rprop", "adagrad", "sk_sgd",
+                                  "sk_adam"])
+@pytest.mark.parametrize("short", ["g", "a slot"])
+def test_kernels_called_from_python_refuse_short_arrays(name, short):
+    """The update kernels are Python-callable (fastbp._numba.optim); a short
+    gradient or state slot was written past (a segfault or heap
+    corruption)."""
+    from fastbp._numba import optim as kernels
+    spec = kernels.SPECS[name]
+    n = 1000
+    p = np.ones(n)
+    g = np.ones(3 if short == "g" else n)
+    slots = [np.ones(n) for _ in spec.slots]
+    if short == "a slot":
+        slots[-1] = np.ones(1)
+    args = [p, g, *slots] + ([2] if spec.uses_step else [])
+    args += [False if h in spec.flags else 0.1 for h in spec.hyper]
+    before = p.copy()
+    with pytest.raises(ValueError, match="as long as its parameters"):
+        kernels.step_function(name)(*args)
+    assert np.array_equal(p, before)

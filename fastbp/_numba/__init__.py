@@ -10,6 +10,26 @@ from .._config import NJIT, make_pinned
 
 _CFUNCS = {}
 
+#: every C address handed out by loss_cfunc and step_cfunc: address ->
+#: (kind "loss" or "step", name, dtype name).  The engine calls what an
+#: address points at, so it takes only these (engine.EngineState, loss_grad).
+ADDRESSES = {}
+
+
+def register_address(address, kind, name, dtype):
+    """Record ``address`` as the C entry point of ``kind`` ``name`` for ``dtype``."""
+    ADDRESSES[int(address)] = (kind, name, np.dtype(dtype).name)
+    return address
+
+
+def checked_dtype(dtype):
+    """np.dtype float32 or float64, else a ValueError (an int32 was taken as
+    float64)."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"kernels are compiled for float32 and float64, not {dtype}")
+    return dtype
+
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
@@ -43,7 +63,7 @@ def c_entry_point(wrapper, dtype, make_signature):
     fastbp compiles nothing.  ``make_signature(T)`` gives the signature for
     the Numba scalar type T (float32 or float64).
     """
-    key = (wrapper, np.dtype(dtype).name)
+    key = (wrapper, checked_dtype(dtype).name)
     if key not in _CFUNCS:
         t = types.float32 if key[1] == "float32" else types.float64
         # Created now, long after import: Numba picks its cache folder again

@@ -23,7 +23,7 @@ from numba import carray, njit, types
 from .._config import NJIT, pin_module
 from .._ext import losses as _softmax
 from .._ext.losses import cross_entropy_loss_grad, sk_log_loss_loss_grad
-from . import c_entry_point
+from . import c_entry_point, checked_dtype, register_address
 
 
 @njit(**NJIT)
@@ -35,7 +35,17 @@ def _weight_sum(w):
 
 
 @njit(**NJIT)
+def _check_shapes(Z, Y, w, G):
+    """Python can call the kernels too: Y and G must have Z's shape and w a
+    weight per row (the loops index them without bounds checks)."""
+    if Y.shape != Z.shape or G.shape != Z.shape or w.shape[0] != Z.shape[0]:
+        raise ValueError("a loss kernel's Y and G must have Z's shape (m, k) and w the "
+                         "shape (m,)")
+
+
+@njit(**NJIT)
 def mse_loss_grad(Z, Y, w, G):
+    _check_shapes(Z, Y, w, G)
     m, k = Z.shape
     scale = 1.0 / (_weight_sum(w) * k)
     total = 0.0
@@ -53,6 +63,7 @@ def mse_loss_grad(Z, Y, w, G):
 
 @njit(**NJIT)
 def binary_cross_entropy_loss_grad(Z, Y, w, G):
+    _check_shapes(Z, Y, w, G)
     m, k = Z.shape
     scale = 1.0 / (_weight_sum(w) * k)
     total = 0.0
@@ -76,6 +87,7 @@ def binary_cross_entropy_loss_grad(Z, Y, w, G):
 
 @njit(**NJIT)
 def sk_squared_error_loss_grad(Z, Y, w, G):
+    _check_shapes(Z, Y, w, G)
     """0.5 * mean over outputs of the weighted mean of (Z - Y)^2; identity output."""
     m, k = Z.shape
     scale = 1.0 / _weight_sum(w)
@@ -92,6 +104,7 @@ def sk_squared_error_loss_grad(Z, Y, w, G):
 
 @njit(**NJIT)
 def sk_binary_log_loss_loss_grad(Z, Y, w, G):
+    _check_shapes(Z, Y, w, G)
     """-sum over outputs of the weighted mean of y log p + (1-y) log(1-p),
     p = logistic(Z) clipped to [eps, 1-eps]."""
     m, k = Z.shape
@@ -117,6 +130,7 @@ def sk_binary_log_loss_loss_grad(Z, Y, w, G):
 
 @njit(**NJIT)
 def sk_poisson_loss_grad(Z, Y, w, G):
+    _check_shapes(Z, Y, w, G)
     """sum over outputs of the weighted mean of y log(y / p) - y + p, p = exp(Z)."""
     m, k = Z.shape
     scale = 1.0 / _weight_sum(w)
@@ -179,9 +193,12 @@ def _signature(t):
 def loss_cfunc(name, dtype):
     """C address of loss ``name`` in ``dtype``: the C kernel's for the softmax
     losses, else the cached cfunc's."""
+    dtype = checked_dtype(dtype)
     if name in _softmax.NAMES:
-        return _softmax.loss_address(name, dtype)
-    return c_entry_point(_C_WRAPPERS[name], dtype, _signature)
+        address = _softmax.loss_address(name, dtype)
+    else:
+        address = c_entry_point(_C_WRAPPERS[name], dtype, _signature)
+    return register_address(address, "loss", name, dtype)
 
 
 # Each kernel keeps its cache only in the folder fastbp checked (fastbp._config).

@@ -49,7 +49,7 @@ from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from .._config import NJIT, pin_module
-from . import _X86, c_entry_point, target_features
+from . import _X86, c_entry_point, register_address, target_features
 
 
 class KernelSpec(NamedTuple):
@@ -252,9 +252,21 @@ def _lerp(start, end, weight, one_minus_weight):
     return end - (end - start) * one_minus_weight
 
 
+@njit(**NJIT)
+def _check_lengths(p, a):
+    """Python can call the kernels too: refuse a gradient or state slot
+    shorter than the parameters (the loops index them without bounds
+    checks).  In the engine's calls every one has p's length."""
+    if a.shape[0] < p.shape[0]:
+        raise ValueError("an update kernel's gradient and state slots must be as long as "
+                         "its parameters")
+
+
 @update_kernel("sgd", slots=("buf",), flags=("nesterov",))
 @njit(**NJIT)
 def sgd_step(p, g, buf, t, lr, momentum, dampening, nesterov, weight_decay, momentum_start=1):
+    _check_lengths(p, g)
+    _check_lengths(p, buf)
     # momentum_start: the step that creates the buffer, as a copy of its
     # gradient (torch creates it at the first step with momentum).
     T = p.dtype.type
@@ -289,6 +301,10 @@ def _sgd_loop(p, g, buf, with_momentum, first, lr, momentum, damp, nesterov, wd)
 @njit(**NJIT)
 def adam_step(p, g, m, v, vmax, t, lr, beta1, beta2, eps, weight_decay, amsgrad,
               decoupled):
+    _check_lengths(p, g)
+    _check_lengths(p, m)
+    _check_lengths(p, v)
+    _check_lengths(p, vmax)
     T = p.dtype.type
     bc2_sqrt = T(_pow(1 - _pow(beta2, t), 0.5))
     inv_bc2_sqrt = T(1) / bc2_sqrt
@@ -352,6 +368,10 @@ def _adam_loop(p, g, m, v, vmax, amsgrad, decay_on, decoupled, bc2_sqrt, inv_bc2
 @njit(**NJIT)
 def rmsprop_step(p, g, square_avg, grad_avg, buf, lr, alpha, eps, weight_decay,
                  momentum, centered):
+    _check_lengths(p, g)
+    _check_lengths(p, square_avg)
+    _check_lengths(p, grad_avg)
+    _check_lengths(p, buf)
     T = p.dtype.type
     lr, a, w, eps, wd, mom = T(lr), T(alpha), T(1 - alpha), T(eps), T(weight_decay), T(momentum)
     wc = T(1) - w
@@ -400,6 +420,9 @@ def _rmsprop_loop(p, g, square_avg, grad_avg, buf, centered, with_momentum, lr, 
 @update_kernel("rprop", slots=("prev", "step_size"))
 @njit(**NJIT)
 def rprop_step(p, g, prev, step_size, etaminus, etaplus, step_min, step_max):
+    _check_lengths(p, g)
+    _check_lengths(p, prev)
+    _check_lengths(p, step_size)
     T = p.dtype.type
     em, ep, smin, smax = T(etaminus), T(etaplus), T(step_min), T(step_max)
     nonfinite = no_nonfinite(p.dtype.type(0))
@@ -427,6 +450,8 @@ def rprop_step(p, g, prev, step_size, etaminus, etaplus, step_min, step_max):
 @update_kernel("adagrad", slots=("state_sum",))
 @njit(**NJIT)
 def adagrad_step(p, g, state_sum, t, lr, lr_decay, weight_decay, eps):
+    _check_lengths(p, g)
+    _check_lengths(p, state_sum)
     T = p.dtype.type
     clr = T(lr / (1 + (t - 1) * lr_decay))
     wd, eps = T(weight_decay), T(eps)
@@ -449,6 +474,8 @@ def adagrad_step(p, g, state_sum, t, lr, lr_decay, weight_decay, eps):
 @update_kernel("sk_sgd", slots=("velocity",), flags=("nesterov",))
 @njit(**NJIT)
 def sk_sgd_step(p, g, velocity, lr, momentum, nesterov):
+    _check_lengths(p, g)
+    _check_lengths(p, velocity)
     T = p.dtype.type
     lr, mom = T(lr), T(momentum)
     nonfinite = no_nonfinite(p.dtype.type(0))
@@ -464,6 +491,9 @@ def sk_sgd_step(p, g, velocity, lr, momentum, nesterov):
 @update_kernel("sk_adam", slots=("m", "v"))
 @njit(**NJIT)
 def sk_adam_step(p, g, m, v, t, lr, beta1, beta2, eps):
+    _check_lengths(p, g)
+    _check_lengths(p, m)
+    _check_lengths(p, v)
     T = p.dtype.type
     # sklearn's rate is a NumPy float64 scalar, so (NEP 50) the update is
     # computed in float64 even for float32 parameters: keep it float64 here.
@@ -533,7 +563,7 @@ def step_cfunc(name, dtype):
     wrapper = _C_WRAPPERS.get(name)
     if wrapper is None:  # generated at first use: a kernel may be declared after import
         wrapper = _C_WRAPPERS.setdefault(name, _make_wrapper(name))  # one wins a race
-    return c_entry_point(wrapper, dtype, _signature)
+    return register_address(c_entry_point(wrapper, dtype, _signature), "step", name, dtype)
 
 
 # Each kernel keeps its cache only in the folder fastbp checked (fastbp._config).
