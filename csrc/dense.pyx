@@ -510,6 +510,12 @@ def fma_peak_gflops(dtype="float32", int isa=-1, double seconds=0.1, int repeats
     multiply-adds (csrc/peak.h) timed for about ``seconds``, best of
     ``repeats``.  Returns GFLOP/s (2 flops a multiply-add)."""
     import time
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, not {dtype!r}")
+    # (a NaN or infinite time never ended the calibration loop)
+    if not 0 < seconds <= 60 or repeats < 1:
+        raise ValueError(f"seconds must be in (0, 60] and repeats >= 1, not {seconds!r}, "
+                         f"{repeats!r}")
     cdef int dbl = np.dtype(dtype) == np.float64
     cdef int64_t iters = 1 << 16
     cdef double flops
@@ -534,6 +540,10 @@ def gemm_kernel(int m, int n, int k, bint trans_a=False, bint trans_b=False, dty
     """Which kernels compute ``op(A) @ op(B)`` of shape (m, n) over k at this
     process's instruction-set level: "small" (csrc/smallgemm.h), "packed"
     (csrc/packedgemm.h) or "blas"."""
+    if m < 0 or n < 0 or k < 0:
+        raise ValueError(f"m, n and k must be >= 0, not {m}, {n}, {k}")
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, not {dtype!r}")
     cdef bint dbl = np.dtype(dtype) == np.float64
     kind = gemm_kind(dbl, trans_a, trans_b, m, n, k)
     return {GEMM_BY_SMALL: "small", GEMM_BY_PACKED: "packed"}.get(kind, "blas")

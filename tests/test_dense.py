@@ -370,3 +370,19 @@ def test_non_finite_values_pass_the_epilogue_as_in_the_reference(dtype, act):
         np.testing.assert_array_equal(got, want, err_msg=f"{act} at level {isa}")
         assert np.array_equal(np.isnan(got), np.isnan(want))
         assert np.array_equal(np.signbit(got[~np.isnan(got)]), np.signbit(want[~np.isnan(want)]))
+
+
+@pytest.mark.parametrize("kw", [dict(seconds=float("nan")), dict(seconds=float("inf")),
+                                dict(seconds=0.0), dict(repeats=0), dict(dtype="int8")])
+def test_peak_probe_refuses_what_it_cannot_time(kw):
+    """seconds=nan never ended its calibration loop (a hang); repeats=0
+    returned 0 GFLOP/s; an int8 dtype was timed as float32."""
+    with pytest.raises(ValueError):
+        dense.fma_peak_gflops(**kw)
+
+
+def test_gemm_kernel_refuses_negative_sizes_and_other_dtypes():
+    with pytest.raises(ValueError):
+        dense.gemm_kernel(-5, -1, -7)
+    with pytest.raises(ValueError):
+        dense.gemm_kernel(4, 4, 4, dtype="int32")
