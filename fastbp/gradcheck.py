@@ -62,7 +62,7 @@ def gradcheck(net: Sequential, X: MatrixLike, y: ArrayLike, loss: str = "mse", e
         return twin.loss_and_grad(X, y, loss=loss, sample_weight=sample_weight)[0]
     _, analytic = twin.loss_and_grad(X, y, loss=loss, sample_weight=sample_weight)
     params = twin.params
-    idx = np.arange(params.size) if indices is None else np.asarray(indices, dtype=np.int64)
+    idx = np.arange(params.size) if indices is None else _checked_indices(indices, params.size)
     numeric = np.empty(idx.size)
     for j, i in enumerate(idx):
         saved = params[i]
@@ -76,3 +76,19 @@ def gradcheck(net: Sequential, X: MatrixLike, y: ArrayLike, loss: str = "mse", e
     floor = 1e-3 * max(np.abs(numeric).max(), np.finfo(np.float64).tiny)
     denom = np.maximum(np.maximum(np.abs(a), np.abs(numeric)), floor)
     return float(np.max(np.abs(a - numeric) / denom))
+
+
+def _checked_indices(indices, n):
+    """``indices`` as a 1-D int64 array of parameter positions in [0, n), at
+    least one; a ValueError otherwise (a 2-D index moved two parameters at
+    once and reported a wrong gradient; 1.5 was cut to 1)."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or idx.size == 0:
+        raise ValueError(f"indices must be a non-empty 1-D list of parameter positions, got "
+                         f"shape {idx.shape}")
+    if idx.dtype.kind not in "iu":
+        raise ValueError(f"indices must be integers, got {idx.dtype}")
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"indices must lie in [0, {n}) (the model's parameters), got "
+                         f"{idx.min()} .. {idx.max()}")
+    return idx.astype(np.int64)

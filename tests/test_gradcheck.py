@@ -75,3 +75,18 @@ def test_gradcheck_detects_a_wrong_gradient(monkeypatch, rng):
         return value, grad * 1.01
     monkeypatch.setattr(fastbp.Sequential, "loss_and_grad", wrong)
     assert fastbp.gradcheck(net, X, y, loss="mse") > 5e-3
+
+
+@pytest.mark.parametrize("indices", [[[0, 1]], [1.5], [], [-1], [10 ** 6], ["a"]])
+def test_indices_must_be_positions_of_parameters(indices):
+    """A 2-D index perturbed two parameters at once and reported a wrong
+    gradient (1.0); 1.5 was cut to 1; an empty list or an out-of-range one
+    failed inside NumPy."""
+    rng = np.random.default_rng(0)
+    net = fastbp.Sequential([fastbp.Dense(3, activation="tanh"), fastbp.Dense(1)],
+                            dtype="float64", seed=0)
+    X, y = rng.normal(size=(8, 2)), rng.normal(size=8)
+    net.build(2)
+    with pytest.raises(ValueError, match="indices"):
+        fastbp.gradcheck(net, X, y, indices=indices)
+    assert fastbp.gradcheck(net, X, y, indices=[0, 3, 5]) < 1e-6
