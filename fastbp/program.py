@@ -178,7 +178,13 @@ def _floats(layer, scalar):
     elif layer.kind == Kind.DENSE:
         values[RATE] = layer.dropconnect
     elif layer.kind == Kind.BATCHNORM:
-        values[MOMENTUM], values[EPS] = layer.momentum, float(scalar(layer.eps))
+        with np.errstate(over="ignore"):
+            eps = float(scalar(layer.eps))
+        if not np.isfinite(eps):
+            # it became inf in float32, and the layer's output a constant
+            raise ValueError(f"BatchNorm's eps {layer.eps!r} is beyond the model's dtype's "
+                             f"range ({np.dtype(scalar).name}): use a smaller eps")
+        values[MOMENTUM], values[EPS] = layer.momentum, eps
     return values
 
 

@@ -118,3 +118,14 @@ def test_a_diverged_fit_leaves_the_running_statistics_of_the_last_finite_step(dt
              verbose=0, n_threads=1, shuffle=False)
     assert net._buffers.tobytes() == twin._buffers.tobytes()
     assert net.params.tobytes() == twin.params.tobytes()
+
+
+def test_an_eps_beyond_float32s_range_is_refused_in_a_float32_model():
+    """eps=1e300 became inf in a float32 model (with only NumPy's cast
+    warning) and the layer's output a constant."""
+    net = fastbp.Sequential([fastbp.Dense(4), fastbp.BatchNorm(eps=1e300), fastbp.Dense(1)],
+                            dtype="float32")
+    with pytest.raises(ValueError, match="beyond the model's dtype's range"):
+        net.build(3)
+    fastbp.Sequential([fastbp.Dense(4), fastbp.BatchNorm(eps=1e300), fastbp.Dense(1)],
+                      dtype="float64").build(3)
