@@ -326,6 +326,9 @@ class _EpochRunner:
         return self._loss_sum(self.n_batches) / total
 
     def _call(self, first, count):
+        # a callback between calls may have set t (3.5 failed in the engine's
+        # argument conversion, naming its "step0")
+        self.opt._check_step_count()
         with _BLAS:  # BLAS at this fit's thread count (whatever other threads run)
             return self._train_batches(first, count)
 

@@ -698,3 +698,17 @@ def test_model_checkpoint_and_plot_refuse_a_fifo(tmp_path):
     with pytest.raises(ValueError, match="supported formats"):
         fastbp.plot_history(net, tmp_path / "plot.xyz")
     assert not (tmp_path / "plot.xyz").exists()
+
+
+@pytest.mark.parametrize("t", [3.5, -1, True, "3"])
+def test_a_step_count_set_by_a_callback_is_checked(t):
+    """optimizer.t set from a callback failed inside the engine, naming its
+    argument ("step0 must be an int64"); it is checked as at fit's start."""
+    class SetT(cb.Callback):
+        def on_batches_end(self, net, epoch, batch):
+            net.optimizer.t = t
+
+    X, y = _data()
+    net = _net()
+    with pytest.raises(ValueError, match="the step count t of this Adam must be an integer"):
+        net.fit(X, y, epochs=2, callbacks=[SetT()], **FIT)
