@@ -25,8 +25,9 @@ from . import losses as _losses
 DEFAULTS = {"loss": "mse", "batch_size": 32, "shuffle": True, "clip_value": None,
             "clip_norm": None, "on_divergence": "raise", "grad_norms": False}
 #: the settings whose change is warned about: all but on_divergence, which
-#: changes nothing unless the run diverges
-EXACT = tuple(name for name in DEFAULTS if name != "on_divergence")
+#: changes nothing unless the run diverges, and grad_norms, which only adds
+#: or drops the history's grad_norm column (the weights are the same bits)
+EXACT = tuple(name for name in DEFAULTS if name not in ("on_divergence", "grad_norms"))
 #: recorded beside the settings: whether the fit was given sample weights
 #: (the weights are data: they cannot be restored, only asked for)
 WEIGHTED = "sample_weight"

@@ -932,3 +932,23 @@ def test_a_process_that_ignores_sigint_keeps_ignoring_it_during_fit(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["9", "True"], proc.stdout  # 1 warm-up epoch + 8
+
+
+def test_turning_grad_norms_on_in_a_later_fit_does_not_warn_and_changes_no_weight():
+    """grad_norms only records a diagnostic column: a fit that turns it on
+    gives the uninterrupted run's weights, so no ResumeWarning (one said the
+    result would differ)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 3)), rng.normal(size=40)
+
+    def net():
+        return fastbp.Sequential([fastbp.Dense(5, activation="tanh"), fastbp.Dense(1)],
+                                 dtype="float64", seed=0)
+    a, b = net(), net()
+    a.fit(X, y, epochs=2, batch_size=8, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastbp.ResumeWarning)
+        a.fit(X, y, epochs=1, batch_size=8, verbose=0, grad_norms=True)
+    b.fit(X, y, epochs=3, batch_size=8, verbose=0)
+    assert a.params.tobytes() == b.params.tobytes()
+    assert len(a.history["grad_norm"]) >= 1
