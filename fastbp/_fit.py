@@ -265,6 +265,12 @@ def _start(net, plan, checkpoint, last_epoch):
     dense: its Jacobian holds all rows anyway) or an optimizer's mini-batch
     steps (its state bound).  ValueError before the model changes."""
     opt = plan.opt
+    if not (np.isfinite(net._params).all() and np.isfinite(net._buffers).all()):
+        # set so by hand (layer.W[...] = ...): the first step would "diverge"
+        # and report the weights of a last finite step that never was
+        raise ValueError("the model's parameters (or BatchNorm's running statistics) "
+                         "contain NaN or infinity before training; set finite values, or "
+                         "call build(n_features) again")
     if is_solver(opt):
         if plan.ignored:
             raise ValueError(f"{type(opt).__name__} trains on the whole data at once and "

@@ -532,3 +532,17 @@ def test_building_a_fitted_model_again_starts_afresh():
     fresh.fit(X, y, epochs=1, batch_size=4, verbose=0)
     assert net.params.tobytes() == fresh.params.tobytes()
     assert net.history["loss"] == fresh.history["loss"]
+
+
+@pytest.mark.parametrize("where", ["W", "running_var"])
+def test_fit_refuses_weights_set_to_nan_by_hand(where):
+    """A NaN put into a built model's weights made the first step "diverge",
+    reporting the weights of a last finite step while they were NaN."""
+    layers = [fastbp.Dense(4, activation="tanh"), fastbp.BatchNorm(), fastbp.Dense(3)]
+    net = fastbp.Sequential(layers, dtype="float64", seed=0).build(4)
+    if where == "W":
+        net.layers[0].W[0, 0] = np.nan
+    else:
+        net.layers[1].running_var[0] = np.inf
+    with pytest.raises(ValueError, match="contain NaN or infinity before training"):
+        net.fit(np.ones((8, 4)), np.zeros((8, 3)), epochs=1, verbose=0)
