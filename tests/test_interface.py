@@ -144,9 +144,11 @@ def test_status_codes_reach_the_divergence_message():
     y = np.arange(32) % 2
     net = fastbp.Sequential([fastbp.Dense(4), fastbp.Dense(2)], dtype="float64", seed=0)
     net.build(3)
-    net.params[0] = np.nan  # the first batch's loss is NaN: Status.LOSS_NONFINITE
+    # finite weights whose outputs' squares overflow: the first batch's loss
+    # is infinite, Status.LOSS_NONFINITE (NaN weights are refused before)
+    net.params[...] = 1e200
     with pytest.raises(fastbp.DivergenceError, match="the loss became NaN"):
-        net.fit(X, y, loss="cross_entropy", epochs=1, batch_size=8, verbose=0)
+        net.fit(X, np.zeros((32, 2)), loss="mse", epochs=1, batch_size=8, verbose=0)
     net = fastbp.Sequential([fastbp.Dense(4), fastbp.Dense(2)], dtype="float64", seed=0)
     # a finite loss, then gradients of ~1e6 times lr 1e308: Status.PARAMS_NONFINITE
     with pytest.raises(fastbp.DivergenceError, match="an updated weight became NaN"):
