@@ -52,6 +52,7 @@ _HEADER_KEYS = ("format", "version", "dtype", "n_features", "seed", "layers", "o
 _HEADER_KEYS_V1 = tuple(k for k in _HEADER_KEYS if k != "fit_settings")
 _POSITION_KEYS = ("epoch", "batch", "rng_state", "loss_sum", "n_samples", "batch_size",
                   "shuffle")
+_POSITION_GRAD_NORM_KEYS = ("grad_norm_sums", "steps")
 
 
 class ModelFormatError(ValueError):
@@ -380,7 +381,9 @@ def _check_history(obj):
 
 
 def _check_position(obj):
-    obj = _object(obj, _POSITION_KEYS, "position")
+    # with grad_norms on, also the per-layer sums and the updates so far
+    optional = _POSITION_GRAD_NORM_KEYS if isinstance(obj, dict) and "steps" in obj else ()
+    obj = _object(obj, _POSITION_KEYS + optional, "position")
     n = _int_in(obj["n_samples"], 1, _INT64_BOUND, "position.n_samples")
     batch_size = _int_in(obj["batch_size"], 1, n + 1, "position.batch_size")
     n_batches = -(-n // batch_size)
@@ -394,7 +397,19 @@ def _check_position(obj):
             "batch": _int_in(obj["batch"], 0, n_batches, "position.batch"),
             "rng_state": _check_rng_state(obj["rng_state"], "position.rng_state"),
             "loss_sum": float(loss_sum), "n_samples": n, "batch_size": batch_size,
-            "shuffle": obj["shuffle"]}
+            "shuffle": obj["shuffle"], **_check_grad_norm_sums(obj, n_batches)}
+
+
+def _check_grad_norm_sums(obj, n_batches):
+    if "steps" not in obj:
+        return {}
+    sums = _list(obj["grad_norm_sums"], "position.grad_norm_sums", max_len=_MAX_LAYERS)
+    for i, v in enumerate(sums):
+        if not _is_number(v) or not 0 <= v < float("inf"):
+            fail(f"position.grad_norm_sums[{i}] must be a finite number >= 0, got "
+                 f"{_describe(v)}")
+    return {"grad_norm_sums": [float(v) for v in sums],
+            "steps": _int_in(obj["steps"], 0, n_batches + 1, "position.steps")}
 
 
 def check_header(header):

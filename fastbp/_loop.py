@@ -241,7 +241,8 @@ class MiniBatch:
                              "change batch_size or the weights")
         metrics = {}
         if self.dense is not None:
-            metrics["grad_norm"] = [float(run.grad_norms[i]) / max(run.steps, 1)
+            steps = run.steps_before + run.steps  # a resumed epoch's too
+            metrics["grad_norm"] = [float(run.grad_norms[i]) / max(steps, 1)
                                     for i in self.dense]
         # a resumed epoch ran only its batches from the saved position on
         return Epoch(loss=run.epoch_loss(), rows=run.rows_run(), steps=run.steps,

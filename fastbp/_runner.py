@@ -223,6 +223,7 @@ class _EpochRunner:
         self.snap_state = np.empty_like(self.state)
         self.chunk = 1
         self.steps = 0
+        self.steps_before = 0  # a resumed epoch's updates before its position
         self.first = 0
         # Called with the epoch's batch count after each run of batches (a
         # progress bar's within-epoch steps), or None: once per call into the
@@ -289,6 +290,13 @@ class _EpochRunner:
         self.steps = 0  # updates applied in this epoch (this run of it)
         self.first = 0 if resume is None else resume["batch"]
         self.grad_norms[...] = 0
+        self.steps_before = 0
+        sums = None if resume is None else resume.get("grad_norm_sums")
+        if sums is not None and len(sums) == self.grad_norms.shape[0]:
+            # the per-layer norms summed before the position, so that the
+            # epoch's mean covers all of it, as in an uninterrupted run
+            self.grad_norms[...] = sums
+            self.steps_before = resume["steps"]
         self.loss_before = 0.0 if resume is None else resume["loss_sum"]
         self.snap_params[...] = self.net._params
         self.snap_state[...] = self.state
@@ -304,9 +312,13 @@ class _EpochRunner:
 
     def position(self, epoch, batch):
         """Where an unfinished epoch stands (saved in checkpoints)."""
-        return {"epoch": epoch, "batch": batch, "rng_state": self.rng_state,
-                "loss_sum": self._loss_sum(batch), "n_samples": self.X.shape[0],
-                "batch_size": self.batch, "shuffle": self.shuffle}
+        position = {"epoch": epoch, "batch": batch, "rng_state": self.rng_state,
+                    "loss_sum": self._loss_sum(batch), "n_samples": self.X.shape[0],
+                    "batch_size": self.batch, "shuffle": self.shuffle}
+        if self.grad_norms.shape[0]:  # (only then: files without stay as before)
+            position["grad_norm_sums"] = [float(v) for v in self.grad_norms]
+            position["steps"] = self.steps_before + self.steps
+        return position
 
     def _loss_sum(self, upto):
         # Summed strictly left to right (add.accumulate, not dot's blocked

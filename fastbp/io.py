@@ -69,7 +69,10 @@ A file is four parts, back to back, with no padding:
        ``{"epoch": int >= 1, "batch": int >= 0, "rng_state": (as above),
        "loss_sum": finite number >= 0, "n_samples": int >= 1, "batch_size": int >= 1,
        "shuffle": bool}`` with ``batch_size <= n_samples`` and ``batch`` less
-       than the number of batches ``ceil(n_samples / batch_size)``.
+       than the number of batches ``ceil(n_samples / batch_size)``; with
+       ``grad_norms`` on, also ``"grad_norm_sums": [finite number >= 0, ...]``
+       (each layer's gradient norms summed over the epoch's updates so far)
+       and ``"steps": int >= 0`` (those updates), both or neither.
    ``last_loss`` : str or null
        Canonical name of the loss of the last fit (see ``fastbp.losses``).
    ``fit_settings`` : object or null

@@ -260,3 +260,35 @@ def test_a_resumed_unfinished_epoch_with_other_settings_is_refused(tmp_path):
         net.fit(X, y, epochs=1, verbose=0, batch_size=100)
     net.fit(X, y, epochs=1, verbose=0)  # its own settings finish that epoch
     assert net._position is None and net.history.n_epochs == 1
+
+
+@pytest.mark.parametrize("through", ["file", "memory"])
+def test_a_resumed_epoch_records_the_uninterrupted_grad_norms(tmp_path, through):
+    """A mid-epoch position also holds the gradient norms summed so far and
+    the updates made, so the resumed epoch's grad_norm is the mean over all
+    of it, bit for bit (it covered only the batches after the position)."""
+    X, y = _data()
+    ref = _net()
+    ref.fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=2, grad_norms=True, **FIT)
+    path = tmp_path / "run.fbp"
+    real_save = fastbp.Sequential.save
+    with pytest.MonkeyPatch.context() as mp:
+        count = []
+
+        def stop_after_two(self, p):
+            real_save(self, p)
+            count.append(1)
+            if len(count) == 2:
+                raise RuntimeError("simulated crash")
+        mp.setattr(fastbp.Sequential, "save", stop_after_two)
+        net = _net()
+        with pytest.raises(RuntimeError):
+            net.fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=2, checkpoint=path,
+                    checkpoint_every=70, grad_norms=True, **FIT)
+    mid = fastbp.load(path) if through == "file" else net
+    assert mid._position["batch"] == 140 and mid._position["steps"] == 140
+    assert len(mid._position["grad_norm_sums"]) == 3
+    mid.fit(X, y, epochs=2 - mid.history.n_epochs, **FIT)
+    np.testing.assert_array_equal(mid.params, ref.params)
+    assert mid.history["grad_norm"] == ref.history["grad_norm"]
+    assert mid.history["loss"] == ref.history["loss"]
