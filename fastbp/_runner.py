@@ -240,11 +240,25 @@ class _EpochRunner:
             self.engine_state = self._engine_state()
         self.hyper[...] = _checked_hyper(self.opt)  # checked against the state's dtype
 
+    def _take_up_layout(self):
+        """Rebuild the engine's view if the model's program changed since it
+        was made: a layer setting changed from a callback (or anywhere)
+        takes effect at the next call into the engine, as it does for a
+        run resumed from a checkpoint saved then (the file holds the new
+        settings), rather than at the next fit."""
+        net = self.net
+        with net._state_lock:
+            net._sync_layout()
+        if net._program is not self.engine_state_program:
+            self.segments = net._segments()
+            self.engine_state = self._engine_state()
+
     def _engine_state(self):
         """The engine's view of this fit (checked once): the model's tables
         and flat arrays, the workspace, the loss, the optimizer's update,
         state and hyperparameters (updated in place between calls)."""
         net, ws, opt = self.net, self.ws, self.opt
+        self.engine_state_program = net._program
         state = _engine.EngineState(
             program=net._program, floats=net._floats, reg=net._reg,
             reg_per_weight=net._reg_per_weight, params=net._params, grad=net._grad,
@@ -341,6 +355,7 @@ class _EpochRunner:
         # a callback between calls may have set t (3.5 failed in the engine's
         # argument conversion, naming its "step0")
         self.opt._check_step_count()
+        self._take_up_layout()
         with _BLAS:  # BLAS at this fit's thread count (whatever other threads run)
             return self._train_batches(first, count)
 

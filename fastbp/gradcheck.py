@@ -51,6 +51,8 @@ def gradcheck(net: Sequential, X: MatrixLike, y: ArrayLike, loss: str = "mse", e
         X = X.toarray()  # loss_and_grad runs on all rows at once: densified once, not per call
     if not net.built:
         net.build(X.shape[1])
+    with net._state_lock:
+        net._sync_layout()  # settings changed since the build: net._reg is copied below
     twin = Sequential([type(l)(**{k: v for k, v in l.get_config().items() if k != "type"})
                        for l in net.layers], dtype="float64")
     twin.build(net.n_features)

@@ -36,21 +36,20 @@ model's tables and locks, which mixins in several files would scatter.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import threading
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, TypeVar, cast
 
 import numpy as np
 
-from . import _fit, _format, _resume
+from . import _fit, _format, _layout, _resume
 from . import losses as _losses
 from . import optim as _optim
 from ._ext import engine as _engine
 from ._loop import Solver
-from ._ext.engine import (ACT_OFF, ACTIVITY_L1, B_OFF, BUF_OFF, KIND, L1, L2, N_IN,
-                          N_OUT, N_REG, TRAINABLE, W_OFF)
+from ._ext.engine import B_OFF, BUF_OFF, N_IN, N_OUT, TRAINABLE, W_OFF
 from ._numba.losses import loss_cfunc
 from ._reporting import DivergenceError  # noqa: F401  (fastbp.model.DivergenceError)
 from ._runner import _dense_rows, _forward_sparse, _ScratchPool, _Workspace
@@ -65,21 +64,6 @@ from .losses import data_loss
 from .program import Program, compile_program
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
-
-#: the model each layer object was last built into (a layer's W and b are
-#: views into that model's parameters, so it cannot serve two models)
-_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-#: program columns that place the parameters and activations: a change of
-#: settings after build that moves any of them needs a new build
-_LAYOUT_COLUMNS = (KIND, N_IN, N_OUT, W_OFF, B_OFF, ACT_OFF, BUF_OFF)
-
-
-def _owned(layer):
-    """Whether ``layer`` is part of a built model that is still alive."""
-    owner = _OWNERS.get(layer)
-    return owner is not None and owner() is not None
-
 
 class NotBuiltError(ValueError, AttributeError):
     """The model has no parameters yet (call ``build`` or ``fit`` first).
@@ -187,6 +171,12 @@ class Sequential:
         self._holder = None  # ident of the thread inside fit or build
         self._state_lock = threading.Lock()
         self._scratch = None  # _ScratchPool of the current build
+
+    def __copy__(self):
+        """A copy of its own (as ``copy.deepcopy``): a model and its layers
+        own their weights, so a shallow copy sharing them would leave two
+        models writing the same arrays (and took the layers from this one)."""
+        return copy.deepcopy(self)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -302,16 +292,7 @@ class Sequential:
                 raise
 
     def _lay_out(self, n_features):
-        seen = set()
-        for i, layer in enumerate(self.layers):
-            if id(layer) in seen:
-                raise ValueError(f"layer {i} ({layer!r}) appears twice in the model: each layer "
-                                 "owns its weights; use two layer objects")
-            seen.add(id(layer))
-            if _owned(layer) and _OWNERS[layer]() is not self:
-                raise ValueError(f"layer {i} ({layer!r}) belongs to another built model (its W "
-                                 "and b are views into that model's parameters); use a new "
-                                 "layer, or copy.deepcopy(layer)")
+        _layout.check_free(self)
         program = compile_program(self.layers, n_features, self.dtype)
         self._compiled = program
         # the engine's tables, under the names its callers pass them by
@@ -325,8 +306,7 @@ class Sequential:
         # Per-layer penalties (columns L2, L1, ACTIVITY_L1; see csrc/engine.pyx);
         # the weight penalties are scaled by 1 / (sum of the batch's sample
         # weights) when _reg_per_weight (scikit-learn's alpha).
-        self._reg = np.array([_penalties(layer) for layer in self.layers],
-                             dtype=np.float64).reshape(-1, N_REG)
+        self._reg = _layout.penalties(self.layers)
         self._reg_per_weight = False
         self._network = self._checked_network()
         self.n_features = n_features
@@ -349,8 +329,7 @@ class Sequential:
             layer._bind(int(row[N_IN]), self._params, self._grad, int(row[W_OFF]))
             if isinstance(layer, BatchNorm):
                 layer._bind_buffers(self._buffers, int(row[BUF_OFF]))
-            _OWNERS[layer] = weakref.ref(self)
-        self._layout = (list(self.layers), [layer.get_config() for layer in self.layers])
+        _layout.record(self)
 
     def _checked_network(self):
         """The engine's checked view of the built program and the arrays it
@@ -359,55 +338,9 @@ class Sequential:
                                buffers=self._buffers, n_aux=int(self._compiled.n_aux))
 
     def _sync_layout(self):
-        """Take up settings of the layers changed since the build (a frozen
-        layer, an activation, a penalty, a dropout rate...) by compiling
-        the program again, keeping the weights; a ValueError if the layers
-        changed so that the weights no longer fit (units, layers added or
-        removed), or a layer now serves another model.  The engine runs the
-        program compiled at build, so without this it trained and predicted
-        with the old settings while save and summary used the new ones, and
-        a narrower last layer made predict write past its output.  The
-        caller holds the state lock."""
-        if self._params is None:
-            return
-        layers, configs = self._layout
-        if len(self.layers) != len(layers) or any(a is not b for a, b in zip(self.layers, layers)):
-            raise ValueError("the model's list of layers changed after it was built; the "
-                             "weights are laid out for the old one. Call build(n_features) "
-                             "again (new weights), or make a new model")
-        for i, layer in enumerate(self.layers):
-            owner = _OWNERS.get(layer)
-            if owner is None or owner() is not self:
-                raise ValueError(f"layer {i} ({layer!r}) was built into another model since; "
-                                 "its W and b are that model's now. Use a new layer for each "
-                                 "model")
-        now = [layer.get_config() for layer in self.layers]
-        if now == configs:
-            return
-        changed = [i for i, (a, b) in enumerate(zip(now, configs)) if a != b]
-        try:
-            program = compile_program(self.layers, self.n_features, self.dtype)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"the settings of layer(s) {changed} changed after build and are "
-                             f"not valid: {exc}") from None
-        old = self._compiled
-        if (program.rows.shape != old.rows.shape or program.n_params != old.n_params
-                or program.n_buffers != old.n_buffers
-                or not np.array_equal(program.rows[:, _LAYOUT_COLUMNS],
-                                      old.rows[:, _LAYOUT_COLUMNS])):
-            raise ValueError(f"the settings of layer(s) {changed} changed after build so that "
-                             "the weights no longer fit (units, say): call build(n_features) "
-                             "again (new weights), or set them back")
-        self._compiled = program
-        self._program, self._floats = program.rows, program.floats
-        if program.n_aux != self._aux.shape[0]:
-            self._aux = np.zeros(program.n_aux, dtype=self.dtype)
-        self._reg = np.array([_penalties(layer) for layer in self.layers],
-                             dtype=np.float64).reshape(-1, N_REG)
-        self._network = self._checked_network()
-        self._fit_workspace = None
-        self._scratch = None
-        self._layout = (list(self.layers), now)
+        """fastbp._layout.sync: take up the layers' settings changed since the
+        build (the caller holds the state lock); whether anything changed."""
+        return _layout.sync(self)
 
     def set_params(self, params: ArrayLike) -> None:
         """Copy a flat parameter vector (same length) into the model."""
@@ -840,7 +773,7 @@ class Sequential:
         parameters, running statistics): ValueError naming the problem."""
         # a state taken from a live model names its layer objects, which
         # belong to that model: the new one gets copies
-        layers = [from_config(layer.get_config()) if _owned(layer) else layer
+        layers = [from_config(layer.get_config()) if _layout.owned(layer) else layer
                   for layer in state["layers"]]
         try:
             net = cls(layers, dtype=state["dtype"], seed=state["seed"])
@@ -937,19 +870,6 @@ def _weights(layer):
     if isinstance(layer, BatchNorm):
         return f"gamma, beta {layer.gamma.shape}"
     return "-"
-
-
-def _penalties(layer):
-    """A layer's row of the engine's ``reg`` table (columns L2, L1,
-    ACTIVITY_L1)."""
-    kernel = getattr(layer, "kernel_regularizer", None)
-    activity = getattr(layer, "activity_regularizer", None)
-    row = [0.0] * N_REG
-    if kernel is not None:
-        row[L2], row[L1] = kernel.engine_coefficients()
-    if activity is not None:
-        row[ACTIVITY_L1] = activity.l1
-    return row
 
 
 class _OverflowError(ValueError):
