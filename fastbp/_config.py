@@ -219,9 +219,10 @@ _PIN_LOCK = threading.Lock()
 
 
 def pin(kernel):
-    """Keep the cache of ``kernel`` (a Numba dispatcher or cfunc, just
-    created) only if it lies in the folder chosen at import and that folder
-    is still safe; otherwise compile it without a cache.  Numba chose the
+    """Keep the cache of ``kernel`` (a Numba dispatcher or cfunc, created but
+    not compiled yet: compiling reads and writes the cache) only if it lies
+    in the folder chosen at import, and every folder from that one down to
+    it is safe; otherwise it compiles without a cache.  Numba chose the
     kernel's folder when the kernel was created, from its configuration at
     that moment (see the module docstring).  Returns ``kernel``."""
     from numba.core.caching import NullCache
@@ -231,13 +232,14 @@ def pin(kernel):
         return kernel
     path = getattr(cache, "_cache_path", None)  # Numba's Cache: where it reads and writes
     if not (isinstance(path, str) and ROOT is not None and _inside(path, ROOT)
-            and _unsafe(ROOT) is None):
+            and _chain_unsafe(os.path.abspath(path), ROOT, ()) is None):
         kernel._cache = NullCache()
     return kernel
 
 
 def pin_module(namespace):
-    """``pin`` every Numba dispatcher in a kernel module's namespace."""
+    """``pin`` every Numba dispatcher in a kernel module's namespace (at its
+    import: a dispatcher compiles at its first call)."""
     from numba.core.dispatcher import Dispatcher
 
     for obj in list(namespace.values()):
@@ -245,22 +247,35 @@ def pin_module(namespace):
             pin(obj)
 
 
-def make_pinned(make):
-    """``pin(make())``, with ``numba.config.CACHE_DIR`` set back to what was
-    chosen at import while ``make`` creates the kernel (the environment may
-    have changed since, and Numba re-reads it), so that a kernel created
-    late is still cached in the chosen folder.  One at a time: the setting
-    is the process's."""
+def pinned_cfunc(func, signature, options):
+    """``numba.cfunc(signature, cache=True, **options)(func)``, its cache in
+    the folder chosen at import: created with Numba's cache settings put
+    back to that choice (the environment, or a .numba_config.yaml in the
+    working folder, may have changed them since, and Numba re-reads them),
+    and ``pin``-ned before it compiles (``numba.cfunc`` compiles at once,
+    reading the cache first).  One at a time: the settings are the
+    process's."""
     import numba
+    from numba.core import sigutils
 
-    with _PIN_LOCK:
-        before = numba.config.CACHE_DIR
-        numba.config.CACHE_DIR = "" if ROOT == _PACKAGE_CACHE else (ROOT or "")
-        try:
-            kernel = make()
-        finally:
-            numba.config.CACHE_DIR = before
-    return pin(kernel)
+    options = {k: v for k, v in options.items() if k != "cache"}
+    try:
+        from numba.core.ccallback import CFunc
+    except ImportError:  # Numba moved it: no cache rather than an unchecked one
+        return numba.cfunc(signature, **options)(func)
+    kernel = CFunc(func, sigutils.normalize_signature(signature), locals={}, options=options)
+    if ROOT is not None:
+        with _PIN_LOCK:
+            before = numba.config.CACHE_DIR, numba.config.CACHE_LOCATOR_CLASSES
+            numba.config.CACHE_DIR = "" if ROOT == _PACKAGE_CACHE else ROOT
+            numba.config.CACHE_LOCATOR_CLASSES = ""  # Numba's own order of locators
+            try:
+                kernel.enable_caching()
+            finally:
+                numba.config.CACHE_DIR, numba.config.CACHE_LOCATOR_CLASSES = before
+        pin(kernel)
+    kernel.compile()
+    return kernel
 
 
 #: the folder fastbp's kernels are cached in (None: not cached)

@@ -283,20 +283,44 @@ def test_pin_refuses_the_chosen_folder_once_it_is_unsafe(tmp_path, monkeypatch):
     assert isinstance(_config.pin(kernel)._cache, NullCache)
 
 
-def test_make_pinned_creates_kernels_with_the_chosen_folder(tmp_path, monkeypatch):
-    """Numba's setting is put back to the chosen folder while the kernel is
-    created, and restored after."""
+def _add(a, b):
+    return a + b
+
+
+@pytest.mark.parametrize("settings", ["CACHE_DIR", "CACHE_LOCATOR_CLASSES"])
+def test_pinned_cfunc_caches_in_the_chosen_folder_whatever_numba_reads_now(
+        tmp_path, monkeypatch, settings):
+    """Numba's settings changed since import (by the environment, or a
+    .numba_config.yaml): the cfunc is created with the chosen folder anyway,
+    the settings are left as they were found, and it is pinned before it
+    compiles (numba.cfunc compiles at once, reading the cache first)."""
     chosen = tmp_path / "chosen"
     chosen.mkdir(mode=0o700)
     monkeypatch.setattr(_config, "ROOT", str(chosen))
-    before = numba.config.CACHE_DIR
-    numba.config.CACHE_DIR = str(tmp_path / "changed-since-import")
-    try:
-        kernel = _config.make_pinned(lambda: numba.njit(cache=True)(_config._inside))
-        assert numba.config.CACHE_DIR == str(tmp_path / "changed-since-import")
-    finally:
-        numba.config.CACHE_DIR = before
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "changed-since-import"))
+    if settings == "CACHE_LOCATOR_CLASSES":
+        monkeypatch.setattr(numba.config, "CACHE_LOCATOR_CLASSES", "UserWideCacheLocator")
+    before = (numba.config.CACHE_DIR, numba.config.CACHE_LOCATOR_CLASSES)
+    kernel = _config.pinned_cfunc(_add, "float64(float64, float64)", {"cache": True})
+    assert (numba.config.CACHE_DIR, numba.config.CACHE_LOCATOR_CLASSES) == before
     assert _config._inside(kernel._cache._cache_path, str(chosen))
+    assert list(chosen.rglob("*.nbi")), "compiled into the chosen folder"
+    assert not (tmp_path / "changed-since-import").exists()
+    assert kernel.ctypes(2.0, 3.0) == 5.0
+
+
+def test_pin_refuses_a_cache_folder_others_can_write_below_the_chosen_one(tmp_path,
+                                                                       monkeypatch):
+    """The chosen folder is safe, but the folder Numba made in it is not
+    (created under umask 000): the kernel is not cached there."""
+    from numba.core.caching import NullCache
+
+    chosen = tmp_path / "chosen"
+    chosen.mkdir(mode=0o700)
+    monkeypatch.setattr(_config, "ROOT", str(chosen))
+    kernel = _kernel(chosen)
+    os.chmod(kernel._cache._cache_path, 0o777)
+    assert isinstance(_config.pin(kernel)._cache, NullCache)
 
 
 def test_writable_probe(tmp_path):

@@ -4,9 +4,9 @@ import platform
 
 import numpy as np
 from llvmlite import binding
-from numba import cfunc, config, types
+from numba import config, types
 
-from .._config import NJIT, make_pinned
+from .._config import NJIT, pinned_cfunc
 
 _CFUNCS = {}
 
@@ -67,6 +67,6 @@ def c_entry_point(wrapper, dtype, make_signature):
     if key not in _CFUNCS:
         t = types.float32 if key[1] == "float32" else types.float64
         # Created now, long after import: Numba picks its cache folder again
-        # (fastbp._config.make_pinned keeps it in the one checked at import).
-        _CFUNCS[key] = make_pinned(lambda: cfunc(make_signature(t), **NJIT)(wrapper))
+        # (fastbp._config.pinned_cfunc keeps it in the one checked at import).
+        _CFUNCS[key] = pinned_cfunc(wrapper, make_signature(t), NJIT)
     return _CFUNCS[key].address
