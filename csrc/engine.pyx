@@ -638,7 +638,8 @@ cdef class EngineState:
         """Train data-parallel over ``n_ranks`` MPI ranks, as rank ``rank``:
         each step adds the ranks' shares of the gradient and loss with one
         MPI_Allreduce(SUM) at ``allreduce`` (its C address in the MPI library
-        the process loaded; trusted, like loss_addr) on the communicator
+        the process loaded, as fastbp.distributed looked it up: no other is
+        taken, as for loss_addr) on the communicator
         ``comm``, with the library's handles and constants (ints; pointer
         handles when ``ptr_handles``: see csrc/comm.h).  Replicated data
         (``sharded`` false): every rank has every row and trains its
@@ -652,6 +653,11 @@ cdef class EngineState:
                 raise ValueError(f"{name} must be an int (a C handle or address), not {v!r}")
         if not 0 < allreduce < 2 ** 64:
             raise ValueError("allreduce must be a C address")
+        from fastbp._numba import ADDRESSES
+        if ADDRESSES.get(allreduce, ("",))[0] != "allreduce":
+            # the engine calls it: only MPI_Allreduce as fastbp.distributed found it
+            raise ValueError("allreduce must be MPI_Allreduce's address as "
+                             "fastbp.distributed looks it up, not an address of another kind")
         if not isinstance(n_ranks, int) or not isinstance(rank, int) or \
                 not 0 <= rank < n_ranks < 2 ** 31:
             raise ValueError(f"rank must be in [0, n_ranks): {rank!r}, {n_ranks!r}")

@@ -62,6 +62,8 @@ import zlib
 
 import numpy as np
 
+from ._numba import register_address
+
 __all__ = ["Ranks"]
 
 
@@ -81,7 +83,9 @@ def _allreduce_address(MPI):
     mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0)
     try:
         lib = ctypes.CDLL(MPI.__file__, mode=mode)
-        return ctypes.cast(lib.MPI_Allreduce, ctypes.c_void_p).value
+        address = ctypes.cast(lib.MPI_Allreduce, ctypes.c_void_p).value
+        # the engine calls only addresses fastbp handed out (EngineState.set_comm)
+        return register_address(address, "allreduce", "MPI_Allreduce", "float64")
     except (OSError, AttributeError) as exc:
         raise RuntimeError(f"could not find MPI_Allreduce in the MPI library mpi4py loaded "
                            f"({MPI.Get_library_version().splitlines()[0]}): {exc}") from None

@@ -655,3 +655,16 @@ def test_entry_points_exist_for_float32_and_float64_only(dtype):
         loss_cfunc("mse", dtype)
     with pytest.raises(ValueError, match="float32 and float64"):
         step_cfunc("adam", dtype)
+
+
+@pytest.mark.parametrize("address", ["a loss's", "any other"])
+def test_set_comm_takes_only_the_allreduce_fastbp_looked_up(address):
+    """The engine calls the allreduce address each step: 0xdeadbeef was taken
+    (a segfault at the first step), and so was a loss's address."""
+    from fastbp._numba.losses import loss_cfunc
+    _, kw, _ = _state_args()
+    state = engine.EngineState(**kw)
+    addr = loss_cfunc("mse", "float64") if address == "a loss's" else 0xDEADBEEF
+    with pytest.raises(ValueError, match="MPI_Allreduce's address"):
+        state.set_comm(allreduce=addr, ptr_handles=False, comm=0, op_sum=0, type_float=0,
+                       type_double=0, in_place=0, success=0, rank=0, n_ranks=2, sharded=False)
