@@ -116,6 +116,11 @@ def sync(net):
         raise ValueError("the model's list of layers changed after it was built; the "
                          "weights are laid out for the old one. Call build(n_features) "
                          "again (new weights), or make a new model")
+    try:  # the usual case, every call of predict: nothing changed
+        if [layer.get_config() for layer in net.layers] == configs:
+            return False
+    except (AttributeError, TypeError, ValueError):
+        pass  # a setting get_config cannot describe: _config_of says which
     for i, layer in enumerate(net.layers):
         owner = _OWNERS.get(layer)
         if owner is None or owner() is not net:
