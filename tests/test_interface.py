@@ -141,7 +141,6 @@ def test_loss_ids_name_the_c_softmax_losses():
 
 def test_status_codes_reach_the_divergence_message():
     X = np.random.default_rng(0).normal(size=(32, 3))
-    y = np.arange(32) % 2
     net = fastbp.Sequential([fastbp.Dense(4), fastbp.Dense(2)], dtype="float64", seed=0)
     net.build(3)
     # finite weights whose outputs' squares overflow: the first batch's loss
