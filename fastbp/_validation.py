@@ -266,7 +266,7 @@ def _probability_tolerance(source, dtype):
     return float(np.sqrt(eps))
 
 
-def check_targets(y, loss, n_samples, n_outputs, dtype, name="y"):
+def check_targets(y, loss, n_samples, n_outputs, dtype, name="y", name_x="X"):
     """Return targets as a C-contiguous (n, n_outputs) array of ``dtype``.
 
     For ``cross_entropy`` a 1-D ``y`` holds integer class labels in
@@ -277,7 +277,8 @@ def check_targets(y, loss, n_samples, n_outputs, dtype, name="y"):
     """
     arr = _as_numeric(y, name, hint=_LABELS_HINT)
     if arr.shape[:1] != (n_samples,):
-        raise ValueError(f"{name} has {arr.shape[0] if arr.ndim else 0} samples, X has {n_samples}")
+        raise ValueError(f"{name} has {arr.shape[0] if arr.ndim else 0} samples, {name_x} has "
+                         f"{n_samples}")
     if loss == "cross_entropy" and arr.ndim == 1:
         return _one_hot(arr, n_outputs, dtype, name)
     if arr.ndim == 1:

@@ -439,7 +439,8 @@ class Sequential:
                 X = check_X(X, self.dtype, self.n_features, name=name_x, accept_sparse=True)
         with self._state_lock:
             self._sync_layout()
-        Y = check_targets(y, loss, X.shape[0], self.n_outputs, self.dtype, name=name_y)
+        Y = check_targets(y, loss, X.shape[0], self.n_outputs, self.dtype, name=name_y,
+                          name_x=name_x)
         return X, Y, check_sample_weight(sample_weight, X.shape[0], self.dtype)
 
     # -- computation -------------------------------------------------------

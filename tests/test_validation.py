@@ -438,3 +438,12 @@ def test_batches_beyond_the_kernels_are_refused_before_training(monkeypatch, bat
     net.fit(X, y, batch_size=100, epochs=1, loss="cross_entropy", verbose=0)   # at the limit
     with pytest.raises(ValueError, match="batch_size is 150"):
         fastbp.MLPClassifier(batch_size=150, max_iter=1).fit(X, y)
+
+
+def test_a_validation_target_of_the_wrong_length_names_x_val():
+    """The message said "X has 30" for validation_data's X_val."""
+    import fastbp
+    net = fastbp.Sequential([fastbp.Dense(4), fastbp.Dense(1)])
+    with pytest.raises(ValueError, match="y_val has 20 samples, X_val has 30"):
+        net.fit(np.ones((40, 3)), np.ones(40), validation_data=(np.ones((30, 3)), np.ones(20)),
+                verbose=0)
