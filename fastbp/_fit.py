@@ -25,6 +25,7 @@ import numpy as np
 from . import _loop, _reporting, _resume
 from . import optim as _optim
 from ._loop import MiniBatch, is_solver
+from ._optimizer import _flag
 from ._reporting import DivergenceError
 from ._runner import _dense_rows, _EpochRunner
 from ._threads import _blas_threads, _DeferredInterrupt
@@ -146,6 +147,8 @@ def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_da
     settings, changes = _resume.resolve(net._fit_settings, given, sample_weight is not None)
     (loss, batch_size, shuffle, clip_value, clip_norm, on_divergence,
      grad_norms) = (settings[name] for name in given)
+    # a yes/no, not any truthy value: shuffle="False" shuffled
+    shuffle, grad_norms = _flag(shuffle, "shuffle"), _flag(grad_norms, "grad_norms")
     plan = _Plan()
     plan.epochs = check_positive_int(epochs, "epochs")
     if on_divergence not in ("raise", "warn"):

@@ -478,3 +478,12 @@ def test_fit_refuses_weights_set_to_nan_by_hand(where):
         net.layers[1].running_var[0] = np.inf
     with pytest.raises(ValueError, match="contain NaN or infinity before training"):
         net.fit(np.ones((8, 4)), np.zeros((8, 3)), epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("name", ["shuffle", "grad_norms"])
+@pytest.mark.parametrize("value", ["False", "no", 2, None])
+def test_yes_no_fit_settings_take_true_or_false_only(name, value):
+    """shuffle="False" shuffled (any truthy value was taken)."""
+    net = _built()
+    with pytest.raises(ValueError, match=f"invalid {name}"):
+        net.fit(np.ones((8, 4)), np.zeros((8, 3)), epochs=1, verbose=0, **{name: value})
