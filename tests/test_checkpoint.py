@@ -1,5 +1,6 @@
 """Checkpoints, resume and Ctrl-C: an interrupted run, resumed, ends with a
 model bitwise identical to the uninterrupted run (same thread count)."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -36,6 +37,23 @@ def _reference(epochs, X, y):
     return net
 
 
+@contextlib.contextmanager
+def _crash_after_saves(n):
+    """A crash (RuntimeError) right after the fit's n-th checkpoint is
+    written; the block must end in it."""
+    real_save, count = fastbp.Sequential.save, []
+
+    def save_then_crash(self, p):
+        real_save(self, p)
+        count.append(1)
+        if len(count) == n:
+            raise RuntimeError("simulated crash")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fastbp.Sequential, "save", save_then_crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            yield
+
+
 def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path):
     X, y = _data()
     ref = _reference(3, X, y)
@@ -63,18 +81,9 @@ def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path):
     np.testing.assert_array_equal(resumed.params, ref.params)
 
     # and from a checkpoint written in the middle of an epoch
-    with pytest.MonkeyPatch.context() as mp:
-        count = []
-
-        def stop_after_two(self, p):
-            real_save(self, p)
-            count.append(1)
-            if len(count) == 2:
-                raise RuntimeError("simulated crash")
-        mp.setattr(fastbp.Sequential, "save", stop_after_two)
-        with pytest.raises(RuntimeError):
-            _net().fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=3, checkpoint=path,
-                       checkpoint_every=70, **FIT)
+    with _crash_after_saves(2):
+        _net().fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=3, checkpoint=path,
+                   checkpoint_every=70, **FIT)
     mid = fastbp.load(path)
     assert mid._position["epoch"] == 1 and mid._position["batch"] == 140
     mid.fit(X, y, epochs=3 - mid.history.n_epochs, **FIT)
@@ -271,20 +280,10 @@ def test_a_resumed_epoch_records_the_uninterrupted_grad_norms(tmp_path, through)
     ref = _net()
     ref.fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=2, grad_norms=True, **FIT)
     path = tmp_path / "run.fbp"
-    real_save = fastbp.Sequential.save
-    with pytest.MonkeyPatch.context() as mp:
-        count = []
-
-        def stop_after_two(self, p):
-            real_save(self, p)
-            count.append(1)
-            if len(count) == 2:
-                raise RuntimeError("simulated crash")
-        mp.setattr(fastbp.Sequential, "save", stop_after_two)
-        net = _net()
-        with pytest.raises(RuntimeError):
-            net.fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=2, checkpoint=path,
-                    checkpoint_every=70, grad_norms=True, **FIT)
+    net = _net()
+    with _crash_after_saves(2):
+        net.fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=2, checkpoint=path,
+                checkpoint_every=70, grad_norms=True, **FIT)
     mid = fastbp.load(path) if through == "file" else net
     assert mid._position["batch"] == 140 and mid._position["steps"] == 140
     assert len(mid._position["grad_norm_sums"]) == 3
