@@ -52,7 +52,10 @@ def launch(n, scenario, args, tmp_path, timeout=240):
     seconds = time.monotonic() - start
     results = [dict(np.load(out / f"rank{r}.npz")) for r in range(n)
                if (out / f"rank{r}.npz").exists()]
-    return proc.returncode, seconds, proc.stdout + proc.stderr, results
+    # a rank's error as it wrote it (MPI_Abort can end the job before
+    # mpiexec forwards that rank's stderr)
+    errors = "".join(p.read_text() for p in sorted(out.glob("rank*.error")))
+    return proc.returncode, seconds, proc.stdout + proc.stderr + errors, results
 
 
 def run_ok(n, scenario, args, tmp_path):

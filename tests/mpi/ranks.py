@@ -257,6 +257,10 @@ def main():
         import traceback
         traceback.print_exc()
         sys.stderr.flush()
+        # also in a file: MPI_Abort may end the job before mpiexec forwards
+        # this rank's stderr (an empty output was seen once, under load)
+        with open(os.path.join(out, f"rank{comm.rank}.error"), "w") as f:
+            f.write(traceback.format_exc())
         comm.Abort(1)
     path = os.path.join(out, f"rank{comm.rank}.npz")
     if isinstance(result, str):
