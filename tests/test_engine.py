@@ -651,9 +651,9 @@ def test_unchecked_kernels_refuse_arrays_too_short(name):
 def test_entry_points_exist_for_float32_and_float64_only(dtype):
     from fastbp._numba.losses import loss_cfunc
     from fastbp._numba.optim import step_cfunc
-    with pytest.raises(ValueError, match="float32 and float64"):
+    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
         loss_cfunc("mse", dtype)
-    with pytest.raises(ValueError, match="float32 and float64"):
+    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
         step_cfunc("adam", dtype)
 
 

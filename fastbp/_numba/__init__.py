@@ -7,6 +7,7 @@ from llvmlite import binding
 from numba import config, types
 
 from .._config import NJIT, pinned_cfunc
+from .._validation import check_dtype
 
 _CFUNCS = {}
 
@@ -21,14 +22,6 @@ def register_address(address, kind, name, dtype):
     ADDRESSES[int(address)] = (kind, name, np.dtype(dtype).name)
     return address
 
-
-def checked_dtype(dtype):
-    """np.dtype float32 or float64, else a ValueError (an int32 was taken as
-    float64)."""
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"kernels are compiled for float32 and float64, not {dtype}")
-    return dtype
 
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
@@ -63,7 +56,7 @@ def c_entry_point(wrapper, dtype, make_signature):
     fastbp compiles nothing.  ``make_signature(T)`` gives the signature for
     the Numba scalar type T (float32 or float64).
     """
-    key = (wrapper, checked_dtype(dtype).name)
+    key = (wrapper, check_dtype(dtype).name)
     if key not in _CFUNCS:
         t = types.float32 if key[1] == "float32" else types.float64
         # Created now, long after import: Numba picks its cache folder again

@@ -23,7 +23,8 @@ from numba import carray, njit, types
 from .._config import NJIT, pin_module
 from .._ext import losses as _softmax
 from .._ext.losses import cross_entropy_loss_grad, sk_log_loss_loss_grad
-from . import c_entry_point, checked_dtype, register_address
+from .._validation import check_dtype
+from . import c_entry_point, register_address
 
 
 @njit(**NJIT)
@@ -193,7 +194,7 @@ def _signature(t):
 def loss_cfunc(name, dtype):
     """C address of loss ``name`` in ``dtype``: the C kernel's for the softmax
     losses, else the cached cfunc's."""
-    dtype = checked_dtype(dtype)
+    dtype = check_dtype(dtype)
     if name in _softmax.NAMES:
         address = _softmax.loss_address(name, dtype)
     else:
