@@ -21,6 +21,7 @@ predict write past its output.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numpy as np
@@ -33,8 +34,14 @@ from .layers import from_config
 from .program import compile_program
 
 #: the model each layer object was last built into (a layer's W and b are
-#: views into that model's parameters, so it cannot serve two models)
-_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: views into that model's parameters, so it cannot serve two models):
+#: id(layer) -> (weak reference to the layer, weak reference to the model).
+#: Weak references without callbacks, pruned at each record(): a
+#: WeakKeyDictionary runs Python code when a layer dies, and a Ctrl-C that
+#: lands in that code is printed as "Exception ignored" and lost -- right
+#: after a fit whose model dies with the function that made it.
+_OWNERS: dict = {}
+_OWNERS_LOCK = threading.Lock()
 
 #: program columns that place the parameters and activations: a change of
 #: settings after build that moves any of them needs a new build
@@ -55,10 +62,17 @@ def penalties(layers):
     return table
 
 
+def _owner(layer):
+    """The live model ``layer`` was last built into, or None."""
+    entry = _OWNERS.get(id(layer))
+    if entry is None or entry[0]() is not layer:  # none, or a dead layer's id reused
+        return None
+    return entry[1]()
+
+
 def owned(layer):
     """Whether ``layer`` is part of a built model that is still alive."""
-    owner = _OWNERS.get(layer)
-    return owner is not None and owner() is not None
+    return _owner(layer) is not None
 
 
 def check_free(net):
@@ -70,7 +84,8 @@ def check_free(net):
             raise ValueError(f"layer {i} ({layer!r}) appears twice in the model: each layer "
                              "owns its weights; use two layer objects")
         seen.add(id(layer))
-        if owned(layer) and _OWNERS[layer]() is not net:
+        owner = _owner(layer)
+        if owner is not None and owner is not net:
             raise ValueError(f"layer {i} ({layer!r}) belongs to another built model (its W "
                              "and b are views into that model's parameters); use a new "
                              "layer, or copy.deepcopy(layer)")
@@ -79,8 +94,11 @@ def check_free(net):
 def record(net):
     """After a build (or an unpickling): the layers, their settings, and
     ``net`` as each one's owner."""
-    for layer in net.layers:
-        _OWNERS[layer] = weakref.ref(net)
+    with _OWNERS_LOCK:  # two threads building models at once
+        for key in [key for key, (layer, _) in _OWNERS.items() if layer() is None]:
+            del _OWNERS[key]
+        for layer in net.layers:
+            _OWNERS[id(layer)] = (weakref.ref(layer), weakref.ref(net))
     net._layout = (list(net.layers), [layer.get_config() for layer in net.layers])
 
 
@@ -122,8 +140,7 @@ def sync(net):
     except (AttributeError, TypeError, ValueError):
         pass  # a setting get_config cannot describe: _config_of says which
     for i, layer in enumerate(net.layers):
-        owner = _OWNERS.get(layer)
-        if owner is None or owner() is not net:
+        if _owner(layer) is not net:
             raise ValueError(f"layer {i} ({layer!r}) was built into another model since; "
                              "its W and b are that model's now. Use a new layer for each "
                              "model")

@@ -2,6 +2,7 @@
 (settings changed after build, shape changes, a layer in two models)."""
 import copy
 import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -80,6 +81,45 @@ def test_a_layer_serves_one_model():
     import gc
     gc.collect()
     fastbp.Sequential([d1, d2]).build(4)  # and a layer of a model that is gone is free
+
+
+def test_a_model_that_dies_runs_no_python_code():
+    """The owner registry was a WeakKeyDictionary, whose callback ran when a
+    layer died: a Ctrl-C landing in it is printed as "Exception ignored"
+    and lost. A fit whose model dies with the function that made it lost
+    one in CI that way (tests/adversarial/interrupts.py, fit-sigint)."""
+    net = _built()
+    net.fit(np.zeros((8, 4)), np.zeros(8, dtype=int), loss="cross_entropy", epochs=1,
+            verbose=0)
+    for obj in [net, *net.layers]:
+        refs = weakref.getweakrefs(obj)
+        assert all(ref.__callback__ is None for ref in refs), (obj, refs)
+    # and the registry still forgets a dead model's layers
+    layers = net.layers
+    del net
+    gc.collect()
+    fastbp.Sequential(layers).build(4)
+
+
+def test_a_layer_whose_id_is_reused_is_not_taken_for_its_predecessor():
+    """The registry is keyed by id(layer): a new layer that gets the id of
+    a dead layer whose model is still alive must not inherit that model.
+    CPython's reuse of an address cannot be forced, so the registry is
+    given the entry such a reuse leaves behind."""
+    from fastbp import _layout
+
+    net = _built()
+    old = net.layers[0]
+    net.layers[0] = fastbp.Dense(8, activation="tanh")
+    net.build(4)
+    dead = weakref.ref(old)
+    del old
+    gc.collect()
+    assert dead() is None
+    fresh = fastbp.Dense(8)
+    _layout._OWNERS[id(fresh)] = (dead, weakref.ref(net))  # what a reused id finds
+    assert not _layout.owned(fresh)
+    fastbp.Sequential([fresh, fastbp.Dense(3)]).build(4)
 
 
 
