@@ -1,6 +1,7 @@
 """Shared test helpers: dtypes, the tolerance of compiled-vs-reference
 checks, and the adversarial scripts as modules."""
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -28,10 +29,28 @@ def assert_close(actual, expected, dtype, scale=None):
 def adversarial(name):
     """The module of ``tests/adversarial/<name>.py``, whose ``run`` the tests
     call for a few trials (the full runs are the scripts' own commands).
-    Its folder is on ``sys.path`` while it is imported."""
+
+    Imported as ``adversarial_<name>``, with its folder on ``sys.path`` only
+    while it is imported (the scripts put it there for their own imports):
+    under its bare name, or with the folder left on the path, a script
+    shadowed a real package of the same name for the rest of the session
+    (``distributed.py`` hid dask's ``distributed``)."""
+    qualified = f"adversarial_{name.lstrip('_')}"
+    if qualified in sys.modules:
+        return sys.modules[qualified]
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adversarial")
+    saved = list(sys.path)
     sys.path.insert(0, folder)
     try:
-        return importlib.import_module(name)
+        spec = importlib.util.spec_from_file_location(qualified,
+                                                      os.path.join(folder, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[qualified] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[qualified]
+            raise
+        return module
     finally:
-        sys.path.remove(folder)
+        sys.path[:] = saved

@@ -41,3 +41,24 @@ def test_run_trials_counts_each_trial_once_and_blames_only_the_bad_ones():
     assert counts == {"ok": 4, "crash/hang": 2, "failure": 1}
     assert [f.split(":")[0] for f in failures] == ["trial 2", "trial 4", "trial 5"]
     assert "FAIL TypeError: 'boom'" in failures[2]
+
+
+def test_an_adversarial_script_leaves_no_trace_on_the_import_path():
+    """The scripts put their folder on sys.path for their own imports, and
+    the tests imported them by their bare names: tests/adversarial/
+    distributed.py then shadowed dask's ``distributed`` package for the
+    rest of the session (test_distributed's dask test failed when it ran
+    after test_reliability)."""
+    import importlib.util
+    import os
+    import sys
+
+    for name in ("architectures", "interrupts"):  # both insert their folder
+        adversarial(name)
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adversarial")
+    assert all(os.path.abspath(p or ".") != folder for p in sys.path), sys.path
+    for name in ("architectures", "interrupts", "data_parallel", "threads", "progress"):
+        spec = importlib.util.find_spec(name)
+        assert spec is None or not (spec.origin or "").startswith(folder), (name, spec)
+        assert name not in sys.modules or not (
+            getattr(sys.modules[name], "__file__", "") or "").startswith(folder), name

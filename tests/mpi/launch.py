@@ -1,5 +1,5 @@
 """How the MPI tests start ranks: the mpiexec to use and its environment
-(tests/test_distributed.py and tests/adversarial/distributed.py)."""
+(tests/test_distributed.py and tests/adversarial/data_parallel.py)."""
 import json
 import os
 import pathlib

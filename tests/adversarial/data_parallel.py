@@ -14,7 +14,7 @@ it must:
 * ``one_rank_callback``: a callback changes one rank's learning rate: every
   rank stops with the RuntimeError.
 
-Run: ``python -P tests/adversarial/distributed.py --trials 40`` (prints the
+Run: ``python -P tests/adversarial/data_parallel.py --trials 40`` (prints the
 counts of trials run, passed, and failures by kind).
 """
 import argparse
