@@ -230,9 +230,18 @@ class _EpochRunner:
         # engine, not per batch.
         self.after_batches = None
 
-    def refresh_optimizer(self):
+    def refresh_optimizer(self, opt=None):
         """Take up what changed on the optimizer since the last epoch: its
-        hyperparameters (checked), and its state if it was reset or replaced."""
+        hyperparameters (checked), and its state if it was reset or replaced;
+        or ``opt``, an optimizer that replaces this run's (a callback set
+        ``net.optimizer``), checked and bound as fit binds its optimizer."""
+        if opt is not None and opt is not self.opt:
+            state = opt._bind(self.net.n_params, self.net.dtype).reshape(-1)
+            self.step_addr = step_cfunc(opt.kernel, self.net.dtype)
+            self.opt, self.hyper = opt, opt._hyper()
+            self.state = state
+            self.snap_state = np.empty_like(state)
+            self.engine_state = self._engine_state()
         state = self.opt._state_for(self.net.n_params, self.net.dtype).reshape(-1)
         if state.ctypes.data != self.state.ctypes.data:
             self.state = state

@@ -667,7 +667,9 @@ class Sequential:
             divergence, Ctrl-C or an exception included); ``net.fit_params`` holds this fit's epochs,
             batch size and sample count.  Between epochs a callback may change the
             optimizer's hyperparameters (e.g. ``net.optimizer.lr``: learning
-            rate schedules; they are checked again), reset it, or set
+            rate schedules; they are checked again), reset it, replace it
+            (``net.optimizer = SGD(...)``: the next epoch runs the new one
+            from its own state, as a second fit would), or set
             ``net.stop_training = True`` to end the fit after this epoch
             (``history.stop_reason`` then says why).
             ``on_batches_end(net, epoch, batch)``, if defined, is called after

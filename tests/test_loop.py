@@ -275,3 +275,56 @@ def test_a_few_adversarial_trials():
     counts, ended = fit_endings.run(trials=40, seed=5)
     assert counts["trials"] == 40 and counts["passed"] == 40, counts
     assert len(ended) >= 4, ended  # several kinds of ending were tried
+
+
+class _Swap(Callback):
+    """Replaces net.optimizer at the end of epoch ``at``."""
+
+    def __init__(self, at, new):
+        self.at, self.new = at, new
+
+    def on_epoch_end(self, net, epoch, logs):
+        if epoch == self.at:
+            net.optimizer = self.new
+
+
+def test_an_optimizer_replaced_by_a_callback_takes_over_at_the_next_epoch(tmp_path):
+    """A callback's ``net.optimizer = SGD(...)`` was ignored for the rest of
+    the fit (the run kept the optimizer it started with), though checkpoints
+    and the next fit used the new one. Now the next epoch runs it: the same
+    bits as two fits, Adam then SGD, and as a run resumed from a checkpoint
+    written at the swap."""
+    X, Y = _data()
+    new = lambda: fastbp.optim.SGD(lr=0.05, momentum=0.9)  # noqa: E731
+    swapped = _net()
+    swapped.fit(X, Y, epochs=4, batch_size=16, shuffle=False, verbose=0,
+                callbacks=[_Swap(2, new())])
+    assert isinstance(swapped.optimizer, fastbp.optim.SGD)
+    assert swapped.optimizer.t == 2 * 4  # its own steps only
+    two_fits = _net()
+    two_fits.fit(X, Y, epochs=2, batch_size=16, shuffle=False, verbose=0)
+    two_fits.fit(X, Y, epochs=2, batch_size=16, shuffle=False, verbose=0, optimizer=new())
+    assert np.array_equal(swapped.params, two_fits.params)
+    # stopped right after the swap, its checkpoint resumed in a fresh model
+    path = tmp_path / "ckpt.fbp"
+
+    class Stop(Callback):
+        def on_epoch_end(self, net, epoch, logs):
+            net.stop_training = epoch == 2
+
+    stopped = _net()
+    stopped.fit(X, Y, epochs=4, batch_size=16, shuffle=False, verbose=0,
+                callbacks=[_Swap(2, new()), Stop()], checkpoint=path)
+    resumed = fastbp.load(path)
+    assert resumed.history.n_epochs == 2 and isinstance(resumed.optimizer, fastbp.optim.SGD)
+    resumed.fit(X, Y, epochs=2, verbose=0)  # epochs more, with the recorded settings
+    assert np.array_equal(resumed.params, swapped.params)
+
+
+@pytest.mark.parametrize("value", [None, "sgd", fastbp.optim.SGD, LevenbergMarquardt()])
+def test_an_optimizer_replaced_by_something_else_is_refused_clearly(value):
+    X, Y = _data()
+    net = _net()
+    with pytest.raises(ValueError, match="net.optimizer was set to .* during fit"):
+        net.fit(X, Y, epochs=3, batch_size=16, verbose=0, callbacks=[_Swap(1, value)])
+    assert net.history.n_epochs == 1
