@@ -744,11 +744,19 @@ cdef class EngineState:
         self.is_double = dtype == _DOUBLE
 
 
+#: largest optimizer step count: the counter of every step stays exact in
+#: the float64 an update kernel computes with (beta ** t); the optimizers'
+#: t (fastbp._optimizer) is held to it too
+cdef int64_t _MAX_STEPS = 1LL << 53
+MAX_STEPS = _MAX_STEPS
+
+
 cdef _check_call(EngineState state, int64_t n, int64_t d, int64_t k, int64_t y_rows,
                  int64_t w_rows, const int64_t[::1] order, int64_t first, int64_t count,
-                 bint gather, int64_t n_losses):
-    """ValueError unless a train_batches call's arrays fit the state and its
-    batches (and, when gathering, their rows' indices) lie inside X."""
+                 bint gather, int64_t n_losses, int64_t step0):
+    """ValueError unless a train_batches call's arrays fit the state, its
+    batches (and, when gathering, their rows' indices) lie inside X, and
+    its steps' counters step0 + 1 .. step0 + count lie in 1 .. MAX_STEPS."""
     cdef int64_t i, hi
     if d != state.n_features or k != state.n_outputs or y_rows != n or w_rows != n:
         raise ValueError(f"X, Y, W must be (n, {state.n_features}), (n, {state.n_outputs}), "
@@ -759,6 +767,9 @@ cdef _check_call(EngineState state, int64_t n, int64_t d, int64_t k, int64_t y_r
              and not state.sharded):
         raise ValueError(f"batches {first} .. {first + count - 1} are not batches of X "
                          f"({n} rows) with a loss slot each ({n_losses})")
+    if step0 < 0 or step0 > _MAX_STEPS - count:
+        raise ValueError(f"step0 must be in [0, 2**53 - n_batches] (the optimizer's step "
+                         f"count before this call), got {step0} with {count} batches")
     if not gather:
         return
     if order.shape[0] != n:
@@ -866,7 +877,7 @@ def _train_batches(EngineState state, const floating[:, ::1] X, const floating[:
         raise ValueError(f"X is {'float64' if dbl else 'float32'} but the state's arrays are "
                          f"{state.params.dtype}; pass X, Y and W in the model's dtype")
     _check_call(state, X.shape[0], X.shape[1], Y.shape[1], Y.shape[0], W.shape[0], order,
-                first_batch, n_batches, gather, batch_loss.shape[0])
+                first_batch, n_batches, gather, batch_loss.shape[0], step0)
     # The state's arrays as this dtype's memoryviews (checked at construction).
     cdef const int64_t[:, ::1] program = state.program
     cdef const double[:, ::1] reg = state.reg

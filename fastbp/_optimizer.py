@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._ext.engine import MAX_STEPS  # the engine's bound on t
 from ._numba import optim as _kernels
 
 
@@ -64,9 +65,6 @@ def _pair(value, name):
 #: largest finite value of each parameter dtype: a hyperparameter beyond it
 #: would become infinite in the kernel
 _LARGEST = {np.dtype(t): float(np.finfo(t).max) for t in (np.float32, np.float64)}
-#: largest step count: t and the steps counted from it stay exact in the
-#: float64 a kernel computes with (beta ** t) and in ``hyper``.
-MAX_STEPS = 2 ** 53
 
 
 class Optimizer:

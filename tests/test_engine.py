@@ -430,6 +430,11 @@ _BAD_CALLS = {
     "huge count": (5, lambda c: 2 ** 62),
     "too few loss slots": (8, lambda c: np.zeros(3)),
     "read-only batch_loss": (8, lambda c: _read_only(c[8])),
+    # the step counter wrapped around in int64: Adam's bias correction then
+    # divided by zero and the fit "diverged"
+    "step counter beyond int64": (7, lambda c: 2 ** 63 - 1),
+    "step counter beyond 2**53": (7, lambda c: 2 ** 53 - 3),
+    "negative step counter": (7, lambda c: -1),
 }
 
 
