@@ -173,8 +173,15 @@ class _BaseMLP(_StochasticSolvers, BaseEstimator):
         return state
 
     # -- fitting -------------------------------------------------------------
-    def _dtype_of(self, X):
-        return np.dtype(self.dtype) if self.dtype is not None else X.dtype
+    def _dtype_of(self, X, first_pass):
+        """The dtype a fit trains in: ``dtype`` if set; else, continuing a
+        fit (warm_start, partial_fit), the weights' own, which scikit-learn
+        keeps (its in-place updates keep coefs_'s dtype; lbfgs returns
+        float64 weights, so its warm-started fits on float32 data run in
+        float64); else X's."""
+        if self.dtype is not None:
+            return np.dtype(self.dtype)
+        return X.dtype if first_pass else self.coefs_[0].dtype
 
     @_one_fit_at_a_time
     def _fit(self, X, y, sample_weight=None, incremental=False, X_val=None, y_val=None):
@@ -190,7 +197,7 @@ class _BaseMLP(_StochasticSolvers, BaseEstimator):
         y_labels = y
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
         # scikit-learn checked X in its own dtype; a float64 1e39 is inf in float32.
-        X = to_dtype(X, self._dtype_of(X), "X")
+        X = to_dtype(X, self._dtype_of(X, first_pass), "X")
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, X)
         sample_weight = self._apply_class_weight(sample_weight, y_labels, X)

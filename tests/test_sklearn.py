@@ -640,6 +640,30 @@ def test_lbfgs_on_float32_returns_float64_like_sklearn(kind):
     assert_rel(fb.loss_, sk.loss_, 1e-5, "loss_")
 
 
+@ignore_convergence
+@pytest.mark.parametrize("solver, first, then", [("lbfgs", np.float32, np.float32),
+                                                 ("adam", np.float64, np.float32),
+                                                 ("sgd", np.float32, np.float64)])
+def test_a_warm_started_fit_trains_in_the_weights_dtype_like_sklearn(solver, first, then):
+    """scikit-learn's updates keep coefs_'s dtype, and lbfgs returns float64
+    weights: a second fit with warm_start runs in the weights' dtype, not
+    X's. fastbp trained a warm-started lbfgs fit on float32 data in float32
+    (and returned float32 weights after Adam on float64 data then float32)."""
+    (X, y), params = make_classification(), dict(hidden_layer_sizes=(6,), solver=solver,
+                                                 warm_start=True, max_iter=5, random_state=0)
+    fb, sk = MLPClassifier(**params).fit(X.astype(first), y), SkC(**params).fit(
+        X.astype(first), y)
+    # the second fits start from the same weights (lbfgs's first fit in
+    # float32 agrees with scikit-learn to float32 precision only)
+    fb.coefs_ = [c.copy() for c in sk.coefs_]
+    fb.intercepts_ = [b.copy() for b in sk.intercepts_]
+    fb.fit(X.astype(then), y)
+    sk.fit(X.astype(then), y)
+    for a, e in zip(fb.coefs_ + fb.intercepts_, sk.coefs_ + sk.intercepts_):
+        assert a.dtype == e.dtype
+        assert_rel(a, e, 1e-10 if e.dtype == np.float64 else 1e-5, "parameters")
+
+
 def test_poisson_refuses_negative_targets():
     """scikit-learn fits them, to a loss of NaN; fastbp says why not."""
     X, y = make_poisson()
