@@ -10,10 +10,13 @@ state goes through its public ``state_dict``/``load_state_dict``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import stat
 import tempfile
+import time
 
 import numpy as np
 
@@ -245,9 +248,69 @@ def _temporary_prefix(target):
     """The start of the temporary file's name: the target's name, cut to 64
     bytes (file names are limited in bytes, 255 on most file systems, and a
     character may take four; cut by characters, a legal name of 252 bytes
-    made the temporary name too long), so a leftover is easy to place."""
+    made the temporary name too long), so a leftover is easy to place; then
+    the writer's process id and host, so a leftover of a killed writer can
+    be told from a save in progress (``_remove_leftovers``)."""
     name = os.path.basename(target).encode("utf-8", "surrogateescape")[:64]
-    return "." + name.decode("utf-8", "ignore") + "."
+    return "." + name.decode("utf-8", "ignore") + f".{os.getpid()}-{_HOST}."
+
+
+#: a short tag of this machine's name, in temporary files' names
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+#: a leftover this many seconds old, at least, may be removed: a live save
+#: writes its file and renames it at once, and the age also covers a
+#: process of another PID namespace (a container) with this host name
+_LEFTOVER_SECONDS = 60.0
+#: folders and names whose leftovers this process has already removed
+_SWEPT = set()
+
+
+def _remove_leftovers(directory, prefix):
+    """Remove the temporary files that saves of the same target left when
+    their process was killed (SIGKILL, power loss) between creating and
+    renaming them: each a full model file.  Only files this user owns,
+    written on this host by a process that no longer exists, and untouched
+    for a minute; once per target and process (a checkpoint is saved every
+    epoch).  Best effort: a file that cannot be removed stays."""
+    if os.name == "nt" or not hasattr(os, "getuid"):
+        return   # (os.kill(pid, 0) sends Ctrl-C on Windows; an open file stays there)
+    base = prefix[:prefix.rindex(".", 0, len(prefix) - 1) + 1]  # ".<name>."
+    key = (directory, base)
+    if key in _SWEPT:
+        return
+    _SWEPT.add(key)
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(base) and name.endswith(".tmp")):
+            continue
+        writer = name[len(base):].split(".", 1)[0]   # "<pid>-<host>"
+        pid, _, host = writer.partition("-")
+        if host != _HOST or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid()
+                    or now - st.st_mtime < _LEFTOVER_SECONDS or _alive(int(pid))):
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+
+
+def _alive(pid):
+    """Whether a process ``pid`` exists (of any user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True   # another user's, or not a pid this OS can check: keep its files
+    return True
 
 
 def write(state, path):
@@ -257,9 +320,11 @@ def write(state, path):
     target, st = _files.target(path, "a model file")
     directory = os.path.dirname(target)
     mode = _new_file_mode() if st is None else stat.S_IMODE(st.st_mode)
+    prefix = _temporary_prefix(target)
+    _remove_leftovers(directory, prefix)
     try:
         tmp = tempfile.NamedTemporaryFile(mode="wb", dir=directory, delete=False,
-                                          prefix=_temporary_prefix(target), suffix=".tmp")
+                                          prefix=prefix, suffix=".tmp")
     except OSError as exc:
         raise _files.folder_error(exc, directory, "a model file") from None
     try:

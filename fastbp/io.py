@@ -131,10 +131,13 @@ original.
 Atomic writes
 -------------
 ``save_model`` writes to a temporary file in the target's folder (named
-``.<name>.<random>.tmp``), flushes and fsyncs it, then ``os.replace``s it
-over the target and fsyncs the folder (best effort).  A process killed at
-any moment leaves either the previous file or the new one at the target; a
-leftover temporary file may remain.  An existing target's permission bits
+``.<name>.<pid>-<host>.<random>.tmp``), flushes and fsyncs it, then
+``os.replace``s it over the target and fsyncs the folder (best effort).  A
+process killed at any moment leaves either the previous file or the new one
+at the target, and perhaps its temporary file: the next save to that
+target (the first in its process) removes such leftovers on POSIX systems,
+those the same user owns, written on this host by a process that no longer
+exists, untouched for a minute.  An existing target's permission bits
 are kept; a new file gets ``0o666`` less the umask.
 
 What is replaced is always a regular file (``fastbp._files``): a path that

@@ -295,6 +295,51 @@ def test_save_refuses_what_load_would_refuse(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+_KILLED_MID_SAVE = r"""
+import os, signal, sys
+import fastbp
+net = fastbp.Sequential([fastbp.Dense(3)], seed=0).build(2)
+# SIGKILL between writing the temporary file and renaming it
+os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+net.save(sys.argv[1])
+"""
+
+
+def test_a_temporary_file_left_by_a_killed_save_is_removed_by_the_next(tmp_path):
+    """A save killed between writing its temporary file and renaming it
+    (SIGKILL, a cluster's wall-time limit during a checkpoint) left a whole
+    model file behind, never removed. The next save to the target removes
+    such a leftover once its writer is gone and it is a minute old; a young
+    one, a live process's, another host's and another target's stay."""
+    from fastbp import _format
+
+    path = tmp_path / "ckpt.fbp"   # (this process's first save to it: it sweeps once)
+    for _ in range(2):
+        child = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, str(path)],
+                               capture_output=True, text=True, timeout=120)
+        assert child.returncode == -signal.SIGKILL, child.stderr
+    left = sorted(n for n in os.listdir(tmp_path) if n.endswith(".tmp"))
+    assert len(left) == 2 and all(n.startswith(".ckpt.fbp.") for n in left), left
+    old, young = left
+    hour_ago = time.time() - 3600
+    os.utime(tmp_path / old, (hour_ago, hour_ago))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        decoys = [f".ckpt.fbp.{live.pid}-{_format._HOST}.abc.tmp",   # its writer runs
+                  f".ckpt.fbp.{old.split('.')[3].split('-')[0]}-0badbeef.abc.tmp",  # host
+                  f".other.fbp.{old.split('.')[3]}.abc.tmp"]         # another target
+        for name in decoys:
+            (tmp_path / name).write_bytes(b"x")
+            os.utime(tmp_path / name, (hour_ago, hour_ago))
+        fastbp.Sequential([fastbp.Dense(2)], seed=1).build(2).save(path)
+        assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".tmp")) == sorted(
+            [young] + decoys)
+        assert fastbp.load(path).n_params == 6
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     old, new = _trained("float32", "none"), _trained("float64", "adam_amsgrad")
     path = tmp_path / "m.fbp"
