@@ -427,18 +427,21 @@ class Sequential:
             self._fit_workspace = ws
         return ws
 
-    def _prepare(self, X, y, loss, name_x="X", name_y="y", sample_weight=None):
+    def _prepare(self, X, y, loss, name_x="X", name_y="y", sample_weight=None, sync=True):
         """Checked X (a dense array, or a CSR matrix for a scipy.sparse X),
         targets (n, n_outputs) and sample weights (n,), building the model
-        for X's width if it is not built yet."""
+        for X's width if it is not built yet.  ``sync``: take up the layers'
+        changed settings now (fit: refused before anything runs); evaluate
+        and loss_and_grad pass False, as their inference state does it."""
         X = check_X(X, self.dtype, self.n_features if self.built else None, name=name_x,
                     accept_sparse=True)
         if not self.built:
             self._build_once(X.shape[1])
             if self.n_features != X.shape[1]:  # another thread built it for other data first
                 X = check_X(X, self.dtype, self.n_features, name=name_x, accept_sparse=True)
-        with self._state_lock:
-            self._sync_layout()
+        if sync:
+            with self._state_lock:
+                self._sync_layout()
         Y = check_targets(y, loss, X.shape[0], self.n_outputs, self.dtype, name=name_y,
                           name_x=name_x)
         return X, Y, check_sample_weight(sample_weight, X.shape[0], self.dtype)
@@ -515,7 +518,7 @@ class Sequential:
         not included (``loss_and_grad`` includes them)."""
         loss = _losses.resolve(loss)
         self._require_built()
-        X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
+        X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight, sync=False)
         value = data_loss(loss, self.predict(X), Y, w)
         _check_result(value, None, self.dtype)
         return value
@@ -543,7 +546,7 @@ class Sequential:
             inputs whose outputs or gradient overflow the model's dtype.
         """
         loss = _losses.resolve(loss)
-        X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight)
+        X, Y, w = self._prepare(X, y, loss, sample_weight=sample_weight, sync=False)
         # One call over all rows: its scratch holds every row's activations
         # (n x the layers' widths), so a dense X adds no more than that.
         X = _dense_rows(X)
