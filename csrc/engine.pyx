@@ -397,25 +397,16 @@ cdef class Network:
     cdef const double[:, ::1] floats
 
     def __cinit__(self, *, program, floats, params, buffers, n_aux):
-        prog = field("program", program, _INT64, shape=(None, N_COLS)).copy()
-        if prog.shape[0] == 0:
-            raise ValueError("program has no rows")
+        prog, fl = _copied_program(program, floats)
         n_layers = prog.shape[0]
-        fl = field("floats", floats, _DOUBLE, shape=(n_layers, N_FLOATS)).copy()
         if not isinstance(params, np.ndarray) or params.dtype not in FLOATS:
             raise ValueError("params must be a float32 or float64 numpy array")
         params = field("params", params, params.dtype, shape=(None,))
         buffers = field("buffers", buffers, params.dtype, shape=(None,))
         if isinstance(n_aux, bool) or not isinstance(n_aux, int) or not 0 <= n_aux < 2 ** 62:
             raise ValueError(f"n_aux must be an int >= 0, not {n_aux!r}")
-        no_reg = np.zeros((n_layers, N_REG))
-        act_width = 0
-        delta_width = 0
-        for l in range(n_layers):
-            _check_row(prog, fl, no_reg, l, params.shape[0], n_aux, buffers.shape[0])
-            act_width = max(act_width, int(prog[l, ACT_OFF])
-                            + _act_columns(int(prog[l, KIND]), int(prog[l, N_OUT])))
-            delta_width = max(delta_width, int(prog[l, N_OUT]))
+        act_width, delta_width = _check_rows(prog, fl, np.zeros((n_layers, N_REG)),
+                                             params.shape[0], n_aux, buffers.shape[0])
         self.program, self.floats = prog, fl
         self.n_layers = n_layers
         self.n_features, self.n_outputs = prog[0, N_IN], prog[n_layers - 1, N_OUT]
@@ -447,6 +438,30 @@ cdef class Network:
 # The state of one fit, checked once: train_batches trusts nothing else.
 
 _INT64, _UINT64, _DOUBLE = np.dtype(np.int64), np.dtype(np.uint64), np.dtype(np.float64)
+
+
+def _copied_program(program, floats):
+    """Checked copies of a program and its per-row floats: a caller
+    changing its own arrays after the check cannot move an offset."""
+    prog = field("program", program, _INT64, shape=(None, N_COLS)).copy()
+    if prog.shape[0] == 0:
+        raise ValueError("program has no rows")
+    return prog, field("floats", floats, _DOUBLE, shape=(prog.shape[0], N_FLOATS)).copy()
+
+
+def _check_rows(prog, floats, reg, int64_t n_params, int64_t n_aux, int64_t n_buffers):
+    """``_check_row`` for every row; returns the widths of the activations'
+    and the deltas' rows that the program needs (act_width, delta_width)."""
+    # (two statements: Cython 3.3.0 compiles ``a = b = 0`` of untyped
+    # names leaving b NULL, a segfault; tests/test_packaging.py)
+    act_width = 0
+    delta_width = 0
+    for l in range(prog.shape[0]):
+        _check_row(prog, floats, reg, l, n_params, n_aux, n_buffers)
+        act_width = max(act_width, int(prog[l, ACT_OFF])
+                        + _act_columns(int(prog[l, KIND]), int(prog[l, N_OUT])))
+        delta_width = max(delta_width, int(prog[l, N_OUT]))
+    return act_width, delta_width
 
 
 def _check_row(prog, floats, reg, int64_t l, int64_t n_params, int64_t n_aux,
@@ -693,11 +708,8 @@ cdef class EngineState:
     def _check_program(self, program, floats, reg):
         # Copies: a caller changing its own arrays after the check cannot move
         # an offset or put a penalty on a row that is not dense.
-        prog = field("program", program, _INT64, shape=(None, N_COLS)).copy()
-        if prog.shape[0] == 0:
-            raise ValueError("program has no rows")
+        prog, self.floats = _copied_program(program, floats)
         self.n_layers = prog.shape[0]
-        self.floats = field("floats", floats, _DOUBLE, shape=(self.n_layers, N_FLOATS)).copy()
         reg = field("reg", reg, _DOUBLE, shape=(self.n_layers, N_REG)).copy()
         self.reg = reg
         if not (np.isfinite(reg).all() and (reg >= 0).all()):
@@ -723,15 +735,8 @@ cdef class EngineState:
         n_slots, batch = int(n_slots), int(batch)
         if batch < 1 or n_slots < 0:
             raise ValueError(f"batch_size must be >= 1 and n_slots >= 0, not {batch}, {n_slots}")
-        # (two statements: Cython 3.3.0 compiles ``a = b = 0`` of untyped
-        # names leaving b NULL, a segfault; tests/test_packaging.py)
-        act_width = 0
-        delta_width = 0
-        for l in range(self.n_layers):
-            _check_row(prog, floats, reg, l, self.n_params, aux.shape[0], buffers.shape[0])
-            act_width = max(act_width, int(prog[l, ACT_OFF])
-                            + _act_columns(int(prog[l, KIND]), int(prog[l, N_OUT])))
-            delta_width = max(delta_width, int(prog[l, N_OUT]))
+        act_width, delta_width = _check_rows(prog, floats, reg, self.n_params, aux.shape[0],
+                                             buffers.shape[0])
         self.acts = field("acts", acts, dtype, size=batch * act_width, writable=True)
         self.batch_size = batch   # now at most acts' length
         self.deltas = field("deltas", deltas, dtype, size=2 * batch * delta_width,
