@@ -49,6 +49,8 @@ from libc.stdint cimport int64_t
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
+from fastbp._validation import check_dtype
+
 from fastbp._ext.engine cimport ELU, IDENTITY, LEAKY_RELU, RELU, SIGMOID, SOFTPLUS, TANH
 
 # Softplus follows torch.nn.Softplus(beta=1, threshold=20): linear above 20.
@@ -510,13 +512,12 @@ def fma_peak_gflops(dtype="float32", int isa=-1, double seconds=0.1, int repeats
     multiply-adds (csrc/peak.h) timed for about ``seconds``, best of
     ``repeats``.  Returns GFLOP/s (2 flops a multiply-add)."""
     import time
-    if np.dtype(dtype) not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, not {dtype!r}")
+    dtype = check_dtype(dtype)
     # (a NaN or infinite time never ended the calibration loop)
     if not 0 < seconds <= 60 or repeats < 1:
         raise ValueError(f"seconds must be in (0, 60] and repeats >= 1, not {seconds!r}, "
                          f"{repeats!r}")
-    cdef int dbl = np.dtype(dtype) == np.float64
+    cdef int dbl = dtype == np.float64
     cdef int64_t iters = 1 << 16
     cdef double flops
     best = 0.0
@@ -542,9 +543,7 @@ def gemm_kernel(int m, int n, int k, bint trans_a=False, bint trans_b=False, dty
     (csrc/packedgemm.h) or "blas"."""
     if m < 0 or n < 0 or k < 0:
         raise ValueError(f"m, n and k must be >= 0, not {m}, {n}, {k}")
-    if np.dtype(dtype) not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, not {dtype!r}")
-    cdef bint dbl = np.dtype(dtype) == np.float64
+    cdef bint dbl = check_dtype(dtype) == np.float64
     kind = gemm_kind(dbl, trans_a, trans_b, m, n, k)
     return {GEMM_BY_SMALL: "small", GEMM_BY_PACKED: "packed"}.get(kind, "blas")
 
