@@ -11,8 +11,9 @@ predict write past its output.
 
 * ``record(net)`` (at build): the layers and their settings, and which
   model each layer object belongs to.
-* ``check_free(net)`` (before a build): no layer appears twice or belongs
-  to another live model.
+* ``claim(net)`` (before a build, one step under a lock; ``release`` if
+  the build fails): no layer appears twice or belongs to another live
+  model, and each becomes ``net``'s.
 * ``sync(net)`` (before each use of the program: fit's calls into the
   engine, predict, evaluate, save, summary, gradcheck): settings changed
   since are checked by the layer's constructor and compiled in, keeping the
@@ -75,30 +76,54 @@ def owned(layer):
     return _owner(layer) is not None
 
 
-def check_free(net):
-    """ValueError unless every layer of ``net`` appears once and belongs to
-    no other live model (``net`` itself, rebuilding, is fine)."""
-    seen = set()
-    for i, layer in enumerate(net.layers):
-        if id(layer) in seen:
-            raise ValueError(f"layer {i} ({layer!r}) appears twice in the model: each layer "
-                             "owns its weights; use two layer objects")
-        seen.add(id(layer))
-        owner = _owner(layer)
-        if owner is not None and owner is not net:
-            raise ValueError(f"layer {i} ({layer!r}) belongs to another built model (its W "
-                             "and b are views into that model's parameters); use a new "
-                             "layer, or copy.deepcopy(layer)")
+def claim(net):
+    """Make ``net`` the owner of its layers, as one step under the registry's
+    lock, or raise ValueError (nothing changed) if a layer appears twice or
+    belongs to another live model (``net`` itself, rebuilding, is fine).
+    Returns what ``release`` needs to undo it.  One step, so that two
+    threads building two models that share a layer cannot both pass the
+    check: the second is refused."""
+    with _OWNERS_LOCK:
+        seen = set()
+        for i, layer in enumerate(net.layers):
+            if id(layer) in seen:
+                raise ValueError(f"layer {i} ({layer!r}) appears twice in the model: each "
+                                 "layer owns its weights; use two layer objects")
+            seen.add(id(layer))
+            owner = _owner(layer)
+            if owner is not None and owner is not net:
+                raise ValueError(f"layer {i} ({layer!r}) belongs to another built model (its "
+                                 "W and b are views into that model's parameters); use a new "
+                                 "layer, or copy.deepcopy(layer)")
+        undo = [(id(layer), _OWNERS.get(id(layer))) for layer in net.layers]
+        _set_owner(net)
+        return undo
+
+
+def release(undo):
+    """Undo a ``claim`` whose build failed: each layer's previous owner."""
+    with _OWNERS_LOCK:
+        for key, entry in undo:
+            if entry is None:
+                _OWNERS.pop(key, None)
+            else:
+                _OWNERS[key] = entry
+
+
+def _set_owner(net):
+    """Prune dead layers' entries, then record ``net`` as its layers' owner
+    (the caller holds the lock)."""
+    for key in [key for key, (layer, _) in _OWNERS.items() if layer() is None]:
+        del _OWNERS[key]
+    for layer in net.layers:
+        _OWNERS[id(layer)] = (weakref.ref(layer), weakref.ref(net))
 
 
 def record(net):
     """After a build (or an unpickling): the layers, their settings, and
     ``net`` as each one's owner."""
-    with _OWNERS_LOCK:  # two threads building models at once
-        for key in [key for key, (layer, _) in _OWNERS.items() if layer() is None]:
-            del _OWNERS[key]
-        for layer in net.layers:
-            _OWNERS[id(layer)] = (weakref.ref(layer), weakref.ref(net))
+    with _OWNERS_LOCK:
+        _set_owner(net)
     net._layout = (list(net.layers), [layer.get_config() for layer in net.layers])
 
 

@@ -282,17 +282,21 @@ class Sequential:
         """build's work (the caller holds the model): under the state lock, so
         inference calls see the old build or the new one, never a mix; on
         any error the model's and its layers' attributes are put back."""
-        saved = [(obj, dict(vars(obj))) for obj in [self, *self.layers]]
         with self._state_lock:
+            # the layers become this model's before any of them changes: a
+            # build of another model that shares one is refused first, and
+            # does not put back attributes this build is setting
+            undo = _layout.claim(self)
+            saved = [(obj, dict(vars(obj))) for obj in [self, *self.layers]]
             try:
                 self._lay_out(n_features)
             except BaseException:
                 for obj, attrs in saved:
                     _restore_attributes(obj, attrs)
+                _layout.release(undo)
                 raise
 
     def _lay_out(self, n_features):
-        _layout.check_free(self)
         program = compile_program(self.layers, n_features, self.dtype)
         self._compiled = program
         # the engine's tables, under the names its callers pass them by

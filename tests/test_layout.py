@@ -247,3 +247,41 @@ def test_gradcheck_takes_up_a_regularizer_given_after_build():
     net = model()
     assert twin_loss(net, sync=True) == pytest.approx(net.loss_and_grad(X, y)[0], rel=1e-12)
     assert twin_loss(model(), sync=False) < 0.1 * net.loss_and_grad(X, y)[0]
+
+
+def test_two_threads_building_models_that_share_a_layer_one_is_refused():
+    """The check that a layer is free and the record of its new owner were
+    two steps: two threads building two models that share a layer both
+    passed the check, and the layer's W became a view into only one of
+    them (tests/adversarial: 34 of 40 trials built both, some failed with a
+    TypeError from one build putting back attributes the other set)."""
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # switch threads as often as possible
+    try:
+        for trial in range(40):
+            shared = fastbp.Dense(64)
+            models = [fastbp.Sequential([shared, fastbp.Dense(1)], seed=s) for s in (0, 1)]
+            barrier, outcome = threading.Barrier(2), {}
+
+            def build(i):
+                barrier.wait()
+                try:
+                    models[i].build(64)
+                    outcome[i] = "built"
+                except ValueError as exc:
+                    outcome[i] = str(exc)
+            threads = [threading.Thread(target=build, args=(i,)) for i in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            built = [i for i in (0, 1) if outcome[i] == "built"]
+            assert len(built) == 1, (trial, outcome)
+            assert "belongs to another built model" in outcome[1 - built[0]]
+            assert np.shares_memory(shared.W, models[built[0]].params)
+            assert not models[1 - built[0]].built
+    finally:
+        sys.setswitchinterval(interval)
