@@ -290,7 +290,9 @@ def _remove_leftovers(directory, prefix):
             continue
         writer = name[len(base):].split(".", 1)[0]   # "<pid>-<host>"
         pid, _, host = writer.partition("-")
-        if host != _HOST or not pid.isdigit() or int(pid) == os.getpid():
+        # (isdigit alone takes "²", which int() refuses: a stray name made
+        # the save fail)
+        if host != _HOST or not (pid.isascii() and pid.isdigit()) or int(pid) == os.getpid():
             continue
         try:
             st = entry.stat(follow_symlinks=False)

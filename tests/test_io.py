@@ -327,7 +327,8 @@ def test_a_temporary_file_left_by_a_killed_save_is_removed_by_the_next(tmp_path)
     try:
         decoys = [f".ckpt.fbp.{live.pid}-{_format._HOST}.abc.tmp",   # its writer runs
                   f".ckpt.fbp.{old.split('.')[3].split('-')[0]}-0badbeef.abc.tmp",  # host
-                  f".other.fbp.{old.split('.')[3]}.abc.tmp"]         # another target
+                  f".other.fbp.{old.split('.')[3]}.abc.tmp",         # another target
+                  f".ckpt.fbp.\u00b2-{_format._HOST}.abc.tmp"]          # not a pid (int() fails)
         for name in decoys:
             (tmp_path / name).write_bytes(b"x")
             os.utime(tmp_path / name, (hour_ago, hour_ago))
