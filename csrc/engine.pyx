@@ -749,9 +749,9 @@ cdef class EngineState:
         self.is_double = dtype == _DOUBLE
 
 
-#: largest optimizer step count: the counter of every step stays exact in
-#: the float64 an update kernel computes with (beta ** t); the optimizers'
-#: t (fastbp._optimizer) is held to it too
+#: bound on the optimizer step count (t < MAX_STEPS): the counter of every
+#: step stays exact in the float64 an update kernel computes with (beta **
+#: t); the optimizers' t (fastbp._optimizer) is held to it too
 cdef int64_t _MAX_STEPS = 1LL << 53
 MAX_STEPS = _MAX_STEPS
 
@@ -772,8 +772,10 @@ cdef _check_call(EngineState state, int64_t n, int64_t d, int64_t k, int64_t y_r
              and not state.sharded):
         raise ValueError(f"batches {first} .. {first + count - 1} are not batches of X "
                          f"({n} rows) with a loss slot each ({n_losses})")
-    if step0 < 0 or step0 > _MAX_STEPS - count:
-        raise ValueError(f"step0 must be in [0, 2**53 - n_batches] (the optimizer's step "
+    # (the count after the call, step0 + steps, must stay below 2**53 too:
+    # the optimizers and the file format hold t to [0, 2**53))
+    if step0 < 0 or step0 > _MAX_STEPS - 1 - count:
+        raise ValueError(f"step0 must be in [0, 2**53 - 1 - n_batches] (the optimizer's step "
                          f"count before this call), got {step0} with {count} batches")
     if not gather:
         return

@@ -289,6 +289,11 @@ def _minibatch(net, plan, state, checkpoint, last_epoch):
     runner = _EpochRunner(net, plan.X, plan.Y, plan.W, plan.batch, plan.shuffle, plan.loss,
                           plan.opt, state, clip=plan.clip, grad_norms=plan.grad_norms,
                           ranks=plan.ranks)
+    steps = plan.epochs * runner.n_batches   # at most (a resumed epoch takes fewer)
+    if plan.opt.t + steps >= _optim.MAX_STEPS:
+        raise ValueError(f"this fit's {steps} steps would take the optimizer's step count t "
+                         f"from {plan.opt.t} to 2**53 or beyond, where it is no longer exact; "
+                         "call optimizer.reset() or fit with a new optimizer")
     save = None if checkpoint is None else functools.partial(net.save, checkpoint)
     return MiniBatch(runner, pending=plan.pending, resumable=True, save=save,
                      checkpoint_every=plan.checkpoint_every, grad_norms=plan.grad_norms,

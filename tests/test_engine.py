@@ -434,6 +434,8 @@ _BAD_CALLS = {
     # divided by zero and the fit "diverged"
     "step counter beyond int64": (7, lambda c: 2 ** 63 - 1),
     "step counter beyond 2**53": (7, lambda c: 2 ** 53 - 3),
+    # the count after the call would be 2**53, which no optimizer or file takes
+    "step counter reaching 2**53": (7, lambda c: 2 ** 53 - 4),
     "negative step counter": (7, lambda c: -1),
 }
 

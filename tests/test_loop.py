@@ -328,3 +328,22 @@ def test_an_optimizer_replaced_by_something_else_is_refused_clearly(value):
     with pytest.raises(ValueError, match="net.optimizer was set to .* during fit"):
         net.fit(X, Y, epochs=3, batch_size=16, verbose=0, callbacks=[_Swap(1, value)])
     assert net.history.n_epochs == 1
+
+
+def test_a_fit_that_would_take_the_step_count_to_2_53_is_refused_before_it_runs():
+    """The engine took a last call ending at t = 2**53, which every other
+    check refuses: the fit "succeeded" and left a model that could not be
+    saved or fitted again."""
+    X, Y = _data()
+    net = _net()
+    opt = fastbp.optim.Adam(lr=0.01)
+    net.fit(X, Y, optimizer=opt, epochs=1, batch_size=16, verbose=0)
+    opt.t = 2 ** 53 - 4   # 4 batches an epoch
+    before = net.params.copy()
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        net.fit(X, Y, epochs=1, verbose=0)
+    assert np.array_equal(net.params, before) and opt.t == 2 ** 53 - 4
+    opt.t = 2 ** 53 - 5
+    net.fit(X, Y, epochs=1, verbose=0)
+    assert opt.t == 2 ** 53 - 1
+
