@@ -112,22 +112,56 @@ static FBP_INLINE SG_ATTR void SG(block_rx2)(const int R, int k, const T *a0, lo
     }
 }
 
-/* One row, any width: the fallback for fewer rows than a block. */
+/* One row, any width: the fallback for fewer rows than a block.  Each
+ * entry of C is one chain of multiply-adds in k order, as in the blocks and
+ * the packed kernels: a product cut into ranges (threads) may reach this
+ * fallback for a range whose whole product ran in blocks or packed, and
+ * must give the same bits (splitting k into two chains, as this once did
+ * for speed, made 1 and 2 threads differ on thin products).  The chains of
+ * up to four column vectors run side by side, which hides the multiply-add
+ * latency as the two chains did. */
 static FBP_INLINE SG_ATTR void SG(row)(int n, int k, const T *a0, long csa,
                                const T *b, long ldb, T *c0, long csc)
 {
     int c = 0;
-    for (; c + VL <= n; c += VL) {
-        SG(vec) s0 = {0}, s1 = {0};
+    for (; c + 4 * VL <= n; c += 4 * VL) {
+        SG(vec) s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
         const T *bp = b + c;
-        int p = 0;
-        for (; p + 2 <= k; p += 2, bp += 2 * ldb) {
-            s0 += a0[p * csa] * SG(load)(bp);
-            s1 += a0[(p + 1) * csa] * SG(load)(bp + ldb);
+        for (int p = 0; p < k; p++, bp += ldb) {
+            T x = a0[p * csa];
+            s0 += x * SG(load)(bp);
+            s1 += x * SG(load)(bp + VL);
+            s2 += x * SG(load)(bp + 2 * VL);
+            s3 += x * SG(load)(bp + 3 * VL);
         }
-        if (p < k)
+        SG(put)(c0 + c * csc, csc, s0);
+        SG(put)(c0 + (c + VL) * csc, csc, s1);
+        SG(put)(c0 + (c + 2 * VL) * csc, csc, s2);
+        SG(put)(c0 + (c + 3 * VL) * csc, csc, s3);
+    }
+    if (c + 2 * VL <= n) {   /* two or three vectors left */
+        int three = c + 3 * VL <= n;
+        SG(vec) s0 = {0}, s1 = {0}, s2 = {0};
+        const T *bp = b + c;
+        for (int p = 0; p < k; p++, bp += ldb) {
+            T x = a0[p * csa];
+            s0 += x * SG(load)(bp);
+            s1 += x * SG(load)(bp + VL);
+            if (three)
+                s2 += x * SG(load)(bp + 2 * VL);
+        }
+        SG(put)(c0 + c * csc, csc, s0);
+        SG(put)(c0 + (c + VL) * csc, csc, s1);
+        if (three)
+            SG(put)(c0 + (c + 2 * VL) * csc, csc, s2);
+        c += three ? 3 * VL : 2 * VL;
+    }
+    for (; c + VL <= n; c += VL) {
+        SG(vec) s0 = {0};
+        const T *bp = b + c;
+        for (int p = 0; p < k; p++, bp += ldb)
             s0 += a0[p * csa] * SG(load)(bp);
-        SG(put)(c0 + c * csc, csc, s0 + s1);
+        SG(put)(c0 + c * csc, csc, s0);
     }
     for (; c < n; c++) {
         T s0 = 0;

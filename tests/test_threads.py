@@ -42,7 +42,13 @@ SPLIT_SHAPES = [(64, 256, 784), (200, 100, 64), (784, 256, 64), (100, 10, 3000),
                 (3000, 10, 100), (64, 256, 128), (300, 97, 40), (97, 300, 40),
                 (50, 500, 33), (1000, 12, 64), (128, 128, 128), (600, 600, 600),
                 (200, 10, 100), (200, 20, 100), (300, 40, 30), (1030, 67, 520),
-                (256, 256, 300), (512, 256, 48), (2048, 256, 10)]
+                (256, 256, 300), (512, 256, 48), (2048, 256, 10),
+                # thin products: a range of them ran the small kernels' row
+                # fallback, which split k into two chains (the whole product,
+                # packed, is one chain an entry), so 1 and 2 threads differed
+                # (a 1-3 output layer's weight gradient over a large batch)
+                (256, 3, 1000), (256, 1, 1000), (256, 3, 300), (3, 256, 1000),
+                (1000, 2, 256), (511, 3, 300)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
