@@ -372,10 +372,20 @@ def _check_history(obj):
         fail(f"history.history must be a JSON object, got {_describe(metrics)}")
     for key, values in metrics.items():
         _list(values, f"history.history[{short(key)}]", max_len=_MAX_HISTORY)
+        column = []
         for i, v in enumerate(values):
-            if not _is_number(v):
-                fail(f"history.history[{short(key)}][{i}] must be a number, got {_describe(v)}")
-        hist.history[key] = list(values)
+            where = f"history.history[{short(key)}][{i}]"
+            if isinstance(v, list):
+                # a number per layer (fit's grad_norm): one list an epoch
+                _list(v, where, max_len=_MAX_LAYERS)
+                if not all(_is_number(x) for x in v):
+                    fail(f"{where} must be a list of numbers, got {_describe(v)}")
+                column.append(list(v))
+            elif _is_number(v):
+                column.append(v)
+            else:
+                fail(f"{where} must be a number or a list of numbers, got {_describe(v)}")
+        hist.history[key] = column
     reason = obj["stop_reason"]
     if reason is not None and not isinstance(reason, str):
         fail(f"history.stop_reason must be a string or null, got {_describe(reason)}")

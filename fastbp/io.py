@@ -54,8 +54,9 @@ A file is four parts, back to back, with no padding:
        momentum buffer (0: none yet; at most t + 1), ``{}`` for the others.
    ``history`` : object
        ``History.to_dict()``: ``{"epoch": [int, ...], "history": {name:
-       [number, ...], ...}, "stop_reason": str or null}``, each list at most
-       1,000,000 long.
+       [entry, ...], ...}, "stop_reason": str or null}``, each list at most
+       1,000,000 long; an entry is a number, or a list of at most 10,000
+       numbers (``grad_norm``: one per layer).
    ``shuffle_rng_state`` : object or null
        ``bit_generator.state`` of the shuffling generator:
        ``{"bit_generator": "PCG64", "state": {"state": int, "inc": int},

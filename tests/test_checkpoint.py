@@ -271,6 +271,30 @@ def test_a_resumed_unfinished_epoch_with_other_settings_is_refused(tmp_path):
     assert net._position is None and net.history.n_epochs == 1
 
 
+def test_a_model_trained_with_grad_norms_saves_and_resumes_after_an_epoch(tmp_path):
+    """grad_norm holds a list (a number per layer) each epoch, and the file
+    format took numbers only: once an epoch had ended, save, a fit's
+    checkpoint and ModelCheckpoint all failed ("must be a number, got
+    list"); a checkpointed fit with grad_norms died at its first epoch's
+    end. The test above only saved within the first epoch."""
+    X, y = _data(n=600)
+    ref = _net()
+    ref.fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=3, grad_norms=True, **FIT)
+    path = tmp_path / "run.fbp"
+    net = _net()
+    with _crash_after_saves(2):   # the checkpoints after epochs 1 and 2, then a crash
+        net.fit(X, y, optimizer=fastbp.optim.Adam(lr=1e-3), epochs=3, checkpoint=path,
+                grad_norms=True, **FIT)
+    mid = fastbp.load(path)
+    assert mid.history.n_epochs == 2
+    assert mid.history["grad_norm"] == ref.history["grad_norm"][:2]
+    mid.fit(X, y, epochs=1, **FIT)
+    np.testing.assert_array_equal(mid.params, ref.params)
+    assert mid.history["grad_norm"] == ref.history["grad_norm"]
+    ref.save(tmp_path / "ref.fbp")
+    assert fastbp.load(tmp_path / "ref.fbp").history["grad_norm"] == ref.history["grad_norm"]
+
+
 @pytest.mark.parametrize("through", ["file", "memory"])
 def test_a_resumed_epoch_records_the_uninterrupted_grad_norms(tmp_path, through):
     """A mid-epoch position also holds the gradient norms summed so far and
