@@ -202,6 +202,7 @@ def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_da
     # What a full-batch solver cannot do, if asked for in this call (settings
     # recorded by an earlier fit, not passed now, do not apply).
     plan.ignored = [name for name, value in (
+        ("batch_size", batch_size), ("shuffle", shuffle),
         ("checkpoint", checkpoint), ("clip_norm", clip_norm), ("clip_value", clip_value),
         ("grad_norms", grad_norms), ("n_threads", plan.n_threads))
         if value and given.get(name, None) is not _resume.LAST]

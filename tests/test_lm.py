@@ -325,6 +325,12 @@ def test_refusals(rng, tmp_path):
                                   dtype="float64", seed=0)
     with pytest.raises(ValueError, match="penalties"):
         penalized.fit(X, Y, optimizer=LevenbergMarquardt(), verbose=0)
+    # the mini-batch options, batch_size and shuffle included (they were
+    # silently accepted, though the README said refused)
+    for option in (dict(batch_size=5), dict(shuffle=True), dict(clip_norm=1.0),
+                   dict(grad_norms=True), dict(n_threads=1)):
+        with pytest.raises(ValueError, match=f"does not support {next(iter(option))}"):
+            _net().fit(X, Y, optimizer=LevenbergMarquardt(), verbose=0, **option)
     net = fastbp.Sequential([fastbp.Dense(3, trainable=False)], dtype="float64", seed=0)
     with pytest.raises(ValueError, match="no trainable"):
         net.fit(X, Y, optimizer=LevenbergMarquardt(), verbose=0)
