@@ -195,8 +195,17 @@ def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_da
     plan.fitted = _resume.record(dict(settings, batch_size=batch_size,
                                       clip_value=clip_value, clip_norm=clip_norm),
                                  sample_weight is not None)
-    plan.opt = (net.optimizer if optimizer is None and net.optimizer is not None
-                else _optimizer_or_solver(optimizer))
+    if optimizer is None and net.optimizer is not None:
+        if not isinstance(net.optimizer, _optim.Optimizer) and not is_solver(net.optimizer) \
+                or isinstance(net.optimizer, type):
+            # set by hand or by a callback (fit refuses it there too): the
+            # next fit failed inside with an AttributeError
+            raise ValueError(f"net.optimizer is {net.optimizer!r}, not an optimizer instance; "
+                             "set one (e.g. net.optimizer = fastbp.optim.Adam()) or pass "
+                             "fit(optimizer=...)")
+        plan.opt = net.optimizer
+    else:
+        plan.opt = _optimizer_or_solver(optimizer)
     plan.loss, plan.shuffle = loss, shuffle
     plan.on_divergence, plan.grad_norms = on_divergence, grad_norms
     # What a full-batch solver cannot do, if asked for in this call (settings

@@ -328,6 +328,11 @@ def test_an_optimizer_replaced_by_something_else_is_refused_clearly(value):
     with pytest.raises(ValueError, match="net.optimizer was set to .* during fit"):
         net.fit(X, Y, epochs=3, batch_size=16, verbose=0, callbacks=[_Swap(1, value)])
     assert net.history.n_epochs == 1
+    if value is not None and not isinstance(value, LevenbergMarquardt):
+        # the next fit names it (it failed inside with an AttributeError)
+        with pytest.raises(ValueError, match="net.optimizer is .*, not an optimizer instance"):
+            net.fit(X, Y, epochs=1, verbose=0)
+        net.fit(X, Y, epochs=1, verbose=0, optimizer="sgd")   # passing one works
 
 
 def test_a_fit_that_would_take_the_step_count_to_2_53_is_refused_before_it_runs():
