@@ -184,6 +184,11 @@ def _floats(layer, scalar):
             # it became inf in float32, and the layer's output a constant
             raise ValueError(f"BatchNorm's eps {layer.eps!r} is beyond the model's dtype's "
                              f"range ({np.dtype(scalar).name}): use a smaller eps")
+        if eps == 0 and layer.eps > 0:
+            # it became 0 in float32: a constant feature divided by zero
+            raise ValueError(f"BatchNorm's eps {layer.eps!r} is 0 in the model's dtype "
+                             f"({np.dtype(scalar).name}), below its smallest value: use a "
+                             "larger eps")
         values[MOMENTUM], values[EPS] = layer.momentum, eps
     return values
 

@@ -129,3 +129,16 @@ def test_an_eps_beyond_float32s_range_is_refused_in_a_float32_model():
         net.build(3)
     fastbp.Sequential([fastbp.Dense(4), fastbp.BatchNorm(eps=1e300), fastbp.Dense(1)],
                       dtype="float64").build(3)
+
+
+def test_an_eps_that_is_zero_in_float32_is_refused_in_a_float32_model():
+    """eps=1e-50 became 0 in a float32 model: a constant feature divided by
+    zero and the fit "diverged" (try a smaller learning rate)."""
+    net = fastbp.Sequential([fastbp.Dense(4), fastbp.BatchNorm(eps=1e-50), fastbp.Dense(1)],
+                            dtype="float32")
+    with pytest.raises(ValueError, match="is 0 in the model's dtype"):
+        net.build(3)
+    fastbp.Sequential([fastbp.Dense(4), fastbp.BatchNorm(eps=1e-50), fastbp.Dense(1)],
+                      dtype="float64").build(3)
+    fastbp.Sequential([fastbp.Dense(4), fastbp.BatchNorm(eps=1e-40), fastbp.Dense(1)],
+                      dtype="float32").build(3)   # subnormal, not 0
