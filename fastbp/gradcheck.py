@@ -27,7 +27,10 @@ def gradcheck(net: Sequential, X: MatrixLike, y: ArrayLike, loss: str = "mse", e
         Step of the central difference (L(p + eps) - L(p - eps)) / (2 eps);
         1e-5 is near the optimum (machine epsilon)^(1/3) for float64.
     indices : array-like of int or None
-        Parameters to check (default: all).
+        Parameters to check (default: all trainable ones).  A frozen
+        layer's (``trainable=False``) gradient is zero by design, not the
+        loss's derivative, so its parameters are not checked (ValueError if
+        asked for).
     sample_weight : array-like of shape (n,), optional
 
     Returns
@@ -64,7 +67,21 @@ def gradcheck(net: Sequential, X: MatrixLike, y: ArrayLike, loss: str = "mse", e
         return twin.loss_and_grad(X, y, loss=loss, sample_weight=sample_weight)[0]
     _, analytic = twin.loss_and_grad(X, y, loss=loss, sample_weight=sample_weight)
     params = twin.params
-    idx = np.arange(params.size) if indices is None else _checked_indices(indices, params.size)
+    trainable = np.zeros(params.size, dtype=bool)
+    for start, length in twin._segments():
+        trainable[start:start + length] = True
+    if indices is None:
+        idx = np.flatnonzero(trainable)
+        if idx.size == 0:
+            raise ValueError("the model has no trainable parameters to check (every layer "
+                             "is frozen)")
+    else:
+        idx = _checked_indices(indices, params.size)
+        if not trainable[idx].all():
+            frozen = int(idx[~trainable[idx]][0])
+            raise ValueError(f"parameter {frozen} belongs to a frozen layer (trainable=False): "
+                             "its gradient is zero by design, not the loss's derivative; "
+                             "check trainable parameters")
     numeric = np.empty(idx.size)
     for j, i in enumerate(idx):
         saved = params[i]

@@ -90,3 +90,20 @@ def test_indices_must_be_positions_of_parameters(indices):
     with pytest.raises(ValueError, match="indices"):
         fastbp.gradcheck(net, X, y, indices=indices)
     assert fastbp.gradcheck(net, X, y, indices=[0, 3, 5]) < 1e-6
+
+
+def test_a_frozen_layer_is_not_checked(rng):
+    """gradcheck compared a frozen layer's zero gradient with its central
+    differences and reported 1.0, a wrong gradient, for any model with a
+    frozen Dense or BatchNorm, though every trainable entry was right."""
+    X, y = rng.normal(size=(6, 4)), rng.integers(0, 3, 6)
+    for frozen in (fastbp.Dense(5, activation="tanh", trainable=False),
+                   fastbp.BatchNorm(trainable=False)):
+        net = fastbp.Sequential([frozen, fastbp.Dense(3, activation="tanh"), fastbp.Dense(3)],
+                                dtype="float64", seed=0).build(4)
+        assert fastbp.gradcheck(net, X, y, loss="cross_entropy") < 1e-6
+        with pytest.raises(ValueError, match="frozen layer"):
+            fastbp.gradcheck(net, X, y, loss="cross_entropy", indices=[0])
+    every = fastbp.Sequential([fastbp.Dense(3, trainable=False)], dtype="float64").build(4)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fastbp.gradcheck(every, X, y, loss="cross_entropy")
