@@ -219,14 +219,11 @@ def check_sparse_X(X, dtype, n_features=None, name="X"):
         raise ValueError(f"{name} is complex ({X.dtype}); only real numbers are accepted")
     if kind not in "biuf":
         raise ValueError(f"{name} must be numeric, got a sparse matrix of dtype {X.dtype}")
-    csr = X.tocsr()  # a CSR input itself (no copy)
-    if not csr.has_canonical_format:
-        # A copy, in float64 so that duplicates (toarray adds them up) are
-        # summed without overflow or wrap-around, then checked as one value.
-        csr = scipy.sparse.csr_matrix(
-            (csr.data.astype(np.float64), csr.indices.copy(), csr.indptr.copy()), shape=shape)
-        with np.errstate(over="ignore", invalid="ignore"):
-            csr.sum_duplicates()
+    triplets = _stored_triplets(X)
+    if triplets is not None:
+        csr = _canonical_as_toarray(*triplets, shape)
+    else:
+        csr = X.tocsr()  # a CSR input itself (no copy)
     with np.errstate(over="ignore", invalid="ignore"):
         data = csr.data.astype(dtype, copy=False)
     _check_sparse_values(csr, data, dtype, name)
@@ -234,6 +231,46 @@ def check_sparse_X(X, dtype, n_features=None, name="X"):
         return csr
     # new values; the index arrays are only read (by fit and predict)
     return scipy.sparse.csr_matrix((data, csr.indices, csr.indptr), shape=shape)
+
+
+def _stored_triplets(X):
+    """(rows, cols, values) of X's stored entries in the order ``toarray``
+    adds them (CSR: row by row, CSC: column by column, COO: as stored), for
+    a matrix that may hold duplicate entries or unsorted indices; None for
+    one in canonical form (or a format that holds neither)."""
+    fmt = getattr(X, "format", None)
+    if fmt not in ("csr", "csc", "coo") or X.has_canonical_format:
+        return None
+    if fmt == "coo":
+        return np.asarray(X.row), np.asarray(X.col), np.asarray(X.data)
+    major = np.repeat(np.arange(len(X.indptr) - 1), np.diff(X.indptr))
+    minor = np.asarray(X.indices)
+    values = np.asarray(X.data)[:X.indptr[-1]]
+    return (major, minor, values) if fmt == "csr" else (minor, major, values)
+
+
+def _canonical_as_toarray(rows, cols, values, shape):
+    """A canonical CSR matrix (sorted indices, no duplicates) whose entries
+    are bitwise those of ``toarray``: duplicates added in toarray's order,
+    from 0, in the matrix's own dtype (so a float32 sum may overflow and an
+    int8 one wrap around, as there), then converted once.  scipy's own
+    sum_duplicates sorts them first (its order differs), and summing in
+    float64 differed from toarray in the last bit, in overflow and in
+    double rounding."""
+    import scipy.sparse
+
+    n_rows, n_cols = shape
+    key = rows.astype(np.int64) * n_cols + cols.astype(np.int64)
+    order = np.argsort(key, kind="stable")   # duplicates stay in toarray's order
+    unique, first, inverse = np.unique(key[order], return_index=True, return_inverse=True)
+    sums = np.zeros(unique.size, dtype=values.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.add.at(sums, inverse, values[order])   # in order, one at a time
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(unique // n_cols, minlength=n_rows), out=indptr[1:])
+    csr = scipy.sparse.csr_matrix((sums, unique % n_cols, indptr), shape=shape)
+    csr.has_canonical_format = True
+    return csr
 
 
 def _check_sparse_values(csr, data, dtype, name):
