@@ -35,7 +35,6 @@ import time
 from contextlib import nullcontext
 from typing import NamedTuple
 
-from ._optimizer import Optimizer
 from ._runner import STATUS_LOSS_NONFINITE, STATUS_OK
 from ._threads import _DeferredInterrupt
 from .layers import Dense
@@ -199,6 +198,9 @@ class MiniBatch:
                  checkpoint_every=None, grad_norms=False, order=None, last_epoch=None,
                  need_steps=False):
         self.runner = runner
+        # A model's fit follows net.optimizer: a callback may replace it
+        # (warm-up with Adam, then SGD), as it may change its settings.
+        runner.follow_model = resumable
         self.net = runner.net
         self.pending = pending
         self.resumable, self.save = resumable, save
@@ -210,19 +212,9 @@ class MiniBatch:
         self.need_steps = need_steps
 
     def refresh(self):
-        # A model's fit follows net.optimizer: a callback may replace it
-        # between epochs (warm-up with Adam, then SGD), as it may change its
-        # settings. The estimators' optimizer is their own.
-        replaced = None
-        if self.resumable and self.net.optimizer is not self.runner.opt:
-            replaced = self.net.optimizer
-            if not isinstance(replaced, Optimizer):
-                raise ValueError(
-                    f"net.optimizer was set to {replaced!r} during fit; a mini-batch fit "
-                    "can go on with an optimizer instance (e.g. fastbp.optim.SGD(lr=0.01)), "
-                    "not a name, a class, None or a full-batch solver: set one, or stop "
-                    "the fit and call fit(optimizer=...)")
-        self.runner.refresh_optimizer(replaced)
+        # what a callback changed between epochs (the runner also takes up
+        # changes at each call into the engine, within an epoch)
+        self.runner.refresh_optimizer()
 
     def run_epoch(self, epoch, interrupt):
         """Batches of ``epoch`` in runs that end at the epoch's end, a

@@ -26,6 +26,7 @@ from ._ext import engine as _engine
 from ._ext.engine import Status
 from ._numba.losses import loss_cfunc
 from ._numba.optim import step_cfunc
+from ._optimizer import Optimizer
 from ._threads import _BLAS
 from .layers import BatchNorm
 
@@ -221,6 +222,10 @@ class _EpochRunner:
             self.shard_rng = np.random.default_rng([seed, ranks.rank])
         self.snap_params = np.empty_like(net._params)
         self.snap_state = np.empty_like(self.state)
+        self.snap_first = self.snap_steps = 0
+        # a model's fit follows net.optimizer (a callback may replace it);
+        # the estimators' optimizer is their own (``MiniBatch`` sets it)
+        self.follow_model = False
         self.chunk = 1
         self.steps = 0
         self.steps_before = 0  # a resumed epoch's updates before its position
@@ -230,12 +235,15 @@ class _EpochRunner:
         # engine, not per batch.
         self.after_batches = None
 
-    def refresh_optimizer(self, opt=None):
-        """Take up what changed on the optimizer since the last epoch: its
-        hyperparameters (checked), and its state if it was reset or replaced;
-        or ``opt``, an optimizer that replaces this run's (a callback set
-        ``net.optimizer``), checked and bound as fit binds its optimizer."""
-        if opt is not None and opt is not self.opt:
+    def refresh_optimizer(self):
+        """Take up what changed on the optimizer since the last call into the
+        engine: its hyperparameters (checked), its state if it was reset or
+        replaced, or the optimizer itself when ``follow_model`` and a
+        callback set ``net.optimizer`` to another (checked and bound as fit
+        binds its optimizer).  Returns whether anything changed."""
+        opt = self._replacement()
+        changed = opt is not None
+        if changed:
             state = opt._bind(self.net.n_params, self.net.dtype).reshape(-1)
             self.step_addr = step_cfunc(opt.kernel, self.net.dtype)
             self.opt, self.hyper = opt, opt._hyper()
@@ -244,23 +252,56 @@ class _EpochRunner:
             self.engine_state = self._engine_state()
         state = self.opt._state_for(self.net.n_params, self.net.dtype).reshape(-1)
         if state.ctypes.data != self.state.ctypes.data:
+            changed = True
             self.state = state
             self.snap_state = np.empty_like(state)
             self.engine_state = self._engine_state()
-        self.hyper[...] = _checked_hyper(self.opt)  # checked against the state's dtype
+        hyper = _checked_hyper(self.opt)  # checked against the state's dtype
+        if not np.array_equal(hyper, self.hyper):
+            changed = True
+            self.hyper[...] = hyper
+        return changed
+
+    def _replacement(self):
+        """The optimizer a callback put in ``net.optimizer`` in place of this
+        run's, or None; ValueError for anything but an optimizer instance."""
+        replaced = self.net.optimizer
+        if not self.follow_model or replaced is self.opt:
+            return None
+        if not isinstance(replaced, Optimizer):
+            raise ValueError(
+                f"net.optimizer was set to {replaced!r} during fit; a mini-batch fit can go "
+                "on with an optimizer instance (e.g. fastbp.optim.SGD(lr=0.01)), not a name, "
+                "a class, None or a full-batch solver: set one, or stop the fit and call "
+                "fit(optimizer=...)")
+        return replaced
 
     def _take_up_layout(self):
         """Rebuild the engine's view if the model's program changed since it
         was made: a layer setting changed from a callback (or anywhere)
         takes effect at the next call into the engine, as it does for a
         run resumed from a checkpoint saved then (the file holds the new
-        settings), rather than at the next fit."""
+        settings), rather than at the next fit.  Returns whether it did."""
         net = self.net
         with net._state_lock:
             net._sync_layout()
         if net._program is not self.engine_state_program:
             self.segments = net._segments()
             self.engine_state = self._engine_state()
+            return True
+        return False
+
+    def _snapshot(self, b):
+        """Record the model and optimizer at batch ``b`` of the epoch: a
+        divergence rolls back to it and replays the finite steps from it,
+        with the settings they ran with (taken again wherever a setting
+        changed within the epoch)."""
+        self.snap_first, self.snap_steps = b, self.steps
+        self.snap_params[...] = self.net._params
+        self.snap_state[...] = self.state
+        self.snap_t = self.opt.t
+        self.snap_dropout = self.net._dropout_rng.copy()
+        self.snap_buffers = self.net._buffers.copy()
 
     def _engine_state(self):
         """The engine's view of this fit (checked once): the model's tables
@@ -321,11 +362,7 @@ class _EpochRunner:
             self.grad_norms[...] = sums
             self.steps_before = resume["steps"]
         self.loss_before = 0.0 if resume is None else resume["loss_sum"]
-        self.snap_params[...] = self.net._params
-        self.snap_state[...] = self.state
-        self.snap_t = self.opt.t
-        self.snap_dropout = self.net._dropout_rng.copy()
-        self.snap_buffers = self.net._buffers.copy()
+        self._snapshot(self.first)
         return self.first
 
     def rows_run(self):
@@ -361,10 +398,17 @@ class _EpochRunner:
         return self._loss_sum(self.n_batches) / total
 
     def _call(self, first, count):
-        # a callback between calls may have set t (3.5 failed in the engine's
-        # argument conversion, naming its "step0")
+        # What a callback changed since the last call (layer settings, the
+        # optimizer's settings, state or the optimizer itself) takes effect
+        # now, as in a run resumed from a checkpoint or Ctrl-C's position
+        # saved here, which holds the new settings: both give the same bits.
+        changed = self._take_up_layout()
+        changed = self.refresh_optimizer() or changed
+        # (t set by a callback: 3.5 failed in the engine's argument
+        # conversion, naming its "step0")
         self.opt._check_step_count()
-        self._take_up_layout()
+        if changed and first > self.snap_first:
+            self._snapshot(first)
         with _BLAS:  # BLAS at this fit's thread count (whatever other threads run)
             return self._train_batches(first, count)
 
@@ -434,8 +478,8 @@ class _EpochRunner:
                     self.opt.t = self.snap_t
                     self.net._dropout_rng[...] = self.snap_dropout
                     self.net._buffers[...] = self.snap_buffers
-                    self.steps = 0
-                    self._call(self.first, b + done - self.first)
+                    self.steps = self.snap_steps
+                    self._call(self.snap_first, b + done - self.snap_first)
                 return status, b + done
             b += done
             # Grow the run of batches per call towards _CALL_SECONDS.

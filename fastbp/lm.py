@@ -232,6 +232,12 @@ class _LMRun:
         self.rows = solver.block_rows or max(1, _BLOCK_BYTES // (8 * k * max(index.size, 1)))
 
     def refresh(self):
+        if self.net.optimizer is not self.solver:
+            # (it was ignored: the fit went on with Levenberg-Marquardt and
+            # ended with net.optimizer naming what it had not trained with)
+            raise ValueError(f"net.optimizer was set to {self.net.optimizer!r} during a "
+                             "Levenberg-Marquardt fit, which cannot change solvers; stop the "
+                             "fit and call fit(optimizer=...)")
         self.solver._checked()  # a callback may have changed them
 
     def run_epoch(self, epoch, interrupt):

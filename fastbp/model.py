@@ -672,11 +672,12 @@ class Sequential:
             (logs: this epoch's metrics, as recorded in the history) and
             ``on_train_end(net)`` (called once however the fit ends: a
             divergence, Ctrl-C or an exception included); ``net.fit_params`` holds this fit's epochs,
-            batch size and sample count.  Between epochs a callback may change the
+            batch size and sample count.  A callback may change the
             optimizer's hyperparameters (e.g. ``net.optimizer.lr``: learning
             rate schedules; they are checked again), reset it, replace it
-            (``net.optimizer = SGD(...)``: the next epoch runs the new one
-            from its own state, as a second fit would), or set
+            (``net.optimizer = SGD(...)``: the new one starts from its own
+            state, as a second fit would), taken up at the next call into
+            the engine (so a checkpoint written then resumes bitwise), or set
             ``net.stop_training = True`` to end the fit after this epoch
             (``history.stop_reason`` then says why).
             ``on_batches_end(net, epoch, batch)``, if defined, is called after

@@ -440,3 +440,17 @@ def test_non_finite_error_is_a_divergence_not_an_inf_loss(rng, on_divergence):
     assert "diverged" in net.history.stop_reason
     np.testing.assert_array_equal(net.params, before)
     assert rec.calls == [("train_begin",), ("epoch_begin", 1), ("train_end",)]
+
+
+@pytest.mark.parametrize("value", [None, "sgd", optim.SGD(lr=0.01)])
+def test_replacing_the_solver_from_a_callback_is_refused(rng, value):
+    """It was ignored: the fit went on with Levenberg-Marquardt."""
+    X, Y = _data(rng, n=20)
+
+    class Swap(fastbp.callbacks.Callback):
+        def on_epoch_end(self, net, epoch, logs):
+            net.optimizer = value
+    net = _net()
+    with pytest.raises(ValueError, match="cannot change solvers"):
+        net.fit(X, Y, optimizer=LevenbergMarquardt(), epochs=3, verbose=0, callbacks=[Swap()])
+    assert net.history.n_epochs == 1

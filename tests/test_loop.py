@@ -352,3 +352,81 @@ def test_a_fit_that_would_take_the_step_count_to_2_53_is_refused_before_it_runs(
     net.fit(X, Y, epochs=1, verbose=0)
     assert opt.t == 2 ** 53 - 1
 
+
+
+class _AtBatch(Callback):
+    """Calls ``change(net)`` at the first call boundary at batch ``at`` of
+    epoch ``epoch`` (checkpoint_every puts a boundary there)."""
+
+    def __init__(self, epoch, at, change):
+        self.epoch, self.at, self.change, self.done = epoch, at, change, False
+
+    def on_batches_end(self, net, epoch, batch):
+        if (epoch, batch) == (self.epoch, self.at) and not self.done:
+            self.done = True
+            self.change(net)
+
+
+_WITHIN_EPOCH = {
+    "lr": lambda net: setattr(net.optimizer, "lr", 0.05),
+    "momentum": lambda net: setattr(net.optimizer, "betas", (0.5, 0.9)),
+    "reset": lambda net: net.optimizer.reset(),
+    "replaced": lambda net: setattr(net, "optimizer", fastbp.optim.SGD(lr=0.05, momentum=0.9)),
+}
+
+
+@pytest.mark.parametrize("change", list(_WITHIN_EPOCH))
+def test_a_change_within_an_epoch_resumes_bitwise_from_a_checkpoint_written_then(tmp_path,
+                                                                                 change):
+    """A callback's change to the optimizer within an epoch (on_batches_end)
+    was taken up at the next epoch, but a checkpoint (or Ctrl-C's position)
+    written at that boundary already held it: the resumed run used it for
+    the rest of the epoch, the uninterrupted one did not (weights 0.03-0.47
+    apart). Now it takes effect at the next call into the engine, in both."""
+    X, Y = _data(n=160)
+    kw = dict(batch_size=8, shuffle=False, verbose=0, checkpoint_every=3)
+    whole = _net()
+    whole.fit(X, Y, optimizer=fastbp.optim.Adam(lr=0.01), epochs=3,
+              callbacks=[_AtBatch(2, 6, _WITHIN_EPOCH[change])],
+              checkpoint=tmp_path / "whole.fbp", **kw)
+    path = tmp_path / "cut.fbp"
+
+    class StopAfterSave(Callback):   # a crash after the checkpoint at (2, 6), before (2, 9)'s
+        def on_batches_end(self, net, epoch, batch):
+            if (epoch, batch) == (2, 9):
+                raise RuntimeError("simulated crash")
+
+    cut = _net()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cut.fit(X, Y, optimizer=fastbp.optim.Adam(lr=0.01), epochs=3,
+                callbacks=[_AtBatch(2, 6, _WITHIN_EPOCH[change]), StopAfterSave()],
+                checkpoint=path, **kw)
+    resumed = fastbp.load(path)
+    assert resumed._position["batch"] == 6
+    resumed.fit(X, Y, epochs=3 - resumed.history.n_epochs, verbose=0)
+    np.testing.assert_array_equal(resumed.params, whole.params)
+
+
+def test_a_divergence_after_a_change_within_an_epoch_rolls_back_to_its_last_finite_step(
+        tmp_path):
+    """The rollback replayed the epoch's finite steps from its start with
+    the settings of the failing call: a learning rate raised within the
+    epoch was applied to the batches before the change too. It now replays
+    from where the settings last changed."""
+    X, Y = _data(n=160)
+
+    def run(n_rows, name):
+        net, opt = _net(), fastbp.optim.SGD(lr=0.01)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # the divergence's warning
+            net.fit(X[:n_rows], Y[:n_rows], optimizer=opt, epochs=1, batch_size=8,
+                    shuffle=False, verbose=0, on_divergence="warn", checkpoint_every=3,
+                    checkpoint=tmp_path / name,
+                    callbacks=[_AtBatch(1, 6, lambda n: setattr(n.optimizer, "lr", 1e300))])
+        return net, opt
+
+    net, opt = run(len(X), "a.fbp")
+    steps = opt.t
+    assert 6 <= steps < 20 and np.isfinite(net.params).all()
+    twin, _ = run(8 * steps, "b.fbp")   # the same steps, and no divergence
+    np.testing.assert_array_equal(net.params, twin.params)
