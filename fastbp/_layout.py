@@ -22,6 +22,7 @@ predict write past its output.
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -43,6 +44,17 @@ from .program import compile_program
 #: after a fit whose model dies with the function that made it.
 _OWNERS: dict = {}
 _OWNERS_LOCK = threading.Lock()
+
+
+def _reset_lock_in_child():
+    # A fork while another thread held the lock left the child's copy held
+    # forever: its first build hung.
+    global _OWNERS_LOCK
+    _OWNERS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_lock_in_child)
 
 #: program columns that place the parameters and activations: a change of
 #: settings after build that moves any of them needs a new build
@@ -95,7 +107,10 @@ def claim(net):
                 raise ValueError(f"layer {i} ({layer!r}) belongs to another built model (its "
                                  "W and b are views into that model's parameters); use a new "
                                  "layer, or copy.deepcopy(layer)")
-        undo = [(id(layer), _OWNERS.get(id(layer))) for layer in net.layers]
+        # every entry the claim changes: the new layers' and those ``net``
+        # owned before (a failed rebuild leaves it with its old layers)
+        undo = {key: entry for key, entry in _OWNERS.items() if entry[1]() is net}
+        undo.update((id(layer), _OWNERS.get(id(layer))) for layer in net.layers)
         _set_owner(net)
         return undo
 
@@ -103,7 +118,7 @@ def claim(net):
 def release(undo):
     """Undo a ``claim`` whose build failed: each layer's previous owner."""
     with _OWNERS_LOCK:
-        for key, entry in undo:
+        for key, entry in undo.items():
             if entry is None:
                 _OWNERS.pop(key, None)
             else:
@@ -111,9 +126,11 @@ def release(undo):
 
 
 def _set_owner(net):
-    """Prune dead layers' entries, then record ``net`` as its layers' owner
-    (the caller holds the lock)."""
-    for key in [key for key, (layer, _) in _OWNERS.items() if layer() is None]:
+    """Prune dead layers' entries and those of layers ``net`` no longer has
+    (a rebuild with a new list of layers freed them), then record ``net``
+    as its layers' owner (the caller holds the lock)."""
+    for key in [key for key, (layer, owner) in _OWNERS.items()
+                if layer() is None or owner() is net]:
         del _OWNERS[key]
     for layer in net.layers:
         _OWNERS[id(layer)] = (weakref.ref(layer), weakref.ref(net))

@@ -285,3 +285,52 @@ def test_two_threads_building_models_that_share_a_layer_one_is_refused():
             assert not models[1 - built[0]].built
     finally:
         sys.setswitchinterval(interval)
+
+
+def test_a_layer_a_model_no_longer_has_or_never_got_is_free():
+    """The registry outlived ownership: a layer dropped from a model rebuilt
+    with a new list of layers, and the layers of a build that failed, still
+    counted as that model's ("belongs to another built model")."""
+    kept, dropped = fastbp.Dense(3), fastbp.Dense(3)
+    net = fastbp.Sequential([dropped, fastbp.Dense(1)], seed=0).build(2)
+    net.layers = [kept, fastbp.Dense(1)]
+    net.build(2)
+    fastbp.Sequential([dropped, fastbp.Dense(1)], seed=0).build(2)
+
+    class Failing(fastbp.Dense):
+        def _initialize(self, rng):
+            raise RuntimeError("an initializer's error")
+    free = fastbp.Dense(3)
+    with pytest.raises(RuntimeError):
+        fastbp.Sequential([free, Failing(3), fastbp.Dense(1)], seed=0).build(2)
+    fastbp.Sequential([free, fastbp.Dense(1)], seed=0).build(2)
+    # a failed rebuild with a new list keeps the model's old layers its own
+    old = net.layers
+    net.layers = [fastbp.Dense(3), Failing(3), fastbp.Dense(1)]
+    with pytest.raises(RuntimeError):
+        net.build(2)
+    with pytest.raises(ValueError, match="belongs to another built model"):
+        fastbp.Sequential([old[0], fastbp.Dense(1)]).build(2)
+
+
+def test_a_fork_while_another_thread_holds_the_registry_lock_can_build():
+    """The registry's lock, held by another thread at fork(), stayed held
+    in the child: its first build hung."""
+    import os
+    import signal
+    from fastbp import _layout
+
+    _layout._OWNERS_LOCK.acquire()   # as a thread inside a build would hold it
+    try:
+        pid = os.fork()
+        if pid == 0:   # the child: a build must not wait for a thread that is not there
+            signal.alarm(20)
+            try:
+                fastbp.Sequential([fastbp.Dense(2)]).build(3)
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+    finally:
+        _layout._OWNERS_LOCK.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
