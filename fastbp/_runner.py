@@ -124,10 +124,11 @@ def _dense_rows(X):
 
 def _forward_sparse(X, network, ws, out, chunk):
     """``engine.forward`` of a CSR matrix through ``network`` (engine.Network),
-    made dense in pieces of at most ``chunk`` rows (the workspace's) and
-    _SPARSE_ELEMENTS values (a wide X) in one buffer; the caller holds BLAS,
-    as for a dense X."""
-    rows_at_once = max(1, min(chunk, _SPARSE_ELEMENTS // X.shape[1]))
+    made dense in pieces of ``chunk`` rows (the workspace's; predict keeps
+    it to _SPARSE_ELEMENTS values) in one buffer, so that each call of the
+    kernels takes the rows a dense X's would; the caller holds BLAS, as for
+    a dense X."""
+    rows_at_once = chunk
     block = np.empty((rows_at_once, X.shape[1]), dtype=out.dtype)
     for start in range(0, X.shape[0], rows_at_once):
         stop = min(start + rows_at_once, X.shape[0])

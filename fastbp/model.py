@@ -52,7 +52,7 @@ from ._loop import Solver
 from ._ext.engine import B_OFF, BUF_OFF, N_IN, N_OUT, TRAINABLE, W_OFF
 from ._numba.losses import loss_cfunc
 from ._reporting import DivergenceError  # noqa: F401  (fastbp.model.DivergenceError)
-from ._runner import _dense_rows, _forward_sparse, _ScratchPool, _Workspace
+from ._runner import _SPARSE_ELEMENTS, _dense_rows, _forward_sparse, _ScratchPool, _Workspace
 from ._threads import _BLAS, _blas_threads
 from ._typing import ArrayLike, DTypeLike, MatrixLike, PathLike
 from ._validation import (check_dtype, check_positive_int, check_sample_weight, check_targets,
@@ -468,7 +468,11 @@ class Sequential:
         """
         network, _, _, n_features, pool = self._inference_state()
         X = check_X(X, self.dtype, n_features, accept_sparse=True)
-        chunk = max(1, min(X.shape[0], pool.chunk_rows))
+        # Rows per call of the kernels, the same for a dense X and a sparse
+        # one (made dense that many rows at a time, at most _SPARSE_ELEMENTS
+        # values): a row's outputs may differ in the last bit with the rows
+        # beside it in a call (the kernels pick their blocking by the count).
+        chunk = max(1, min(X.shape[0], pool.chunk_rows, _SPARSE_ELEMENTS // X.shape[1]))
         out = np.empty((X.shape[0], network.n_outputs), dtype=self.dtype)
         ws = pool.take(chunk)
         try:

@@ -75,13 +75,16 @@ def test_predict_evaluate_and_validation_on_sparse_X(rng, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_predict_on_a_wide_sparse_X_works_in_smaller_pieces(rng, monkeypatch, dtype):
-    """A wide X is made dense fewer rows at a time than a dense predict
-    takes at once (here 7): products of another height may round
-    differently, so the outputs agree to the dtype's rounding."""
+    """A wide X is made dense a few rows at a time (here 7): a dense X's
+    calls of the kernels take as many, so the outputs are bitwise the same
+    (products of another height may round differently: a wide sparse X's
+    outputs differed from the dense one's in the last bit)."""
     X, _ = _data(rng)
     net = _net(dtype).build(X.shape[1])
-    monkeypatch.setattr(fastbp._runner, "_SPARSE_ELEMENTS", 7 * X.shape[1])
-    assert_close(net.predict(sparse.csr_matrix(X)), net.predict(X), dtype)
+    monkeypatch.setattr(fastbp.model, "_SPARSE_ELEMENTS", 7 * X.shape[1])
+    got = net.predict(sparse.csr_matrix(X))
+    assert got.tobytes() == net.predict(X).tobytes()
+
 
 
 def test_loss_and_grad_and_gradcheck_on_sparse_X(rng):
@@ -262,3 +265,17 @@ def test_duplicates_and_unsorted_indices_are_taken_as_toarray_takes_them(fmt, so
         got = check_sparse_X(X, np.dtype(dtype))
         assert got.has_canonical_format
         assert got.toarray().tobytes() == dense.tobytes(), (trial, X.toarray(), got.toarray())
+
+
+def test_predict_on_a_wide_sparse_X_is_bitwise_the_dense_ones():
+    """At the default sizes: 167 rows of 50,000 features make pieces of 83
+    rows, and the last row's outputs (and evaluate) differed from the
+    dense X's in the last bit."""
+    Xs = sparse.random(167, 50_000, density=0.01, format="csr", dtype=np.float32,
+                       random_state=0)
+    y = np.random.default_rng(0).integers(0, 3, 167)
+    net = fastbp.Sequential([fastbp.Dense(16, activation="relu"), fastbp.Dense(3)],
+                            seed=0).build(50_000)
+    assert net.predict(Xs).tobytes() == net.predict(Xs.toarray()).tobytes()
+    assert (net.evaluate(Xs, y, loss="cross_entropy")
+            == net.evaluate(Xs.toarray(), y, loss="cross_entropy"))
