@@ -714,3 +714,31 @@ def test_a_step_count_set_by_a_callback_is_checked(t):
     net = _net()
     with pytest.raises(ValueError, match="the step count t of this Adam must be an integer"):
         net.fit(X, y, epochs=2, callbacks=[SetT()], **FIT)
+
+
+def test_early_stopping_leaves_a_model_stopped_by_ctrl_c_as_it_was(tmp_path):
+    """restore_best_weights wrote an earlier epoch's weights back when Ctrl-C
+    ended the fit, beside the last epoch's optimizer state, history and
+    unfinished epoch: "fit again to continue" then differed from the
+    uninterrupted run."""
+    import signal
+
+    class CtrlC(cb.Callback):
+        def on_batches_end(self, net, epoch, batch):
+            if (epoch, batch) == (4, 2):
+                signal.raise_signal(signal.SIGINT)   # held to the call boundary
+
+    X, y = _data(n=96)
+    # checkpoint_every puts a call boundary at batch 2 of each epoch
+    kw = dict(FIT, epochs=6, shuffle=False, checkpoint_every=2)
+    whole = _net()
+    whole.fit(X, y, optimizer=fastbp.optim.Adam(lr=0.05), checkpoint=tmp_path / "a.fbp", **kw)
+    cut = _net()
+    es = cb.EarlyStopping(monitor="loss", patience=10, restore_best_weights=True)
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit(X, y, optimizer=fastbp.optim.Adam(lr=0.05), callbacks=[CtrlC(), es],
+                checkpoint=tmp_path / "b.fbp", **kw)
+    assert cut.history.stopped_by == "interrupt" and cut._position is not None
+    assert es.best_weights is not None and not np.array_equal(cut.params, es.best_weights)
+    cut.fit(X, y, epochs=6 - cut.history.n_epochs, verbose=0)
+    np.testing.assert_array_equal(cut.params, whole.params)

@@ -24,6 +24,10 @@ class EarlyStopping(Callback):
     improvement and writes the best copies back when the fit ends (whether
     or not it stopped early), as Keras 3 does (its moving mean and variance
     are weights); the optimizer state and history are left as they are.
+    Not when Ctrl-C ends the fit: the model then stays as it was stopped,
+    in step with its optimizer, history and unfinished epoch, so that
+    fitting again continues the run (Keras's fit ends without its
+    on_train_end there).
 
     Parameters
     ----------
@@ -120,6 +124,10 @@ class EarlyStopping(Callback):
         return f"{self.monitor} did not improve{by} for {self.wait} {epochs} ({best})"
 
     def on_train_end(self, net):
+        if net.history.stopped_by == "interrupt":
+            # restored weights beside epoch 5's optimizer state and position
+            # made "fit again to continue" differ from the uninterrupted run
+            return
         if self.restore_best_weights and self.best_weights is not None:
             net.params[...] = self.best_weights
             # the statistics the best epoch's validation loss was computed with
