@@ -50,7 +50,7 @@ import warnings
 import numpy as np
 
 from ._argtypes import at_least as _at_least, seconds as _seconds
-from ._validation import available_cpus
+from ._validation import MAX_THREADS, available_cpus
 
 #: name -> (layer sizes, batch size, samples); the asv suite (asv_bench/)
 #: runs these too
@@ -446,10 +446,10 @@ def run_digits(batch_sizes=(200,), rounds=7, epochs=200, threads=None, pause=0.2
             t_sk, t_fb, fits = [], [], {}
 
             def fit_sklearn():
-                fits["sklearn"] = SKMLPClassifier(**kw).fit(X, y)
+                fits["sklearn"] = _fit_or_interrupt(SKMLPClassifier(**kw), X, y)
 
             def fit_fastbp():
-                fits["fastbp"] = fastbp.MLPClassifier(**kw).fit(X, y)
+                fits["fastbp"] = _fit_or_interrupt(fastbp.MLPClassifier(**kw), X, y)
 
             for _ in range(rounds):
                 _median_time(fit_sklearn, t_sk, pause)
@@ -465,6 +465,18 @@ def run_digits(batch_sizes=(200,), rounds=7, epochs=200, threads=None, pause=0.2
                 "round_speedups": [a / b for a, b in zip(t_sk, t_fb)],
                 "max_coef_diff": diff, "isa": _isa_level()})
     return records
+
+
+def _fit_or_interrupt(estimator, X, y):
+    """``estimator.fit(X, y)``, re-raising the Ctrl-C that the estimators
+    turn into a warning ("Training interrupted by user."), as scikit-learn
+    does: the benchmark went on, and timed the cut-short fit as a round."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        estimator.fit(X, y)
+    if any("interrupted by user" in str(w.message) for w in caught):
+        raise KeyboardInterrupt
+    return estimator
 
 
 def format_digits(records):
@@ -592,6 +604,28 @@ def figure(records):
     return fig
 
 
+def _check_plot_path(path):
+    """ImportError, OSError or ValueError unless ``plot`` could write
+    ``path``: matplotlib installed, a format it writes, a folder that
+    exists, and a regular file (or none) there."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("needs matplotlib: pip install 'fastbp[plot]'") from None
+    from . import _files
+
+    fmt = os.path.splitext(os.fsdecode(os.fspath(path)))[1][1:].lower() or "png"
+    supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"cannot write a figure as {fmt!r}: supported formats are "
+                         f"{', '.join(sorted(supported))}")
+    target, _ = _files.target(path, "a figure")
+    folder = os.path.dirname(target) or "."
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no folder {folder!r} to write {path!r} in")
+
+
 def plot(records, path):
     """Write ``figure(records)`` to ``path`` (format from the extension,
     PNG without one); returns ``path``."""
@@ -611,7 +645,8 @@ def main(argv=None):
     parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--impl", nargs="+", default=None, choices=IMPLEMENTATIONS,
                         help="implementations to run (default: all that are installed)")
-    parser.add_argument("--threads", nargs="+", type=_at_least(1), default=[available_cpus()],
+    parser.add_argument("--threads", nargs="+", type=_at_least(1, MAX_THREADS),
+                        default=[available_cpus()],
                         help="thread counts to run at (default: all cores)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--rounds", type=_at_least(1), default=5)
@@ -633,6 +668,11 @@ def main(argv=None):
                              "phase, for each --workload and --threads (with --digits: for the "
                              "digits fit, at each --batch, for --epochs)")
     args = parser.parse_args(argv)
+    if args.plot:   # checked now, not after the whole benchmark has run
+        try:
+            _check_plot_path(args.plot)
+        except (ImportError, OSError, ValueError) as exc:
+            parser.error(f"--plot: {exc}")
     if args.phases and args.digits:
         records = [run_digits_phases(batch, threads, args.epochs)
                    for threads in args.threads for batch in args.batch]

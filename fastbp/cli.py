@@ -44,8 +44,8 @@ def main(argv=None):
                         help="print the instruction-set level, kernels, BLAS and threads in use")
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="train a network on scikit-learn's bundled digits data")
-    demo.add_argument("--epochs", type=_at_least(1), default=30)
-    demo.add_argument("--batch-size", type=_at_least(1), default=32)
+    demo.add_argument("--epochs", type=_at_least(1, MAX_DIM), default=30)
+    demo.add_argument("--batch-size", type=_at_least(1, MAX_DIM), default=32)
     demo.add_argument("--hidden", type=_widths, default=[64, 64],
                       help="hidden widths: 64 (two layers of 64, the default) or e.g. 128,64")
     demo.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -68,7 +68,7 @@ def main(argv=None):
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
 
-        return bench_main(argv[1:])
+        return _reporting_errors(lambda: bench_main(argv[1:]))
     args = parser.parse_args(argv)
     if args.info:
         from ._info import show_config
@@ -88,6 +88,25 @@ def main(argv=None):
     if args.command == "demo":
         from .demo import run
 
-        return run(epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden,
-                   dtype=args.dtype, seed=args.seed)
+        return _reporting_errors(lambda: run(epochs=args.epochs, batch_size=args.batch_size,
+                                             hidden=args.hidden, dtype=args.dtype,
+                                             seed=args.seed))
     return 0
+
+
+def _reporting_errors(run):
+    """Run a command: Ctrl-C ends it with status 130 and one line, as a
+    shell's commands do; a network too large for memory, or a setting the
+    library refuses, with its message and status 1, not a traceback."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("fastbp: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError as exc:
+        print(f"fastbp: not enough memory for this network ({exc or 'MemoryError'}); try "
+              "smaller --hidden widths or --batch-size", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"fastbp: error: {exc}", file=sys.stderr)
+        return 1

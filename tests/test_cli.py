@@ -55,6 +55,14 @@ def test_demo_takes_a_list_of_hidden_widths(tmp_path):
     (["mpi-demo", "--sync-every", "0"], "--sync-every: 0 is less than 1"),
     (["mpi-bench", "--rounds", "0"], "--rounds: 0 is less than 1"),
     (["mpi-bench", "--epochs", "-1"], "--epochs: -1 is less than 1"),
+    # above the library's bounds: tracebacks from inside the run
+    (["demo", "--epochs", str(10 ** 26)], "--epochs: 1" + "0" * 26 + " is more than"),
+    (["demo", "--batch-size", str(10 ** 30)], "is more than 2147483647"),
+    (["bench", "--threads", str(10 ** 20)], "--threads: 1" + "0" * 20 + " is more than"),
+    (["bench", "--threads", "3000000000"], "is more than 2147483647"),
+    # checked before the benchmark runs, not after it
+    (["bench", "--plot", "/no/such/folder/x.png"], "--plot: "),
+    (["bench", "--plot", "chart.xyz"], "cannot write a figure as 'xyz'"),
 ])
 def test_counts_out_of_range_are_usage_errors_before_anything_runs(capsys, args, message):
     # they were tracebacks from inside the run (scikit-learn's seed check,
@@ -63,3 +71,29 @@ def test_counts_out_of_range_are_usage_errors_before_anything_runs(capsys, args,
         cli.main(args)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_network_too_large_is_an_error_message_not_a_traceback(capsys):
+    assert cli.main(["demo", "--epochs", "1", "--hidden", "100000,100000"]) == 1
+    err = capsys.readouterr().err
+    assert "not enough memory for this network" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["demo", "--epochs", "100000"],
+                                  ["bench", "--digits", "--rounds", "50", "--epochs", "300"]])
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path, args):
+    """Ctrl-C ended demo and bench with a KeyboardInterrupt traceback, and
+    bench --digits went on: the estimators turn it into a warning, and the
+    cut-short fit was timed as a round."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "fastbp", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                             signal.default_int_handler))
+    time.sleep(8)   # well inside the run (imports and first compiles done)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "fastbp: interrupted" in err and "Traceback" not in err, err
