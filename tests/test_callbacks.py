@@ -742,3 +742,37 @@ def test_early_stopping_leaves_a_model_stopped_by_ctrl_c_as_it_was(tmp_path):
     assert es.best_weights is not None and not np.array_equal(cut.params, es.best_weights)
     cut.fit(X, y, epochs=6 - cut.history.n_epochs, verbose=0)
     np.testing.assert_array_equal(cut.params, whole.params)
+
+
+@pytest.mark.parametrize("separator", ["", ";;", None, "\n", '"'])
+def test_csv_logger_refuses_a_separator_csv_cannot_write(separator):
+    """They were taken, and failed (or wrote a value a line) only once an
+    epoch had trained."""
+    with pytest.raises(ValueError, match="separator must be one character"):
+        cb.CSVLogger("log.csv", separator=separator)
+
+
+def test_csv_logger_appends_only_to_a_log_of_epochs_and_on_a_line_of_its_own(tmp_path):
+    """Appending to a file with other columns (or one written with another
+    separator) wrote rows of empty cells; a spreadsheet's BOM hid the epoch
+    column; a file without a final newline had the first new row glued to
+    its last line; a folder where no file can be made failed after epoch 1."""
+    X, y = _data()
+    path = tmp_path / "log.csv"
+    for foreign in ("a,b,c\n1,2,3\n", "epoch;loss\n1;0.5\n"):
+        path.write_text(foreign)
+        net = _net()
+        with pytest.raises(ValueError, match="does not start with a header of epoch logs"):
+            net.fit(X, y, epochs=1, callbacks=[cb.CSVLogger(path, append=True)], **FIT)
+        assert net.history.n_epochs == 0 and path.read_text() == foreign
+    path.write_bytes("\ufeffepoch,loss\r\n1,0.5".encode("utf-8"))   # a BOM, no final newline
+    _net().fit(X, y, epochs=2, callbacks=[cb.CSVLogger(path, append=True)], **FIT)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["epoch", "loss"] and rows[1] == ["1", "0.5"]
+    assert [r[0] for r in rows[2:]] == ["1", "2"] and all(len(r) == 2 for r in rows)
+    net = _net()
+    with pytest.raises(FileNotFoundError):
+        net.fit(X, y, epochs=1, callbacks=[cb.CSVLogger(tmp_path / "no" / "log.csv",
+                                                        append=True)], **FIT)
+    assert net.history.n_epochs == 0

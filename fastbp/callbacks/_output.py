@@ -107,12 +107,26 @@ class CSVLogger(Callback):
         when it already has a header line its columns are used (and no new
         header is written), so the rows of successive fits line up.
     separator : str, default ","
-        Field delimiter.
+        Field delimiter: one character, not a quote, a line break or a
+        space that CSV readers strip.
+
+    Raises
+    ------
+    ValueError
+        At the start of the fit, when ``append`` finds a file whose first
+        line is not a header starting with ``epoch`` (another file, or a
+        log written with another separator): its rows would not line up.
     """
 
     def __init__(self, path, append=False, separator=","):
         if not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"CSVLogger: path must be a str or path-like, got {path!r}")
+        if not (isinstance(separator, str) and len(separator) == 1
+                and separator not in "\"\r\n"):
+            # (the csv module refused them only when the first row was
+            # written, after an epoch had trained; "\n" wrote a value a line)
+            raise ValueError(f"CSVLogger: separator must be one character other than a quote "
+                             f"or a line break, got {separator!r}")
         self.path = path
         self.append = bool(append)
         self.separator = separator
@@ -139,16 +153,34 @@ class CSVLogger(Callback):
 
     def on_train_begin(self, net):
         self.columns = None
-        if self.append and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-            with self._open("r") as f:
-                header = next(csv.reader(f, delimiter=self.separator), None)
-            if header:
-                self.columns = header
-        elif not self.append:
+        if not self.append:
             with self._open("w"):
                 pass
-        else:
-            _files.target(self.path, "a CSV log")  # a bad path fails now, not after an epoch
+            return
+        # a bad path, or a folder where no file can be made, fails now, not
+        # after an epoch (opening to append creates an empty file)
+        with self._open("a"):
+            pass
+        if os.path.getsize(self.path) == 0:
+            return
+        # utf-8-sig: a header saved by a spreadsheet starts with a BOM
+        with _files.open_regular(self.path, "r", "a CSV log", newline="",
+                                 encoding="utf-8-sig") as f:
+            header = next(csv.reader(f, delimiter=self.separator), None)
+        if not header or header[0] != "epoch":
+            raise ValueError(
+                f"CSVLogger: {os.fsdecode(self.path)!r} does not start with a header of epoch "
+                f"logs read with separator {self.separator!r} (its first line: "
+                f"{self.separator.join(header or [])[:80]!r}); the appended rows would not "
+                "line up: use another file, append=False, or the separator it was written "
+                "with")
+        self.columns = header
+        with _files.open_regular(self.path, "rb", "a CSV log") as f:
+            f.seek(-1, os.SEEK_END)
+            ends_a_line = f.read(1) in (b"\n", b"\r")
+        if not ends_a_line:   # the first new row was glued to the last old one
+            with self._open("a") as f:
+                f.write("\r\n")
 
     def _open(self, mode):
         # a regular file only: a FIFO would block the fit, a device be written
