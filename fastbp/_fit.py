@@ -392,6 +392,14 @@ class _ModelFront:
 def _validation_metrics(net, Xv, Yv, loss):
     Z = net.predict(Xv)
     out = {"val_loss": data_loss(loss, Z, Yv)}
+    if not np.isfinite(out["val_loss"]):
+        # recorded as it is (EarlyStopping never counts it an improvement),
+        # but said: it was printed and recorded as NaN without a word, where
+        # evaluate on the same data raises
+        warnings.warn(f"val_loss is {out['val_loss']}: the network's outputs on "
+                      f"validation_data overflow {net.dtype.name} with these weights; scale "
+                      "the inputs" + (" or use dtype='float64'" if net.dtype == np.float32
+                                      else ""), RuntimeWarning, stacklevel=2)
     if loss == "cross_entropy":
         out["val_accuracy"] = float(np.mean(Z.argmax(1) == Yv.argmax(1)))
     elif loss == "binary_cross_entropy":

@@ -430,3 +430,16 @@ def test_a_divergence_after_a_change_within_an_epoch_rolls_back_to_its_last_fini
     assert 6 <= steps < 20 and np.isfinite(net.params).all()
     twin, _ = run(8 * steps, "b.fbp")   # the same steps, and no divergence
     np.testing.assert_array_equal(net.params, twin.params)
+
+
+def test_a_non_finite_validation_loss_is_said():
+    """float32 validation data in range but overflowing the outputs: val_loss
+    was recorded and printed as nan without a word (evaluate raises)."""
+    X, Y = _data(n=32)
+    X, Y = X.astype(np.float32), Y.astype(np.float32)
+    net = fastbp.Sequential([fastbp.Dense(4), fastbp.Dense(1)], seed=0).build(3)
+    net.layers[0].W[...] = 10.0   # 3 x 10 x 3.3e38: beyond float32
+    with pytest.warns(RuntimeWarning, match="val_loss is (nan|inf).*overflow float32"):
+        net.fit(X, Y, epochs=1, verbose=0, validation_data=(np.full((4, 3), 3.3e38,
+                                                                    np.float32), Y[:4]))
+    assert not np.isfinite(net.history["val_loss"][0])
