@@ -396,6 +396,10 @@ def test_progress_bar_replaces_the_epoch_lines(capsys):
     assert "3/3" in _frames(out.getvalue())[-1]
     net.fit(X, y, epochs=2, callbacks=[cb.ProgressBar(disable=True)], verbose=1)
     assert capsys.readouterr().out.count("samples/s") == 2
+    # None: tqdm's "a bar on a terminal only"; to a file it printed nothing at all
+    quiet = io.StringIO()
+    net.fit(X, y, epochs=2, callbacks=[cb.ProgressBar(file=quiet, disable=None)], verbose=1)
+    assert capsys.readouterr().out.count("samples/s") == 2 and quiet.getvalue() == ""
 
 
 def test_progress_bar_advances_within_a_long_epoch(monkeypatch):

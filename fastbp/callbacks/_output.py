@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -222,8 +223,9 @@ class ProgressBar(Callback):
         of the fit (``net.fit_params``).
     **tqdm_kwargs
         Passed to ``tqdm.tqdm`` (e.g. ``file``, ``leave``, ``desc``,
-        ``mininterval``, ``disable``).  With ``disable=True`` there is no
-        bar, and fit prints its per-epoch lines again.
+        ``mininterval``, ``disable``).  With ``disable=True`` (or None
+        where the output is not a terminal) there is no bar, and fit prints
+        its per-epoch lines again.
 
     Attributes
     ----------
@@ -246,8 +248,15 @@ class ProgressBar(Callback):
 
     @property
     def shows_progress(self):
-        """True unless the bar is disabled: fit then prints no epoch lines."""
-        return self.tqdm_kwargs.get("disable") is not True
+        """True unless the bar is disabled: fit then prints no epoch lines.
+        ``disable=None`` is tqdm's "no bar unless the output is a terminal"
+        (it silenced a fit whose output went to a file: no bar, no lines)."""
+        disable = self.tqdm_kwargs.get("disable", False)
+        if disable is None:   # tqdm's own rule for None
+            file = self.tqdm_kwargs.get("file") or sys.stderr
+            isatty = getattr(file, "isatty", None)
+            disable = callable(isatty) and not isatty()
+        return not disable
 
     def on_train_begin(self, net):
         self._close()
