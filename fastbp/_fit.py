@@ -52,6 +52,12 @@ def fit(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data
         sync_every=1):
     """``Sequential.fit``'s work (its docstring says what each argument
     means); the caller holds the model."""
+    # 0, 1 or 2 (Keras's one line an epoch, as 1 here), or a bool; not any
+    # truthy value: verbose="0" printed
+    if isinstance(verbose, (int, np.integer)) and verbose in (0, 1, 2):
+        verbose = int(bool(verbose))
+    else:
+        raise ValueError(f"verbose must be 0, 1 or 2 (or True or False), got {verbose!r}")
     ranks = _ranks(comm, shard, sync_batchnorm, sync_every)
     plan = _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data,
                  n_threads, on_divergence, checkpoint, checkpoint_every, sample_weight,

@@ -632,7 +632,7 @@ class Sequential:
             Evaluated after every epoch (``val_loss``, and ``val_accuracy``
             for classification losses).
         verbose : int, default 1
-            1 prints one line per epoch (none when a callback shows the
+            0 prints nothing; 1 (or 2, as in Keras) prints one line per epoch (none when a callback shows the
             progress itself, as ``ProgressBar`` does) and, when the fit stops
             before its last epoch (a callback, divergence, Ctrl-C) or ends
             holding another epoch's weights, one line saying where and why

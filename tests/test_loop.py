@@ -443,3 +443,17 @@ def test_a_non_finite_validation_loss_is_said():
         net.fit(X, Y, epochs=1, verbose=0, validation_data=(np.full((4, 3), 3.3e38,
                                                                     np.float32), Y[:4]))
     assert not np.isfinite(net.history["val_loss"][0])
+
+
+@pytest.mark.parametrize("verbose", ["0", None, 3, -1, 0.5])
+def test_verbose_takes_0_1_or_2_only(verbose):
+    """Any truthy value printed (verbose="0" did)."""
+    X, Y = _data(n=16)
+    with pytest.raises(ValueError, match="verbose must be 0, 1 or 2"):
+        _net().fit(X, Y, epochs=1, verbose=verbose)
+
+
+def test_verbose_2_prints_a_line_an_epoch_as_1(capsys):
+    X, Y = _data(n=16)
+    _net().fit(X, Y, epochs=2, verbose=2)
+    assert capsys.readouterr().out.count("samples/s") == 2
