@@ -97,9 +97,9 @@ class LevenbergMarquardt(Solver):
         Initial damping.
     mu_dec : float in (0, 1), default 0.1
         Factor of mu after an accepted step.
-    mu_inc : float > 1, default 10
+    mu_inc : float in (1, 1e8], default 10
         Factor of mu after a rejected step.
-    mu_max : float > 0, default 1e10
+    mu_max : float in (0, 1e300], default 1e10
         Training stops when mu exceeds it.
     block_rows : int or None, default None
         Rows of the training set per block of the Jacobian; None chooses
@@ -165,8 +165,11 @@ class LevenbergMarquardt(Solver):
         mu_inc, mu_max = _real(self.mu_inc, "mu_inc"), _real(self.mu_max, "mu_max")
         _check(mu > 0, f"invalid mu: {mu} (must be > 0)")
         _check(0 < mu_dec < 1, f"invalid mu_dec: {mu_dec} (must be in (0, 1))")
-        _check(mu_inc > 1, f"invalid mu_inc: {mu_inc} (must be > 1)")
-        _check(mu_max > 0, f"invalid mu_max: {mu_max} (must be > 0)")
+        # (bounded so that mu * mu_inc, which ends the damping loop above
+        # mu_max, stays finite: at mu_max = 1.8e308 mu became inf, and every
+        # later fit failed with "invalid mu: inf")
+        _check(1 < mu_inc <= 1e8, f"invalid mu_inc: {mu_inc} (must be in (1, 1e8])")
+        _check(0 < mu_max <= 1e300, f"invalid mu_max: {mu_max} (must be in (0, 1e300])")
         block_rows = self.block_rows
         if block_rows is not None:
             _check(not isinstance(block_rows, bool) and isinstance(block_rows, (int, np.integer))

@@ -349,6 +349,8 @@ def test_refusals(rng, tmp_path):
 @pytest.mark.parametrize("kwargs", [dict(mu=0), dict(mu=-1), dict(mu=float("nan")),
                                     dict(mu_dec=1.0), dict(mu_dec=0), dict(mu_inc=1.0),
                                     dict(mu_max=0), dict(block_rows=0), dict(block_rows=2.5),
+                                    # mu * mu_inc would overflow (mu became inf)
+                                    dict(mu_max=1.7976931348623157e308), dict(mu_inc=1e9),
                                     dict(block_rows=True), dict(mu="a")])
 def test_invalid_hyperparameters(kwargs):
     with pytest.raises(ValueError):
