@@ -780,3 +780,26 @@ def test_csv_logger_appends_only_to_a_log_of_epochs_and_on_a_line_of_its_own(tmp
         net.fit(X, y, epochs=1, callbacks=[cb.CSVLogger(tmp_path / "no" / "log.csv",
                                                         append=True)], **FIT)
     assert net.history.n_epochs == 0
+
+
+@pytest.mark.parametrize("make", [lambda: cb.StepLR(3, gamma=0.5, base_lr=0.05),
+                                  lambda: cb.ExponentialLR(0.8, base_lr=0.05),
+                                  lambda: cb.CosineAnnealingLR(6, eta_min=0.001, base_lr=0.05)])
+def test_a_schedule_with_a_fixed_base_lr_continues_across_fits_and_checkpoints(tmp_path, make):
+    """Every fit restarted a schedule from the optimizer's current rate, so
+    a run resumed from a checkpoint got other rates (StepLR 0.025 against
+    0.0125 after 12 epochs). With base_lr the rate follows the model's
+    epoch count: one long fit, two fits, and a checkpoint resumed in a new
+    model give the same bits."""
+    X, y = _data()
+    one = _net()
+    one.fit(X, y, optimizer=fastbp.optim.SGD(lr=0.05), epochs=8, callbacks=[make()], **FIT)
+    two = _net()
+    two.fit(X, y, optimizer=fastbp.optim.SGD(lr=0.05), epochs=3, callbacks=[make()],
+            checkpoint=tmp_path / "run.fbp", **FIT)
+    resumed = fastbp.load(tmp_path / "run.fbp")
+    resumed.fit(X, y, epochs=5, callbacks=[make()], **FIT)
+    two.fit(X, y, epochs=5, callbacks=[make()], **FIT)
+    for other in (two, resumed):
+        np.testing.assert_array_equal(other.params, one.params)
+        assert other.optimizer.lr == one.optimizer.lr

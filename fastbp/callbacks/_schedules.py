@@ -9,7 +9,9 @@ from ._base import Callback, _check_monitor, _count, _monitored, _number
 class _LRSchedule(Callback):
     """Shared part of the schedules: the optimizer check, base lr and step count."""
 
-    def __init__(self):
+    def __init__(self, base_lr=None):
+        self.fixed_base_lr = (None if base_lr is None
+                              else _number(base_lr, "base_lr", type(self).__name__, low=0))
         self.base_lr = None
         self.last_epoch = 0
         self.lrs = []
@@ -25,9 +27,18 @@ class _LRSchedule(Callback):
         return opt
 
     def on_train_begin(self, net):
-        self.base_lr = float(self._optimizer(net).lr)
-        self.last_epoch = 0
-        self.lrs = [self.base_lr]
+        opt = self._optimizer(net)
+        if self.fixed_base_lr is None:   # restart from the rate the optimizer has
+            self.base_lr = float(opt.lr)
+            self.last_epoch = 0
+            self.lrs = [self.base_lr]
+            return
+        # the model's epoch count: a fit that continues the run (again, or
+        # from a checkpoint) continues the schedule
+        self.base_lr = self.fixed_base_lr
+        self.last_epoch = net.history.n_epochs
+        self.lrs = []
+        self._set(net, self._closed_form(self.base_lr, self.last_epoch))
 
     def _set(self, net, lr):
         net.optimizer.lr = float(lr)
@@ -44,12 +55,21 @@ class _LRSchedule(Callback):
 
 
 _SCHEDULE_NOTE = """
+    base_lr : float, optional
+        :math:`\\eta_0`, fixed: :math:`t` then counts the epochs the model
+        has finished (``net.history.n_epochs``), so a fit that continues a
+        run, again or from a checkpoint, continues the schedule with the
+        same rates as one long fit.  By default :math:`\\eta_0` is the
+        optimizer's lr when each fit begins, and :math:`t` counts that
+        fit's epochs: every fit restarts the schedule.
+
     Attributes
     ----------
     base_lr : float
-        :math:`\\eta_0`, the optimizer's lr when this fit began.
+        :math:`\\eta_0`.
     last_epoch : int
-        :math:`t`, epochs finished in this fit.
+        :math:`t`, epochs finished (in this fit, or by the model with a
+        fixed ``base_lr``).
     lrs : list of float
         :math:`\\eta_0, \\eta_1, ...`: the rate of every epoch of this fit
         (the last one is set for the epoch after the fit).
@@ -85,8 +105,8 @@ class StepLR(_LRSchedule):
         Multiplicative factor (>= 0).
 """ + _SCHEDULE_NOTE.format(name="StepLR")
 
-    def __init__(self, step_size, gamma=0.1):
-        super().__init__()
+    def __init__(self, step_size, gamma=0.1, base_lr=None):
+        super().__init__(base_lr)
         self.step_size = _count(step_size, "step_size", "StepLR", low=1)
         self.gamma = _number(gamma, "gamma", "StepLR", low=0)
 
@@ -107,8 +127,8 @@ class ExponentialLR(_LRSchedule):
         Multiplicative factor per epoch (>= 0).
 """ + _SCHEDULE_NOTE.format(name="ExponentialLR")
 
-    def __init__(self, gamma):
-        super().__init__()
+    def __init__(self, gamma, base_lr=None):
+        super().__init__(base_lr)
         self.gamma = _number(gamma, "gamma", "ExponentialLR", low=0)
 
     def _closed_form(self, base_lr, t):
@@ -135,8 +155,8 @@ class CosineAnnealingLR(_LRSchedule):
         Minimum learning rate (>= 0).
 """ + _SCHEDULE_NOTE.format(name="CosineAnnealingLR")
 
-    def __init__(self, T_max, eta_min=0):
-        super().__init__()
+    def __init__(self, T_max, eta_min=0, base_lr=None):
+        super().__init__(base_lr)
         self.T_max = _count(T_max, "T_max", "CosineAnnealingLR", low=1)
         self.eta_min = _number(eta_min, "eta_min", "CosineAnnealingLR", low=0)
 
