@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 import warnings
 
 import numpy as np
 
-from . import _loop, _reporting, _resume
+from . import _files, _loop, _reporting, _resume
 from . import optim as _optim
 from ._loop import MiniBatch, is_solver
 from ._optimizer import _flag
@@ -75,6 +76,11 @@ def fit(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_data
             verbose, checkpoint = 0, None
             callbacks = [c for c in callbacks if ranks.keeps(c)]
         return _fit_ranks(net, plan, verbose, callbacks, checkpoint, first_epoch, last_epoch)
+    if checkpoint is not None:
+        # a folder, a FIFO or a missing folder fails now, not at the first
+        # save after an epoch of training (with comm, rank 0's first save
+        # says so: a check on one rank alone would leave the others waiting)
+        _files.target(checkpoint, "a model file")
     run = _start(net, plan, checkpoint, last_epoch)
     _record_settings(net, plan)
     front = _model_front(net, plan, run, callbacks, verbose, checkpoint, first_epoch,
@@ -163,6 +169,9 @@ def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_da
                                                allow_none=True)
     if plan.checkpoint_every and checkpoint is None:
         raise ValueError("checkpoint_every needs a checkpoint path")
+    if checkpoint is not None and (not isinstance(checkpoint, (str, os.PathLike))
+                                   or not os.fspath(checkpoint)):
+        raise ValueError(f"checkpoint must be a non-empty path, got {checkpoint!r}")
     plan.X, plan.Y, plan.W = net._prepare(X, y, loss, sample_weight=sample_weight)
     plan.validation = None
     if validation_data is not None:

@@ -1,6 +1,7 @@
 """Plots of training histories (needs matplotlib: ``pip install "fastbp[plot]"``)."""
 from __future__ import annotations
 
+import io
 import os
 import textwrap
 import warnings
@@ -193,5 +194,9 @@ def _save(fig, path):
     if fmt not in fig.canvas.get_supported_filetypes():
         raise ValueError(f"cannot write a figure as {fmt!r}: supported formats are "
                          f"{', '.join(sorted(fig.canvas.get_supported_filetypes()))}")
+    # drawn in memory first: a format that fails to render (pgf without a
+    # LaTeX) left an existing file truncated
+    image = io.BytesIO()
+    fig.savefig(image, dpi=100, format=fmt)
     with _files.open_regular(path, "wb", "a figure") as f:
-        fig.savefig(f, dpi=100, format=fmt)
+        f.write(image.getvalue())

@@ -803,3 +803,20 @@ def test_a_schedule_with_a_fixed_base_lr_continues_across_fits_and_checkpoints(t
     for other in (two, resumed):
         np.testing.assert_array_equal(other.params, one.params)
         assert other.optimizer.lr == one.optimizer.lr
+
+
+def test_checkpoint_paths_are_checked_before_training(tmp_path):
+    """A folder, a missing folder or an empty path failed only at the first
+    save, after an epoch had trained."""
+    X, y = _data()
+    for bad, error in ((tmp_path, IsADirectoryError), (tmp_path / "no" / "m.fbp",
+                                                       FileNotFoundError)):
+        for kw in (dict(checkpoint=bad), dict(callbacks=[cb.ModelCheckpoint(bad)])):
+            net = _net()
+            with pytest.raises(error):
+                net.fit(X, y, epochs=1, **kw, **FIT)
+            assert net.history.n_epochs == 0
+    with pytest.raises(ValueError, match="non-empty"):
+        cb.ModelCheckpoint("")
+    with pytest.raises(ValueError, match="non-empty"):
+        _net().fit(X, y, epochs=1, checkpoint="", **FIT)

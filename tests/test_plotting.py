@@ -91,3 +91,22 @@ def test_a_pickled_history_from_before_weights_epoch_still_plots():
     net, _ = _fit_with_early_stopping(restore=False)
     del net.history.weights_epoch  # as unpickled from an older fastbp
     assert "(the last)" in fastbp.plot_history(net).get_suptitle()
+
+
+def test_plot_history_that_fails_to_render_leaves_the_old_file(tmp_path, monkeypatch):
+    """The file was opened (truncated) before the figure was drawn: a format
+    that failed to render (pgf without LaTeX) left it empty."""
+    X = np.random.default_rng(0).normal(size=(32, 3))
+    y = X[:, :1]
+    net = fastbp.Sequential([fastbp.Dense(4, activation='tanh'), fastbp.Dense(1)], seed=0)
+    net.fit(X, y, epochs=2, loss='mse', batch_size=16, verbose=0)
+    path = tmp_path / "curves.png"
+    path.write_bytes(b"the old figure")
+    import matplotlib.figure
+
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("LaTeX is not installed")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing)
+    with pytest.raises(RuntimeError, match="LaTeX"):
+        fastbp.plot_history(net.history, path)
+    assert path.read_bytes() == b"the old figure"

@@ -46,8 +46,8 @@ class ModelCheckpoint(Callback):
 
     def __init__(self, path, monitor=None, mode="auto", save_best_only=False):
         who = "ModelCheckpoint"
-        if not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"{who}: path must be a str or path-like, got {path!r}")
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise ValueError(f"{who}: path must be a non-empty str or path-like, got {path!r}")
         self.path = path
         if save_best_only and monitor is None:
             raise ValueError(f"{who}: save_best_only=True needs a monitor (e.g. "
@@ -61,6 +61,10 @@ class ModelCheckpoint(Callback):
     def on_train_begin(self, net):
         self.best = None
         self.saved = []
+        path = os.fspath(self.path)
+        if not (isinstance(path, str) and "{" in path):
+            # a folder, a FIFO or a missing folder fails now, not after an epoch
+            _files.target(path, "a model file")
 
     def _filepath(self, epoch, logs):
         path = os.fspath(self.path)
