@@ -691,6 +691,8 @@ def test_model_checkpoint_and_plot_refuse_a_fifo(tmp_path):
         net = _net()
         with pytest.raises(ValueError, match="is a FIFO"):
             net.fit(X, y, epochs=1, callbacks=[cb.ModelCheckpoint(fifo)], **FIT)
+        assert net.history.n_epochs == 0   # refused before training
+        net.fit(X, y, epochs=1, **FIT)
         with pytest.raises(ValueError, match="is a FIFO"):
             fastbp.plot_history(net, fifo)
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
