@@ -248,11 +248,15 @@ def _temporary_prefix(target):
     """The start of the temporary file's name: the target's name, cut to 64
     bytes (file names are limited in bytes, 255 on most file systems, and a
     character may take four; cut by characters, a legal name of 252 bytes
-    made the temporary name too long), so a leftover is easy to place; then
-    the writer's process id and host, so a leftover of a killed writer can
-    be told from a save in progress (``_remove_leftovers``)."""
-    name = os.path.basename(target).encode("utf-8", "surrogateescape")[:64]
-    return "." + name.decode("utf-8", "ignore") + f".{os.getpid()}-{_HOST}."
+    made the temporary name too long), so a leftover is easy to place; a
+    tag of the whole name; then the writer's process id and host, so a
+    leftover of a killed writer can be told from a save in progress
+    (``_remove_leftovers``)."""
+    full = os.path.basename(target).encode("utf-8", "surrogateescape")
+    # a tag of the whole name: two targets whose names agree in their first
+    # 64 bytes do not take each other's leftovers for their own
+    tag = hashlib.sha256(full).hexdigest()[:8]
+    return "." + full[:64].decode("utf-8", "ignore") + f".{tag}.{os.getpid()}-{_HOST}."
 
 
 #: a short tag of this machine's name, in temporary files' names

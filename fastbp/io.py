@@ -132,7 +132,7 @@ original.
 Atomic writes
 -------------
 ``save_model`` writes to a temporary file in the target's folder (named
-``.<name>.<pid>-<host>.<random>.tmp``), flushes and fsyncs it, then
+``.<name>.<tag>.<pid>-<host>.<random>.tmp``), flushes and fsyncs it, then
 ``os.replace``s it over the target and fsyncs the folder (best effort).  A
 process killed at any moment leaves either the previous file or the new one
 at the target, and perhaps its temporary file: the next save to that

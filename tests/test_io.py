@@ -323,12 +323,15 @@ def test_a_temporary_file_left_by_a_killed_save_is_removed_by_the_next(tmp_path)
     old, young = left
     hour_ago = time.time() - 3600
     os.utime(tmp_path / old, (hour_ago, hour_ago))
+    base = old[:old.rindex(".", 0, old.rindex("-")) + 1]   # ".ckpt.fbp.<tag>."
+    dead = old[len(base):].split("-")[0]
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        decoys = [f".ckpt.fbp.{live.pid}-{_format._HOST}.abc.tmp",   # its writer runs
-                  f".ckpt.fbp.{old.split('.')[3].split('-')[0]}-0badbeef.abc.tmp",  # host
-                  f".other.fbp.{old.split('.')[3]}.abc.tmp",         # another target
-                  f".ckpt.fbp.\u00b2-{_format._HOST}.abc.tmp"]          # not a pid (int() fails)
+        decoys = [f"{base}{live.pid}-{_format._HOST}.abc.tmp",       # its writer runs
+                  f"{base}{dead}-0badbeef.abc.tmp",                  # another host
+                  f".other.fbp.{old[len('.ckpt.fbp.'):]}",           # another target
+                  f".ckpt.fbp.0badbeef.{dead}-{_format._HOST}.abc.tmp",  # another tag
+                  f"{base}\u00b2-{_format._HOST}.abc.tmp"]              # not a pid (int() fails)
         for name in decoys:
             (tmp_path / name).write_bytes(b"x")
             os.utime(tmp_path / name, (hour_ago, hour_ago))
