@@ -372,6 +372,12 @@ class _BaseMLP(_StochasticSolvers, BaseEstimator):
         if scipy.sparse.issparse(X):
             X = X.toarray()
         dtype = self.coefs_[0].dtype
+        if self.dtype is None:
+            # scikit-learn's X @ coefs_ is in their common type: float64 X
+            # (or int64) with float32 weights predicts in float64
+            common = np.result_type(X.dtype, dtype)
+            if common in (np.float32, np.float64):
+                dtype = common
         X = to_dtype(X, dtype, "X")
         net = self._inference_network(X.shape[1], dtype)
         with _blas_threads(check_n_threads(self.n_threads)):

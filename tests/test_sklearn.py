@@ -664,6 +664,29 @@ def test_a_warm_started_fit_trains_in_the_weights_dtype_like_sklearn(solver, fir
         assert_rel(a, e, 1e-10 if e.dtype == np.float64 else 1e-5, "parameters")
 
 
+@pytest.mark.parametrize("kind", ["clf", "reg"])
+def test_float32_weights_predict_float64_x_in_float64_like_sklearn(kind):
+    """scikit-learn's X @ coefs_ is in their common type: float64 (or int)
+    X on float32 weights predicts float64; fastbp predicted in the
+    weights' dtype."""
+    if kind == "clf":
+        (X, y), fb_cls, sk_cls = make_classification(), MLPClassifier, SkC
+    else:
+        (X, y), fb_cls, sk_cls = make_regression(), MLPRegressor, SkR
+    params = dict(hidden_layer_sizes=(6,), max_iter=3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk = sk_cls(**params).fit(X.astype(np.float32), y)
+        fb = fb_cls(**params).fit(X.astype(np.float32), y)
+    fb.coefs_ = [c.copy() for c in sk.coefs_]
+    fb.intercepts_ = [b.copy() for b in sk.intercepts_]
+    for data in (X, X.astype(np.float32), np.round(X * 10).astype(np.int64)):
+        out = fb.predict_proba(data) if kind == "clf" else fb.predict(data)
+        ref = sk.predict_proba(data) if kind == "clf" else sk.predict(data)
+        assert out.dtype == ref.dtype, data.dtype
+        assert_rel(out, ref, 1e-12 if ref.dtype == np.float64 else 1e-5, "outputs")
+
+
 def test_poisson_refuses_negative_targets():
     """scikit-learn fits them, to a loss of NaN; fastbp says why not."""
     X, y = make_poisson()
