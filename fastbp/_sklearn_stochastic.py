@@ -182,6 +182,12 @@ class _StochasticSolvers:
         if not incremental or not hasattr(self, "_optimizer"):
             self._optimizer = self._make_optimizer()
         opt = self._optimizer
+        state = getattr(opt, "state", None)
+        if isinstance(state, np.ndarray) and state.dtype != X.dtype:
+            # dtype= changed between partial_fit calls: the moments go on in
+            # the new dtype with the weights (it failed inside, naming the
+            # optimizer's state)
+            opt.state = state.astype(X.dtype)
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
         early_stopping = self.early_stopping

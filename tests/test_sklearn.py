@@ -1344,3 +1344,19 @@ def test_divergence_with_early_stopping_keeps_the_best_weights_as_scikit_learn()
                                theirs.validation_scores_[:first_nan[1]], rtol=1e-8)
     for a, b in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_partial_fit_goes_on_after_dtype_is_changed(solver):
+    """partial_fit after set_params(dtype=...) failed inside, naming the
+    optimizer's state (held in the old dtype); the moments now go on in the
+    new dtype with the weights."""
+    X, y = make_classification()
+    est = MLPClassifier(hidden_layer_sizes=(6,), solver=solver, random_state=0,
+                        dtype="float32")
+    est.partial_fit(X, y, classes=np.unique(y))
+    for dtype in ("float64", "float32"):
+        est.set_params(dtype=dtype)
+        est.partial_fit(X, y)
+        assert est.coefs_[0].dtype == dtype
+        assert est._optimizer.state.dtype == dtype
