@@ -315,8 +315,9 @@ def test_a_temporary_file_left_by_a_killed_save_is_removed_by_the_next(tmp_path)
 
     path = tmp_path / "ckpt.fbp"   # (this process's first save to it: it sweeps once)
     for _ in range(2):
+        # (from the test's folder: the installed fastbp, not the source tree's)
         child = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, str(path)],
-                               capture_output=True, text=True, timeout=120)
+                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert child.returncode == -signal.SIGKILL, child.stderr
     left = sorted(n for n in os.listdir(tmp_path) if n.endswith(".tmp"))
     assert len(left) == 2 and all(n.startswith(".ckpt.fbp.") for n in left), left
