@@ -546,10 +546,11 @@ _BAD_FORWARDS = {
     "negative chunk": lambda a: a.update(chunk=-5),
     "chunk beyond acts": lambda a: a.update(chunk=10 ** 6),
     "aux too small": lambda a: a.update(aux=a["aux"][:0].copy()),
+    # (zeros of the new dtype: a cast of the unset scratch overflowed)
     "float32 X": lambda a: a.update(X=a["X"].astype(np.float32),
-                                    acts=a["acts"].astype(np.float32),
-                                    out=a["out"].astype(np.float32),
-                                    aux=a["aux"].astype(np.float32)),
+                                    acts=np.zeros(a["acts"].shape, np.float32),
+                                    out=np.zeros(a["out"].shape, np.float32),
+                                    aux=np.zeros(a["aux"].shape, np.float32)),
 }
 
 

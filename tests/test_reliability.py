@@ -337,7 +337,8 @@ def test_user_arrays_are_not_modified(dtype, loss):
     net = fastbp.Sequential([fastbp.Dense(8, activation="relu"), fastbp.Dense(3)],
                             dtype=dtype, seed=0)
     net.fit(X, y, loss=loss, epochs=2, batch_size=16, verbose=0, validation_data=(Xv, yv))
-    net.fit(X, y, loss=loss, epochs=1, batch_size=None, shuffle=False, verbose=0)
+    with pytest.warns(fastbp.ResumeWarning, match="batch_size=None"):   # other settings
+        net.fit(X, y, loss=loss, epochs=1, batch_size=None, shuffle=False, verbose=0)
     net.predict(X)
     net.evaluate(X, y, loss=loss)
     net.loss_and_grad(X, y, loss=loss)
