@@ -245,7 +245,8 @@ class _LMRun:
 
     def run_epoch(self, epoch, interrupt):
         """One iteration; a Ctrl-C waits for its end, so the parameters, mu,
-        t and the history agree."""
+        t and the history agree (past _LONG_SEARCH rejected steps it drops
+        the iteration instead: the model and mu as it began)."""
         opt, net = self.solver, self.net
         dtype = net.params.dtype
         theta = net.params.astype(np.float64)
@@ -255,7 +256,19 @@ class _LMRun:
         if not np.isfinite(error):
             return Epoch(divergence=_divergence(epoch))
         accepted = False
+        mu_before, trials = opt.mu, 0
         while opt.mu <= opt.mu_max:
+            trials += 1
+            if interrupt.requested and trials > _LONG_SEARCH:
+                # Ctrl-C during a long search for a step (with mu_inc near 1
+                # it can take hours): the iteration is dropped, mu put back,
+                # so that fitting again redoes it as an uninterrupted run
+                # would (a usual search, a dozen trials, ends first)
+                opt.mu = mu_before
+                return Epoch(interrupted=Stop(
+                    "interrupt", f"interrupted by Ctrl-C during epoch {epoch}'s search for a "
+                    "step; fit again to continue",
+                    f"the weights epoch {epoch} started with"))
             step = _damped_step(A, g, opt.mu)
             if step is not None:
                 trial = theta.copy()
@@ -289,6 +302,11 @@ class _LMRun:
         if result.stop is not None:
             return None
         return f"interrupted by Ctrl-C after epoch {epoch}; fit again to continue"
+
+
+#: rejected steps in one iteration after which Ctrl-C drops it: mu from
+#: 1e-3 to mu_max=1e10 by mu_inc=10 takes 13
+_LONG_SEARCH = 100
 
 
 def _divergence(epoch):

@@ -456,3 +456,31 @@ def test_replacing_the_solver_from_a_callback_is_refused(rng, value):
     with pytest.raises(ValueError, match="cannot change solvers"):
         net.fit(X, Y, optimizer=LevenbergMarquardt(), epochs=3, verbose=0, callbacks=[Swap()])
     assert net.history.n_epochs == 1
+
+
+def test_ctrl_c_during_a_long_search_for_a_step_drops_the_iteration(rng):
+    """With mu_inc just above 1 at a minimum, one iteration tries steps for
+    hours, and Ctrl-C was held to its end. Now a Ctrl-C while rejected steps
+    go on drops the iteration: the model and mu as it began, so that
+    fitting again redoes it."""
+    import os
+    import signal
+    import threading
+    import time
+
+    X, Y = _data(rng, n=20)
+    net = _net()
+    opt = LevenbergMarquardt(mu_inc=1.0000001, mu_max=1e300)
+    opt.mu = 1e200   # every step this damped is far too small to lower the error
+    before, t_before = net.params.copy(), opt.t
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            net.fit(X, Y, optimizer=opt, epochs=1, verbose=0)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - start < 30
+    np.testing.assert_array_equal(net.params, before)
+    assert opt.mu == 1e200 and opt.t == t_before and net.history.n_epochs == 0
