@@ -215,6 +215,7 @@ class MiniBatch:
         # what a callback changed between epochs (the runner also takes up
         # changes at each call into the engine, within an epoch)
         self.runner.refresh_optimizer()
+        self.runner.settings_current = True
 
     def run_epoch(self, epoch, interrupt):
         """Batches of ``epoch`` in runs that end at the epoch's end, a

@@ -227,6 +227,9 @@ class _EpochRunner:
         # a model's fit follows net.optimizer (a callback may replace it);
         # the estimators' optimizer is their own (``MiniBatch`` sets it)
         self.follow_model = False
+        # the optimizer's settings were just taken up (at the epoch's start,
+        # with no callback since): the next call need not read them again
+        self.settings_current = False
         self.chunk = 1
         self.steps = 0
         self.steps_before = 0  # a resumed epoch's updates before its position
@@ -404,7 +407,9 @@ class _EpochRunner:
         # now, as in a run resumed from a checkpoint or Ctrl-C's position
         # saved here, which holds the new settings: both give the same bits.
         changed = self._take_up_layout()
-        changed = self.refresh_optimizer() or changed
+        if not self.settings_current:   # (refresh_optimizer costs ~10 us: once a call)
+            changed = self.refresh_optimizer() or changed
+        self.settings_current = False   # callbacks may run once the call returns
         # (t set by a callback: 3.5 failed in the engine's argument
         # conversion, naming its "step0")
         self.opt._check_step_count()
