@@ -113,6 +113,10 @@ def plot_history(history: History | Sequential, path: PathLike | None = None,
         if isinstance(metrics, str):
             metrics = [metrics]
         metrics = list(metrics)
+        names = [m for m in metrics if not isinstance(m, str)]
+        if names:   # (a list in the list failed as unhashable, a TypeError)
+            raise ValueError(f"metrics must be names of recorded metrics (str), got "
+                             f"{names[0]!r}")
         missing = [m for m in metrics if m not in recorded]
         if missing:
             raise ValueError(f"metrics {missing} are not in the history; recorded: "

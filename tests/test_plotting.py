@@ -110,3 +110,14 @@ def test_plot_history_that_fails_to_render_leaves_the_old_file(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="LaTeX"):
         fastbp.plot_history(net.history, path)
     assert path.read_bytes() == b"the old figure"
+
+
+@pytest.mark.parametrize("metrics", [[["loss"]], [1], [None]])
+def test_metrics_that_are_not_names_are_a_value_error(metrics):
+    """A list in the list failed as unhashable (a TypeError), where the
+    docstring promises a ValueError for metrics it cannot plot."""
+    X = np.random.default_rng(0).normal(size=(32, 3))
+    net = fastbp.Sequential([fastbp.Dense(2)], seed=0)
+    net.fit(X, X[:, :2], epochs=1, loss="mse", verbose=0)
+    with pytest.raises(ValueError, match="names of recorded metrics"):
+        fastbp.plot_history(net.history, metrics=metrics)
