@@ -211,8 +211,9 @@ def _plan(net, X, y, loss, optimizer, epochs, batch_size, shuffle, validation_da
                                       clip_value=clip_value, clip_norm=clip_norm),
                                  sample_weight is not None)
     if optimizer is None and net.optimizer is not None:
-        if not isinstance(net.optimizer, _optim.Optimizer) and not is_solver(net.optimizer) \
-                or isinstance(net.optimizer, type):
+        instance = (isinstance(net.optimizer, _optim.Optimizer)
+                    or is_solver(net.optimizer) and not isinstance(net.optimizer, type))
+        if not instance:
             # set by hand or by a callback (fit refuses it there too): the
             # next fit failed inside with an AttributeError
             raise ValueError(f"net.optimizer is {net.optimizer!r}, not an optimizer instance; "

@@ -244,19 +244,19 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def _temporary_prefix(target):
-    """The start of the temporary file's name: the target's name, cut to 64
-    bytes (file names are limited in bytes, 255 on most file systems, and a
-    character may take four; cut by characters, a legal name of 252 bytes
-    made the temporary name too long), so a leftover is easy to place; a
-    tag of the whole name; then the writer's process id and host, so a
-    leftover of a killed writer can be told from a save in progress
-    (``_remove_leftovers``)."""
+def _temporary_stem(target):
+    """The start of the names of ``target``'s temporary files, whichever
+    process writes them: the target's name, cut to 64 bytes (file names are
+    limited in bytes, 255 on most file systems, and a character may take
+    four; cut by characters, a legal name of 252 bytes made the temporary
+    name too long), so a leftover is easy to place, and a tag of the whole
+    name (two targets whose names agree in their first 64 bytes do not take
+    each other's leftovers for their own).  The writer's process id and
+    host follow (``write``), so a leftover of a killed writer can be told
+    from a save in progress (``_remove_leftovers``)."""
     full = os.path.basename(target).encode("utf-8", "surrogateescape")
-    # a tag of the whole name: two targets whose names agree in their first
-    # 64 bytes do not take each other's leftovers for their own
     tag = hashlib.sha256(full).hexdigest()[:8]
-    return "." + full[:64].decode("utf-8", "ignore") + f".{tag}.{os.getpid()}-{_HOST}."
+    return "." + full[:64].decode("utf-8", "ignore") + f".{tag}."
 
 
 #: a short tag of this machine's name, in temporary files' names
@@ -269,16 +269,16 @@ _LEFTOVER_SECONDS = 60.0
 _SWEPT = set()
 
 
-def _remove_leftovers(directory, prefix):
+def _remove_leftovers(directory, base):
     """Remove the temporary files that saves of the same target left when
     their process was killed (SIGKILL, power loss) between creating and
-    renaming them: each a full model file.  Only files this user owns,
+    renaming them: each a full model file (``base``: the target's
+    ``_temporary_stem``).  Only files this user owns,
     written on this host by a process that no longer exists, and untouched
     for a minute; once per target and process (a checkpoint is saved every
     epoch).  Best effort: a file that cannot be removed stays."""
     if os.name == "nt" or not hasattr(os, "getuid"):
         return   # (os.kill(pid, 0) sends Ctrl-C on Windows; an open file stays there)
-    base = prefix[:prefix.rindex(".", 0, len(prefix) - 1) + 1]  # ".<name>."
     key = (directory, base)
     if key in _SWEPT:
         return
@@ -314,7 +314,7 @@ def _alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, OSError):
+    except (OverflowError, OSError):
         return True   # another user's, or not a pid this OS can check: keep its files
     return True
 
@@ -326,11 +326,12 @@ def write(state, path):
     target, st = _files.target(path, "a model file")
     directory = os.path.dirname(target)
     mode = _new_file_mode() if st is None else stat.S_IMODE(st.st_mode)
-    prefix = _temporary_prefix(target)
-    _remove_leftovers(directory, prefix)
+    stem = _temporary_stem(target)
+    _remove_leftovers(directory, stem)
     try:
         tmp = tempfile.NamedTemporaryFile(mode="wb", dir=directory, delete=False,
-                                          prefix=prefix, suffix=".tmp")
+                                          prefix=f"{stem}{os.getpid()}-{_HOST}.",
+                                          suffix=".tmp")
     except OSError as exc:
         raise _files.folder_error(exc, directory, "a model file") from None
     try:

@@ -246,17 +246,16 @@ class _EpochRunner:
         callback set ``net.optimizer`` to another (checked and bound as fit
         binds its optimizer).  Returns whether anything changed."""
         opt = self._replacement()
-        changed = opt is not None
-        if changed:
-            state = opt._bind(self.net.n_params, self.net.dtype).reshape(-1)
+        replaced = opt is not None
+        if replaced:   # its state (bound as fit binds it) is taken up just below
+            opt._bind(self.net.n_params, self.net.dtype)
             self.step_addr = step_cfunc(opt.kernel, self.net.dtype)
             self.opt, self.hyper = opt, opt._hyper()
-            self.state = state
-            self.snap_state = np.empty_like(state)
-            self.engine_state = self._engine_state()
         state = self.opt._state_for(self.net.n_params, self.net.dtype).reshape(-1)
-        if state.ctypes.data != self.state.ctypes.data:
-            changed = True
+        # (a new engine state for a replacement even if it shares the old
+        # one's state array: the update and its hyperparameters are new)
+        changed = replaced or state.ctypes.data != self.state.ctypes.data
+        if changed:
             self.state = state
             self.snap_state = np.empty_like(state)
             self.engine_state = self._engine_state()

@@ -262,7 +262,7 @@ def _canonical_as_toarray(rows, cols, values, shape):
     n_rows, n_cols = shape
     key = rows.astype(np.int64) * n_cols + cols.astype(np.int64)
     order = np.argsort(key, kind="stable")   # duplicates stay in toarray's order
-    unique, first, inverse = np.unique(key[order], return_index=True, return_inverse=True)
+    unique, inverse = np.unique(key[order], return_inverse=True)
     sums = np.zeros(unique.size, dtype=values.dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         np.add.at(sums, inverse, values[order])   # in order, one at a time

@@ -607,23 +607,17 @@ def figure(records):
 def _check_plot_path(path):
     """ImportError, OSError or ValueError unless ``plot`` could write
     ``path``: matplotlib installed, a format it writes, a folder that
-    exists, and a regular file (or none) there."""
+    exists, and a regular file (or none) there (``fastbp._files``)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("needs matplotlib: pip install 'fastbp[plot]'") from None
     from . import _files
+    from .plotting import _figure_format
 
-    fmt = os.path.splitext(os.fsdecode(os.fspath(path)))[1][1:].lower() or "png"
-    supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
-    if fmt not in supported:
-        raise ValueError(f"cannot write a figure as {fmt!r}: supported formats are "
-                         f"{', '.join(sorted(supported))}")
-    target, _ = _files.target(path, "a figure")
-    folder = os.path.dirname(target) or "."
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"no folder {folder!r} to write {path!r} in")
+    _figure_format(path, FigureCanvasAgg(Figure()).get_supported_filetypes())
+    _files.target(path, "a figure")   # (a missing folder: FileNotFoundError)
 
 
 def plot(records, path):

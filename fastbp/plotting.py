@@ -191,13 +191,21 @@ def _title(epoch, why, stop_reason):
     return "\n".join(lines)
 
 
+def _figure_format(path, supported):
+    """The format ``path``'s extension names (PNG without one), if it is
+    among ``supported`` (a canvas's ``get_supported_filetypes()``); else
+    ValueError."""
+    fmt = os.path.splitext(os.fsdecode(os.fspath(path)))[1][1:].lower() or "png"
+    if fmt not in supported:
+        raise ValueError(f"cannot write a figure as {fmt!r}: supported formats are "
+                         f"{', '.join(sorted(supported))}")
+    return fmt
+
+
 def _save(fig, path):
     """Write the figure to that exact name (a regular file only, see
     fastbp._files), in the format its extension names (PNG without one)."""
-    fmt = os.path.splitext(os.fsdecode(os.fspath(path)))[1][1:].lower() or "png"
-    if fmt not in fig.canvas.get_supported_filetypes():
-        raise ValueError(f"cannot write a figure as {fmt!r}: supported formats are "
-                         f"{', '.join(sorted(fig.canvas.get_supported_filetypes()))}")
+    fmt = _figure_format(path, fig.canvas.get_supported_filetypes())
     # drawn in memory first: a format that fails to render (pgf without a
     # LaTeX) left an existing file truncated
     image = io.BytesIO()
